@@ -1,0 +1,39 @@
+"""The one place that picks the compiled kernels or their pure-Python twins.
+
+``FASTNET_PURE=1`` selects ``fastnet._pure``; otherwise the compiled modules in
+``fastnet._c`` must import, and a missing one is a loud ImportError: a silent
+fallback to the slow path is a trap for HPC users.
+"""
+import importlib
+import os
+
+KERNELS = ("framing", "zerocopy", "auth")
+
+PURE = os.environ.get("FASTNET_PURE", "").strip().lower() not in ("", "0", "false", "no")
+
+if PURE:
+    backend = "python"
+    _package = "fastnet._pure"
+else:
+    backend = "cython"
+    _package = "fastnet._c"
+
+
+def _load(name):
+    try:
+        return importlib.import_module(f"{_package}.{name}")
+    except ImportError as exc:
+        if PURE:
+            raise
+        raise ImportError(
+            f"fastnet's compiled kernel fastnet._c.{name} is not built ({exc}). "
+            "Build it with `python -m pip install .` (needs a C compiler and Cython 3), "
+            "or set FASTNET_PURE=1 to run the pure-Python kernels knowingly."
+        ) from exc
+
+
+framing = _load("framing")
+zerocopy = _load("zerocopy")
+auth = _load("auth")
+
+__all__ = ["backend", "framing", "zerocopy", "auth", "KERNELS", "PURE"]

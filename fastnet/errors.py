@@ -1,0 +1,75 @@
+"""The fastnet exception hierarchy.
+
+Every class derives from :class:`FastnetError` and also from the stdlib
+exception that code written for ``multiprocessing.connection`` already
+catches, so fastnet drops in without changing ``except`` clauses.
+"""
+import builtins
+import multiprocessing
+
+__all__ = [
+    "FastnetError",
+    "AuthenticationError",
+    "ProtocolError",
+    "TruncatedFrameError",
+    "MessageTooLarge",
+    "BufferTooShort",
+    "RemoteError",
+    "TimeoutError",
+]
+
+
+class FastnetError(Exception):
+    """Base class of every error fastnet raises on its own account."""
+
+
+class AuthenticationError(FastnetError, multiprocessing.AuthenticationError):
+    """The authkey handshake failed: wrong key, garbage, or a refused digest."""
+
+
+class ProtocolError(FastnetError, OSError):
+    """The peer sent bytes that break the wire format (bad frame or handshake)."""
+
+
+class TruncatedFrameError(ProtocolError, EOFError):
+    """The peer closed the connection in the middle of a frame.
+
+    ``missing`` is the number of bytes the frame still lacked. It is an
+    ``EOFError`` too, because code ported from multiprocessing treats any
+    end of stream as one.
+    """
+
+    def __init__(self, missing, msg=None):
+        self.missing = missing
+        super().__init__(msg or f"connection closed mid-frame: {missing} bytes missing")
+
+
+class MessageTooLarge(FastnetError, OSError):
+    """A frame is larger than the receiver allows; nothing was allocated for it."""
+
+
+class BufferTooShort(FastnetError, multiprocessing.BufferTooShort):
+    """``recv_bytes_into`` got a message longer than the buffer.
+
+    As in multiprocessing, ``args[0]`` is the whole message.
+    """
+
+
+class RemoteError(FastnetError):
+    """An RPC call raised on the server.
+
+    ``type_name``, ``message`` and ``traceback`` describe the remote exception.
+    """
+
+    def __init__(self, type_name, message, traceback=""):
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback
+        super().__init__(f"{type_name}: {message}")
+
+    def __reduce__(self):
+        return (type(self), (self.type_name, self.message, self.traceback))
+
+
+class TimeoutError(FastnetError, builtins.TimeoutError):
+    """A connect, handshake, call or receive did not finish in time."""

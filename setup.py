@@ -1,0 +1,40 @@
+"""Build the Cython kernels: src_c/<name>.pyx -> fastnet._c.<name>.
+
+Every kernel is compiled; a compiler or Cython failure stops the install
+loudly instead of leaving a package that silently runs the pure twins.
+"""
+import glob
+import os
+
+from setuptools import Extension, setup
+from Cython.Build import cythonize
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def extensions():
+    exts = []
+    for pyx in sorted(glob.glob(os.path.join("src_c", "*.pyx"))):
+        name = os.path.splitext(os.path.basename(pyx))[0]
+        exts.append(
+            Extension(
+                "fastnet._c." + name,
+                [pyx],
+                extra_compile_args=["-O3", "-fno-strict-aliasing"],
+                define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+            )
+        )
+    return cythonize(
+        exts,
+        include_path=["src_c"],
+        language_level=3,
+        compiler_directives={
+            "boundscheck": False,
+            "wraparound": False,
+            "cdivision": True,
+            "embedsignature": True,
+        },
+    )
+
+
+setup(ext_modules=extensions())

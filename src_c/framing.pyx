@@ -1,0 +1,833 @@
+# cython: language_level=3
+"""Framing: multiprocessing.connection's length-prefixed frames.
+
+A frame is a 4-byte big-endian signed length and the payload; payloads over
+0x7fffffff use length -1 and an 8-byte big-endian unsigned length. The decoder
+never allocates what a header claims before checking it against the limit,
+keeps one reusable buffer for small frames (many frames per read), and fills
+large frames straight into their final bytes object so they are copied once.
+
+FrameDecoder is sans-I/O (fed bytes by whoever reads: the event loop, an
+asyncio protocol, a TLS layer). Channel drives the same decoder with blocking
+syscalls on a socket descriptor for Connection. It owns no socket: it borrows
+the descriptor of a socket object the Connection keeps alive. Sends try the
+syscall at once with the GIL held and wait with the GIL released only on
+EAGAIN; receives read as much as the socket has into the decoder's reusable
+buffer (many frames per syscall) and receive large frames straight into their
+final object or the caller's buffer.
+"""
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
+from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
+from libc.string cimport memcpy, memmove
+from libc.stdint cimport uint32_t, uint64_t, int32_t
+
+from fastnet.errors import (ProtocolError, MessageTooLarge, TruncatedFrameError,
+                            BufferTooShort, TimeoutError as FastnetTimeout)
+
+include "sockio.pxi"
+
+DEF _HUGE = 0x7fffffff
+
+HEADER_SIZE = 4
+LARGE_HEADER_SIZE = 12
+#: Frames at least this large are received straight into their own object.
+LARGE_FRAME = 65536
+DEFAULT_BUFSIZE = 262144
+
+
+cdef inline uint32_t _be32(const unsigned char* p) noexcept:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | <uint32_t>p[3]
+
+
+cdef Py_ssize_t write_header(char* p, Py_ssize_t n) noexcept:
+    """Write the header for an n-byte payload at p; return its size (4 or 12)."""
+    cdef unsigned char* q = <unsigned char*>p
+    cdef uint64_t v
+    cdef int i
+    if n <= _HUGE:
+        q[0] = (n >> 24) & 0xff
+        q[1] = (n >> 16) & 0xff
+        q[2] = (n >> 8) & 0xff
+        q[3] = n & 0xff
+        return 4
+    q[0] = q[1] = q[2] = q[3] = 0xff
+    v = <uint64_t>n
+    for i in range(8):
+        q[4 + i] = (v >> (56 - 8 * i)) & 0xff
+    return 12
+
+
+def encode_header(Py_ssize_t n):
+    """Return the frame header for an n-byte payload."""
+    cdef char tmp[12]
+    if n < 0:
+        raise ValueError("negative payload length")
+    return PyBytes_FromStringAndSize(tmp, write_header(tmp, n))
+
+
+cdef class _WritableRegion:
+    """A writable buffer over memory owned by a FrameDecoder (for get_buffer)."""
+    cdef object owner
+    cdef char* ptr
+    cdef Py_ssize_t size
+    cdef Py_ssize_t shape[1]
+    cdef Py_ssize_t strides[1]
+
+    def __getbuffer__(self, Py_buffer* view, int flags):
+        self.shape[0] = self.size
+        self.strides[0] = 1
+        view.buf = self.ptr
+        view.obj = self
+        view.len = self.size
+        view.readonly = 0
+        view.itemsize = 1
+        if flags & 4:   # PyBUF_FORMAT
+            view.format = "B"
+        else:
+            view.format = NULL
+        view.ndim = 1
+        view.shape = self.shape
+        view.strides = self.strides
+        view.suboffsets = NULL
+        view.internal = NULL
+
+    def __releasebuffer__(self, Py_buffer* view):
+        pass
+
+
+cdef class FrameDecoder:
+    """Incremental decoder of length-prefixed frames.
+
+    Feed bytes with :meth:`feed` (or write into :meth:`get_buffer` and call
+    :meth:`buffer_updated`), then take complete frames with :meth:`next_frame`,
+    :meth:`frames` or by iterating. ``max_size`` (None: unlimited) is checked
+    when a header arrives, before anything is allocated for the payload.
+    """
+    cdef char* buf
+    cdef Py_ssize_t cap
+    cdef Py_ssize_t rpos
+    cdef Py_ssize_t wpos
+    cdef Py_ssize_t cur          # length of the frame whose header was consumed, -1 if none
+    cdef object target           # bytes object being filled for a large frame, or None
+    cdef char* tptr
+    cdef Py_ssize_t tpos
+    cdef readonly long long max_size
+    cdef readonly Py_ssize_t large_threshold
+    cdef readonly unsigned long long received     # bytes taken from the stream so far
+    cdef readonly unsigned long long frame_start  # stream offset of the last parsed header
+    cdef object broken           # the exception that desynchronised the stream, or None
+
+
+    def __cinit__(self):
+        self.buf = NULL
+        self.cap = 0
+        self.rpos = 0
+        self.wpos = 0
+        self.cur = -1
+        self.target = None
+        self.tptr = NULL
+        self.tpos = 0
+        self.received = 0
+        self.frame_start = 0
+        self.broken = None
+
+    def __init__(self, max_size=None, Py_ssize_t bufsize=DEFAULT_BUFSIZE,
+                 Py_ssize_t large_threshold=LARGE_FRAME):
+        if bufsize < 64:
+            bufsize = 64
+        if self.buf == NULL:
+            self.buf = <char*>PyMem_Malloc(bufsize)
+            if self.buf == NULL:
+                raise MemoryError()
+            self.cap = bufsize
+        self.max_size = -1 if max_size is None else max_size
+        if self.max_size < -1:
+            raise ValueError("max_size must be None or >= 0")
+        self.large_threshold = max(large_threshold, 16)
+
+    def __dealloc__(self):
+        if self.buf != NULL:
+            PyMem_Free(self.buf)
+            self.buf = NULL
+
+    cdef Py_ssize_t _avail(self) noexcept:
+        return self.wpos - self.rpos
+
+    cdef void _consume(self, Py_ssize_t n) noexcept:
+        self.rpos += n
+        if self.rpos == self.wpos:
+            self.rpos = self.wpos = 0
+
+    cdef int _check(self) except -1:
+        if self.broken is not None:
+            raise self.broken
+        return 0
+
+    cdef int _parse_header(self, long long limit) except -1:
+        """Consume a header if one is complete: 1 if a frame length is known, 0 if more bytes are needed."""
+        cdef const unsigned char* p
+        cdef int32_t n32
+        cdef uint64_t n64
+        cdef long long n
+        cdef Py_ssize_t avail
+        cdef int i
+        if self.cur >= 0:
+            return 1
+        avail = self.wpos - self.rpos
+        if avail < 4:
+            return 0
+        p = <const unsigned char*>(self.buf + self.rpos)
+        self.frame_start = self.received - <unsigned long long>avail
+        n32 = <int32_t>_be32(p)
+        if n32 >= 0:
+            n = n32
+            self._consume(4)
+        elif n32 == -1:
+            if avail < 12:
+                return 0
+            n64 = 0
+            for i in range(8):
+                n64 = (n64 << 8) | p[4 + i]
+            if n64 > <uint64_t>0x7fffffffffffffff:
+                self.broken = MessageTooLarge(f"frame header claims {n64} bytes")
+                raise self.broken
+            n = <long long>n64
+            self._consume(12)
+        else:
+            self.broken = ProtocolError(f"invalid frame length {n32}")
+            raise self.broken
+        if self.max_size >= 0 and n > self.max_size:
+            self.broken = MessageTooLarge(
+                f"frame of {n} bytes exceeds max_message_size={self.max_size}")
+            raise self.broken
+        if limit >= 0 and n > limit:
+            self.broken = MessageTooLarge(f"bad message length: {n} bytes exceeds maxlength={limit}")
+            raise self.broken
+        self.cur = <Py_ssize_t>n
+        return 1
+
+    cdef int _reserve(self, Py_ssize_t need) except -1:
+        """Make room for `need` contiguous unread+free bytes from rpos."""
+        cdef Py_ssize_t avail = self.wpos - self.rpos
+        cdef char* nb
+        cdef Py_ssize_t ncap
+        if self.rpos > 0 and (self.cap - self.rpos < need or self.wpos == self.cap):
+            memmove(self.buf, self.buf + self.rpos, avail)
+            self.rpos = 0
+            self.wpos = avail
+        if self.cap < need:
+            ncap = self.cap
+            while ncap < need:
+                ncap *= 2
+            nb = <char*>PyMem_Realloc(self.buf, ncap)
+            if nb == NULL:
+                raise MemoryError()
+            self.buf = nb
+            self.cap = ncap
+        return 0
+
+    cdef int _switch_to_target(self) except -1:
+        """Move the buffered part of a large frame into its own bytes object."""
+        cdef Py_ssize_t avail = self.wpos - self.rpos
+        self.target = PyBytes_FromStringAndSize(NULL, self.cur)
+        self.tptr = PyBytes_AS_STRING(self.target)
+        memcpy(self.tptr, self.buf + self.rpos, avail)
+        self.tpos = avail
+        self.rpos = self.wpos = 0
+        return 0
+
+    cdef object _next(self, long long limit):
+        """Return the next complete frame or None; switch to direct fill for large frames."""
+        cdef Py_ssize_t avail, n
+        cdef object frame
+        if self.target is not None:
+            if self.tpos < self.cur:
+                return None
+            frame = self.target
+            self.target = None
+            self.tptr = NULL
+            self.cur = -1
+            return frame
+        if not self._parse_header(limit):
+            return None
+        n = self.cur
+        avail = self.wpos - self.rpos
+        if avail >= n:
+            frame = PyBytes_FromStringAndSize(self.buf + self.rpos, n)
+            self.cur = -1
+            self._consume(n)
+            return frame
+        if n >= self.large_threshold:
+            self._switch_to_target()
+        return None
+
+    # -- Python API ------------------------------------------------------
+
+    def feed(self, data):
+        """Append bytes received from the peer (any buffer-protocol object)."""
+        cdef Py_buffer view
+        cdef Py_ssize_t off = 0, k, avail
+        self._check()
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            self.received += view.len
+            while off < view.len:
+                k = view.len - off
+                if self.target is not None:
+                    if self.tpos < self.cur:
+                        k = min(self.cur - self.tpos, k)
+                        memcpy(self.tptr + self.tpos, <char*>view.buf + off, k)
+                        self.tpos += k
+                        off += k
+                        continue
+                else:
+                    avail = self.wpos - self.rpos
+                    if self.cur < 0 and avail < 12:
+                        # stage just enough to read a header, so a large
+                        # frame goes straight to its target
+                        k = min(k, 12 - avail)
+                    elif self.cur >= self.large_threshold and avail < self.cur:
+                        self._switch_to_target()
+                        continue
+                self._reserve(self.wpos - self.rpos + k)
+                memcpy(self.buf + self.wpos, <char*>view.buf + off, k)
+                self.wpos += k
+                off += k
+                if self.target is None and self.cur < 0:
+                    self._parse_header(-1)
+        finally:
+            PyBuffer_Release(&view)
+
+    def get_buffer(self, Py_ssize_t sizehint=-1):
+        """Return a writable buffer to receive into; then call buffer_updated(n)."""
+        cdef _WritableRegion r = _WritableRegion.__new__(_WritableRegion)
+        cdef Py_ssize_t need
+        self._check()
+        if self.target is None:
+            self._parse_header(-1)
+            if self.cur >= self.large_threshold and self.wpos - self.rpos < self.cur:
+                self._switch_to_target()
+        r.owner = self
+        if self.target is not None and self.tpos < self.cur:
+            r.ptr = self.tptr + self.tpos
+            r.size = self.cur - self.tpos
+            return memoryview(r)
+        need = self.wpos - self.rpos + max(sizehint, 4096)
+        if self.target is None and self.cur > need:
+            need = self.cur
+        self._reserve(need)
+        r.ptr = self.buf + self.wpos
+        r.size = self.cap - self.wpos
+        return memoryview(r)
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        """Record that nbytes were written into the last get_buffer() region."""
+        if nbytes < 0:
+            raise ValueError("nbytes must be >= 0")
+        if self.target is not None:
+            if self.tpos + nbytes > self.cur:
+                raise ValueError("buffer_updated beyond the region handed out")
+            self.tpos += nbytes
+        else:
+            if self.wpos + nbytes > self.cap:
+                raise ValueError("buffer_updated beyond the region handed out")
+            self.wpos += nbytes
+        self.received += nbytes
+
+    def next_frame(self):
+        """Return the next complete frame as bytes, or None if none is complete."""
+        self._check()
+        return self._next(-1)
+
+    def frames(self):
+        """Return every complete frame now buffered, as a list of bytes."""
+        cdef list out = []
+        cdef object f
+        self._check()
+        while True:
+            f = self._next(-1)
+            if f is None:
+                return out
+            out.append(f)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self._check()
+        f = self._next(-1)
+        if f is None:
+            raise StopIteration
+        return f
+
+    def has_frame(self):
+        """True if a complete frame is buffered."""
+        self._check()
+        if self.target is not None:
+            return self.tpos >= self.cur
+        if not self._parse_header(-1):
+            return False
+        return self.wpos - self.rpos >= self.cur
+
+    @property
+    def buffered(self):
+        """Bytes received and not yet returned as frames (headers excluded once parsed)."""
+        if self.target is not None:
+            return self.tpos
+        return self.wpos - self.rpos
+
+    @property
+    def needed(self):
+        """Bytes still missing to complete the frame in progress (0 if none is)."""
+        cdef Py_ssize_t avail = self.wpos - self.rpos
+        if self.target is not None:
+            return self.cur - self.tpos
+        if self.cur >= 0:
+            return self.cur - avail
+        if avail == 0:
+            return 0
+        if avail >= 4 and _be32(<const unsigned char*>(self.buf + self.rpos)) == 0xffffffff:
+            return 12 - avail
+        return 4 - avail if avail < 4 else 0
+
+    def eof(self):
+        """Signal the end of the stream: raise TruncatedFrameError if a frame is incomplete."""
+        self._check()
+        cdef Py_ssize_t missing = self.needed
+        if missing > 0:
+            self.broken = TruncatedFrameError(missing)
+            raise self.broken
+
+
+#: Payloads up to this size are copied next to their header and sent in one
+#: send(); larger ones go out as a two-iovec sendmsg without a copy.
+COPY_THRESHOLD = 65536
+cdef Py_ssize_t _COPY_THRESHOLD = COPY_THRESHOLD
+
+
+cdef class Channel:
+    """Length-prefixed frames over a connected stream socket's descriptor.
+
+    ``Channel(sock, max_size=None, bufsize=...)``. Every receive accepts an
+    optional ``timeout`` in seconds (None: block); a timeout raises
+    :class:`fastnet.TimeoutError` and leaves buffered bytes in place.
+    """
+    cdef int fd
+    cdef readonly FrameDecoder decoder
+    cdef char* sbuf
+    cdef Py_ssize_t scap
+
+    def __cinit__(self):
+        self.fd = -1
+        self.sbuf = NULL
+        self.scap = 0
+
+    def __init__(self, sock, max_size=None, Py_ssize_t bufsize=262144):
+        self.fd = sock.fileno()
+        if self.fd < 0:
+            raise ValueError("socket is closed")
+        self.decoder = FrameDecoder(max_size, bufsize)
+        self.scap = _COPY_THRESHOLD + 64
+        self.sbuf = <char*>PyMem_Malloc(self.scap)
+        if self.sbuf == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        if self.sbuf != NULL:
+            PyMem_Free(self.sbuf)
+
+    def release(self):
+        """Forget the descriptor (its socket is being closed)."""
+        self.fd = -1
+
+    property max_size:
+        """The largest frame accepted (None: unlimited)."""
+        def __get__(self):
+            return None if self.decoder.max_size < 0 else self.decoder.max_size
+
+    cdef inline int _fdcheck(self) except -1:
+        if self.fd < 0:
+            raise OSError(9, "handle is closed")
+        return 0
+
+    # -- sending ----------------------------------------------------------
+
+    cdef int _send_all(self, const char* p, Py_ssize_t n) except -1:
+        cdef ssize_t r
+        cdef int fd = self.fd
+        while n > 0:
+            if n > 65536:
+                with nogil:
+                    r = send(fd, p, n, MSG_NOSIGNAL)
+            else:
+                r = send(fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT)
+            if r >= 0:
+                p += r
+                n -= r
+                continue
+            if errno == EAGAIN or errno == EWOULDBLOCK:
+                if _wait_fd(fd, POLLOUT, -1.0) < 0:
+                    return -1
+                continue
+            if errno == EINTR:
+                PyErr_CheckSignals()
+                continue
+            PyErr_SetFromErrno(OSError)
+            return -1
+        return 0
+
+    cdef int _sendv_all(self, iovec* iov, Py_ssize_t cnt) except -1:
+        """sendmsg every byte of iov[0:cnt], resuming after partial writes."""
+        cdef msghdr m
+        cdef ssize_t r
+        cdef size_t left
+        cdef int fd = self.fd
+        cdef Py_ssize_t i = 0
+        while i < cnt:
+            m.msg_name = NULL
+            m.msg_namelen = 0
+            m.msg_iov = iov + i
+            m.msg_iovlen = min(cnt - i, IOV_BATCH)
+            m.msg_control = NULL
+            m.msg_controllen = 0
+            m.msg_flags = 0
+            with nogil:
+                r = sendmsg(fd, &m, MSG_NOSIGNAL)
+            if r < 0:
+                if errno == EINTR:
+                    PyErr_CheckSignals()
+                    continue
+                if errno == EAGAIN or errno == EWOULDBLOCK:
+                    if _wait_fd(fd, POLLOUT, -1.0) < 0:
+                        return -1
+                    continue
+                PyErr_SetFromErrno(OSError)
+                return -1
+            left = <size_t>r
+            while i < cnt and left >= iov[i].iov_len:
+                left -= iov[i].iov_len
+                i += 1
+            if left:
+                iov[i].iov_base = <char*>iov[i].iov_base + left
+                iov[i].iov_len -= left
+        return 0
+
+    cdef int _send_frame_ptr(self, const char* p, Py_ssize_t n) except -1:
+        cdef iovec iov[2]
+        cdef char hdr[12]
+        cdef Py_ssize_t h
+        if n <= _COPY_THRESHOLD:
+            h = write_header(self.sbuf, n)
+            memcpy(self.sbuf + h, p, n)
+            return self._send_all(self.sbuf, h + n)
+        h = write_header(hdr, n)
+        iov[0].iov_base = hdr
+        iov[0].iov_len = h
+        iov[1].iov_base = <void*>p
+        iov[1].iov_len = n
+        return self._sendv_all(iov, 2)
+
+    def send_frame(self, buf, Py_ssize_t offset=0, size=None):
+        """Send one frame holding buf[offset:offset+size] (any contiguous buffer)."""
+        cdef Py_buffer view
+        cdef Py_ssize_t n
+        self._fdcheck()
+        PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+        try:
+            if offset < 0 or offset > view.len:
+                raise ValueError("offset is out of range")
+            n = view.len - offset if size is None else size
+            if n < 0:
+                raise ValueError("size is negative")
+            if offset + n > view.len:
+                raise ValueError("buffer length < offset + size")
+            self._send_frame_ptr(<char*>view.buf + offset, n)
+        finally:
+            PyBuffer_Release(&view)
+
+    def send_frames(self, buffers):
+        """Send every buffer in the iterable as its own frame, in as few syscalls as possible."""
+        cdef list bufs = list(buffers)
+        cdef Py_ssize_t nb = len(bufs), i, total = 0, pos, nio, h
+        cdef Py_buffer* views
+        cdef iovec* iov
+        cdef char* p
+        cdef Py_ssize_t got = 0
+        self._fdcheck()
+        if nb == 0:
+            return
+        views = <Py_buffer*>PyMem_Malloc(nb * sizeof(Py_buffer))
+        iov = <iovec*>PyMem_Malloc((2 * nb + 1) * sizeof(iovec))
+        if views == NULL or iov == NULL:
+            PyMem_Free(views)
+            PyMem_Free(iov)
+            raise MemoryError()
+        try:
+            for i in range(nb):
+                PyObject_GetBuffer(bufs[i], &views[i], PyBUF_SIMPLE)
+                got += 1
+                total += 12
+                if views[i].len <= _COPY_THRESHOLD:
+                    total += views[i].len
+            if total > self.scap:
+                p = <char*>PyMem_Realloc(self.sbuf, total)
+                if p == NULL:
+                    raise MemoryError()
+                self.sbuf = p
+                self.scap = total
+            pos = 0
+            nio = 0
+            iov[0].iov_base = self.sbuf
+            iov[0].iov_len = 0
+            for i in range(nb):
+                h = write_header(self.sbuf + pos, views[i].len)
+                if views[i].len <= _COPY_THRESHOLD:
+                    memcpy(self.sbuf + pos + h, views[i].buf, views[i].len)
+                    h += views[i].len
+                iov[nio].iov_len += h
+                pos += h
+                if views[i].len > _COPY_THRESHOLD:
+                    nio += 1
+                    iov[nio].iov_base = views[i].buf
+                    iov[nio].iov_len = views[i].len
+                    nio += 1
+                    iov[nio].iov_base = self.sbuf + pos
+                    iov[nio].iov_len = 0
+            if iov[nio].iov_len:
+                nio += 1
+            if nio == 1:
+                self._send_all(self.sbuf, iov[0].iov_len)
+            else:
+                self._sendv_all(iov, nio)
+            # shrink a scratch buffer that one huge batch grew
+            if self.scap > 4 * 1048576:
+                p = <char*>PyMem_Realloc(self.sbuf, _COPY_THRESHOLD + 64)
+                if p != NULL:
+                    self.sbuf = p
+                    self.scap = _COPY_THRESHOLD + 64
+        finally:
+            for i in range(got):
+                PyBuffer_Release(&views[i])
+            PyMem_Free(views)
+            PyMem_Free(iov)
+
+    # -- receiving --------------------------------------------------------
+
+    cdef Py_ssize_t _read(self, char* p, Py_ssize_t n, double deadline, bint waitall) except -1:
+        """recv up to n bytes (exactly n if waitall and no deadline); 0 means EOF."""
+        cdef ssize_t r
+        cdef int fd = self.fd
+        cdef int flags
+        while True:
+            if deadline >= 0:
+                r = recv(fd, p, n, MSG_DONTWAIT)
+                if r < 0 and (errno == EAGAIN or errno == EWOULDBLOCK):
+                    if not _wait_fd(fd, POLLIN, deadline):
+                        raise FastnetTimeout("timed out waiting for data")
+                    continue
+            else:
+                flags = MSG_WAITALL if waitall else 0
+                with nogil:
+                    r = recv(fd, p, n, flags)
+            if r >= 0:
+                return r
+            if errno == EINTR:
+                PyErr_CheckSignals()
+                continue
+            if errno == EAGAIN or errno == EWOULDBLOCK:
+                # the descriptor was made non-blocking behind our back
+                if not _wait_fd(fd, POLLIN, deadline):
+                    raise FastnetTimeout("timed out waiting for data")
+                continue
+            PyErr_SetFromErrno(OSError)
+            return -1
+
+    cdef int _fill(self, double deadline) except -1:
+        """One read into the decoder (buffer or large-frame target); EOF raises."""
+        cdef FrameDecoder d = self.decoder
+        cdef Py_ssize_t r, need
+        if d.target is not None:
+            r = self._read(d.tptr + d.tpos, d.cur - d.tpos, deadline, True)
+            if r > 0:
+                d.tpos += r
+        else:
+            need = d.wpos - d.rpos + 4096
+            if d.cur >= 0 and d.cur > need:
+                need = d.cur
+            d._reserve(need)
+            r = self._read(d.buf + d.wpos, d.cap - d.wpos, deadline, False)
+            if r > 0:
+                d.wpos += r
+        if r == 0:
+            self._eof()
+        d.received += r
+        return 0
+
+    cdef int _eof(self) except -1:
+        cdef FrameDecoder d = self.decoder
+        cdef Py_ssize_t missing
+        if d.target is not None:
+            missing = d.cur - d.tpos
+        elif d.cur >= 0:
+            missing = d.cur - (d.wpos - d.rpos)
+        elif d.wpos > d.rpos:
+            missing = max(4 - (d.wpos - d.rpos), 1)
+        else:
+            raise EOFError
+        d.broken = TruncatedFrameError(missing)
+        raise d.broken
+
+    cdef double _deadline(self, timeout) except? -2.0:
+        if timeout is None:
+            return -1.0
+        if timeout < 0:
+            raise ValueError("timeout must be >= 0 or None")
+        return _now() + timeout
+
+    def recv_frame(self, maxlength=None, timeout=None):
+        """Receive one frame as bytes. EOFError on a clean close."""
+        cdef FrameDecoder d = self.decoder
+        cdef long long limit = -1 if maxlength is None else maxlength
+        cdef double deadline = self._deadline(timeout)
+        cdef object f
+        self._fdcheck()
+        d._check()
+        while True:
+            f = d._next(limit)
+            if f is not None:
+                return f
+            self._fill(deadline)
+
+    def recv_frames(self, timeout=None):
+        """Receive every frame available now as a list, blocking for at least one."""
+        cdef FrameDecoder d = self.decoder
+        cdef double deadline = self._deadline(timeout)
+        cdef list out = []
+        cdef object f
+        self._fdcheck()
+        d._check()
+        while True:
+            f = d._next(-1)
+            if f is not None:
+                out.append(f)
+                continue
+            if out:
+                return out
+            self._fill(deadline)
+
+    def recv_frame_into(self, buf, Py_ssize_t offset=0):
+        """Receive one frame into buf at offset and return its length.
+
+        Whatever is already buffered is copied; the rest of a large frame is
+        received straight into buf. A frame longer than the space raises
+        BufferTooShort carrying the whole frame.
+        """
+        cdef FrameDecoder d = self.decoder
+        cdef Py_buffer view
+        cdef Py_ssize_t n, avail, k, r, space
+        cdef char* p
+        cdef object f
+        self._fdcheck()
+        d._check()
+        if d.target is not None:
+            # a large frame was started by a timed-out recv_frame: finish it there
+            f = self.recv_frame()
+            return self._copy_out(buf, offset, f)
+        while not d._parse_header(-1):
+            self._fill(-1.0)
+        PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
+        try:
+            if offset < 0 or offset > view.len:
+                raise ValueError("offset out of bounds")
+            n = d.cur
+            space = view.len - offset
+            if n > space:
+                f = self.recv_frame()
+                raise BufferTooShort(f)
+            p = <char*>view.buf + offset
+            avail = d.wpos - d.rpos
+            if avail >= n or n < d.large_threshold:
+                while d.wpos - d.rpos < n:
+                    self._fill(-1.0)
+                memcpy(p, d.buf + d.rpos, n)
+                d.cur = -1
+                d._consume(n)
+                return n
+            memcpy(p, d.buf + d.rpos, avail)
+            d.rpos = d.wpos = 0
+            k = avail
+            try:
+                while k < n:
+                    r = self._read(p + k, n - k, -1.0, True)
+                    if r == 0:
+                        d.broken = TruncatedFrameError(n - k)
+                        raise d.broken
+                    k += r
+                    d.received += r
+            except BaseException as e:
+                if d.broken is None:
+                    d.broken = ProtocolError(
+                        f"receive interrupted mid-frame ({k} of {n} bytes): connection state lost")
+                raise
+            d.cur = -1
+            return n
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef Py_ssize_t _copy_out(self, buf, Py_ssize_t offset, bytes f) except -1:
+        cdef Py_buffer view
+        cdef Py_ssize_t n = len(f)
+        PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
+        try:
+            if offset < 0 or offset > view.len:
+                raise ValueError("offset out of bounds")
+            if n > view.len - offset:
+                raise BufferTooShort(f)
+            memcpy(<char*>view.buf + offset, PyBytes_AS_STRING(f), n)
+            return n
+        finally:
+            PyBuffer_Release(&view)
+
+    def discard_frame(self):
+        """Receive the next frame and drop it without allocating its size."""
+        cdef FrameDecoder d = self.decoder
+        cdef Py_ssize_t left, k, r
+        cdef char tmp[65536]
+        self._fdcheck()
+        d._check()
+        if d.target is not None:
+            self.recv_frame()
+            return
+        while not d._parse_header(-1):
+            self._fill(-1.0)
+        left = d.cur
+        k = min(left, d.wpos - d.rpos)
+        d._consume(k)
+        left -= k
+        while left > 0:
+            r = self._read(tmp, min(left, 65536), -1.0, False)
+            if r == 0:
+                d.broken = TruncatedFrameError(left)
+                raise d.broken
+            left -= r
+            d.received += r
+        d.cur = -1
+
+    def has_frame(self):
+        """True if a whole frame is already buffered (recv will not block)."""
+        return self.decoder.has_frame()
+
+    def buffered(self):
+        """Number of received bytes not yet returned."""
+        return self.decoder.buffered
+
+    def poll(self, timeout=0.0):
+        """True if a frame is buffered or the socket has data, waiting up to timeout."""
+        cdef FrameDecoder d = self.decoder
+        self._fdcheck()
+        if d.broken is not None:
+            return True
+        if d.buffered > 0:
+            return True
+        return bool(_wait_fd(self.fd, POLLIN, self._deadline(timeout)))
