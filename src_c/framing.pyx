@@ -17,7 +17,7 @@ buffer (many frames per syscall) and receive large frames straight into their
 final object or the caller's buffer.
 """
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
-from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE, PyBUF_ANY_CONTIGUOUS
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 from libc.string cimport memcpy, memmove
 from libc.stdint cimport uint32_t, uint64_t, int32_t
@@ -453,65 +453,11 @@ cdef class Channel:
 
     # -- sending ----------------------------------------------------------
 
-    cdef int _send_all(self, const char* p, Py_ssize_t n) except -1:
-        cdef ssize_t r
-        cdef int fd = self.fd
-        while n > 0:
-            if n > 65536:
-                with nogil:
-                    r = send(fd, p, n, MSG_NOSIGNAL)
-            else:
-                r = send(fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT)
-            if r >= 0:
-                p += r
-                n -= r
-                continue
-            if errno == EAGAIN or errno == EWOULDBLOCK:
-                if _wait_fd(fd, POLLOUT, -1.0) < 0:
-                    return -1
-                continue
-            if errno == EINTR:
-                PyErr_CheckSignals()
-                continue
-            PyErr_SetFromErrno(OSError)
-            return -1
-        return 0
+    cdef inline int _send_all(self, const char* p, Py_ssize_t n) except -1:
+        return _send_all(self.fd, p, n)
 
-    cdef int _sendv_all(self, iovec* iov, Py_ssize_t cnt) except -1:
-        """sendmsg every byte of iov[0:cnt], resuming after partial writes."""
-        cdef msghdr m
-        cdef ssize_t r
-        cdef size_t left
-        cdef int fd = self.fd
-        cdef Py_ssize_t i = 0
-        while i < cnt:
-            m.msg_name = NULL
-            m.msg_namelen = 0
-            m.msg_iov = iov + i
-            m.msg_iovlen = min(cnt - i, IOV_BATCH)
-            m.msg_control = NULL
-            m.msg_controllen = 0
-            m.msg_flags = 0
-            with nogil:
-                r = sendmsg(fd, &m, MSG_NOSIGNAL)
-            if r < 0:
-                if errno == EINTR:
-                    PyErr_CheckSignals()
-                    continue
-                if errno == EAGAIN or errno == EWOULDBLOCK:
-                    if _wait_fd(fd, POLLOUT, -1.0) < 0:
-                        return -1
-                    continue
-                PyErr_SetFromErrno(OSError)
-                return -1
-            left = <size_t>r
-            while i < cnt and left >= iov[i].iov_len:
-                left -= iov[i].iov_len
-                i += 1
-            if left:
-                iov[i].iov_base = <char*>iov[i].iov_base + left
-                iov[i].iov_len -= left
-        return 0
+    cdef inline int _sendv_all(self, iovec* iov, Py_ssize_t cnt) except -1:
+        return _sendv_all(self.fd, iov, cnt)
 
     cdef int _send_frame_ptr(self, const char* p, Py_ssize_t n) except -1:
         cdef iovec iov[2]
@@ -533,7 +479,7 @@ cdef class Channel:
         cdef Py_buffer view
         cdef Py_ssize_t n
         self._fdcheck()
-        PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+        PyObject_GetBuffer(buf, &view, PyBUF_ANY_CONTIGUOUS)
         try:
             if offset < 0 or offset > view.len:
                 raise ValueError("offset is out of range")
@@ -565,7 +511,7 @@ cdef class Channel:
             raise MemoryError()
         try:
             for i in range(nb):
-                PyObject_GetBuffer(bufs[i], &views[i], PyBUF_SIMPLE)
+                PyObject_GetBuffer(bufs[i], &views[i], PyBUF_ANY_CONTIGUOUS)
                 got += 1
                 total += 12
                 if views[i].len <= _COPY_THRESHOLD:
@@ -614,34 +560,8 @@ cdef class Channel:
 
     # -- receiving --------------------------------------------------------
 
-    cdef Py_ssize_t _read(self, char* p, Py_ssize_t n, double deadline, bint waitall) except -1:
-        """recv up to n bytes (exactly n if waitall and no deadline); 0 means EOF."""
-        cdef ssize_t r
-        cdef int fd = self.fd
-        cdef int flags
-        while True:
-            if deadline >= 0:
-                r = recv(fd, p, n, MSG_DONTWAIT)
-                if r < 0 and (errno == EAGAIN or errno == EWOULDBLOCK):
-                    if not _wait_fd(fd, POLLIN, deadline):
-                        raise FastnetTimeout("timed out waiting for data")
-                    continue
-            else:
-                flags = MSG_WAITALL if waitall else 0
-                with nogil:
-                    r = recv(fd, p, n, flags)
-            if r >= 0:
-                return r
-            if errno == EINTR:
-                PyErr_CheckSignals()
-                continue
-            if errno == EAGAIN or errno == EWOULDBLOCK:
-                # the descriptor was made non-blocking behind our back
-                if not _wait_fd(fd, POLLIN, deadline):
-                    raise FastnetTimeout("timed out waiting for data")
-                continue
-            PyErr_SetFromErrno(OSError)
-            return -1
+    cdef inline Py_ssize_t _read(self, char* p, Py_ssize_t n, double deadline, bint waitall) except -1:
+        return _recv_some(self.fd, p, n, deadline, waitall)
 
     cdef int _fill(self, double deadline) except -1:
         """One read into the decoder (buffer or large-frame target); EOF raises."""
@@ -736,7 +656,7 @@ cdef class Channel:
             return self._copy_out(buf, offset, f)
         while not d._parse_header(-1):
             self._fill(-1.0)
-        PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
+        PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE | PyBUF_ANY_CONTIGUOUS)
         try:
             if offset < 0 or offset > view.len:
                 raise ValueError("offset out of bounds")
@@ -778,7 +698,7 @@ cdef class Channel:
     cdef Py_ssize_t _copy_out(self, buf, Py_ssize_t offset, bytes f) except -1:
         cdef Py_buffer view
         cdef Py_ssize_t n = len(f)
-        PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
+        PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE | PyBUF_ANY_CONTIGUOUS)
         try:
             if offset < 0 or offset > view.len:
                 raise ValueError("offset out of bounds")

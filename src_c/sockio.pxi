@@ -2,6 +2,8 @@
 from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
 from libc.errno cimport errno, EINTR, EAGAIN
 
+from fastnet.errors import TimeoutError as FastnetTimeout
+
 cdef extern from "<errno.h>":
     int EWOULDBLOCK
 
@@ -80,3 +82,93 @@ cdef int _wait_fd(int fd, short events, double deadline) except -1:
         return -1
 
 
+
+
+cdef int _send_all(int fd, const char* p, Py_ssize_t n) except -1:
+    """Send every byte; small writes are tried with the GIL held, waits release it."""
+    cdef ssize_t r
+    while n > 0:
+        if n > 65536:
+            with nogil:
+                r = send(fd, p, n, MSG_NOSIGNAL)
+        else:
+            r = send(fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT)
+        if r >= 0:
+            p += r
+            n -= r
+            continue
+        if errno == EAGAIN or errno == EWOULDBLOCK:
+            if _wait_fd(fd, POLLOUT, -1.0) < 0:
+                return -1
+            continue
+        if errno == EINTR:
+            PyErr_CheckSignals()
+            continue
+        PyErr_SetFromErrno(OSError)
+        return -1
+    return 0
+
+
+cdef int _sendv_all(int fd, iovec* iov, Py_ssize_t cnt) except -1:
+    """sendmsg every byte of iov[0:cnt], resuming after partial writes (iov is consumed)."""
+    cdef msghdr m
+    cdef ssize_t r
+    cdef size_t left
+    cdef Py_ssize_t i = 0
+    while i < cnt:
+        m.msg_name = NULL
+        m.msg_namelen = 0
+        m.msg_iov = iov + i
+        m.msg_iovlen = min(cnt - i, IOV_BATCH)
+        m.msg_control = NULL
+        m.msg_controllen = 0
+        m.msg_flags = 0
+        with nogil:
+            r = sendmsg(fd, &m, MSG_NOSIGNAL)
+        if r < 0:
+            if errno == EINTR:
+                PyErr_CheckSignals()
+                continue
+            if errno == EAGAIN or errno == EWOULDBLOCK:
+                if _wait_fd(fd, POLLOUT, -1.0) < 0:
+                    return -1
+                continue
+            PyErr_SetFromErrno(OSError)
+            return -1
+        left = <size_t>r
+        while i < cnt and left >= iov[i].iov_len:
+            left -= iov[i].iov_len
+            i += 1
+        if left:
+            iov[i].iov_base = <char*>iov[i].iov_base + left
+            iov[i].iov_len -= left
+    return 0
+
+
+cdef Py_ssize_t _recv_some(int fd, char* p, Py_ssize_t n, double deadline, bint waitall) except -1:
+    """recv up to n bytes (MSG_WAITALL when waitall and no deadline); 0 means EOF.
+
+    Without a deadline the blocking recv runs with the GIL released; with one,
+    poll() waits (GIL released) and recv never blocks.
+    """
+    cdef ssize_t r
+    cdef int flags
+    while True:
+        if deadline >= 0:
+            r = recv(fd, p, n, MSG_DONTWAIT)
+        else:
+            flags = MSG_WAITALL if waitall else 0
+            with nogil:
+                r = recv(fd, p, n, flags)
+        if r >= 0:
+            return r
+        if errno == EINTR:
+            PyErr_CheckSignals()
+            continue
+        if errno == EAGAIN or errno == EWOULDBLOCK:
+            # a deadline, or a descriptor made non-blocking behind our back
+            if not _wait_fd(fd, POLLIN, deadline):
+                raise FastnetTimeout("timed out waiting for data")
+            continue
+        PyErr_SetFromErrno(OSError)
+        return -1

@@ -1,0 +1,53 @@
+"""fastnet: fast, safe message transport for Python processes and machines.
+
+A drop-in, wire-compatible replacement for ``multiprocessing.connection``
+with zero-copy arrays and compiled hot paths. ``fastnet.backend`` says which
+kernels are active: ``"cython"`` or, with ``FASTNET_PURE=1``, ``"python"``.
+"""
+from fastnet._kernels import backend
+from fastnet.errors import (
+    FastnetError,
+    AuthenticationError,
+    ProtocolError,
+    TruncatedFrameError,
+    MessageTooLarge,
+    BufferTooShort,
+    RemoteError,
+    TimeoutError,
+)
+from fastnet.connection import (
+    Connection,
+    Listener,
+    Client,
+    Pipe,
+    wait,
+    DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+)
+from fastnet.zerocopy import send_from, recv_into
+from fastnet import auth
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "backend",
+    "__version__",
+    "FastnetError",
+    "AuthenticationError",
+    "ProtocolError",
+    "TruncatedFrameError",
+    "MessageTooLarge",
+    "BufferTooShort",
+    "RemoteError",
+    "TimeoutError",
+    "Connection",
+    "Listener",
+    "Client",
+    "Pipe",
+    "wait",
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "DEFAULT_HANDSHAKE_TIMEOUT",
+    "send_from",
+    "recv_into",
+    "auth",
+]

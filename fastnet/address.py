@@ -1,0 +1,122 @@
+"""Address parsing: the forms multiprocessing accepts, plus URLs.
+
+``(host, port)`` is TCP (IPv6 when the host is an IPv6 literal), a string is
+an AF_UNIX path (``"\\0name"`` is Linux's abstract namespace), and the URL
+forms ``tcp://host:port``, ``tcp://[::1]:port``, ``unix:///path`` and
+``unix://@name`` (abstract) name the same things.
+"""
+import ipaddress
+import os
+import socket
+import tempfile
+import itertools
+
+__all__ = ["parse_address", "address_type", "arbitrary_address", "format_address"]
+
+_FAMILIES = {
+    "AF_INET": socket.AF_INET,
+    "AF_INET6": socket.AF_INET6,
+    "AF_UNIX": socket.AF_UNIX,
+}
+_counter = itertools.count()
+
+
+def _family_of(family):
+    if family is None:
+        return None
+    if isinstance(family, str):
+        try:
+            return _FAMILIES[family]
+        except KeyError:
+            raise ValueError(f"unrecognized family {family!r}") from None
+    if family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
+        return family
+    raise ValueError(f"unrecognized family {family!r}")
+
+
+def _is_ipv6(host):
+    try:
+        return isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address)
+    except ValueError:
+        return False
+
+
+def _parse_url(url):
+    scheme, _, rest = url.partition("://")
+    scheme = scheme.lower()
+    if scheme == "unix":
+        if rest.startswith("@"):
+            return socket.AF_UNIX, "\0" + rest[1:]
+        if not rest:
+            raise ValueError(f"empty AF_UNIX path in {url!r}")
+        return socket.AF_UNIX, rest
+    if scheme in ("tcp", "tcp4", "tcp6"):
+        if rest.startswith("["):
+            host, sep, port = rest[1:].partition("]:")
+            if not sep:
+                raise ValueError(f"bad address {url!r}: expected tcp://[v6addr]:port")
+        else:
+            host, sep, port = rest.rpartition(":")
+            if not sep:
+                raise ValueError(f"bad address {url!r}: expected tcp://host:port")
+        port = port.rstrip("/")
+        try:
+            port = int(port)
+        except ValueError:
+            raise ValueError(f"bad port in {url!r}") from None
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port out of range in {url!r}")
+        fam = socket.AF_INET6 if (scheme == "tcp6" or _is_ipv6(host)) else socket.AF_INET
+        return fam, (host, port)
+    raise ValueError(f"unsupported address scheme in {url!r} (use tcp:// or unix://)")
+
+
+def parse_address(address, family=None):
+    """Return ``(family, sockaddr)`` for any accepted address form."""
+    fam = _family_of(family)
+    if isinstance(address, str) and "://" in address:
+        ufam, addr = _parse_url(address)
+        if fam is not None and fam != ufam:
+            raise ValueError(f"address {address!r} does not match family {family!r}")
+        return ufam, addr
+    if isinstance(address, tuple):
+        if len(address) not in (2, 4):
+            raise ValueError(f"bad address {address!r}")
+        if fam is None:
+            fam = socket.AF_INET6 if (len(address) == 4 or _is_ipv6(address[0])) else socket.AF_INET
+        if fam == socket.AF_UNIX:
+            raise ValueError(f"address {address!r} does not match family {family!r}")
+        return fam, address
+    if isinstance(address, (str, bytes, os.PathLike)):
+        if fam not in (None, socket.AF_UNIX):
+            raise ValueError(f"address {address!r} does not match family {family!r}")
+        return socket.AF_UNIX, os.fspath(address)
+    raise ValueError(f"address type of {address!r} unrecognized")
+
+
+def address_type(address):
+    """The family name of an address, as multiprocessing.connection.address_type."""
+    fam = parse_address(address)[0]
+    return {socket.AF_INET: "AF_INET", socket.AF_INET6: "AF_INET6", socket.AF_UNIX: "AF_UNIX"}[fam]
+
+
+def arbitrary_address(family):
+    """A fresh address to listen on for the given family."""
+    fam = _family_of(family)
+    if fam == socket.AF_INET:
+        return ("localhost", 0)
+    if fam == socket.AF_INET6:
+        return ("::1", 0)
+    if fam == socket.AF_UNIX:
+        return os.path.join(tempfile.gettempdir(), f"fastnet-{os.getpid()}-{next(_counter)}.sock")
+    raise ValueError(f"unrecognized family {family!r}")
+
+
+def format_address(family, addr):
+    """A URL for a bound or peer address (for logs and ``fastnet call``)."""
+    if family == socket.AF_UNIX:
+        if isinstance(addr, bytes):
+            addr = addr.decode("utf-8", "surrogateescape")
+        return "unix://@" + addr[1:] if addr.startswith("\0") else "unix://" + addr
+    host, port = addr[0], addr[1]
+    return f"tcp://[{host}]:{port}" if family == socket.AF_INET6 else f"tcp://{host}:{port}"

@@ -1,0 +1,486 @@
+"""Message connections: a drop-in, wire-compatible multiprocessing.connection.
+
+``Listener``, ``Client``, ``Connection``, ``Pipe`` and ``wait`` keep the
+stdlib's signatures and behaviour; the frames and the authkey handshake are
+the stdlib's byte for byte, so either end may be a stdlib peer. Beyond the
+stdlib: arrays and buffers without copies (``send_array``/``recv_array``),
+many frames in one syscall (``send_many``/``recv_many``), timeouts on
+connect and handshake, and a limit on message size.
+
+``recv()`` unpickles what the peer sent, exactly as multiprocessing does: on
+a connection that did not authenticate, that trusts the peer with arbitrary
+code execution. Use an ``authkey`` (or ``recv_bytes``) with untrusted peers.
+"""
+import os
+import select
+import socket
+import time
+from multiprocessing.reduction import ForkingPickler
+
+from fastnet import auth as _auth
+from fastnet import zerocopy as _zc
+from fastnet._kernels import framing as _framing
+from fastnet.address import arbitrary_address, parse_address, format_address
+from fastnet.errors import MessageTooLarge, ProtocolError, TimeoutError, BufferTooShort
+
+__all__ = ["Connection", "Listener", "Client", "Pipe", "wait", "DEFAULT_MAX_MESSAGE_SIZE",
+           "DEFAULT_HANDSHAKE_TIMEOUT"]
+
+#: Largest message a connection accepts unless told otherwise (1 GiB). A
+#: header claiming more is refused before anything is allocated. Pass
+#: ``max_message_size=None`` to lift the limit for a trusted peer.
+DEFAULT_MAX_MESSAGE_SIZE = 1 << 30
+#: Seconds a Listener gives a new peer to finish the authkey handshake.
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+# Per-connection receive buffer; grows for a frame that needs more.
+_BUFSIZE = 65536
+
+_dumps = ForkingPickler.dumps
+_loads = ForkingPickler.loads
+
+
+def _tune(sock):
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class Connection:
+    """A framed, bidirectional message connection over a stream socket.
+
+    Wraps a connected socket object (or a descriptor, which it then owns).
+    Frames are multiprocessing's; see the module docstring about ``recv()``.
+    """
+
+    def __init__(self, sock, readable=True, writable=True, *, max_message_size=DEFAULT_MAX_MESSAGE_SIZE):
+        if not readable and not writable:
+            raise ValueError("at least one of `readable` and `writable` must be True")
+        if isinstance(sock, int):
+            sock = socket.socket(fileno=sock)
+        sock.setblocking(True)
+        self._sock = sock
+        self._ch = _framing.Channel(sock, max_message_size, _BUFSIZE)
+        self._readable = readable
+        self._writable = writable
+
+    def __repr__(self):
+        state = "closed" if self._ch is None else f"fd={self._sock.fileno()}"
+        return f"<fastnet.Connection {state}>"
+
+    # -- state -------------------------------------------------------------
+
+    @property
+    def closed(self):
+        """True if the connection is closed."""
+        return self._ch is None
+
+    @property
+    def readable(self):
+        """True if the connection can receive."""
+        return self._readable
+
+    @property
+    def writable(self):
+        """True if the connection can send."""
+        return self._writable
+
+    @property
+    def max_message_size(self):
+        """The largest message this end accepts (None: unlimited)."""
+        return None if self._ch is None else self._ch.max_size
+
+    @property
+    def family(self):
+        """The socket family (``socket.AF_INET``, ``AF_INET6`` or ``AF_UNIX``)."""
+        return self._sock.family
+
+    def fileno(self):
+        """The socket's file descriptor."""
+        self._check_closed()
+        return self._sock.fileno()
+
+    def close(self):
+        """Close the connection. Closing twice is harmless."""
+        if self._ch is not None:
+            self._ch.release()
+            self._ch = None
+            self._sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _check_closed(self):
+        if self._ch is None:
+            raise OSError("handle is closed")
+
+    def _sender(self):
+        ch = self._ch
+        if ch is None:
+            raise OSError("handle is closed")
+        if not self._writable:
+            raise OSError("connection is read-only")
+        return ch
+
+    def _receiver(self):
+        ch = self._ch
+        if ch is None:
+            raise OSError("handle is closed")
+        if not self._readable:
+            raise OSError("connection is write-only")
+        return ch
+
+    def _fail(self):
+        # the stream is desynchronised: only this connection goes
+        self.close()
+
+    # -- sending -------------------------------------------------------------
+
+    def send_bytes(self, buf, offset=0, size=None):
+        """Send a bytes-like object's bytes (from ``offset``, ``size`` long) as one message."""
+        ch = self._sender()
+        if offset == 0 and size is None:
+            ch.send_frame(buf)
+            return
+        n = memoryview(buf).nbytes
+        if offset < 0:
+            raise ValueError("offset is negative")
+        if n < offset:
+            raise ValueError("buffer length < offset")
+        if size is None:
+            size = n - offset
+        elif size < 0:
+            raise ValueError("size is negative")
+        elif offset + size > n:
+            raise ValueError("buffer length < offset + size")
+        ch.send_frame(buf, offset, size)
+
+    def send(self, obj):
+        """Send a picklable object (pickled as multiprocessing does)."""
+        self._sender().send_frame(_dumps(obj))
+
+    def send_many(self, buffers):
+        """Send each bytes-like object in ``buffers`` as its own message, in as few syscalls as possible."""
+        self._sender().send_frames(buffers)
+
+    def send_array(self, arr):
+        """Send a numpy array (or any buffer) with its dtype, shape and order, without copying it.
+
+        A non-contiguous array is copied once into C order. A stdlib peer sees
+        two messages: a small header and the raw bytes.
+        """
+        header, payload = _zc.encode_array(arr)
+        self._sender().send_frames((header, payload))
+
+    # -- receiving -----------------------------------------------------------
+
+    def recv_bytes(self, maxlength=None):
+        """Receive one message as bytes. EOFError when the peer has closed."""
+        ch = self._receiver()
+        if maxlength is not None and maxlength < 0:
+            raise ValueError("negative maxlength")
+        try:
+            return ch.recv_frame(maxlength)
+        except (ProtocolError, MessageTooLarge):
+            self._fail()
+            raise
+
+    def recv(self):
+        """Receive and unpickle one object (trusts the peer: see the module docstring)."""
+        ch = self._receiver()
+        try:
+            buf = ch.recv_frame()
+        except (ProtocolError, MessageTooLarge):
+            self._fail()
+            raise
+        return _loads(buf)
+
+    def recv_bytes_into(self, buf, offset=0):
+        """Receive one message into a writable buffer at byte ``offset``; return its size.
+
+        Bytes of a large message go straight from the socket into ``buf``. A
+        message that does not fit raises BufferTooShort carrying it whole.
+        """
+        ch = self._receiver()
+        if offset < 0:
+            raise ValueError("negative offset")
+        if offset > memoryview(buf).nbytes:
+            raise ValueError("offset too large")
+        try:
+            return ch.recv_frame_into(buf, offset)
+        except (ProtocolError, MessageTooLarge):
+            self._fail()
+            raise
+
+    def recv_many(self, timeout=None):
+        """Return every message available now as a list, waiting for at least one."""
+        ch = self._receiver()
+        try:
+            return ch.recv_frames(timeout)
+        except (ProtocolError, MessageTooLarge):
+            self._fail()
+            raise
+
+    def recv_array(self, out=None):
+        """Receive an array sent with ``send_array``.
+
+        With ``out``, the payload lands directly in that preallocated array
+        after its shape and dtype are checked (a mismatch raises ValueError
+        and leaves the connection usable). Without, a new array is allocated
+        (numpy if installed, else a memoryview), bounded by max_message_size.
+        """
+        ch = self._receiver()
+        try:
+            kind, tname, shape, order = _zc.decode_array_header(ch.recv_frame(_zc.MAX_HEADER))
+            itemsize = _zc.itemsize_of(kind, tname)
+            nbytes = _zc.nbytes_of(shape, itemsize)
+            if out is not None:
+                return self._recv_array_into(ch, out, kind, tname, shape, order, nbytes)
+            limit = ch.max_size
+            if limit is not None and nbytes > limit:
+                ch.discard_frame()
+                raise MessageTooLarge(f"array of {nbytes} bytes exceeds max_message_size={limit}")
+            if _zc._np is not None:
+                arr = _zc._np.empty(shape, _zc.dtype_of(kind, tname), order=order)
+                target = arr
+            else:
+                target = bytearray(nbytes)
+                arr = memoryview(target).cast("B").cast(tname, shape) if shape else memoryview(target)
+            self._recv_payload(ch, target, nbytes)
+            return arr
+        except (ProtocolError, MessageTooLarge):
+            self._fail()
+            raise
+
+    def _recv_array_into(self, ch, out, kind, tname, shape, order, nbytes):
+        np = _zc._np
+        if np is not None and isinstance(out, np.ndarray):
+            dt = _zc.dtype_of(kind, tname)
+            if out.shape != tuple(shape) or out.dtype != dt:
+                ch.discard_frame()
+                raise ValueError(f"out is {out.dtype}{list(out.shape)}, message is {dt}{list(shape)}")
+            if not out.flags.writeable:
+                ch.discard_frame()
+                raise ValueError("out is read-only")
+            direct = out.flags.c_contiguous if order == "C" else out.flags.f_contiguous
+            if direct:
+                self._recv_payload(ch, out, nbytes)
+            else:
+                tmp = np.empty(shape, dt, order=order)
+                self._recv_payload(ch, tmp, nbytes)
+                out[...] = tmp
+            return out
+        m = memoryview(out)
+        if m.nbytes != nbytes or (kind == 1 and m.format != tname) or tuple(m.shape) != tuple(shape):
+            ch.discard_frame()
+            raise ValueError(f"out does not match the message ({tname}{list(shape)})")
+        self._recv_payload(ch, out, nbytes)
+        return out
+
+    def _recv_payload(self, ch, target, nbytes):
+        try:
+            n = ch.recv_frame_into(target)
+        except BufferTooShort:
+            raise ProtocolError("array payload is larger than its header says") from None
+        if n != nbytes:
+            raise ProtocolError(f"array payload of {n} bytes, header said {nbytes}")
+
+    def poll(self, timeout=0.0):
+        """True if there is data to receive, waiting up to ``timeout`` seconds (None: forever)."""
+        return self._receiver().poll(timeout)
+
+    def _recv_handshake(self, maxlength, timeout):
+        return self._receiver().recv_frame(maxlength, timeout)
+
+
+class Listener:
+    """A listening socket that accepts authenticated Connections.
+
+    ``Listener(address=None, family=None, backlog=1, authkey=None)`` as in
+    multiprocessing; ``handshake_timeout`` bounds a new peer's handshake so a
+    silent one cannot hold ``accept()``; ``strict=True`` refuses HMAC-MD5
+    peers; ``max_message_size`` applies to accepted connections.
+    """
+
+    def __init__(self, address=None, family=None, backlog=1, authkey=None, *,
+                 handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
+                 max_message_size=DEFAULT_MAX_MESSAGE_SIZE, strict=False, digest="sha256"):
+        if authkey is not None and not isinstance(authkey, bytes):
+            raise TypeError("authkey should be a byte string")
+        if address is None:
+            address = arbitrary_address(family or "AF_UNIX")
+        fam, addr = parse_address(address, family)
+        sock = socket.socket(fam, socket.SOCK_STREAM)
+        self._unlink = None
+        try:
+            if fam != socket.AF_UNIX:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(backlog)
+        except BaseException:
+            sock.close()
+            raise
+        if fam == socket.AF_UNIX and isinstance(addr, str) and not addr.startswith("\0"):
+            self._unlink = addr
+        self._socket = sock
+        self._family = fam
+        name = sock.getsockname()
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "surrogateescape")
+        self._address = name
+        self._last_accepted = None
+        self._authkey = authkey
+        self._handshake_timeout = handshake_timeout
+        self._max_message_size = max_message_size
+        self._strict = strict
+        self._digest = digest
+
+    def accept(self):
+        """Accept a connection and, with an authkey, run the mutual handshake.
+
+        A failed or timed-out handshake closes that socket and raises
+        AuthenticationError or TimeoutError; the Listener keeps working.
+        """
+        if self._socket is None:
+            raise OSError("listener is closed")
+        s, self._last_accepted = self._socket.accept()
+        if isinstance(self._last_accepted, bytes):
+            self._last_accepted = self._last_accepted.decode("utf-8", "surrogateescape")
+        try:
+            _tune(s)
+            c = Connection(s, max_message_size=self._max_message_size)
+        except BaseException:
+            s.close()
+            raise
+        if self._authkey is not None:
+            try:
+                _auth.server_authenticate(c, self._authkey, strict=self._strict,
+                                          timeout=self._handshake_timeout, digest_name=self._digest)
+            except BaseException:
+                c.close()
+                raise
+        return c
+
+    def close(self):
+        """Close the listening socket (and remove its AF_UNIX path)."""
+        sock, self._socket = self._socket, None
+        if sock is not None:
+            sock.close()
+            if self._unlink is not None:
+                try:
+                    os.unlink(self._unlink)
+                except FileNotFoundError:
+                    pass
+                self._unlink = None
+
+    @property
+    def address(self):
+        """The bound address (with the real port when 0 was asked for)."""
+        return self._address
+
+    @property
+    def last_accepted(self):
+        """The peer address of the last accepted connection."""
+        return self._last_accepted
+
+    @property
+    def url(self):
+        """The bound address as a ``tcp://`` or ``unix://`` URL."""
+        return format_address(self._family, self._address)
+
+    def fileno(self):
+        """The listening socket's descriptor."""
+        return self._socket.fileno()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<fastnet.Listener {self.url}{'' if self._socket else ' closed'}>"
+
+
+def Client(address, family=None, authkey=None, *, timeout=None,
+           max_message_size=DEFAULT_MAX_MESSAGE_SIZE, strict=False, digest="sha256"):
+    """Connect to a Listener (fastnet's or the stdlib's) and return a Connection.
+
+    ``timeout`` bounds the connect and the handshake together.
+    """
+    if authkey is not None and not isinstance(authkey, bytes):
+        raise TypeError("authkey should be a byte string")
+    fam, addr = parse_address(address, family)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        if fam == socket.AF_UNIX:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.settimeout(timeout)
+                s.connect(addr)
+            except BaseException:
+                s.close()
+                raise
+        else:
+            s = socket.create_connection(addr[:2], timeout)
+    except socket.timeout:
+        raise TimeoutError(f"connecting to {address!r} timed out") from None
+    try:
+        _tune(s)
+        c = Connection(s, max_message_size=max_message_size)
+    except BaseException:
+        s.close()
+        raise
+    if authkey is not None:
+        try:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            _auth.client_authenticate(c, authkey, strict=strict, timeout=left, digest_name=digest)
+        except BaseException:
+            c.close()
+            raise
+    return c
+
+
+def Pipe(duplex=True, *, max_message_size=DEFAULT_MAX_MESSAGE_SIZE):
+    """Return a pair of connected Connections (``(reader, writer)`` if not duplex)."""
+    a, b = socket.socketpair()
+    if duplex:
+        return (Connection(a, max_message_size=max_message_size),
+                Connection(b, max_message_size=max_message_size))
+    a.shutdown(socket.SHUT_WR)
+    b.shutdown(socket.SHUT_RD)
+    return (Connection(a, writable=False, max_message_size=max_message_size),
+            Connection(b, readable=False, max_message_size=max_message_size))
+
+
+def wait(object_list, timeout=None):
+    """Wait until an object in ``object_list`` is ready; return the ready ones.
+
+    Objects are Connections, sockets, or anything with ``fileno()``, or ints.
+    A Connection with a message already buffered is ready at once, though its
+    socket may have nothing more to read.
+    """
+    ready = [o for o in object_list
+             if isinstance(o, Connection) and o._ch is not None and o._ch.buffered() > 0]
+    poller = select.poll()
+    fdmap = {}
+    for o in object_list:
+        fd = o if isinstance(o, int) else o.fileno()
+        fdmap.setdefault(fd, []).append(o)
+        poller.register(fd, select.POLLIN)
+    if ready:
+        timeout = 0
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        ms = None if deadline is None else max(0.0, (deadline - time.monotonic()) * 1000.0)
+        events = poller.poll(ms)
+        if events or ready or (deadline is not None and time.monotonic() >= deadline):
+            break
+    seen = set(map(id, ready))
+    for fd, _ in events:
+        for o in fdmap[fd]:
+            if id(o) not in seen:
+                seen.add(id(o))
+                ready.append(o)
+    return ready
