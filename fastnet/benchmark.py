@@ -818,7 +818,10 @@ def build_floor(workdir):
     if not os.path.exists(src):
         return None, f"{src} is missing"
     exe = os.path.join(workdir, "fastnet_floor")
-    proc = subprocess.run([cc, "-O2", "-o", exe, src], capture_output=True, text=True)
+    try:
+        proc = subprocess.run([cc, "-O2", "-o", exe, src], capture_output=True, text=True)
+    except OSError as exc:
+        return None, f"cannot run {cc}: {exc}"
     if proc.returncode != 0:
         return None, f"{cc} failed: {proc.stderr.strip()[-300:]}"
     return exe, None
