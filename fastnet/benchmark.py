@@ -35,7 +35,6 @@ report as a dict (the ``--json`` document) and ``format_report`` renders it.
 The children load this file by path rather than importing the ``fastnet``
 package, so the anchor cases run even when fastnet itself does not import.
 """
-from __future__ import annotations
 
 import argparse
 import contextlib
