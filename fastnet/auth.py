@@ -9,6 +9,12 @@ fastnet peer and a stdlib peer of Python 3.10-3.13 authenticate each other::
     #WELCOME# or #FAILURE#           --->
     then the roles swap, so both sides prove they hold the key.
 
+fastnet pipelines the same messages without changing them: its client sends
+its own challenge right behind its response, and its server sends WELCOME
+and its response together when that challenge is already there. A stdlib
+peer reads the same frames in the same order; the handshake costs two round
+trips instead of four.
+
 A legacy (< 3.12) peer sends ``#CHALLENGE#`` + 20 random bytes and expects a
 raw 16-byte HMAC-MD5; it also answers our prefixed challenge with a raw
 HMAC-MD5 over the whole nonce. Both are accepted unless ``strict=True``.
@@ -54,7 +60,7 @@ def _recv(conn, deadline):
         raise TimeoutError("authentication handshake timed out") from None
     except MessageTooLarge as exc:
         raise AuthenticationError(f"handshake message too large: {exc}") from None
-    except (ProtocolError, EOFError) as exc:
+    except (ProtocolError, EOFError, ConnectionError) as exc:
         raise AuthenticationError(f"connection failed during the handshake: {exc or 'closed'}") from exc
 
 
@@ -62,19 +68,86 @@ def _deadline(timeout):
     return None if timeout is None else time.monotonic() + timeout
 
 
-def deliver_challenge(conn, authkey, digest_name=DEFAULT_DIGEST, *, strict=False, timeout=None,
-                      _deadline_at=None, _track=False):
+def _challenge(conn, authkey, digest_name, strict, deadline):
+    """Send a challenge and verify the answer; on a wrong one send FAILURE and raise."""
+    message, nonce = _auth.make_challenge(digest_name)
+    conn.send_bytes(message)
+    response = _recv(conn, deadline)
+    try:
+        _auth.verify_response(authkey, nonce, response, strict)
+    except AuthenticationError:
+        conn.send_bytes(_auth.FAILURE)
+        raise
+
+
+def deliver_challenge(conn, authkey, digest_name=DEFAULT_DIGEST, *, strict=False, timeout=None):
     """Challenge the peer to prove it holds ``authkey``; send WELCOME or FAILURE.
 
     ``digest_name=None`` sends the legacy MD5 challenge of CPython < 3.12.
     """
     _check_key(authkey)
-    deadline = _deadline_at if _deadline_at is not None else _deadline(timeout)
-    message, nonce = _auth.make_challenge(digest_name)
-    if _track:
-        _outstanding.add(nonce)
+    _challenge(conn, authkey, digest_name, strict, _deadline(timeout))
+    conn.send_bytes(_auth.WELCOME)
+
+
+def answer_challenge(conn, authkey, *, strict=False, timeout=None):
+    """Answer the peer's challenge with the HMAC of ``authkey``; expect WELCOME."""
+    _check_key(authkey)
+    deadline = _deadline(timeout)
+    nonce = _auth.parse_challenge(_recv(conn, deadline))
+    if nonce in _outstanding:
+        raise AuthenticationError("peer relayed a challenge issued by this process")
+    conn.send_bytes(_auth.create_response(authkey, nonce, strict))
+    if _recv(conn, deadline) != _auth.WELCOME:
+        raise AuthenticationError("digest sent was rejected")
+
+
+def _send_many(conn, frames):
     try:
-        conn.send_bytes(message)
+        send_many = conn.send_many
+    except AttributeError:
+        for f in frames:
+            conn.send_bytes(f)
+    else:
+        send_many(frames)
+
+
+def _has_frame(conn):
+    ch = getattr(conn, "_ch", None)
+    return ch is not None and ch.has_frame()
+
+
+def server_authenticate(conn, authkey, *, strict=False, timeout=None, digest_name=DEFAULT_DIGEST):
+    """The accepting side of the mutual handshake (as ``Listener.accept``)."""
+    _check_key(authkey)
+    deadline = _deadline(timeout)
+    _challenge(conn, authkey, digest_name, strict, deadline)
+    if _has_frame(conn):
+        # a pipelining client already sent its challenge: answer with WELCOME
+        challenge = _auth.parse_challenge(_recv(conn, deadline))
+        _send_many(conn, (_auth.WELCOME, _auth.create_response(authkey, challenge, strict)))
+    else:
+        conn.send_bytes(_auth.WELCOME)
+        challenge = _auth.parse_challenge(_recv(conn, deadline))
+        conn.send_bytes(_auth.create_response(authkey, challenge, strict))
+    if _recv(conn, deadline) != _auth.WELCOME:
+        raise AuthenticationError("digest sent was rejected")
+
+
+def client_authenticate(conn, authkey, *, strict=False, timeout=None, digest_name=DEFAULT_DIGEST):
+    """The connecting side of the mutual handshake (as ``multiprocessing.connection.Client``)."""
+    _check_key(authkey)
+    deadline = _deadline(timeout)
+    challenge = _auth.parse_challenge(_recv(conn, deadline))
+    if challenge in _outstanding:
+        raise AuthenticationError("peer relayed a challenge issued by this process")
+    answer = _auth.create_response(authkey, challenge, strict)
+    message, nonce = _auth.make_challenge(digest_name)
+    _outstanding.add(nonce)
+    try:
+        _send_many(conn, (answer, message))
+        if _recv(conn, deadline) != _auth.WELCOME:
+            raise AuthenticationError("digest sent was rejected")
         response = _recv(conn, deadline)
         try:
             _auth.verify_response(authkey, nonce, response, strict)
@@ -84,29 +157,3 @@ def deliver_challenge(conn, authkey, digest_name=DEFAULT_DIGEST, *, strict=False
         conn.send_bytes(_auth.WELCOME)
     finally:
         _outstanding.discard(nonce)
-
-
-def answer_challenge(conn, authkey, *, strict=False, timeout=None, _deadline_at=None, _client=False):
-    """Answer the peer's challenge with the HMAC of ``authkey``; expect WELCOME."""
-    _check_key(authkey)
-    deadline = _deadline_at if _deadline_at is not None else _deadline(timeout)
-    nonce = _auth.parse_challenge(_recv(conn, deadline))
-    if _client and nonce in _outstanding:
-        raise AuthenticationError("peer relayed a challenge issued by this process")
-    conn.send_bytes(_auth.create_response(authkey, nonce, strict))
-    if _recv(conn, deadline) != _auth.WELCOME:
-        raise AuthenticationError("digest sent was rejected")
-
-
-def server_authenticate(conn, authkey, *, strict=False, timeout=None, digest_name=DEFAULT_DIGEST):
-    """The accepting side of the mutual handshake (as ``Listener.accept``)."""
-    deadline = _deadline(timeout)
-    deliver_challenge(conn, authkey, digest_name, strict=strict, _deadline_at=deadline)
-    answer_challenge(conn, authkey, strict=strict, _deadline_at=deadline)
-
-
-def client_authenticate(conn, authkey, *, strict=False, timeout=None, digest_name=DEFAULT_DIGEST):
-    """The connecting side of the mutual handshake (as ``multiprocessing.connection.Client``)."""
-    deadline = _deadline(timeout)
-    answer_challenge(conn, authkey, strict=strict, _deadline_at=deadline, _client=True)
-    deliver_challenge(conn, authkey, digest_name, strict=strict, _deadline_at=deadline, _track=True)
