@@ -25,6 +25,7 @@ from fastnet.connection import (
     DEFAULT_HANDSHAKE_TIMEOUT,
 )
 from fastnet.zerocopy import send_from, recv_into
+from fastnet.fdpass import send_fd, recv_fd, send_fds, recv_fds
 from fastnet import auth
 
 __version__ = "0.1.0"
@@ -49,5 +50,9 @@ __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
     "send_from",
     "recv_into",
+    "send_fd",
+    "recv_fd",
+    "send_fds",
+    "recv_fds",
     "auth",
 ]

@@ -7,7 +7,7 @@ fallback to the slow path is a trap for HPC users.
 import importlib
 import os
 
-KERNELS = ("framing", "zerocopy", "auth")
+KERNELS = ("framing", "zerocopy", "auth", "fdpass")
 
 PURE = os.environ.get("FASTNET_PURE", "").strip().lower() not in ("", "0", "false", "no")
 
@@ -35,5 +35,6 @@ def _load(name):
 framing = _load("framing")
 zerocopy = _load("zerocopy")
 auth = _load("auth")
+fdpass = _load("fdpass")
 
-__all__ = ["backend", "framing", "zerocopy", "auth", "KERNELS", "PURE"]
+__all__ = ["backend", "framing", "zerocopy", "auth", "fdpass", "KERNELS", "PURE"]

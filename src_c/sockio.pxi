@@ -51,7 +51,7 @@ cdef inline double _now() noexcept nogil:
     return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
-cdef int _wait_fd(int fd, short events, double deadline) except -1:
+cdef inline int _wait_fd(int fd, short events, double deadline) except -1:
     """Wait until fd is ready; deadline < 0 waits forever. Return 0 on timeout."""
     cdef pollfd p
     cdef int rc, ms
@@ -84,7 +84,7 @@ cdef int _wait_fd(int fd, short events, double deadline) except -1:
 
 
 
-cdef int _send_all(int fd, const char* p, Py_ssize_t n) except -1:
+cdef inline int _send_all(int fd, const char* p, Py_ssize_t n) except -1:
     """Send every byte; small writes are tried with the GIL held, waits release it."""
     cdef ssize_t r
     while n > 0:
@@ -109,7 +109,7 @@ cdef int _send_all(int fd, const char* p, Py_ssize_t n) except -1:
     return 0
 
 
-cdef int _sendv_all(int fd, iovec* iov, Py_ssize_t cnt) except -1:
+cdef inline int _sendv_all(int fd, iovec* iov, Py_ssize_t cnt) except -1:
     """sendmsg every byte of iov[0:cnt], resuming after partial writes (iov is consumed)."""
     cdef msghdr m
     cdef ssize_t r
@@ -145,7 +145,7 @@ cdef int _sendv_all(int fd, iovec* iov, Py_ssize_t cnt) except -1:
     return 0
 
 
-cdef Py_ssize_t _recv_some(int fd, char* p, Py_ssize_t n, double deadline, bint waitall) except -1:
+cdef inline Py_ssize_t _recv_some(int fd, char* p, Py_ssize_t n, double deadline, bint waitall) except -1:
     """recv up to n bytes (MSG_WAITALL when waitall and no deadline); 0 means EOF.
 
     Without a deadline the blocking recv runs with the GIL released; with one,
