@@ -14,6 +14,7 @@ code execution. Use an ``authkey`` (or ``recv_bytes``) with untrusted peers.
 import os
 import select
 import socket
+import struct
 import time
 from multiprocessing.reduction import ForkingPickler
 
@@ -403,6 +404,33 @@ class Listener:
         return f"<fastnet.Listener {self.url}{'' if self._socket else ' closed'}>"
 
 
+def _connect_unix(addr, timeout):
+    """Connect an AF_UNIX stream socket, waiting up to ``timeout`` for a full backlog.
+
+    A non-blocking AF_UNIX connect to a listener whose backlog is full fails
+    at once with EAGAIN (there is no EINPROGRESS to wait on), so a socket
+    timeout would not wait at all; a blocking connect bounded by SO_SNDTIMEO
+    waits in the kernel until the listener accepts or the time is up.
+    """
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if timeout is None:
+            s.connect(addr)
+            return s
+        sec = int(max(timeout, 0.0))
+        usec = max(int((timeout - sec) * 1e6), 0 if sec else 1)  # 0 would mean forever
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("@ll", sec, usec))
+        try:
+            s.connect(addr)
+        except BlockingIOError:
+            raise socket.timeout("timed out") from None
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("@ll", 0, 0))
+        return s
+    except BaseException:
+        s.close()
+        raise
+
+
 def Client(address, family=None, authkey=None, *, timeout=None,
            max_message_size=DEFAULT_MAX_MESSAGE_SIZE, strict=False, digest="sha256"):
     """Connect to a Listener (fastnet's or the stdlib's) and return a Connection.
@@ -415,13 +443,7 @@ def Client(address, family=None, authkey=None, *, timeout=None,
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         if fam == socket.AF_UNIX:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.settimeout(timeout)
-                s.connect(addr)
-            except BaseException:
-                s.close()
-                raise
+            s = _connect_unix(addr, timeout)
         else:
             s = socket.create_connection(addr[:2], timeout)
     except socket.timeout:

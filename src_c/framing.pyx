@@ -592,7 +592,7 @@ cdef class Channel:
         elif d.cur >= 0:
             missing = d.cur - (d.wpos - d.rpos)
         elif d.wpos > d.rpos:
-            missing = max(4 - (d.wpos - d.rpos), 1)
+            missing = d.needed  # a partial header: 4 bytes, or 12 after an 0xffffffff prefix
         else:
             raise EOFError
         d.broken = TruncatedFrameError(missing)
