@@ -26,6 +26,26 @@ def _wait(fd, events, deadline):
     return True
 
 
+def _byte_view(buf, writable):
+    """A flat byte view of a C- or Fortran-contiguous buffer, like PyBUF_ANY_CONTIGUOUS.
+
+    memoryview.cast() only works on C-contiguous views; a Fortran-contiguous
+    numpy array's transpose is C-contiguous over the same bytes in the same order.
+    """
+    view = memoryview(buf)
+    if writable and view.readonly:
+        raise BufferError("buffer is not writable")
+    if view.nbytes == 0:  # cast() refuses zeros in the shape
+        return memoryview(bytearray())
+    if not view.c_contiguous and view.f_contiguous:
+        t = getattr(buf, "T", None)
+        if t is not None and memoryview(t).c_contiguous:
+            view = memoryview(t)
+    if not view.c_contiguous:
+        raise BufferError("buffer is not contiguous")
+    return view.cast("B")
+
+
 def send_from(buf, sock):
     """Send every byte of a contiguous buffer (bytes, bytearray, numpy array...).
 
@@ -33,10 +53,7 @@ def send_from(buf, sock):
     sent. A socket with a timeout is honoured: the whole transfer must finish
     within it.
     """
-    view = memoryview(buf)
-    if not view.contiguous:
-        raise BufferError("buffer is not contiguous")
-    view = view.cast("B")
+    view = _byte_view(buf, False)
     s, borrowed = _sock_of(sock)
     try:
         timeout = s.gettimeout()
@@ -66,12 +83,7 @@ def recv_into(buf, sock):
     the buffer is full raises EOFError if nothing arrived, else
     TruncatedFrameError saying how many bytes were missing.
     """
-    view = memoryview(buf)
-    if view.readonly:
-        raise BufferError("buffer is not writable")
-    if not view.contiguous:
-        raise BufferError("buffer is not contiguous")
-    view = view.cast("B")
+    view = _byte_view(buf, True)
     n = len(view)
     s, borrowed = _sock_of(sock)
     try:
