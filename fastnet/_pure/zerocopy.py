@@ -46,6 +46,20 @@ def _byte_view(buf, writable):
     return view.cast("B")
 
 
+def _nonblocking(s):
+    """A timeout-0 socket object over ``s``'s descriptor (detach it after use).
+
+    A socket object with a timeout waits up to its whole timeout inside every
+    send/recv call, which would overrun the transfer's deadline and raise the
+    builtin timeout; the twin's calls return at once and ``_wait`` honours the
+    deadline. A socket with a timeout is already O_NONBLOCK, so nothing changes
+    for the caller's object.
+    """
+    raw = socket.socket(s.family, s.type, s.proto, fileno=s.fileno())
+    raw.settimeout(0.0)
+    return raw
+
+
 def send_from(buf, sock):
     """Send every byte of a contiguous buffer (bytes, bytearray, numpy array...).
 
@@ -63,13 +77,17 @@ def send_from(buf, sock):
             return n
         deadline = time.monotonic() + timeout
         fd = s.fileno()
-        sent = 0
-        while sent < n:
-            try:
-                sent += s.send(view[sent:sent + _CHUNK], socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
-            except (BlockingIOError, InterruptedError):
-                if not _wait(fd, select.POLLOUT, deadline):
-                    raise FastnetTimeout(f"timed out with {n - sent} bytes left to send") from None
+        raw = _nonblocking(s)
+        try:
+            sent = 0
+            while sent < n:
+                try:
+                    sent += raw.send(view[sent:sent + _CHUNK], socket.MSG_NOSIGNAL)
+                except (BlockingIOError, InterruptedError):
+                    if not _wait(fd, select.POLLOUT, deadline):
+                        raise FastnetTimeout(f"timed out with {n - sent} bytes left to send") from None
+        finally:
+            raw.detach()
         return n
     finally:
         if borrowed:
@@ -90,25 +108,33 @@ def recv_into(buf, sock):
         timeout = s.gettimeout()
         deadline = None if timeout is None else time.monotonic() + timeout
         fd = s.fileno()
-        got = 0
-        while got < n:
-            try:
-                if deadline is None:
-                    r = s.recv_into(view[got:], n - got, socket.MSG_WAITALL)
-                else:
-                    r = s.recv_into(view[got:], n - got, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError, socket.timeout):
-                if deadline is None or not _wait(fd, select.POLLIN, deadline):
-                    if deadline is not None:
+        raw = s if deadline is None else _nonblocking(s)
+        try:
+            got = 0
+            while got < n:
+                try:
+                    if deadline is None:
+                        r = raw.recv_into(view[got:], n - got, socket.MSG_WAITALL)
+                    else:
+                        r = raw.recv_into(view[got:], n - got)
+                except (BlockingIOError, InterruptedError):
+                    if deadline is None:  # a descriptor made non-blocking behind our back
+                        p = select.poll()
+                        p.register(fd, select.POLLIN)
+                        p.poll()
+                    elif not _wait(fd, select.POLLIN, deadline):
                         raise FastnetTimeout("timed out waiting for data") from None
-                continue
-            if r == 0:
-                if got == 0:
-                    raise EOFError("connection closed")
-                raise TruncatedFrameError(
-                    n - got, f"connection closed with {n - got} of {n} bytes still to receive")
-            got += r
-        return got
+                    continue
+                if r == 0:
+                    if got == 0:
+                        raise EOFError("connection closed")
+                    raise TruncatedFrameError(
+                        n - got, f"connection closed with {n - got} of {n} bytes still to receive")
+                got += r
+            return got
+        finally:
+            if raw is not s:
+                raw.detach()
     finally:
         if borrowed:
             s.detach()
