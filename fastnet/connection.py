@@ -280,6 +280,8 @@ class Connection:
         return out
 
     def _recv_payload(self, ch, target, nbytes):
+        if _zc._np is not None and isinstance(target, _zc._np.ndarray):
+            target = _zc.byte_view(target)
         try:
             n = ch.recv_frame_into(target)
         except BufferTooShort:

@@ -41,6 +41,19 @@ def _numpy_type(dtype):
     return repr(_np.lib.format.dtype_to_descr(dtype))
 
 
+def byte_view(arr):
+    """A flat uint8 view of a C- or Fortran-contiguous numpy array's memory, never a copy.
+
+    Every dtype exports this, including datetime64/timedelta64, whose own
+    buffer export fails whenever a format is asked for (memoryview(),
+    PickleBuffer), as it always is from pure Python.
+    """
+    if not (arr.flags.c_contiguous or arr.flags.f_contiguous):
+        raise BufferError("array is not contiguous")
+    # order "A" walks a contiguous array in memory order, so this reshape is a view
+    return arr.reshape(-1, order="A").view(_np.uint8)
+
+
 def encode_array(obj):
     """Return ``(header_bytes, payload)`` for a numpy array or any buffer.
 
@@ -56,7 +69,7 @@ def encode_array(obj):
             obj = _np.ascontiguousarray(obj)
             order = b"C"
         kind, tname, shape = 0, _numpy_type(obj.dtype), obj.shape
-        payload = obj if obj.ndim else obj.reshape(1)
+        payload = byte_view(obj)
     else:
         m = memoryview(obj)
         if m.c_contiguous:
