@@ -764,7 +764,7 @@ def test_client_timeout_when_welcome_never_comes(pool):
 
 
 def test_listener_handshake_timeout_then_keeps_accepting(pool):
-    with Listener(("127.0.0.1", 0), authkey=KEY, handshake_timeout=0.3) as l:
+    with Listener(("127.0.0.1", 0), authkey=KEY, handshake_timeout=1.0) as l:
         silent = socket.create_connection(l.address, timeout=T)
         with silent:
             with pytest.raises(fastnet.TimeoutError):

@@ -409,8 +409,8 @@ def _good_client_roundtrip(l, pool):
 def test_listener_refuses_a_bad_client_closes_it_and_keeps_accepting(name, family, pool, tmp_path):
     behave, expected = BAD_CLIENTS[name]
     address = ("127.0.0.1", 0) if family == "tcp" else str(tmp_path / "hs.sock")
-    # only the silent peer needs a short handshake timeout
-    timeout = 0.3 if expected is FTimeoutError else T
+    # only the silent peer needs a short handshake timeout (long enough for the good client after it)
+    timeout = 1.0 if expected is FTimeoutError else T
     with Listener(address, authkey=KEY, handshake_timeout=timeout) as l:
         fut = pool.submit(_run_bad_client, l.address, behave)
         assert wait([l], T)
@@ -443,7 +443,7 @@ def test_client_against_a_listener_with_the_wrong_key(pool):
 
 
 def test_client_without_authkey_against_an_authenticating_listener(pool):
-    with Listener(("127.0.0.1", 0), authkey=KEY, handshake_timeout=0.3) as l:
+    with Listener(("127.0.0.1", 0), authkey=KEY, handshake_timeout=1.0) as l:
         with Client(l.address, timeout=T) as c:  # connects; never answers the challenge
             assert wait([l], T)
             with pytest.raises(FTimeoutError):
