@@ -7,7 +7,7 @@ fallback to the slow path is a trap for HPC users.
 import importlib
 import os
 
-KERNELS = ("framing", "zerocopy", "auth", "fdpass")
+KERNELS = ("framing", "zerocopy", "auth", "fdpass", "reactor")
 
 PURE = os.environ.get("FASTNET_PURE", "").strip().lower() not in ("", "0", "false", "no")
 
@@ -36,5 +36,6 @@ framing = _load("framing")
 zerocopy = _load("zerocopy")
 auth = _load("auth")
 fdpass = _load("fdpass")
+reactor = _load("reactor")
 
-__all__ = ["backend", "framing", "zerocopy", "auth", "fdpass", "KERNELS", "PURE"]
+__all__ = ["backend", "framing", "zerocopy", "auth", "fdpass", "reactor", "KERNELS", "PURE"]

@@ -1,0 +1,1109 @@
+"""Reactor: readiness dispatch, timers and framed stream transports (pure twin).
+
+The pure-Python twin of ``src_c/reactor.pyx``: the same classes, methods and
+behaviour over ``select.epoll``, ``select.poll`` and ``select.select``. See
+the compiled kernel's docstring for the design; this file mirrors it.
+"""
+import collections
+import errno as _errno
+import heapq
+import os
+import select as _select
+import socket as _socket
+import sys
+import threading
+import time as _time
+import traceback
+
+from fastnet.errors import ProtocolError, MessageTooLarge, TruncatedFrameError
+
+BACKENDS = ("epoll", "poll", "select")
+SELECT_FD_LIMIT = 1024
+COPY_THRESHOLD = 65536
+DEFAULT_HIGH_WATER = 1 << 20
+RECV_BUFSIZE = 262144
+
+_READ = 1
+_WRITE = 2
+_IOV_MAX = 1024
+_DECODER_BUFSIZE = 1024
+_DIRECT_READ = 65536
+_RETRY = (BlockingIOError, InterruptedError)
+_FrameDecoder = None
+
+
+def _decoder_class():
+    global _FrameDecoder
+    if _FrameDecoder is None:
+        from fastnet._pure.framing import FrameDecoder
+        _FrameDecoder = FrameDecoder
+    return _FrameDecoder
+
+
+def default_backend():
+    """The backend "auto" picks: epoll on Linux."""
+    return "epoll" if hasattr(_select, "epoll") else "poll"
+
+
+def _closed_error():
+    return RuntimeError("the event loop is closed")
+
+
+def _header(n):
+    if n <= 0x7fffffff:
+        return n.to_bytes(4, "big")
+    return b"\xff\xff\xff\xff" + n.to_bytes(8, "big")
+
+
+def _fd_of(obj):
+    fd = obj if isinstance(obj, int) else obj.fileno()
+    if fd < 0:
+        raise ValueError(f"invalid file descriptor {fd}")
+    return fd
+
+
+class Handle:
+    """A callback scheduled on a reactor; ``cancel()`` keeps it from running."""
+    __slots__ = ("_callback", "_args", "_cancelled")
+
+    def __init__(self, callback, args=()):
+        self._callback = callback
+        self._args = tuple(args)
+        self._cancelled = False
+
+    def cancel(self):
+        """Do not run the callback (a no-op once it ran)."""
+        if not self._cancelled:
+            self._cancelled = True
+            self._callback = None
+            self._args = None
+
+    def cancelled(self):
+        return self._cancelled
+
+    @property
+    def callback(self):
+        return self._callback
+
+    @property
+    def args(self):
+        return self._args
+
+    def __repr__(self):
+        state = " cancelled" if self._cancelled else ""
+        return f"<{type(self).__name__} {self._callback!r}{state}>"
+
+
+def _new_handle(callback, args):
+    h = Handle.__new__(Handle)
+    h._callback = callback
+    h._args = args
+    h._cancelled = False
+    return h
+
+
+class TimerHandle(Handle):
+    """A callback scheduled for a point on the reactor's monotonic clock."""
+    __slots__ = ("_when", "_seq", "_scheduled", "_loop")
+
+    def __init__(self, *a):
+        raise TypeError("TimerHandle is created by call_later/call_at")
+
+    def when(self):
+        """The monotonic time the callback is due."""
+        return self._when
+
+    def cancel(self):
+        if not self._cancelled and self._scheduled and self._loop is not None:
+            self._loop._timer_cancelled += 1
+        Handle.cancel(self)
+
+
+class _FdEntry:
+    __slots__ = ("fd", "reader", "writer", "stream", "mask", "wake")
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.reader = None
+        self.writer = None
+        self.stream = None
+        self.mask = 0
+        self.wake = False
+
+
+class _LostCall:
+    """Calls protocol.connection_lost(exc) once, then forgets the protocol."""
+    __slots__ = ("protocol", "exc")
+
+    def __init__(self, protocol, exc):
+        self.protocol = protocol
+        self.exc = exc
+
+    def __call__(self):
+        p, exc = self.protocol, self.exc
+        self.protocol = self.exc = None
+        lost = getattr(p, "connection_lost", None)
+        if lost is not None:
+            lost(exc)
+
+
+class Reactor:
+    """Readiness dispatch, timers and a ready queue on one thread.
+
+    ``Reactor(backend="auto")``; backend is "epoll", "poll" or "select".
+    Every method except ``call_soon_threadsafe`` and ``stop`` belongs to the
+    thread that runs the reactor.
+    """
+
+    def __init__(self, backend="auto"):
+        if getattr(self, "_ready_init", False):
+            raise RuntimeError("Reactor.__init__ called twice")
+        self._closed = True
+        if backend == "auto":
+            backend = default_backend()
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}: use 'auto', 'epoll', 'poll' or 'select'")
+        self.backend = backend
+        self._fds = {}
+        self._ready = collections.deque()
+        self._heap = []
+        self._timer_cancelled = 0
+        self._seq = 0
+        self._streams = set()
+        self._woken = False
+        self._stopping = False
+        self._running = False
+        self._wake_lock = threading.Lock()
+        self._rbuf = bytearray(RECV_BUFSIZE)
+        self._rview = memoryview(self._rbuf)
+        self.ctl_calls = 0
+        self.iterations = 0
+        self._epoll = self._pollobj = None
+        self._rset = set()
+        self._wset = set()
+        if backend == "epoll":
+            self._epoll = _select.epoll()
+        elif backend == "poll":
+            self._pollobj = _select.poll()
+        self._ready_init = True
+        self._closed = False
+        self._open_wake()
+
+    # -- wake-up descriptor -------------------------------------------------
+
+    def _open_wake(self):
+        self._wake_socks = None
+        if hasattr(os, "eventfd"):
+            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._wake_r = self._wake_w = fd
+            self._wake_is_eventfd = True
+        else:
+            a, b = _socket.socketpair()
+            a.setblocking(False)
+            b.setblocking(False)
+            self._wake_socks = (a, b)
+            self._wake_r, self._wake_w = a.fileno(), b.fileno()
+            self._wake_is_eventfd = False
+        e = self._entry(self._wake_r)
+        e.wake = True
+        self._update(e)
+
+    def _drain_wake(self):
+        try:
+            if self._wake_is_eventfd:
+                os.read(self._wake_r, 8)
+            else:
+                while os.read(self._wake_r, 256):
+                    pass
+        except OSError:
+            pass
+        self._woken = False
+
+    def _wakeup(self):
+        # the lock keeps close() from freeing the descriptor between the
+        # check and the write (a reused fd number would get our bytes)
+        with self._wake_lock:
+            if self._closed:
+                raise _closed_error()
+            if not self._woken:
+                self._woken = True
+                try:
+                    if self._wake_is_eventfd:
+                        os.write(self._wake_w, (1).to_bytes(8, sys.byteorder))
+                    else:
+                        os.write(self._wake_w, b"x")
+                except BlockingIOError:
+                    pass
+
+    # -- descriptor table and interest ----------------------------------------
+
+    def _entry(self, fd):
+        if self.backend == "select" and fd >= SELECT_FD_LIMIT:
+            raise ValueError(
+                f"the select backend cannot watch descriptor {fd}: select() is limited to "
+                f"descriptors below FD_SETSIZE={SELECT_FD_LIMIT}; use backend='epoll' or 'poll'")
+        e = self._fds.get(fd)
+        if e is None:
+            e = self._fds[fd] = _FdEntry(fd)
+        return e
+
+    def _update(self, e):
+        want = 0
+        s = e.stream
+        if e.wake or e.reader is not None or (s is not None and s._want_read()):
+            want |= _READ
+        if e.writer is not None or (s is not None and s._writing):
+            want |= _WRITE
+        if want != e.mask:
+            if self._epoll is not None:
+                self._ctl_epoll(e, want)
+            elif self._pollobj is not None:
+                self._ctl_poll(e, want)
+            else:
+                self._ctl_select(e, want)
+            e.mask = want
+            self.ctl_calls += 1
+        if want == 0 and e.reader is None and e.writer is None and s is None and not e.wake:
+            if self._fds.get(e.fd) is e:
+                del self._fds[e.fd]
+
+    def _ctl_epoll(self, e, want):
+        ev = (_select.EPOLLIN if want & _READ else 0) | (_select.EPOLLOUT if want & _WRITE else 0)
+        ep = self._epoll
+        if e.mask == 0:
+            try:
+                ep.register(e.fd, ev)
+            except FileExistsError:
+                ep.modify(e.fd, ev)
+        elif want == 0:
+            try:
+                ep.unregister(e.fd)
+            except (FileNotFoundError, OSError) as exc:
+                if exc.errno not in (_errno.ENOENT, _errno.EBADF):
+                    raise
+        else:
+            try:
+                ep.modify(e.fd, ev)
+            except FileNotFoundError:
+                ep.register(e.fd, ev)
+
+    def _ctl_poll(self, e, want):
+        ev = (_select.POLLIN if want & _READ else 0) | (_select.POLLOUT if want & _WRITE else 0)
+        if want == 0:
+            try:
+                self._pollobj.unregister(e.fd)
+            except KeyError:
+                pass
+        elif e.mask == 0:
+            self._pollobj.register(e.fd, ev)
+        else:
+            self._pollobj.modify(e.fd, ev)
+
+    def _ctl_select(self, e, want):
+        (self._rset.add if want & _READ else self._rset.discard)(e.fd)
+        (self._wset.add if want & _WRITE else self._wset.discard)(e.fd)
+
+    def _check_open(self):
+        if self._closed:
+            raise _closed_error()
+
+    # -- readiness API ----------------------------------------------------
+
+    def add_reader(self, fd, callback, *args):
+        """Call ``callback(*args)`` whenever fd is readable (replaces a previous reader)."""
+        f = _fd_of(fd)
+        self._check_open()
+        if not callable(callback):
+            raise TypeError("callback must be callable")
+        e = self._entry(f)
+        if e.stream is not None or e.wake:
+            raise ValueError(f"descriptor {f} is owned by a transport of this loop")
+        e.reader = _new_handle(callback, args)
+        self._update(e)
+
+    def add_writer(self, fd, callback, *args):
+        """Call ``callback(*args)`` whenever fd is writable (replaces a previous writer)."""
+        f = _fd_of(fd)
+        self._check_open()
+        if not callable(callback):
+            raise TypeError("callback must be callable")
+        e = self._entry(f)
+        if e.stream is not None or e.wake:
+            raise ValueError(f"descriptor {f} is owned by a transport of this loop")
+        e.writer = _new_handle(callback, args)
+        self._update(e)
+
+    def remove_reader(self, fd):
+        """Stop watching fd for reading; True if it was watched."""
+        if self._closed:
+            return False
+        e = self._fds.get(_fd_of(fd))
+        if e is None or e.reader is None:
+            return False
+        e.reader = None
+        self._update(e)
+        return True
+
+    def remove_writer(self, fd):
+        """Stop watching fd for writing; True if it was watched."""
+        if self._closed:
+            return False
+        e = self._fds.get(_fd_of(fd))
+        if e is None or e.writer is None:
+            return False
+        e.writer = None
+        self._update(e)
+        return True
+
+    def interest(self, fd):
+        """The events registered for fd now: a subset of {"read", "write"}."""
+        e = self._fds.get(_fd_of(fd))
+        out = set()
+        if e is not None:
+            if e.mask & _READ:
+                out.add("read")
+            if e.mask & _WRITE:
+                out.add("write")
+        return out
+
+    @property
+    def registered(self):
+        """Number of descriptors the backend watches now (the wake-up one included)."""
+        return sum(1 for e in self._fds.values() if e.mask)
+
+    # -- time and callbacks ---------------------------------------------------
+
+    def time(self):
+        """The reactor's clock: monotonic seconds (time.monotonic())."""
+        return _time.monotonic()
+
+    def call_soon(self, callback, *args):
+        """Run ``callback(*args)`` on the next iteration, in call order; returns a Handle."""
+        self._check_open()
+        if not callable(callback):
+            raise TypeError("callback must be callable")
+        h = _new_handle(callback, args)
+        self._ready.append(h)
+        return h
+
+    def call_soon_threadsafe(self, callback, *args):
+        """call_soon from any thread: queues the callback and wakes the reactor."""
+        if not callable(callback):
+            raise TypeError("callback must be callable")
+        h = _new_handle(callback, args)
+        if self._closed:
+            raise _closed_error()
+        self._ready.append(h)
+        self._wakeup()
+        return h
+
+    def call_later(self, delay, callback, *args):
+        """Run ``callback(*args)`` after delay seconds; returns a cancellable TimerHandle."""
+        return self._call_at(_time.monotonic() + float(delay), callback, args)
+
+    def call_at(self, when, callback, *args):
+        """Run ``callback(*args)`` at ``when`` on the reactor's clock (see time())."""
+        return self._call_at(float(when), callback, args)
+
+    def _call_at(self, when, callback, args):
+        self._check_open()
+        if not callable(callback):
+            raise TypeError("callback must be callable")
+        t = TimerHandle.__new__(TimerHandle)
+        t._callback = callback
+        t._args = args
+        t._cancelled = False
+        t._when = when
+        t._seq = self._seq
+        self._seq += 1
+        t._scheduled = True
+        t._loop = self
+        heapq.heappush(self._heap, (when, t._seq, t))
+        return t
+
+    def _heap_pop(self):
+        t = heapq.heappop(self._heap)[2]
+        t._scheduled = False
+        t._loop = None
+        return t
+
+    def _compact_timers(self):
+        keep = []
+        for item in self._heap:
+            t = item[2]
+            if t._cancelled:
+                t._scheduled = False
+                t._loop = None
+            else:
+                keep.append(item)
+        heapq.heapify(keep)
+        self._heap = keep
+        self._timer_cancelled = 0
+
+    @property
+    def timers(self):
+        """Number of timers scheduled and not cancelled."""
+        return len(self._heap) - self._timer_cancelled
+
+    # -- running ------------------------------------------------------------
+
+    def is_running(self):
+        return self._running
+
+    def is_closed(self):
+        return self._closed
+
+    def stop(self):
+        """Return from run_forever/run_until after the current iteration (any thread)."""
+        self._stopping = True
+        if not self._closed:
+            self._wakeup()
+
+    def _enter(self):
+        self._check_open()
+        if self._running:
+            raise RuntimeError("the event loop is already running")
+        self._running = True
+
+    def run_forever(self):
+        """Dispatch events, timers and callbacks until stop() is called."""
+        self._enter()
+        try:
+            while True:
+                self._run_once(-1.0)
+                if self._stopping:
+                    break
+        finally:
+            self._stopping = False
+            self._running = False
+
+    def run_until(self, predicate=None, timeout=None):
+        """Run until ``predicate()`` is true or ``timeout`` seconds pass.
+
+        ``run_until(5.0)`` runs for five seconds. Returns True if the
+        predicate became true (or, without one, if stop() was called) and
+        False if the timeout passed first.
+        """
+        if predicate is not None and not callable(predicate):
+            if timeout is not None:
+                raise TypeError("predicate must be callable")
+            timeout, predicate = predicate, None
+        deadline = -1.0
+        if timeout is not None:
+            deadline = _time.monotonic() + max(float(timeout), 0.0)
+        left = -1.0
+        self._enter()
+        try:
+            while True:
+                if predicate is not None and predicate():
+                    return True
+                if self._stopping:
+                    return predicate is None
+                if deadline >= 0:
+                    left = deadline - _time.monotonic()
+                    if left <= 0:
+                        return False
+                self._run_once(left)
+        finally:
+            self._stopping = False
+            self._running = False
+
+    def run_once(self, timeout=None):
+        """One iteration: wait up to timeout (None: until something happens), dispatch."""
+        self._enter()
+        try:
+            self._run_once(-1.0 if timeout is None else max(float(timeout), 0.0))
+        finally:
+            self._running = False
+
+    def _run_once(self, max_timeout):
+        self.iterations += 1
+        if self._timer_cancelled > 64 and 2 * self._timer_cancelled > len(self._heap):
+            self._compact_timers()
+        heap = self._heap
+        while heap and heap[0][2]._cancelled:
+            self._heap_pop()
+            self._timer_cancelled -= 1
+        if self._ready or self._stopping:
+            timeout = 0.0
+        elif heap:
+            timeout = max(heap[0][0] - _time.monotonic(), 0.0)
+            if 0 <= max_timeout < timeout:
+                timeout = max_timeout
+        else:
+            timeout = max_timeout
+        self._poll(timeout)
+        heap = self._heap
+        if heap:
+            now = _time.monotonic()
+            ready = self._ready
+            while heap:
+                when, _, t = heap[0]
+                if t._cancelled:
+                    self._heap_pop()
+                    self._timer_cancelled -= 1
+                elif when <= now:
+                    ready.append(self._heap_pop())
+                else:
+                    break
+        ready = self._ready
+        for _ in range(len(ready)):
+            h = ready.popleft()
+            if not h._cancelled:
+                self._run_handle(h)
+
+    def _run_handle(self, h):
+        try:
+            h._callback(*h._args)
+        except Exception as exc:
+            self._report(exc, "exception in callback", h)
+
+    def _report(self, exc, message, obj):
+        try:
+            self.call_exception_handler({"message": message, "exception": exc, "object": obj})
+        except Exception:
+            traceback.print_exc()
+
+    def call_exception_handler(self, context):
+        """Report an exception a callback raised (the loop logs; this prints)."""
+        exc = context.get("exception")
+        print(f"fastnet reactor: {context.get('message')} ({context.get('object')!r})", file=sys.stderr)
+        if exc is not None:
+            traceback.print_exception(type(exc), exc, exc.__traceback__)
+
+    # -- polling ----------------------------------------------------------------
+
+    def _poll(self, timeout):
+        if timeout > 86400.0:
+            timeout = 86400.0
+        dispatch = self._dispatch
+        if self._epoll is not None:
+            IN = _select.EPOLLIN | _select.EPOLLERR | _select.EPOLLHUP
+            OUT = _select.EPOLLOUT | _select.EPOLLERR | _select.EPOLLHUP
+            for fd, ev in self._epoll.poll(timeout if timeout >= 0 else -1, max(len(self._fds), 1)):
+                dispatch(fd, (_READ if ev & IN else 0) | (_WRITE if ev & OUT else 0))
+        elif self._pollobj is not None:
+            bad = _select.POLLERR | _select.POLLHUP | _select.POLLNVAL
+            IN = _select.POLLIN | bad
+            OUT = _select.POLLOUT | bad
+            ms = None if timeout < 0 else int(timeout * 1000 + 0.999)
+            for fd, ev in self._pollobj.poll(ms):
+                dispatch(fd, (_READ if ev & IN else 0) | (_WRITE if ev & OUT else 0))
+        else:
+            r, w, _ = _select.select(self._rset, self._wset, [], None if timeout < 0 else timeout)
+            if w:
+                ws = set(w)
+                for fd in r:
+                    dispatch(fd, _READ | (_WRITE if fd in ws else 0))
+                    ws.discard(fd)
+                for fd in ws:
+                    dispatch(fd, _WRITE)
+            else:
+                for fd in r:
+                    dispatch(fd, _READ)
+
+    def _dispatch(self, fd, m):
+        e = self._fds.get(fd)
+        if e is None:
+            return
+        s = e.stream
+        if s is not None:
+            try:
+                if m & _READ and s._want_read():
+                    s._read_ready()
+                if m & _WRITE and s._writing and not s._closed:
+                    s._write_ready()
+            except Exception as exc:
+                self._report(exc, "exception in transport", s)
+                s._finalize(exc)
+            return
+        if e.wake:
+            self._drain_wake()
+            return
+        if m & _READ:
+            h = e.reader
+            if h is not None:
+                self._run_handle(h)
+        if m & _WRITE:
+            h = e.writer
+            if h is not None:
+                self._run_handle(h)
+
+    # -- streams ------------------------------------------------------------
+
+    def add_stream(self, sock, protocol, max_message_size=None, high_water=None, low_water=None):
+        """Run a framed ``protocol`` on a connected stream socket; returns its FramedTransport.
+
+        The transport owns the socket from here on (it is made non-blocking
+        and closed with the transport). ``protocol.message_received(bytes)``
+        is called per frame; ``connection_made(transport)``,
+        ``connection_lost(exc)``, ``pause_writing()`` and ``resume_writing()``
+        are called when the protocol has them.
+        """
+        self._check_open()
+        on_message = protocol.message_received
+        sock.setblocking(False)
+        fd = _fd_of(sock)
+        e = self._entry(fd)
+        if e.reader is not None or e.writer is not None or e.stream is not None or e.wake:
+            raise ValueError(f"descriptor {fd} is already watched by this loop")
+        t = FramedTransport.__new__(FramedTransport)
+        t._init(self, e, sock, fd, protocol, on_message, max_message_size)
+        t.set_write_buffer_limits(high_water, low_water)
+        e.stream = t
+        self._streams.add(t)
+        made = getattr(protocol, "connection_made", None)
+        if made is not None:
+            try:
+                made(t)
+            except Exception as exc:
+                self._report(exc, "exception in connection_made", t)
+                t._finalize(exc)
+                return t
+        if not t._closed:
+            self._update(e)
+        return t
+
+    @property
+    def transports(self):
+        """The open transports of this reactor (a new list)."""
+        return list(self._streams)
+
+    def close(self):
+        """Abort every transport, drop callbacks and timers, release the backend."""
+        if self._running:
+            raise RuntimeError("cannot close a running event loop")
+        if self._closed:
+            return
+        for t in list(self._streams):
+            t._finalize(None)
+        for _ in range(len(self._ready)):
+            h = self._ready.popleft()
+            if not h._cancelled and isinstance(h._callback, _LostCall):
+                self._run_handle(h)
+        with self._wake_lock:
+            self._closed = True
+        self._ready.clear()
+        for item in self._heap:
+            item[2]._scheduled = False
+            item[2]._loop = None
+        self._heap = []
+        self._fds = {}
+        if self._epoll is not None:
+            self._epoll.close()
+        self._pollobj = None
+        self._rset.clear()
+        self._wset.clear()
+        if self._wake_socks is not None:
+            for s in self._wake_socks:
+                s.close()
+            self._wake_socks = None
+        elif self._wake_r >= 0:
+            os.close(self._wake_r)
+        self._wake_r = self._wake_w = -1
+
+    def __repr__(self):
+        state = "closed" if self._closed else ("running" if self._running else "idle")
+        return f"<{type(self).__name__} backend={self.backend} {state}>"
+
+
+
+
+class FramedTransport:
+    """Length-prefixed frames over a non-blocking stream socket on a Reactor.
+
+    Created by ``Reactor.add_stream``. ``send_bytes`` / ``send_many`` try the
+    send syscall at once and queue only what the kernel did not take; more
+    than the high-water mark queued pauses reading until the queue drains to
+    the low-water mark. ``close()`` sends what is queued, then closes;
+    ``abort()`` closes now. ``protocol.connection_lost(exc)`` is called once,
+    with the error (a bad frame from the peer, a socket error) or None.
+    """
+
+    def __init__(self, *a, **k):
+        raise TypeError("FramedTransport is created by Reactor.add_stream")
+
+    def _init(self, loop, entry, sock, fd, protocol, on_message, max_message_size):
+        self._loop = loop
+        self._entry = entry
+        self._sock = sock
+        self._fd = fd
+        self.protocol = protocol
+        self._on_message = on_message
+        self._max_size = -1 if max_message_size is None else max_message_size
+        self._decoder = None
+        self._dirty = False
+        self._wq = collections.deque()
+        self._wq_off = 0
+        self._wq_bytes = 0
+        self._user_paused = self._bp_paused = self._writing = False
+        self._closing = self._closed = self._eof = self._drain_scheduled = False
+        self.messages_received = self.messages_sent = 0
+        self.bytes_received = self.bytes_sent = 0
+        self.pauses = 0
+
+    def _want_read(self):
+        return not (self._user_paused or self._bp_paused or self._closing or self._eof)
+
+    # -- reading ------------------------------------------------------------
+
+    def _read_ready(self):
+        d = self._decoder
+        if d is None:
+            d = self._decoder = _decoder_class()(
+                None if self._max_size < 0 else self._max_size, _DECODER_BUFSIZE)
+        try:
+            if self._dirty and d.needed >= _DIRECT_READ:
+                region = d.get_buffer()
+                n = self._sock.recv_into(region)
+                if n:
+                    d.buffer_updated(n)
+            else:
+                view = self._loop._rview
+                n = self._sock.recv_into(view)
+                if n:
+                    try:
+                        d.feed(view[:n])
+                    except (ProtocolError, MessageTooLarge) as exc:
+                        self._finalize(exc)
+                        return
+        except _RETRY:
+            return
+        except OSError as exc:
+            self._finalize(exc)
+            return
+        if n == 0:
+            self._on_eof()
+            return
+        self.bytes_received += n
+        self._dirty = True
+        self._drain()
+
+    def _drain(self):
+        d = self._decoder
+        while self._want_read():
+            try:
+                frame = d.next_frame()
+            except (ProtocolError, MessageTooLarge) as exc:
+                self._finalize(exc)
+                return
+            if frame is None:
+                break
+            self.messages_received += 1
+            self._deliver(frame)
+        if not self._closed and d.buffered == 0 and d.needed == 0:
+            self._dirty = False
+
+    def _drain_later(self):
+        self._drain_scheduled = False
+        if self._dirty and not self._closed and self._want_read():
+            try:
+                self._drain()
+            except Exception as exc:
+                self._loop._report(exc, "exception in transport", self)
+                self._finalize(exc)
+
+    def _deliver(self, frame):
+        try:
+            self._on_message(frame)
+        except Exception as exc:
+            self._loop._report(exc, "exception in message_received", self)
+            self._finalize(exc)
+
+    def _on_eof(self):
+        self._eof = True
+        if self._dirty:
+            try:
+                self._decoder.eof()
+            except TruncatedFrameError as exc:
+                self._finalize(exc)
+                return
+        if self._wq:
+            self._closing = True
+            self._loop._update(self._entry)
+        else:
+            self._finalize(None)
+
+    # -- writing ------------------------------------------------------------
+
+    def send_bytes(self, data):
+        """Send one frame holding the bytes of ``data`` (any contiguous buffer)."""
+        if self._closing or self._closed:
+            raise ConnectionError("send on a closed transport")
+        if type(data) is not bytes:
+            data = memoryview(data)
+            if not data.contiguous:
+                raise BufferError("memoryview: underlying buffer is not contiguous")
+            data = data.cast("B") if data.ndim != 1 or data.format != "B" else data
+        n = len(data)
+        self.messages_sent += 1
+        if n <= COPY_THRESHOLD:
+            buf = _header(n) + data
+            if self._wq:
+                self._enqueue(buf, 0)
+                return
+            r = self._try_send(buf)
+            if 0 <= r < len(buf):
+                self._enqueue(buf[r:], 0)
+            return
+        hdr = _header(n)
+        r = 0
+        if not self._wq:
+            r = self._try_sendv([hdr, data])
+            if r < 0 or r == len(hdr) + n:
+                return
+        if r < len(hdr):
+            self._enqueue(hdr[r:], 0)
+            r = len(hdr)
+        if type(data) is bytes:
+            self._enqueue(data, r - len(hdr))
+        else:
+            self._enqueue(bytes(data[r - len(hdr):]), 0)
+
+    def send_many(self, buffers):
+        """Send each buffer of ``buffers`` as its own frame, in one syscall when they fit."""
+        if self._closing or self._closed:
+            raise ConnectionError("send on a closed transport")
+        items = [b if type(b) is bytes else bytes(memoryview(b).cast("B")) for b in buffers]
+        if not items:
+            return
+        self.messages_sent += len(items)
+        total = sum(len(b) + (4 if len(b) <= 0x7fffffff else 12) for b in items)
+        if total <= COPY_THRESHOLD:
+            buf = b"".join([x for b in items for x in (_header(len(b)), b)])
+            if self._wq:
+                self._enqueue(buf, 0)
+                return
+            r = self._try_send(buf)
+            if 0 <= r < len(buf):
+                self._enqueue(buf[r:], 0)
+            return
+        pieces = [x for b in items for x in (_header(len(b)), b)]
+        r = 0
+        if not self._wq:
+            r = self._try_sendv(pieces[:_IOV_MAX])
+            if r < 0:
+                return
+        i = 0
+        while i < len(pieces) and r >= len(pieces[i]):
+            r -= len(pieces[i])
+            i += 1
+        first = True
+        for p in pieces[i:]:
+            self._enqueue(p, r if first else 0)
+            first = False
+
+    def _try_send(self, buf):
+        try:
+            r = self._sock.send(buf)
+        except _RETRY:
+            return 0
+        except OSError as exc:
+            self._finalize(exc)
+            return -1
+        self.bytes_sent += r
+        return r
+
+    def _try_sendv(self, pieces):
+        try:
+            r = self._sock.sendmsg(pieces)
+        except _RETRY:
+            return 0
+        except OSError as exc:
+            self._finalize(exc)
+            return -1
+        self.bytes_sent += r
+        return r
+
+    def _enqueue(self, b, off):
+        if self._closed:
+            return
+        if not self._wq:
+            self._wq_off = off
+        self._wq.append(b)
+        self._wq_bytes += len(b) - off
+        if not self._writing:
+            self._writing = True
+            self._loop._update(self._entry)
+        if not self._bp_paused and self._wq_bytes > self._high:
+            self._bp_paused = True
+            self.pauses += 1
+            self._loop._update(self._entry)
+            pw = getattr(self.protocol, "pause_writing", None)
+            if pw is not None:
+                try:
+                    pw()
+                except Exception as exc:
+                    self._loop._report(exc, "exception in pause_writing", self)
+
+    def _write_ready(self):
+        loop = self._loop
+        wq = self._wq
+        if not wq:
+            self._writing = False
+            loop._update(self._entry)
+            return
+        pieces = []
+        off = self._wq_off
+        for i, b in enumerate(wq):
+            if i == _IOV_MAX:
+                break
+            pieces.append(memoryview(b)[off:] if off else b)
+            off = 0
+        r = self._try_sendv(pieces)
+        if r <= 0:
+            return
+        self._wq_bytes -= r
+        off = self._wq_off
+        while wq:
+            sz = len(wq[0]) - off
+            if r >= sz:
+                r -= sz
+                off = 0
+                wq.popleft()
+            else:
+                off += r
+                break
+        self._wq_off = off
+        if not wq:
+            self._writing = False
+            self._wq_off = 0
+            if self._closing:
+                self._finalize(None)
+                return
+            loop._update(self._entry)
+        if self._bp_paused and self._wq_bytes <= self._low:
+            self._bp_paused = False
+            loop._update(self._entry)
+            rw = getattr(self.protocol, "resume_writing", None)
+            if rw is not None:
+                try:
+                    rw()
+                except Exception as exc:
+                    loop._report(exc, "exception in resume_writing", self)
+            self._schedule_drain()
+
+    def _schedule_drain(self):
+        if self._dirty and not self._drain_scheduled and not self._closed:
+            self._drain_scheduled = True
+            self._loop._ready.append(_new_handle(self._drain_later, ()))
+
+    # -- control ------------------------------------------------------------
+
+    def pause_reading(self):
+        """Stop calling message_received until resume_reading()."""
+        if self._closed or self._user_paused:
+            return
+        self._user_paused = True
+        self._loop._update(self._entry)
+
+    def resume_reading(self):
+        """Undo pause_reading(); frames received meanwhile are delivered first."""
+        if self._closed or not self._user_paused:
+            return
+        self._user_paused = False
+        self._loop._update(self._entry)
+        self._schedule_drain()
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        """Queued bytes above ``high`` pause reading; at or below ``low`` it resumes."""
+        if high is None:
+            high = DEFAULT_HIGH_WATER if low is None else max(4 * low, DEFAULT_HIGH_WATER)
+        if low is None:
+            low = high // 4
+        if not 0 <= low <= high:
+            raise ValueError(f"need 0 <= low ({low}) <= high ({high})")
+        self._high = high
+        self._low = low
+
+    def get_write_buffer_limits(self):
+        return (self._low, self._high)
+
+    def get_write_buffer_size(self):
+        """Bytes queued and not yet taken by the kernel."""
+        return self._wq_bytes
+
+    @property
+    def reading_paused(self):
+        """True while reading is paused (by pause_reading or by backpressure)."""
+        return self._user_paused or self._bp_paused
+
+    @property
+    def max_message_size(self):
+        return None if self._max_size < 0 else self._max_size
+
+    @property
+    def socket(self):
+        return self._sock
+
+    @property
+    def loop(self):
+        return self._loop
+
+    @property
+    def closed(self):
+        return self._closed
+
+    def fileno(self):
+        return self._fd if not self._closed else -1
+
+    def get_extra_info(self, name, default=None):
+        """'peername', 'sockname' or 'socket', as asyncio transports."""
+        if name == "socket":
+            return self._sock
+        if self._closed:
+            return default
+        try:
+            if name == "peername":
+                return self._sock.getpeername()
+            if name == "sockname":
+                return self._sock.getsockname()
+        except OSError:
+            return default
+        return default
+
+    def is_closing(self):
+        return self._closing or self._closed
+
+    def close(self):
+        """Stop reading, send what is queued, then close."""
+        if self._closing or self._closed:
+            return
+        self._closing = True
+        if not self._wq:
+            self._finalize(None)
+        else:
+            self._loop._update(self._entry)
+
+    def abort(self):
+        """Close now, dropping queued bytes."""
+        self._finalize(None)
+
+    def _finalize(self, exc):
+        if self._closed:
+            return
+        loop = self._loop
+        self._closed = True
+        self._closing = True
+        self._writing = False
+        self._wq = collections.deque()
+        self._wq_bytes = 0
+        self._decoder = None
+        self._dirty = False
+        e = self._entry
+        if e is not None:
+            e.stream = None
+            if not loop._closed:
+                loop._update(e)
+            self._entry = None
+        loop._streams.discard(self)
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        self._on_message = None
+        loop._ready.append(_new_handle(_LostCall(self.protocol, exc), ()))
+
+    def __repr__(self):
+        state = "closed" if self._closed else ("closing" if self._closing else f"fd={self._fd}")
+        return f"<FramedTransport {state} queued={self._wq_bytes}>"
