@@ -27,6 +27,7 @@ from fastnet.connection import (
 from fastnet.zerocopy import send_from, recv_into
 from fastnet.fdpass import send_fd, recv_fd, send_fds, recv_fds
 from fastnet import auth
+from fastnet.loop import EventLoop, EventHandler
 
 __version__ = "0.1.0"
 
@@ -55,4 +56,6 @@ __all__ = [
     "send_fds",
     "recv_fds",
     "auth",
+    "EventLoop",
+    "EventHandler",
 ]

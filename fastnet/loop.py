@@ -1,0 +1,565 @@
+"""The event loop: readiness callbacks, timers, worker threads, signals, framed servers.
+
+``EventLoop(backend="auto")`` is the reactor kernel (``fastnet._kernels.reactor``:
+epoll, poll or select; a timer heap; an eventfd wake-up) plus the policy
+around it: logging of callback errors, a bounded worker pool whose results
+come back on the loop thread, signal handlers, framed servers and clients,
+and the Cookbook's ``EventHandler`` objects (recipe 11.12).
+
+Everything runs on the thread that runs the loop; from other threads use
+only ``call_soon_threadsafe`` and ``stop``. Create the loop after ``fork()``:
+a loop and its epoll descriptor must not be shared between processes.
+
+A framed protocol is any object with ``message_received(data)``; it may also
+have ``connection_made(transport)``, ``connection_lost(exc)``,
+``pause_writing()`` and ``resume_writing()`` (see :class:`Protocol`).
+"""
+import concurrent.futures
+import errno
+import logging
+import os
+import signal
+import socket
+import threading
+
+from fastnet._kernels import reactor as _reactor
+from fastnet.address import parse_address
+from fastnet.connection import DEFAULT_MAX_MESSAGE_SIZE
+from fastnet.errors import TimeoutError
+
+__all__ = ["EventLoop", "EventHandler", "Protocol", "Server", "Handle", "TimerHandle",
+           "FramedTransport", "BACKENDS", "DEFAULT_HIGH_WATER"]
+
+logger = logging.getLogger("fastnet.loop")
+
+Handle = _reactor.Handle
+TimerHandle = _reactor.TimerHandle
+FramedTransport = _reactor.FramedTransport
+BACKENDS = _reactor.BACKENDS
+#: Queued outgoing bytes above which a transport stops reading its peer.
+DEFAULT_HIGH_WATER = _reactor.DEFAULT_HIGH_WATER
+
+# Descriptor shortages at accept(): back off instead of spinning on a
+# listening socket that stays readable.
+_ACCEPT_BACKOFF = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_ACCEPT_BACKOFF_DELAY = 0.1
+_ACCEPT_BATCH = 64
+
+
+def _tune(sock):
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+def _ignore_signal(signum, frame):
+    # The C-level handler already wrote signum to the wake-up descriptor;
+    # the loop dispatches it from there.
+    pass
+
+
+class Protocol:
+    """Base class for framed-message protocols; override what you need."""
+
+    transport = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def message_received(self, data):
+        raise NotImplementedError
+
+    def connection_lost(self, exc):
+        pass
+
+    def pause_writing(self):
+        pass
+
+    def resume_writing(self):
+        pass
+
+
+class EventHandler:
+    """The Cookbook's event handler (recipe 11.12), run by ``EventLoop.add_handler``.
+
+    The loop asks ``wants_to_receive()`` / ``wants_to_send()`` when the
+    handler is added and again after each of its own ``handle_*`` calls,
+    and changes the registered interest only when an answer changes. If
+    something else changes what a handler wants, call
+    ``loop.update_handler(handler)``. ``self.loop`` is the loop it was
+    added to.
+    """
+
+    loop = None
+
+    def fileno(self):
+        """Return the associated file descriptor."""
+        raise NotImplementedError("must implement fileno()")
+
+    def wants_to_receive(self):
+        """Return True if receiving is allowed."""
+        return False
+
+    def handle_receive(self):
+        """Perform the receive operation."""
+
+    def wants_to_send(self):
+        """Return True if sending is requested."""
+        return False
+
+    def handle_send(self):
+        """Send outgoing data."""
+
+
+class Server:
+    """A listening socket on a loop that runs a framed protocol per accepted connection.
+
+    Made by :meth:`EventLoop.create_server`. ``close()`` stops accepting;
+    ``shutdown()`` also closes every connection after its queued writes.
+    """
+
+    def __init__(self, loop, sock, protocol_factory, *, max_message_size, high_water,
+                 low_water, accept_filter, unlink_path=None):
+        self.loop = loop
+        self.socket = sock
+        self.protocol_factory = protocol_factory
+        self.max_message_size = max_message_size
+        self.high_water = high_water
+        self.low_water = low_water
+        self.accept_filter = accept_filter
+        self._unlink_path = unlink_path
+        self._transports = set()
+        self._serving = False
+        self._backoff = None
+        self.accepted = 0
+        self.refused = 0
+
+    @property
+    def address(self):
+        """The address the server listens on."""
+        return self.socket.getsockname()
+
+    def is_serving(self):
+        return self._serving
+
+    @property
+    def transports(self):
+        """The open connections of this server."""
+        self._transports = {t for t in self._transports if not t.closed}
+        return set(self._transports)
+
+    def _start(self):
+        self._serving = True
+        self.loop.add_reader(self.socket.fileno(), self._on_accept)
+
+    def _resume(self):
+        self._backoff = None
+        if self._serving:
+            self.loop.add_reader(self.socket.fileno(), self._on_accept)
+
+    def _on_accept(self):
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                conn, addr = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno in _ACCEPT_BACKOFF:
+                    logger.warning("accept() failed (%s): pausing this listener for %.1f s",
+                                   exc, _ACCEPT_BACKOFF_DELAY)
+                    self.loop.remove_reader(self.socket.fileno())
+                    self._backoff = self.loop.call_later(_ACCEPT_BACKOFF_DELAY, self._resume)
+                    return
+                raise
+            if self.accept_filter is not None:
+                try:
+                    ok = self.accept_filter(conn, addr)
+                except Exception:
+                    conn.close()
+                    raise
+                if not ok:
+                    self.refused += 1
+                    conn.close()
+                    continue
+            self.accepted += 1
+            try:
+                protocol = self.protocol_factory()
+            except Exception:
+                conn.close()
+                raise
+            t = self.loop.add_stream(conn, protocol, max_message_size=self.max_message_size,
+                                     high_water=self.high_water, low_water=self.low_water)
+            if len(self._transports) > 64 and len(self._transports) > 2 * len(self.loop.transports):
+                self._transports = {x for x in self._transports if not x.closed}
+            if not t.closed:
+                self._transports.add(t)
+
+    def close(self):
+        """Stop accepting and close the listening socket (connections stay)."""
+        if not self._serving:
+            return
+        self._serving = False
+        if self._backoff is not None:
+            self._backoff.cancel()
+        if not self.loop.is_closed():
+            self.loop.remove_reader(self.socket.fileno())
+        self.socket.close()
+        if self._unlink_path:
+            try:
+                os.unlink(self._unlink_path)
+            except OSError:
+                pass
+        self.loop._servers.discard(self)
+
+    def shutdown(self):
+        """close(), then close every connection once its queued writes are sent."""
+        self.close()
+        for t in self.transports:
+            t.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        state = "serving" if self._serving else "closed"
+        return f"<fastnet.loop.Server {state} connections={len(self.transports)}>"
+
+
+class EventLoop(_reactor.Reactor):
+    """fastnet's event loop: ``EventLoop(backend="auto"|"epoll"|"poll"|"select", max_workers=None)``.
+
+    Readiness: ``add_reader(fd, cb, *args)``, ``add_writer``, ``remove_reader``,
+    ``remove_writer``. Time: ``call_soon``, ``call_later``, ``call_at``,
+    ``time()``. Running: ``run_forever()``, ``run_until(predicate or timeout)``,
+    ``stop()``, ``close()``. Threads: ``call_soon_threadsafe``,
+    ``run_in_thread``. Signals: ``add_signal_handler``. Framed streams:
+    ``create_server``, ``connect``, ``add_stream``. Cookbook handlers:
+    ``add_handler``. Callback exceptions are logged to ``fastnet.loop``.
+    """
+
+    def __init__(self, backend="auto", *, max_workers=None):
+        super().__init__(backend)
+        self._max_workers = max_workers
+        self._executor = None
+        self._executor_lock = threading.Lock()
+        self._signal_handlers = {}
+        self._old_signal_handlers = {}
+        self._sig_socks = None
+        self._old_wakeup_fd = -1
+        self._handlers = {}
+        self._servers = set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def call_exception_handler(self, context):
+        """Log an exception a callback raised (logger "fastnet.loop"); the loop goes on."""
+        exc = context.get("exception")
+        exc_info = (type(exc), exc, exc.__traceback__) if exc is not None else None
+        logger.error("%s: %r", context.get("message", "error in the event loop"),
+                     context.get("object"), exc_info=exc_info)
+
+    # -- worker threads ---------------------------------------------------------
+
+    def run_in_thread(self, func, *args, callback=None):
+        """Run ``func(*args)`` on the loop's worker pool; returns a concurrent.futures.Future.
+
+        With ``callback``, ``callback(future)`` runs on the loop thread once
+        the work is done: ``future.result()`` is the return value or raises
+        what ``func`` raised. The pool is bounded (``max_workers``); work
+        beyond it waits in the pool's queue.
+        """
+        if self.is_closed():
+            raise RuntimeError("the event loop is closed")
+        if callback is not None and not callable(callback):
+            raise TypeError("callback must be callable")
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=self._max_workers, thread_name_prefix="fastnet-worker")
+        fut = self._executor.submit(func, *args)
+        if callback is not None:
+            def deliver(f, callback=callback):
+                try:
+                    self.call_soon_threadsafe(callback, f)
+                except RuntimeError:
+                    # the loop closed before the work finished: nobody to tell
+                    pass
+            fut.add_done_callback(deliver)
+        return fut
+
+    # -- signals ------------------------------------------------------------
+
+    def add_signal_handler(self, sig, callback, *args):
+        """Run ``callback(*args)`` on the loop when signal ``sig`` arrives (main thread only).
+
+        Uses ``signal.set_wakeup_fd``: the signal handler itself only
+        writes the signal number to a socket the loop watches.
+        """
+        if self.is_closed():
+            raise RuntimeError("the event loop is closed")
+        if not callable(callback):
+            raise TypeError("callback must be callable")
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("signal handlers can only be added from the main thread")
+        sig = signal.Signals(sig)
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            raise ValueError(f"{sig.name} cannot be caught")
+        if self._sig_socks is None:
+            r, w = socket.socketpair()
+            r.setblocking(False)
+            w.setblocking(False)
+            self._old_wakeup_fd = signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+            self._sig_socks = (r, w)
+            self.add_reader(r.fileno(), self._read_signals)
+        if sig not in self._old_signal_handlers:
+            self._old_signal_handlers[sig] = signal.getsignal(sig)
+            signal.signal(sig, _ignore_signal)
+            signal.siginterrupt(sig, False)
+        self._signal_handlers[sig] = Handle(callback, args)
+
+    def remove_signal_handler(self, sig):
+        """Restore the signal's previous disposition; True if a handler was removed."""
+        sig = signal.Signals(sig)
+        if self._signal_handlers.pop(sig, None) is None:
+            return False
+        old = self._old_signal_handlers.pop(sig, signal.SIG_DFL)
+        signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        if not self._signal_handlers and self._sig_socks is not None:
+            r, w = self._sig_socks
+            self._sig_socks = None
+            signal.set_wakeup_fd(self._old_wakeup_fd)
+            self.remove_reader(r.fileno())
+            r.close()
+            w.close()
+        return True
+
+    def _read_signals(self):
+        if self._sig_socks is None:
+            return
+        try:
+            data = self._sig_socks[0].recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        for signum in data:
+            h = self._signal_handlers.get(signum)
+            if h is not None and not h.cancelled():
+                self.call_soon(h.callback, *h.args)
+
+    # -- framed streams -----------------------------------------------------
+
+    def add_stream(self, sock, protocol, max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
+                   high_water=None, low_water=None):
+        """Run a framed ``protocol`` on a connected socket; returns its transport.
+
+        The transport owns the socket. ``max_message_size`` (None: no
+        limit) refuses larger frames before allocating them and closes the
+        connection with MessageTooLarge.
+        """
+        _tune(sock)
+        return super().add_stream(sock, protocol, max_message_size, high_water, low_water)
+
+    def create_server(self, sock_or_address, protocol_factory, *, family=None, backlog=128,
+                      max_message_size=DEFAULT_MAX_MESSAGE_SIZE, high_water=None, low_water=None,
+                      accept_filter=None, reuse_address=True):
+        """Listen and run ``protocol_factory()`` for each accepted connection; returns a Server.
+
+        ``sock_or_address`` is a listening socket or any fastnet address
+        (``(host, port)``, an AF_UNIX path, ``tcp://``/``unix://`` URLs).
+        ``accept_filter(sock, addr)`` returning False refuses a connection
+        (it is closed at once and counted in ``server.refused``).
+        """
+        unlink_path = None
+        if isinstance(sock_or_address, socket.socket):
+            sock = sock_or_address
+        else:
+            fam, addr = parse_address(sock_or_address, family)
+            sock = socket.socket(fam, socket.SOCK_STREAM)
+            try:
+                if fam != socket.AF_UNIX and reuse_address:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(addr)
+                sock.listen(backlog)
+            except BaseException:
+                sock.close()
+                raise
+            if fam == socket.AF_UNIX and isinstance(addr, str) and not addr.startswith("\0"):
+                unlink_path = addr
+        sock.setblocking(False)
+        server = Server(self, sock, protocol_factory, max_message_size=max_message_size,
+                        high_water=high_water, low_water=low_water, accept_filter=accept_filter,
+                        unlink_path=unlink_path)
+        server._start()
+        self._servers.add(server)
+        return server
+
+    def connect(self, address, protocol_factory, *, family=None, timeout=None,
+                max_message_size=DEFAULT_MAX_MESSAGE_SIZE, high_water=None, low_water=None):
+        """Connect without blocking the loop; returns a Future of the transport.
+
+        The future is resolved on the loop thread (run the loop to let it
+        finish, e.g. ``loop.run_until(fut.done, 5)``). ``protocol_factory()``
+        is called once the connection is up.
+        """
+        fam, addr = parse_address(address, family)
+        fut = concurrent.futures.Future()
+        fut.set_running_or_notify_cancel()
+        sock = socket.socket(fam, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        state = {"timer": None}
+
+        def fail(exc):
+            if state["timer"] is not None:
+                state["timer"].cancel()
+            if sock.fileno() >= 0:
+                self.remove_writer(sock.fileno())
+                sock.close()
+            if not fut.done():
+                fut.set_exception(exc)
+
+        def done():
+            if state["timer"] is not None:
+                state["timer"].cancel()
+            try:
+                t = self.add_stream(sock, protocol_factory(), max_message_size, high_water, low_water)
+            except BaseException as exc:
+                sock.close()
+                fut.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            fut.set_result(t)
+
+        def writable():
+            if fut.done():
+                return
+            self.remove_writer(sock.fileno())
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                fail(ConnectionRefusedError(err, os.strerror(err)) if err == errno.ECONNREFUSED
+                     else OSError(err, os.strerror(err)))
+            else:
+                done()
+
+        def expired():
+            state["timer"] = None
+            fail(TimeoutError(f"connect to {address!r} timed out after {timeout} s"))
+
+        try:
+            err = sock.connect_ex(addr)
+        except OSError as exc:
+            sock.close()
+            fut.set_exception(exc)
+            return fut
+        if err == 0:
+            self.call_soon(done)
+        elif err == errno.EINPROGRESS or (fam != socket.AF_UNIX and err == errno.EAGAIN):
+            self.add_writer(sock.fileno(), writable)
+            if timeout is not None:
+                state["timer"] = self.call_later(timeout, expired)
+        else:
+            sock.close()
+            fut.set_exception(ConnectionRefusedError(err, os.strerror(err)) if err == errno.ECONNREFUSED
+                              else OSError(err, os.strerror(err)))
+        return fut
+
+    # -- Cookbook event handlers ------------------------------------------------
+
+    def add_handler(self, handler):
+        """Run a Cookbook-style EventHandler on this loop."""
+        if handler in self._handlers:
+            raise ValueError(f"{handler!r} is already on this loop")
+        fd = handler.fileno()
+        if not isinstance(fd, int):
+            fd = fd.fileno()
+        self._handlers[handler] = [fd, False, False]
+        try:
+            handler.loop = self
+        except AttributeError:
+            pass
+        try:
+            self._refresh_handler(handler)
+        except BaseException:
+            self._handlers.pop(handler, None)
+            raise
+
+    def remove_handler(self, handler):
+        """Stop running a handler; True if it was on this loop."""
+        rec = self._handlers.pop(handler, None)
+        if rec is None:
+            return False
+        fd, r, w = rec
+        if r:
+            self.remove_reader(fd)
+        if w:
+            self.remove_writer(fd)
+        return True
+
+    def update_handler(self, handler):
+        """Ask the handler again what it wants (after a change made from outside it)."""
+        self._refresh_handler(handler)
+
+    @property
+    def handlers(self):
+        """The EventHandlers on this loop."""
+        return list(self._handlers)
+
+    def _refresh_handler(self, h):
+        rec = self._handlers.get(h)
+        if rec is None:
+            return
+        fd = rec[0]
+        r = bool(h.wants_to_receive())
+        w = bool(h.wants_to_send())
+        if r != rec[1]:
+            if r:
+                self.add_reader(fd, self._handler_receive, h)
+            else:
+                self.remove_reader(fd)
+            rec[1] = r
+        if w != rec[2]:
+            if w:
+                self.add_writer(fd, self._handler_send, h)
+            else:
+                self.remove_writer(fd)
+            rec[2] = w
+
+    def _handler_receive(self, h):
+        try:
+            h.handle_receive()
+        finally:
+            self._refresh_handler(h)
+
+    def _handler_send(self, h):
+        try:
+            h.handle_send()
+        finally:
+            self._refresh_handler(h)
+
+    # -- closing ------------------------------------------------------------
+
+    def close(self):
+        """Stop servers, signal handlers and the worker pool; abort transports; release the loop."""
+        if self.is_running():
+            raise RuntimeError("cannot close a running event loop")
+        if self.is_closed():
+            return
+        for sig in list(self._signal_handlers):
+            self.remove_signal_handler(sig)
+        for server in list(self._servers):
+            server.close()
+        for h in list(self._handlers):
+            self.remove_handler(h)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        super().close()
