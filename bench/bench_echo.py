@@ -1,0 +1,451 @@
+#!/usr/bin/env python3
+"""Echo-server benchmark: fastnet's EventLoop against uvloop, asyncio and selectors.
+
+Each server runs in its own process and echoes 64-byte framed messages
+(multiprocessing.connection's 4-byte length prefix); every server hands whole
+messages to a Python-level handler that sends a framed reply, so they do the
+same work. One load process (uvloop if installed, else asyncio) keeps N
+connections in ping-pong. Reported per server and connection count: server CPU
+time per round trip (user+system from /proc/<pid>/stat over the measured
+window) and round trips per second, as medians over repeats, with ratios to
+uvloop (or asyncio when uvloop is missing).
+
+    python3 bench/bench_echo.py                      # the full table
+    python3 bench/bench_echo.py --conns 100 --servers fastnet,uvloop --repeats 5
+
+``run()`` and ``format_table()`` are the same thing for callers in Python.
+"""
+import argparse
+import json
+import os
+import resource
+import selectors
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+PAYLOAD = 64
+SERVERS = ("fastnet", "fastnet-pure", "uvloop", "asyncio", "selectors")
+DEFAULT_CONNS = (100, 1000)
+BIG_CONNS = 10000
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _raise_nofile(n):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, max(soft, n)) if hard != resource.RLIM_INFINITY else max(soft, n)
+    if want > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return want
+
+
+def _have(mod):
+    try:
+        __import__(mod)
+        return True
+    except ImportError:
+        return False
+
+
+# -- servers (child processes) ---------------------------------------------------
+
+def _announce(sock):
+    print(sock.getsockname()[1], flush=True)
+
+
+def _listen():
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    s.listen(4096)
+    return s
+
+
+def serve_fastnet():
+    import fastnet
+    from fastnet.loop import Protocol
+
+    class Echo(Protocol):
+        def message_received(self, data):
+            self.transport.send_bytes(data)
+
+    loop = fastnet.EventLoop("epoll")
+    sock = _listen()
+    loop.create_server(sock, Echo)
+    loop.add_signal_handler(signal.SIGTERM, loop.stop)
+    _announce(sock)
+    loop.run_forever()
+    loop.close()
+
+
+def _asyncio_echo_protocol(asyncio):
+    import struct
+    unpack_from = struct.Struct("!i").unpack_from
+    pack = struct.Struct("!i").pack
+
+    class Echo(asyncio.Protocol):
+        """Frames cut in Python: what an asyncio message server does."""
+        __slots__ = ("transport", "buf")
+
+        def connection_made(self, transport):
+            self.transport = transport
+            self.buf = b""
+
+        def data_received(self, data):
+            if self.buf:
+                data = self.buf + data
+            pos, end = 0, len(data)
+            while end - pos >= 4:
+                n = unpack_from(data, pos)[0]
+                if n < 0:
+                    self.transport.abort()
+                    return
+                if end - pos - 4 < n:
+                    break
+                self.message_received(data[pos + 4:pos + 4 + n])
+                pos += 4 + n
+            self.buf = data[pos:] if pos < end else b""
+
+        def message_received(self, msg):
+            self.transport.write(pack(len(msg)) + msg)
+
+    return Echo
+
+
+def _serve_asyncio(use_uvloop):
+    import asyncio
+    if use_uvloop:
+        import uvloop
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    Echo = _asyncio_echo_protocol(asyncio)
+    sock = _listen()
+    server = loop.run_until_complete(loop.create_server(Echo, sock=sock, backlog=4096))
+    loop.add_signal_handler(signal.SIGTERM, loop.stop)
+    _announce(sock)
+    loop.run_forever()
+    server.close()
+    loop.close()
+
+
+def serve_selectors():
+    sel = selectors.DefaultSelector()
+    lsock = _listen()
+    lsock.setblocking(False)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *a: stopping.append(1))
+    bufs = {}
+    out = {}
+
+    def accept(_):
+        while True:
+            try:
+                c, _a = lsock.accept()
+            except BlockingIOError:
+                return
+            c.setblocking(False)
+            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            bufs[c] = bytearray()
+            sel.register(c, selectors.EVENT_READ, read)
+
+    def close(c):
+        sel.unregister(c)
+        bufs.pop(c, None)
+        out.pop(c, None)
+        c.close()
+
+    def send(c, data):
+        if c in out:
+            out[c] += data
+            return
+        try:
+            k = c.send(data)
+        except BlockingIOError:
+            k = 0
+        except OSError:
+            close(c)
+            return
+        if k < len(data):
+            out[c] = bytearray(data[k:])
+            sel.modify(c, selectors.EVENT_READ | selectors.EVENT_WRITE, read)
+
+    def flush(c):
+        data = out[c]
+        try:
+            k = c.send(data)
+        except BlockingIOError:
+            return
+        except OSError:
+            close(c)
+            return
+        del data[:k]
+        if not data:
+            del out[c]
+            sel.modify(c, selectors.EVENT_READ, read)
+
+    def read(c, mask=selectors.EVENT_READ):
+        if mask & selectors.EVENT_WRITE and c in out:
+            flush(c)
+        if not mask & selectors.EVENT_READ:
+            return
+        try:
+            data = c.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            close(c)
+            return
+        if not data:
+            close(c)
+            return
+        buf = bufs[c]
+        buf += data
+        pos, end = 0, len(buf)
+        while end - pos >= 4:
+            n = int.from_bytes(buf[pos:pos + 4], "big", signed=True)
+            if end - pos - 4 < n:
+                break
+            msg = bytes(buf[pos + 4:pos + 4 + n])
+            pos += 4 + n
+            send(c, len(msg).to_bytes(4, "big") + msg)
+        del buf[:pos]
+
+    sel.register(lsock, selectors.EVENT_READ, accept)
+    _announce(lsock)
+    while not stopping:
+        for key, mask in sel.select(1.0):
+            if key.data is accept:
+                accept(mask)
+            else:
+                read(key.fileobj, mask)
+
+
+def _serve(kind):
+    _raise_nofile(BIG_CONNS + 100)
+    if kind in ("fastnet", "fastnet-pure"):
+        serve_fastnet()
+    elif kind == "uvloop":
+        _serve_asyncio(True)
+    elif kind == "asyncio":
+        _serve_asyncio(False)
+    elif kind == "selectors":
+        serve_selectors()
+    else:
+        raise SystemExit(f"unknown server {kind!r}")
+
+
+# -- load (child process) -------------------------------------------------------
+
+def _cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def _load(port, server_pid, nconns, warmup, duration):
+    """Keep nconns connections in 64-byte ping-pong; print one JSON line of results."""
+    import asyncio
+    try:
+        import uvloop
+        loop = uvloop.new_event_loop()
+        driver = "uvloop"
+    except ImportError:
+        loop = asyncio.new_event_loop()
+        driver = "asyncio"
+    asyncio.set_event_loop(loop)
+    _raise_nofile(nconns + 100)
+    msg = bytes(range(PAYLOAD))
+    frame = len(msg).to_bytes(4, "big") + msg
+    flen = len(frame)
+    count = [0]
+    errors = [0]
+
+    class Ping(asyncio.Protocol):
+        __slots__ = ("t", "buf")
+
+        def connection_made(self, t):
+            self.t = t
+            self.buf = b""
+
+        def start(self):
+            self.t.write(frame)
+
+        def data_received(self, data):
+            if self.buf:
+                data = self.buf + data
+            while len(data) >= flen:
+                if data[:flen] != frame:
+                    errors[0] += 1
+                count[0] += 1
+                data = data[flen:]
+                self.t.write(frame)
+            self.buf = data
+
+        def connection_lost(self, exc):
+            if exc is not None:
+                errors[0] += 1
+
+    async def main():
+        conns = []
+        batch = 500
+        for i in range(0, nconns, batch):
+            res = await asyncio.gather(*[loop.create_connection(Ping, "127.0.0.1", port)
+                                         for _ in range(min(batch, nconns - i))])
+            conns.extend(p for _, p in res)
+        for p in conns:
+            p.start()
+        await asyncio.sleep(warmup)
+        c0, t0, s0 = count[0], time.monotonic(), _cpu_seconds(server_pid)
+        await asyncio.sleep(duration)
+        c1, t1, s1 = count[0], time.monotonic(), _cpu_seconds(server_pid)
+        for p in conns:
+            p.t.close()
+        await asyncio.sleep(0.05)
+        return {"round_trips": c1 - c0, "seconds": t1 - t0, "server_cpu": s1 - s0,
+                "errors": errors[0], "driver": driver}
+
+    print(json.dumps(loop.run_until_complete(main())), flush=True)
+    loop.close()
+
+
+# -- orchestration -----------------------------------------------------------------
+
+def _server_env(kind):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    if kind == "fastnet-pure":
+        env["FASTNET_PURE"] = "1"
+    else:
+        env.pop("FASTNET_PURE", None)
+    return env
+
+
+def start_server(kind):
+    p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", kind],
+                         stdout=subprocess.PIPE, env=_server_env(kind), text=True)
+    line = p.stdout.readline()
+    if not line.strip().isdigit():
+        p.kill()
+        p.wait()
+        raise RuntimeError(f"server {kind} did not start")
+    return p, int(line)
+
+
+def stop_server(p):
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+def run_load(port, server_pid, nconns, warmup, duration):
+    cmd = [sys.executable, os.path.abspath(__file__), "--load", str(port), str(server_pid),
+           str(nconns), str(warmup), str(duration)]
+    out = subprocess.run(cmd, capture_output=True, text=True,
+                         timeout=60 + warmup + duration + nconns / 100)
+    if out.returncode != 0:
+        raise RuntimeError(f"load process failed: {out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def available_servers():
+    out = ["fastnet", "fastnet-pure"]
+    if _have("uvloop"):
+        out.append("uvloop")
+    out += ["asyncio", "selectors"]
+    return out
+
+
+def run(servers=None, conns=DEFAULT_CONNS, repeats=3, warmup=1.0, duration=2.0,
+        big_conns=BIG_CONNS, log=None):
+    """Measure every server at every connection count; returns a list of row dicts."""
+    servers = [s for s in (servers or available_servers())]
+    rows = []
+    for kind in servers:
+        counts = list(conns)
+        if big_conns and kind == "fastnet":
+            counts.append(big_conns)
+        proc, port = start_server(kind)
+        try:
+            for n in counts:
+                samples = []
+                for _ in range(repeats):
+                    r = run_load(port, proc.pid, n, warmup, duration)
+                    if r["errors"]:
+                        raise RuntimeError(f"{kind}: {r['errors']} bad replies or lost connections")
+                    samples.append(r)
+                us = statistics.median(s["server_cpu"] / max(s["round_trips"], 1) * 1e6 for s in samples)
+                rate = statistics.median(s["round_trips"] / s["seconds"] for s in samples)
+                row = {"server": kind, "conns": n, "cpu_us_per_rt": us, "rt_per_s": rate,
+                       "repeats": repeats, "driver": samples[0]["driver"]}
+                rows.append(row)
+                if log:
+                    log(f"{kind:13s} {n:6d} conns: {us:6.2f} us CPU/rt  {rate:9.0f} rt/s")
+        finally:
+            stop_server(proc)
+    return rows
+
+
+def format_table(rows):
+    """A text table with ratios to uvloop (asyncio when uvloop was not measured)."""
+    anchor = "uvloop" if any(r["server"] == "uvloop" for r in rows) else "asyncio"
+    base = {r["conns"]: r for r in rows if r["server"] == anchor}
+    small = {r["server"]: r["cpu_us_per_rt"] for r in rows if r["conns"] == min(x["conns"] for x in rows)}
+    lines = [f"{'server':13s} {'conns':>6s} {'CPU us/rt':>10s} {'rt/s':>10s} "
+             f"{'CPU vs ' + anchor:>15s} {'rt/s vs ' + anchor:>16s}"]
+    for r in rows:
+        b = base.get(r["conns"])
+        cpu_ratio = f"{r['cpu_us_per_rt'] / b['cpu_us_per_rt']:.2f}x" if b else "-"
+        rate_ratio = f"{r['rt_per_s'] / b['rt_per_s']:.2f}x" if b else "-"
+        if not b and r["server"] in small:
+            cpu_ratio = f"{r['cpu_us_per_rt'] / small[r['server']]:.2f}x own@{min(x['conns'] for x in rows)}"
+        lines.append(f"{r['server']:13s} {r['conns']:6d} {r['cpu_us_per_rt']:10.2f} "
+                     f"{r['rt_per_s']:10.0f} {cpu_ratio:>15s} {rate_ratio:>16s}")
+    drivers = sorted({r["driver"] for r in rows})
+    lines.append(f"load: one {'/'.join(drivers)} process, {PAYLOAD}-byte framed ping-pong; medians of "
+                 f"{rows[0]['repeats'] if rows else 0} runs")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--serve", help=argparse.SUPPRESS)
+    ap.add_argument("--load", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--servers", default=",".join(available_servers()),
+                    help="comma-separated: " + ", ".join(SERVERS))
+    ap.add_argument("--conns", default=",".join(map(str, DEFAULT_CONNS)))
+    ap.add_argument("--big-conns", type=int, default=BIG_CONNS,
+                    help="extra connection count measured for fastnet (0: skip)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--duration", type=float, default=2.0)
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON too")
+    args = ap.parse_args(argv)
+    if args.serve:
+        _serve(args.serve)
+        return
+    if args.load:
+        port, pid, n, warm, dur = args.load
+        _load(int(port), int(pid), int(n), float(warm), float(dur))
+        return
+    _raise_nofile(BIG_CONNS + 100)
+    rows = run([s for s in args.servers.split(",") if s],
+               [int(x) for x in args.conns.split(",") if x], args.repeats, args.warmup,
+               args.duration, args.big_conns, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(format_table(rows))
+    if args.json:
+        print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
