@@ -289,6 +289,29 @@ class Connection:
         if n != nbytes:
             raise ProtocolError(f"array payload of {n} bytes, header said {nbytes}")
 
+    def send_fds(self, fds, data=b""):
+        """Send open file descriptors with a message (AF_UNIX connections only).
+
+        The descriptors ride as SCM_RIGHTS on this message's own bytes; the
+        caller keeps its copies open. A stdlib peer sees an ordinary message.
+        """
+        self._sender().send_frame_fds(data, fds)
+
+    def recv_fds(self, maxfds=253):
+        """Receive a message and the descriptors sent with it: ``(data, fds)``.
+
+        The descriptors are new, close-on-exec, and the caller's to close.
+        They stay matched to their own message even when others arrived
+        first. Descriptors that came with a message received another way are
+        closed. More than ``maxfds`` closes them all and raises ProtocolError.
+        """
+        ch = self._receiver()
+        try:
+            return ch.recv_frame_fds(maxfds)
+        except (ProtocolError, MessageTooLarge):
+            self._fail()
+            raise
+
     def poll(self, timeout=0.0):
         """True if there is data to receive, waiting up to ``timeout`` seconds (None: forever)."""
         return self._receiver().poll(timeout)

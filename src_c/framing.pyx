@@ -19,7 +19,7 @@ final object or the caller's buffer.
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE, PyBUF_ANY_CONTIGUOUS
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
-from libc.string cimport memcpy, memmove
+from libc.string cimport memcpy, memmove, memset
 from libc.stdint cimport uint32_t, uint64_t, int32_t
 
 from fastnet.errors import (ProtocolError, MessageTooLarge, TruncatedFrameError,
@@ -116,6 +116,7 @@ cdef class FrameDecoder:
     cdef readonly Py_ssize_t large_threshold
     cdef readonly unsigned long long received     # bytes taken from the stream so far
     cdef readonly unsigned long long frame_start  # stream offset of the last parsed header
+    cdef readonly int frame_hdr                   # its header length, 4 or 12
     cdef object broken           # the exception that desynchronised the stream, or None
 
 
@@ -182,6 +183,7 @@ cdef class FrameDecoder:
         n32 = <int32_t>_be32(p)
         if n32 >= 0:
             n = n32
+            self.frame_hdr = 4
             self._consume(4)
         elif n32 == -1:
             if avail < 12:
@@ -193,6 +195,7 @@ cdef class FrameDecoder:
                 self.broken = MessageTooLarge(f"frame header claims {n64} bytes")
                 raise self.broken
             n = <long long>n64
+            self.frame_hdr = 12
             self._consume(12)
         else:
             self.broken = ProtocolError(f"invalid frame length {n32}")
@@ -406,6 +409,46 @@ COPY_THRESHOLD = 65536
 cdef Py_ssize_t _COPY_THRESHOLD = COPY_THRESHOLD
 
 
+cdef extern from "<sys/socket.h>" nogil:
+    struct cmsghdr:
+        size_t cmsg_len
+        int cmsg_level
+        int cmsg_type
+    ssize_t recvmsg(int fd, msghdr* msg, int flags)
+    size_t CMSG_SPACE(size_t n)
+    size_t CMSG_LEN(size_t n)
+    cmsghdr* CMSG_FIRSTHDR(msghdr* m)
+    cmsghdr* CMSG_NXTHDR(msghdr* m, cmsghdr* c)
+    unsigned char* CMSG_DATA(cmsghdr* c)
+    int _SOL_SOCKET "SOL_SOCKET"
+    int _SCM_RIGHTS "SCM_RIGHTS"
+    int _MSG_CTRUNC "MSG_CTRUNC"
+    int _MSG_CMSG_CLOEXEC "MSG_CMSG_CLOEXEC"
+    int _AF_UNIX "AF_UNIX"
+
+cdef extern from "<unistd.h>" nogil:
+    int _close_fd "close"(int fd)
+
+# Room for Linux's SCM_MAX_FD (253) descriptors in one control message.
+DEF _MAX_FDS = 253
+DEF _CTRL_SPACE = 1040
+
+
+cdef list _scm_fds(msghdr* m):
+    cdef cmsghdr* c = CMSG_FIRSTHDR(m)
+    cdef list out = []
+    cdef size_t n, i
+    cdef int* fdp
+    while c != NULL:
+        if c.cmsg_level == _SOL_SOCKET and c.cmsg_type == _SCM_RIGHTS:
+            n = (c.cmsg_len - CMSG_LEN(0)) // sizeof(int)
+            fdp = <int*>CMSG_DATA(c)
+            for i in range(n):
+                out.append(fdp[i])
+        c = CMSG_NXTHDR(m, c)
+    return out
+
+
 cdef class Channel:
     """Length-prefixed frames over a connected stream socket's descriptor.
 
@@ -417,6 +460,8 @@ cdef class Channel:
     cdef readonly FrameDecoder decoder
     cdef char* sbuf
     cdef Py_ssize_t scap
+    cdef bint is_unix             # AF_UNIX: read with recvmsg so SCM_RIGHTS is never lost
+    cdef list fd_batches         # [(start, end, fds)]: descriptors and the stream range of the read that brought them
 
     def __cinit__(self):
         self.fd = -1
@@ -428,6 +473,8 @@ cdef class Channel:
         if self.fd < 0:
             raise ValueError("socket is closed")
         self.decoder = FrameDecoder(max_size, bufsize)
+        self.is_unix = sock.family == _AF_UNIX
+        self.fd_batches = []
         self.scap = _COPY_THRESHOLD + 64
         self.sbuf = <char*>PyMem_Malloc(self.scap)
         if self.sbuf == NULL:
@@ -438,8 +485,21 @@ cdef class Channel:
             PyMem_Free(self.sbuf)
 
     def release(self):
-        """Forget the descriptor (its socket is being closed)."""
+        """Forget the descriptor (its socket is being closed); close unclaimed received descriptors."""
         self.fd = -1
+        self._close_batches(0, True)
+
+    cdef int _close_batches(self, unsigned long long before, bint every) except -1:
+        """Close descriptors whose frame has already been returned without them."""
+        cdef list keep = []
+        for batch in self.fd_batches:
+            if every or <unsigned long long>batch[1] <= before:
+                for f in batch[2]:
+                    _close_fd(f)
+            else:
+                keep.append(batch)
+        self.fd_batches = keep
+        return 0
 
     property max_size:
         """The largest frame accepted (None: unlimited)."""
@@ -563,21 +623,89 @@ cdef class Channel:
     cdef inline Py_ssize_t _read(self, char* p, Py_ssize_t n, double deadline, bint waitall) except -1:
         return _recv_some(self.fd, p, n, deadline, waitall)
 
+    cdef unsigned long long _unreturned(self) noexcept:
+        """Stream offset where the first frame not yet returned starts."""
+        cdef FrameDecoder d = self.decoder
+        if d.target is not None or d.cur >= 0:
+            return d.frame_start
+        return d.received - <unsigned long long>(d.wpos - d.rpos)
+
+    cdef Py_ssize_t _readmsg(self, char* p, Py_ssize_t n, double deadline, bint waitall) except -1:
+        """recvmsg into p, keeping any SCM_RIGHTS descriptors with the stream range they came with."""
+        cdef msghdr m
+        cdef iovec iov
+        cdef char ctrl[_CTRL_SPACE]
+        cdef ssize_t r
+        cdef int flags
+        cdef list fds
+        cdef FrameDecoder d = self.decoder
+        while True:
+            iov.iov_base = p
+            iov.iov_len = n
+            m.msg_name = NULL
+            m.msg_namelen = 0
+            m.msg_iov = &iov
+            m.msg_iovlen = 1
+            m.msg_control = ctrl
+            m.msg_controllen = _CTRL_SPACE
+            m.msg_flags = 0
+            flags = _MSG_CMSG_CLOEXEC
+            if deadline >= 0:
+                flags |= MSG_DONTWAIT
+                r = recvmsg(self.fd, &m, flags)
+            else:
+                if waitall:
+                    flags |= MSG_WAITALL
+                with nogil:
+                    r = recvmsg(self.fd, &m, flags)
+            if r >= 0:
+                break
+            if errno == EINTR:
+                PyErr_CheckSignals()
+                continue
+            if errno == EAGAIN or errno == EWOULDBLOCK:
+                if not _wait_fd(self.fd, POLLIN, deadline):
+                    raise FastnetTimeout("timed out waiting for data")
+                continue
+            PyErr_SetFromErrno(OSError)
+            return -1
+        if m.msg_controllen:
+            fds = _scm_fds(&m)
+            if m.msg_flags & _MSG_CTRUNC:
+                for f in fds:
+                    _close_fd(f)
+                d.broken = ProtocolError(
+                    f"control message truncated: the {len(fds)} descriptors that arrived were closed")
+                raise d.broken
+            if fds:
+                if self.fd_batches:
+                    self._close_batches(self._unreturned(), False)
+                self.fd_batches.append((d.received, d.received + <unsigned long long>r, fds))
+        return r
+
     cdef int _fill(self, double deadline) except -1:
         """One read into the decoder (buffer or large-frame target); EOF raises."""
         cdef FrameDecoder d = self.decoder
         cdef Py_ssize_t r, need
+        cdef char* p
         if d.target is not None:
-            r = self._read(d.tptr + d.tpos, d.cur - d.tpos, deadline, True)
-            if r > 0:
-                d.tpos += r
+            p = d.tptr + d.tpos
+            need = d.cur - d.tpos
         else:
             need = d.wpos - d.rpos + 4096
             if d.cur >= 0 and d.cur > need:
                 need = d.cur
             d._reserve(need)
-            r = self._read(d.buf + d.wpos, d.cap - d.wpos, deadline, False)
-            if r > 0:
+            p = d.buf + d.wpos
+            need = d.cap - d.wpos
+        if self.is_unix:
+            r = self._readmsg(p, need, deadline, d.target is not None)
+        else:
+            r = self._read(p, need, deadline, d.target is not None)
+        if r > 0:
+            if d.target is not None:
+                d.tpos += r
+            else:
                 d.wpos += r
         if r == 0:
             self._eof()
@@ -733,6 +861,111 @@ cdef class Channel:
             left -= r
             d.received += r
         d.cur = -1
+
+    def send_frame_fds(self, buf, fds):
+        """Send one frame whose first bytes carry ``fds`` as SCM_RIGHTS (AF_UNIX only)."""
+        cdef Py_buffer view
+        cdef list fdl = [int(f) for f in fds]
+        cdef Py_ssize_t nfds = len(fdl), i, h, sent
+        cdef char hdr[12]
+        cdef iovec iov[2]
+        cdef msghdr m
+        cdef char ctrl[_CTRL_SPACE]
+        cdef cmsghdr* c
+        cdef int* fdp
+        cdef ssize_t r
+        self._fdcheck()
+        if not self.is_unix:
+            raise ValueError("descriptors can only be passed over AF_UNIX connections")
+        if nfds < 1 or nfds > _MAX_FDS:
+            raise ValueError(f"send between 1 and {_MAX_FDS} descriptors")
+        PyObject_GetBuffer(buf, &view, PyBUF_ANY_CONTIGUOUS)
+        try:
+            h = write_header(hdr, view.len)
+            iov[0].iov_base = hdr
+            iov[0].iov_len = h
+            iov[1].iov_base = view.buf
+            iov[1].iov_len = view.len
+            memset(ctrl, 0, _CTRL_SPACE)
+            m.msg_name = NULL
+            m.msg_namelen = 0
+            m.msg_iov = iov
+            m.msg_iovlen = 2 if view.len else 1
+            m.msg_control = ctrl
+            m.msg_controllen = CMSG_SPACE(nfds * sizeof(int))
+            m.msg_flags = 0
+            c = CMSG_FIRSTHDR(&m)
+            c.cmsg_level = _SOL_SOCKET
+            c.cmsg_type = _SCM_RIGHTS
+            c.cmsg_len = CMSG_LEN(nfds * sizeof(int))
+            fdp = <int*>CMSG_DATA(c)
+            for i in range(nfds):
+                fdp[i] = fdl[i]
+            while True:
+                with nogil:
+                    r = sendmsg(self.fd, &m, MSG_NOSIGNAL)
+                if r >= 0:
+                    break
+                if errno == EINTR:
+                    PyErr_CheckSignals()
+                    continue
+                if errno == EAGAIN or errno == EWOULDBLOCK:
+                    _wait_fd(self.fd, POLLOUT, -1.0)
+                    continue
+                PyErr_SetFromErrno(OSError)
+            # the descriptors went with the first byte; the rest is plain data
+            sent = r
+            if sent < h:
+                self._send_all(hdr + sent, h - sent)
+                sent = h
+            if sent - h < view.len:
+                self._send_all(<char*>view.buf + (sent - h), view.len - (sent - h))
+        finally:
+            PyBuffer_Release(&view)
+
+    def recv_frame_fds(self, Py_ssize_t maxfds=_MAX_FDS, timeout=None):
+        """Receive one frame and the descriptors that rode on it: ``(bytes, fds)``.
+
+        Descriptors are matched to the frame they were sent with even when
+        the channel has read ahead: a read that brings descriptors ends with
+        the sender's message that carried them, so they belong to the last
+        frame starting inside that read. More than ``maxfds`` closes them
+        all and raises ProtocolError.
+        """
+        cdef FrameDecoder d = self.decoder
+        cdef double deadline = self._deadline(timeout)
+        cdef object f
+        cdef unsigned long long start, end
+        cdef list fds = []
+        cdef list keep = []
+        self._fdcheck()
+        d._check()
+        while True:
+            f = d._next(-1)
+            if f is not None:
+                break
+            self._fill(deadline)
+        start = d.frame_start
+        end = start + <unsigned long long>d.frame_hdr + <unsigned long long>len(f)
+        for batch in self.fd_batches:
+            if batch[0] <= start < batch[1] and end >= batch[1]:
+                fds.extend(batch[2])
+            elif batch[1] <= start:
+                for x in batch[2]:
+                    _close_fd(x)
+            else:
+                keep.append(batch)
+        self.fd_batches = keep
+        if len(fds) > maxfds:
+            for x in fds:
+                _close_fd(x)
+            d.broken = ProtocolError(f"{len(fds)} descriptors arrived, at most {maxfds} were expected; closed them")
+            raise d.broken
+        return f, fds
+
+    def pending_fds(self):
+        """Number of received descriptors not yet claimed."""
+        return sum(len(b[2]) for b in self.fd_batches)
 
     def has_frame(self):
         """True if a whole frame is already buffered (recv will not block)."""
