@@ -1,0 +1,980 @@
+"""Pure-Python twin of src_c/framing.pyx: multiprocessing.connection's frames.
+
+A frame is a 4-byte big-endian signed length and the payload; payloads over
+0x7fffffff use length -1 and an 8-byte big-endian unsigned length. The decoder
+checks a header against its limits before allocating anything for the
+payload, receives into one reusable bytearray (many frames per read, compacted
+only when the free tail runs out) and fills large frames into a bytearray of
+their own, returned as bytes (one copy more than the compiled kernel).
+
+FrameDecoder is sans-I/O. Channel drives it with blocking calls on a socket
+object it keeps (``release()`` drops it); the socket must be in blocking mode.
+"""
+import array
+import os
+import select
+import socket
+import struct
+import time
+from operator import index as _index
+from pickle import PickleBuffer
+
+from fastnet.errors import (ProtocolError, MessageTooLarge, TruncatedFrameError,
+                            BufferTooShort, TimeoutError as FastnetTimeout)
+
+_HUGE = 0x7fffffff
+_LLONG_MAX = 0x7fffffffffffffff
+
+HEADER_SIZE = 4
+LARGE_HEADER_SIZE = 12
+#: Frames at least this large are received straight into their own object.
+LARGE_FRAME = 65536
+DEFAULT_BUFSIZE = 262144
+
+_I32 = struct.Struct("!i")
+_U64 = struct.Struct("!Q")
+_pack_i32 = _I32.pack
+_unpack_i32 = _I32.unpack_from
+_unpack_u64 = _U64.unpack_from
+_LARGE_PREFIX = b"\xff\xff\xff\xff"
+
+
+def _ssize(x):
+    """Convert like a Py_ssize_t argument of the compiled kernel."""
+    if type(x) is not int:
+        x = _index(x)
+    if not -_LLONG_MAX - 1 <= x <= _LLONG_MAX:
+        raise OverflowError("Python int too large to convert to C ssize_t")
+    return x
+
+
+def _longlong(x):
+    """Convert like a C long long of the compiled kernel (which truncates floats)."""
+    if not isinstance(x, int):
+        conv = getattr(type(x), "__int__", None)
+        if conv is None:
+            raise TypeError("an integer is required")
+        x = conv(x)
+    if not -_LLONG_MAX - 1 <= x <= _LLONG_MAX:
+        raise OverflowError("Python int too large to convert to C long")
+    return int(x)
+
+
+def _header(n):
+    if n <= _HUGE:
+        return _pack_i32(n)
+    return _LARGE_PREFIX + _U64.pack(n)
+
+
+def encode_header(n):
+    """Return the frame header for an n-byte payload."""
+    n = _ssize(n)
+    if n < 0:
+        raise ValueError("negative payload length")
+    return _header(n)
+
+
+def _view(obj):
+    """A flat unsigned-byte view of a C- or Fortran-contiguous buffer (PyBUF_ANY_CONTIGUOUS)."""
+    v = memoryview(obj)
+    if v.ndim == 1 and v.format == "B" and v.c_contiguous:
+        return v
+    v.release()
+    # memoryview.cast() refuses Fortran order and non-native formats; raw() takes both
+    return PickleBuffer(obj).raw()
+
+
+def _wview(obj):
+    """Like _view, for a buffer that will be written to."""
+    v = memoryview(obj)
+    if v.readonly:
+        v.release()
+        raise BufferError("Object is not writable.")
+    if v.ndim == 1 and v.format == "B" and v.c_contiguous:
+        return v
+    v.release()
+    return PickleBuffer(obj).raw()
+
+
+class FrameDecoder:
+    """Incremental decoder of length-prefixed frames.
+
+    Feed bytes with :meth:`feed` (or write into :meth:`get_buffer` and call
+    :meth:`buffer_updated`), then take complete frames with :meth:`next_frame`,
+    :meth:`frames` or by iterating. ``max_size`` (None: unlimited) is checked
+    when a header arrives, before anything is allocated for the payload.
+    """
+
+    __slots__ = ("_buf", "_mv", "_cap", "_rpos", "_wpos", "_cur", "_target", "_tview",
+                 "_tpos", "_max_size", "_large_threshold", "_received", "_frame_start",
+                 "_frame_hdr", "_broken")
+
+    def __init__(self, max_size=None, bufsize=DEFAULT_BUFSIZE, large_threshold=LARGE_FRAME):
+        bufsize = _ssize(bufsize)
+        large_threshold = _ssize(large_threshold)
+        if bufsize < 64:
+            bufsize = 64
+        self._buf = bytearray(bufsize)
+        # the buffer is never resized in place (a region handed out by
+        # get_buffer may still be exported), so one view serves until replaced
+        self._mv = memoryview(self._buf)
+        self._cap = bufsize
+        self._rpos = 0
+        self._wpos = 0
+        self._cur = -1           # length of the frame whose header was consumed, -1 if none
+        self._target = None      # bytearray being filled for a large frame, or None
+        self._tview = None
+        self._tpos = 0
+        self._received = 0       # bytes taken from the stream so far
+        self._frame_start = 0    # stream offset of the last parsed header
+        self._frame_hdr = 4      # its header length, 4 or 12
+        self._broken = None      # the exception that desynchronised the stream, or None
+        self._max_size = -1 if max_size is None else _longlong(max_size)
+        if self._max_size < -1:
+            raise ValueError("max_size must be None or >= 0")
+        self._large_threshold = max(large_threshold, 16)
+
+    @property
+    def max_size(self):
+        """The largest frame accepted, -1 for unlimited."""
+        return self._max_size
+
+    @property
+    def large_threshold(self):
+        """Frames at least this long are filled into their own object."""
+        return self._large_threshold
+
+    @property
+    def received(self):
+        """Bytes taken from the stream so far."""
+        return self._received
+
+    @property
+    def frame_start(self):
+        """Stream offset of the last parsed header."""
+        return self._frame_start
+
+    @property
+    def frame_hdr(self):
+        """Header length of the last parsed frame, 4 or 12."""
+        return self._frame_hdr
+
+    # -- internals ---------------------------------------------------------
+
+    def _check(self):
+        if self._broken is not None:
+            raise self._broken
+
+    def _consume(self, n):
+        self._rpos += n
+        if self._rpos == self._wpos:
+            self._rpos = self._wpos = 0
+
+    def _parse_header(self, limit):
+        """Consume a header if one is complete: True if a frame length is known."""
+        if self._cur >= 0:
+            return True
+        rpos = self._rpos
+        avail = self._wpos - rpos
+        if avail < 4:
+            return False
+        self._frame_start = self._received - avail
+        n = _unpack_i32(self._buf, rpos)[0]
+        if n >= 0:
+            self._frame_hdr = 4
+            self._consume(4)
+        elif n == -1:
+            if avail < 12:
+                return False
+            n = _unpack_u64(self._buf, rpos + 4)[0]
+            if n > _LLONG_MAX:
+                self._broken = MessageTooLarge(f"frame header claims {n} bytes")
+                raise self._broken
+            self._frame_hdr = 12
+            self._consume(12)
+        else:
+            self._broken = ProtocolError(f"invalid frame length {n}")
+            raise self._broken
+        if self._max_size >= 0 and n > self._max_size:
+            self._broken = MessageTooLarge(
+                f"frame of {n} bytes exceeds max_message_size={self._max_size}")
+            raise self._broken
+        if limit >= 0 and n > limit:
+            self._broken = MessageTooLarge(f"bad message length: {n} bytes exceeds maxlength={limit}")
+            raise self._broken
+        self._cur = n
+        return True
+
+    def _reserve(self, need):
+        """Make room for `need` contiguous unread+free bytes from rpos."""
+        rpos = self._rpos
+        avail = self._wpos - rpos
+        if rpos > 0 and (self._cap - rpos < need or self._wpos == self._cap):
+            self._mv[0:avail] = self._mv[rpos:self._wpos]
+            self._rpos = 0
+            self._wpos = avail
+        if self._cap < need:
+            ncap = self._cap
+            while ncap < need:
+                ncap *= 2
+            nb = bytearray(ncap)
+            nb[0:avail] = self._mv[0:avail]
+            self._mv.release()
+            self._buf = nb
+            self._mv = memoryview(nb)
+            self._cap = ncap
+
+    def _switch_to_target(self):
+        """Move the buffered part of a large frame into its own bytearray."""
+        rpos = self._rpos
+        avail = self._wpos - rpos
+        try:
+            t = bytearray(self._cur)
+        except (MemoryError, OverflowError):
+            # only a header claiming more than this process can hold gets here
+            self._broken = MessageTooLarge(f"frame of {self._cur} bytes cannot be allocated")
+            raise self._broken from None
+        tv = memoryview(t)
+        tv[0:avail] = self._mv[rpos:self._wpos]
+        self._target = t
+        self._tview = tv
+        self._tpos = avail
+        self._rpos = self._wpos = 0
+
+    def _take_target(self):
+        t = self._target
+        self._tview.release()
+        self._target = self._tview = None
+        self._cur = -1
+        return bytes(t)
+
+    def _next(self, limit):
+        """Return the next complete frame or None; switch to direct fill for large frames."""
+        cur = self._cur
+        if cur > limit >= 0:
+            # the header was parsed earlier (has_frame, poll, a timed-out receive)
+            self._broken = MessageTooLarge(f"bad message length: {cur} bytes exceeds maxlength={limit}")
+            raise self._broken
+        if self._target is not None:
+            if self._tpos < cur:
+                return None
+            return self._take_target()
+        if cur < 0 and not self._parse_header(limit):
+            return None
+        n = self._cur
+        rpos = self._rpos
+        if self._wpos - rpos >= n:
+            frame = self._mv[rpos:rpos + n].tobytes()
+            self._cur = -1
+            self._consume(n)
+            return frame
+        if n >= self._large_threshold:
+            self._switch_to_target()
+        return None
+
+    def _drain(self, out):
+        """Append every complete frame to out: a fast loop over small frames, _next for the rest."""
+        append = out.append
+        while True:
+            if self._target is None and self._cur < 0:
+                buf = self._buf
+                mv = self._mv
+                rpos = start = self._rpos
+                wpos = self._wpos
+                limit = self._max_size
+                last = -1
+                while wpos - rpos >= 4:
+                    n = _unpack_i32(buf, rpos)[0]
+                    if n < 0 or n > wpos - rpos - 4 or 0 <= limit < n:
+                        break
+                    last = rpos
+                    rpos += 4 + n
+                    append(mv[last + 4:rpos].tobytes())
+                if last >= 0:
+                    self._frame_start = self._received - (wpos - last)
+                    self._frame_hdr = 4
+                if rpos != start:
+                    if rpos == wpos:
+                        self._rpos = self._wpos = 0
+                    else:
+                        self._rpos = rpos
+            f = self._next(-1)
+            if f is None:
+                return
+            append(f)
+
+    def _needed(self):
+        """Bytes missing to complete the last frame begun in the buffered data (0 if none)."""
+        if self._target is not None:
+            if self._tpos < self._cur:
+                return self._cur - self._tpos
+            n = -1
+        else:
+            n = self._cur
+        buf = self._buf
+        pos = self._rpos
+        end = self._wpos
+        while True:
+            left = end - pos
+            if n < 0:
+                if left == 0:
+                    return 0
+                if left < 4:
+                    return 4 - left
+                n = _unpack_i32(buf, pos)[0]
+                if n >= 0:
+                    pos += 4
+                elif n == -1:
+                    if left < 12:
+                        return 12 - left
+                    n = _unpack_u64(buf, pos + 4)[0]
+                    if n > _LLONG_MAX:
+                        return 0    # a bad header, reported when it is parsed
+                    pos += 12
+                else:
+                    return 0
+                left = end - pos
+            if n > left:
+                return n - left
+            pos += n
+            n = -1
+
+    # -- Python API ------------------------------------------------------
+
+    def feed(self, data):
+        """Append bytes received from the peer (any buffer-protocol object)."""
+        self._check()
+        view = _view(data)
+        total = len(view)
+        try:
+            off = 0
+            while off < total:
+                k = total - off
+                if self._target is not None:
+                    if self._tpos < self._cur:
+                        k = min(self._cur - self._tpos, k)
+                        tpos = self._tpos
+                        self._tview[tpos:tpos + k] = view[off:off + k]
+                        self._tpos = tpos + k
+                        off += k
+                        self._received += k
+                        continue
+                else:
+                    avail = self._wpos - self._rpos
+                    if self._cur < 0 and avail < 12:
+                        # stage just enough to read a header, so a large
+                        # frame goes straight to its target
+                        k = min(k, 12 - avail)
+                    elif self._cur >= self._large_threshold and avail < self._cur:
+                        self._switch_to_target()
+                        continue
+                self._reserve(self._wpos - self._rpos + k)
+                wpos = self._wpos
+                self._mv[wpos:wpos + k] = view[off:off + k]
+                self._wpos = wpos + k
+                off += k
+                self._received += k
+                if self._target is None and self._cur < 0:
+                    self._parse_header(-1)
+        finally:
+            view.release()
+
+    def get_buffer(self, sizehint=-1):
+        """Return a writable buffer to receive into; then call buffer_updated(n)."""
+        sizehint = _ssize(sizehint)
+        self._check()
+        if self._target is None:
+            self._parse_header(-1)
+            if self._cur >= self._large_threshold and self._wpos - self._rpos < self._cur:
+                self._switch_to_target()
+        if self._target is not None and self._tpos < self._cur:
+            return self._tview[self._tpos:self._cur]
+        need = self._wpos - self._rpos + max(sizehint, 4096)
+        if self._target is None and self._cur > need:
+            need = self._cur
+        self._reserve(need)
+        return self._mv[self._wpos:self._cap]
+
+    def buffer_updated(self, nbytes):
+        """Record that nbytes were written into the last get_buffer() region."""
+        nbytes = _ssize(nbytes)
+        if nbytes < 0:
+            raise ValueError("nbytes must be >= 0")
+        if self._target is not None and self._tpos < self._cur:
+            if self._tpos + nbytes > self._cur:
+                raise ValueError("buffer_updated beyond the region handed out")
+            self._tpos += nbytes
+        else:
+            if self._wpos + nbytes > self._cap:
+                raise ValueError("buffer_updated beyond the region handed out")
+            self._wpos += nbytes
+        self._received += nbytes
+
+    def next_frame(self):
+        """Return the next complete frame as bytes, or None if none is complete."""
+        self._check()
+        return self._next(-1)
+
+    def frames(self):
+        """Return every complete frame now buffered, as a list of bytes."""
+        self._check()
+        out = []
+        self._drain(out)
+        return out
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self._check()
+        f = self._next(-1)
+        if f is None:
+            raise StopIteration
+        return f
+
+    def has_frame(self):
+        """True if a complete frame is buffered."""
+        self._check()
+        if self._target is not None:
+            return self._tpos >= self._cur
+        if not self._parse_header(-1):
+            return False
+        return self._wpos - self._rpos >= self._cur
+
+    @property
+    def buffered(self):
+        """Bytes received and not yet returned as frames (headers excluded once parsed)."""
+        if self._target is not None:
+            return self._tpos + self._wpos - self._rpos
+        return self._wpos - self._rpos
+
+    @property
+    def needed(self):
+        """Bytes still missing to complete the frame in progress (0 if none is).
+
+        That is the last frame begun in the buffered bytes; for a partial
+        header, the bytes the header still lacks.
+        """
+        return self._needed()
+
+    def eof(self):
+        """Signal the end of the stream: raise TruncatedFrameError if a frame is incomplete."""
+        self._check()
+        missing = self._needed()
+        if missing > 0:
+            self._broken = TruncatedFrameError(missing)
+            raise self._broken
+
+
+#: Payloads up to this size are copied next to their header and sent in one
+#: send(); larger ones go out as a two-buffer sendmsg without a copy.
+COPY_THRESHOLD = 65536
+
+_IOV_BATCH = 512
+_POLLIN = select.POLLIN
+_POLLOUT = select.POLLOUT
+_NOSIGNAL = socket.MSG_NOSIGNAL
+_DONTWAIT = socket.MSG_DONTWAIT
+_WAITALL = socket.MSG_WAITALL
+_monotonic = time.monotonic
+
+
+# Room for Linux's SCM_MAX_FD (253) descriptors in one control message.
+_MAX_FDS = 253
+_CTRL_SPACE = socket.CMSG_SPACE(_MAX_FDS * 4)
+_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_close_fd = os.close
+
+
+def _scm_fds(anc):
+    fds = array.array("i")
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return list(fds)
+
+
+class Channel:
+    """Length-prefixed frames over a connected stream socket in blocking mode.
+
+    ``Channel(sock, max_size=None, bufsize=...)``. Every receive accepts an
+    optional ``timeout`` in seconds (None: block); a timeout raises
+    :class:`fastnet.TimeoutError` and leaves buffered bytes in place.
+    """
+
+    __slots__ = ("_sock", "_decoder", "_pollers", "_is_unix", "_fd_batches")
+
+    def __init__(self, sock, max_size=None, bufsize=262144):
+        bufsize = _ssize(bufsize)
+        if sock.fileno() < 0:
+            raise ValueError("socket is closed")
+        self._sock = sock
+        self._decoder = FrameDecoder(max_size, bufsize)
+        self._pollers = {}
+        # AF_UNIX: read with recvmsg so SCM_RIGHTS is never lost
+        self._is_unix = sock.family == socket.AF_UNIX
+        # [(start, end, fds)]: descriptors and the stream range of the read that brought them
+        self._fd_batches = []
+
+    @property
+    def decoder(self):
+        """The FrameDecoder this channel receives through."""
+        return self._decoder
+
+    def release(self):
+        """Forget the socket (it is being closed); close unclaimed received descriptors."""
+        self._sock = None
+        self._pollers = {}
+        self._close_batches(0, True)
+
+    def _close_batches(self, before, every):
+        """Close descriptors whose frame has already been returned without them."""
+        keep = []
+        for batch in self._fd_batches:
+            if every or batch[1] <= before:
+                for f in batch[2]:
+                    _close_fd(f)
+            else:
+                keep.append(batch)
+        self._fd_batches = keep
+
+    @property
+    def max_size(self):
+        """The largest frame accepted (None: unlimited)."""
+        m = self._decoder._max_size
+        return None if m < 0 else m
+
+    def _fdcheck(self):
+        sock = self._sock
+        if sock is None:
+            raise OSError(9, "handle is closed")
+        return sock
+
+    def _wait(self, events, deadline):
+        """Wait until the socket is ready; deadline < 0 waits forever. False on timeout."""
+        p = self._pollers.get(events)
+        if p is None:
+            p = self._pollers[events] = select.poll()
+            p.register(self._sock, events)
+        while True:
+            if deadline < 0:
+                ms = -1
+            else:
+                left = deadline - _monotonic()
+                if left <= 0:
+                    ms = 0
+                elif left < 2000000.0:
+                    ms = int(left * 1000.0) + 1
+                else:
+                    ms = 2000000000     # poll() takes an int; a far deadline is re-polled
+            # poll() retries EINTR itself, with the timeout recomputed
+            if p.poll(ms):
+                return True
+            if deadline >= 0 and _monotonic() >= deadline:
+                return False
+
+    @staticmethod
+    def _deadline(timeout):
+        if timeout is None:
+            return -1.0
+        if timeout < 0:
+            raise ValueError("timeout must be >= 0 or None")
+        return float(_monotonic() + timeout)
+
+    # -- sending ----------------------------------------------------------
+
+    def _sendv_all(self, parts):
+        """sendmsg every byte of parts (bytes, bytearrays, flat byte views), resuming after partial writes."""
+        sock = self._sock
+        cnt = len(parts)
+        i = 0
+        made = []
+        try:
+            while i < cnt:
+                try:
+                    r = sock.sendmsg(parts[i:i + _IOV_BATCH], (), _NOSIGNAL)
+                except BlockingIOError:
+                    self._wait(_POLLOUT, -1.0)
+                    continue
+                # sendmsg retries EINTR itself; a partial count still needs resuming
+                while i < cnt and r >= len(parts[i]):
+                    r -= len(parts[i])
+                    i += 1
+                if r:
+                    p = parts[i]
+                    v = (p if type(p) is memoryview else memoryview(p))[r:]
+                    made.append(v)
+                    parts[i] = v
+        finally:
+            for v in made:
+                v.release()
+
+    def send_frame(self, buf, offset=0, size=None):
+        """Send one frame holding buf[offset:offset+size] (any contiguous buffer)."""
+        if type(offset) is not int:
+            offset = _ssize(offset)
+        sock = self._fdcheck()
+        if type(buf) is bytes:
+            view = buf
+            ln = len(buf)
+        else:
+            view = _view(buf)
+            ln = len(view)
+        part = None
+        try:
+            if offset < 0 or offset > ln:
+                raise ValueError("offset is out of range")
+            n = ln - offset if size is None else _ssize(size)
+            if n < 0:
+                raise ValueError("size is negative")
+            if offset + n > ln:
+                raise ValueError("buffer length < offset + size")
+            if offset == 0 and n == ln:
+                part = view
+            else:
+                part = (view if type(view) is memoryview else memoryview(view))[offset:offset + n]
+            if n <= COPY_THRESHOLD:
+                if sock.gettimeout() is None:
+                    sock.sendall(_header(n) + part, _NOSIGNAL)
+                else:
+                    self._sendv_all([_header(n) + part])
+            else:
+                self._sendv_all([_header(n), part])
+        finally:
+            if type(part) is memoryview and part is not view:
+                part.release()
+            if view is not buf:
+                view.release()
+
+    def send_frames(self, buffers):
+        """Send every buffer in the iterable as its own frame, in as few syscalls as possible."""
+        bufs = list(buffers)
+        self._fdcheck()
+        if not bufs:
+            return
+        views = []
+        try:
+            # take every buffer before anything is sent, as the compiled kernel does
+            for b in bufs:
+                views.append(b if type(b) is bytes else _view(b))
+            parts = []
+            small = []
+            for v in views:
+                n = len(v)
+                small.append(_header(n))
+                if n <= COPY_THRESHOLD:
+                    small.append(v)
+                else:
+                    parts.append(b"".join(small))
+                    parts.append(v)
+                    small = []
+            if small:
+                parts.append(b"".join(small))
+            if len(parts) == 1 and self._sock.gettimeout() is None:
+                self._sock.sendall(parts[0], _NOSIGNAL)
+            else:
+                self._sendv_all(parts)
+        finally:
+            for v in views:
+                if type(v) is memoryview:
+                    v.release()
+
+    # -- receiving --------------------------------------------------------
+
+    def _read(self, view, n, deadline, waitall):
+        """recv_into up to n bytes (MSG_WAITALL when waitall and no deadline); 0 means EOF."""
+        sock = self._sock
+        while True:
+            try:
+                if deadline >= 0:
+                    return sock.recv_into(view, n, _DONTWAIT)
+                return sock.recv_into(view, n, _WAITALL if waitall else 0)
+            except BlockingIOError:
+                # a deadline, or a socket made non-blocking behind our back
+                if not self._wait(_POLLIN, deadline):
+                    raise FastnetTimeout("timed out waiting for data") from None
+
+    def _unreturned(self):
+        """Stream offset where the first frame not yet returned starts."""
+        d = self._decoder
+        if d._target is not None or d._cur >= 0:
+            return d._frame_start
+        return d._received - (d._wpos - d._rpos)
+
+    def _readmsg(self, view, n, deadline, waitall):
+        """recvmsg_into view, keeping any SCM_RIGHTS descriptors with the stream range they came with."""
+        sock = self._sock
+        while True:
+            try:
+                if deadline >= 0:
+                    flags = _CLOEXEC | _DONTWAIT
+                else:
+                    flags = _CLOEXEC | (_WAITALL if waitall else 0)
+                r, anc, mflags, _ = sock.recvmsg_into([view[:n]], _CTRL_SPACE, flags)
+                break
+            except BlockingIOError:
+                if not self._wait(_POLLIN, deadline):
+                    raise FastnetTimeout("timed out waiting for data") from None
+        if anc:
+            fds = _scm_fds(anc)
+            d = self._decoder
+            if mflags & socket.MSG_CTRUNC:
+                for f in fds:
+                    _close_fd(f)
+                d._broken = ProtocolError(
+                    f"control message truncated: the {len(fds)} descriptors that arrived were closed")
+                raise d._broken
+            if fds:
+                if self._fd_batches:
+                    self._close_batches(self._unreturned(), False)
+                self._fd_batches.append((d._received, d._received + r, fds))
+        return r
+
+    def _fill(self, deadline):
+        """One read into the decoder (buffer or large-frame target); EOF raises."""
+        d = self._decoder
+        read = self._readmsg if self._is_unix else self._read
+        if d._target is not None:
+            tpos = d._tpos
+            with d._tview[tpos:d._cur] as v:
+                r = read(v, d._cur - tpos, deadline, True)
+            d._tpos = tpos + r
+        else:
+            need = d._wpos - d._rpos + 4096
+            if d._cur > need:
+                need = d._cur
+            d._reserve(need)
+            wpos = d._wpos
+            with d._mv[wpos:d._cap] as v:
+                r = read(v, d._cap - wpos, deadline, False)
+            d._wpos = wpos + r
+        if r == 0:
+            self._eof()
+        d._received += r
+
+    def _eof(self):
+        d = self._decoder
+        if d._target is not None:
+            missing = d._cur - d._tpos
+        elif d._cur >= 0:
+            missing = d._cur - (d._wpos - d._rpos)
+        elif d._wpos > d._rpos:
+            missing = d._needed()  # a partial header: 4 bytes, or 12 after an 0xffffffff prefix
+        else:
+            raise EOFError
+        d._broken = TruncatedFrameError(missing)
+        raise d._broken
+
+    def recv_frame(self, maxlength=None, timeout=None):
+        """Receive one frame as bytes. EOFError on a clean close."""
+        limit = -1 if maxlength is None else _longlong(maxlength)
+        deadline = -1.0 if timeout is None else self._deadline(timeout)
+        self._fdcheck()
+        d = self._decoder
+        if d._broken is not None:
+            raise d._broken
+        while True:
+            f = d._next(limit)
+            if f is not None:
+                return f
+            self._fill(deadline)
+
+    def recv_frames(self, timeout=None):
+        """Receive every frame available now as a list, blocking for at least one."""
+        deadline = -1.0 if timeout is None else self._deadline(timeout)
+        self._fdcheck()
+        d = self._decoder
+        if d._broken is not None:
+            raise d._broken
+        out = []
+        while True:
+            d._drain(out)
+            if out:
+                return out
+            self._fill(deadline)
+
+    def recv_frame_into(self, buf, offset=0):
+        """Receive one frame into buf at offset and return its length.
+
+        Whatever is already buffered is copied; the rest of a large frame is
+        received straight into buf. A frame longer than the space raises
+        BufferTooShort carrying the whole frame.
+        """
+        offset = _ssize(offset)
+        self._fdcheck()
+        d = self._decoder
+        d._check()
+        if d._target is not None:
+            # a large frame was started by a timed-out recv_frame: finish it there
+            f = self.recv_frame()
+            return self._copy_out(buf, offset, f)
+        while not d._parse_header(-1):
+            self._fill(-1.0)
+        view = _wview(buf)
+        try:
+            if offset < 0 or offset > len(view):
+                raise ValueError("offset out of bounds")
+            n = d._cur
+            if n > len(view) - offset:
+                f = self.recv_frame()
+                raise BufferTooShort(f)
+            avail = d._wpos - d._rpos
+            if avail >= n or n < d._large_threshold:
+                while d._wpos - d._rpos < n:
+                    self._fill(-1.0)
+                rpos = d._rpos
+                view[offset:offset + n] = d._mv[rpos:rpos + n]
+                d._cur = -1
+                d._consume(n)
+                return n
+            view[offset:offset + avail] = d._mv[d._rpos:d._wpos]
+            d._rpos = d._wpos = 0
+            k = avail
+            try:
+                while k < n:
+                    with view[offset + k:offset + n] as v:
+                        r = self._read(v, n - k, -1.0, True)
+                    if r == 0:
+                        d._broken = TruncatedFrameError(n - k)
+                        raise d._broken
+                    k += r
+                    d._received += r
+            except BaseException:
+                if d._broken is None:
+                    d._broken = ProtocolError(
+                        f"receive interrupted mid-frame ({k} of {n} bytes): connection state lost")
+                raise
+            d._cur = -1
+            return n
+        finally:
+            view.release()
+
+    def _copy_out(self, buf, offset, f):
+        view = _wview(buf)
+        try:
+            n = len(f)
+            if offset < 0 or offset > len(view):
+                raise ValueError("offset out of bounds")
+            if n > len(view) - offset:
+                raise BufferTooShort(f)
+            view[offset:offset + n] = f
+            return n
+        finally:
+            view.release()
+
+    def discard_frame(self):
+        """Receive the next frame and drop it without allocating its size."""
+        self._fdcheck()
+        d = self._decoder
+        d._check()
+        if d._target is not None:
+            self.recv_frame()
+            return
+        while not d._parse_header(-1):
+            self._fill(-1.0)
+        left = d._cur
+        k = min(left, d._wpos - d._rpos)
+        d._consume(k)
+        left -= k
+        if left > 0:
+            tmp = memoryview(bytearray(min(left, 65536)))
+            try:
+                while left > 0:
+                    m = min(left, 65536)
+                    r = self._read(tmp[:m] if m < len(tmp) else tmp, m, -1.0, False)
+                    if r == 0:
+                        d._broken = TruncatedFrameError(left)
+                        raise d._broken
+                    left -= r
+                    d._received += r
+            except BaseException:
+                if d._broken is None:
+                    d._broken = ProtocolError(
+                        f"receive interrupted mid-frame ({d._cur - left} of {d._cur} bytes): "
+                        "connection state lost")
+                raise
+        d._cur = -1
+
+    def send_frame_fds(self, buf, fds):
+        """Send one frame whose first bytes carry ``fds`` as SCM_RIGHTS (AF_UNIX only)."""
+        sock = self._fdcheck()
+        fdl = array.array("i", [int(f) for f in fds])
+        if not self._is_unix:
+            raise ValueError("descriptors can only be passed over AF_UNIX connections")
+        if not 1 <= len(fdl) <= _MAX_FDS:
+            raise ValueError(f"send between 1 and {_MAX_FDS} descriptors")
+        view = _view(buf)
+        hdr = _header(len(view))
+        parts = [hdr, view] if len(view) else [hdr]
+        while True:
+            try:
+                r = sock.sendmsg(parts, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fdl)], _NOSIGNAL)
+                break
+            except BlockingIOError:
+                self._wait(_POLLOUT, -1.0)
+        # the descriptors went with the first byte; the rest is plain data
+        if r < len(hdr):
+            self._sendv_all([hdr[r:], view])
+        elif r - len(hdr) < len(view):
+            self._sendv_all([view[r - len(hdr):]])
+
+    def recv_frame_fds(self, maxfds=_MAX_FDS, timeout=None):
+        """Receive one frame and the descriptors that rode on it: ``(bytes, fds)``.
+
+        Descriptors are matched to the frame they were sent with even when
+        the channel has read ahead: a read that brings descriptors ends with
+        the sender's message that carried them, so they belong to the last
+        frame starting inside that read. More than ``maxfds`` closes them
+        all and raises ProtocolError.
+        """
+        deadline = -1.0 if timeout is None else self._deadline(timeout)
+        self._fdcheck()
+        d = self._decoder
+        if d._broken is not None:
+            raise d._broken
+        while True:
+            f = d._next(-1)
+            if f is not None:
+                break
+            self._fill(deadline)
+        start = d._frame_start
+        end = start + d._frame_hdr + len(f)
+        fds = []
+        keep = []
+        for batch in self._fd_batches:
+            if batch[0] <= start < batch[1] and end >= batch[1]:
+                fds.extend(batch[2])
+            elif batch[1] <= start:
+                for x in batch[2]:
+                    _close_fd(x)
+            else:
+                keep.append(batch)
+        self._fd_batches = keep
+        if len(fds) > maxfds:
+            for x in fds:
+                _close_fd(x)
+            d._broken = ProtocolError(f"{len(fds)} descriptors arrived, at most {maxfds} were expected; closed them")
+            raise d._broken
+        return f, fds
+
+    def pending_fds(self):
+        """Number of received descriptors not yet claimed."""
+        return sum(len(b[2]) for b in self._fd_batches)
+
+    def has_frame(self):
+        """True if a whole frame is already buffered (recv will not block)."""
+        return self._decoder.has_frame()
+
+    def buffered(self):
+        """Number of received bytes not yet returned."""
+        return self._decoder.buffered
+
+    def poll(self, timeout=0.0):
+        """True if a frame is buffered or the socket has data, waiting up to timeout."""
+        self._fdcheck()
+        d = self._decoder
+        if d._broken is not None:
+            return True
+        if d.buffered > 0:
+            return True
+        return self._wait(_POLLIN, self._deadline(timeout))
