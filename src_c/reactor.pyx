@@ -64,6 +64,7 @@ cdef extern from "<sys/epoll.h>" nogil:
         EPOLLERR
         EPOLLHUP
         EPOLLET
+        EPOLLRDHUP
 
 cdef extern from "<poll.h>" nogil:
     enum:
@@ -123,6 +124,7 @@ cdef extern from "<errno.h>":
 cdef enum:
     _READ = 1
     _WRITE = 2
+    _HUP = 4          # the peer shut down its side: read on until EOF
     _K_EPOLL = 0
     _K_POLL = 1
     _K_SELECT = 2
@@ -515,7 +517,7 @@ cdef class Reactor:
         if want & _WRITE:
             ev.events |= EPOLLOUT
         if e.stream is not None:
-            ev.events |= EPOLLET
+            ev.events |= EPOLLET | EPOLLRDHUP
         ev.data.u64 = 0
         ev.data.fd = e.fd
         if e.mask == 0:
@@ -834,20 +836,23 @@ cdef class Reactor:
             self._stopping = False
             self._running = False
 
-    def run_until(self, predicate=None, timeout=None):
+    def run_until(self, predicate=None, timeout=None, interval=0.05):
         """Run until ``predicate()`` is true or ``timeout`` seconds pass.
 
-        ``run_until(5.0)`` runs for five seconds. Returns True if the
-        predicate became true (or, without one, if stop() was called) and
-        False if the timeout passed first.
+        ``run_until(5.0)`` runs for five seconds. The predicate is checked
+        after every iteration and at least every ``interval`` seconds, so it
+        may watch things the loop does not (a thread, a child process).
+        Returns True if the predicate became true (or, without one, if
+        stop() was called) and False if the timeout passed first.
         """
-        cdef double deadline = -1.0, left = -1.0
+        cdef double deadline = -1.0, left = -1.0, wait, step
         if predicate is not None and not callable(predicate):
             if timeout is not None:
                 raise TypeError("predicate must be callable")
             timeout, predicate = predicate, None
         if timeout is not None:
             deadline = _now() + max(float(timeout), 0.0)
+        step = -1.0 if predicate is None or interval is None else max(float(interval), 0.0)
         self._enter()
         try:
             while True:
@@ -855,11 +860,14 @@ cdef class Reactor:
                     return True
                 if self._stopping:
                     return predicate is None
+                wait = step
                 if deadline >= 0:
                     left = deadline - _now()
                     if left <= 0:
                         return False
-                self._run_once(left)
+                    if wait < 0 or left < wait:
+                        wait = left
+                self._run_once(wait)
         finally:
             self._stopping = False
             self._running = False
@@ -972,6 +980,8 @@ cdef class Reactor:
                     m = _READ
                 if ev & (EPOLLOUT | EPOLLERR | EPOLLHUP):
                     m |= _WRITE
+                if ev & (EPOLLRDHUP | EPOLLERR | EPOLLHUP):
+                    m |= _HUP
                 self._dispatch(self._events[i].data.fd, m)
             if n == self._nevents and self._nevents < _MAX_EVENTS:
                 np = <epoll_event*>PyMem_Realloc(self._events, 2 * self._nevents * sizeof(epoll_event))
@@ -1069,7 +1079,7 @@ cdef class Reactor:
         if s is not None:
             try:
                 if m & _READ and s._want_read():
-                    s._read_ready()
+                    s._read_ready(m & _HUP)
                 if m & _WRITE and s._writing and not s._closed:
                     s._write_ready()
             except Exception as exc:
@@ -1241,34 +1251,36 @@ cdef class FramedTransport:
 
     # -- reading ------------------------------------------------------------
 
-    cdef int _read_ready(self) except -1:
+    cdef int _read_ready(self, bint hup) except -1:
         # Streams are edge-triggered on epoll (one readiness check per event
-        # in the kernel instead of two): keep reading while a recv filled
-        # the buffer, since no new edge comes for bytes already queued.
+        # in the kernel instead of two): read on while a recv filled the
+        # buffer, since no new edge comes for bytes already queued, and after
+        # the peer's FIN (hup) until recv says EOF, since the FIN's edge may
+        # have come with the data just read.
         cdef int rounds = 0, r
         while True:
             if self._dirty and self._decoder.needed >= _DIRECT_READ:
                 r = self._read_direct()
             else:
                 r = self._read_once()
-            if r != 1 or self._closed or not self._want_read():
+            if r == 2 or (r == 0 and not hup) or self._closed or not self._want_read():
                 return 0
             rounds += 1
             if rounds == 16:
                 # let other connections run; finish on the next iteration
-                self._loop._ready.append(_new_handle(self._read_later, ()))
+                self._loop._ready.append(_new_handle(self._read_later, (hup,)))
                 return 0
 
-    def _read_later(self):
+    def _read_later(self, hup):
         if not self._closed and self._want_read():
             try:
-                self._read_ready()
+                self._read_ready(hup)
             except Exception as exc:
                 self._loop._report(exc, "exception in transport", self)
                 self._finalize(exc)
 
     cdef int _read_once(self) except -1:
-        """One recv into the shared buffer: 1 if it filled the buffer, else 0."""
+        """One recv into the shared buffer: 1 if it filled the buffer, 0 if not, 2 on EAGAIN or EOF."""
         cdef Reactor loop = self._loop
         cdef ssize_t n
         cdef int err
@@ -1278,14 +1290,15 @@ cdef class FramedTransport:
             self._process(loop._rbuf, n)
             return 1 if n == loop._rbufsize else 0
         if n == 0:
-            return self._on_eof()
+            self._on_eof()
+            return 2
         err = errno
         if err == EAGAIN or err == EWOULDBLOCK:
-            return 0
+            return 2
         if err == EINTR:
             return 1
         self._finalize(OSError(err, strerror(err).decode("utf-8", "replace")))
-        return 0
+        return 2
 
     cdef int _read_direct(self) except -1:
         """Receive the rest of a large frame straight into the decoder's target."""
@@ -1308,9 +1321,10 @@ cdef class FramedTransport:
             self._drain()
             return 1 if n == want else 0
         if n == 0:
-            return self._on_eof()
+            self._on_eof()
+            return 2
         if err == EAGAIN or err == EWOULDBLOCK:
-            return 0
+            return 2
         if err == EINTR:
             return 1
         self._finalize(OSError(err, strerror(err).decode("utf-8", "replace")))

@@ -477,12 +477,14 @@ class Reactor:
             self._stopping = False
             self._running = False
 
-    def run_until(self, predicate=None, timeout=None):
+    def run_until(self, predicate=None, timeout=None, interval=0.05):
         """Run until ``predicate()`` is true or ``timeout`` seconds pass.
 
-        ``run_until(5.0)`` runs for five seconds. Returns True if the
-        predicate became true (or, without one, if stop() was called) and
-        False if the timeout passed first.
+        ``run_until(5.0)`` runs for five seconds. The predicate is checked
+        after every iteration and at least every ``interval`` seconds, so it
+        may watch things the loop does not (a thread, a child process).
+        Returns True if the predicate became true (or, without one, if
+        stop() was called) and False if the timeout passed first.
         """
         if predicate is not None and not callable(predicate):
             if timeout is not None:
@@ -491,7 +493,7 @@ class Reactor:
         deadline = -1.0
         if timeout is not None:
             deadline = _time.monotonic() + max(float(timeout), 0.0)
-        left = -1.0
+        step = -1.0 if predicate is None or interval is None else max(float(interval), 0.0)
         self._enter()
         try:
             while True:
@@ -499,11 +501,14 @@ class Reactor:
                     return True
                 if self._stopping:
                     return predicate is None
+                wait = step
                 if deadline >= 0:
                     left = deadline - _time.monotonic()
                     if left <= 0:
                         return False
-                self._run_once(left)
+                    if wait < 0 or left < wait:
+                        wait = left
+                self._run_once(wait)
         finally:
             self._stopping = False
             self._running = False
