@@ -28,6 +28,17 @@ from fastnet.zerocopy import send_from, recv_into
 from fastnet.fdpass import send_fd, recv_fd, send_fds, recv_fds
 from fastnet import auth
 from fastnet.loop import EventLoop, EventHandler
+from fastnet import server
+from fastnet.server import (
+    TCPServer,
+    UDPServer,
+    UnixServer,
+    UnixDatagramServer,
+    BaseRequestHandler,
+    StreamRequestHandler,
+    DatagramRequestHandler,
+    MessageHandler,
+)
 
 __version__ = "0.1.0"
 
@@ -58,4 +69,13 @@ __all__ = [
     "auth",
     "EventLoop",
     "EventHandler",
+    "server",
+    "TCPServer",
+    "UDPServer",
+    "UnixServer",
+    "UnixDatagramServer",
+    "BaseRequestHandler",
+    "StreamRequestHandler",
+    "DatagramRequestHandler",
+    "MessageHandler",
 ]

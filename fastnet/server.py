@@ -1,0 +1,1698 @@
+"""Servers: socketserver's TCP, UDP and AF_UNIX servers on fastnet's event loop.
+
+A socketserver program ports by changing its import::
+
+    from fastnet.server import TCPServer, StreamRequestHandler
+
+    class EchoHandler(StreamRequestHandler):
+        def handle(self):
+            for line in self.rfile:
+                self.wfile.write(line)
+
+    TCPServer(("", 20000), EchoHandler).serve_forever()
+
+Handlers come in two styles:
+
+* socketserver's: ``handle()`` with ``self.request`` (the client socket, or
+  ``(data, socket)`` for a datagram), ``self.client_address`` and
+  ``self.server``; :class:`StreamRequestHandler` adds ``rfile``/``wfile`` and
+  :class:`DatagramRequestHandler` does the same for one datagram. These
+  handlers block. The stdlib's own handler classes work unchanged.
+* framed: a :class:`MessageHandler` gets whole messages in
+  ``message_received(data)`` and answers with ``reply(data)``. The frames are
+  multiprocessing's, so ``fastnet.Client`` and
+  ``multiprocessing.connection.Client`` are its clients.
+
+``concurrency`` says where handlers run:
+
+``"loop"`` (the default)
+    On the server's event loop. A MessageHandler must not block there. A
+    blocking stream handler serves one connection at a time, exactly as
+    socketserver's plain ``TCPServer``; a datagram handler runs per datagram.
+``"thread"``
+    On a pool of ``workers`` threads (default 16), not a thread per client:
+    connections beyond the pool wait for a free thread. A MessageHandler's
+    messages are handled one at a time per connection, in order.
+``"fork"``
+    One child process per connection (per datagram for UDP), at most
+    ``workers`` at a time (default 40); children are reaped as they exit.
+``"prefork"`` (stream servers)
+    ``workers`` processes (default: the CPU count) forked when serving
+    starts. The server process accepts, checks and authenticates each
+    connection, then passes its socket to the worker with the fewest
+    connections in flight (SCM_RIGHTS, the Cookbook's recipe 11.11).
+    Workers report every finished connection back; a worker that dies is
+    replaced and its connections written off. A worker runs MessageHandlers
+    on its own event loop and blocking handlers on ``worker_threads``
+    threads (default 8).
+
+Limits, all keyword arguments (defaults below): ``max_connections``
+(connections open at once, handshakes included; beyond it new connections
+wait in the listen backlog, or with ``overflow="refuse"`` are closed at
+once), ``max_message_size`` (framed handlers; a larger frame closes that
+connection), ``idle_timeout`` (a connection with no traffic for this long is
+closed; for blocking handlers it is the socket timeout) and
+``handshake_timeout`` (with an ``authkey``: the mutual authkey handshake of
+multiprocessing runs on the loop, so a silent client never delays another).
+``allow=["127.0.0.0/8", "::1/128"]`` refuses, at accept, every peer outside
+the listed networks; refused peers are closed at once and counted.
+
+``serve_forever()`` serves on the calling thread (in the main thread it
+turns SIGINT and SIGTERM into a graceful shutdown), ``start()`` on a
+background thread. ``shutdown()`` is graceful: stop accepting, let
+connections finish what they were given and send what is queued, close,
+then join threads and processes; whatever is left after ``timeout``
+seconds is closed or killed. ``stats()`` returns simple counters.
+
+``fork`` and ``prefork`` use ``os.fork()`` from the serving thread; children
+leave with ``os._exit`` and never touch the parent's event loop.
+"""
+import collections
+import errno
+import ipaddress
+import logging
+import os
+import pickle
+import queue
+import signal
+import socket
+import socketserver
+import struct
+import threading
+
+from fastnet._kernels import auth as _auth
+from fastnet.address import parse_address
+from fastnet.connection import DEFAULT_HANDSHAKE_TIMEOUT
+from fastnet.errors import AuthenticationError, ProtocolError, TimeoutError
+from fastnet.fdpass import recv_fds, send_fds
+from fastnet.loop import EventLoop
+
+__all__ = [
+    "BaseServer", "TCPServer", "UDPServer", "UnixServer", "UnixStreamServer", "UnixDatagramServer",
+    "ThreadingMixIn", "ForkingMixIn", "PreforkMixIn",
+    "ThreadingTCPServer", "ForkingTCPServer", "PreforkTCPServer",
+    "ThreadingUDPServer", "ForkingUDPServer",
+    "ThreadingUnixStreamServer", "ThreadingUnixDatagramServer",
+    "BaseRequestHandler", "StreamRequestHandler", "DatagramRequestHandler", "MessageHandler",
+    "CONCURRENCY", "DEFAULT_MAX_CONNECTIONS", "DEFAULT_MAX_MESSAGE_SIZE", "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_HANDSHAKE_TIMEOUT", "DEFAULT_SHUTDOWN_TIMEOUT",
+]
+
+logger = logging.getLogger("fastnet.server")
+
+CONCURRENCY = ("loop", "thread", "fork", "prefork")
+#: Connections open at once (handshakes included); more wait in the backlog.
+DEFAULT_MAX_CONNECTIONS = 1000
+#: Largest frame a MessageHandler accepts (64 MiB). Lower than a Connection's
+#: 1 GiB because a server multiplies it by its connections.
+DEFAULT_MAX_MESSAGE_SIZE = 64 << 20
+#: Seconds without traffic after which a connection is closed.
+DEFAULT_IDLE_TIMEOUT = 300.0
+#: Seconds shutdown() gives connections and workers to finish.
+DEFAULT_SHUTDOWN_TIMEOUT = 10.0
+_DEFAULT_WORKERS = {"thread": 16, "fork": 40}
+DEFAULT_WORKER_THREADS = 8
+
+_ACCEPT_BATCH = 64
+_ACCEPT_BACKOFF = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_ACCEPT_BACKOFF_DELAY = 0.1
+# A threaded MessageHandler connection stops reading when this many of its
+# messages wait for a thread, so a fast sender cannot fill memory.
+_QUEUE_PAUSE = 64
+_WORK_BATCH = 16
+# worker -> acceptor: one finished connection and its counters
+_REPORT = struct.Struct("!c4Q")
+_REPORT_TIMEOUT = 5.0
+_REAP_POLL = 0.05
+
+_local = threading.local()
+
+
+def _frame(payload):
+    return len(payload).to_bytes(4, "big") + payload
+
+
+def _quiet_close(sock):
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+def _shut(sock, how):
+    try:
+        sock.shutdown(how)
+    except OSError:
+        pass
+
+
+# -- handlers -------------------------------------------------------------------
+
+
+class BaseRequestHandler(socketserver.BaseRequestHandler):
+    """socketserver's handler: ``setup()``, ``handle()``, ``finish()`` on one request.
+
+    ``self.request`` is the connected socket (stream servers) or
+    ``(data, server_socket)`` (datagram servers).
+    """
+
+
+class StreamRequestHandler(BaseRequestHandler, socketserver.StreamRequestHandler):
+    """A stream handler with ``rfile``/``wfile``; ``timeout=None`` keeps the server's idle_timeout."""
+
+
+class DatagramRequestHandler(BaseRequestHandler, socketserver.DatagramRequestHandler):
+    """A datagram handler: ``rfile`` holds the datagram, ``wfile`` is sent back by ``finish()``."""
+
+    def finish(self):
+        data = self.wfile.getvalue()
+        super().finish()
+        count = getattr(self.server, "_count_out", None)
+        if count is not None:
+            count(len(data))
+
+
+class MessageHandler:
+    """A framed-message handler, one instance per connection.
+
+    ``message_received(data)`` is called with each whole message (bytes);
+    ``reply(data)`` sends one message back (any bytes-like object) and
+    ``close()`` closes the connection once the replies are sent. ``setup()``
+    runs when the connection is ready (after the handshake), ``finish()``
+    when it is gone. ``self.server``, ``self.client_address`` and, on the
+    server's loop (concurrency "loop" and "prefork"), ``self.transport`` are
+    set. Override ``setup`` rather than ``__init__``.
+    """
+
+    transport = None
+
+    def __init__(self, server, client_address):
+        self.server = server
+        self.client_address = client_address
+        self._send = None
+        self._close = None
+
+    def setup(self):
+        """Called once the connection is ready."""
+
+    def message_received(self, data):
+        """Handle one message."""
+        raise NotImplementedError("MessageHandler subclasses implement message_received(data)")
+
+    def finish(self):
+        """Called once the connection is closed."""
+
+    def reply(self, data):
+        """Send one message to the peer."""
+        self._send(data)
+
+    def close(self):
+        """Close the connection after the replies already sent."""
+        self._close()
+
+
+# -- a bounded thread pool whose completions come back on the loop ---------------
+
+
+class _Pool:
+    def __init__(self, loop, size, name):
+        self.loop = loop
+        self.size = size
+        self.name = name
+        self.q = queue.SimpleQueue()
+        self.threads = []
+
+    def submit(self, fn, args, done):
+        """Run ``fn(*args)`` on a pool thread, then ``done(exc_or_None)`` on the loop."""
+        if len(self.threads) < self.size:
+            t = threading.Thread(target=self._run, name=f"{self.name}-{len(self.threads)}", daemon=True)
+            self.threads.append(t)
+            t.start()
+        self.q.put((fn, args, done))
+
+    def _run(self):
+        _local.in_handler = True
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            fn, args, done = item
+            exc = None
+            try:
+                fn(*args)
+            except Exception as e:
+                exc = e
+            try:
+                self.loop.call_soon_threadsafe(done, exc)
+            except RuntimeError:
+                pass   # the loop closed: a forced shutdown, nobody to tell
+            del item, fn, args, done, exc
+
+    def stop(self, timeout):
+        for _ in self.threads:
+            self.q.put(None)
+        deadline = _monotonic() + timeout
+        for t in self.threads:
+            t.join(max(0.0, deadline - _monotonic()))
+
+
+def _monotonic():
+    import time
+    return time.monotonic()
+
+
+# -- connections on one loop ---------------------------------------------------
+
+
+_SETUP = object()
+_LOST = object()
+
+
+class _Blocking:
+    """A socket a blocking handler works on."""
+    __slots__ = ("sock", "addr")
+
+    def __init__(self, sock, addr):
+        self.sock = sock
+        self.addr = addr
+
+    def shutdown(self):
+        # the handler's next read sees end of file; what it writes still goes out
+        _shut(self.sock, socket.SHUT_RD)
+
+    def abort(self):
+        _shut(self.sock, socket.SHUT_RDWR)
+
+
+class _FramedConn:
+    """The loop protocol behind one MessageHandler."""
+
+    def __init__(self, engine, handler):
+        self.engine = engine
+        self.handler = handler
+        self.transport = None
+        self.mark = None
+        self.idle = 0
+        self.busy = False
+        self.queue = None
+        self.finished = False
+        self.lost = False
+        self.drain_close = False
+        if not engine.threaded:
+            # the reactor calls the handler directly: no frame of ours per message
+            self.message_received = handler.message_received
+
+    # loop thread
+    def connection_made(self, transport):
+        self.transport = transport
+        h = self.handler
+        if self.engine.threaded:
+            h._send = self._send_threadsafe
+            h._close = self._close_threadsafe
+            self.queue = collections.deque([_SETUP])
+            self._kick()
+        else:
+            h.transport = transport
+            h._send = transport.send_bytes
+            h._close = transport.close
+            h.setup()
+
+    def message_received(self, data):
+        # threaded only: queue for the pool, one task per connection at a time
+        q = self.queue
+        q.append(data)
+        if not self.busy:
+            self._kick()
+        elif len(q) >= _QUEUE_PAUSE:
+            self.transport.pause_reading()
+
+    def connection_lost(self, exc):
+        self.lost = True
+        counters = self.counters()
+        if not self.engine.threaded:
+            try:
+                self.handler.finish()
+            except Exception:
+                logger.exception("exception in %s.finish()", type(self.handler).__name__)
+            self.engine._finish(self, counters)
+            return
+        self._counters = counters
+        q = self.queue
+        setup_pending = any(item is _SETUP for item in q)
+        q.clear()   # the peer is gone: its unhandled messages need no answer
+        if setup_pending:
+            q.append(_SETUP)
+        q.append(_LOST)
+        if not self.busy:
+            self._kick()
+
+    def counters(self):
+        t = self.transport
+        if t is None:
+            return (0, 0, 0, 0)
+        return (t.messages_received, t.messages_sent, t.bytes_received, t.bytes_sent)
+
+    def shutdown(self):
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        if not self.engine.threaded:
+            t.close()
+            return
+        # let the pool answer what already arrived, then close after the replies
+        t.pause_reading()
+        self.drain_close = True
+        if not self.busy and not self.queue:
+            t.close()
+
+    def abort(self):
+        if self.transport is not None:
+            self.transport.abort()
+
+    # threaded mode
+    def _kick(self):
+        self.busy = True
+        self.engine.pool.submit(self._work, (), self._worked)
+
+    def _work(self):
+        # pool thread
+        h = self.handler
+        q = self.queue
+        for _ in range(_WORK_BATCH):
+            try:
+                item = q.popleft()
+            except IndexError:
+                return
+            if item is _LOST:
+                try:
+                    h.finish()
+                except Exception:
+                    logger.exception("exception in %s.finish()", type(h).__name__)
+                self.finished = True
+                return
+            if item is _SETUP:
+                h.setup()
+            else:
+                h.message_received(item)
+
+    def _worked(self, exc):
+        # loop thread, after a pool task of this connection
+        self.busy = False
+        if exc is not None:
+            self.engine.server._report_handler_error(exc, self.handler)
+            if not self.lost:
+                self.transport.abort()   # connection_lost queues finish()
+                return
+        if self.finished:
+            self.engine._finish(self, self._counters)
+            return
+        t = self.transport
+        if self.queue:
+            self._kick()
+        elif self.lost:
+            return
+        elif self.drain_close:
+            t.close()
+        elif t.reading_paused and not t.is_closing():
+            t.resume_reading()
+
+    def _send_threadsafe(self, data):
+        if not isinstance(data, bytes):
+            data = bytes(memoryview(data).cast("B"))
+        self.engine.loop.call_soon_threadsafe(self._send_on_loop, data)
+
+    def _send_on_loop(self, data):
+        t = self.transport
+        if not t.is_closing():
+            t.send_bytes(data)
+
+    def _close_threadsafe(self):
+        self.engine.loop.call_soon_threadsafe(self._close_on_loop)
+
+    def _close_on_loop(self):
+        self.transport.close()
+
+
+class _Engine:
+    """Serves accepted sockets on one loop: framed handlers on the loop or a
+    thread pool, blocking handlers inline or on the pool. Used by the server
+    process (loop and thread), by prefork workers and by forked children."""
+
+    def __init__(self, server, loop, threaded, pool_size=0, on_closed=None):
+        self.server = server
+        self.loop = loop
+        self.threaded = threaded
+        self.framed = server._framed
+        self.on_closed = on_closed
+        self.pool = _Pool(loop, pool_size, "fastnet-server") if threaded else None
+        self.conns = set()
+        self.totals = [0, 0, 0, 0]
+        self.closing = False
+        self._sweep = None
+
+    def serve(self, sock, addr):
+        if self.framed:
+            self._serve_framed(sock, addr)
+            return
+        rec = _Blocking(sock, addr)
+        self.conns.add(rec)
+        if self.closing:
+            rec.shutdown()
+        if self.threaded:
+            self.pool.submit(self.server._handle_stream, (sock, addr),
+                             lambda exc, rec=rec: self._finish(rec, None))
+        else:
+            try:
+                self.server._handle_stream(sock, addr)
+            finally:
+                self._finish(rec, None)
+
+    def _serve_framed(self, sock, addr):
+        handler = self.server.RequestHandlerClass(self.server, addr)
+        conn = _FramedConn(self, handler)
+        self.conns.add(conn)
+        try:
+            self.loop.add_stream(sock, conn, max_message_size=self.server.max_message_size)
+        except Exception:
+            self.conns.discard(conn)
+            _quiet_close(sock)
+            raise
+        if self.closing:
+            conn.shutdown()
+        self._arm_sweep()
+
+    def _finish(self, conn, counters):
+        if conn not in self.conns:
+            return
+        self.conns.discard(conn)
+        if counters is not None:
+            tot = self.totals
+            for i in range(4):
+                tot[i] += counters[i]
+        self._closed(counters)
+
+    def _closed(self, counters):
+        if self.on_closed is not None:
+            self.on_closed(counters)
+
+    def live(self):
+        """Counters of finished plus open connections (any thread)."""
+        out = list(self.totals)
+        for c in list(self.conns):   # list(set) is one C call: safe against the loop thread
+            if isinstance(c, _FramedConn) and not c.lost:
+                for i, v in enumerate(c.counters()):
+                    out[i] += v
+        return out
+
+    # idle connections: compare each transport's byte counters every half
+    # idle_timeout; two sweeps without change close it (no per-message cost)
+    def _arm_sweep(self):
+        idle = self.server.idle_timeout
+        if idle is None or self._sweep is not None or self.loop.is_closed():
+            return
+        self._sweep = self.loop.call_later(idle / 2.0, self._do_sweep)
+
+    def _do_sweep(self):
+        self._sweep = None
+        framed = False
+        for c in list(self.conns):
+            if not isinstance(c, _FramedConn) or c.transport is None:
+                continue
+            framed = True
+            t = c.transport
+            mark = (t.bytes_received, t.bytes_sent)
+            if mark != c.mark or c.busy:
+                c.mark = mark
+                c.idle = 0
+                continue
+            c.idle += 1
+            if c.idle >= 2 and not t.is_closing():
+                logger.debug("closing idle connection from %r", c.handler.client_address)
+                self.server._idle_closed += 1
+                t.abort()
+        if framed:
+            self._arm_sweep()
+
+    def begin_shutdown(self):
+        self.closing = True
+        for c in list(self.conns):
+            c.shutdown()
+
+    def abort_all(self):
+        for c in list(self.conns):
+            c.abort()
+
+    def stop(self, timeout):
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        if self.pool is not None:
+            self.pool.stop(timeout)
+
+
+# -- the authkey handshake as a state machine on the loop --------------------------
+
+_HS_RESPONSE, _HS_CHALLENGE, _HS_WELCOME, _HS_DONE = range(4)
+
+
+class _Handshake:
+    """The accepting side of multiprocessing's mutual handshake, without blocking.
+
+    The same messages in the same order as fastnet.auth.server_authenticate:
+    our challenge; the peer's response, then WELCOME (or FAILURE); the peer's
+    challenge, then our response; the peer's WELCOME. Frames are read exactly
+    (header, then payload), so nothing after the last handshake message is
+    consumed and the socket can go to any handler. Replies produced in one
+    wake-up go out in one send, so a pipelining client costs two round trips.
+    """
+
+    def __init__(self, server, loop, sock, addr):
+        self.server = server
+        self.loop = loop
+        self.sock = sock
+        self.addr = addr
+        self.fd = sock.fileno()
+        self.state = _HS_RESPONSE
+        message, self.nonce = _auth.make_challenge(server.digest)
+        self.out = bytearray(_frame(message))
+        self.buf = bytearray()
+        self.need = 4
+        self.header = True
+        self.writing = False
+        sock.setblocking(False)
+        self.timer = loop.call_later(server.handshake_timeout, self._expired)
+        loop.add_reader(self.fd, self._readable)
+        server._handshakes.add(self)
+        self._flush()
+
+    def _readable(self):
+        try:
+            while self.state != _HS_DONE:
+                frame = self._read_frame()
+                if frame is None:
+                    break
+                self._step(frame)
+            self._flush()
+        except Exception as exc:
+            self._fail(exc)
+            return
+        if self.state == _HS_DONE:
+            self._succeed()
+
+    def _read_frame(self):
+        while True:
+            try:
+                chunk = self.sock.recv(self.need)
+            except (BlockingIOError, InterruptedError):
+                return None
+            if not chunk:
+                raise AuthenticationError("connection closed during the handshake")
+            self.buf += chunk
+            self.need -= len(chunk)
+            if self.need:
+                continue
+            if self.header:
+                n = int.from_bytes(self.buf, "big", signed=True)
+                self.buf.clear()
+                if not 0 <= n <= _auth.MAX_HANDSHAKE_MESSAGE:
+                    raise AuthenticationError(f"handshake message of length {n} refused")
+                if n == 0:
+                    self.need = 4
+                    return b""
+                self.header = False
+                self.need = n
+                continue
+            frame = bytes(self.buf)
+            self.buf.clear()
+            self.header = True
+            self.need = 4
+            return frame
+
+    def _step(self, frame):
+        srv = self.server
+        if self.state == _HS_RESPONSE:
+            try:
+                _auth.verify_response(srv.authkey, self.nonce, frame, srv.strict)
+            except AuthenticationError:
+                self.out += _frame(_auth.FAILURE)
+                self._flush()
+                raise
+            self.out += _frame(_auth.WELCOME)
+            self.state = _HS_CHALLENGE
+        elif self.state == _HS_CHALLENGE:
+            nonce = _auth.parse_challenge(frame)
+            self.out += _frame(_auth.create_response(srv.authkey, nonce, srv.strict))
+            self.state = _HS_WELCOME
+        elif self.state == _HS_WELCOME:
+            if frame != _auth.WELCOME:
+                raise AuthenticationError("digest sent was rejected")
+            self.state = _HS_DONE
+
+    def _flush(self):
+        if self.out:
+            try:
+                n = self.sock.send(self.out)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            del self.out[:n]
+        if self.out and not self.writing:
+            self.loop.add_writer(self.fd, self._writable)
+            self.writing = True
+        elif not self.out and self.writing:
+            self.loop.remove_writer(self.fd)
+            self.writing = False
+
+    def _writable(self):
+        try:
+            self._flush()
+        except Exception as exc:
+            self._fail(exc)
+
+    def _expired(self):
+        self.timer = None
+        self._fail(TimeoutError(f"handshake not finished in {self.server.handshake_timeout} s"))
+
+    def _detach(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if not self.loop.is_closed():
+            self.loop.remove_reader(self.fd)
+            if self.writing:
+                self.loop.remove_writer(self.fd)
+        self.writing = False
+        self.server._handshakes.discard(self)
+
+    def _succeed(self):
+        if self.out:
+            self._fail(ProtocolError("handshake finished with replies unsent"))
+            return
+        self._detach()
+        self.server._authenticated(self.sock, self.addr)
+
+    def _fail(self, exc):
+        if self not in self.server._handshakes:
+            return
+        self._detach()
+        _quiet_close(self.sock)
+        self.server._handshake_failed(self.addr, exc)
+
+    def abort(self):
+        """Close without counting a failure (shutdown)."""
+        if self not in self.server._handshakes:
+            return
+        self._detach()
+        _quiet_close(self.sock)
+        self.server._release()
+
+
+# -- process bookkeeping --------------------------------------------------------------
+
+
+class _Child:
+    """A forked child (fork mode) or a prefork worker, as its parent sees it."""
+    __slots__ = ("pid", "chan", "pidfd", "inflight", "assigned", "alive", "status")
+
+    def __init__(self, pid, chan):
+        self.pid = pid
+        self.chan = chan
+        self.pidfd = -1
+        self.inflight = 0
+        self.assigned = 0
+        self.alive = True
+        self.status = None
+
+
+# -- servers ------------------------------------------------------------------------
+
+
+class BaseServer:
+    """The machinery shared by stream and datagram servers; see the module docstring.
+
+    socketserver's hooks keep their meaning: ``server_bind()``,
+    ``server_activate()``, ``verify_request(request, client_address)``,
+    ``finish_request``, ``handle_error``, ``shutdown_request``,
+    ``close_request``, ``server_close()``, ``fileno()``, and the class
+    attributes ``address_family``, ``socket_type``, ``allow_reuse_address``,
+    ``request_queue_size``.
+    """
+
+    concurrency = "loop"
+    address_family = None
+    socket_type = socket.SOCK_STREAM
+    allow_reuse_address = True
+    allow_reuse_port = False
+    request_queue_size = 128
+    timeout = None
+
+    def __init__(self, server_address, RequestHandlerClass, bind_and_activate=True, *,
+                 concurrency=None, workers=None, worker_threads=DEFAULT_WORKER_THREADS, allow=None,
+                 authkey=None, max_connections=DEFAULT_MAX_CONNECTIONS, overflow="wait",
+                 max_message_size=DEFAULT_MAX_MESSAGE_SIZE, idle_timeout=DEFAULT_IDLE_TIMEOUT,
+                 handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT, shutdown_timeout=DEFAULT_SHUTDOWN_TIMEOUT,
+                 strict=False, digest="sha256", backend="auto"):
+        concurrency = concurrency or type(self).concurrency
+        if concurrency not in CONCURRENCY:
+            raise ValueError(f"concurrency must be one of {CONCURRENCY}, not {concurrency!r}")
+        if overflow not in ("wait", "refuse"):
+            raise ValueError("overflow must be 'wait' or 'refuse'")
+        if max_connections is None or max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
+        if authkey is not None and not isinstance(authkey, bytes):
+            raise TypeError("authkey should be a byte string")
+        self._framed = isinstance(RequestHandlerClass, type) and issubclass(RequestHandlerClass, MessageHandler)
+        stream = self.socket_type == socket.SOCK_STREAM
+        if not stream:
+            if self._framed:
+                raise TypeError("a MessageHandler needs a stream server (TCPServer or UnixServer)")
+            if concurrency == "prefork":
+                raise ValueError("prefork hands connections to workers; a datagram server has none "
+                                 "(use concurrency='thread' or 'fork')")
+            if authkey is not None:
+                raise ValueError("authkey needs a stream server")
+        fam, addr = parse_address(server_address, self.address_family)
+        if allow is not None and fam == socket.AF_UNIX:
+            raise ValueError("allow= lists IP networks; it does not apply to AF_UNIX servers")
+        self._check_family(fam)
+        self.server_address = server_address
+        self.RequestHandlerClass = RequestHandlerClass
+        self.address_family = fam
+        self._bind_address = addr
+        self.concurrency = concurrency
+        if workers is None:
+            if concurrency == "prefork":
+                workers = os.cpu_count() or 2
+            else:
+                workers = _DEFAULT_WORKERS.get(concurrency, 1)
+        if workers < 1:
+            raise ValueError("workers must be >= 1")
+        self.workers = workers
+        self.worker_threads = worker_threads
+        self.authkey = authkey
+        self.max_connections = max_connections
+        self.overflow = overflow
+        self.max_message_size = max_message_size
+        self.idle_timeout = idle_timeout
+        self.handshake_timeout = handshake_timeout
+        self.shutdown_timeout = shutdown_timeout
+        self.strict = strict
+        self.digest = digest
+        self.backend = backend
+        self._allow = self._parse_allow(allow)
+        self._limit = min(max_connections, workers) if concurrency == "fork" else max_connections
+        self._unlink = None
+        self._loop = None
+        self._engine = None
+        self._lock = threading.Lock()
+        self._thread = None
+        self._serving_thread = None
+        self._started = threading.Event()
+        self._stopped = threading.Event()
+        self._start_error = None
+        self._state = "new"          # new -> serving -> closed
+        self._shutting_down = False
+        self._forced = False
+        self._accepting = False
+        self._backoff = None
+        self._handshakes = set()
+        self._children = {}          # fork mode: pid -> _Child
+        self._workers = []           # prefork
+        self._polled = {}            # pid -> callback, when pidfd_open is missing
+        self._poll_timer = None
+        self._in_child = False
+        self._open = 0
+        self._total = 0
+        self._refused = 0
+        self._auth_failed = 0
+        self._pool = None
+        self._stop_requested = None
+        self._idle_closed = 0
+        self._restarts = 0
+        self._counters = [0, 0, 0, 0]    # messages in/out, bytes in/out of finished work
+        self._out_lock = threading.Lock()
+        self.socket = socket.socket(fam, self.socket_type)
+        if bind_and_activate:
+            try:
+                self.server_bind()
+                self.server_activate()
+            except BaseException:
+                self.server_close()
+                raise
+
+    # -- socketserver's surface ------------------------------------------------
+
+    def _check_family(self, fam):
+        pass
+
+    @staticmethod
+    def _parse_allow(allow):
+        if allow is None:
+            return None
+        if isinstance(allow, (str, ipaddress.IPv4Network, ipaddress.IPv6Network)):
+            allow = [allow]
+        nets = {4: [], 6: []}
+        for item in allow:
+            net = ipaddress.ip_network(item, strict=False)
+            nets[net.version].append(net)
+        return nets
+
+    def server_bind(self):
+        """Bind the socket (SO_REUSEADDR when ``allow_reuse_address``)."""
+        if self.address_family != socket.AF_UNIX:
+            if self.allow_reuse_address:
+                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.allow_reuse_port and hasattr(socket, "SO_REUSEPORT"):
+                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self.socket.bind(self._bind_address)
+        addr = self._bind_address
+        if self.address_family == socket.AF_UNIX and isinstance(addr, str) and not addr.startswith("\0"):
+            self._unlink = addr
+        self.server_address = self.address
+
+    def server_activate(self):
+        """Listen (stream servers)."""
+        if self.socket_type == socket.SOCK_STREAM:
+            self.socket.listen(self.request_queue_size)
+
+    @property
+    def address(self):
+        """The bound address (the real port when 0 was asked for; AF_UNIX names as str)."""
+        name = self.socket.getsockname()
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "surrogateescape")
+        return name
+
+    def fileno(self):
+        return self.socket.fileno()
+
+    def verify_request(self, request, client_address):
+        """Return False to refuse a request (checked after the allow-list)."""
+        return True
+
+    def finish_request(self, request, client_address):
+        """Run the handler class on one request."""
+        self.RequestHandlerClass(request, client_address, self)
+
+    def handle_error(self, request, client_address):
+        """Log the exception a handler raised; the server goes on."""
+        logger.exception("exception while handling a request from %r", client_address)
+
+    def shutdown_request(self, request):
+        """End a stream request: shut down writing (the peer sees EOF), then close."""
+        if self.socket_type == socket.SOCK_STREAM:
+            _shut(request, socket.SHUT_WR)
+        self.close_request(request)
+
+    def close_request(self, request):
+        if self.socket_type == socket.SOCK_STREAM:
+            request.close()
+
+    def service_actions(self):
+        """Called about every poll_interval seconds while serving, as in socketserver."""
+
+    def _report_handler_error(self, exc, handler):
+        logger.error("exception in %s from %r", type(handler).__name__,
+                     getattr(handler, "client_address", None), exc_info=(type(exc), exc, exc.__traceback__))
+
+    # -- stats ------------------------------------------------------------------
+
+    def stats(self):
+        """Counters: connections open/total/refused, handshake failures, messages/bytes in/out.
+
+        Messages and bytes count MessageHandler frames (on the wire, headers
+        included) and datagrams; in fork and prefork modes a connection's
+        figures arrive when it closes. For datagram servers "connections"
+        are datagrams being handled / handled.
+        """
+        c = list(self._counters)
+        eng = self._engine
+        if eng is not None:
+            for i, v in enumerate(eng.live()):
+                c[i] += v
+        out = {
+            "connections_open": self._open,
+            "connections_total": self._total,
+            "connections_refused": self._refused,
+            "handshake_failures": self._auth_failed,
+            "idle_closed": self._idle_closed,
+            "messages_in": c[0],
+            "messages_out": c[1],
+            "bytes_in": c[2],
+            "bytes_out": c[3],
+        }
+        if self.concurrency == "prefork":
+            out["workers"] = sum(1 for w in list(self._workers) if w.alive)
+            out["worker_restarts"] = self._restarts
+        elif self.concurrency == "fork":
+            out["children"] = len(self._children)
+        return out
+
+    @property
+    def worker_pids(self):
+        """The pids of the live prefork workers (or forked children)."""
+        if self.concurrency == "prefork":
+            return [w.pid for w in list(self._workers) if w.alive]
+        return list(self._children)
+
+    def _count_out(self, nbytes):
+        with self._out_lock:
+            self._counters[1] += 1
+            self._counters[3] += nbytes
+
+    def _add(self, counters):
+        if counters:
+            c = self._counters
+            for i in range(4):
+                c[i] += counters[i]
+
+    # -- running ----------------------------------------------------------------
+
+    def serve_forever(self, poll_interval=0.5, *, stop_signals=(signal.SIGINT, signal.SIGTERM)):
+        """Serve until shutdown(). In the main thread, ``stop_signals`` shut down gracefully."""
+        with self._lock:
+            if self._state != "new":
+                raise RuntimeError("the server is already serving or closed")
+            self._state = "serving"
+            self._serving_thread = threading.current_thread()
+        try:
+            loop = EventLoop(self.backend)
+            with self._lock:
+                self._loop = loop
+                stop = self._stop_requested
+            if threading.current_thread() is threading.main_thread():
+                for sig in stop_signals or ():
+                    loop.add_signal_handler(sig, self._begin_shutdown, None)
+            if type(self).service_actions is not BaseServer.service_actions and poll_interval:
+                self._schedule_service(poll_interval)
+            self._begin()
+            if stop is not None:
+                self._begin_shutdown(stop)
+        except BaseException as exc:
+            self._start_error = exc
+            self._started.set()
+            self._teardown()
+            raise
+        self._started.set()
+        try:
+            loop.run_until(self._done)
+        finally:
+            self._teardown()
+
+    def start(self, timeout=30.0):
+        """Serve on a background thread; returns self once serving has begun."""
+        t = threading.Thread(target=self._serve_quietly, name="fastnet-server", daemon=True)
+        self._thread = t
+        t.start()
+        if not self._started.wait(timeout):
+            raise TimeoutError("the server did not start in time")
+        if self._start_error is not None:
+            raise self._start_error
+        return self
+
+    def _serve_quietly(self):
+        try:
+            self.serve_forever(stop_signals=())
+        except BaseException:
+            if self._start_error is None:
+                logger.exception("server thread failed")
+
+    def shutdown(self, timeout=None):
+        """Stop accepting, let connections finish and drain, close, join; then return.
+
+        Whatever is still open after ``timeout`` seconds (default
+        ``shutdown_timeout``) is closed, and children are killed. Called
+        from a handler or the serving thread it starts the shutdown and
+        returns at once.
+        """
+        if timeout is None:
+            timeout = self.shutdown_timeout
+        with self._lock:
+            state = self._state
+            if state == "new":
+                self._state = "closed"
+            if self._stop_requested is None:
+                self._stop_requested = timeout
+            loop = self._loop
+        if state == "new":
+            self.server_close()
+            return
+        if loop is not None:
+            eng = self._engine
+            if eng is not None and not eng.framed:
+                # blocking handlers may keep the loop itself busy (serial mode)
+                for c in list(eng.conns):
+                    c.shutdown()
+            try:
+                loop.call_soon_threadsafe(self._begin_shutdown, timeout)
+            except RuntimeError:
+                pass
+        me = threading.current_thread()
+        if me is self._serving_thread or getattr(_local, "in_handler", False):
+            return
+        self._stopped.wait()
+        if self._thread is not None and self._thread is not me:
+            self._thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+        self.server_close()
+
+    def server_close(self):
+        """Close the listening socket and remove its AF_UNIX path."""
+        sock = self.socket
+        if sock is not None and sock.fileno() >= 0:
+            sock.close()
+        if self._unlink is not None and not self._in_child:
+            try:
+                os.unlink(self._unlink)
+            except OSError:
+                pass
+            self._unlink = None
+
+    def _schedule_service(self, interval):
+        def tick():
+            if self._shutting_down:
+                return
+            try:
+                self.service_actions()
+            except Exception:
+                logger.exception("exception in service_actions()")
+            self._loop.call_later(interval, tick)
+        self._loop.call_later(interval, tick)
+
+    def _begin(self):
+        loop = self._loop
+        self.socket.setblocking(False)
+        if self.concurrency in ("loop", "thread"):
+            threaded = self.concurrency == "thread"
+            if self.socket_type == socket.SOCK_STREAM:
+                self._engine = _Engine(self, loop, threaded, self.workers,
+                                       lambda counters: self._release())
+            elif threaded:
+                self._pool = _Pool(loop, self.workers, "fastnet-server")
+        elif self.concurrency == "prefork":
+            for _ in range(self.workers):
+                self._spawn_worker()
+        self._resume()
+
+    def _done(self):
+        return self._shutting_down and (self._forced or (
+            self._open == 0 and not self._workers and not self._children and not self._handshakes))
+
+    def _begin_shutdown(self, timeout=None):
+        if self._shutting_down:
+            return
+        self._shutting_down = True
+        if timeout is None:
+            timeout = self.shutdown_timeout
+        loop = self._loop
+        self._pause()
+        if self._backoff is not None:
+            self._backoff.cancel()
+            self._backoff = None
+        if self.socket_type == socket.SOCK_STREAM:
+            # no new connection waits in a backlog nobody will accept from
+            self.server_close()
+        for hs in list(self._handshakes):
+            hs.abort()
+        if self._engine is not None:
+            self._engine.begin_shutdown()
+        for child in list(self._children.values()):
+            self._signal(child, signal.SIGTERM)
+        for w in self._workers:
+            # end of file on its channel: the worker drains and exits
+            _shut(w.chan, socket.SHUT_WR)
+        loop.call_later(timeout, self._force)
+
+    def _force(self):
+        self._forced = True
+
+    def _teardown(self):
+        loop = self._loop
+        try:
+            for hs in list(self._handshakes):
+                hs.abort()
+            eng = self._engine
+            if eng is not None:
+                eng.abort_all()
+                eng.stop(1.0)
+            pool = getattr(self, "_pool", None)
+            if pool is not None:
+                pool.stop(1.0)
+            for child in list(self._children.values()) + list(self._workers):
+                self._signal(child, signal.SIGKILL)
+                self._reap(child, block=True)
+                if child.pidfd >= 0:
+                    os.close(child.pidfd)
+                    child.pidfd = -1
+                _quiet_close(child.chan)
+            self._children.clear()
+            self._workers = []
+            if loop is not None and not loop.is_closed():
+                loop.close()
+        finally:
+            with self._lock:
+                self._state = "closed"
+            self.server_close()
+            self._started.set()
+            self._stopped.set()
+
+    # -- accepting ------------------------------------------------------------
+
+    def _pause(self):
+        if self._accepting:
+            self._accepting = False
+            if self.socket.fileno() >= 0 and not self._loop.is_closed():
+                self._loop.remove_reader(self.socket)
+
+    def _resume(self):
+        self._backoff = None
+        if (not self._accepting and not self._shutting_down and self._open < self._limit
+                and self.socket.fileno() >= 0):
+            self._accepting = True
+            cb = self._on_accept if self.socket_type == socket.SOCK_STREAM else self._on_datagram
+            self._loop.add_reader(self.socket, cb)
+
+    def _release(self, counters=None):
+        """One connection (or handshake, or datagram) is done."""
+        self._open -= 1
+        self._add(counters)
+        if not self._accepting and self._open < self._limit:
+            self._resume()
+
+    def _allowed(self, addr):
+        nets = self._allow
+        if nets is None:
+            return True
+        try:
+            ip = ipaddress.ip_address(addr[0].split("%", 1)[0])
+        except (ValueError, TypeError, IndexError):
+            return False
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            if any(ip.ipv4_mapped in n for n in nets[4]):
+                return True
+        return any(ip in n for n in nets[ip.version])
+
+    def _on_accept(self):
+        for _ in range(_ACCEPT_BATCH):
+            if self._shutting_down or self._stop_requested is not None:
+                return
+            if self._open >= self._limit and self.overflow == "wait":
+                self._pause()
+                return
+            try:
+                sock, addr = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno in _ACCEPT_BACKOFF:
+                    logger.warning("accept() failed (%s): pausing for %.1f s", exc, _ACCEPT_BACKOFF_DELAY)
+                    self._pause()
+                    self._backoff = self._loop.call_later(_ACCEPT_BACKOFF_DELAY, self._resume)
+                    return
+                raise
+            if isinstance(addr, bytes):
+                addr = addr.decode("utf-8", "surrogateescape")
+            if self._open >= self._limit or not self._allowed(addr):
+                self._refuse(sock, addr)
+                continue
+            try:
+                ok = self.verify_request(sock, addr)
+            except Exception:
+                logger.exception("exception in verify_request for %r", addr)
+                ok = False
+            if not ok:
+                self._refuse(sock, addr)
+                continue
+            self._open += 1
+            self._total += 1
+            if self.authkey is not None:
+                try:
+                    _Handshake(self, self._loop, sock, addr)
+                except Exception:
+                    logger.exception("failed to start a handshake with %r", addr)
+                    _quiet_close(sock)
+                    self._release()
+            else:
+                self._dispatch(sock, addr)
+
+    def _refuse(self, sock, addr):
+        self._refused += 1
+        logger.debug("refused %r", addr)
+        sock.close()
+
+    def _handshake_failed(self, addr, exc):
+        self._auth_failed += 1
+        logger.info("handshake with %r failed: %s", addr, exc)
+        self._release()
+
+    def _authenticated(self, sock, addr):
+        if self._shutting_down:
+            sock.close()
+            self._release()
+            return
+        self._dispatch(sock, addr)
+
+    def _dispatch(self, sock, addr):
+        """Hand a verified (and authenticated) connection to the concurrency mode."""
+        mode = self.concurrency
+        try:
+            if mode == "prefork":
+                self._to_worker(sock, addr)
+            elif mode == "fork":
+                self._fork_connection(sock, addr)
+            else:
+                self._engine.serve(sock, addr)
+        except Exception:
+            logger.exception("failed to start serving %r", addr)
+            _quiet_close(sock)
+            self._release()
+
+    def _handle_stream(self, sock, addr):
+        """Run a blocking handler on one connection (any thread or process)."""
+        try:
+            sock.setblocking(True)
+            sock.settimeout(self.idle_timeout)
+            self.finish_request(sock, addr)
+        except (ConnectionError, TimeoutError) as exc:
+            logger.debug("connection from %r ended: %r", addr, exc)
+        except Exception:
+            self.handle_error(sock, addr)
+        finally:
+            self.shutdown_request(sock)
+
+    # -- datagrams --------------------------------------------------------------
+
+    def _on_datagram(self):
+        sock = self.socket
+        for _ in range(_ACCEPT_BATCH):
+            if self._shutting_down:
+                return
+            if self._open >= self._limit:
+                self._pause()
+                return
+            try:
+                data, addr = sock.recvfrom(self.max_packet_size)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # e.g. ECONNREFUSED left by an ICMP error for an earlier reply
+                logger.debug("recvfrom failed: %s", exc)
+                continue
+            if isinstance(addr, bytes):
+                addr = addr.decode("utf-8", "surrogateescape")
+            request = (data, sock)
+            if not self._allowed(addr):
+                self._refused += 1
+                continue
+            try:
+                ok = self.verify_request(request, addr)
+            except Exception:
+                logger.exception("exception in verify_request for %r", addr)
+                ok = False
+            if not ok:
+                self._refused += 1
+                continue
+            self._total += 1
+            self._counters[0] += 1
+            self._counters[2] += len(data)
+            mode = self.concurrency
+            if mode == "loop":
+                self._handle_datagram(request, addr)
+            elif mode == "thread":
+                self._open += 1
+                self._pool.submit(self._handle_datagram, (request, addr), lambda exc: self._release())
+            else:
+                self._open += 1
+                try:
+                    child = self._fork(lambda: self._child_datagram(request, addr), self._child_exited)
+                except Exception:
+                    logger.exception("failed to fork for a datagram from %r", addr)
+                    self._release()
+                else:
+                    self._children[child.pid] = child
+
+    def _child_datagram(self, request, addr):
+        self._handle_datagram(request, addr)
+        return self._counters
+
+    def _handle_datagram(self, request, addr):
+        try:
+            self.finish_request(request, addr)
+        except Exception:
+            self.handle_error(request, addr)
+        finally:
+            self.shutdown_request(request)
+
+    # -- processes ---------------------------------------------------------------
+
+    def _fork(self, target, on_exit, worker=False):
+        """Fork a child running ``target(chan)`` (or ``target()``); returns its _Child.
+
+        The child reports its counters on a SEQPACKET channel and leaves with
+        os._exit, never returning into the parent's loop.
+        """
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                mine.close()
+                self._after_fork_child()
+                counters = target(theirs) if worker else target()
+                if counters is not None:
+                    theirs.settimeout(_REPORT_TIMEOUT)
+                    theirs.send(_REPORT.pack(b"D", *counters))
+                status = 0
+            except BaseException:
+                try:
+                    logger.exception("server child process failed")
+                except BaseException:
+                    pass
+            finally:
+                os._exit(status)
+        theirs.close()
+        mine.setblocking(False)
+        child = _Child(pid, mine)
+        self._watch(child, on_exit)
+        return child
+
+    def _after_fork_child(self):
+        self._in_child = True
+        try:
+            signal.set_wakeup_fd(-1)
+        except (ValueError, OSError):
+            pass
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent shuts down and tells us
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # descriptors of the parent's that would keep its peers' connections open
+        if self.socket_type == socket.SOCK_STREAM:
+            self.socket.close()
+        for hs in self._handshakes:
+            _quiet_close(hs.sock)
+        for c in list(self._children.values()) + list(self._workers):
+            _quiet_close(c.chan)
+            if c.pidfd >= 0:
+                try:
+                    os.close(c.pidfd)
+                except OSError:
+                    pass
+        self._handshakes = set()
+        self._children = {}
+        self._workers = []
+        self._polled = {}
+        self._counters = [0, 0, 0, 0]
+
+    def _watch(self, child, on_exit):
+        try:
+            child.pidfd = os.pidfd_open(child.pid)
+        except (AttributeError, OSError):
+            # no pidfd: poll waitpid on a timer while children exist
+            self._polled[child.pid] = (child, on_exit)
+            if self._poll_timer is None:
+                self._poll_timer = self._loop.call_later(_REAP_POLL, self._poll_children)
+            return
+        self._loop.add_reader(child.pidfd, self._pidfd_ready, child, on_exit)
+
+    def _pidfd_ready(self, child, on_exit):
+        self._loop.remove_reader(child.pidfd)
+        os.close(child.pidfd)
+        child.pidfd = -1
+        self._reap(child, block=True)
+        on_exit(child)
+
+    def _poll_children(self):
+        self._poll_timer = None
+        for pid, (child, on_exit) in list(self._polled.items()):
+            if self._reap(child, block=False):
+                del self._polled[pid]
+                on_exit(child)
+        if self._polled:
+            self._poll_timer = self._loop.call_later(_REAP_POLL, self._poll_children)
+
+    def _reap(self, child, block):
+        if child.status is not None:
+            return True
+        try:
+            pid, status = os.waitpid(child.pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            pid, status = child.pid, -1
+        if pid == 0:
+            return False
+        child.status = status
+        child.alive = False
+        return True
+
+    def _signal(self, child, sig):
+        if child.status is None:
+            try:
+                os.kill(child.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def _read_reports(self, child):
+        """(reports, eof): the counters a child sent, one per finished connection."""
+        reports = []
+        while True:
+            try:
+                data = child.chan.recv(64)
+            except (BlockingIOError, InterruptedError):
+                return reports, False
+            except OSError:
+                data = b""
+            if not data:
+                return reports, True
+            if len(data) == _REPORT.size:
+                reports.append(_REPORT.unpack(data)[1:])
+
+    # fork mode
+
+    def _fork_connection(self, sock, addr):
+        try:
+            child = self._fork(lambda: self._child_serve(sock, addr), self._child_exited)
+        finally:
+            sock.close()   # the child has its copy
+        self._children[child.pid] = child
+
+    def _child_serve(self, sock, addr):
+        if not self._framed:
+            # SIGTERM from a shutting-down parent: the handler reads end of file
+            signal.signal(signal.SIGTERM, lambda s, f: _shut(sock, socket.SHUT_RD))
+            self._handle_stream(sock, addr)
+            return self._counters
+        loop = EventLoop(self.backend)
+        engine = _Engine(self, loop, threaded=False)
+        loop.add_signal_handler(signal.SIGTERM, engine.begin_shutdown)
+        engine.serve(sock, addr)
+        loop.run_until(lambda: not engine.conns)
+        engine.stop(0)
+        return engine.totals
+
+    def _child_exited(self, child):
+        for counters in self._read_reports(child)[0]:
+            self._add(counters)
+        child.chan.close()
+        self._children.pop(child.pid, None)
+        self._release()
+
+    # prefork mode
+
+    def _spawn_worker(self):
+        w = self._fork(self._worker_main, self._worker_exited, worker=True)
+        self._workers.append(w)
+        self._loop.add_reader(w.chan, self._worker_report, w)
+        return w
+
+    def _to_worker(self, sock, addr):
+        data = pickle.dumps(addr)
+        fd = sock.fileno()
+        for w in sorted((w for w in self._workers if w.alive), key=lambda w: (w.inflight, w.assigned)):
+            try:
+                send_fds(w.chan, [fd], data)
+            except (BlockingIOError, InterruptedError, OSError):
+                continue   # full or dead: the next least loaded takes it
+            w.inflight += 1
+            w.assigned += 1
+            sock.close()
+            return
+        logger.warning("no prefork worker could take a connection from %r", addr)
+        sock.close()
+        self._refused += 1
+        self._release()
+
+    def _worker_report(self, w):
+        reports, eof = self._read_reports(w)
+        for counters in reports:
+            if w.inflight > 0:
+                w.inflight -= 1
+                self._release(counters)
+        if eof:
+            # the worker is going; its pidfd says when it is gone
+            self._loop.remove_reader(w.chan)
+
+    def _worker_exited(self, w):
+        if w.chan.fileno() >= 0:
+            for counters in self._read_reports(w)[0]:
+                if w.inflight > 0:
+                    w.inflight -= 1
+                    self._release(counters)
+            if not self._loop.is_closed():
+                self._loop.remove_reader(w.chan)
+            w.chan.close()
+        lost, w.inflight = w.inflight, 0
+        if w in self._workers:
+            self._workers.remove(w)
+        if not self._shutting_down:
+            logger.warning("prefork worker %d exited (status %r) with %d connections; replacing it",
+                           w.pid, w.status, lost)
+            self._restarts += 1
+            self._spawn_worker()
+        for _ in range(lost):
+            self._release()
+
+    def _worker_main(self, chan):
+        """A prefork worker: sockets arrive on ``chan``; each finished one is reported."""
+        loop = EventLoop(self.backend)
+        chan.settimeout(_REPORT_TIMEOUT)
+
+        def report(counters):
+            try:
+                chan.send(_REPORT.pack(b"D", *(counters or (0, 0, 0, 0))))
+            except OSError:
+                pass
+
+        engine = _Engine(self, loop, threaded=not self._framed, pool_size=self.worker_threads,
+                         on_closed=report)
+        state = {"stopping": False}
+
+        def stop():
+            if state["stopping"]:
+                return
+            state["stopping"] = True
+            loop.remove_reader(chan)
+            engine.begin_shutdown()
+            loop.call_later(self.shutdown_timeout, engine.abort_all)
+
+        def incoming():
+            try:
+                data, fds = recv_fds(chan, 4, 4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            except (EOFError, OSError):
+                stop()
+                return
+            try:
+                addr = pickle.loads(data)
+            except Exception:
+                addr = None
+            for fd in fds:
+                sock = socket.socket(fileno=fd)
+                if state["stopping"]:
+                    sock.close()
+                    report(None)
+                    continue
+                try:
+                    engine.serve(sock, addr)
+                except Exception:
+                    logger.exception("worker failed to serve %r", addr)
+                    _quiet_close(sock)
+                    report(None)
+
+        loop.add_reader(chan, incoming)
+        loop.add_signal_handler(signal.SIGTERM, stop)
+        loop.run_until(lambda: state["stopping"] and not engine.conns)
+        engine.stop(1.0)
+        return None
+
+    def __repr__(self):
+        return (f"<{type(self).__name__} {self.address!r} concurrency={self.concurrency} "
+                f"{self._state}>" if self.socket.fileno() >= 0 else f"<{type(self).__name__} closed>")
+
+
+class TCPServer(BaseServer):
+    """A TCP server: ``TCPServer(("", port), Handler, concurrency="loop", ...)``."""
+
+    socket_type = socket.SOCK_STREAM
+
+    def _check_family(self, fam):
+        if fam == socket.AF_UNIX:
+            raise ValueError("an AF_UNIX address: use UnixServer")
+
+
+class UDPServer(BaseServer):
+    """A UDP server: each datagram is a request ``(data, socket)``."""
+
+    socket_type = socket.SOCK_DGRAM
+    allow_reuse_address = False
+    #: Largest datagram read; the rest of a longer one is dropped by the kernel.
+    max_packet_size = 65536
+
+    def _check_family(self, fam):
+        if fam == socket.AF_UNIX:
+            raise ValueError("an AF_UNIX address: use UnixDatagramServer")
+
+
+class UnixServer(BaseServer):
+    """An AF_UNIX stream server on a path or an abstract ``"\\0name"``."""
+
+    address_family = socket.AF_UNIX
+    socket_type = socket.SOCK_STREAM
+
+
+UnixStreamServer = UnixServer
+
+
+class UnixDatagramServer(BaseServer):
+    """An AF_UNIX datagram server; replies go to the client's bound address."""
+
+    address_family = socket.AF_UNIX
+    socket_type = socket.SOCK_DGRAM
+    max_packet_size = 65536
+
+
+class ThreadingMixIn:
+    """Make a server class default to ``concurrency="thread"`` (socketserver's name)."""
+    concurrency = "thread"
+
+
+class ForkingMixIn:
+    """Make a server class default to ``concurrency="fork"`` (socketserver's name)."""
+    concurrency = "fork"
+
+
+class PreforkMixIn:
+    """Make a server class default to ``concurrency="prefork"``."""
+    concurrency = "prefork"
+
+
+class ThreadingTCPServer(ThreadingMixIn, TCPServer):
+    pass
+
+
+class ForkingTCPServer(ForkingMixIn, TCPServer):
+    pass
+
+
+class PreforkTCPServer(PreforkMixIn, TCPServer):
+    pass
+
+
+class ThreadingUDPServer(ThreadingMixIn, UDPServer):
+    pass
+
+
+class ForkingUDPServer(ForkingMixIn, UDPServer):
+    pass
+
+
+class ThreadingUnixStreamServer(ThreadingMixIn, UnixServer):
+    pass
+
+
+class ThreadingUnixDatagramServer(ThreadingMixIn, UnixDatagramServer):
+    pass
