@@ -233,7 +233,12 @@ cdef class FrameDecoder:
     cdef int _switch_to_target(self) except -1:
         """Move the buffered part of a large frame into its own bytes object."""
         cdef Py_ssize_t avail = self.wpos - self.rpos
-        self.target = PyBytes_FromStringAndSize(NULL, self.cur)
+        try:
+            self.target = PyBytes_FromStringAndSize(NULL, self.cur)
+        except (MemoryError, OverflowError):
+            # only a header claiming more than this process can hold gets here
+            self.broken = MessageTooLarge(f"frame of {self.cur} bytes cannot be allocated")
+            raise self.broken from None
         self.tptr = PyBytes_AS_STRING(self.target)
         memcpy(self.tptr, self.buf + self.rpos, avail)
         self.tpos = avail
@@ -244,6 +249,10 @@ cdef class FrameDecoder:
         """Return the next complete frame or None; switch to direct fill for large frames."""
         cdef Py_ssize_t avail, n
         cdef object frame
+        if limit >= 0 and self.cur > limit:
+            # the header was parsed earlier (has_frame, poll, a timed-out receive)
+            self.broken = MessageTooLarge(f"bad message length: {self.cur} bytes exceeds maxlength={limit}")
+            raise self.broken
         if self.target is not None:
             if self.tpos < self.cur:
                 return None
@@ -274,7 +283,6 @@ cdef class FrameDecoder:
         self._check()
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
-            self.received += view.len
             while off < view.len:
                 k = view.len - off
                 if self.target is not None:
@@ -283,6 +291,7 @@ cdef class FrameDecoder:
                         memcpy(self.tptr + self.tpos, <char*>view.buf + off, k)
                         self.tpos += k
                         off += k
+                        self.received += k
                         continue
                 else:
                     avail = self.wpos - self.rpos
@@ -297,6 +306,7 @@ cdef class FrameDecoder:
                 memcpy(self.buf + self.wpos, <char*>view.buf + off, k)
                 self.wpos += k
                 off += k
+                self.received += k
                 if self.target is None and self.cur < 0:
                     self._parse_header(-1)
         finally:
@@ -328,7 +338,7 @@ cdef class FrameDecoder:
         """Record that nbytes were written into the last get_buffer() region."""
         if nbytes < 0:
             raise ValueError("nbytes must be >= 0")
-        if self.target is not None:
+        if self.target is not None and self.tpos < self.cur:
             if self.tpos + nbytes > self.cur:
                 raise ValueError("buffer_updated beyond the region handed out")
             self.tpos += nbytes
@@ -377,27 +387,64 @@ cdef class FrameDecoder:
     def buffered(self):
         """Bytes received and not yet returned as frames (headers excluded once parsed)."""
         if self.target is not None:
-            return self.tpos
+            return self.tpos + (self.wpos - self.rpos)
         return self.wpos - self.rpos
 
     @property
     def needed(self):
-        """Bytes still missing to complete the frame in progress (0 if none is)."""
-        cdef Py_ssize_t avail = self.wpos - self.rpos
+        """Bytes still missing to complete the frame in progress (0 if none is).
+
+        That is the last frame begun in the buffered bytes (complete frames
+        not yet taken are skipped); for a partial header, the bytes the
+        header still lacks.
+        """
+        return self._needed()
+
+    cdef long long _needed(self):
+        cdef const unsigned char* p
+        cdef Py_ssize_t pos = self.rpos, left
+        cdef long long n = self.cur
+        cdef int32_t n32
+        cdef uint64_t n64
+        cdef int i
         if self.target is not None:
-            return self.cur - self.tpos
-        if self.cur >= 0:
-            return self.cur - avail
-        if avail == 0:
-            return 0
-        if avail >= 4 and _be32(<const unsigned char*>(self.buf + self.rpos)) == 0xffffffff:
-            return 12 - avail
-        return 4 - avail if avail < 4 else 0
+            if self.tpos < self.cur:
+                return self.cur - self.tpos
+            n = -1
+        while True:
+            left = self.wpos - pos
+            if n < 0:
+                if left == 0:
+                    return 0
+                if left < 4:
+                    return 4 - left
+                p = <const unsigned char*>(self.buf + pos)
+                n32 = <int32_t>_be32(p)
+                if n32 >= 0:
+                    n = n32
+                    pos += 4
+                elif n32 == -1:
+                    if left < 12:
+                        return 12 - left
+                    n64 = 0
+                    for i in range(8):
+                        n64 = (n64 << 8) | p[4 + i]
+                    if n64 > <uint64_t>0x7fffffffffffffff:
+                        return 0    # a bad header, reported when it is parsed
+                    n = <long long>n64
+                    pos += 12
+                else:
+                    return 0
+                left = self.wpos - pos
+            if n > left:
+                return n - left
+            pos += n
+            n = -1
 
     def eof(self):
         """Signal the end of the stream: raise TruncatedFrameError if a frame is incomplete."""
         self._check()
-        cdef Py_ssize_t missing = self.needed
+        cdef long long missing = self._needed()
         if missing > 0:
             self.broken = TruncatedFrameError(missing)
             raise self.broken
@@ -853,13 +900,20 @@ cdef class Channel:
         k = min(left, d.wpos - d.rpos)
         d._consume(k)
         left -= k
-        while left > 0:
-            r = self._read(tmp, min(left, 65536), -1.0, False)
-            if r == 0:
-                d.broken = TruncatedFrameError(left)
-                raise d.broken
-            left -= r
-            d.received += r
+        try:
+            while left > 0:
+                r = self._read(tmp, min(left, 65536), -1.0, False)
+                if r == 0:
+                    d.broken = TruncatedFrameError(left)
+                    raise d.broken
+                left -= r
+                d.received += r
+        except BaseException:
+            # the decoder still holds the whole frame's length: resuming would desynchronise
+            if d.broken is None:
+                d.broken = ProtocolError(
+                    f"receive interrupted mid-frame ({d.cur - left} of {d.cur} bytes): connection state lost")
+            raise
         d.cur = -1
 
     def send_frame_fds(self, buf, fds):
