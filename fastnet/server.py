@@ -165,11 +165,11 @@ class DatagramRequestHandler(BaseRequestHandler, socketserver.DatagramRequestHan
     """A datagram handler: ``rfile`` holds the datagram, ``wfile`` is sent back by ``finish()``."""
 
     def finish(self):
-        data = self.wfile.getvalue()
-        super().finish()
         count = getattr(self.server, "_count_out", None)
         if count is not None:
-            count(len(data))
+            # counted first, so the count is there once the peer has the reply
+            count(len(self.wfile.getvalue()))
+        super().finish()
 
 
 class MessageHandler:
@@ -826,6 +826,8 @@ class BaseServer:
         self._auth_failed = 0
         self._pool = None
         self._stop_requested = None
+        self._sig_socks = None
+        self._old_signals = {}
         self._idle_closed = 0
         self._restarts = 0
         self._counters = [0, 0, 0, 0]    # messages in/out, bytes in/out of finished work
@@ -979,9 +981,8 @@ class BaseServer:
             with self._lock:
                 self._loop = loop
                 stop = self._stop_requested
-            if threading.current_thread() is threading.main_thread():
-                for sig in stop_signals or ():
-                    loop.add_signal_handler(sig, self._begin_shutdown, None)
+            if threading.current_thread() is threading.main_thread() and stop_signals:
+                self._install_stop_signals(stop_signals)
             if type(self).service_actions is not BaseServer.service_actions and poll_interval:
                 self._schedule_service(poll_interval)
             self._begin()
@@ -1037,11 +1038,7 @@ class BaseServer:
             self.server_close()
             return
         if loop is not None:
-            eng = self._engine
-            if eng is not None and not eng.framed:
-                # blocking handlers may keep the loop itself busy (serial mode)
-                for c in list(eng.conns):
-                    c.shutdown()
+            self._interrupt_blocking()
             try:
                 loop.call_soon_threadsafe(self._begin_shutdown, timeout)
             except RuntimeError:
@@ -1071,6 +1068,54 @@ class BaseServer:
             except OSError:
                 pass
             self._unlink = None
+
+    def _interrupt_blocking(self):
+        # blocking handlers read end of file; needed from outside the loop,
+        # which a serial (concurrency="loop") handler keeps busy
+        eng = self._engine
+        if eng is not None and not eng.framed:
+            for c in list(eng.conns):
+                c.shutdown()
+
+    def _install_stop_signals(self, sigs):
+        # Our own handlers rather than the loop's: a signal must also reach a
+        # blocking handler running on this (main) thread. The handler takes
+        # no locks; it wakes the loop through a socket of its own.
+        r, w = socket.socketpair()
+        r.setblocking(False)
+        w.setblocking(False)
+        self._sig_socks = (r, w)
+        self._loop.add_reader(r, self._on_stop_wake)
+        for sig in sigs:
+            self._old_signals[sig] = signal.signal(sig, self._on_stop_signal)
+
+    def _on_stop_signal(self, signum, frame):
+        self._interrupt_blocking()
+        try:
+            self._sig_socks[1].send(b"s")
+        except (OSError, AttributeError, TypeError):
+            pass
+
+    def _on_stop_wake(self):
+        try:
+            self._sig_socks[0].recv(64)
+        except OSError:
+            pass
+        if self._shutting_down:
+            self._force()        # a second signal: stop waiting for connections
+        else:
+            self._begin_shutdown(None)
+
+    def _remove_stop_signals(self):
+        for sig, old in self._old_signals.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        self._old_signals = {}
+        if self._sig_socks is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._sig_socks[0])
+            for sk in self._sig_socks:
+                sk.close()
+            self._sig_socks = None
 
     def _schedule_service(self, interval):
         def tick():
@@ -1151,6 +1196,7 @@ class BaseServer:
                 _quiet_close(child.chan)
             self._children.clear()
             self._workers = []
+            self._remove_stop_signals()
             if loop is not None and not loop.is_closed():
                 loop.close()
         finally:
@@ -1402,6 +1448,11 @@ class BaseServer:
                     os.close(c.pidfd)
                 except OSError:
                     pass
+        if self._sig_socks is not None:
+            for sk in self._sig_socks:
+                _quiet_close(sk)
+            self._sig_socks = None
+        self._old_signals = {}
         self._handshakes = set()
         self._children = {}
         self._workers = []
