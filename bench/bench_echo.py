@@ -367,32 +367,45 @@ def available_servers():
 
 
 def run(servers=None, conns=DEFAULT_CONNS, repeats=3, warmup=1.0, duration=2.0,
-        big_conns=BIG_CONNS, log=None):
-    """Measure every server at every connection count; returns a list of row dicts."""
-    servers = [s for s in (servers or available_servers())]
+        big_conns=BIG_CONNS, big_servers=("fastnet", "uvloop"), log=None):
+    """Measure every server at every connection count; returns a list of row dicts.
+
+    Repeats are interleaved (every server once per round) so drift in the
+    machine's load hits all servers alike.
+    """
+    servers = list(servers or available_servers())
+    plan = [(kind, n) for n in conns for kind in servers]
+    if big_conns:
+        plan += [(kind, big_conns) for kind in servers if kind in big_servers]
+    procs = {}
+    samples = {key: [] for key in plan}
+    try:
+        for kind in servers:
+            procs[kind] = start_server(kind)
+        for rnd in range(repeats):
+            for kind, n in plan:
+                proc, port = procs[kind]
+                r = run_load(port, proc.pid, n, warmup, duration)
+                if r["errors"]:
+                    raise RuntimeError(f"{kind}: {r['errors']} bad replies or lost connections")
+                samples[(kind, n)].append(r)
+                if log:
+                    log(f"round {rnd + 1}/{repeats} {kind:13s} {n:6d} conns: "
+                        f"{r['server_cpu'] / max(r['round_trips'], 1) * 1e6:6.2f} us CPU/rt  "
+                        f"{r['round_trips'] / r['seconds']:9.0f} rt/s")
+    finally:
+        for proc, _port in procs.values():
+            stop_server(proc)
     rows = []
     for kind in servers:
-        counts = list(conns)
-        if big_conns and kind == "fastnet":
-            counts.append(big_conns)
-        proc, port = start_server(kind)
-        try:
-            for n in counts:
-                samples = []
-                for _ in range(repeats):
-                    r = run_load(port, proc.pid, n, warmup, duration)
-                    if r["errors"]:
-                        raise RuntimeError(f"{kind}: {r['errors']} bad replies or lost connections")
-                    samples.append(r)
-                us = statistics.median(s["server_cpu"] / max(s["round_trips"], 1) * 1e6 for s in samples)
-                rate = statistics.median(s["round_trips"] / s["seconds"] for s in samples)
-                row = {"server": kind, "conns": n, "cpu_us_per_rt": us, "rt_per_s": rate,
-                       "repeats": repeats, "driver": samples[0]["driver"]}
-                rows.append(row)
-                if log:
-                    log(f"{kind:13s} {n:6d} conns: {us:6.2f} us CPU/rt  {rate:9.0f} rt/s")
-        finally:
-            stop_server(proc)
+        for n in sorted({n for k, n in plan if k == kind}):
+            ss = samples[(kind, n)]
+            rows.append({
+                "server": kind, "conns": n, "repeats": len(ss), "driver": ss[0]["driver"],
+                "cpu_us_per_rt": statistics.median(x["server_cpu"] / max(x["round_trips"], 1) * 1e6
+                                                   for x in ss),
+                "rt_per_s": statistics.median(x["round_trips"] / x["seconds"] for x in ss),
+            })
     return rows
 
 
@@ -400,20 +413,21 @@ def format_table(rows):
     """A text table with ratios to uvloop (asyncio when uvloop was not measured)."""
     anchor = "uvloop" if any(r["server"] == "uvloop" for r in rows) else "asyncio"
     base = {r["conns"]: r for r in rows if r["server"] == anchor}
-    small = {r["server"]: r["cpu_us_per_rt"] for r in rows if r["conns"] == min(x["conns"] for x in rows)}
-    lines = [f"{'server':13s} {'conns':>6s} {'CPU us/rt':>10s} {'rt/s':>10s} "
-             f"{'CPU vs ' + anchor:>15s} {'rt/s vs ' + anchor:>16s}"]
+    least = min((r["conns"] for r in rows), default=0)
+    own = {r["server"]: r["cpu_us_per_rt"] for r in rows if r["conns"] == least}
+    head = (f"{'server':13s} {'conns':>6s} {'CPU us/rt':>10s} {'rt/s':>9s} "
+            f"{'CPU/' + anchor:>12s} {'rt/s/' + anchor:>12s} {'CPU/own@' + str(least):>13s}")
+    lines = [head]
     for r in rows:
         b = base.get(r["conns"])
-        cpu_ratio = f"{r['cpu_us_per_rt'] / b['cpu_us_per_rt']:.2f}x" if b else "-"
-        rate_ratio = f"{r['rt_per_s'] / b['rt_per_s']:.2f}x" if b else "-"
-        if not b and r["server"] in small:
-            cpu_ratio = f"{r['cpu_us_per_rt'] / small[r['server']]:.2f}x own@{min(x['conns'] for x in rows)}"
+        cpu = f"{r['cpu_us_per_rt'] / b['cpu_us_per_rt']:.2f}x" if b else "-"
+        rate = f"{r['rt_per_s'] / b['rt_per_s']:.2f}x" if b else "-"
+        mine = f"{r['cpu_us_per_rt'] / own[r['server']]:.2f}x" if r["server"] in own else "-"
         lines.append(f"{r['server']:13s} {r['conns']:6d} {r['cpu_us_per_rt']:10.2f} "
-                     f"{r['rt_per_s']:10.0f} {cpu_ratio:>15s} {rate_ratio:>16s}")
+                     f"{r['rt_per_s']:9.0f} {cpu:>12s} {rate:>12s} {mine:>13s}")
     drivers = sorted({r["driver"] for r in rows})
-    lines.append(f"load: one {'/'.join(drivers)} process, {PAYLOAD}-byte framed ping-pong; medians of "
-                 f"{rows[0]['repeats'] if rows else 0} runs")
+    lines.append(f"load: one {'/'.join(drivers)} process, {PAYLOAD}-byte framed ping-pong; "
+                 f"medians of {rows[0]['repeats'] if rows else 0} interleaved runs")
     return "\n".join(lines)
 
 
@@ -425,7 +439,8 @@ def main(argv=None):
                     help="comma-separated: " + ", ".join(SERVERS))
     ap.add_argument("--conns", default=",".join(map(str, DEFAULT_CONNS)))
     ap.add_argument("--big-conns", type=int, default=BIG_CONNS,
-                    help="extra connection count measured for fastnet (0: skip)")
+                    help="extra connection count, measured for --big-servers (0: skip)")
+    ap.add_argument("--big-servers", default="fastnet,uvloop")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--duration", type=float, default=2.0)
@@ -441,7 +456,7 @@ def main(argv=None):
     _raise_nofile(BIG_CONNS + 100)
     rows = run([s for s in args.servers.split(",") if s],
                [int(x) for x in args.conns.split(",") if x], args.repeats, args.warmup,
-               args.duration, args.big_conns, log=lambda m: print(m, file=sys.stderr, flush=True))
+               args.duration, args.big_conns, args.big_servers.split(","), log=lambda m: print(m, file=sys.stderr, flush=True))
     print(format_table(rows))
     if args.json:
         print(json.dumps(rows))

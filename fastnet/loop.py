@@ -131,6 +131,7 @@ class Server:
         self.accept_filter = accept_filter
         self._unlink_path = unlink_path
         self._transports = set()
+        self._prune_at = 64
         self._serving = False
         self._backoff = None
         self.accepted = 0
@@ -193,10 +194,12 @@ class Server:
                 raise
             t = self.loop.add_stream(conn, protocol, max_message_size=self.max_message_size,
                                      high_water=self.high_water, low_water=self.low_water)
-            if len(self._transports) > 64 and len(self._transports) > 2 * len(self.loop.transports):
-                self._transports = {x for x in self._transports if not x.closed}
             if not t.closed:
                 self._transports.add(t)
+                if len(self._transports) >= self._prune_at:
+                    # forget closed transports; amortised O(1) per accept
+                    self._transports = {x for x in self._transports if not x.closed}
+                    self._prune_at = max(64, 2 * len(self._transports))
 
     def close(self):
         """Stop accepting and close the listening socket (connections stay)."""
