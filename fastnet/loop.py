@@ -192,8 +192,13 @@ class Server:
             except Exception:
                 conn.close()
                 raise
-            t = self.loop.add_stream(conn, protocol, max_message_size=self.max_message_size,
-                                     high_water=self.high_water, low_water=self.low_water)
+            try:
+                t = self.loop.add_stream(conn, protocol, max_message_size=self.max_message_size,
+                                         high_water=self.high_water, low_water=self.low_water)
+            except Exception:
+                # e.g. select's FD_SETSIZE: refuse this one, keep serving
+                conn.close()
+                raise
             if not t.closed:
                 self._transports.add(t)
                 if len(self._transports) >= self._prune_at:
