@@ -1030,3 +1030,30 @@ def test_thousands_of_connections_on_epoll(epoll_loop):
             child.kill()
             child.wait()
         server.close()
+
+
+def test_pipelined_frames_split_at_every_byte_boundary(loop):
+    """Random sizes (small, 64 KiB-crossing, 12-byte headers excluded) sent in random slices."""
+    rng = random.Random(11)
+    sizes = [rng.choice([0, 1, 3, 4, 5, 100, 4095, 65535, 65536, 70000, 300000]) for _ in range(120)]
+    payloads = [rng.randbytes(n) for n in sizes]
+    stream = b"".join(frame(p) for p in payloads)
+    a, b = socket.socketpair()
+    rec = Recorder()
+    loop.add_stream(a, rec, max_message_size=None)
+
+    def writer():
+        pos = 0
+        while pos < len(stream):
+            k = rng.choice([1, 2, 3, 5, 7, 13, 4096, 65536, 200000])
+            b.sendall(stream[pos:pos + k])
+            pos += k
+
+    th = threading.Thread(target=writer)
+    th.start()
+    assert loop.run_until(lambda: len(rec.messages) == len(payloads), 60)
+    th.join(WAIT)
+    assert rec.messages == payloads
+    b.close()
+    assert loop.run_until(lambda: rec.lost, WAIT)
+    assert rec.lost == [None]
