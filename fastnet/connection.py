@@ -112,6 +112,11 @@ class Connection:
     def __exit__(self, *exc):
         self.close()
 
+    def __del__(self):
+        # received descriptors nobody claimed are closed with the connection
+        if getattr(self, "_ch", None) is not None:
+            self.close()
+
     def _check_closed(self):
         if self._ch is None:
             raise OSError("handle is closed")
