@@ -46,26 +46,41 @@ Handlers come in two styles:
     on its own event loop and blocking handlers on ``worker_threads``
     threads (default 8).
 
-Limits, all keyword arguments (defaults below): ``max_connections``
-(connections open at once, handshakes included; beyond it new connections
-wait in the listen backlog, or with ``overflow="refuse"`` are closed at
-once), ``max_message_size`` (framed handlers; a larger frame closes that
-connection), ``idle_timeout`` (a connection with no traffic for this long is
-closed; for blocking handlers it is the socket timeout) and
-``handshake_timeout`` (with an ``authkey``: the mutual authkey handshake of
-multiprocessing runs on the loop, so a silent client never delays another).
+Limits, keyword arguments with these defaults:
+
+``max_connections=1000``
+    connections open at once, pending handshakes included. Beyond it new
+    connections wait in the listen backlog, or with ``overflow="refuse"``
+    are accepted and closed at once (and counted as refused).
+``max_message_size=64 MiB``
+    the largest frame a MessageHandler accepts; a larger one closes that
+    connection before anything is allocated for it.
+``idle_timeout=300``
+    seconds without traffic after which a connection is closed (for
+    blocking handlers: the socket timeout). ``None`` disables it.
+``handshake_timeout=10``
+    with an ``authkey``, seconds a client has for multiprocessing's mutual
+    authkey handshake. The handshake runs on the loop as a non-blocking
+    state machine, so a silent client never delays another.
+``shutdown_timeout=10``
+    seconds ``shutdown()`` waits for connections and workers to finish.
+
 ``allow=["127.0.0.0/8", "::1/128"]`` refuses, at accept, every peer outside
-the listed networks; refused peers are closed at once and counted.
+the listed networks (``ipaddress``); refused peers are closed at once and
+counted. ``verify_request`` is still called for the others.
 
 ``serve_forever()`` serves on the calling thread (in the main thread it
-turns SIGINT and SIGTERM into a graceful shutdown), ``start()`` on a
-background thread. ``shutdown()`` is graceful: stop accepting, let
-connections finish what they were given and send what is queued, close,
-then join threads and processes; whatever is left after ``timeout``
-seconds is closed or killed. ``stats()`` returns simple counters.
+turns SIGINT and SIGTERM into a graceful shutdown; a second signal stops
+waiting), ``start()`` on a background thread. ``shutdown()`` is graceful:
+stop accepting, let connections finish what they were given and send what
+is queued, close, then join threads and processes; what is left after the
+timeout is closed or killed. ``stats()`` returns simple counters.
 
 ``fork`` and ``prefork`` use ``os.fork()`` from the serving thread; children
-leave with ``os._exit`` and never touch the parent's event loop.
+leave with ``os._exit`` and never touch the parent's event loop. A child
+inherits the parent's other descriptors, as with socketserver's
+ForkingMixIn: a process that is also a client of its own forking server
+should run those clients elsewhere.
 """
 import collections
 import errno
@@ -79,6 +94,7 @@ import socket
 import socketserver
 import struct
 import threading
+import time
 
 from fastnet._kernels import auth as _auth
 from fastnet.address import parse_address
@@ -124,6 +140,8 @@ _WORK_BATCH = 16
 _REPORT = struct.Struct("!c4Q")
 _REPORT_TIMEOUT = 5.0
 _REAP_POLL = 0.05
+_QUICK_DEATH = 1.0
+_RESPAWN_MAX_DELAY = 5.0
 
 _local = threading.local()
 
@@ -179,9 +197,11 @@ class MessageHandler:
     ``reply(data)`` sends one message back (any bytes-like object) and
     ``close()`` closes the connection once the replies are sent. ``setup()``
     runs when the connection is ready (after the handshake), ``finish()``
-    when it is gone. ``self.server``, ``self.client_address`` and, on the
-    server's loop (concurrency "loop" and "prefork"), ``self.transport`` are
-    set. Override ``setup`` rather than ``__init__``.
+    when it is gone. ``self.server`` and ``self.client_address`` are set,
+    and ``self.transport`` (the loop's FramedTransport) wherever the handler
+    runs on a loop: concurrency "loop", "fork" and "prefork". With
+    "thread" the handler runs on a pool thread and ``reply`` is thread-safe.
+    Override ``setup`` rather than ``__init__``.
     """
 
     transport = None
@@ -251,14 +271,9 @@ class _Pool:
     def stop(self, timeout):
         for _ in self.threads:
             self.q.put(None)
-        deadline = _monotonic() + timeout
+        deadline = time.monotonic() + timeout
         for t in self.threads:
-            t.join(max(0.0, deadline - _monotonic()))
-
-
-def _monotonic():
-    import time
-    return time.monotonic()
+            t.join(max(0.0, deadline - time.monotonic()))
 
 
 # -- connections on one loop ---------------------------------------------------
@@ -337,12 +352,8 @@ class _FramedConn:
             self.engine._finish(self, counters)
             return
         self._counters = counters
-        q = self.queue
-        setup_pending = any(item is _SETUP for item in q)
-        q.clear()   # the peer is gone: its unhandled messages need no answer
-        if setup_pending:
-            q.append(_SETUP)
-        q.append(_LOST)
+        # the queue belongs to a pool thread too: only append to it
+        self.queue.append(_LOST)
         if not self.busy:
             self._kick()
 
@@ -392,7 +403,7 @@ class _FramedConn:
                 return
             if item is _SETUP:
                 h.setup()
-            else:
+            elif not self.lost:       # a gone peer's unhandled messages need no answer
                 h.message_received(item)
 
     def _worked(self, exc):
@@ -583,7 +594,7 @@ class _Handshake:
         self.timer = loop.call_later(server.handshake_timeout, self._expired)
         loop.add_reader(self.fd, self._readable)
         server._handshakes.add(self)
-        self._flush()
+        self._writable()
 
     def _readable(self):
         try:
@@ -711,11 +722,12 @@ class _Handshake:
 
 class _Child:
     """A forked child (fork mode) or a prefork worker, as its parent sees it."""
-    __slots__ = ("pid", "chan", "pidfd", "inflight", "assigned", "alive", "status")
+    __slots__ = ("pid", "chan", "pidfd", "inflight", "assigned", "alive", "status", "started")
 
     def __init__(self, pid, chan):
         self.pid = pid
         self.chan = chan
+        self.started = time.monotonic()
         self.pidfd = -1
         self.inflight = 0
         self.assigned = 0
@@ -830,6 +842,7 @@ class BaseServer:
         self._old_signals = {}
         self._idle_closed = 0
         self._restarts = 0
+        self._quick_deaths = 0
         self._counters = [0, 0, 0, 0]    # messages in/out, bytes in/out of finished work
         self._out_lock = threading.Lock()
         self.socket = socket.socket(fam, self.socket_type)
@@ -1325,7 +1338,8 @@ class BaseServer:
             sock.setblocking(True)
             sock.settimeout(self.idle_timeout)
             self.finish_request(sock, addr)
-        except (ConnectionError, TimeoutError) as exc:
+        except (ConnectionError, socket.timeout) as exc:
+            # a peer that left or went idle is no error of the server's
             logger.debug("connection from %r ended: %r", addr, exc)
         except Exception:
             self.handle_error(sock, addr)
@@ -1559,6 +1573,10 @@ class BaseServer:
         self._loop.add_reader(w.chan, self._worker_report, w)
         return w
 
+    def _respawn(self):
+        if not self._shutting_down:
+            self._spawn_worker()
+
     def _to_worker(self, sock, addr):
         data = pickle.dumps(addr)
         fd = sock.fileno()
@@ -1602,7 +1620,17 @@ class BaseServer:
             logger.warning("prefork worker %d exited (status %r) with %d connections; replacing it",
                            w.pid, w.status, lost)
             self._restarts += 1
-            self._spawn_worker()
+            # workers that die as soon as they start (a broken handler) are
+            # replaced ever more slowly instead of in a tight fork loop
+            if time.monotonic() - w.started < _QUICK_DEATH:
+                self._quick_deaths += 1
+            else:
+                self._quick_deaths = 0
+            if self._quick_deaths >= 3:
+                delay = min(_RESPAWN_MAX_DELAY, 0.1 * 2 ** (self._quick_deaths - 3))
+                self._loop.call_later(delay, self._respawn)
+            else:
+                self._spawn_worker()
         for _ in range(lost):
             self._release()
 

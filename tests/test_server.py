@@ -14,7 +14,6 @@ import socket
 import socketserver
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import uuid
@@ -22,6 +21,7 @@ import uuid
 import pytest
 
 import fastnet
+import fastnet.loop
 from fastnet.server import (
     CONCURRENCY,
     BaseRequestHandler,
@@ -325,6 +325,16 @@ def test_echo_many_clients(serve, mode, kind):
     assert srv.worker_pids == []
 
 
+@pytest.mark.parametrize("backend", fastnet.loop.BACKENDS)
+def test_every_loop_backend(serve, backend):
+    srv = serve(TCPServer, ("127.0.0.1", 0), FramedEcho, backend=backend, authkey=b"k")
+    for _ in range(3):
+        with fastnet.Client(srv.address, authkey=b"k", timeout=WAIT) as c:
+            for i in range(5):
+                c.send_bytes(b"%d" % i)
+                assert c.poll(WAIT) and c.recv_bytes() == b"%d:%d" % (os.getpid(), i)
+
+
 def test_stdlib_handler_classes_and_threading_names(serve):
     class Upper(socketserver.StreamRequestHandler):
         def handle(self):
@@ -476,6 +486,18 @@ def test_allow_list_networks(serve):
     assert srv._allowed(("::1", 5, 0, 0)) and srv._allowed(("::ffff:127.0.0.9", 5, 0, 0))
     assert not srv._allowed(("10.0.0.1", 5)) and not srv._allowed(("::2", 5, 0, 0))
     assert srv.stats()["connections_refused"] == 0
+
+
+def test_ipv6(serve):
+    try:
+        socket.socket(socket.AF_INET6).bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    srv = serve(TCPServer, ("::1", 0), FramedEcho, allow=["::1/128"])
+    assert srv.address[0] == "::1"
+    with fastnet.Client(srv.address[:2], timeout=WAIT) as c:
+        c.send_bytes(b"six")
+        assert c.poll(WAIT) and c.recv_bytes().endswith(b":six")
 
 
 def test_verify_request_hook_like_the_restricted_server(serve):
@@ -722,10 +744,12 @@ def test_shutdown_stops_blocking_handlers_and_joins(serve):
         s.close()
 
 
+@pytest.mark.parametrize("kind", ["stream", "framed"])
 @pytest.mark.parametrize("mode", ["fork", "prefork"])
-def test_shutdown_ends_child_processes(serve, mode):
-    srv = serve(TCPServer, ("127.0.0.1", 0), FramedEcho, concurrency=mode, workers=2)
-    proc = spawn_clients(srv.address, "framed", 2, 3, together=True, hold=True)
+def test_shutdown_ends_child_processes(serve, mode, kind):
+    srv = serve(TCPServer, ("127.0.0.1", 0), HANDLERS[kind], concurrency=mode, workers=2,
+                idle_timeout=None)
+    proc = spawn_clients(srv.address, kind, 2, 3, together=True, hold=True)
     try:
         held = json.loads(readline(proc))["held"]
         srv.shutdown(timeout=WAIT)
