@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Echo-server benchmark: fastnet's EventLoop against uvloop, asyncio and selectors.
 
-Each server runs in its own process and echoes 64-byte framed messages
+Each server runs in its own process (pinned to the last CPU, the load to the
+first; FASTNET_BENCH_PIN=0 lets them float) and echoes 64-byte framed messages
 (multiprocessing.connection's 4-byte length prefix); every server hands whole
 messages to a Python-level handler that sends a framed reply, so they do the
 same work. One load process (uvloop if installed, else asyncio) keeps N
@@ -228,7 +229,17 @@ def serve_selectors():
                 read(key.fileobj, mask)
 
 
+def _pin(which):
+    """Server on the last CPU, load on the first: no core sharing between them."""
+    if os.environ.get("FASTNET_BENCH_PIN", "1") == "0":
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= 2:
+        os.sched_setaffinity(0, {cpus[-1] if which == "server" else cpus[0]})
+
+
 def _serve(kind):
+    _pin("server")
     _raise_nofile(BIG_CONNS + 100)
     if kind in ("fastnet", "fastnet-pure"):
         serve_fastnet()
@@ -245,9 +256,10 @@ def _serve(kind):
 # -- load (child process) -------------------------------------------------------
 
 def _cpu_seconds(pid):
+    """(user, system) CPU seconds of a process so far."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def _load(port, server_pid, nconns, warmup, duration):
@@ -261,6 +273,7 @@ def _load(port, server_pid, nconns, warmup, duration):
         loop = asyncio.new_event_loop()
         driver = "asyncio"
     asyncio.set_event_loop(loop)
+    _pin("load")
     _raise_nofile(nconns + 100)
     msg = bytes(range(PAYLOAD))
     frame = len(msg).to_bytes(4, "big") + msg
@@ -309,8 +322,9 @@ def _load(port, server_pid, nconns, warmup, duration):
         for p in conns:
             p.t.close()
         await asyncio.sleep(0.05)
-        return {"round_trips": c1 - c0, "seconds": t1 - t0, "server_cpu": s1 - s0,
-                "errors": errors[0], "driver": driver}
+        user, system = s1[0] - s0[0], s1[1] - s0[1]
+        return {"round_trips": c1 - c0, "seconds": t1 - t0, "server_cpu": user + system,
+                "server_user": user, "server_sys": system, "errors": errors[0], "driver": driver}
 
     print(json.dumps(loop.run_until_complete(main())), flush=True)
     loop.close()
@@ -366,6 +380,14 @@ def available_servers():
     return out
 
 
+def _cpu_per_rt(sample):
+    return sample["server_cpu"] / max(sample["round_trips"], 1) * 1e6
+
+
+def _rate(sample):
+    return sample["round_trips"] / sample["seconds"]
+
+
 def run(servers=None, conns=DEFAULT_CONNS, repeats=3, warmup=1.0, duration=2.0,
         big_conns=BIG_CONNS, big_servers=("fastnet", "uvloop"), log=None):
     """Measure every server at every connection count; returns a list of row dicts.
@@ -391,43 +413,52 @@ def run(servers=None, conns=DEFAULT_CONNS, repeats=3, warmup=1.0, duration=2.0,
                 samples[(kind, n)].append(r)
                 if log:
                     log(f"round {rnd + 1}/{repeats} {kind:13s} {n:6d} conns: "
-                        f"{r['server_cpu'] / max(r['round_trips'], 1) * 1e6:6.2f} us CPU/rt  "
+                        f"{_cpu_per_rt(r):6.2f} us CPU/rt "
+                        f"({r['server_user'] / max(r['round_trips'], 1) * 1e6:5.2f} user)  "
                         f"{r['round_trips'] / r['seconds']:9.0f} rt/s")
     finally:
         for proc, _port in procs.values():
             stop_server(proc)
+    anchor = "uvloop" if "uvloop" in servers else ("asyncio" if "asyncio" in servers else None)
     rows = []
     for kind in servers:
         for n in sorted({n for k, n in plan if k == kind}):
             ss = samples[(kind, n)]
-            rows.append({
+            row = {
                 "server": kind, "conns": n, "repeats": len(ss), "driver": ss[0]["driver"],
-                "cpu_us_per_rt": statistics.median(x["server_cpu"] / max(x["round_trips"], 1) * 1e6
-                                                   for x in ss),
-                "rt_per_s": statistics.median(x["round_trips"] / x["seconds"] for x in ss),
-            })
+                "cpu_us_per_rt": statistics.median(_cpu_per_rt(x) for x in ss),
+                "rt_per_s": statistics.median(_rate(x) for x in ss),
+                "user_us_per_rt": statistics.median(x["server_user"] / max(x["round_trips"], 1) * 1e6
+                                                    for x in ss),
+                "anchor": anchor,
+            }
+            base = samples.get((anchor, n)) if anchor else None
+            if base:
+                # paired by round: both measured back to back, so machine drift cancels
+                row["cpu_ratio"] = statistics.median(_cpu_per_rt(x) / _cpu_per_rt(y) for x, y in zip(ss, base))
+                row["rate_ratio"] = statistics.median(_rate(x) / _rate(y) for x, y in zip(ss, base))
+            rows.append(row)
     return rows
 
 
 def format_table(rows):
-    """A text table with ratios to uvloop (asyncio when uvloop was not measured)."""
-    anchor = "uvloop" if any(r["server"] == "uvloop" for r in rows) else "asyncio"
-    base = {r["conns"]: r for r in rows if r["server"] == anchor}
+    """A text table; ratios to uvloop (asyncio without it) are medians of per-round pairs."""
+    anchor = next((r["anchor"] for r in rows if r.get("anchor")), "uvloop")
     least = min((r["conns"] for r in rows), default=0)
     own = {r["server"]: r["cpu_us_per_rt"] for r in rows if r["conns"] == least}
-    head = (f"{'server':13s} {'conns':>6s} {'CPU us/rt':>10s} {'rt/s':>9s} "
-            f"{'CPU/' + anchor:>12s} {'rt/s/' + anchor:>12s} {'CPU/own@' + str(least):>13s}")
-    lines = [head]
+    lines = [f"{'server':13s} {'conns':>6s} {'CPU us/rt':>10s} {'user us/rt':>10s} {'rt/s':>9s} "
+             f"{'CPU/' + anchor:>12s} {'rt/s/' + anchor:>12s} {'CPU/own@' + str(least):>13s}"]
     for r in rows:
-        b = base.get(r["conns"])
-        cpu = f"{r['cpu_us_per_rt'] / b['cpu_us_per_rt']:.2f}x" if b else "-"
-        rate = f"{r['rt_per_s'] / b['rt_per_s']:.2f}x" if b else "-"
+        cpu = f"{r['cpu_ratio']:.2f}x" if "cpu_ratio" in r else "-"
+        rate = f"{r['rate_ratio']:.2f}x" if "rate_ratio" in r else "-"
         mine = f"{r['cpu_us_per_rt'] / own[r['server']]:.2f}x" if r["server"] in own else "-"
         lines.append(f"{r['server']:13s} {r['conns']:6d} {r['cpu_us_per_rt']:10.2f} "
-                     f"{r['rt_per_s']:9.0f} {cpu:>12s} {rate:>12s} {mine:>13s}")
+                     f"{r['user_us_per_rt']:10.2f} {r['rt_per_s']:9.0f} {cpu:>12s} {rate:>12s} {mine:>13s}")
     drivers = sorted({r["driver"] for r in rows})
     lines.append(f"load: one {'/'.join(drivers)} process, {PAYLOAD}-byte framed ping-pong; "
-                 f"medians of {rows[0]['repeats'] if rows else 0} interleaved runs")
+                 f"medians of {rows[0]['repeats'] if rows else 0} interleaved rounds; "
+                 f"ratios are medians of same-round pairs; CPU = user + system of the server "
+                 f"process, user = the part outside the kernel")
     return "\n".join(lines)
 
 
