@@ -127,7 +127,7 @@ class FrameDecoder:
         self._tpos = 0
         self._received = 0       # bytes taken from the stream so far
         self._frame_start = 0    # stream offset of the last parsed header
-        self._frame_hdr = 4      # its header length, 4 or 12
+        self._frame_hdr = 0      # its header length, 4 or 12 (0 before the first)
         self._broken = None      # the exception that desynchronised the stream, or None
         self._max_size = -1 if max_size is None else _longlong(max_size)
         if self._max_size < -1:
