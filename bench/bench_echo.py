@@ -413,8 +413,7 @@ def run(servers=None, conns=DEFAULT_CONNS, repeats=3, warmup=1.0, duration=2.0,
                 samples[(kind, n)].append(r)
                 if log:
                     log(f"round {rnd + 1}/{repeats} {kind:13s} {n:6d} conns: "
-                        f"{_cpu_per_rt(r):6.2f} us CPU/rt "
-                        f"({r['server_user'] / max(r['round_trips'], 1) * 1e6:5.2f} user)  "
+                        f"{_cpu_per_rt(r):6.2f} us CPU/rt  "
                         f"{r['round_trips'] / r['seconds']:9.0f} rt/s")
     finally:
         for proc, _port in procs.values():
@@ -430,6 +429,7 @@ def run(servers=None, conns=DEFAULT_CONNS, repeats=3, warmup=1.0, duration=2.0,
                 "rt_per_s": statistics.median(_rate(x) for x in ss),
                 "user_us_per_rt": statistics.median(x["server_user"] / max(x["round_trips"], 1) * 1e6
                                                     for x in ss),
+                "server_busy": statistics.median(x["server_cpu"] / x["seconds"] for x in ss),
                 "anchor": anchor,
             }
             base = samples.get((anchor, n)) if anchor else None
@@ -446,19 +446,19 @@ def format_table(rows):
     anchor = next((r["anchor"] for r in rows if r.get("anchor")), "uvloop")
     least = min((r["conns"] for r in rows), default=0)
     own = {r["server"]: r["cpu_us_per_rt"] for r in rows if r["conns"] == least}
-    lines = [f"{'server':13s} {'conns':>6s} {'CPU us/rt':>10s} {'user us/rt':>10s} {'rt/s':>9s} "
+    lines = [f"{'server':13s} {'conns':>6s} {'CPU us/rt':>10s} {'busy':>5s} {'rt/s':>9s} "
              f"{'CPU/' + anchor:>12s} {'rt/s/' + anchor:>12s} {'CPU/own@' + str(least):>13s}"]
     for r in rows:
         cpu = f"{r['cpu_ratio']:.2f}x" if "cpu_ratio" in r else "-"
         rate = f"{r['rate_ratio']:.2f}x" if "rate_ratio" in r else "-"
         mine = f"{r['cpu_us_per_rt'] / own[r['server']]:.2f}x" if r["server"] in own else "-"
         lines.append(f"{r['server']:13s} {r['conns']:6d} {r['cpu_us_per_rt']:10.2f} "
-                     f"{r['user_us_per_rt']:10.2f} {r['rt_per_s']:9.0f} {cpu:>12s} {rate:>12s} {mine:>13s}")
+                     f"{r['server_busy']:5.0%} {r['rt_per_s']:9.0f} {cpu:>12s} {rate:>12s} {mine:>13s}")
     drivers = sorted({r["driver"] for r in rows})
     lines.append(f"load: one {'/'.join(drivers)} process, {PAYLOAD}-byte framed ping-pong; "
                  f"medians of {rows[0]['repeats'] if rows else 0} interleaved rounds; "
-                 f"ratios are medians of same-round pairs; CPU = user + system of the server "
-                 f"process, user = the part outside the kernel")
+                 f"ratios are medians of same-round pairs; CPU = user + system time of the "
+                 f"server process; busy = server CPU / wall time")
     return "\n".join(lines)
 
 
