@@ -65,8 +65,10 @@ cdef inline int _wait_fd(int fd, short events, double deadline) except -1:
             left = deadline - _now()
             if left <= 0:
                 ms = 0
-            else:
+            elif left < 2000000.0:
                 ms = <int>(left * 1000.0) + 1
+            else:
+                ms = 2000000000     # poll() takes an int; a far deadline is re-polled
         with nogil:
             rc = poll(&p, 1, ms)
         if rc > 0:
