@@ -1071,7 +1071,10 @@ class BaseServer:
         self.server_close()
 
     def server_close(self):
-        """Close the listening socket and remove its AF_UNIX path."""
+        """Close the listening socket and remove its AF_UNIX path (shutting down first if serving)."""
+        if (self._state == "serving" and not self._in_child
+                and threading.current_thread() is not self._serving_thread):
+            self.shutdown()
         sock = self.socket
         if sock is not None and sock.fileno() >= 0:
             sock.close()
