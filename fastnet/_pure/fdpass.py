@@ -1,21 +1,85 @@
-"""Pure-Python twin of src_c/fdpass.pyx: SCM_RIGHTS descriptor passing."""
+"""Pure-Python twin of src_c/fdpass.pyx: SCM_RIGHTS descriptor passing.
+
+Same behaviour as the compiled kernel: a socket's own timeout (or a
+descriptor given as an int: no timeout) bounds the wait and raises
+fastnet.TimeoutError; a truncated control message, or more descriptors than
+the caller asked for (CMSG_SPACE's alignment slack can admit one more),
+closes every descriptor that arrived and raises ProtocolError.
+"""
 import array
 import os
+import select
 import socket
+import time
 
-from fastnet.errors import ProtocolError
+from fastnet.errors import ProtocolError, TimeoutError as FastnetTimeout
 
 #: Most descriptors one message may carry (Linux's SCM_MAX_FD).
 MAX_FDS = 253
 _INT = array.array("i").itemsize
+_SOL_SOCKET = socket.SOL_SOCKET
+_SCM_RIGHTS = socket.SCM_RIGHTS
+_NOSIGNAL = socket.MSG_NOSIGNAL
+_DONTWAIT = socket.MSG_DONTWAIT
+_CLOEXEC = socket.MSG_CMSG_CLOEXEC
+_CTRUNC = socket.MSG_CTRUNC
+_CTRL = [socket.CMSG_SPACE(n * _INT) for n in range(MAX_FDS + 1)]
 
 
-def _sock_of(sock):
+def _open(sock):
+    """``(fd, deadline, s, temp)``: the descriptor, the deadline its socket's
+    timeout sets (-1.0: none; an int descriptor has none), and a socket object
+    on it in Python's blocking mode (``temp``: made here, to be detached), so
+    the deadline is ours to keep and Python never waits on its own."""
     if isinstance(sock, int):
-        return socket.socket(fileno=sock), True
-    if sock.fileno() < 0:
+        if sock < 0:
+            raise OSError(9, "socket is closed")
+        return sock, -1.0, socket.socket(fileno=sock), True
+    fd = sock.fileno()
+    if fd < 0:
         raise OSError(9, "socket is closed")
-    return sock, False
+    t = sock.gettimeout()
+    if t is None:
+        return fd, -1.0, sock, False
+    return fd, time.monotonic() + t, socket.socket(fileno=fd), True
+
+
+def _wait_fd(fd, events, deadline):
+    """Wait until fd is ready; deadline < 0 waits forever. False on timeout."""
+    p = select.poll()
+    p.register(fd, events)
+    while True:
+        if deadline < 0:
+            ms = None
+        else:
+            left = deadline - time.monotonic()
+            ms = 0 if left <= 0 else int(left * 1000.0) + 1
+        if p.poll(ms):
+            return True
+        if deadline >= 0 and time.monotonic() >= deadline:
+            return False
+
+
+def _sendmsg_fds(s, fd, deadline, data, fdl):
+    """sendmsg data with fdl as SCM_RIGHTS, then the rest of data plainly."""
+    anc = [(_SOL_SOCKET, _SCM_RIGHTS, fdl)]
+    while True:
+        try:
+            # a message this small goes at once or not at all; wait only on EAGAIN
+            r = s.sendmsg([data], anc, _NOSIGNAL | _DONTWAIT)
+            break
+        except BlockingIOError:
+            if not _wait_fd(fd, select.POLLOUT, deadline):
+                raise FastnetTimeout("timed out sending descriptors") from None
+    # the descriptors went with the first byte; the rest is plain data
+    n = len(data)
+    if r < n:
+        view = memoryview(data).cast("B")
+        while r < n:
+            try:
+                r += s.send(view[r:], _NOSIGNAL | _DONTWAIT)
+            except BlockingIOError:
+                _wait_fd(fd, select.POLLOUT, -1.0)
 
 
 def send_fds(sock, fds, data=None):
@@ -24,21 +88,54 @@ def send_fds(sock, fds, data=None):
     fdl = array.array("i", [int(f) for f in fds])
     if not 1 <= len(fdl) <= MAX_FDS:
         raise ValueError(f"send between 1 and {MAX_FDS} descriptors")
-    if data is None:
-        data = bytes([len(fdl) % 256])
-    view = memoryview(data).cast("B")
-    if not len(view):
-        raise ValueError("data must not be empty: a stream socket drops descriptors sent without bytes")
-    s, borrowed = _sock_of(sock)
+    fd, deadline, s, temp = _open(sock)
     try:
-        r = s.sendmsg([view], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fdl)], socket.MSG_NOSIGNAL)
-        # the descriptors went with the first byte; the rest is plain data
-        if r < len(view):
-            s.sendall(view[r:])
-        return len(view)
+        if data is None:
+            data = bytes([len(fdl) % 256])
+        else:
+            data = memoryview(data).cast("B")
+            if not len(data):
+                raise ValueError("data must not be empty: a stream socket drops descriptors sent without bytes")
+        _sendmsg_fds(s, fd, deadline, data, fdl)
+        return len(data)
     finally:
-        if borrowed:
+        if temp:
             s.detach()
+
+
+def _recvmsg_fds(s, fd, deadline, bufsize, maxfds):
+    """recvmsg up to bufsize bytes with room for maxfds descriptors: ``(data, fds)``.
+
+    A truncated control message, or more than maxfds descriptors, closes all
+    that arrived and raises ProtocolError; nothing and no descriptor (a
+    closed peer) raises EOFError.
+    """
+    while True:
+        try:
+            if deadline >= 0:
+                data, anc, flags, _ = s.recvmsg(bufsize, _CTRL[maxfds], _CLOEXEC | _DONTWAIT)
+            else:
+                data, anc, flags, _ = s.recvmsg(bufsize, _CTRL[maxfds], _CLOEXEC)
+            break
+        except BlockingIOError:
+            # a deadline, or a descriptor made non-blocking behind our back
+            if not _wait_fd(fd, select.POLLIN, deadline):
+                raise FastnetTimeout("timed out waiting for descriptors") from None
+    fds = []
+    for level, kind, payload in anc:
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+            a = array.array("i")
+            a.frombytes(payload[: len(payload) - len(payload) % _INT])
+            fds.extend(a)
+    if flags & _CTRUNC or len(fds) > maxfds:
+        for f in fds:
+            os.close(f)
+        raise ProtocolError(
+            f"control message truncated: more than {maxfds} descriptors sent; "
+            f"the {len(fds)} that arrived were closed")
+    if not data and not fds:
+        raise EOFError("connection closed")
+    return data, fds
 
 
 def recv_fds(sock, maxfds, bufsize=4096):
@@ -52,36 +149,33 @@ def recv_fds(sock, maxfds, bufsize=4096):
         raise ValueError(f"maxfds must be between 1 and {MAX_FDS}")
     if bufsize < 1:
         raise ValueError("bufsize must be >= 1")
-    s, borrowed = _sock_of(sock)
+    fd, deadline, s, temp = _open(sock)
     try:
-        data, anc, flags, _ = s.recvmsg(bufsize, socket.CMSG_SPACE(maxfds * _INT), socket.MSG_CMSG_CLOEXEC)
+        return _recvmsg_fds(s, fd, deadline, bufsize, maxfds)
     finally:
-        if borrowed:
+        if temp:
             s.detach()
-    fds = array.array("i")
-    for level, kind, payload in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % _INT])
-    fds = list(fds)
-    if flags & socket.MSG_CTRUNC:
-        for f in fds:
-            os.close(f)
-        raise ProtocolError(
-            f"control message truncated: more than {maxfds} descriptors sent; "
-            f"the {len(fds)} that arrived were closed")
-    if not data and not fds:
-        raise EOFError("connection closed")
-    return data, fds
 
 
 def send_fd(sock, fd):
     """Send one descriptor (interoperates with multiprocessing.reduction.recv_handle)."""
-    send_fds(sock, [fd])
+    fdl = array.array("i", (fd,))
+    sfd, deadline, s, temp = _open(sock)
+    try:
+        _sendmsg_fds(s, sfd, deadline, b"\x01", fdl)
+    finally:
+        if temp:
+            s.detach()
 
 
 def recv_fd(sock):
     """Receive one descriptor (interoperates with multiprocessing.reduction.send_handle)."""
-    data, fds = recv_fds(sock, 1, 1)
+    fd, deadline, s, temp = _open(sock)
+    try:
+        fds = _recvmsg_fds(s, fd, deadline, 1, 1)[1]
+    finally:
+        if temp:
+            s.detach()
     if not fds:
         raise ProtocolError("expected a descriptor, got plain data")
     return fds[0]
