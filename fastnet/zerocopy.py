@@ -12,14 +12,32 @@ format of a plain buffer.
 """
 import ast
 import struct
+import sys
 
 from fastnet._kernels import zerocopy as _zc
 from fastnet.errors import ProtocolError
 
-try:
-    import numpy as _np
-except ImportError:  # numpy is optional at run time
-    _np = None
+_numpy_module = None
+
+
+def _numpy():
+    """numpy, imported on first use; None when it is not installed (it is optional)."""
+    global _numpy_module
+    if _numpy_module is None:
+        try:
+            import numpy
+        except ImportError:
+            _numpy_module = False
+        else:
+            _numpy_module = numpy
+    return _numpy_module or None
+
+
+def __getattr__(name):
+    # ``zerocopy._np`` for the layers above, without importing numpy at fastnet's import
+    if name == "_np":
+        return _numpy()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["send_from", "recv_into", "encode_array", "decode_array_header", "MAX_NDIM"]
 
@@ -38,7 +56,7 @@ def _numpy_type(dtype):
         raise TypeError("arrays holding Python objects cannot be sent raw; use send()")
     if dtype.fields is None and dtype.subdtype is None:
         return dtype.str
-    return repr(_np.lib.format.dtype_to_descr(dtype))
+    return repr(_numpy().lib.format.dtype_to_descr(dtype))
 
 
 def byte_view(arr):
@@ -51,7 +69,7 @@ def byte_view(arr):
     if not (arr.flags.c_contiguous or arr.flags.f_contiguous):
         raise BufferError("array is not contiguous")
     # order "A" walks a contiguous array in memory order, so this reshape is a view
-    return arr.reshape(-1, order="A").view(_np.uint8)
+    return arr.reshape(-1, order="A").view(_numpy().uint8)
 
 
 def encode_array(obj):
@@ -60,13 +78,14 @@ def encode_array(obj):
     The payload is the object's own memory when it is C- or Fortran-
     contiguous; a non-contiguous array is copied once into C order.
     """
-    if _np is not None and isinstance(obj, _np.ndarray):
+    np = sys.modules.get("numpy")   # an ndarray implies numpy is already imported
+    if np is not None and isinstance(obj, np.ndarray):
         if obj.flags.c_contiguous:
             order = b"C"
         elif obj.flags.f_contiguous:
             order = b"F"
         else:
-            obj = _np.ascontiguousarray(obj)
+            obj = np.ascontiguousarray(obj)
             order = b"C"
         kind, tname, shape = 0, _numpy_type(obj.dtype), obj.shape
         payload = byte_view(obj)
@@ -109,11 +128,12 @@ def decode_array_header(header):
 
 def dtype_of(kind, tname):
     """The numpy dtype a header names (numpy required)."""
+    np = _numpy()
     try:
         if kind == 0 and tname.startswith("["):
-            dt = _np.lib.format.descr_to_dtype(ast.literal_eval(tname))
+            dt = np.lib.format.descr_to_dtype(ast.literal_eval(tname))
         else:
-            dt = _np.dtype(tname)
+            dt = np.dtype(tname)
     except (ValueError, TypeError, SyntaxError, MemoryError) as exc:
         raise ProtocolError(f"unknown array type {tname!r}: {exc}") from None
     if dt.hasobject:
@@ -128,7 +148,7 @@ def itemsize_of(kind, tname):
             return struct.calcsize(tname)
         except struct.error:
             pass
-    if _np is None:
+    if _numpy() is None:
         raise ProtocolError(f"numpy is needed to receive arrays of type {tname!r}")
     return dtype_of(kind, tname).itemsize
 
