@@ -20,24 +20,6 @@ from fastnet.errors import ProtocolError
 
 include "sockio.pxi"
 
-cdef extern from "<sys/socket.h>" nogil:
-    struct cmsghdr:
-        size_t cmsg_len
-        int cmsg_level
-        int cmsg_type
-    ssize_t recvmsg(int fd, msghdr* msg, int flags)
-    size_t CMSG_SPACE(size_t n)
-    size_t CMSG_LEN(size_t n)
-    cmsghdr* CMSG_FIRSTHDR(msghdr* m)
-    cmsghdr* CMSG_NXTHDR(msghdr* m, cmsghdr* c)
-    unsigned char* CMSG_DATA(cmsghdr* c)
-    int SOL_SOCKET
-    int SCM_RIGHTS
-    int MSG_CTRUNC
-    int MSG_CMSG_CLOEXEC
-
-cdef extern from "<unistd.h>" nogil:
-    int close(int fd)
 
 #: Most descriptors one message may carry (Linux's SCM_MAX_FD).
 MAX_FDS = 253

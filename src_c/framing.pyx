@@ -457,24 +457,8 @@ cdef Py_ssize_t _COPY_THRESHOLD = COPY_THRESHOLD
 
 
 cdef extern from "<sys/socket.h>" nogil:
-    struct cmsghdr:
-        size_t cmsg_len
-        int cmsg_level
-        int cmsg_type
-    ssize_t recvmsg(int fd, msghdr* msg, int flags)
-    size_t CMSG_SPACE(size_t n)
-    size_t CMSG_LEN(size_t n)
-    cmsghdr* CMSG_FIRSTHDR(msghdr* m)
-    cmsghdr* CMSG_NXTHDR(msghdr* m, cmsghdr* c)
-    unsigned char* CMSG_DATA(cmsghdr* c)
-    int _SOL_SOCKET "SOL_SOCKET"
-    int _SCM_RIGHTS "SCM_RIGHTS"
-    int _MSG_CTRUNC "MSG_CTRUNC"
-    int _MSG_CMSG_CLOEXEC "MSG_CMSG_CLOEXEC"
     int _AF_UNIX "AF_UNIX"
 
-cdef extern from "<unistd.h>" nogil:
-    int _close_fd "close"(int fd)
 
 # Room for Linux's SCM_MAX_FD (253) descriptors in one control message.
 DEF _MAX_FDS = 253
@@ -487,7 +471,7 @@ cdef list _scm_fds(msghdr* m):
     cdef size_t n, i
     cdef int* fdp
     while c != NULL:
-        if c.cmsg_level == _SOL_SOCKET and c.cmsg_type == _SCM_RIGHTS:
+        if c.cmsg_level == SOL_SOCKET and c.cmsg_type == SCM_RIGHTS:
             n = (c.cmsg_len - CMSG_LEN(0)) // sizeof(int)
             fdp = <int*>CMSG_DATA(c)
             for i in range(n):
@@ -542,7 +526,7 @@ cdef class Channel:
         for batch in self.fd_batches:
             if every or <unsigned long long>batch[1] <= before:
                 for f in batch[2]:
-                    _close_fd(f)
+                    close(f)
             else:
                 keep.append(batch)
         self.fd_batches = keep
@@ -696,7 +680,7 @@ cdef class Channel:
             m.msg_control = ctrl
             m.msg_controllen = _CTRL_SPACE
             m.msg_flags = 0
-            flags = _MSG_CMSG_CLOEXEC
+            flags = MSG_CMSG_CLOEXEC
             if deadline >= 0:
                 flags |= MSG_DONTWAIT
                 r = recvmsg(self.fd, &m, flags)
@@ -718,9 +702,9 @@ cdef class Channel:
             return -1
         if m.msg_controllen:
             fds = _scm_fds(&m)
-            if m.msg_flags & _MSG_CTRUNC:
+            if m.msg_flags & MSG_CTRUNC:
                 for f in fds:
-                    _close_fd(f)
+                    close(f)
                 d.broken = ProtocolError(
                     f"control message truncated: the {len(fds)} descriptors that arrived were closed")
                 raise d.broken
@@ -949,8 +933,8 @@ cdef class Channel:
             m.msg_controllen = CMSG_SPACE(nfds * sizeof(int))
             m.msg_flags = 0
             c = CMSG_FIRSTHDR(&m)
-            c.cmsg_level = _SOL_SOCKET
-            c.cmsg_type = _SCM_RIGHTS
+            c.cmsg_level = SOL_SOCKET
+            c.cmsg_type = SCM_RIGHTS
             c.cmsg_len = CMSG_LEN(nfds * sizeof(int))
             fdp = <int*>CMSG_DATA(c)
             for i in range(nfds):
@@ -1006,13 +990,13 @@ cdef class Channel:
                 fds.extend(batch[2])
             elif batch[1] <= start:
                 for x in batch[2]:
-                    _close_fd(x)
+                    close(x)
             else:
                 keep.append(batch)
         self.fd_batches = keep
         if len(fds) > maxfds:
             for x in fds:
-                _close_fd(x)
+                close(x)
             d.broken = ProtocolError(f"{len(fds)} descriptors arrived, at most {maxfds} were expected; closed them")
             raise d.broken
         return f, fds

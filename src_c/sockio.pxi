@@ -43,6 +43,26 @@ cdef extern from "<time.h>" nogil:
     int clock_gettime(int clk, timespec* ts)
     int CLOCK_MONOTONIC
 
+# Ancillary data (SCM_RIGHTS) for the kernels that pass descriptors.
+cdef extern from "<sys/socket.h>" nogil:
+    struct cmsghdr:
+        size_t cmsg_len
+        int cmsg_level
+        int cmsg_type
+    ssize_t recvmsg(int fd, msghdr* msg, int flags)
+    size_t CMSG_SPACE(size_t n)
+    size_t CMSG_LEN(size_t n)
+    cmsghdr* CMSG_FIRSTHDR(msghdr* m)
+    cmsghdr* CMSG_NXTHDR(msghdr* m, cmsghdr* c)
+    unsigned char* CMSG_DATA(cmsghdr* c)
+    int SOL_SOCKET
+    int SCM_RIGHTS
+    int MSG_CTRUNC
+    int MSG_CMSG_CLOEXEC
+
+cdef extern from "<unistd.h>" nogil:
+    int close(int fd)
+
 DEF IOV_BATCH = 512
 
 cdef inline double _now() noexcept nogil:
