@@ -346,7 +346,11 @@ def stream_sender(conn, payload, batch=0):
 
 def _stream_conn_client(spec, address):
     mod = _conn_module(spec)
-    conn = mod.Client(_addr(address))
+    if "nagle" in spec["impl"]:
+        # Nagle's algorithm on, as multiprocessing leaves it: the kernel coalesces small sends
+        conn = mod.Client(_addr(address), nodelay=False)
+    else:
+        conn = mod.Client(_addr(address))
     batch = spec["batch"] if "batch" in spec["impl"] else 0
     if batch:
         _need(conn, "send_many")
@@ -662,6 +666,7 @@ _ROLES = {
     ("stream", "zmq"): (_stream_zmq_server, _stream_zmq_client),
     ("stream", "fastnet"): (_stream_conn_server, _stream_conn_client),
     ("stream", "fastnet-batch"): (_stream_conn_server, _stream_conn_client),
+    ("stream", "fastnet-nagle"): (_stream_conn_server, _stream_conn_client),
     ("bulk", "socket"): (_bulk_socket_server, _bulk_socket_client),
     ("bulk", "mp-bytes"): (_bulk_conn_server, _bulk_conn_client),
     ("bulk", "mp-pickle"): (_bulk_conn_server, _bulk_conn_client),
@@ -740,6 +745,7 @@ CASES = {
             Impl("zmq", "pyzmq PUSH/PULL", anchor=True),
             Impl("fastnet", "fastnet send_bytes", pure=False),
             Impl("fastnet-batch", "fastnet send_many/recv_many", pure=False),
+            Impl("fastnet-nagle", "fastnet send_bytes nodelay=False", pure=False),
             Impl("fastnet-pure", "fastnet send_bytes (pure)", role="fastnet", pure=True),
             Impl("fastnet-batch-pure", "fastnet send_many (pure)", role="fastnet-batch", pure=True),
         ],

@@ -851,3 +851,17 @@ def _child_client(address, key):
         assert c.poll(10)
         assert c.recv() == list(range(1000))
         c.send_bytes(b"ok")
+
+
+def test_nodelay_false_leaves_nagle_on_and_messages_flow():
+    with fastnet.Listener(("127.0.0.1", 0), nodelay=False) as listener:
+        client = fastnet.Client(listener.address, nodelay=False, timeout=T)
+        server = listener.accept()
+        with client, server:
+            assert nodelay(client) == 0 and nodelay(server) == 0
+            for i in range(50):
+                client.send_bytes(b"m%d" % i)
+            assert [server.recv_bytes() for _ in range(50)] == [b"m%d" % i for i in range(50)]
+        default = fastnet.Client(listener.address, timeout=T)
+        with default, listener.accept() as peer:
+            assert nodelay(default) != 0 and nodelay(peer) != 0
