@@ -66,36 +66,6 @@ def encode_header(Py_ssize_t n):
     return PyBytes_FromStringAndSize(tmp, write_header(tmp, n))
 
 
-cdef class _WritableRegion:
-    """A writable buffer over memory owned by a FrameDecoder (for get_buffer)."""
-    cdef object owner
-    cdef char* ptr
-    cdef Py_ssize_t size
-    cdef Py_ssize_t shape[1]
-    cdef Py_ssize_t strides[1]
-
-    def __getbuffer__(self, Py_buffer* view, int flags):
-        self.shape[0] = self.size
-        self.strides[0] = 1
-        view.buf = self.ptr
-        view.obj = self
-        view.len = self.size
-        view.readonly = 0
-        view.itemsize = 1
-        if flags & 4:   # PyBUF_FORMAT
-            view.format = "B"
-        else:
-            view.format = NULL
-        view.ndim = 1
-        view.shape = self.shape
-        view.strides = self.strides
-        view.suboffsets = NULL
-        view.internal = NULL
-
-    def __releasebuffer__(self, Py_buffer* view):
-        pass
-
-
 cdef class FrameDecoder:
     """Incremental decoder of length-prefixed frames.
 
@@ -314,7 +284,7 @@ cdef class FrameDecoder:
 
     def get_buffer(self, Py_ssize_t sizehint=-1):
         """Return a writable buffer to receive into; then call buffer_updated(n)."""
-        cdef _WritableRegion r = _WritableRegion.__new__(_WritableRegion)
+        cdef _MemRegion r = _MemRegion.__new__(_MemRegion)
         cdef Py_ssize_t need
         self._check()
         if self.target is None:

@@ -266,36 +266,6 @@ cdef class _FdEntry:
     cdef bint wake
 
 
-@cython.final
-cdef class _Region:
-    """A read-only buffer over reactor memory, handed to FrameDecoder.feed."""
-    cdef char* ptr
-    cdef Py_ssize_t size
-    cdef Py_ssize_t shape[1]
-    cdef Py_ssize_t strides[1]
-
-    def __getbuffer__(self, Py_buffer* view, int flags):
-        self.shape[0] = self.size
-        self.strides[0] = 1
-        view.buf = self.ptr
-        view.obj = self
-        view.len = self.size
-        view.readonly = 1
-        view.itemsize = 1
-        if flags & 4:   # PyBUF_FORMAT
-            view.format = "B"
-        else:
-            view.format = NULL
-        view.ndim = 1
-        view.shape = self.shape
-        view.strides = self.strides
-        view.suboffsets = NULL
-        view.internal = NULL
-
-    def __releasebuffer__(self, Py_buffer* view):
-        pass
-
-
 cdef class Reactor:
     """Readiness dispatch, timers and a ready queue on one thread.
 
@@ -336,7 +306,7 @@ cdef class Reactor:
     cdef Py_ssize_t _rbufsize
     cdef char* _wbuf
     cdef iovec* _iov
-    cdef _Region _region
+    cdef _MemRegion _region
     cdef readonly unsigned long long ctl_calls
     cdef readonly unsigned long long iterations
 
@@ -366,7 +336,8 @@ cdef class Reactor:
         self._ready = collections.deque()
         self._heap = []
         self._streams = set()
-        self._region = _Region.__new__(_Region)
+        self._region = _MemRegion.__new__(_MemRegion)
+        self._region.readonly = True
         self._rbufsize = RECV_BUFSIZE
         self._rbuf = <char*>PyMem_Malloc(self._rbufsize)
         self._wbuf = <char*>PyMem_Malloc(_COPY + 16)
@@ -1383,7 +1354,7 @@ cdef class FramedTransport:
 
     cdef int _feed(self, char* p, Py_ssize_t n) except -2:
         """Give bytes to the decoder; -1 if they broke the stream (transport finalized)."""
-        cdef _Region r = self._loop._region
+        cdef _MemRegion r = self._loop._region
         if self._decoder is None:
             self._decoder = FrameDecoder(None if self._max_size < 0 else self._max_size,
                                          _DECODER_BUFSIZE)

@@ -194,3 +194,40 @@ cdef inline Py_ssize_t _recv_some(int fd, char* p, Py_ssize_t n, double deadline
             continue
         PyErr_SetFromErrno(OSError)
         return -1
+
+
+cdef class _MemRegion:
+    """A flat byte buffer over memory that its owner keeps alive.
+
+    FrameDecoder.get_buffer hands out a writable one over its own buffer; the
+    reactor feeds a read-only one over its shared receive buffer.
+    """
+    cdef object owner
+    cdef char* ptr
+    cdef Py_ssize_t size
+    cdef bint readonly
+    cdef Py_ssize_t shape[1]
+    cdef Py_ssize_t strides[1]
+
+    def __getbuffer__(self, Py_buffer* view, int flags):
+        if self.readonly and (flags & 1):   # PyBUF_WRITABLE
+            raise BufferError("region is read-only")
+        self.shape[0] = self.size
+        self.strides[0] = 1
+        view.buf = self.ptr
+        view.obj = self
+        view.len = self.size
+        view.readonly = self.readonly
+        view.itemsize = 1
+        if flags & 4:   # PyBUF_FORMAT
+            view.format = "B"
+        else:
+            view.format = NULL
+        view.ndim = 1
+        view.shape = self.shape
+        view.strides = self.strides
+        view.suboffsets = NULL
+        view.internal = NULL
+
+    def __releasebuffer__(self, Py_buffer* view):
+        pass
