@@ -14,6 +14,7 @@ code execution. Use an ``authkey`` (or ``recv_bytes``) with untrusted peers.
 import os
 import select
 import socket
+import ssl
 import struct
 import time
 from multiprocessing.reduction import ForkingPickler
@@ -22,7 +23,8 @@ from fastnet import auth as _auth
 from fastnet import zerocopy as _zc
 from fastnet._kernels import framing as _framing
 from fastnet.address import arbitrary_address, parse_address, format_address
-from fastnet.errors import MessageTooLarge, ProtocolError, TimeoutError, BufferTooShort
+from fastnet.errors import (MessageTooLarge, ProtocolError, TimeoutError, BufferTooShort,
+                            AuthenticationError)
 
 __all__ = ["Connection", "Listener", "Client", "Pipe", "wait", "DEFAULT_MAX_MESSAGE_SIZE",
            "DEFAULT_HANDSHAKE_TIMEOUT"]
@@ -45,6 +47,36 @@ def _tune(sock, nodelay=True):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if nodelay else 0)
 
 
+def _tls_wrap(ctx, sock, timeout, server_hostname=None, server_side=False):
+    """Wrap sock with ctx and finish the TLS handshake within timeout; on failure close it."""
+    try:
+        s = ctx.wrap_socket(sock, server_side=server_side, server_hostname=server_hostname,
+                            do_handshake_on_connect=False)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        s.settimeout(timeout)
+        s.do_handshake()
+        s.setblocking(True)
+    except (socket.timeout, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        # a timeout already spent leaves the socket non-blocking: WANT_* means out of time
+        s.close()
+        raise TimeoutError("TLS handshake timed out") from None
+    except (ssl.SSLError, ConnectionError) as e:
+        s.close()
+        raise AuthenticationError(f"TLS handshake failed: {e}") from e
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def _tls_channel(sock, max_size, bufsize):
+    from fastnet.tls import TLSChannel
+    return TLSChannel(sock, max_size, bufsize)
+
+
 class Connection:
     """A framed, bidirectional message connection over a stream socket.
 
@@ -52,14 +84,15 @@ class Connection:
     Frames are multiprocessing's; see the module docstring about ``recv()``.
     """
 
-    def __init__(self, sock, readable=True, writable=True, *, max_message_size=DEFAULT_MAX_MESSAGE_SIZE):
+    def __init__(self, sock, readable=True, writable=True, *, max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
+                 _channel_factory=None):
         if not readable and not writable:
             raise ValueError("at least one of `readable` and `writable` must be True")
         if isinstance(sock, int):
             sock = socket.socket(fileno=sock)
         sock.setblocking(True)
         self._sock = sock
-        self._ch = _framing.Channel(sock, max_message_size, _BUFSIZE)
+        self._ch = (_channel_factory or _framing.Channel)(sock, max_message_size, _BUFSIZE)
         self._readable = readable
         self._writable = writable
 
@@ -333,13 +366,16 @@ class Listener:
     silent one cannot hold ``accept()``; ``strict=True`` refuses HMAC-MD5
     peers; ``max_message_size`` applies to accepted connections.
     ``nodelay`` (default True) sets TCP_NODELAY on accepted TCP connections;
-    see :func:`Client`.
+    see :func:`Client`. ``ssl_context`` (an ``ssl.SSLContext``, see
+    :func:`fastnet.tls.server_context`) runs TLS on accepted connections, its
+    handshake bounded by ``handshake_timeout``; the authkey handshake, if
+    any, then runs inside TLS.
     """
 
     def __init__(self, address=None, family=None, backlog=1, authkey=None, *,
                  handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
                  max_message_size=DEFAULT_MAX_MESSAGE_SIZE, strict=False, digest="sha256",
-                 nodelay=True):
+                 nodelay=True, ssl_context=None):
         if authkey is not None and not isinstance(authkey, bytes):
             raise TypeError("authkey should be a byte string")
         if address is None:
@@ -370,9 +406,10 @@ class Listener:
         self._strict = strict
         self._digest = digest
         self._nodelay = nodelay
+        self._ssl_context = ssl_context
 
     def accept(self):
-        """Accept a connection and, with an authkey, run the mutual handshake.
+        """Accept a connection; run the TLS handshake with an ssl_context, then the authkey one.
 
         A failed or timed-out handshake closes that socket and raises
         AuthenticationError or TimeoutError; the Listener keeps working.
@@ -384,7 +421,15 @@ class Listener:
             self._last_accepted = self._last_accepted.decode("utf-8", "surrogateescape")
         try:
             _tune(s, self._nodelay)
-            c = Connection(s, max_message_size=self._max_message_size)
+        except BaseException:
+            s.close()
+            raise
+        factory = None
+        if self._ssl_context is not None:
+            s = _tls_wrap(self._ssl_context, s, self._handshake_timeout, server_side=True)
+            factory = _tls_channel
+        try:
+            c = Connection(s, max_message_size=self._max_message_size, _channel_factory=factory)
         except BaseException:
             s.close()
             raise
@@ -467,7 +512,7 @@ def _connect_unix(addr, timeout):
 
 def Client(address, family=None, authkey=None, *, timeout=None,
            max_message_size=DEFAULT_MAX_MESSAGE_SIZE, strict=False, digest="sha256",
-           nodelay=True):
+           nodelay=True, ssl_context=None):
     """Connect to a Listener (fastnet's or the stdlib's) and return a Connection.
 
     ``timeout`` bounds the connect and the handshake together. Over TCP,
@@ -476,10 +521,18 @@ def Client(address, family=None, authkey=None, *, timeout=None,
     stalls of multiprocessing's handshake). A one-way stream of many small
     ``send_bytes`` calls is cheaper with ``nodelay=False``, which lets the
     kernel coalesce them; ``send_many`` coalesces them either way.
+
+    ``ssl_context`` (an ``ssl.SSLContext``, see :func:`fastnet.tls.client_context`)
+    runs TLS, verifying the server's certificate for the host connected to;
+    over AF_UNIX there is no host name, so the context must have
+    ``check_hostname`` off. A refused certificate raises AuthenticationError.
     """
     if authkey is not None and not isinstance(authkey, bytes):
         raise TypeError("authkey should be a byte string")
     fam, addr = parse_address(address, family)
+    if ssl_context is not None and fam == socket.AF_UNIX and ssl_context.check_hostname:
+        raise ValueError("TLS over AF_UNIX has no host name to check: "
+                         "use an ssl_context with check_hostname=False")
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         if fam == socket.AF_UNIX:
@@ -490,7 +543,17 @@ def Client(address, family=None, authkey=None, *, timeout=None,
         raise TimeoutError(f"connecting to {address!r} timed out") from None
     try:
         _tune(s, nodelay)
-        c = Connection(s, max_message_size=max_message_size)
+    except BaseException:
+        s.close()
+        raise
+    factory = None
+    if ssl_context is not None:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        host = None if fam == socket.AF_UNIX else addr[0]
+        s = _tls_wrap(ssl_context, s, left, server_hostname=host)
+        factory = _tls_channel
+    try:
+        c = Connection(s, max_message_size=max_message_size, _channel_factory=factory)
     except BaseException:
         s.close()
         raise
