@@ -13,6 +13,8 @@ from fastnet.errors import (
     MessageTooLarge,
     BufferTooShort,
     RemoteError,
+    MethodNotFound,
+    ConnectionLost,
     TimeoutError,
 )
 from fastnet.connection import (
@@ -40,6 +42,9 @@ from fastnet.server import (
     MessageHandler,
 )
 
+from fastnet import codecs
+from fastnet.rpc import RPCServer, RPCProxy
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -52,6 +57,8 @@ __all__ = [
     "MessageTooLarge",
     "BufferTooShort",
     "RemoteError",
+    "MethodNotFound",
+    "ConnectionLost",
     "TimeoutError",
     "Connection",
     "Listener",
@@ -78,4 +85,7 @@ __all__ = [
     "StreamRequestHandler",
     "DatagramRequestHandler",
     "MessageHandler",
+    "codecs",
+    "RPCServer",
+    "RPCProxy",
 ]

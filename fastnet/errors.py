@@ -15,6 +15,8 @@ __all__ = [
     "MessageTooLarge",
     "BufferTooShort",
     "RemoteError",
+    "MethodNotFound",
+    "ConnectionLost",
     "TimeoutError",
 ]
 
@@ -69,6 +71,18 @@ class RemoteError(FastnetError):
 
     def __reduce__(self):
         return (type(self), (self.type_name, self.message, self.traceback))
+
+
+class MethodNotFound(RemoteError, AttributeError):
+    """An RPC call named a method the server does not expose."""
+
+
+class ConnectionLost(FastnetError, ConnectionError):
+    """An RPC connection closed or failed while calls were pending, or could not be re-opened.
+
+    A call that fails this way may or may not have run on the server; the
+    proxy never sends it again.
+    """
 
 
 class TimeoutError(FastnetError, builtins.TimeoutError):

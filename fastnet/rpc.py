@@ -1,0 +1,1257 @@
+"""Remote procedure calls: :class:`RPCServer` on the event loop, :class:`RPCProxy` to call it.
+
+A server exposes functions and an object's methods::
+
+    server = fastnet.RPCServer(("127.0.0.1", 17000), authkey=b"secret")
+
+    @server.register
+    def add(x, y):
+        "Add two numbers."
+        return x + y
+
+    server.register_instance(KeyValueStore(), prefix="kv")
+    server.serve_forever()
+
+and a proxy calls them as if they were local::
+
+    with fastnet.RPCProxy(("127.0.0.1", 17000), authkey=b"secret") as proxy:
+        proxy.add(2, 3)                       # 5
+        proxy.kv.set("a", 1)                  # dotted names
+        fut = proxy.call_async("add", 2, 3)   # a concurrent.futures.Future
+        proxy.notify("log", "hello")          # one-way, no reply
+
+Wire protocol. After the transport's own handshakes (TLS, then the authkey
+challenge if a key is set) the client sends a *hello* frame, the JSON text
+``{"fastnet-rpc": 1, "codec": "msgpack"}``; the server answers with the same
+shape, or ``{"fastnet-rpc": 1, "error": "..."}`` and closes the connection
+when it refuses the codec or the version. Every later message is one codec
+payload (DESIGN.md §2, the msgpack-rpc shapes with keyword arguments)::
+
+    request       [0, msgid, method, args, kwargs]
+    reply         [1, msgid, error, result]       error: None or [type, message, traceback]
+    notification  [2, method, args, kwargs]
+
+A payload whose codec produced out-of-band buffers (pickle protocol 5:
+numpy arrays) is preceded by a marker frame ``b"\\xc1"`` + the number of
+buffers as a 4-byte big-endian integer, and followed by the buffers, each as
+a frame of its own. ``0xc1`` starts no msgpack, JSON or pickle payload.
+
+With the pickle codec an error reply carries the exception object itself as
+a fourth element when it pickles, and the proxy raises the original type
+with the remote traceback as its ``__cause__``. Other codecs raise
+:class:`fastnet.RemoteError` (or :class:`MethodNotFound`).
+
+Security: unpickling runs code, so the pickle codec is accepted only on an
+authenticated connection (an ``authkey``, or a TLS client certificate the
+server verified). A server configured for pickle without either refuses to
+start unless ``allow_insecure_pickle=True``.
+"""
+import bisect
+import concurrent.futures
+import inspect
+import itertools
+import json
+import logging
+import os
+import socket
+import ssl
+import threading
+import time
+import traceback
+
+from fastnet.address import parse_address
+from fastnet.codecs import DEFAULT_CODEC, get_codec
+from fastnet.connection import Client, DEFAULT_HANDSHAKE_TIMEOUT
+from fastnet.errors import (
+    AuthenticationError, ConnectionLost, FastnetError, MethodNotFound, ProtocolError,
+    RemoteError, TimeoutError,
+)
+from fastnet import server as _server
+
+__all__ = [
+    "RPCServer", "RPCProxy", "blocking", "PROTOCOL_VERSION", "DEFAULT_RPC_MAX_MESSAGE_SIZE",
+    "LATENCY_BUCKETS",
+]
+
+logger = logging.getLogger("fastnet.rpc")
+
+#: The RPC protocol version spoken in the hello frame.
+PROTOCOL_VERSION = 1
+#: Largest frame an RPC server or proxy accepts by default (256 MiB): room
+#: for large arrays, checked before anything is allocated.
+DEFAULT_RPC_MAX_MESSAGE_SIZE = 256 << 20
+#: Upper bounds (seconds) of the per-method latency histogram in ``stats()``.
+LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                   0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+_REQUEST, _REPLY, _NOTIFY = 0, 1, 2
+_OOB = 0xC1
+_MAX_HELLO = 4096
+_DEFAULT_WORKER_THREADS = 16
+
+
+def _oob_marker(n):
+    return b"\xc1" + n.to_bytes(4, "big")
+
+
+def _encode(codec, msg):
+    frames = codec.dumps(msg)
+    if len(frames) == 1:
+        return frames
+    return [_oob_marker(len(frames) - 1)] + frames
+
+
+def _oob_count(frame):
+    """The buffer count of an out-of-band marker frame, else -1."""
+    if len(frame) == 5 and frame[0] == _OOB:
+        return int.from_bytes(frame[1:5], "big")
+    return -1
+
+
+def _type_name(exc):
+    t = type(exc)
+    mod = t.__module__
+    return t.__qualname__ if mod in ("builtins", "__main__") else f"{mod}.{t.__qualname__}"
+
+
+def blocking(func):
+    """Mark a function or method as blocking: the server runs it on its worker threads."""
+    func._fastnet_blocking_ = True
+    return func
+
+
+class _Method:
+    __slots__ = ("func", "blocking", "calls", "errors", "lat_sum", "lat_counts")
+
+    def __init__(self, func, blocking):
+        self.func = func
+        self.blocking = blocking
+        self.calls = 0
+        self.errors = 0
+        self.lat_sum = 0.0
+        self.lat_counts = [0] * (len(LATENCY_BUCKETS) + 1)
+
+    def record(self, seconds, failed):
+        self.calls += 1
+        if failed:
+            self.errors += 1
+        self.lat_sum += seconds
+        self.lat_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+
+    def stats(self):
+        buckets = []
+        acc = 0
+        for le, n in zip(LATENCY_BUCKETS, self.lat_counts):
+            acc += n
+            buckets.append([le, acc])
+        buckets.append(["+Inf", acc + self.lat_counts[-1]])
+        return {"calls": self.calls, "errors": self.errors,
+                "latency_seconds": {"buckets": buckets, "sum": self.lat_sum, "count": self.calls}}
+
+
+# -- server -------------------------------------------------------------------------
+
+
+class _RPCHandler(_server.MessageHandler):
+    """One RPC connection on a server's event loop."""
+
+    def setup(self):
+        self.rpc = self.server.rpc
+        self.codec = None
+        self.oob = -1          # buffers still expected for the current message, or -1
+        self.parts = None
+        self.out = []
+        self.flush_armed = False
+        self.inflight = 0
+        self.gone = False
+
+    def finish(self):
+        self.gone = True
+
+    def message_received(self, data):
+        if self.codec is None:
+            self._hello(data)
+            return
+        parts = self.parts
+        if parts is not None:
+            parts.append(data)
+            self.oob -= 1
+            if self.oob:
+                return
+            self.parts = None
+            self.oob = -1
+            self._request(parts)
+            return
+        if data[:1] == b"\xc1":
+            n = _oob_count(data)
+            if n < 1:
+                self._protocol_error("bad out-of-band marker frame")
+                return
+            self.oob = n + 1    # the payload, then n buffers
+            self.parts = []
+            return
+        self._request([data])
+
+    # hello -------------------------------------------------------------
+    def _hello(self, data):
+        rpc = self.rpc
+        try:
+            if len(data) > _MAX_HELLO:
+                raise ValueError("hello frame too large")
+            hello = json.loads(bytes(data).decode("utf-8"))
+            version = hello["fastnet-rpc"]
+            name = hello["codec"]
+            if not isinstance(name, str) or not isinstance(version, int):
+                raise ValueError("bad field types")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            self._refuse("not a fastnet RPC hello frame", "protocol")
+            return
+        if version != PROTOCOL_VERSION:
+            self._refuse(f"RPC protocol version {version} is not supported "
+                         f"(this server speaks version {PROTOCOL_VERSION})", "version")
+            return
+        if name not in rpc.codecs:
+            self._refuse(f"codec {name!r} is not accepted by this server "
+                         f"(it accepts: {', '.join(rpc.codecs)})", "codec")
+            return
+        codec = get_codec(name)
+        if codec.requires_auth and not rpc.allow_insecure_pickle and not self._authenticated():
+            self._refuse(f"codec {name!r} needs an authenticated connection "
+                         "(an authkey or a verified TLS client certificate)", "codec")
+            return
+        self.codec = codec
+        self.encode = codec.dumps
+        self.reply(json.dumps({"fastnet-rpc": PROTOCOL_VERSION, "codec": name}).encode())
+
+    def _authenticated(self):
+        if self.server.authkey is not None:
+            return True
+        t = self.transport
+        if t is None:
+            return False
+        try:
+            return bool(t.get_extra_info("peercert"))
+        except Exception:
+            return False
+
+    def _refuse(self, why, kind):
+        logger.warning("RPC hello from %r refused: %s", self.client_address, why)
+        self.rpc._count_error(kind)
+        self.reply(json.dumps({"fastnet-rpc": PROTOCOL_VERSION, "error": why}).encode())
+        self.close()
+
+    def _protocol_error(self, why):
+        logger.warning("closing RPC connection from %r: %s", self.client_address, why)
+        self.rpc._count_error("protocol")
+        self.codec = _CLOSED
+        self.close()
+
+    # requests ----------------------------------------------------------
+    def _request(self, frames):
+        try:
+            msg = self.codec.loads(frames)
+        except Exception as e:
+            self._protocol_error(f"undecodable message ({type(e).__name__}: {e})")
+            return
+        if type(msg) is not list or not msg:
+            self._protocol_error("message is not a list")
+            return
+        kind = msg[0]
+        if kind == _REQUEST and len(msg) == 5:
+            _, msgid, method, args, kwargs = msg
+            notify = False
+        elif kind == _NOTIFY and len(msg) == 4:
+            _, method, args, kwargs = msg
+            msgid = None
+            notify = True
+        else:
+            self._protocol_error(f"not a request or notification: kind {kind!r}, {len(msg)} fields")
+            return
+        if not notify and (type(msgid) is not int):
+            self._protocol_error("request id is not an integer")
+            return
+        if type(args) is tuple:
+            args = list(args)
+        if type(method) is not str or type(args) is not list or \
+                (kwargs is not None and type(kwargs) is not dict):
+            if notify:
+                self._protocol_error("malformed notification")
+            else:
+                self._send_error(msgid, "ProtocolError",
+                                 "malformed request: method must be str, args a list, kwargs a map")
+            return
+        rpc = self.rpc
+        m = rpc._methods.get(method)
+        if m is None:
+            rpc._count_error("method_not_found")
+            if not notify:
+                self._send_error(msgid, "MethodNotFound", rpc._not_found(method))
+            return
+        if kwargs and not all(type(k) is str for k in kwargs):
+            self._send_error(msgid, "TypeError", "keyword argument names must be strings")
+            return
+        if m.blocking:
+            self.inflight += 1
+            rpc._offload(self, m, msgid, args, kwargs)
+            return
+        t0 = time.perf_counter()
+        try:
+            result = m.func(*args, **kwargs) if kwargs else m.func(*args)
+        except Exception as e:
+            m.record(time.perf_counter() - t0, True)
+            if notify:
+                logger.debug("notification %s raised %r", method, e)
+            else:
+                self._send_exc(msgid, e)
+            return
+        m.record(time.perf_counter() - t0, False)
+        if not notify:
+            self._send_result(msgid, result)
+
+    def _send_result(self, msgid, result):
+        try:
+            frames = _encode(self.codec, [_REPLY, msgid, None, result])
+        except Exception as e:
+            self._send_error(msgid, type(e).__name__,
+                             f"the result could not be encoded with {self.codec.name}: {e}")
+            return
+        self._queue(frames)
+
+    def _send_exc(self, msgid, exc):
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        err = [_type_name(exc), str(exc), tb]
+        if self.codec.requires_auth:       # pickle: the exception object itself
+            try:
+                frames = _encode(self.codec, [_REPLY, msgid, err + [exc], None])
+            except Exception:
+                pass
+            else:
+                self._queue(frames)
+                return
+        self._send_error(msgid, err[0], err[1], tb)
+
+    def _send_error(self, msgid, type_name, message, tb=""):
+        self._queue(_encode(self.codec, [_REPLY, msgid, [type_name, message, tb], None]))
+
+    def _queue(self, frames):
+        # replies made while one read is dispatched leave together, in one syscall
+        if self.gone or self.transport is None or self.transport.is_closing():
+            return
+        self.out.extend(frames)
+        if not self.flush_armed:
+            self.flush_armed = True
+            self.transport.loop.call_soon(self._flush)
+
+    def _flush(self):
+        self.flush_armed = False
+        out = self.out
+        if not out:
+            return
+        self.out = []
+        t = self.transport
+        if t.is_closing():
+            return
+        if len(out) == 1:
+            t.send_bytes(out[0])
+        else:
+            t.send_many(out)
+
+    def _blocking_done(self, m, msgid, t0, ok, value):
+        # loop thread
+        self.inflight -= 1
+        m.record(time.perf_counter() - t0, not ok)
+        if msgid is None or self.gone:
+            return
+        if ok:
+            self._send_result(msgid, value)
+        else:
+            self._send_exc(msgid, value)
+
+
+class _Closed:
+    """Stands in for the codec of a connection being closed: drops what still arrives."""
+    name = "closed"
+    requires_auth = False
+
+    @staticmethod
+    def loads(frames):
+        raise ProtocolError("connection is closing")
+
+
+_CLOSED = _Closed()
+
+
+class RPCServer:
+    """An RPC server on fastnet's event loop.
+
+    ``RPCServer(address, authkey=None, codec="msgpack", ssl_context=None,
+    workers=1, allow=None)``. ``codec`` is the name of the codec clients
+    must speak, or a sequence of accepted names. ``workers=N`` (N > 1) serves
+    on N prefork processes; register everything before serving starts.
+
+    Functions run on the event loop unless registered ``blocking=True`` (or
+    decorated with :func:`blocking`, or ``blocking=True`` here makes that the
+    default): those run on ``worker_threads`` threads so a slow call never
+    stalls the others. Other keywords (``max_connections``,
+    ``max_message_size``, ``idle_timeout``, ``handshake_timeout``,
+    ``shutdown_timeout``, ``strict``, ``backend``, ``overflow``) are the
+    :mod:`fastnet.server` limits. ``monitor=("127.0.0.1", 9100)`` serves
+    ``/stats`` and ``/metrics`` over HTTP beside the server.
+    """
+
+    def __init__(self, address, authkey=None, codec=DEFAULT_CODEC, ssl_context=None, workers=1,
+                 allow=None, *, blocking=False, worker_threads=_DEFAULT_WORKER_THREADS,
+                 allow_insecure_pickle=False, max_message_size=DEFAULT_RPC_MAX_MESSAGE_SIZE,
+                 max_connections=_server.DEFAULT_MAX_CONNECTIONS,
+                 idle_timeout=_server.DEFAULT_IDLE_TIMEOUT,
+                 handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
+                 shutdown_timeout=_server.DEFAULT_SHUTDOWN_TIMEOUT,
+                 overflow="wait", strict=False, family=None, backend="auto", monitor=None,
+                 introspection=True):
+        names = (codec,) if isinstance(codec, str) else tuple(codec)
+        if not names:
+            raise ValueError("codec: at least one codec name is needed")
+        for n in names:
+            get_codec(n)     # unknown names fail here, not at the first client
+        self.codecs = names
+        self.allow_insecure_pickle = allow_insecure_pickle
+        authenticated = authkey is not None or (
+            ssl_context is not None and ssl_context.verify_mode == ssl.CERT_REQUIRED)
+        risky = [n for n in names if get_codec(n).requires_auth]
+        if risky and not authenticated and not allow_insecure_pickle:
+            raise ValueError(
+                f"codec {risky[0]!r} runs code from the peer when decoding, so it needs "
+                "authenticated clients: give an authkey, or an ssl_context that requires "
+                "client certificates (verify_mode=CERT_REQUIRED), or pass "
+                "allow_insecure_pickle=True if every client is trusted")
+        if workers < 1:
+            raise ValueError("workers must be >= 1")
+        self.default_blocking = blocking
+        self.worker_threads = worker_threads
+        self._methods = {}
+        self._errors = {}
+        self._executor = None
+        self._executor_pid = None
+        self._monitor_address = monitor
+        self._monitor = None
+        fam, _ = parse_address(address, family)
+        base = _server.UnixServer if fam == socket.AF_UNIX else _server.TCPServer
+        kw = dict(concurrency="prefork" if workers > 1 else "loop", authkey=authkey,
+                  max_connections=max_connections, overflow=overflow,
+                  max_message_size=max_message_size, idle_timeout=idle_timeout,
+                  handshake_timeout=handshake_timeout, shutdown_timeout=shutdown_timeout,
+                  strict=strict, backend=backend, allow=allow)
+        if workers > 1:
+            kw["workers"] = workers
+        if ssl_context is not None:
+            kw["ssl_context"] = ssl_context
+        self._server = base(address, _RPCHandler, **kw)
+        self._server.rpc = self
+        if introspection:
+            self.register_function(self._list_methods, "system.list_methods")
+            self.register_function(self._method_help, "system.method_help")
+            self.register_function(self._method_signature, "system.method_signature")
+
+    # registration --------------------------------------------------------
+    def register_function(self, function=None, name=None, *, blocking=None):
+        """Expose ``function`` as ``name`` (default: its ``__name__``); usable as a decorator.
+
+        ``blocking=True`` runs it on the worker threads; None takes the
+        :func:`blocking` mark or the server's default.
+        """
+        if function is None:
+            return lambda f: self.register_function(f, name, blocking=blocking)
+        if isinstance(function, str) and name is None:
+            # @server.register_function("name")
+            return lambda f: self.register_function(f, function, blocking=blocking)
+        if not callable(function):
+            raise TypeError(f"{function!r} is not callable")
+        if name is None:
+            name = function.__name__
+        if not isinstance(name, str) or not name:
+            raise TypeError("the method name must be a non-empty str")
+        if blocking is None:
+            blocking = getattr(function, "_fastnet_blocking_", self.default_blocking)
+        self._methods[name] = _Method(function, bool(blocking))
+        return function
+
+    register = register_function
+
+    def register_instance(self, obj, prefix=None, *, blocking=None):
+        """Expose ``obj``'s public methods (``prefix.name`` with a prefix).
+
+        If ``obj`` has a ``_rpc_methods_`` list, only those names are
+        exposed (the Cookbook's KeyValueServer style); otherwise every
+        public callable attribute is. Names starting with ``_`` never are.
+        """
+        allowed = getattr(obj, "_rpc_methods_", None)
+        if allowed is not None:
+            names = list(allowed)
+            bad = [n for n in names if not isinstance(n, str) or n.startswith("_")]
+            if bad:
+                raise ValueError(f"_rpc_methods_ may list only public names, not {bad!r}")
+        else:
+            names = [n for n in dir(obj) if not n.startswith("_")]
+        count = 0
+        for n in names:
+            f = getattr(obj, n, None)
+            if not callable(f):
+                if allowed is not None:
+                    raise AttributeError(f"{type(obj).__name__}.{n} is not a method")
+                continue
+            self.register_function(f, f"{prefix}.{n}" if prefix else n, blocking=blocking)
+            count += 1
+        return obj
+
+    def unregister(self, name):
+        """Stop exposing ``name``."""
+        del self._methods[name]
+
+    @property
+    def methods(self):
+        """The exposed method names, sorted."""
+        return sorted(self._methods)
+
+    def _list_methods(self):
+        """List the names of the methods this server exposes."""
+        return sorted(self._methods)
+
+    def _method_help(self, name):
+        """Return the documentation string of the method ``name``."""
+        m = self._methods.get(name)
+        if m is None:
+            raise MethodNotFound("MethodNotFound", self._not_found(name))
+        return inspect.getdoc(m.func) or ""
+
+    def _method_signature(self, name):
+        """Return the call signature of the method ``name`` as text."""
+        m = self._methods.get(name)
+        if m is None:
+            raise MethodNotFound("MethodNotFound", self._not_found(name))
+        try:
+            return f"{name}{inspect.signature(m.func)}"
+        except (TypeError, ValueError):
+            return f"{name}(...)"
+
+    def _not_found(self, name):
+        return f"no method {name!r} on this server (system.list_methods lists them)"
+
+    # serving ------------------------------------------------------------
+    @property
+    def address(self):
+        """The bound address (the real port when 0 was asked for)."""
+        return self._server.address
+
+    @property
+    def server(self):
+        """The underlying :mod:`fastnet.server` stream server."""
+        return self._server
+
+    def serve_forever(self, poll_interval=0.5):
+        """Serve on the calling thread until :meth:`shutdown` (or SIGINT/SIGTERM in the main thread)."""
+        self._start_monitor()
+        try:
+            self._server.serve_forever(poll_interval)
+        finally:
+            self._stop_monitor()
+
+    def start(self, timeout=30.0):
+        """Serve on a background thread; return once the server accepts connections."""
+        self._server.start(timeout)
+        self._start_monitor()
+        return self
+
+    def shutdown(self, timeout=None):
+        """Stop accepting, let the calls in progress answer, close, and join."""
+        try:
+            self._server.shutdown(timeout)
+        finally:
+            self._stop_monitor()
+            ex = self._executor
+            if ex is not None and self._executor_pid == os.getpid():
+                ex.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    def server_close(self):
+        """Close the listening socket (after shutdown)."""
+        self._server.server_close()
+
+    def close(self):
+        """Shut down if serving, then close the listening socket."""
+        try:
+            self.shutdown()
+        finally:
+            self._server.server_close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<fastnet.RPCServer {self._server.address!r} codecs={list(self.codecs)}>"
+
+    @property
+    def worker_pids(self):
+        """The pids of the prefork workers (``workers > 1``)."""
+        return self._server.worker_pids
+
+    def stats(self):
+        """Server counters plus ``methods`` (calls, errors, latency histogram per method) and ``errors`` by kind.
+
+        With ``workers > 1`` the per-method figures live in the worker
+        processes and are not included.
+        """
+        out = self._server.stats()
+        out["errors"] = dict(self._errors)
+        out["methods"] = {name: m.stats() for name, m in list(self._methods.items())}
+        return out
+
+    def _count_error(self, kind):
+        self._errors[kind] = self._errors.get(kind, 0) + 1
+
+    # blocking calls -----------------------------------------------------
+    def _offload(self, handler, m, msgid, args, kwargs):
+        ex = self._executor
+        if ex is None or self._executor_pid != os.getpid():
+            # a prefork worker builds its own pool: threads do not survive fork()
+            ex = self._executor = concurrent.futures.ThreadPoolExecutor(
+                self.worker_threads, thread_name_prefix="fastnet-rpc")
+            self._executor_pid = os.getpid()
+        loop = handler.transport.loop
+        t0 = time.perf_counter()
+        func = m.func
+
+        def run():
+            try:
+                value = func(*args, **kwargs) if kwargs else func(*args)
+                ok = True
+            except Exception as e:
+                value = e
+                ok = False
+            try:
+                loop.call_soon_threadsafe(handler._blocking_done, m, msgid, t0, ok, value)
+            except RuntimeError:
+                pass     # the loop closed under a forced shutdown
+        ex.submit(run)
+
+    # monitoring ---------------------------------------------------------
+    def _start_monitor(self):
+        if self._monitor_address is None or self._monitor is not None:
+            return
+        from fastnet import monitor
+        self._monitor = monitor.serve(self, self._monitor_address)
+
+    def _stop_monitor(self):
+        mon = self._monitor
+        self._monitor = None
+        if mon is not None:
+            mon.close()
+
+    @property
+    def monitor(self):
+        """The running monitor HTTP server (``.url``), or None."""
+        return self._monitor
+
+
+# -- client -------------------------------------------------------------------------
+
+
+class _Slot:
+    """Where a synchronous call's reply lands."""
+    __slots__ = ("done", "error", "value")
+
+    def __init__(self):
+        self.done = False
+
+    def set(self, error, value):
+        self.error = error
+        self.value = value
+        self.done = True
+
+    def fail(self, exc):
+        self.set(exc, None)
+
+
+class _FutureSlot:
+    __slots__ = ("future", "deadline")
+
+    def __init__(self, future, deadline):
+        self.future = future
+        self.deadline = deadline
+
+    def set(self, error, value):
+        f = self.future
+        if f.done():
+            return
+        if error is None:
+            f.set_result(value)
+        else:
+            f.set_exception(error)
+
+    def fail(self, exc):
+        self.set(exc, None)
+
+
+class _BoundMethod:
+    """``proxy.name``: call it, or take an attribute for a dotted name."""
+    __slots__ = ("_proxy", "_name", "_subs")
+
+    def __init__(self, proxy, name):
+        self._proxy = proxy
+        self._name = name
+        self._subs = None
+
+    def __call__(self, *args, **kwargs):
+        return self._proxy._call(self._name, args, kwargs, self._proxy._timeout)
+
+    def __getattr__(self, attr):
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        subs = self._subs
+        if subs is None:
+            subs = self._subs = {}
+        m = subs.get(attr)
+        if m is None:
+            m = subs[attr] = _BoundMethod(self._proxy, f"{self._name}.{attr}")
+        return m
+
+    def __repr__(self):
+        return f"<remote method {self._name!r}>"
+
+
+class _TimeoutView:
+    """``proxy.with_timeout(t)``: the same proxy with another per-call timeout."""
+
+    def __init__(self, proxy, timeout):
+        self._proxy = proxy
+        self._timeout = timeout
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        m = _BoundMethod(self, name)
+        return m
+
+    def _call(self, method, args, kwargs, timeout):
+        return self._proxy._call(method, args, kwargs, timeout)
+
+    def call(self, method, /, *args, **kwargs):
+        """Call ``method`` with this view's timeout."""
+        return self._proxy._call(method, args, kwargs, self._timeout)
+
+    def call_async(self, method, /, *args, **kwargs):
+        """Start a call with this view's timeout; returns a Future."""
+        return self._proxy._call_async(method, args, kwargs, self._timeout)
+
+
+def _remote_exception(error, codec):
+    """The exception to raise for a reply's error field."""
+    if not isinstance(error, (list, tuple)) or len(error) < 2:
+        return ProtocolError(f"malformed error in an RPC reply: {error!r}")
+    type_name, message = str(error[0]), str(error[1])
+    tb = str(error[2]) if len(error) > 2 and error[2] is not None else ""
+    remote = (MethodNotFound if type_name == "MethodNotFound" else RemoteError)(type_name, message, tb)
+    if len(error) > 3 and isinstance(error[3], BaseException):
+        exc = error[3]
+        exc.__cause__ = remote
+        return exc
+    return remote
+
+
+class RPCProxy:
+    """A client of an :class:`RPCServer`: ``proxy.method(*args, **kwargs)``.
+
+    ``RPCProxy(address, authkey=None, codec="msgpack", ssl_context=None,
+    timeout=None)``. ``timeout`` is the default per-call timeout in seconds
+    (None: wait for ever); :meth:`with_timeout` and :meth:`invoke` set it per
+    call. A timed-out call raises :class:`fastnet.TimeoutError`; its late
+    reply is discarded and the connection stays usable.
+
+    Calls may run concurrently from many threads; :meth:`call_async` keeps
+    many calls in flight on the one connection (replies are matched by id).
+    If the connection drops, every pending call fails with
+    :class:`fastnet.ConnectionLost` (it may or may not have run; it is never
+    repeated) and the next call reconnects, retrying with a bounded
+    exponential backoff for up to ``connect_timeout`` seconds.
+    """
+
+    def __init__(self, address, authkey=None, codec=DEFAULT_CODEC, ssl_context=None, timeout=None, *,
+                 connect_timeout=10.0, family=None, max_message_size=DEFAULT_RPC_MAX_MESSAGE_SIZE,
+                 strict=False, backoff=(0.02, 1.0), lazy=False):
+        self._address = address
+        self._family = family
+        self._authkey = authkey
+        self._codec = get_codec(codec)
+        self._ssl_context = ssl_context
+        self._timeout = timeout
+        self._connect_timeout = connect_timeout
+        self._max_size = max_message_size
+        self._strict = strict
+        self._backoff = backoff
+        self._conn = None
+        self._ch = None
+        self._gen = 0
+        self._closed = False
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
+        self._send_lock = threading.Lock()
+        self._connect_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._pending = {}
+        self._reader = None          # the thread reading replies now, if any
+        self._waiters = 0
+        self._async = 0              # pending asynchronous calls
+        self._bg = None
+        self._bg_wanted = False
+        self._partial = None
+        self._partial_left = 0
+        self._methods = {}
+        self._last_io = 0.0
+        self.late_replies = 0
+        self._timed = 0              # pending asynchronous calls with a deadline
+        if not lazy:
+            self._ensure(retry=False)
+
+    # -- public -----------------------------------------------------------
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        m = self._methods.get(name)
+        if m is None:
+            m = self._methods[name] = _BoundMethod(self, name)
+        return m
+
+    def call(self, method, /, *args, **kwargs):
+        """Call ``method`` (a name, dotted or not) and return its result."""
+        return self._call(method, args, kwargs, self._timeout)
+
+    def invoke(self, method, args=(), kwargs=None, timeout=None):
+        """Call ``method`` with explicit ``args``, ``kwargs`` and ``timeout`` (None: the proxy's)."""
+        return self._call(method, args, kwargs or {}, self._timeout if timeout is None else timeout)
+
+    def with_timeout(self, timeout):
+        """A view of this proxy whose calls time out after ``timeout`` seconds."""
+        return _TimeoutView(self, timeout)
+
+    def call_async(self, method, /, *args, **kwargs):
+        """Send a call and return a ``concurrent.futures.Future`` of its result.
+
+        Many calls may be in flight at once; the proxy's ``timeout`` applies
+        to each (the future fails with :class:`fastnet.TimeoutError`).
+        """
+        return self._call_async(method, args, kwargs, self._timeout)
+
+    def notify(self, method, /, *args, **kwargs):
+        """Send a one-way call: no reply, no result, errors stay on the server."""
+        frames = _encode(self._codec, [_NOTIFY, method, list(args), kwargs or None])
+        conn, gen = self._ensure()
+        self._send(frames, gen)
+
+    @property
+    def codec(self):
+        """The codec name in use."""
+        return self._codec.name
+
+    @property
+    def connected(self):
+        """True while the proxy holds an open connection."""
+        return self._conn is not None
+
+    @property
+    def pending(self):
+        """The number of calls waiting for a reply."""
+        return len(self._pending)
+
+    def close(self):
+        """Close the connection; pending calls fail with ConnectionLost."""
+        with self._cv:
+            self._closed = True
+            conn = self._conn
+            self._cv.notify_all()
+        if conn is not None:
+            self._drop(conn, ConnectionLost("the proxy was closed"))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        conn = getattr(self, "_conn", None)
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+    def __repr__(self):
+        state = "closed" if self._closed else ("connected" if self._conn else "disconnected")
+        return f"<fastnet.RPCProxy {self._address!r} codec={self._codec.name} {state}>"
+
+    # -- connecting -------------------------------------------------------
+    def _ensure(self, retry=True):
+        conn = self._conn
+        if conn is not None:
+            return conn, self._gen
+        if self._closed:
+            raise ConnectionLost("the proxy is closed")
+        with self._connect_lock:
+            conn = self._conn
+            if conn is not None:
+                return conn, self._gen
+            deadline = time.monotonic() + self._connect_timeout
+            delay, cap = self._backoff
+            while True:
+                try:
+                    conn = self._open(deadline)
+                    break
+                except (AuthenticationError, ProtocolError, ValueError, TypeError):
+                    raise
+                except OSError as e:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not retry:
+                        raise ConnectionLost(
+                            f"cannot connect to {self._address!r}: {e}") from e
+                    time.sleep(min(delay, left))
+                    delay = min(delay * 2, cap)
+            with self._cv:
+                if self._closed:
+                    conn.close()
+                    raise ConnectionLost("the proxy is closed")
+                self._conn = conn
+                self._ch = conn._ch
+                self._gen += 1
+                self._partial = None
+                self._last_io = time.monotonic()
+                return conn, self._gen
+
+    def _open(self, deadline):
+        left = max(0.001, deadline - time.monotonic())
+        conn = Client(self._address, self._family, self._authkey, timeout=left,
+                      max_message_size=self._max_size, strict=self._strict,
+                      ssl_context=self._ssl_context)
+        try:
+            hello = {"fastnet-rpc": PROTOCOL_VERSION, "codec": self._codec.name}
+            conn.send_bytes(json.dumps(hello).encode())
+            left = max(0.001, deadline - time.monotonic())
+            try:
+                data = conn._ch.recv_frame(_MAX_HELLO, left)
+            except EOFError:
+                raise ProtocolError("the server closed the connection during the RPC hello "
+                                    "(is it a fastnet RPCServer?)") from None
+            try:
+                reply = json.loads(bytes(data).decode("utf-8"))
+                version = reply["fastnet-rpc"]
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+                raise ProtocolError("the server's hello reply is not a fastnet RPC hello") from None
+            if "error" in reply:
+                raise ProtocolError(f"the RPC server refused this client: {reply['error']}")
+            if version != PROTOCOL_VERSION or reply.get("codec") != self._codec.name:
+                raise ProtocolError(f"RPC hello mismatch: server speaks version {version} "
+                                    f"with codec {reply.get('codec')!r}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _stale(self):
+        """Drop an idle connection the server closed meanwhile, so the next call reconnects first."""
+        me = threading.get_ident()
+        with self._cv:
+            conn = self._conn
+            if conn is None or self._pending or self._reader is not None:
+                return
+            self._reader = me
+            ch = self._ch
+        try:
+            if ch.poll(0.0):
+                self.late_replies += len(ch.recv_frames(0.0))
+        except TimeoutError:
+            pass
+        except (EOFError, OSError):
+            self._drop(conn, ConnectionLost("the server closed the idle connection"))
+        finally:
+            with self._cv:
+                self._reader = None
+                if self._waiters or self._async:
+                    self._cv.notify_all()
+
+    def _drop(self, conn, exc):
+        """Forget a broken connection and fail every call pending on it."""
+        with self._cv:
+            if self._conn is not conn:
+                return
+            self._conn = None
+            self._ch = None
+            pending = self._pending
+            self._pending = {}
+            self._async = 0
+            self._timed = 0
+            self._partial = None
+            self._cv.notify_all()
+        try:
+            conn.close()
+        except Exception:
+            pass
+        for slot in pending.values():
+            slot.fail(exc)
+
+    # -- calling ----------------------------------------------------------
+    def _send(self, frames, gen):
+        with self._send_lock:
+            ch = self._ch
+            conn = self._conn
+            if ch is None or self._gen != gen:
+                raise ConnectionLost("the connection was lost before the call was sent")
+            try:
+                if len(frames) == 1:
+                    ch.send_frame(frames[0])
+                else:
+                    ch.send_frames(frames)
+            except OSError as e:
+                err = e
+            else:
+                return
+        self._drop(conn, ConnectionLost(f"the connection to {self._address!r} was lost: {err}"))
+        raise ConnectionLost(f"sending the call failed: {err}") from err
+
+    def _prepare(self, method, args, kwargs):
+        if self._conn is not None and time.monotonic() - self._last_io > 1.0:
+            self._stale()
+        conn, gen = self._ensure()
+        msgid = next(self._ids)
+        frames = _encode(self._codec, [_REQUEST, msgid, method, list(args), kwargs or None])
+        return gen, msgid, frames
+
+    def _call(self, method, args, kwargs, timeout):
+        gen, msgid, frames = self._prepare(method, args, kwargs)
+        slot = _Slot()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            if self._gen != gen or self._conn is None:
+                raise ConnectionLost("the connection was lost before the call was sent")
+            self._pending[msgid] = slot
+        try:
+            self._send(frames, gen)
+        except BaseException:
+            with self._lock:
+                self._pending.pop(msgid, None)
+            raise
+        self._wait(slot, msgid, deadline, gen)
+        if slot.error is not None:
+            raise slot.error
+        return slot.value
+
+    def _call_async(self, method, args, kwargs, timeout):
+        gen, msgid, frames = self._prepare(method, args, kwargs)
+        fut = concurrent.futures.Future()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        fut.set_running_or_notify_cancel()
+        with self._cv:
+            if self._gen != gen or self._conn is None:
+                raise ConnectionLost("the connection was lost before the call was sent")
+            self._pending[msgid] = _FutureSlot(fut, deadline)
+            self._async += 1
+            if deadline is not None:
+                self._timed += 1
+            if self._bg is None:
+                self._bg = threading.Thread(target=self._background, name="fastnet-rpc-reader",
+                                            daemon=True)
+                self._bg.start()
+            elif self._async == 1 and self._reader is None:
+                self._cv.notify_all()
+        try:
+            self._send(frames, gen)
+        except BaseException as e:
+            with self._lock:
+                if self._pending.pop(msgid, None) is not None:
+                    self._async -= 1
+                    if deadline is not None:
+                        self._timed -= 1
+            if not fut.done():
+                fut.set_exception(e)
+        return fut
+
+    def _wait(self, slot, msgid, deadline, gen):
+        cv = self._cv
+        me = threading.get_ident()
+        with cv:
+            while not slot.done:
+                if self._reader is None and self._gen == gen and self._conn is not None:
+                    self._reader = me
+                    break
+                if self._conn is None or self._gen != gen:
+                    if not slot.done:
+                        self._pending.pop(msgid, None)
+                        slot.fail(ConnectionLost("the connection was lost"))
+                    return
+                if deadline is None:
+                    left = None
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self._pending.pop(msgid, None)
+                        raise TimeoutError("RPC call timed out waiting for its reply")
+                self._waiters += 1
+                cv.wait(left)
+                self._waiters -= 1
+            else:
+                return
+        # this thread reads replies until its own is there
+        try:
+            self._read_until(slot, deadline)
+        except TimeoutError:
+            with cv:
+                if not slot.done:
+                    self._pending.pop(msgid, None)
+                    raise TimeoutError("RPC call timed out waiting for its reply") from None
+        finally:
+            with cv:
+                self._reader = None
+                if self._waiters or self._async:
+                    cv.notify_all()
+
+    def _read_until(self, slot, deadline):
+        """Read and dispatch replies until ``slot`` is done (reader role held)."""
+        ch = self._ch
+        conn = self._conn
+        if ch is None:
+            slot.fail(ConnectionLost("the connection was lost"))
+            return
+        while not slot.done:
+            if deadline is None:
+                left = None
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("timed out")
+            try:
+                frames = ch.recv_frames(left)
+            except TimeoutError:
+                raise
+            except (EOFError, OSError) as e:
+                self._lost(conn, e)
+                return
+            self._dispatch(frames, conn)
+
+    def _lost(self, conn, e):
+        if isinstance(e, EOFError):
+            why = "the server closed the connection"
+        else:
+            why = f"the connection failed ({type(e).__name__}: {e})"
+        self._drop(conn, ConnectionLost(f"{why}; the call may or may not have run"))
+
+    def _dispatch(self, frames, conn):
+        self._last_io = time.monotonic()
+        codec = self._codec
+        pending = self._pending
+        woke = False
+        for f in frames:
+            part = self._partial
+            if part is not None:
+                part.append(f)
+                self._partial_left -= 1
+                if self._partial_left:
+                    continue
+                self._partial = None
+                msg_frames = part
+            elif f[:1] == b"\xc1":
+                n = _oob_count(f)
+                if n < 1:
+                    self._lost(conn, ProtocolError("bad out-of-band marker frame from the server"))
+                    return
+                self._partial = []
+                self._partial_left = n + 1
+                continue
+            else:
+                msg_frames = (f,)
+            try:
+                msg = codec.loads(msg_frames)
+                kind, msgid, error, result = msg
+                if kind != _REPLY:
+                    raise ValueError(f"message kind {kind!r}")
+            except Exception as e:
+                self._lost(conn, ProtocolError(f"malformed reply from the server ({e})"))
+                return
+            slot = pending.pop(msgid, None)
+            if slot is None:
+                self.late_replies += 1     # its call timed out: nobody wants it
+                continue
+            if type(slot) is _FutureSlot:
+                with self._lock:
+                    self._async -= 1
+                    if slot.deadline is not None:
+                        self._timed -= 1
+            else:
+                woke = True
+            if error is None:
+                slot.set(None, result)
+            else:
+                slot.set(_remote_exception(error, codec), None)
+        if woke and self._waiters:
+            with self._cv:
+                self._cv.notify_all()
+
+    def _background(self):
+        """Reads replies for asynchronous calls while nobody else is reading."""
+        cv = self._cv
+        me = threading.get_ident()
+        while True:
+            with cv:
+                while not self._closed and (self._async == 0 or self._reader is not None
+                                            or self._conn is None):
+                    cv.wait(self._next_deadline_locked())
+                    self._expire_locked()
+                if self._closed:
+                    return
+                self._reader = me
+                conn = self._conn
+                ch = self._ch
+            try:
+                while True:
+                    with cv:
+                        if self._async == 0 or self._conn is not conn or self._waiters:
+                            break
+                        left = self._next_deadline_locked()
+                    try:
+                        frames = ch.recv_frames(left)
+                    except TimeoutError:
+                        with cv:
+                            self._expire_locked()
+                        continue
+                    except (EOFError, OSError) as e:
+                        self._lost(conn, e)
+                        break
+                    self._dispatch(frames, conn)
+            finally:
+                with cv:
+                    self._reader = None
+                    cv.notify_all()
+            if self._waiters:
+                # let a synchronous caller take the reader role before we read again
+                time.sleep(0)
+
+    def _next_deadline_locked(self):
+        if not self._timed:
+            return None
+        soonest = None
+        for slot in self._pending.values():
+            d = getattr(slot, "deadline", None)
+            if d is not None and (soonest is None or d < soonest):
+                soonest = d
+        if soonest is None:
+            return None
+        return max(0.0, soonest - time.monotonic())
+
+    def _expire_locked(self):
+        now = time.monotonic()
+        expired = [k for k, s in self._pending.items()
+                   if type(s) is _FutureSlot and s.deadline is not None and s.deadline <= now]
+        for k in expired:
+            s = self._pending.pop(k)
+            self._async -= 1
+            self._timed -= 1
+            s.fail(TimeoutError("RPC call timed out waiting for its reply"))
