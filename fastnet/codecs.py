@@ -252,13 +252,33 @@ def _msgpack_ext_hook(code, data):
     return _msgpack().ExtType(code, data)
 
 
+_packers = _threading.local()
+
+
 def _msgpack_dumps(obj):
-    return [_msgpack().packb(obj, use_bin_type=True, default=_msgpack_default)]
+    # a Packer per thread: building one per call costs as much as the packing
+    try:
+        pack = _packers.pack
+    except AttributeError:
+        pack = _packers.pack = _msgpack().Packer(use_bin_type=True, default=_msgpack_default).pack
+    return [pack(obj)]
 
 
 def _msgpack_loads(frames):
-    return _msgpack().unpackb(_single_frame("msgpack", frames), raw=False,
-                              strict_map_key=False, ext_hook=_msgpack_ext_hook)
+    if len(frames) != 1:
+        _single_frame("msgpack", frames)
+    return (_unpackb or _msgpack_unpackb())(frames[0], raw=False, strict_map_key=False,
+                                            ext_hook=_msgpack_ext_hook)
+
+
+def _msgpack_unpackb():
+    global _unpackb
+    if _unpackb is None:
+        _unpackb = _msgpack().unpackb
+    return _unpackb
+
+
+_unpackb = None
 
 
 # ---- json ---------------------------------------------------------------------

@@ -169,9 +169,6 @@ class _RPCHandler(_server.MessageHandler):
         self.gone = True
 
     def message_received(self, data):
-        if self.codec is None:
-            self._hello(data)
-            return
         parts = self.parts
         if parts is not None:
             parts.append(data)
@@ -181,16 +178,17 @@ class _RPCHandler(_server.MessageHandler):
             self.parts = None
             self.oob = -1
             self._request(parts)
-            return
-        if data[:1] == b"\xc1":
+        elif len(data) == 5 and data[0] == _OOB:
             n = _oob_count(data)
             if n < 1:
                 self._protocol_error("bad out-of-band marker frame")
                 return
             self.oob = n + 1    # the payload, then n buffers
             self.parts = []
-            return
-        self._request([data])
+        elif self.codec is None:
+            self._hello(data)
+        else:
+            self._request((data,))
 
     # hello -------------------------------------------------------------
     def _hello(self, data):
@@ -253,60 +251,76 @@ class _RPCHandler(_server.MessageHandler):
         except Exception as e:
             self._protocol_error(f"undecodable message ({type(e).__name__}: {e})")
             return
-        if type(msg) is not list or not msg:
-            self._protocol_error("message is not a list")
+        try:
+            kind, msgid, method, args, kwargs = msg
+            if kind != _REQUEST:
+                raise ValueError
+        except (TypeError, ValueError):
+            self._notification(msg)
             return
-        kind = msg[0]
-        if kind == _REQUEST and len(msg) == 5:
-            _, msgid, method, args, kwargs = msg
-            notify = False
-        elif kind == _NOTIFY and len(msg) == 4:
-            _, method, args, kwargs = msg
-            msgid = None
-            notify = True
-        else:
-            self._protocol_error(f"not a request or notification: kind {kind!r}, {len(msg)} fields")
-            return
-        if not notify and (type(msgid) is not int):
+        if type(msgid) is not int:
             self._protocol_error("request id is not an integer")
             return
-        if type(args) is tuple:
-            args = list(args)
         if type(method) is not str or type(args) is not list or \
                 (kwargs is not None and type(kwargs) is not dict):
-            if notify:
-                self._protocol_error("malformed notification")
+            if type(args) is tuple:     # a custom codec may produce tuples
+                args = list(args)
             else:
                 self._send_error(msgid, "ProtocolError",
                                  "malformed request: method must be str, args a list, kwargs a map")
-            return
-        rpc = self.rpc
-        m = rpc._methods.get(method)
+                return
+        m = self.rpc._methods.get(method)
         if m is None:
-            rpc._count_error("method_not_found")
-            if not notify:
-                self._send_error(msgid, "MethodNotFound", rpc._not_found(method))
-            return
-        if kwargs and not all(type(k) is str for k in kwargs):
-            self._send_error(msgid, "TypeError", "keyword argument names must be strings")
+            self.rpc._count_error("method_not_found")
+            self._send_error(msgid, "MethodNotFound", self.rpc._not_found(method))
             return
         if m.blocking:
-            self.inflight += 1
-            rpc._offload(self, m, msgid, args, kwargs)
+            self.rpc._offload(self, m, msgid, args, kwargs)
             return
         t0 = time.perf_counter()
         try:
             result = m.func(*args, **kwargs) if kwargs else m.func(*args)
         except Exception as e:
             m.record(time.perf_counter() - t0, True)
-            if notify:
-                logger.debug("notification %s raised %r", method, e)
-            else:
-                self._send_exc(msgid, e)
+            self._send_exc(msgid, e)
             return
         m.record(time.perf_counter() - t0, False)
-        if not notify:
-            self._send_result(msgid, result)
+        try:
+            frames = _encode(self.codec, [_REPLY, msgid, None, result])
+        except Exception as e:
+            self._send_error(msgid, type(e).__name__,
+                             f"the result could not be encoded with {self.codec.name}: {e}")
+            return
+        self._queue(frames)
+
+    def _notification(self, msg):
+        try:
+            kind, method, args, kwargs = msg
+            if kind != _NOTIFY or type(method) is not str:
+                raise ValueError
+            if type(args) is tuple:
+                args = list(args)
+            if type(args) is not list or (kwargs is not None and type(kwargs) is not dict):
+                raise ValueError
+        except (TypeError, ValueError):
+            self._protocol_error("not a request or notification")
+            return
+        m = self.rpc._methods.get(method)
+        if m is None:
+            self.rpc._count_error("method_not_found")
+            logger.debug("notification of unknown method %r from %r", method, self.client_address)
+            return
+        if m.blocking:
+            self.rpc._offload(self, m, None, args, kwargs)
+            return
+        t0 = time.perf_counter()
+        try:
+            m.func(*args, **kwargs) if kwargs else m.func(*args)
+        except Exception as e:
+            m.record(time.perf_counter() - t0, True)
+            logger.debug("notification %s from %r raised %r", method, self.client_address, e)
+            return
+        m.record(time.perf_counter() - t0, False)
 
     def _send_result(self, msgid, result):
         try:
@@ -704,7 +718,8 @@ class _BoundMethod:
         self._subs = None
 
     def __call__(self, *args, **kwargs):
-        return self._proxy._call(self._name, args, kwargs, self._proxy._timeout)
+        p = self._proxy
+        return p._call(self._name, args, kwargs, p._timeout)
 
     def __getattr__(self, attr):
         if attr.startswith("_"):
@@ -769,48 +784,52 @@ class RPCProxy:
     call. A timed-out call raises :class:`fastnet.TimeoutError`; its late
     reply is discarded and the connection stays usable.
 
+    Attribute access names remote methods (``proxy.kv.get``) except for the
+    proxy's own attributes; :meth:`call` reaches a method of any name.
     Calls may run concurrently from many threads; :meth:`call_async` keeps
     many calls in flight on the one connection (replies are matched by id).
     If the connection drops, every pending call fails with
     :class:`fastnet.ConnectionLost` (it may or may not have run; it is never
     repeated) and the next call reconnects, retrying with a bounded
-    exponential backoff for up to ``connect_timeout`` seconds.
+    exponential backoff (``backoff=(first, max)`` seconds) for up to
+    ``connect_timeout`` seconds. The first connection is made at once
+    (``lazy=True``: at the first call) and is not retried.
     """
 
     def __init__(self, address, authkey=None, codec=DEFAULT_CODEC, ssl_context=None, timeout=None, *,
                  connect_timeout=10.0, family=None, max_message_size=DEFAULT_RPC_MAX_MESSAGE_SIZE,
                  strict=False, backoff=(0.02, 1.0), lazy=False):
-        self._address = address
-        self._family = family
-        self._authkey = authkey
-        self._codec = get_codec(codec)
-        self._ssl_context = ssl_context
-        self._timeout = timeout
-        self._connect_timeout = connect_timeout
-        self._max_size = max_message_size
-        self._strict = strict
-        self._backoff = backoff
-        self._conn = None
-        self._ch = None
-        self._gen = 0
-        self._closed = False
-        self._lock = threading.Lock()
-        self._cv = threading.Condition(self._lock)
-        self._send_lock = threading.Lock()
-        self._connect_lock = threading.Lock()
-        self._ids = itertools.count(1)
-        self._pending = {}
-        self._reader = None          # the thread reading replies now, if any
-        self._waiters = 0
-        self._async = 0              # pending asynchronous calls
-        self._bg = None
-        self._bg_wanted = False
-        self._partial = None
-        self._partial_left = 0
-        self._methods = {}
-        self._last_io = 0.0
-        self.late_replies = 0
-        self._timed = 0              # pending asynchronous calls with a deadline
+        d = self.__dict__
+        d["_address"] = address
+        d["_family"] = family
+        d["_authkey"] = authkey
+        d["_codec"] = get_codec(codec)
+        d["_ssl_context"] = ssl_context
+        d["_timeout"] = timeout
+        d["_connect_timeout"] = connect_timeout
+        d["_max_size"] = max_message_size
+        d["_strict"] = strict
+        d["_backoff"] = backoff
+        d["_conn"] = None
+        d["_ch"] = None
+        d["_gen"] = 0
+        d["_closed"] = False
+        d["_lock"] = lock = threading.Lock()
+        d["_cv"] = threading.Condition(lock)
+        d["_rlock"] = threading.Lock()       # held by the one thread reading replies
+        d["_send_lock"] = threading.Lock()
+        d["_connect_lock"] = threading.Lock()
+        d["_ids"] = itertools.count(1)
+        d["_pending"] = {}
+        d["_waiters"] = 0
+        d["_async"] = 0                      # pending asynchronous calls
+        d["_timed"] = 0                      # ... of which have a deadline
+        d["_bg"] = None
+        d["_bg_parked"] = False
+        d["_partial"] = None
+        d["_partial_left"] = 0
+        d["_last_io"] = 0.0
+        d["late_replies"] = 0
         if not lazy:
             self._ensure(retry=False)
 
@@ -818,9 +837,9 @@ class RPCProxy:
     def __getattr__(self, name):
         if name.startswith("_"):
             raise AttributeError(name)
-        m = self._methods.get(name)
-        if m is None:
-            m = self._methods[name] = _BoundMethod(self, name)
+        m = _BoundMethod(self, name)
+        # cached on the instance: later lookups never reach __getattr__
+        self.__dict__[name] = m
         return m
 
     def call(self, method, /, *args, **kwargs):
@@ -829,7 +848,7 @@ class RPCProxy:
 
     def invoke(self, method, args=(), kwargs=None, timeout=None):
         """Call ``method`` with explicit ``args``, ``kwargs`` and ``timeout`` (None: the proxy's)."""
-        return self._call(method, args, kwargs or {}, self._timeout if timeout is None else timeout)
+        return self._call(method, args, kwargs, self._timeout if timeout is None else timeout)
 
     def with_timeout(self, timeout):
         """A view of this proxy whose calls time out after ``timeout`` seconds."""
@@ -846,8 +865,8 @@ class RPCProxy:
     def notify(self, method, /, *args, **kwargs):
         """Send a one-way call: no reply, no result, errors stay on the server."""
         frames = _encode(self._codec, [_NOTIFY, method, list(args), kwargs or None])
-        conn, gen = self._ensure()
-        self._send(frames, gen)
+        self._checked()
+        self._send(frames, self._gen)
 
     @property
     def codec(self):
@@ -867,7 +886,7 @@ class RPCProxy:
     def close(self):
         """Close the connection; pending calls fail with ConnectionLost."""
         with self._cv:
-            self._closed = True
+            self.__dict__["_closed"] = True
             conn = self._conn
             self._cv.notify_all()
         if conn is not None:
@@ -880,7 +899,7 @@ class RPCProxy:
         self.close()
 
     def __del__(self):
-        conn = getattr(self, "_conn", None)
+        conn = self.__dict__.get("_conn")
         if conn is not None:
             try:
                 conn.close()
@@ -891,17 +910,34 @@ class RPCProxy:
         state = "closed" if self._closed else ("connected" if self._conn else "disconnected")
         return f"<fastnet.RPCProxy {self._address!r} codec={self._codec.name} {state}>"
 
+    def __setattr__(self, name, value):
+        # every attribute is internal; a typo must not silently shadow a remote method
+        if name.startswith("_") and name in self.__dict__:
+            self.__dict__[name] = value
+        else:
+            raise AttributeError(f"cannot set {name!r} on an RPCProxy")
+
     # -- connecting -------------------------------------------------------
+    def _checked(self):
+        """The open connection, reconnecting first if it is gone or went stale while idle."""
+        conn = self._conn
+        if conn is not None and time.monotonic() - self._last_io > 1.0:
+            self._stale()
+            conn = self._conn
+        if conn is None:
+            conn = self._ensure()
+        return conn
+
     def _ensure(self, retry=True):
         conn = self._conn
         if conn is not None:
-            return conn, self._gen
+            return conn
         if self._closed:
             raise ConnectionLost("the proxy is closed")
         with self._connect_lock:
             conn = self._conn
             if conn is not None:
-                return conn, self._gen
+                return conn
             deadline = time.monotonic() + self._connect_timeout
             delay, cap = self._backoff
             while True:
@@ -913,20 +949,20 @@ class RPCProxy:
                 except OSError as e:
                     left = deadline - time.monotonic()
                     if left <= 0 or not retry:
-                        raise ConnectionLost(
-                            f"cannot connect to {self._address!r}: {e}") from e
+                        raise ConnectionLost(f"cannot connect to {self._address!r}: {e}") from e
                     time.sleep(min(delay, left))
                     delay = min(delay * 2, cap)
             with self._cv:
                 if self._closed:
                     conn.close()
                     raise ConnectionLost("the proxy is closed")
-                self._conn = conn
-                self._ch = conn._ch
-                self._gen += 1
-                self._partial = None
-                self._last_io = time.monotonic()
-                return conn, self._gen
+                d = self.__dict__
+                d["_ch"] = conn._ch
+                d["_partial"] = None
+                d["_last_io"] = time.monotonic()
+                d["_gen"] = self._gen + 1
+                d["_conn"] = conn
+            return conn
 
     def _open(self, deadline):
         left = max(0.001, deadline - time.monotonic())
@@ -959,44 +995,39 @@ class RPCProxy:
 
     def _stale(self):
         """Drop an idle connection the server closed meanwhile, so the next call reconnects first."""
-        me = threading.get_ident()
-        with self._cv:
-            conn = self._conn
-            if conn is None or self._pending or self._reader is not None:
-                return
-            self._reader = me
-            ch = self._ch
+        if self._pending or not self._rlock.acquire(False):
+            return
+        conn = self._conn
+        ch = self._ch
         try:
-            if ch.poll(0.0):
-                self.late_replies += len(ch.recv_frames(0.0))
+            if ch is not None and ch.poll(0.0):
+                self.__dict__["late_replies"] += len(ch.recv_frames(0.0))
         except TimeoutError:
             pass
         except (EOFError, OSError):
             self._drop(conn, ConnectionLost("the server closed the idle connection"))
         finally:
-            with self._cv:
-                self._reader = None
-                if self._waiters or self._async:
-                    self._cv.notify_all()
+            self._release_reader()
 
     def _drop(self, conn, exc):
         """Forget a broken connection and fail every call pending on it."""
         with self._cv:
             if self._conn is not conn:
                 return
-            self._conn = None
-            self._ch = None
+            d = self.__dict__
+            d["_conn"] = None
+            d["_ch"] = None
             pending = self._pending
-            self._pending = {}
-            self._async = 0
-            self._timed = 0
-            self._partial = None
+            d["_pending"] = {}
+            d["_async"] = 0
+            d["_timed"] = 0
+            d["_partial"] = None
             self._cv.notify_all()
         try:
             conn.close()
         except Exception:
             pass
-        for slot in pending.values():
+        for slot in list(pending.values()):
             slot.fail(exc)
 
     # -- calling ----------------------------------------------------------
@@ -1011,131 +1042,150 @@ class RPCProxy:
                     ch.send_frame(frames[0])
                 else:
                     ch.send_frames(frames)
+                return
             except OSError as e:
                 err = e
-            else:
-                return
         self._drop(conn, ConnectionLost(f"the connection to {self._address!r} was lost: {err}"))
         raise ConnectionLost(f"sending the call failed: {err}") from err
 
-    def _prepare(self, method, args, kwargs):
-        if self._conn is not None and time.monotonic() - self._last_io > 1.0:
-            self._stale()
-        conn, gen = self._ensure()
-        msgid = next(self._ids)
-        frames = _encode(self._codec, [_REQUEST, msgid, method, list(args), kwargs or None])
-        return gen, msgid, frames
+    def _register(self, msgid, slot, gen):
+        """Add a pending call; False if the connection it was meant for is gone."""
+        pending = self._pending
+        pending[msgid] = slot
+        # _drop swaps the dict: a slot that landed in the old one would never complete
+        if self._pending is pending and self._gen == gen and self._conn is not None:
+            return True
+        pending.pop(msgid, None)
+        return False
 
     def _call(self, method, args, kwargs, timeout):
-        gen, msgid, frames = self._prepare(method, args, kwargs)
+        self._checked()
+        gen = self._gen
+        msgid = next(self._ids)
+        frames = _encode(self._codec, [_REQUEST, msgid, method,
+                                       args if type(args) is list else list(args), kwargs or None])
         slot = _Slot()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
-            if self._gen != gen or self._conn is None:
-                raise ConnectionLost("the connection was lost before the call was sent")
-            self._pending[msgid] = slot
+        if not self._register(msgid, slot, gen):
+            raise ConnectionLost("the connection was lost before the call was sent")
         try:
             self._send(frames, gen)
         except BaseException:
-            with self._lock:
-                self._pending.pop(msgid, None)
+            self._pending.pop(msgid, None)
             raise
-        self._wait(slot, msgid, deadline, gen)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._rlock.acquire(False):
+            self._read_as_reader(slot, msgid, deadline)
+        else:
+            self._wait_slow(slot, msgid, deadline)
         if slot.error is not None:
             raise slot.error
         return slot.value
 
     def _call_async(self, method, args, kwargs, timeout):
-        gen, msgid, frames = self._prepare(method, args, kwargs)
+        self._checked()
+        gen = self._gen
+        msgid = next(self._ids)
+        frames = _encode(self._codec, [_REQUEST, msgid, method, list(args), kwargs or None])
         fut = concurrent.futures.Future()
-        deadline = None if timeout is None else time.monotonic() + timeout
         fut.set_running_or_notify_cancel()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        slot = _FutureSlot(fut, deadline)
         with self._cv:
-            if self._gen != gen or self._conn is None:
+            if not self._register(msgid, slot, gen):
                 raise ConnectionLost("the connection was lost before the call was sent")
-            self._pending[msgid] = _FutureSlot(fut, deadline)
-            self._async += 1
+            d = self.__dict__
+            d["_async"] = self._async + 1
             if deadline is not None:
-                self._timed += 1
+                d["_timed"] = self._timed + 1
             if self._bg is None:
-                self._bg = threading.Thread(target=self._background, name="fastnet-rpc-reader",
-                                            daemon=True)
-                self._bg.start()
-            elif self._async == 1 and self._reader is None:
+                t = d["_bg"] = threading.Thread(target=self._background, name="fastnet-rpc-reader",
+                                                daemon=True)
+                t.start()
+            elif self._bg_parked:
                 self._cv.notify_all()
         try:
             self._send(frames, gen)
         except BaseException as e:
-            with self._lock:
+            with self._cv:
                 if self._pending.pop(msgid, None) is not None:
-                    self._async -= 1
-                    if deadline is not None:
-                        self._timed -= 1
+                    self._forget_async(slot)
             if not fut.done():
                 fut.set_exception(e)
         return fut
 
-    def _wait(self, slot, msgid, deadline, gen):
-        cv = self._cv
-        me = threading.get_ident()
-        with cv:
+    def _forget_async(self, slot):
+        # with the lock held
+        d = self.__dict__
+        d["_async"] = self._async - 1
+        if slot.deadline is not None:
+            d["_timed"] = self._timed - 1
+
+    def _release_reader(self):
+        self._rlock.release()
+        if self._waiters or self._async:
+            with self._cv:
+                self._cv.notify_all()
+
+    def _read_as_reader(self, slot, msgid, deadline):
+        """Holding the reader lock: read and dispatch replies until ``slot`` is done."""
+        try:
+            ch = self._ch
+            conn = self._conn
+            if ch is None:
+                if not slot.done:
+                    slot.fail(ConnectionLost("the connection was lost"))
+                return
             while not slot.done:
-                if self._reader is None and self._gen == gen and self._conn is not None:
-                    self._reader = me
-                    break
-                if self._conn is None or self._gen != gen:
-                    if not slot.done:
-                        self._pending.pop(msgid, None)
-                        slot.fail(ConnectionLost("the connection was lost"))
-                    return
                 if deadline is None:
                     left = None
                 else:
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        self._pending.pop(msgid, None)
-                        raise TimeoutError("RPC call timed out waiting for its reply")
-                self._waiters += 1
-                cv.wait(left)
-                self._waiters -= 1
-            else:
-                return
-        # this thread reads replies until its own is there
-        try:
-            self._read_until(slot, deadline)
-        except TimeoutError:
-            with cv:
-                if not slot.done:
-                    self._pending.pop(msgid, None)
-                    raise TimeoutError("RPC call timed out waiting for its reply") from None
+                        self._timed_out(slot, msgid)
+                        return
+                try:
+                    frames = ch.recv_frames(left)
+                except TimeoutError:
+                    continue
+                except (EOFError, OSError) as e:
+                    self._lost(conn, e)
+                    break
+                self._dispatch(frames, conn)
+            if not slot.done:
+                slot.fail(ConnectionLost("the connection was lost"))
         finally:
-            with cv:
-                self._reader = None
-                if self._waiters or self._async:
-                    cv.notify_all()
+            self._release_reader()
 
-    def _read_until(self, slot, deadline):
-        """Read and dispatch replies until ``slot`` is done (reader role held)."""
-        ch = self._ch
-        conn = self._conn
-        if ch is None:
-            slot.fail(ConnectionLost("the connection was lost"))
-            return
-        while not slot.done:
-            if deadline is None:
-                left = None
-            else:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError("timed out")
+    def _timed_out(self, slot, msgid):
+        if self._pending.pop(msgid, None) is not None or not slot.done:
+            slot.fail(TimeoutError("RPC call timed out waiting for its reply"))
+
+    def _wait_slow(self, slot, msgid, deadline):
+        """Another thread reads replies: wait for ours, or for the reader lock to read ourselves."""
+        cv = self._cv
+        with cv:
+            self.__dict__["_waiters"] = self._waiters + 1
             try:
-                frames = ch.recv_frames(left)
-            except TimeoutError:
-                raise
-            except (EOFError, OSError) as e:
-                self._lost(conn, e)
-                return
-            self._dispatch(frames, conn)
+                while not slot.done:
+                    if self._rlock.acquire(False):
+                        break
+                    if self._conn is None:
+                        if not slot.done:
+                            slot.fail(ConnectionLost("the connection was lost"))
+                        return
+                    if deadline is None:
+                        cv.wait()
+                        continue
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self._timed_out(slot, msgid)
+                        return
+                    cv.wait(left)
+                else:
+                    return
+            finally:
+                self.__dict__["_waiters"] = self._waiters - 1
+        self._read_as_reader(slot, msgid, deadline)
 
     def _lost(self, conn, e):
         if isinstance(e, EOFError):
@@ -1145,7 +1195,8 @@ class RPCProxy:
         self._drop(conn, ConnectionLost(f"{why}; the call may or may not have run"))
 
     def _dispatch(self, frames, conn):
-        self._last_io = time.monotonic()
+        d = self.__dict__
+        d["_last_io"] = time.monotonic()
         codec = self._codec
         pending = self._pending
         woke = False
@@ -1153,24 +1204,23 @@ class RPCProxy:
             part = self._partial
             if part is not None:
                 part.append(f)
-                self._partial_left -= 1
-                if self._partial_left:
+                left = d["_partial_left"] = self._partial_left - 1
+                if left:
                     continue
-                self._partial = None
+                d["_partial"] = None
                 msg_frames = part
             elif f[:1] == b"\xc1":
                 n = _oob_count(f)
                 if n < 1:
                     self._lost(conn, ProtocolError("bad out-of-band marker frame from the server"))
                     return
-                self._partial = []
-                self._partial_left = n + 1
+                d["_partial"] = []
+                d["_partial_left"] = n + 1
                 continue
             else:
                 msg_frames = (f,)
             try:
-                msg = codec.loads(msg_frames)
-                kind, msgid, error, result = msg
+                kind, msgid, error, result = codec.loads(msg_frames)
                 if kind != _REPLY:
                     raise ValueError(f"message kind {kind!r}")
             except Exception as e:
@@ -1178,13 +1228,11 @@ class RPCProxy:
                 return
             slot = pending.pop(msgid, None)
             if slot is None:
-                self.late_replies += 1     # its call timed out: nobody wants it
+                d["late_replies"] += 1     # its call timed out: nobody wants it
                 continue
             if type(slot) is _FutureSlot:
                 with self._lock:
-                    self._async -= 1
-                    if slot.deadline is not None:
-                        self._timed -= 1
+                    self._forget_async(slot)
             else:
                 woke = True
             if error is None:
@@ -1196,25 +1244,26 @@ class RPCProxy:
                 self._cv.notify_all()
 
     def _background(self):
-        """Reads replies for asynchronous calls while nobody else is reading."""
+        """Reads replies for asynchronous calls while no caller is reading."""
         cv = self._cv
-        me = threading.get_ident()
+        d = self.__dict__
+        rlock = self._rlock
         while True:
             with cv:
-                while not self._closed and (self._async == 0 or self._reader is not None
-                                            or self._conn is None):
-                    cv.wait(self._next_deadline_locked())
+                while True:
+                    if self._closed:
+                        return
                     self._expire_locked()
-                if self._closed:
-                    return
-                self._reader = me
+                    if self._async and self._conn is not None and rlock.acquire(False):
+                        break
+                    d["_bg_parked"] = True
+                    cv.wait(self._next_deadline_locked())
+                    d["_bg_parked"] = False
                 conn = self._conn
                 ch = self._ch
             try:
-                while True:
+                while self._async and self._conn is conn and not self._waiters:
                     with cv:
-                        if self._async == 0 or self._conn is not conn or self._waiters:
-                            break
                         left = self._next_deadline_locked()
                     try:
                         frames = ch.recv_frames(left)
@@ -1227,31 +1276,30 @@ class RPCProxy:
                         break
                     self._dispatch(frames, conn)
             finally:
-                with cv:
-                    self._reader = None
-                    cv.notify_all()
+                self._release_reader()
             if self._waiters:
-                # let a synchronous caller take the reader role before we read again
-                time.sleep(0)
+                # a synchronous caller takes the reader lock before we read again
+                time.sleep(0.0005)
 
     def _next_deadline_locked(self):
         if not self._timed:
             return None
         soonest = None
-        for slot in self._pending.values():
-            d = getattr(slot, "deadline", None)
-            if d is not None and (soonest is None or d < soonest):
-                soonest = d
+        for slot in list(self._pending.values()):
+            dl = getattr(slot, "deadline", None)
+            if dl is not None and (soonest is None or dl < soonest):
+                soonest = dl
         if soonest is None:
             return None
         return max(0.0, soonest - time.monotonic())
 
     def _expire_locked(self):
+        if not self._timed:
+            return
         now = time.monotonic()
-        expired = [k for k, s in self._pending.items()
+        expired = [k for k, s in list(self._pending.items())
                    if type(s) is _FutureSlot and s.deadline is not None and s.deadline <= now]
         for k in expired:
             s = self._pending.pop(k)
-            self._async -= 1
-            self._timed -= 1
+            self._forget_async(s)
             s.fail(TimeoutError("RPC call timed out waiting for its reply"))
