@@ -24,6 +24,7 @@ from cpython.bytes cimport (PyBytes_FromStringAndSize, PyBytes_AS_STRING,
 from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE,
                              PyBUF_WRITABLE)
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
+from cpython.memoryview cimport PyMemoryView_GET_BUFFER
 from libc.string cimport memcpy, strerror
 from libc.stdint cimport uint32_t, uint64_t, int32_t
 from libc.math cimport ceil
@@ -1162,6 +1163,33 @@ cdef class Reactor:
 
 
 @cython.final
+# Write-queue entries are bytes or, for large buffers handed to send_many,
+# a C-contiguous memoryview cast to "B": those go out without a copy.
+cdef inline char* _qptr(object o):
+    if PyBytes_CheckExact(o):
+        return PyBytes_AS_STRING(o)
+    return <char*>PyMemoryView_GET_BUFFER(o).buf
+
+
+cdef inline Py_ssize_t _qlen(object o):
+    if PyBytes_CheckExact(o):
+        return PyBytes_GET_SIZE(o)
+    return PyMemoryView_GET_BUFFER(o).len
+
+
+cdef object _as_frame(object b):
+    """bytes as they are; another buffer as a flat byte view of it, copied only if not contiguous."""
+    cdef object mv
+    if PyBytes_CheckExact(b):
+        return b
+    mv = memoryview(b)
+    if not mv.c_contiguous:
+        return mv.tobytes()
+    if mv.format != "B" or mv.ndim != 1:
+        mv = mv.cast("B")
+    return mv
+
+
 cdef class _LostCall:
     """Calls protocol.connection_lost(exc) once, then forgets the protocol."""
     cdef object protocol
@@ -1478,22 +1506,22 @@ cdef class FramedTransport:
         return 0
 
     def send_many(self, buffers):
-        """Send each buffer of ``buffers`` as its own frame, in one syscall when they fit."""
+        """Send each buffer of ``buffers`` as its own frame, in one syscall when they fit.
+
+        Large buffers other than bytes are sent from their own memory, not
+        copied: leave them unchanged until they are sent.
+        """
         cdef Reactor loop = self._loop
         cdef list items = []
-        cdef list views = []
         cdef Py_ssize_t total = 0, h, n, k, i, cnt
         cdef char* w
-        cdef Py_buffer view
-        cdef char* ptr
         cdef ssize_t r
         if self._closing or self._closed:
             raise ConnectionError("send on a closed transport")
         for b in buffers:
-            if not PyBytes_CheckExact(b):
-                b = bytes(memoryview(b).cast("B"))
+            b = _as_frame(b)
             items.append(b)
-            n = PyBytes_GET_SIZE(b)
+            n = _qlen(b)
             total += n + (4 if n <= 0x7fffffff else 12)
         if not items:
             return
@@ -1502,9 +1530,9 @@ cdef class FramedTransport:
             w = loop._wbuf
             k = 0
             for b in items:
-                n = PyBytes_GET_SIZE(b)
+                n = _qlen(b)
                 k += _put_header(w + k, n)
-                memcpy(w + k, PyBytes_AS_STRING(b), n)
+                memcpy(w + k, _qptr(b), n)
                 k += n
             if self._wq:
                 return self._enqueue(PyBytes_FromStringAndSize(w, k), 0)
@@ -1516,22 +1544,21 @@ cdef class FramedTransport:
         # of as much as the kernel takes; the rest is queued
         pieces = []
         for b in items:
-            n = PyBytes_GET_SIZE(b)
-            h = _put_header(loop._wbuf, n)
+            h = _put_header(loop._wbuf, _qlen(b))
             pieces.append(PyBytes_FromStringAndSize(loop._wbuf, h))
             pieces.append(b)
         r = 0
         if not self._wq:
             cnt = min(len(pieces), _IOV_MAX)
             for i in range(cnt):
-                loop._iov[i].iov_base = PyBytes_AS_STRING(pieces[i])
-                loop._iov[i].iov_len = PyBytes_GET_SIZE(pieces[i])
+                loop._iov[i].iov_base = _qptr(pieces[i])
+                loop._iov[i].iov_len = _qlen(pieces[i])
             r = self._try_sendv(cnt)
             if r < 0:
                 return
         i = 0
-        while i < len(pieces) and r >= PyBytes_GET_SIZE(pieces[i]):
-            r -= PyBytes_GET_SIZE(pieces[i])
+        while i < len(pieces) and r >= _qlen(pieces[i]):
+            r -= _qlen(pieces[i])
             i += 1
         first = True
         while i < len(pieces):
@@ -1581,13 +1608,13 @@ cdef class FramedTransport:
             self._finalize(OSError(err, strerror(err).decode("utf-8", "replace")))
             return -1
 
-    cdef int _enqueue(self, bytes b, Py_ssize_t off) except -1:
+    cdef int _enqueue(self, object b, Py_ssize_t off) except -1:
         if self._closed:
             return 0
         if not self._wq:
             self._wq_off = off
         self._wq.append(b)
-        self._wq_bytes += PyBytes_GET_SIZE(b) - off
+        self._wq_bytes += _qlen(b) - off
         if not self._writing:
             self._writing = True
             self._loop._update(self._entry)
@@ -1610,7 +1637,7 @@ cdef class FramedTransport:
         cdef list wq
         cdef Py_ssize_t cnt, i, sz, off, offered
         cdef ssize_t r
-        cdef bytes b
+        cdef object b
         cdef bint took_all
         while True:
             wq = self._wq
@@ -1620,10 +1647,10 @@ cdef class FramedTransport:
             off = self._wq_off
             offered = 0
             for i in range(cnt):
-                b = <bytes>wq[i]
-                loop._iov[i].iov_base = PyBytes_AS_STRING(b) + off
-                loop._iov[i].iov_len = PyBytes_GET_SIZE(b) - off
-                offered += PyBytes_GET_SIZE(b) - off
+                b = wq[i]
+                loop._iov[i].iov_base = _qptr(b) + off
+                loop._iov[i].iov_len = _qlen(b) - off
+                offered += _qlen(b) - off
                 off = 0
             r = self._try_sendv(cnt)
             if r <= 0:
@@ -1633,7 +1660,7 @@ cdef class FramedTransport:
             off = self._wq_off
             i = 0
             while i < len(wq):
-                sz = PyBytes_GET_SIZE(<bytes>wq[i]) - off
+                sz = _qlen(wq[i]) - off
                 if r >= sz:
                     r -= sz
                     off = 0

@@ -700,6 +700,39 @@ def test_send_many_and_buffer_types(loop):
         b.close()
 
 
+def test_send_many_sends_large_buffers_from_their_own_memory(loop):
+    """A large array handed to send_many is queued as a view, not a copy: what
+    arrives is the array's content at the time the kernel takes it, in order
+    with the frames around it, even when the peer reads slowly."""
+    np = pytest.importorskip("numpy")
+    a, b = socket.socketpair()
+    try:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        t = loop.add_stream(a, Recorder())
+        arr = np.arange(3 << 20, dtype=np.uint8)            # 3 MiB, far above the socket buffer
+        strided = np.arange(200000, dtype=np.int32)[::2]      # not contiguous: sent as a copy
+        t.send_many([b"head", arr, arr.reshape(3, -1)[1], strided, b"tail"])
+        assert t.get_write_buffer_size() > 0                 # the peer has not read yet
+        got = []
+
+        def reader():
+            b.settimeout(WAIT)
+            for _ in range(5):
+                got.append(recv_frame(b))
+
+        th = threading.Thread(target=reader)
+        th.start()
+        assert loop.run_until(lambda: not th.is_alive() and t.get_write_buffer_size() == 0, WAIT)
+        th.join()
+        assert got[0] == b"head" and got[4] == b"tail"
+        assert got[1] == arr.tobytes()
+        assert got[2] == arr.reshape(3, -1)[1].tobytes()
+        assert got[3] == strided.tobytes()
+        assert t.messages_sent == 5
+    finally:
+        b.close()
+
+
 def test_protocol_callbacks_and_extra_info(loop):
     server = loop.create_server(("127.0.0.1", 0), Recorder)
     fut = loop.connect(server.address, Recorder, timeout=WAIT)

@@ -714,6 +714,18 @@ class Reactor:
 
 
 
+def _as_frame(b):
+    """bytes as they are; another buffer as a flat byte view of it, copied only if not contiguous."""
+    if type(b) is bytes:
+        return b
+    mv = memoryview(b)
+    if not mv.c_contiguous:
+        return mv.tobytes()
+    if mv.format != "B" or mv.ndim != 1:
+        mv = mv.cast("B")
+    return mv
+
+
 class FramedTransport:
     """Length-prefixed frames over a non-blocking stream socket on a Reactor.
 
@@ -866,10 +878,14 @@ class FramedTransport:
             self._enqueue(bytes(data[r - len(hdr):]), 0)
 
     def send_many(self, buffers):
-        """Send each buffer of ``buffers`` as its own frame, in one syscall when they fit."""
+        """Send each buffer of ``buffers`` as its own frame, in one syscall when they fit.
+
+        Large buffers other than bytes are sent from their own memory, not
+        copied: leave them unchanged until they are sent.
+        """
         if self._closing or self._closed:
             raise ConnectionError("send on a closed transport")
-        items = [b if type(b) is bytes else bytes(memoryview(b).cast("B")) for b in buffers]
+        items = [_as_frame(b) for b in buffers]
         if not items:
             return
         self.messages_sent += len(items)
