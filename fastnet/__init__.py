@@ -43,6 +43,7 @@ from fastnet.server import (
 )
 
 from fastnet import codecs
+from fastnet import monitor
 from fastnet.rpc import RPCServer, RPCProxy
 
 __version__ = "0.1.0"
@@ -86,6 +87,7 @@ __all__ = [
     "DatagramRequestHandler",
     "MessageHandler",
     "codecs",
+    "monitor",
     "RPCServer",
     "RPCProxy",
 ]
