@@ -25,7 +25,7 @@ challenge if a key is set) the client sends a *hello* frame, the JSON text
 ``{"fastnet-rpc": 1, "codec": "msgpack"}``; the server answers with the same
 shape, or ``{"fastnet-rpc": 1, "error": "..."}`` and closes the connection
 when it refuses the codec or the version. Every later message is one codec
-payload (DESIGN.md §2, the msgpack-rpc shapes with keyword arguments)::
+payload (the msgpack-rpc shapes, with keyword arguments)::
 
     request       [0, msgid, method, args, kwargs]
     reply         [1, msgid, error, result]       error: None or [type, message, traceback]
@@ -88,6 +88,14 @@ _REQUEST, _REPLY, _NOTIFY = 0, 1, 2
 _OOB = 0xC1
 _MAX_HELLO = 4096
 _DEFAULT_WORKER_THREADS = 16
+# how long a reply-less asynchronous call waits for its caller to read before
+# the proxy's reader thread takes over, and how often a waiting caller looks
+# whether the reader left
+_BG_GRACE = 0.002
+_BATCH_MAX = 256
+# an idle connection is checked for a close by the server before it is reused
+_STALE_AFTER = 0.02
+_DRIVE_POLL = 0.05
 
 
 def _oob_marker(n):
@@ -162,7 +170,6 @@ class _RPCHandler(_server.MessageHandler):
         self.parts = None
         self.out = []
         self.flush_armed = False
-        self.inflight = 0
         self.gone = False
 
     def finish(self):
@@ -280,7 +287,7 @@ class _RPCHandler(_server.MessageHandler):
         t0 = time.perf_counter()
         try:
             result = m.func(*args, **kwargs) if kwargs else m.func(*args)
-        except Exception as e:
+        except BaseException as e:      # SystemExit from a method must not stop the server
             m.record(time.perf_counter() - t0, True)
             self._send_exc(msgid, e)
             return
@@ -316,7 +323,7 @@ class _RPCHandler(_server.MessageHandler):
         t0 = time.perf_counter()
         try:
             m.func(*args, **kwargs) if kwargs else m.func(*args)
-        except Exception as e:
+        except BaseException as e:
             m.record(time.perf_counter() - t0, True)
             logger.debug("notification %s from %r raised %r", method, self.client_address, e)
             return
@@ -333,9 +340,14 @@ class _RPCHandler(_server.MessageHandler):
 
     def _send_exc(self, msgid, exc):
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        err = [_type_name(exc), str(exc), tb]
-        if self.codec.requires_auth:       # pickle: the exception object itself
+        name = "MethodNotFound" if isinstance(exc, MethodNotFound) else _type_name(exc)
+        err = [name, str(exc) if not isinstance(exc, RemoteError) else exc.message, tb]
+        if self.codec.requires_auth and isinstance(exc, Exception):   # pickle: the object itself
             try:
+                # only if the client can rebuild it: a failing unpickle there
+                # would break the whole connection
+                exc.__traceback__ = None
+                self.codec.loads(self.codec.dumps(exc))
                 frames = _encode(self.codec, [_REPLY, msgid, err + [exc], None])
             except Exception:
                 pass
@@ -372,7 +384,6 @@ class _RPCHandler(_server.MessageHandler):
 
     def _blocking_done(self, m, msgid, t0, ok, value):
         # loop thread
-        self.inflight -= 1
         m.record(time.perf_counter() - t0, not ok)
         if msgid is None or self.gone:
             return
@@ -641,7 +652,7 @@ class RPCServer:
             try:
                 value = func(*args, **kwargs) if kwargs else func(*args)
                 ok = True
-            except Exception as e:
+            except BaseException as e:
                 value = e
                 ok = False
             try:
@@ -708,6 +719,31 @@ class _FutureSlot:
         self.set(exc, None)
 
 
+class _CallFuture(concurrent.futures.Future):
+    """The future of an asynchronous call.
+
+    Waiting on it (``result``/``exception``) reads replies on the waiting
+    thread when no other thread is reading, so a caller that issues many
+    calls and then collects them never hands work to another thread. Futures
+    nobody waits on (callbacks, ``concurrent.futures.wait``) complete through
+    the proxy's reader thread.
+    """
+
+    def __init__(self, proxy):
+        super().__init__()
+        self._proxy = proxy
+
+    def result(self, timeout=None):
+        if not self.done():
+            self._proxy._drive(self, timeout)
+        return super().result(timeout)
+
+    def exception(self, timeout=None):
+        if not self.done():
+            self._proxy._drive(self, timeout)
+        return super().exception(timeout)
+
+
 class _BoundMethod:
     """``proxy.name``: call it, or take an attribute for a dotted name."""
     __slots__ = ("_proxy", "_name", "_subs")
@@ -767,12 +803,58 @@ def _remote_exception(error, codec):
         return ProtocolError(f"malformed error in an RPC reply: {error!r}")
     type_name, message = str(error[0]), str(error[1])
     tb = str(error[2]) if len(error) > 2 and error[2] is not None else ""
-    remote = (MethodNotFound if type_name == "MethodNotFound" else RemoteError)(type_name, message, tb)
+    cls = MethodNotFound if type_name.rpartition(".")[2] == "MethodNotFound" else RemoteError
+    remote = cls(type_name, message, tb)
     if len(error) > 3 and isinstance(error[3], BaseException):
         exc = error[3]
         exc.__cause__ = remote
         return exc
     return remote
+
+
+class _NotSent(ConnectionLost):
+    """A send failed: the request did not leave whole, so it cannot have run."""
+
+
+class _Batch:
+    """``proxy.batch()``: calls and notifications queued, then sent together in one write."""
+
+    def __init__(self, proxy, timeout):
+        self._proxy = proxy
+        self._timeout = timeout
+        self._frames = []
+        self._count = 0
+
+    def call_async(self, method, /, *args, **kwargs):
+        """Queue a call; returns its Future (sent at the latest when the batch ends)."""
+        fut = self._proxy._call_async(method, args, kwargs, self._timeout, self)
+        if self._count >= _BATCH_MAX:
+            self.flush()
+        return fut
+
+    def notify(self, method, /, *args, **kwargs):
+        """Queue a one-way call."""
+        self._frames.extend(_encode(self._proxy._codec, [_NOTIFY, method, list(args), kwargs or None]))
+        self._count += 1
+        if self._count >= _BATCH_MAX:
+            self.flush()
+
+    def flush(self):
+        """Send what is queued now."""
+        frames = self._frames
+        if not frames:
+            return
+        self._frames = []
+        self._count = 0
+        p = self._proxy
+        p._checked()
+        p._send(frames, p._gen)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.flush()
 
 
 class RPCProxy:
@@ -826,6 +908,8 @@ class RPCProxy:
         d["_timed"] = 0                      # ... of which have a deadline
         d["_bg"] = None
         d["_bg_parked"] = False
+        d["_drivers"] = 0                    # threads waiting on an asynchronous call
+        d["_to_close"] = []                  # dropped connections a reader still holds
         d["_partial"] = None
         d["_partial_left"] = 0
         d["_last_io"] = 0.0
@@ -861,6 +945,16 @@ class RPCProxy:
         to each (the future fails with :class:`fastnet.TimeoutError`).
         """
         return self._call_async(method, args, kwargs, self._timeout)
+
+    def batch(self, timeout=None):
+        """A context manager that sends the calls made through it together.
+
+        ``with proxy.batch() as b: futures = [b.call_async("add", i, 1) for i in range(64)]``
+        sends the 64 requests in one write when the block ends (or every
+        256 calls), instead of one write each: the way to the highest call
+        rate. ``b.notify(...)`` queues one-way calls the same way.
+        """
+        return _Batch(self, self._timeout if timeout is None else timeout)
 
     def notify(self, method, /, *args, **kwargs):
         """Send a one-way call: no reply, no result, errors stay on the server."""
@@ -921,7 +1015,7 @@ class RPCProxy:
     def _checked(self):
         """The open connection, reconnecting first if it is gone or went stale while idle."""
         conn = self._conn
-        if conn is not None and time.monotonic() - self._last_io > 1.0:
+        if conn is not None and time.monotonic() - self._last_io > _STALE_AFTER:
             self._stale()
             conn = self._conn
         if conn is None:
@@ -978,6 +1072,8 @@ class RPCProxy:
             except EOFError:
                 raise ProtocolError("the server closed the connection during the RPC hello "
                                     "(is it a fastnet RPCServer?)") from None
+            if bytes(data[:11]) == b"#CHALLENGE#":
+                raise AuthenticationError("the RPC server requires an authkey and none was given")
             try:
                 reply = json.loads(bytes(data).decode("utf-8"))
                 version = reply["fastnet-rpc"]
@@ -1024,9 +1120,18 @@ class RPCProxy:
             d["_partial"] = None
             self._cv.notify_all()
         try:
-            conn.close()
-        except Exception:
+            # wakes a thread blocked reading it, which then sees end of file
+            conn._sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, AttributeError):
             pass
+        if self._rlock.acquire(False):
+            try:
+                conn.close()
+            finally:
+                self._rlock.release()
+        else:
+            # the reading thread still uses its descriptor: it closes it on leaving
+            self._to_close.append(conn)
         for slot in list(pending.values()):
             slot.fail(exc)
 
@@ -1046,7 +1151,7 @@ class RPCProxy:
             except OSError as e:
                 err = e
         self._drop(conn, ConnectionLost(f"the connection to {self._address!r} was lost: {err}"))
-        raise ConnectionLost(f"sending the call failed: {err}") from err
+        raise _NotSent(f"sending the call failed: {err}") from err
 
     def _register(self, msgid, slot, gen):
         """Add a pending call; False if the connection it was meant for is gone."""
@@ -1059,6 +1164,14 @@ class RPCProxy:
         return False
 
     def _call(self, method, args, kwargs, timeout):
+        try:
+            return self._call_once(method, args, kwargs, timeout)
+        except _NotSent:
+            # the server closed the connection before this call went out (an idle
+            # timeout, a restart): safe to send it once more on a new connection
+            return self._call_once(method, args, kwargs, timeout)
+
+    def _call_once(self, method, args, kwargs, timeout):
         self._checked()
         gen = self._gen
         msgid = next(self._ids)
@@ -1081,12 +1194,12 @@ class RPCProxy:
             raise slot.error
         return slot.value
 
-    def _call_async(self, method, args, kwargs, timeout):
+    def _call_async(self, method, args, kwargs, timeout, batch=None, retried=False):
         self._checked()
         gen = self._gen
         msgid = next(self._ids)
         frames = _encode(self._codec, [_REQUEST, msgid, method, list(args), kwargs or None])
-        fut = concurrent.futures.Future()
+        fut = _CallFuture(self)
         fut.set_running_or_notify_cancel()
         deadline = None if timeout is None else time.monotonic() + timeout
         slot = _FutureSlot(fut, deadline)
@@ -1095,6 +1208,7 @@ class RPCProxy:
                 raise ConnectionLost("the connection was lost before the call was sent")
             d = self.__dict__
             d["_async"] = self._async + 1
+            d["_last_io"] = time.monotonic()
             if deadline is not None:
                 d["_timed"] = self._timed + 1
             if self._bg is None:
@@ -1103,12 +1217,19 @@ class RPCProxy:
                 t.start()
             elif self._bg_parked:
                 self._cv.notify_all()
+        if batch is not None:
+            # a batch from before a reconnect fails at flush: its slots went with the old connection
+            batch._frames.extend(frames)
+            batch._count += 1
+            return fut
         try:
             self._send(frames, gen)
         except BaseException as e:
             with self._cv:
                 if self._pending.pop(msgid, None) is not None:
                     self._forget_async(slot)
+            if isinstance(e, _NotSent) and not retried:
+                return self._call_async(method, args, kwargs, timeout, None, True)
             if not fut.done():
                 fut.set_exception(e)
         return fut
@@ -1121,6 +1242,11 @@ class RPCProxy:
             d["_timed"] = self._timed - 1
 
     def _release_reader(self):
+        while self._to_close:
+            try:
+                self._to_close.pop().close()
+            except (IndexError, OSError):
+                pass
         self._rlock.release()
         if self._waiters or self._async:
             with self._cv:
@@ -1187,6 +1313,63 @@ class RPCProxy:
                 self.__dict__["_waiters"] = self._waiters - 1
         self._read_as_reader(slot, msgid, deadline)
 
+    def _drive(self, fut, timeout):
+        """Wait for ``fut``, reading replies on this thread whenever nobody else is."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        d = self.__dict__
+        with self._lock:
+            d["_drivers"] = self._drivers + 1
+        try:
+            self._drive_loop(fut, deadline)
+        finally:
+            with self._lock:
+                d["_drivers"] = self._drivers - 1
+
+    def _drive_loop(self, fut, deadline):
+        while not fut.done():
+            if self._rlock.acquire(False):
+                try:
+                    self._read_for(fut, deadline)
+                finally:
+                    self._release_reader()
+            if fut.done():
+                return
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return                  # Future.result raises the timeout
+            # someone else reads: wait for our reply, looking again now and then in
+            # case that reader leaves before it arrives
+            concurrent.futures.wait((fut,), _DRIVE_POLL if left is None else min(left, _DRIVE_POLL))
+
+    def _read_for(self, fut, deadline):
+        ch = self._ch
+        conn = self._conn
+        if ch is None:
+            return
+        while not fut.done():
+            left = self._next_deadline()
+            if deadline is not None:
+                mine = deadline - time.monotonic()
+                if mine <= 0:
+                    return
+                left = mine if left is None else min(left, mine)
+            try:
+                frames = ch.recv_frames(left)
+            except TimeoutError:
+                with self._cv:
+                    self._expire_locked()
+                continue
+            except (EOFError, OSError) as e:
+                self._lost(conn, e)
+                return
+            self._dispatch(frames, conn)
+
+    def _next_deadline(self):
+        if not self._timed:
+            return None
+        with self._cv:
+            return self._next_deadline_locked()
+
     def _lost(self, conn, e):
         if isinstance(e, EOFError):
             why = "the server closed the connection"
@@ -1244,7 +1427,7 @@ class RPCProxy:
                 self._cv.notify_all()
 
     def _background(self):
-        """Reads replies for asynchronous calls while no caller is reading."""
+        """Reads replies for asynchronous calls nobody is waiting on."""
         cv = self._cv
         d = self.__dict__
         rlock = self._rlock
@@ -1254,17 +1437,25 @@ class RPCProxy:
                     if self._closed:
                         return
                     self._expire_locked()
-                    if self._async and self._conn is not None and rlock.acquire(False):
+                    if not self._async or self._conn is None:
+                        d["_bg_parked"] = True
+                        cv.wait(self._next_deadline_locked())
+                        d["_bg_parked"] = False
+                        continue
+                    # a caller that issues calls and then waits reads its replies
+                    # itself: take over only when replies have stalled a while
+                    # with nobody reading or waiting
+                    quiet = time.monotonic() - self._last_io
+                    if quiet < _BG_GRACE or self._drivers or self._waiters or rlock.locked():
+                        cv.wait(max(_BG_GRACE - quiet, _BG_GRACE / 4))
+                        continue
+                    if rlock.acquire(False):
                         break
-                    d["_bg_parked"] = True
-                    cv.wait(self._next_deadline_locked())
-                    d["_bg_parked"] = False
                 conn = self._conn
                 ch = self._ch
             try:
-                while self._async and self._conn is conn and not self._waiters:
-                    with cv:
-                        left = self._next_deadline_locked()
+                while self._async and self._conn is conn and not self._waiters and not self._drivers:
+                    left = self._next_deadline()
                     try:
                         frames = ch.recv_frames(left)
                     except TimeoutError:
@@ -1277,9 +1468,6 @@ class RPCProxy:
                     self._dispatch(frames, conn)
             finally:
                 self._release_reader()
-            if self._waiters:
-                # a synchronous caller takes the reader lock before we read again
-                time.sleep(0.0005)
 
     def _next_deadline_locked(self):
         if not self._timed:
