@@ -49,8 +49,11 @@ __all__ = [
     "register_codec",
 ]
 
+#: The codec RPC servers and proxies use unless told otherwise.
 DEFAULT_CODEC = "msgpack"
+#: The msgpack extension type code that carries numpy arrays and scalars.
 NUMPY_EXT_CODE = 42
+#: Array buffers at least this large (bytes) travel as out-of-band frames with pickle.
 PICKLE_OUT_OF_BAND_THRESHOLD = 64 * 1024
 
 

@@ -14,4 +14,5 @@ send_fd = _fdpass.send_fd
 recv_fd = _fdpass.recv_fd
 send_fds = _fdpass.send_fds
 recv_fds = _fdpass.recv_fds
+#: The most descriptors one message may carry (the kernel's SCM_MAX_FD).
 MAX_FDS = _fdpass.MAX_FDS

@@ -46,6 +46,7 @@ recv_into = _zc.recv_into
 
 MAGIC = b"\x93FNA"
 VERSION = 1
+#: The most dimensions an array header may declare.
 MAX_NDIM = 64
 MAX_HEADER = 8 + 8 * MAX_NDIM + 1024
 _FIXED = struct.Struct("<4sBBcB")
