@@ -233,12 +233,16 @@ def test_servers_keep_serving_when_a_client_dies_mid_frame(hosts, child, tmp_pat
     calls = soak.RPCWorkload(rpc.address, threads=3, authkey=KEY.encode()).start()
     try:
         time.sleep(0.3)
+        # a small frame cut short, and a large one (32 MiB claimed, 1 MiB sent: the
+        # large-frame path that receives straight into a buffer of the frame's size)
         c1 = child(SEND_THEN_PARTIAL.format(address=list(echo.address), count=50, claimed=1 << 16, sent=100))
+        c3 = child(SEND_THEN_PARTIAL.format(address=list(echo.address), count=50, claimed=32 << 20,
+                                            sent=1 << 20))
         seqs = [-1000 - i for i in range(20)]
         c2 = child(RPC_PARTIAL.format(address=list(rpc.address), key=KEY.encode(), seqs=seqs, cut=-999))
-        assert c1.line() == "SENT" and c2.line() == "SENT"
-        c1.kill()
-        c2.kill()
+        for c in (c1, c2, c3):
+            assert c.line() == "SENT"
+            c.kill()
         time.sleep(0.5)     # the workloads go on after the faults
     finally:
         stream.stop()
@@ -295,6 +299,65 @@ def test_servers_survive_a_client_killed_mid_handshake(hosts, child, tmp_path):
     assert_no_leak(before)
     soak.record_figure("client killed mid-handshake, servers", stream_messages=stream.messages,
                        rpc_calls=calls.counts["ok"], handshake_failures=1, lost=0, fds_leaked=0)
+
+
+TLS_CHILDREN = {
+    # a ClientHello cut short: the first bytes of a TLS record, then nothing
+    "mid-tls-handshake": """
+        import socket, time
+        s = socket.create_connection(({host!r}, {port}))
+        s.sendall(bytes([22, 3, 1, 2, 0, 1, 0, 1, 252, 3, 3]) + b"\\x00" * 20)
+        print("SENT", flush=True)
+        time.sleep(600)
+    """,
+    # inside TLS: ten messages answered, then a frame cut short, then killed (no close_notify)
+    "mid-frame-in-tls": """
+        import socket, ssl, struct, time
+        ctx = ssl.create_default_context(cafile={ca!r})
+        s = ctx.wrap_socket(socket.create_connection(({host!r}, {port})), server_hostname="localhost")
+        for n in range(10):
+            body = struct.pack("!Q", n) + b"tls %d" % n
+            s.sendall(struct.pack("!i", len(body)) + body)
+            want = 4 + 8 + 5 + len(body) - 8
+            got = b""
+            while len(got) < want:
+                got += s.recv(want - len(got))
+            assert got[4:12] == body[:8] and got[12 + 4:12 + 5] == b"\\x01", got
+        s.sendall(struct.pack("!i", 1 << 20) + b"x" * 1000)
+        print("SENT", flush=True)
+        time.sleep(600)
+    """,
+}
+
+
+def test_tls_server_survives_clients_killed_mid_tls_handshake_and_mid_frame(hosts, child, tmp_path):
+    pytest.importorskip("cryptography")
+    from tlsutil import make_pki
+    from fastnet import tls
+    pki = make_pki(tmp_path)
+    echo = hosts({"kind": "echo", "address": ["127.0.0.1", 0], "tls": {"cert": pki["server"],
+                                                                        "key": pki["server_key"]}})
+    base = echo.stats()
+    before = fds()
+    ctx = tls.client_context(cafile=pki["ca"], check_hostname=False)
+    stream = soak.StreamWorkload(echo.address, clients=3, window=2, ssl_context=ctx).start()
+    try:
+        time.sleep(0.2)
+        for name, code in TLS_CHILDREN.items():
+            k = child(code.format(host="127.0.0.1", port=echo.address[1], ca=pki["ca"]))
+            assert k.line() == "SENT"
+            k.kill()
+        rep = echo.wait_stats(lambda r: r["stats"]["handshake_failures"] == 1 and
+                              r["stats"]["connections_open"] == 3)
+        assert rep["stats"]["handshake_failures"] == 1 and rep["stats"]["connections_open"] == 3, rep
+        time.sleep(0.3)
+    finally:
+        stream.stop()
+    check_workloads(stream)
+    settle(echo, base)
+    assert_no_leak(before)
+    soak.record_figure("TLS server: clients killed mid-TLS-handshake and mid-frame inside TLS",
+                       stream_messages=stream.messages, lost=0, handshake_failures=1, fds_leaked=0)
 
 
 DYING_SERVER = """
@@ -665,8 +728,10 @@ IDLE_BOUND = IDLE + IDLE / 2
 SLACK = 1.0           # scheduling and polling slack on a loaded 2-core machine
 
 
-def test_stopped_peer_is_closed_by_idle_timeout_within_the_bound(hosts, child):
-    echo = hosts({"kind": "echo", "address": ["127.0.0.1", 0], "idle_timeout": IDLE})
+@pytest.mark.parametrize("concurrency", ["loop", "thread", "fork", "prefork"])
+def test_stopped_peer_is_closed_by_idle_timeout_within_the_bound(hosts, child, concurrency):
+    echo = hosts({"kind": "echo", "address": ["127.0.0.1", 0], "idle_timeout": IDLE,
+                  "concurrency": concurrency, "workers": 4})
     base = echo.stats()
     before = fds()
     # busy connections are never idle: a paced workload runs through the whole test
@@ -688,9 +753,10 @@ def test_stopped_peer_is_closed_by_idle_timeout_within_the_bound(hosts, child):
         line = k.line()
         k.kill(signal.SIGSTOP)
         last_io = float(line.split()[1])
-        rep = echo.wait_stats(lambda r: r["stats"]["idle_closed"] == 1, timeout=WAIT, interval=0.02)
+        # the stopped peer's connection is the only one that goes: two busy ones stay
+        rep = echo.wait_stats(lambda r: r["stats"]["connections_open"] == 2, timeout=WAIT, interval=0.02)
         detected = time.monotonic() - last_io
-        assert rep["stats"]["idle_closed"] == 1
+        assert rep["stats"]["connections_open"] == 2
         assert detected <= IDLE_BOUND + SLACK, f"idle connection closed after {detected:.2f} s"
         k.kill(signal.SIGCONT)
         end = k.line()
@@ -698,10 +764,13 @@ def test_stopped_peer_is_closed_by_idle_timeout_within_the_bound(hosts, child):
     finally:
         stream.stop()
     check_workloads(stream)
-    settle(echo, base)
+    rep = settle(echo, base)
     assert_no_leak(before)
-    soak.record_figure("SIGSTOPped peer, idle_timeout=1.0", detected_s=round(detected, 3),
-                       bound_s=IDLE_BOUND, peer_saw=end.split()[1], busy_clients_closed=0, fds_leaked=0)
+    soak.record_figure(f"SIGSTOPped peer, idle_timeout=1.0 ({concurrency})", detected_s=round(detected, 3),
+                       bound_s=IDLE_BOUND, peer_saw=end.split()[1], busy_clients_closed=0, fds_leaked=0,
+                       stats_idle_closed=rep["stats"]["idle_closed"])
+    # fork and prefork: the sweep runs in the child, and the count must still reach stats()
+    assert rep["stats"]["idle_closed"] == 1, f"stats() does not count the idle close: {rep['stats']}"
 
 
 NETNS_SKIP = soak.netns_available()
