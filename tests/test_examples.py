@@ -261,6 +261,50 @@ def test_auth_echo_demo():
     assert not any("wrong key" in ln for ln in echoed)
 
 
+# -- recipe 11.10: TLS echo -----------------------------------------------------------
+
+def test_ssl_echo(start, tmp_path):
+    pytest.importorskip("cryptography")
+    certdir = tmp_path / "certs"
+    server = start("ssl_echo.py", "--port", "0", "--certdir", str(certdir))
+    cafile = server.expect("CA certificate: ").split(": ", 1)[1]
+    assert cafile == str(certdir / "ca.pem")
+    addr = server.address()
+    lines = run("ssl_echo.py", "--client", "--port", _port(addr), "--cafile", cafile)
+    assert re.fullmatch(r"ssl socket \(TLSv1\.[23]\): sent b'Hello World\?', "
+                        r"got back b'Hello World\?', equal: True", lines[0])
+    assert lines[1] == "fastnet.Client: sent b'Hello World?', got back b'Hello World?', equal: True"
+    assert lines[2].startswith("fastnet.Client: sent 256000 bytes") and lines[2].endswith("equal: True")
+    assert lines[3].startswith("a client that does not trust the CA is refused: TLS handshake failed")
+    assert len(lines) == 4
+    # the bytes really are encrypted: a plain TCP peer gets no echo, only a TLS alert or a close
+    with socket.create_connection(addr, timeout=WAIT) as s:
+        s.sendall(b"\0\0\0\x05hello")
+        try:
+            data = s.recv(100)
+        except ConnectionResetError:
+            data = b""
+        assert b"hello" not in data
+    # a fastnet.Client of the test's own, trusting the example's CA, is echoed
+    ctx = fastnet.tls.client_context(cafile=cafile)
+    with fastnet.Client(addr, ssl_context=ctx, timeout=WAIT) as conn:
+        conn.send_bytes(b"over TLS")
+        assert conn.recv_bytes() == b"over TLS"
+    lines = server.stop()
+    assert sum(ln.startswith("Got connection ('127.0.0.1', ") for ln in lines) == 3
+    # the untrusting client and the plain TCP peer
+    assert lines[-2] == "2 failed handshakes"
+
+
+def test_ssl_echo_demo():
+    pytest.importorskip("cryptography")
+    lines = run("ssl_echo.py", "--demo")
+    assert "fastnet.Client: sent b'Hello World?', got back b'Hello World?', equal: True" in lines
+    assert sum(ln.endswith("equal: True") for ln in lines) == 3
+    assert not any(ln.endswith("equal: False") for ln in lines)
+    assert any(ln.startswith("a client that does not trust the CA is refused") for ln in lines)
+
+
 # -- recipe 11.11: passing sockets to worker processes --------------------------------
 
 def _echo(addr, messages):
