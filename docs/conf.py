@@ -48,8 +48,13 @@ autodoc_member_order = "bysource"
 nitpicky = True
 _STDLIB = ("builtins", "socketserver", "multiprocessing", "socket", "ssl", "concurrent",
            "threading", "wsgiref", "collections", "io", "os", "select", "signal", "xmlrpc")
+# Type hints also name numpy's types and typing-only helpers, imported under
+# ``if TYPE_CHECKING:`` (``Buffer`` is the buffer protocol); none is linked.
+_TYPING = ("typing", "typing_extensions", "_typeshed", "types", "numpy", "npt")
+_TYPING_ONLY = ("Buffer", "WSGIApplication", "WSGIEnvironment", "StartResponse", "OptExcInfo")
 nitpick_ignore_regex = [
-    (r"py:.*", r"(%s)(\..*)?" % "|".join(_STDLIB)),
+    (r"py:.*", r"(%s)(\..*)?" % "|".join(_STDLIB + _TYPING)),
+    (r"py:.*", r"(%s)" % "|".join(_TYPING_ONLY)),
 ]
 # Private classes that the public ones build on; they are not documented.
 nitpick_ignore = [

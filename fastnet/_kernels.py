@@ -4,8 +4,12 @@
 ``fastnet._c`` must import, and a missing one is a loud ImportError: a silent
 fallback to the slow path is a trap for HPC users.
 """
+from __future__ import annotations
+
 import importlib
 import os
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 KERNELS = ("framing", "zerocopy", "auth", "fdpass", "reactor")
 
@@ -19,7 +23,7 @@ else:
     _package = "fastnet._c"
 
 
-def _load(name):
+def _load(name: str) -> ModuleType:
     try:
         return importlib.import_module(f"{_package}.{name}")
     except ImportError as exc:
@@ -32,10 +36,15 @@ def _load(name):
         ) from exc
 
 
-framing = _load("framing")
-zerocopy = _load("zerocopy")
-auth = _load("auth")
-fdpass = _load("fdpass")
-reactor = _load("reactor")
+if TYPE_CHECKING:
+    # mypy sees the compiled kernels' stubs (fastnet/_c/*.pyi); the pure twins
+    # in fastnet._pure have the same API
+    from fastnet._c import auth, fdpass, framing, reactor, zerocopy
+else:
+    framing = _load("framing")
+    zerocopy = _load("zerocopy")
+    auth = _load("auth")
+    fdpass = _load("fdpass")
+    reactor = _load("reactor")
 
 __all__ = ["backend", "framing", "zerocopy", "auth", "fdpass", "reactor", "KERNELS", "PURE"]

@@ -5,11 +5,18 @@ an AF_UNIX path (``"\\0name"`` is Linux's abstract namespace), and the URL
 forms ``tcp://host:port``, ``tcp://[::1]:port``, ``unix:///path`` and
 ``unix://@name`` (abstract) name the same things.
 """
+from __future__ import annotations
+
 import ipaddress
 import os
 import socket
 import tempfile
 import itertools
+from typing import Any, Union
+
+# The address forms parse_address accepts: a (host, port) or (host, port,
+# flowinfo, scope_id) tuple, an AF_UNIX path (str, bytes or path-like), a URL.
+Address = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]", tuple[Any, ...]]
 
 __all__ = ["parse_address", "address_type", "arbitrary_address", "format_address"]
 
@@ -21,7 +28,7 @@ _FAMILIES = {
 _counter = itertools.count()
 
 
-def _family_of(family):
+def _family_of(family: str | int | None) -> int | None:
     if family is None:
         return None
     if isinstance(family, str):
@@ -34,14 +41,14 @@ def _family_of(family):
     raise ValueError(f"unrecognized family {family!r}")
 
 
-def _is_ipv6(host):
+def _is_ipv6(host: str) -> bool:
     try:
         return isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address)
     except ValueError:
         return False
 
 
-def _parse_url(url):
+def _parse_url(url: str) -> tuple[int, str | tuple[str, int]]:
     scheme, _, rest = url.partition("://")
     scheme = scheme.lower()
     if scheme == "unix":
@@ -52,16 +59,16 @@ def _parse_url(url):
         return socket.AF_UNIX, rest
     if scheme in ("tcp", "tcp4", "tcp6"):
         if rest.startswith("["):
-            host, sep, port = rest[1:].partition("]:")
+            host, sep, port_text = rest[1:].partition("]:")
             if not sep:
                 raise ValueError(f"bad address {url!r}: expected tcp://[v6addr]:port")
         else:
-            host, sep, port = rest.rpartition(":")
+            host, sep, port_text = rest.rpartition(":")
             if not sep:
                 raise ValueError(f"bad address {url!r}: expected tcp://host:port")
-        port = port.rstrip("/")
+        port_text = port_text.rstrip("/")
         try:
-            port = int(port)
+            port = int(port_text)
         except ValueError:
             raise ValueError(f"bad port in {url!r}") from None
         if not 0 <= port <= 65535:
@@ -71,7 +78,7 @@ def _parse_url(url):
     raise ValueError(f"unsupported address scheme in {url!r} (use tcp:// or unix://)")
 
 
-def parse_address(address, family=None):
+def parse_address(address: Address, family: str | int | None = None) -> tuple[int, Any]:
     """Return ``(family, sockaddr)`` for any accepted address form."""
     fam = _family_of(family)
     if isinstance(address, str) and "://" in address:
@@ -94,13 +101,14 @@ def parse_address(address, family=None):
     raise ValueError(f"address type of {address!r} unrecognized")
 
 
-def address_type(address):
+def address_type(address: Address) -> str:
     """The family name of an address, as multiprocessing.connection.address_type."""
     fam = parse_address(address)[0]
-    return {socket.AF_INET: "AF_INET", socket.AF_INET6: "AF_INET6", socket.AF_UNIX: "AF_UNIX"}[fam]
+    names: dict[int, str] = {socket.AF_INET: "AF_INET", socket.AF_INET6: "AF_INET6", socket.AF_UNIX: "AF_UNIX"}
+    return names[fam]
 
 
-def arbitrary_address(family):
+def arbitrary_address(family: str | int) -> str | tuple[str, int]:
     """A fresh address to listen on for the given family."""
     fam = _family_of(family)
     if fam == socket.AF_INET:
@@ -112,11 +120,12 @@ def arbitrary_address(family):
     raise ValueError(f"unrecognized family {family!r}")
 
 
-def format_address(family, addr):
+def format_address(family: int, addr: Any) -> str:
     """A URL for a bound or peer address (for logs and ``fastnet call``)."""
     if family == socket.AF_UNIX:
         if isinstance(addr, bytes):
             addr = addr.decode("utf-8", "surrogateescape")
-        return "unix://@" + addr[1:] if addr.startswith("\0") else "unix://" + addr
+        path: str = addr
+        return "unix://@" + path[1:] if path.startswith("\0") else "unix://" + path
     host, port = addr[0], addr[1]
     return f"tcp://[{host}]:{port}" if family == socket.AF_INET6 else f"tcp://{host}:{port}"

@@ -21,7 +21,11 @@ HMAC-MD5 over the whole nonce. Both are accepted unless ``strict=True``.
 Every handshake message is refused above 256 bytes, and a ``timeout`` bounds
 the whole exchange so a silent peer cannot hold it.
 """
+from __future__ import annotations
+
 import time
+from collections.abc import Iterable
+from typing import Any, cast
 
 from fastnet._kernels import auth as _auth
 from fastnet.errors import AuthenticationError, MessageTooLarge, ProtocolError, TimeoutError
@@ -40,22 +44,22 @@ DEFAULT_DIGEST = "sha256"
 # not yet seen answered. A server that hands one of them to another of our
 # clients is relaying it to get the answer it lacks: refused. Server-side
 # nonces are not tracked, since a server only answers after its peer has.
-_outstanding = set()
+_outstanding: set[bytes] = set()
 
 
-def _check_key(authkey):
+def _check_key(authkey: object) -> None:
     if not isinstance(authkey, bytes):
         raise ValueError(f"Authkey must be bytes, not {type(authkey)!s}")
 
 
-def _recv(conn, deadline):
+def _recv(conn: Any, deadline: float | None) -> bytes:
     timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
     try:
         recv = conn._recv_handshake
     except AttributeError:
-        return conn.recv_bytes(_auth.MAX_HANDSHAKE_MESSAGE)
+        return cast(bytes, conn.recv_bytes(_auth.MAX_HANDSHAKE_MESSAGE))
     try:
-        return recv(_auth.MAX_HANDSHAKE_MESSAGE, timeout)
+        return cast(bytes, recv(_auth.MAX_HANDSHAKE_MESSAGE, timeout))
     except TimeoutError:
         raise TimeoutError("authentication handshake timed out") from None
     except MessageTooLarge as exc:
@@ -64,11 +68,11 @@ def _recv(conn, deadline):
         raise AuthenticationError(f"connection failed during the handshake: {exc or 'closed'}") from exc
 
 
-def _deadline(timeout):
+def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
 
 
-def _challenge(conn, authkey, digest_name, strict, deadline):
+def _challenge(conn: Any, authkey: bytes, digest_name: str | None, strict: bool, deadline: float | None) -> None:
     """Send a challenge and verify the answer; on a wrong one send FAILURE and raise."""
     message, nonce = _auth.make_challenge(digest_name)
     conn.send_bytes(message)
@@ -80,7 +84,8 @@ def _challenge(conn, authkey, digest_name, strict, deadline):
         raise
 
 
-def deliver_challenge(conn, authkey, digest_name=DEFAULT_DIGEST, *, strict=False, timeout=None):
+def deliver_challenge(conn: Any, authkey: bytes, digest_name: str | None = DEFAULT_DIGEST, *,
+                      strict: bool = False, timeout: float | None = None) -> None:
     """Challenge the peer to prove it holds ``authkey``; send WELCOME or FAILURE.
 
     ``digest_name=None`` sends the legacy MD5 challenge of CPython < 3.12.
@@ -90,7 +95,7 @@ def deliver_challenge(conn, authkey, digest_name=DEFAULT_DIGEST, *, strict=False
     conn.send_bytes(_auth.WELCOME)
 
 
-def answer_challenge(conn, authkey, *, strict=False, timeout=None):
+def answer_challenge(conn: Any, authkey: bytes, *, strict: bool = False, timeout: float | None = None) -> None:
     """Answer the peer's challenge with the HMAC of ``authkey``; expect WELCOME."""
     _check_key(authkey)
     deadline = _deadline(timeout)
@@ -102,7 +107,7 @@ def answer_challenge(conn, authkey, *, strict=False, timeout=None):
         raise AuthenticationError("digest sent was rejected")
 
 
-def _send_many(conn, frames):
+def _send_many(conn: Any, frames: Iterable[bytes]) -> None:
     try:
         send_many = conn.send_many
     except AttributeError:
@@ -112,12 +117,13 @@ def _send_many(conn, frames):
         send_many(frames)
 
 
-def _has_frame(conn):
+def _has_frame(conn: Any) -> bool:
     ch = getattr(conn, "_ch", None)
     return ch is not None and ch.has_frame()
 
 
-def server_authenticate(conn, authkey, *, strict=False, timeout=None, digest_name=DEFAULT_DIGEST):
+def server_authenticate(conn: Any, authkey: bytes, *, strict: bool = False, timeout: float | None = None,
+                        digest_name: str | None = DEFAULT_DIGEST) -> None:
     """The accepting side of the mutual handshake (as ``Listener.accept``)."""
     _check_key(authkey)
     deadline = _deadline(timeout)
@@ -134,7 +140,8 @@ def server_authenticate(conn, authkey, *, strict=False, timeout=None, digest_nam
         raise AuthenticationError("digest sent was rejected")
 
 
-def client_authenticate(conn, authkey, *, strict=False, timeout=None, digest_name=DEFAULT_DIGEST):
+def client_authenticate(conn: Any, authkey: bytes, *, strict: bool = False, timeout: float | None = None,
+                        digest_name: str | None = DEFAULT_DIGEST) -> None:
     """The connecting side of the mutual handshake (as ``multiprocessing.connection.Client``)."""
     _check_key(authkey)
     deadline = _deadline(timeout)

@@ -5,6 +5,8 @@ on, a wrong key, a remote exception) is one line on stderr and a non-zero
 exit status, never a traceback: 1 for a failed call or server, 2 for bad
 usage.
 """
+from __future__ import annotations
+
 import argparse
 import importlib
 import inspect
@@ -13,6 +15,11 @@ import logging
 import os
 import platform
 import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = ["main"]
 
@@ -23,7 +30,7 @@ class _UsageError(Exception):
     """A mistake in the command line: reported in one line, exit status 2."""
 
 
-def _info(args):
+def _info(args: argparse.Namespace) -> int:
     import select
 
     import fastnet
@@ -47,7 +54,7 @@ def _info(args):
 # -- shared options ------------------------------------------------------------------
 
 
-def _address(text):
+def _address(text: str) -> str | tuple[str, int]:
     """``host:port``, ``[v6]:port``, ``tcp://``/``unix://`` URLs, or a filesystem path."""
     if "://" in text or text.startswith(("/", "./", "\0", "@")):
         return "\0" + text[1:] if text.startswith("@") else text
@@ -57,7 +64,7 @@ def _address(text):
     return (host.strip("[]") or "127.0.0.1", int(port))
 
 
-def _authkey(args):
+def _authkey(args: argparse.Namespace) -> bytes | None:
     if args.authkey_env is None:
         return None
     value = os.environ.get(args.authkey_env)
@@ -66,7 +73,7 @@ def _authkey(args):
     return value.encode()
 
 
-def _add_common(p):
+def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codec", default="msgpack", help="msgpack (default), json or pickle")
     p.add_argument("--authkey-env", metavar="VAR",
                    help="read the authkey from this environment variable (never from the command line)")
@@ -78,7 +85,7 @@ def _add_common(p):
 # -- serve-rpc -----------------------------------------------------------------------
 
 
-def _load_target(spec):
+def _load_target(spec: str) -> tuple[Any, str]:
     """``module`` or ``module:object`` -> (what to register, description)."""
     modname, _, attr = spec.partition(":")
     if not modname:
@@ -105,7 +112,7 @@ def _load_target(spec):
     return obj, f"{modname}:{attr}"
 
 
-def _register_target(server, obj):
+def _register_target(server: Any, obj: Any) -> list[str]:
     if inspect.ismodule(obj):
         names = getattr(obj, "__all__", None)
         if names is None:
@@ -127,7 +134,7 @@ def _register_target(server, obj):
     return exposed
 
 
-def _server_tls(args):
+def _server_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
     if args.tls_cert is None and args.tls_key is None and args.tls_ca is None:
         return None
     if args.tls_cert is None or args.tls_key is None:
@@ -140,7 +147,7 @@ def _server_tls(args):
         raise _UsageError(f"TLS setup failed: {e}") from None
 
 
-def _serve_rpc(args):
+def _serve_rpc(args: argparse.Namespace) -> int:
     import fastnet
 
     obj, what = _load_target(args.target)
@@ -166,7 +173,7 @@ def _serve_rpc(args):
 # -- call ----------------------------------------------------------------------------
 
 
-def _client_tls(args, address):
+def _client_tls(args: argparse.Namespace, address: str | tuple[str, int]) -> ssl.SSLContext | None:
     if args.tls_ca is None and args.tls_cert is None:
         return None
     from fastnet.tls import client_context
@@ -177,14 +184,14 @@ def _client_tls(args, address):
         raise _UsageError(f"TLS setup failed: {e}") from None
 
 
-def _json_arg(text):
+def _json_arg(text: str) -> Any:
     try:
         return json.loads(text)
     except ValueError:
         return text     # a bare word is a string: `fastnet call ADDR greet world`
 
 
-def _printable(obj):
+def _printable(obj: object) -> Any:
     if isinstance(obj, (bytes, bytearray, memoryview)):
         return {"bytes": bytes(obj).hex()}
     tolist = getattr(obj, "tolist", None)
@@ -193,7 +200,7 @@ def _printable(obj):
     return repr(obj)
 
 
-def _call(args):
+def _call(args: argparse.Namespace) -> int:
     import fastnet
     from fastnet.errors import RemoteError
 
@@ -223,7 +230,7 @@ def _call(args):
 # -- entry point ---------------------------------------------------------------------
 
 
-def _parser():
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastnet", description="fast, safe message transport")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("bench", help="compare fastnet with the stdlib and its peers (fastnet bench --help)",
@@ -249,7 +256,7 @@ def _parser():
     return parser
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fastnet`` console script and ``python -m fastnet``."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "bench":

@@ -32,12 +32,20 @@ own. Built in:
 
 numpy and msgpack are optional and imported only when first needed.
 """
+from __future__ import annotations
+
 import json as _json
 import pickle as _pickle
 import struct as _struct
 import sys as _sys
 import threading as _threading
+from collections.abc import Callable, Sequence
 from io import BytesIO as _BytesIO
+from types import ModuleType
+from typing import IO, TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 __all__ = [
     "Codec",
@@ -66,7 +74,9 @@ class Codec:
 
     __slots__ = ("name", "dumps", "loads", "binary", "requires_auth", "builtin")
 
-    def __init__(self, name, dumps, loads, *, binary=True, requires_auth=False, builtin=False):
+    def __init__(self, name: str, dumps: Callable[[Any], list[Buffer]],
+                 loads: Callable[[Sequence[Buffer]], Any], *, binary: bool = True,
+                 requires_auth: bool = False, builtin: bool = False) -> None:
         self.name = name
         self.dumps = dumps
         self.loads = loads
@@ -74,23 +84,24 @@ class Codec:
         self.requires_auth = requires_auth
         self.builtin = builtin
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"<Codec {self.name!r} binary={self.binary} "
                 f"requires_auth={self.requires_auth}>")
 
 
-_registry = {}
+_registry: dict[str, Codec] = {}
 _registry_lock = _threading.Lock()
 
 
-def _single_frame(name, frames):
+def _single_frame(name: str, frames: Sequence[Buffer]) -> Buffer:
     if len(frames) != 1:
         raise ValueError(f"{name} codec expects 1 frame, got {len(frames)}")
     return frames[0]
 
 
-def register_codec(name, dumps, loads, *, binary=True, requires_auth=False,
-                   multiframe=False, replace=False):
+def register_codec(name: str, dumps: Callable[[Any], Any], loads: Callable[[Any], Any], *,
+                   binary: bool = True, requires_auth: bool = False,
+                   multiframe: bool = False, replace: bool = False) -> Codec:
     """Register a codec under ``name`` and return its :class:`Codec`.
 
     By default ``dumps(obj)`` returns one bytes-like object and ``loads(data)``
@@ -105,10 +116,10 @@ def register_codec(name, dumps, loads, *, binary=True, requires_auth=False,
     if multiframe:
         c_dumps, c_loads = dumps, loads
     else:
-        def c_dumps(obj):
+        def c_dumps(obj: Any) -> list[Buffer]:
             return [dumps(obj)]
 
-        def c_loads(frames):
+        def c_loads(frames: Sequence[Buffer]) -> Any:
             return loads(_single_frame(name, frames))
     codec = Codec(name, c_dumps, c_loads, binary=binary, requires_auth=requires_auth)
     with _registry_lock:
@@ -120,7 +131,7 @@ def register_codec(name, dumps, loads, *, binary=True, requires_auth=False,
     return codec
 
 
-def get_codec(name):
+def get_codec(name: str | Codec) -> Codec:
     """The :class:`Codec` registered as ``name``; ValueError naming the known ones if none."""
     if isinstance(name, Codec):
         return name
@@ -130,12 +141,12 @@ def get_codec(name):
         raise ValueError(f"unknown codec {name!r}; known: {', '.join(available_codecs())}") from None
 
 
-def available_codecs():
+def available_codecs() -> list[str]:
     """Names of the registered codecs, sorted."""
     return sorted(_registry)
 
 
-def _type_name(obj):
+def _type_name(obj: object) -> str:
     t = type(obj)
     return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
@@ -147,7 +158,7 @@ _HDR_VERSION = 1
 _F_FORTRAN, _F_SCALAR, _F_JSON_DESCR = 1, 2, 4
 
 
-def _numpy_or_raise():
+def _numpy_or_raise() -> Any:
     try:
         import numpy
     except ImportError:
@@ -155,7 +166,7 @@ def _numpy_or_raise():
     return numpy
 
 
-def _encode_array(np, arr, flags):
+def _encode_array(np: Any, arr: Any, flags: int) -> bytes:
     dt = arr.dtype
     if dt.hasobject:
         raise TypeError(f"cannot encode a numpy array of dtype {dt} (object dtypes are refused)")
@@ -166,7 +177,7 @@ def _encode_array(np, arr, flags):
     else:
         arr, order = np.ascontiguousarray(arr), "C"
     if dt.fields is None:
-        descr = dt.str
+        descr: str = dt.str
     else:
         flags |= _F_JSON_DESCR
         descr = _json.dumps(np.lib.format.dtype_to_descr(dt))
@@ -174,10 +185,10 @@ def _encode_array(np, arr, flags):
     head = _HDR.pack(_HDR_VERSION, flags, arr.ndim, len(d)) + _struct.pack(f"<{arr.ndim}Q", *arr.shape) + d
     # pad so the data starts 16-byte aligned in the received payload object
     head += b"\0" * (-len(head) % 16)
-    return head + arr.tobytes(order=order)
+    return cast(bytes, head + arr.tobytes(order=order))
 
 
-def _tuplify(descr):
+def _tuplify(descr: Any) -> Any:
     # JSON turned the descr's tuples into lists; numpy wants tuples for fields
     if isinstance(descr, str):
         return descr
@@ -189,7 +200,7 @@ def _tuplify(descr):
     return out
 
 
-def _decode_array(data):
+def _decode_array(data: bytes) -> Any:
     np = _numpy_or_raise()
     if len(data) < _HDR.size:
         raise ValueError("numpy ext payload too short")
@@ -224,10 +235,10 @@ def _decode_array(data):
 
 # ---- msgpack ------------------------------------------------------------------
 
-_msgpack_module = None
+_msgpack_module: ModuleType | None = None
 
 
-def _msgpack():
+def _msgpack() -> ModuleType:
     global _msgpack_module
     if _msgpack_module is None:
         try:
@@ -238,7 +249,7 @@ def _msgpack():
     return _msgpack_module
 
 
-def _msgpack_default(obj):
+def _msgpack_default(obj: object) -> Any:
     # numpy arrays can only exist if numpy was imported, so no import is needed here
     np = _sys.modules.get("numpy")
     if np is not None:
@@ -249,7 +260,7 @@ def _msgpack_default(obj):
     raise TypeError(f"msgpack codec cannot encode {_type_name(obj)} object")
 
 
-def _msgpack_ext_hook(code, data):
+def _msgpack_ext_hook(code: int, data: bytes) -> Any:
     if code == NUMPY_EXT_CODE:
         return _decode_array(data)
     return _msgpack().ExtType(code, data)
@@ -258,7 +269,7 @@ def _msgpack_ext_hook(code, data):
 _packers = _threading.local()
 
 
-def _msgpack_dumps(obj):
+def _msgpack_dumps(obj: Any) -> list[Buffer]:
     # a Packer per thread: building one per call costs as much as the packing
     try:
         pack = _packers.pack
@@ -267,26 +278,26 @@ def _msgpack_dumps(obj):
     return [pack(obj)]
 
 
-def _msgpack_loads(frames):
+def _msgpack_loads(frames: Sequence[Buffer]) -> Any:
     if len(frames) != 1:
         _single_frame("msgpack", frames)
     return (_unpackb or _msgpack_unpackb())(frames[0], raw=False, strict_map_key=False,
                                             ext_hook=_msgpack_ext_hook)
 
 
-def _msgpack_unpackb():
+def _msgpack_unpackb() -> Callable[..., Any]:
     global _unpackb
     if _unpackb is None:
         _unpackb = _msgpack().unpackb
     return _unpackb
 
 
-_unpackb = None
+_unpackb: Callable[..., Any] | None = None
 
 
 # ---- json ---------------------------------------------------------------------
 
-def _json_default(obj):
+def _json_default(obj: object) -> Any:
     if isinstance(obj, (bytes, bytearray, memoryview)):
         raise TypeError(f"json codec cannot encode {_type_name(obj)} object; "
                         "use msgpack or pickle for bytes")
@@ -297,11 +308,11 @@ def _json_default(obj):
 _json_encoder = _json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), default=_json_default)
 
 
-def _json_dumps(obj):
+def _json_dumps(obj: Any) -> list[Buffer]:
     return [_json_encoder.encode(obj).encode("ascii")]
 
 
-def _json_loads(frames):
+def _json_loads(frames: Sequence[Buffer]) -> Any:
     data = _single_frame("json", frames)
     if not isinstance(data, (bytes, bytearray)):
         data = bytes(data)
@@ -319,11 +330,11 @@ class _Pickler(_pickle.Pickler):
     tax every object pickled (6x slower on a list of 100k ints).
     """
 
-    def __init__(self, file, frames):
+    def __init__(self, file: IO[bytes], frames: list[Any]) -> None:
         super().__init__(file, protocol=5, buffer_callback=self._buffer_callback)
         self._frames = frames
 
-    def _buffer_callback(self, pb):
+    def _buffer_callback(self, pb: _pickle.PickleBuffer) -> bool:
         raw = pb.raw()
         if raw.nbytes < PICKLE_OUT_OF_BAND_THRESHOLD:
             return True  # small: serialized in-band
@@ -331,21 +342,21 @@ class _Pickler(_pickle.Pickler):
         return False
 
 
-def _pickle_dumps(obj):
-    frames = [None]
+def _pickle_dumps(obj: Any) -> list[Buffer]:
+    frames: list[Any] = [None]
     f = _BytesIO()
     _Pickler(f, frames).dump(obj)
     frames[0] = f.getvalue()
     return frames
 
 
-def _pickle_loads(frames):
+def _pickle_loads(frames: Sequence[Buffer]) -> Any:
     if not frames:
         raise ValueError("pickle codec expects at least 1 frame, got 0")
     return _pickle.loads(frames[0], buffers=frames[1:])
 
 
-def _register_builtins():
+def _register_builtins() -> None:
     for codec in (
         Codec("msgpack", _msgpack_dumps, _msgpack_loads, builtin=True),
         Codec("json", _json_dumps, _json_loads, binary=False, builtin=True),

@@ -4,6 +4,8 @@ Every class derives from :class:`FastnetError` and also from the stdlib
 exception that code written for ``multiprocessing.connection`` already
 catches, so fastnet drops in without changing ``except`` clauses.
 """
+from __future__ import annotations
+
 import builtins
 import multiprocessing
 
@@ -41,7 +43,7 @@ class TruncatedFrameError(ProtocolError, EOFError):
     end of stream as one.
     """
 
-    def __init__(self, missing, msg=None):
+    def __init__(self, missing: int, msg: str | None = None) -> None:
         self.missing = missing
         super().__init__(msg or f"connection closed mid-frame: {missing} bytes missing")
 
@@ -63,13 +65,13 @@ class RemoteError(FastnetError):
     ``type_name``, ``message`` and ``traceback`` describe the remote exception.
     """
 
-    def __init__(self, type_name, message, traceback=""):
+    def __init__(self, type_name: str, message: str, traceback: str = "") -> None:
         self.type_name = type_name
         self.message = message
         self.traceback = traceback
         super().__init__(f"{type_name}: {message}")
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[RemoteError], tuple[str, str, str]]:
         return (type(self), (self.type_name, self.message, self.traceback))
 
 

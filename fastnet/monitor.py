@@ -23,6 +23,8 @@ does; other methods get 405 with an ``Allow`` header, unknown paths 404.
 The monitor logs to the ``fastnet.monitor`` logger (requests at DEBUG,
 failures at ERROR) and never writes to stderr itself.
 """
+from __future__ import annotations
+
 import json
 import logging
 import math
@@ -33,7 +35,13 @@ import socketserver
 import sys
 import threading
 import time
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, cast
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
+
+if TYPE_CHECKING:
+    from _typeshed import OptExcInfo
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 __all__ = ["wsgi_app", "serve", "render_metrics", "PathDispatcher", "Monitor",
            "METRICS_CONTENT_TYPE", "DEFAULT_ADDRESS"]
@@ -88,32 +96,32 @@ _NOT_METRIC = re.compile(r"[^a-zA-Z0-9_:]")
 _NOT_LABEL = re.compile(r"[^a-zA-Z0-9_]")
 
 
-def _metric_part(key):
+def _metric_part(key: object) -> str:
     return _NOT_METRIC.sub("_", str(key))
 
 
-def _label_name(key):
+def _label_name(key: object) -> str:
     name = _NOT_LABEL.sub("_", str(key))
     return "_" + name if not name or name[0].isdigit() else name
 
 
-def _escape_label(value):
+def _escape_label(value: object) -> str:
     return str(value).replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
 
 
-def _escape_help(text):
+def _escape_help(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n")
 
 
-def _is_number(v):
+def _is_number(v: object) -> bool:
     return isinstance(v, numbers.Real)     # bool is an int, so it is included
 
 
-def _is_histogram(v):
+def _is_histogram(v: object) -> bool:
     return isinstance(v, dict) and isinstance(v.get("buckets"), (list, tuple))
 
 
-def _format_value(v):
+def _format_value(v: Any) -> str:
     if isinstance(v, bool):
         return "1" if v else "0"
     if isinstance(v, numbers.Integral):
@@ -126,32 +134,32 @@ def _format_value(v):
     return repr(v)
 
 
-def _singular(key):
+def _singular(key: str) -> str:
     return key[:-1] if len(key) > 1 and key.endswith("s") else key
 
 
 class _Family:
     __slots__ = ("name", "type", "help", "samples", "seen")
 
-    def __init__(self, name, type_, help_):
+    def __init__(self, name: str, type_: str, help_: str) -> None:
         self.name = name
         self.type = type_
         self.help = help_
-        self.samples = []
-        self.seen = set()
+        self.samples: list[tuple[str, dict[str, str], Any]] = []
+        self.seen: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
 
 
 class _Renderer:
-    def __init__(self, prefix, labels):
+    def __init__(self, prefix: str, labels: dict[str, str]) -> None:
         self.prefix = prefix
         self.const = labels
-        self.families = {}
+        self.families: dict[str, _Family] = {}
 
-    def name(self, part):
+    def name(self, part: str) -> str:
         name = f"{self.prefix}_{part}" if self.prefix else part
         return "_" + name if name[0].isdigit() else name
 
-    def family(self, name, type_, help_):
+    def family(self, name: str, type_: str, help_: str) -> _Family | None:
         fam = self.families.get(name)
         if fam is None:
             fam = self.families[name] = _Family(name, type_, help_)
@@ -162,7 +170,7 @@ class _Renderer:
             return None
         return fam
 
-    def add(self, fam, sample, labels, value):
+    def add(self, fam: _Family, sample: str, labels: dict[str, str], value: Any) -> None:
         key = (sample, tuple(labels.items()))
         if key in fam.seen:
             logger.debug("duplicate sample %s%r left out", sample, labels)
@@ -170,7 +178,7 @@ class _Renderer:
         fam.seen.add(key)
         fam.samples.append((sample, labels, value))
 
-    def scalar(self, part, key, value, labels, path):
+    def scalar(self, part: str, key: str, value: Any, labels: dict[str, str], path: str) -> None:
         counter = key.endswith("_total") or key in _COUNTER_KEYS
         base = part[:-6] if part.endswith("_total") else part
         name = self.name(base + "_total" if counter else base)
@@ -179,7 +187,7 @@ class _Renderer:
         if fam is not None:
             self.add(fam, name, labels, value)
 
-    def histogram(self, part, value, labels, path):
+    def histogram(self, part: str, value: Any, labels: dict[str, str], path: str) -> None:
         try:
             buckets = sorted((float(le), count) for le, count in value["buckets"])
         except (TypeError, ValueError):
@@ -202,7 +210,7 @@ class _Renderer:
             self.add(fam, name + "_sum", labels, value["sum"])
         self.add(fam, name + "_count", labels, count)
 
-    def walk(self, part, key, value, labels, path):
+    def walk(self, part: str, key: str, value: Any, labels: dict[str, str], path: str) -> None:
         if _is_number(value):
             self.scalar(part, key, value, labels, path)
         elif _is_histogram(value):
@@ -222,7 +230,7 @@ class _Renderer:
                                   f"{path}.<{label}>.{field}")
         # strings, None, lists: not numbers, so not metrics
 
-    def text(self):
+    def text(self) -> str:
         out = []
         for fam in self.families.values():
             if not fam.samples:
@@ -238,7 +246,7 @@ class _Renderer:
         return "".join(out)
 
 
-def _check_options(prefix, labels):
+def _check_options(prefix: str | None, labels: Mapping[str, object] | None) -> tuple[str, dict[str, str]]:
     if prefix and not _METRIC_NAME.match(prefix):
         raise ValueError(f"invalid metric name prefix {prefix!r}")
     labels = {} if labels is None else dict(labels)
@@ -248,7 +256,8 @@ def _check_options(prefix, labels):
     return prefix or "", {k: str(v) for k, v in labels.items()}
 
 
-def render_metrics(stats, prefix="fastnet", labels=None):
+def render_metrics(stats: Mapping[Any, Any], prefix: str | None = "fastnet",
+                   labels: Mapping[str, object] | None = None) -> str:
     """``stats`` (a ``stats()`` dict) in the Prometheus text exposition format 0.0.4.
 
     Each key becomes the metric ``<prefix>_<key>``. Numbers are counters when
@@ -271,19 +280,21 @@ def render_metrics(stats, prefix="fastnet", labels=None):
 
 # -- the WSGI application -------------------------------------------------------------
 
-def _respond(start_response, status, content_type, body, extra=(), exc_info=None):
+def _respond(start_response: StartResponse, status: str, content_type: str, body: bytes,
+             extra: Iterable[tuple[str, str]] = (), exc_info: OptExcInfo | None = None) -> list[bytes]:
     headers = [("Content-Type", content_type), ("Content-Length", str(len(body))),
                ("Cache-Control", "no-store"), *extra]
     start_response(status, headers, exc_info)
     return [body]
 
 
-def _text(start_response, status, message, extra=(), exc_info=None):
+def _text(start_response: StartResponse, status: str, message: str,
+          extra: Iterable[tuple[str, str]] = (), exc_info: OptExcInfo | None = None) -> list[bytes]:
     return _respond(start_response, status, "text/plain; charset=utf-8",
                     (message + "\n").encode("utf-8"), extra, exc_info)
 
 
-def _json_default(obj):
+def _json_default(obj: object) -> Any:
     if isinstance(obj, (set, frozenset)):
         return sorted(obj, key=repr)
     if isinstance(obj, numbers.Integral):
@@ -301,29 +312,29 @@ class PathDispatcher:
     asked with another method gets 405 and ``Allow``, an unknown one 404.
     """
 
-    def __init__(self):
-        self.pathmap = {}
-        self.descriptions = {}
+    def __init__(self) -> None:
+        self.pathmap: dict[str, dict[str, WSGIApplication]] = {}
+        self.descriptions: dict[str, str] = {}
 
-    def register(self, method, path, app, description=""):
+    def register(self, method: str, path: str, app: WSGIApplication, description: str = "") -> WSGIApplication:
         """Route ``method`` on ``path`` to the WSGI application ``app``; returns ``app``."""
         self.pathmap.setdefault(path, {})[method.upper()] = app
         if description or path not in self.descriptions:
             self.descriptions[path] = description
         return app
 
-    def routes(self):
+    def routes(self) -> dict[str, str]:
         """``{path: description}`` for every registered path."""
         return dict(self.descriptions)
 
-    def allowed(self, path):
+    def allowed(self, path: str) -> list[str]:
         """The methods ``path`` answers, HEAD included where GET is."""
         methods = set(self.pathmap.get(path, ()))
         if "GET" in methods:
             methods.add("HEAD")
         return sorted(methods)
 
-    def __call__(self, environ, start_response):
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or "/"
         method = environ.get("REQUEST_METHOD", "GET").upper()
         routes = self.pathmap.get(path)
@@ -355,7 +366,8 @@ class PathDispatcher:
                          exc_info=sys.exc_info())
 
 
-def wsgi_app(server, *, prefix="fastnet", labels=None):
+def wsgi_app(server: Any, *, prefix: str | None = "fastnet",
+             labels: Mapping[str, object] | None = None) -> PathDispatcher:
     """A WSGI application serving ``server.stats()`` at /stats (JSON) and /metrics (Prometheus).
 
     ``prefix`` and ``labels`` (constant labels, e.g. ``{"server": "echo"}``)
@@ -366,21 +378,21 @@ def wsgi_app(server, *, prefix="fastnet", labels=None):
     prefix, labels = _check_options(prefix, labels)
     dispatcher = PathDispatcher()
 
-    def snapshot():
+    def snapshot() -> dict[Any, Any]:
         stats = server.stats()
         if not isinstance(stats, dict):
             raise TypeError(f"stats() returned {type(stats).__name__}, not a dict")
         return stats
 
-    def stats_json(environ, start_response):
+    def stats_json(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
         body = json.dumps(snapshot(), default=_json_default).encode("utf-8") + b"\n"
         return _respond(start_response, "200 OK", "application/json", body)
 
-    def metrics(environ, start_response):
+    def metrics(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
         body = render_metrics(snapshot(), prefix, labels).encode("utf-8")
         return _respond(start_response, "200 OK", METRICS_CONTENT_TYPE, body)
 
-    def index(environ, start_response):
+    def index(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
         body = json.dumps({"routes": dispatcher.routes()}).encode("utf-8") + b"\n"
         return _respond(start_response, "200 OK", "application/json", body)
 
@@ -394,21 +406,23 @@ def wsgi_app(server, *, prefix="fastnet", labels=None):
 
 class _ErrorStream:
     # wsgi.errors: what an application writes there goes to the log, not stderr.
-    def write(self, s):
+    def write(self, s: str) -> None:
         s = s.rstrip("\n")
         if s:
             logger.error("%s", s)
 
-    def writelines(self, lines):
+    def writelines(self, lines: Iterable[str]) -> None:
         for s in lines:
             self.write(s)
 
-    def flush(self):
+    def flush(self) -> None:
         pass
 
 
 class _ServerHandler(ServerHandler):
-    def log_exception(self, exc_info):
+    request_handler: WSGIRequestHandler
+
+    def log_exception(self, exc_info: OptExcInfo | None) -> None:
         try:
             logger.error("error in the monitor's WSGI application", exc_info=exc_info)
         finally:
@@ -418,17 +432,18 @@ class _ServerHandler(ServerHandler):
 class _RequestHandler(WSGIRequestHandler):
     # A client that stops sending or reading frees its thread after this.
     timeout = 30.0
+    server: WSGIServer
 
-    def get_stderr(self):
+    def get_stderr(self) -> Any:
         return _ErrorStream()
 
-    def log_message(self, format, *args):
+    def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s %s", self.address_string(), format % args)
 
-    def log_error(self, format, *args):
+    def log_error(self, format: str, *args: Any) -> None:
         logger.info("%s %s", self.address_string(), format % args)
 
-    def handle(self):
+    def handle(self) -> None:
         # wsgiref's handle(), but telling the application it runs threaded
         # and logging instead of printing.
         self.raw_requestline = self.rfile.readline(65537)
@@ -440,10 +455,11 @@ class _RequestHandler(WSGIRequestHandler):
             return
         if not self.parse_request():
             return
-        handler = _ServerHandler(self.rfile, self.wfile, self.get_stderr(), self.get_environ(),
+        handler = _ServerHandler(self.rfile, self.wfile,  # type: ignore[arg-type]
+                                 self.get_stderr(), self.get_environ(),
                                  multithread=True)
         handler.request_handler = self
-        handler.run(self.server.get_app())
+        handler.run(cast("WSGIApplication", self.server.get_app()))
 
 
 class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
@@ -452,35 +468,35 @@ class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
     block_on_close = False
     request_queue_size = 64
 
-    def __init__(self, address, handler):
-        self._active = {}
+    def __init__(self, address: tuple[Any, ...], handler: type[WSGIRequestHandler]) -> None:
+        self._active: dict[socket.socket, threading.Thread] = {}
         self._active_lock = threading.Lock()
         super().__init__(address, handler)
 
-    def server_bind(self):
+    def server_bind(self) -> None:
         # HTTPServer.server_bind resolves socket.getfqdn(host), a DNS round
         # trip that can stall startup for seconds; the bare host will do.
         socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
+        host, port = cast("tuple[str, int]", self.server_address[:2])
         self.server_name = host
         self.server_port = port
         self.setup_environ()
 
-    def process_request(self, request, client_address):
+    def process_request(self, request: Any, client_address: Any) -> None:
         t = threading.Thread(target=self.process_request_thread, args=(request, client_address),
                              name="fastnet-monitor-request", daemon=True)
         with self._active_lock:
             self._active[request] = t
         t.start()
 
-    def shutdown_request(self, request):
+    def shutdown_request(self, request: Any) -> None:
         # Unregistered before it is closed, under the lock abort() holds,
         # so abort() never shuts down a descriptor number reused elsewhere.
         with self._active_lock:
             self._active.pop(request, None)
         super().shutdown_request(request)
 
-    def abort(self):
+    def abort(self) -> list[threading.Thread]:
         """Cut every connection in flight; returns their threads."""
         with self._active_lock:
             for request in self._active:
@@ -490,7 +506,7 @@ class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
                     pass
             return list(self._active.values())
 
-    def handle_error(self, request, client_address):
+    def handle_error(self, request: Any, client_address: Any) -> None:
         logger.exception("request from %s failed", client_address[0] if client_address else "?")
 
 
@@ -504,7 +520,8 @@ class Monitor:
     A context manager: leaving the block closes it.
     """
 
-    def __init__(self, app, address=DEFAULT_ADDRESS, *, poll_interval=0.25):
+    def __init__(self, app: WSGIApplication, address: tuple[str, int] = DEFAULT_ADDRESS, *,
+                 poll_interval: float = 0.25) -> None:
         if not (isinstance(address, tuple) and len(address) == 2 and isinstance(address[0], str)):
             raise TypeError(f"address must be a (host, port) tuple, not {address!r}")
         host, port = address
@@ -519,19 +536,19 @@ class Monitor:
         self._thread.start()
         logger.info("monitor serving on %s", self.url)
 
-    def _serve(self, poll_interval):
+    def _serve(self, poll_interval: float) -> None:
         try:
             self._httpd.serve_forever(poll_interval)
         except Exception:
             logger.exception("the monitor's server thread failed")
 
     @property
-    def address(self):
+    def address(self) -> tuple[str, int]:
         """The ``(host, port)`` listened on (the real port when 0 was asked)."""
-        return self._httpd.server_address[:2]
+        return cast("tuple[str, int]", self._httpd.server_address[:2])
 
     @property
-    def url(self):
+    def url(self) -> str:
         """``http://host:port/``; a wildcard host is given as loopback, to be fetchable."""
         host, port = self.address
         if host in ("", "0.0.0.0"):
@@ -543,11 +560,11 @@ class Monitor:
         return f"http://{host}:{port}/"
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         """True once close() has begun."""
         return self._closed
 
-    def close(self, timeout=5.0):
+    def close(self, timeout: float = 5.0) -> None:
         """Stop serving, cut requests in flight, wait up to ``timeout`` seconds, free the port."""
         with self._lock:
             if self._closed:
@@ -563,18 +580,19 @@ class Monitor:
                 logger.warning("a monitor request thread did not finish within %.1f s", timeout)
         httpd.server_close()
 
-    def __enter__(self):
+    def __enter__(self) -> Monitor:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "closed" if self._closed else self.url
         return f"<fastnet.monitor.Monitor {state}>"
 
 
-def serve(server, address=DEFAULT_ADDRESS, *, prefix="fastnet", labels=None):
+def serve(server: Any, address: tuple[str, int] = DEFAULT_ADDRESS, *, prefix: str | None = "fastnet",
+          labels: Mapping[str, object] | None = None) -> Monitor:
     """Serve :func:`wsgi_app` for ``server`` on a daemon thread; returns a :class:`Monitor`.
 
     ``address`` is ``(host, port)``; port 0 picks a free port (read it back

@@ -10,17 +10,24 @@ kind 0: ``type`` is a numpy dtype (``dtype.str``, or the repr of
 ``dtype.descr`` for structured dtypes); kind 1: ``type`` is a struct-module
 format of a plain buffer.
 """
+from __future__ import annotations
+
 import ast
 import struct
 import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy
+    import numpy.typing as npt
 
 from fastnet._kernels import zerocopy as _zc
 from fastnet.errors import ProtocolError
 
-_numpy_module = None
+_numpy_module: Any = None
 
 
-def _numpy():
+def _numpy() -> Any:
     """numpy, imported on first use; None when it is not installed (it is optional)."""
     global _numpy_module
     if _numpy_module is None:
@@ -33,7 +40,7 @@ def _numpy():
     return _numpy_module or None
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     # ``zerocopy._np`` for the layers above, without importing numpy at fastnet's import
     if name == "_np":
         return _numpy()
@@ -52,7 +59,7 @@ MAX_HEADER = 8 + 8 * MAX_NDIM + 1024
 _FIXED = struct.Struct("<4sBBcB")
 
 
-def _numpy_type(dtype):
+def _numpy_type(dtype: numpy.dtype[Any]) -> str:
     if dtype.hasobject:
         raise TypeError("arrays holding Python objects cannot be sent raw; use send()")
     if dtype.fields is None and dtype.subdtype is None:
@@ -60,7 +67,7 @@ def _numpy_type(dtype):
     return repr(_numpy().lib.format.dtype_to_descr(dtype))
 
 
-def byte_view(arr):
+def byte_view(arr: npt.NDArray[Any]) -> npt.NDArray[numpy.uint8]:
     """A flat uint8 view of a C- or Fortran-contiguous numpy array's memory, never a copy.
 
     Every dtype exports this, including datetime64/timedelta64, whose own
@@ -73,7 +80,7 @@ def byte_view(arr):
     return arr.reshape(-1, order="A").view(_numpy().uint8)
 
 
-def encode_array(obj):
+def encode_array(obj: Any) -> tuple[bytes, npt.NDArray[numpy.uint8] | memoryview]:
     """Return ``(header_bytes, payload)`` for a numpy array or any buffer.
 
     The payload is the object's own memory when it is C- or Fortran-
@@ -89,7 +96,7 @@ def encode_array(obj):
             obj = np.ascontiguousarray(obj)
             order = b"C"
         kind, tname, shape = 0, _numpy_type(obj.dtype), obj.shape
-        payload = byte_view(obj)
+        payload: npt.NDArray[numpy.uint8] | memoryview = byte_view(obj)
     else:
         m = memoryview(obj)
         if m.c_contiguous:
@@ -107,7 +114,7 @@ def encode_array(obj):
     return header, payload
 
 
-def decode_array_header(header):
+def decode_array_header(header: bytes) -> tuple[int, str, tuple[int, ...], str]:
     """Parse an array header frame: ``(kind, type_name, shape, order)``."""
     if len(header) < _FIXED.size or header[:4] != MAGIC:
         raise ProtocolError("expected an array header frame")
@@ -127,12 +134,12 @@ def decode_array_header(header):
     return kind, tname, shape, order.decode()
 
 
-def dtype_of(kind, tname):
+def dtype_of(kind: int, tname: str) -> numpy.dtype[Any]:
     """The numpy dtype a header names (numpy required)."""
     np = _numpy()
     try:
         if kind == 0 and tname.startswith("["):
-            dt = np.lib.format.descr_to_dtype(ast.literal_eval(tname))
+            dt: numpy.dtype[Any] = np.lib.format.descr_to_dtype(ast.literal_eval(tname))
         else:
             dt = np.dtype(tname)
     except (ValueError, TypeError, SyntaxError, MemoryError) as exc:
@@ -142,7 +149,7 @@ def dtype_of(kind, tname):
     return dt
 
 
-def itemsize_of(kind, tname):
+def itemsize_of(kind: int, tname: str) -> int:
     """Item size in bytes of a header's type, without numpy when possible."""
     if kind == 1:
         try:
@@ -154,7 +161,7 @@ def itemsize_of(kind, tname):
     return dtype_of(kind, tname).itemsize
 
 
-def nbytes_of(shape, itemsize):
+def nbytes_of(shape: tuple[int, ...], itemsize: int) -> int:
     """Total payload size, refusing products that overflow 63 bits."""
     n = itemsize
     for d in shape:

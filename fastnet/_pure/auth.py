@@ -7,6 +7,8 @@ legacy ``#CHALLENGE#`` + 20 random bytes answered by a raw HMAC-MD5, and the
 HMAC-MD5 over the whole message (prefix included), which is why the digest
 of a response is read from its own prefix, or its length.
 """
+from __future__ import annotations
+
 import hmac
 import os
 
@@ -25,7 +27,7 @@ _MAX_DIGEST_LEN = max(len(d) for d in ALLOWED_DIGESTS)
 _LEGACY_LENGTHS = (LEGACY_MESSAGE_LENGTH, MD5_DIGEST_LENGTH)
 
 
-def make_challenge(digest_name="sha256"):
+def make_challenge(digest_name: str | None = "sha256") -> tuple[bytes, bytes]:
     """Return (message, nonce): the challenge frame to send and the part the MAC covers.
 
     ``digest_name=None`` makes the legacy 20-byte MD5 challenge of CPython < 3.12.
@@ -40,7 +42,7 @@ def make_challenge(digest_name="sha256"):
     return CHALLENGE + nonce, nonce
 
 
-def digest_name_and_payload(message):
+def digest_name_and_payload(message: bytes) -> tuple[str, bytes]:
     """Split b"{digest}payload"; ('', message) for the legacy unprefixed forms."""
     if len(message) in _LEGACY_LENGTHS:
         return "", message
@@ -54,7 +56,7 @@ def digest_name_and_payload(message):
         f"unsupported message length, missing digest prefix, or unsupported digest: {message[:64]!r}")
 
 
-def parse_challenge(message):
+def parse_challenge(message: bytes) -> bytes:
     """Return the nonce of a challenge frame, checking its shape."""
     if not message.startswith(CHALLENGE):
         raise AuthenticationError(f"protocol error, expected a challenge: {message[:64]!r}")
@@ -64,7 +66,7 @@ def parse_challenge(message):
     return nonce
 
 
-def create_response(authkey, nonce, strict=False):
+def create_response(authkey: bytes, nonce: bytes, strict: bool = False) -> bytes:
     """Answer a challenge nonce: raw HMAC-MD5 for legacy, else b'{digest}' + HMAC."""
     name = digest_name_and_payload(nonce)[0]
     if not name:
@@ -76,7 +78,7 @@ def create_response(authkey, nonce, strict=False):
     return b"{%s}%s" % (name.encode("ascii"), hmac.digest(authkey, nonce, name))
 
 
-def verify_response(authkey, nonce, response, strict=False):
+def verify_response(authkey: bytes, nonce: bytes, response: bytes, strict: bool = False) -> None:
     """Check a peer's response to our nonce; raise AuthenticationError if wrong.
 
     The MAC covers the whole nonce including its digest prefix, so a peer

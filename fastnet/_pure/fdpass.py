@@ -6,11 +6,18 @@ fastnet.TimeoutError; a truncated control message, or more descriptors than
 the caller asked for (CMSG_SPACE's alignment slack can admit one more),
 closes every descriptor that arrived and raises ProtocolError.
 """
+from __future__ import annotations
+
 import array
 import os
 import select
 import socket
 import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, SupportsInt
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 from fastnet.errors import ProtocolError, TimeoutError as FastnetTimeout
 
@@ -26,7 +33,7 @@ _CTRUNC = socket.MSG_CTRUNC
 _CTRL = [socket.CMSG_SPACE(n * _INT) for n in range(MAX_FDS + 1)]
 
 
-def _open(sock):
+def _open(sock: socket.socket | int) -> tuple[int, float, socket.socket, bool]:
     """``(fd, deadline, s, temp)``: the descriptor, the deadline its socket's
     timeout sets (-1.0: none; an int descriptor has none), and a socket object
     on it in Python's blocking mode (``temp``: made here, to be detached), so
@@ -44,7 +51,7 @@ def _open(sock):
     return fd, time.monotonic() + t, socket.socket(fileno=fd), True
 
 
-def _wait_fd(fd, events, deadline):
+def _wait_fd(fd: int, events: int, deadline: float) -> bool:
     """Wait until fd is ready; deadline < 0 waits forever. False on timeout."""
     p = select.poll()
     p.register(fd, events)
@@ -60,7 +67,7 @@ def _wait_fd(fd, events, deadline):
             return False
 
 
-def _sendmsg_fds(s, fd, deadline, data, fdl):
+def _sendmsg_fds(s: socket.socket, fd: int, deadline: float, data: bytes | memoryview, fdl: array.array[int]) -> None:
     """sendmsg data with fdl as SCM_RIGHTS, then the rest of data plainly."""
     anc = [(_SOL_SOCKET, _SCM_RIGHTS, fdl)]
     while True:
@@ -82,7 +89,7 @@ def _sendmsg_fds(s, fd, deadline, data, fdl):
                 _wait_fd(fd, select.POLLOUT, -1.0)
 
 
-def send_fds(sock, fds, data=None):
+def send_fds(sock: socket.socket | int, fds: Iterable[SupportsInt], data: Buffer | None = None) -> int:
     """Send descriptors ``fds`` with ``data`` (default: one byte, the count mod 256,
     as multiprocessing.reduction.sendfds does) in one sendmsg. Returns bytes sent."""
     fdl = array.array("i", [int(f) for f in fds])
@@ -103,7 +110,7 @@ def send_fds(sock, fds, data=None):
             s.detach()
 
 
-def _recvmsg_fds(s, fd, deadline, bufsize, maxfds):
+def _recvmsg_fds(s: socket.socket, fd: int, deadline: float, bufsize: int, maxfds: int) -> tuple[bytes, list[int]]:
     """recvmsg up to bufsize bytes with room for maxfds descriptors: ``(data, fds)``.
 
     A truncated control message, or more than maxfds descriptors, closes all
@@ -121,7 +128,7 @@ def _recvmsg_fds(s, fd, deadline, bufsize, maxfds):
             # a deadline, or a descriptor made non-blocking behind our back
             if not _wait_fd(fd, select.POLLIN, deadline):
                 raise FastnetTimeout("timed out waiting for descriptors") from None
-    fds = []
+    fds: list[int] = []
     for level, kind, payload in anc:
         if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
             a = array.array("i")
@@ -138,7 +145,7 @@ def _recvmsg_fds(s, fd, deadline, bufsize, maxfds):
     return data, fds
 
 
-def recv_fds(sock, maxfds, bufsize=4096):
+def recv_fds(sock: socket.socket | int, maxfds: int, bufsize: int = 4096) -> tuple[bytes, list[int]]:
     """Receive up to ``bufsize`` bytes and up to ``maxfds`` descriptors: ``(data, fds)``.
 
     Descriptors arrive close-on-exec. EOFError if the peer closed and sent
@@ -157,7 +164,7 @@ def recv_fds(sock, maxfds, bufsize=4096):
             s.detach()
 
 
-def send_fd(sock, fd):
+def send_fd(sock: socket.socket | int, fd: int) -> None:
     """Send one descriptor (interoperates with multiprocessing.reduction.recv_handle)."""
     fdl = array.array("i", (fd,))
     sfd, deadline, s, temp = _open(sock)
@@ -168,7 +175,7 @@ def send_fd(sock, fd):
             s.detach()
 
 
-def recv_fd(sock):
+def recv_fd(sock: socket.socket | int) -> int:
     """Receive one descriptor (interoperates with multiprocessing.reduction.send_handle)."""
     fd, deadline, s, temp = _open(sock)
     try:

@@ -1,14 +1,20 @@
 """Pure-Python twin of src_c/zerocopy.pyx: the Cookbook 11.13 loops."""
+from __future__ import annotations
+
 import select
 import socket
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 from fastnet.errors import TimeoutError as FastnetTimeout, TruncatedFrameError
 
 _CHUNK = 1 << 30
 
 
-def _sock_of(sock):
+def _sock_of(sock: socket.socket | int) -> tuple[socket.socket, bool]:
     if isinstance(sock, int):
         return socket.socket(fileno=sock), True
     if sock.fileno() < 0:
@@ -16,7 +22,7 @@ def _sock_of(sock):
     return sock, False
 
 
-def _wait(fd, events, deadline):
+def _wait(fd: int, events: int, deadline: float) -> bool:
     p = select.poll()
     p.register(fd, events)
     left = deadline - time.monotonic()
@@ -26,7 +32,7 @@ def _wait(fd, events, deadline):
     return True
 
 
-def _byte_view(buf, writable):
+def _byte_view(buf: Buffer, writable: bool) -> memoryview:
     """A flat byte view of a C- or Fortran-contiguous buffer, like PyBUF_ANY_CONTIGUOUS.
 
     memoryview.cast() only works on C-contiguous views; a Fortran-contiguous
@@ -46,7 +52,7 @@ def _byte_view(buf, writable):
     return view.cast("B")
 
 
-def _nonblocking(s):
+def _nonblocking(s: socket.socket) -> socket.socket:
     """A timeout-0 socket object over ``s``'s descriptor (detach it after use).
 
     A socket object with a timeout waits up to its whole timeout inside every
@@ -60,7 +66,7 @@ def _nonblocking(s):
     return raw
 
 
-def send_from(buf, sock):
+def send_from(buf: Buffer, sock: socket.socket | int) -> int:
     """Send every byte of a contiguous buffer (bytes, bytearray, numpy array...).
 
     ``sock`` is a socket object or a descriptor. Returns the number of bytes
@@ -94,7 +100,7 @@ def send_from(buf, sock):
             s.detach()
 
 
-def recv_into(buf, sock):
+def recv_into(buf: Buffer, sock: socket.socket | int) -> int:
     """Fill a writable contiguous buffer completely from the socket.
 
     Returns the number of bytes received (the buffer's size). A close before

@@ -1,0 +1,16 @@
+"""Stub of the compiled kernel ``fastnet._c.auth`` (twin: ``fastnet._pure.auth``)."""
+
+CHALLENGE: bytes
+WELCOME: bytes
+FAILURE: bytes
+MESSAGE_LENGTH: int
+LEGACY_MESSAGE_LENGTH: int
+MD5_DIGEST_LENGTH: int
+MAX_HANDSHAKE_MESSAGE: int
+ALLOWED_DIGESTS: frozenset[bytes]
+
+def make_challenge(digest_name: str | None = ...) -> tuple[bytes, bytes]: ...
+def digest_name_and_payload(message: bytes) -> tuple[str, bytes]: ...
+def parse_challenge(message: bytes) -> bytes: ...
+def create_response(authkey: bytes, nonce: bytes, strict: bool = ...) -> bytes: ...
+def verify_response(authkey: bytes, nonce: bytes, response: bytes, strict: bool = ...) -> None: ...

@@ -1,0 +1,13 @@
+"""Stub of the compiled kernel ``fastnet._c.fdpass`` (twin: ``fastnet._pure.fdpass``)."""
+import socket
+from collections.abc import Iterable
+from typing import SupportsInt
+
+from typing_extensions import Buffer
+
+MAX_FDS: int
+
+def send_fds(sock: socket.socket | int, fds: Iterable[SupportsInt], data: Buffer | None = ...) -> int: ...
+def recv_fds(sock: socket.socket | int, maxfds: int, bufsize: int = ...) -> tuple[bytes, list[int]]: ...
+def send_fd(sock: socket.socket | int, fd: int) -> None: ...
+def recv_fd(sock: socket.socket | int) -> int: ...
