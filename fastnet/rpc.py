@@ -46,6 +46,8 @@ authenticated connection (an ``authkey``, or a TLS client certificate the
 server verified). A server configured for pickle without either refuses to
 start unless ``allow_insecure_pickle=True``.
 """
+from __future__ import annotations
+
 import bisect
 import concurrent.futures
 import inspect
@@ -58,6 +60,8 @@ import ssl
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastnet.address import parse_address
 from fastnet.codecs import DEFAULT_CODEC, get_codec
@@ -67,6 +71,18 @@ from fastnet.errors import (
     RemoteError, TimeoutError,
 )
 from fastnet import server as _server
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+    from fastnet._c.framing import Channel as _CChannel
+    from fastnet._pure.framing import Channel as _PChannel
+    from fastnet.codecs import Codec
+    from fastnet.connection import Connection
+    from fastnet.monitor import Monitor
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_T = TypeVar("_T")
 
 __all__ = [
     "RPCServer", "RPCProxy", "blocking", "PROTOCOL_VERSION", "DEFAULT_RPC_MAX_MESSAGE_SIZE",
@@ -98,40 +114,40 @@ _STALE_AFTER = 0.02
 _DRIVE_POLL = 0.05
 
 
-def _oob_marker(n):
+def _oob_marker(n: int) -> bytes:
     return b"\xc1" + n.to_bytes(4, "big")
 
 
-def _encode(codec, msg):
+def _encode(codec: Codec, msg: Any) -> list[Buffer]:
     frames = codec.dumps(msg)
     if len(frames) == 1:
         return frames
     return [_oob_marker(len(frames) - 1)] + frames
 
 
-def _oob_count(frame):
+def _oob_count(frame: Any) -> int:
     """The buffer count of an out-of-band marker frame, else -1."""
     if len(frame) == 5 and frame[0] == _OOB:
         return int.from_bytes(frame[1:5], "big")
     return -1
 
 
-def _type_name(exc):
+def _type_name(exc: BaseException) -> str:
     t = type(exc)
     mod = t.__module__
     return t.__qualname__ if mod in ("builtins", "__main__") else f"{mod}.{t.__qualname__}"
 
 
-def blocking(func):
+def blocking(func: _F) -> _F:
     """Mark a function or method as blocking: the server runs it on its worker threads."""
-    func._fastnet_blocking_ = True
+    func._fastnet_blocking_ = True  # type: ignore[attr-defined]
     return func
 
 
 class _Method:
     __slots__ = ("func", "blocking", "calls", "errors", "lat_sum", "lat_counts")
 
-    def __init__(self, func, blocking):
+    def __init__(self, func: Callable[..., Any], blocking: bool) -> None:
         self.func = func
         self.blocking = blocking
         self.calls = 0
@@ -139,15 +155,15 @@ class _Method:
         self.lat_sum = 0.0
         self.lat_counts = [0] * (len(LATENCY_BUCKETS) + 1)
 
-    def record(self, seconds, failed):
+    def record(self, seconds: float, failed: bool) -> None:
         self.calls += 1
         if failed:
             self.errors += 1
         self.lat_sum += seconds
         self.lat_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
 
-    def stats(self):
-        buckets = []
+    def stats(self) -> dict[str, Any]:
+        buckets: list[list[Any]] = []
         acc = 0
         for le, n in zip(LATENCY_BUCKETS, self.lat_counts):
             acc += n
@@ -163,19 +179,19 @@ class _Method:
 class _RPCHandler(_server.MessageHandler):
     """One RPC connection on a server's event loop."""
 
-    def setup(self):
-        self.rpc = self.server.rpc
-        self.codec = None
+    def setup(self) -> None:
+        self.rpc: RPCServer = self.server.rpc
+        self.codec: Any = None     # a Codec once the hello is accepted, _CLOSED when closing
         self.oob = -1          # buffers still expected for the current message, or -1
-        self.parts = None
-        self.out = []
+        self.parts: list[Any] | None = None
+        self.out: list[Buffer] = []
         self.flush_armed = False
         self.gone = False
 
-    def finish(self):
+    def finish(self) -> None:
         self.gone = True
 
-    def message_received(self, data):
+    def message_received(self, data: bytes) -> None:
         parts = self.parts
         if parts is not None:
             parts.append(data)
@@ -198,7 +214,7 @@ class _RPCHandler(_server.MessageHandler):
             self._request((data,))
 
     # hello -------------------------------------------------------------
-    def _hello(self, data):
+    def _hello(self, data: bytes) -> None:
         rpc = self.rpc
         try:
             if len(data) > _MAX_HELLO:
@@ -228,7 +244,7 @@ class _RPCHandler(_server.MessageHandler):
         self.encode = codec.dumps
         self.reply(json.dumps({"fastnet-rpc": PROTOCOL_VERSION, "codec": name}).encode())
 
-    def _authenticated(self):
+    def _authenticated(self) -> bool:
         if self.server.authkey is not None:
             return True
         t = self.transport
@@ -239,20 +255,20 @@ class _RPCHandler(_server.MessageHandler):
         except Exception:
             return False
 
-    def _refuse(self, why, kind):
+    def _refuse(self, why: str, kind: str) -> None:
         logger.warning("RPC hello from %r refused: %s", self.client_address, why)
         self.rpc._count_error(kind)
         self.reply(json.dumps({"fastnet-rpc": PROTOCOL_VERSION, "error": why}).encode())
         self.close()
 
-    def _protocol_error(self, why):
+    def _protocol_error(self, why: str) -> None:
         logger.warning("closing RPC connection from %r: %s", self.client_address, why)
         self.rpc._count_error("protocol")
         self.codec = _CLOSED
         self.close()
 
     # requests ----------------------------------------------------------
-    def _request(self, frames):
+    def _request(self, frames: Sequence[Any]) -> None:
         try:
             msg = self.codec.loads(frames)
         except Exception as e:
@@ -300,7 +316,7 @@ class _RPCHandler(_server.MessageHandler):
             return
         self._queue(frames)
 
-    def _notification(self, msg):
+    def _notification(self, msg: Any) -> None:
         try:
             kind, method, args, kwargs = msg
             if kind != _NOTIFY or type(method) is not str:
@@ -329,7 +345,7 @@ class _RPCHandler(_server.MessageHandler):
             return
         m.record(time.perf_counter() - t0, False)
 
-    def _send_result(self, msgid, result):
+    def _send_result(self, msgid: int, result: Any) -> None:
         try:
             frames = _encode(self.codec, [_REPLY, msgid, None, result])
         except Exception as e:
@@ -338,7 +354,7 @@ class _RPCHandler(_server.MessageHandler):
             return
         self._queue(frames)
 
-    def _send_exc(self, msgid, exc):
+    def _send_exc(self, msgid: int, exc: BaseException) -> None:
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         name = "MethodNotFound" if isinstance(exc, MethodNotFound) else _type_name(exc)
         err = [name, str(exc) if not isinstance(exc, RemoteError) else exc.message, tb]
@@ -356,10 +372,10 @@ class _RPCHandler(_server.MessageHandler):
                 return
         self._send_error(msgid, err[0], err[1], tb)
 
-    def _send_error(self, msgid, type_name, message, tb=""):
+    def _send_error(self, msgid: int, type_name: str, message: str, tb: str = "") -> None:
         self._queue(_encode(self.codec, [_REPLY, msgid, [type_name, message, tb], None]))
 
-    def _queue(self, frames):
+    def _queue(self, frames: Iterable[Buffer]) -> None:
         # replies made while one read is dispatched leave together, in one syscall
         if self.gone or self.transport is None or self.transport.is_closing():
             return
@@ -368,7 +384,7 @@ class _RPCHandler(_server.MessageHandler):
             self.flush_armed = True
             self.transport.loop.call_soon(self._flush)
 
-    def _flush(self):
+    def _flush(self) -> None:
         self.flush_armed = False
         out = self.out
         if not out:
@@ -382,7 +398,7 @@ class _RPCHandler(_server.MessageHandler):
         else:
             t.send_many(out)
 
-    def _blocking_done(self, m, msgid, t0, ok, value):
+    def _blocking_done(self, m: _Method, msgid: int | None, t0: float, ok: bool, value: Any) -> None:
         # loop thread
         m.record(time.perf_counter() - t0, not ok)
         if msgid is None or self.gone:
@@ -399,7 +415,7 @@ class _Closed:
     requires_auth = False
 
     @staticmethod
-    def loads(frames):
+    def loads(frames: Sequence[Buffer]) -> Any:
         raise ProtocolError("connection is closing")
 
 
@@ -424,15 +440,17 @@ class RPCServer:
     ``/stats`` and ``/metrics`` over HTTP beside the server.
     """
 
-    def __init__(self, address, authkey=None, codec=DEFAULT_CODEC, ssl_context=None, workers=1,
-                 allow=None, *, blocking=False, worker_threads=_DEFAULT_WORKER_THREADS,
-                 allow_insecure_pickle=False, max_message_size=DEFAULT_RPC_MAX_MESSAGE_SIZE,
-                 max_connections=_server.DEFAULT_MAX_CONNECTIONS,
-                 idle_timeout=_server.DEFAULT_IDLE_TIMEOUT,
-                 handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
-                 shutdown_timeout=_server.DEFAULT_SHUTDOWN_TIMEOUT,
-                 overflow="wait", strict=False, family=None, backend="auto", monitor=None,
-                 introspection=True):
+    def __init__(self, address: Any, authkey: bytes | None = None, codec: str | Iterable[str] = DEFAULT_CODEC,
+                 ssl_context: ssl.SSLContext | None = None, workers: int = 1,
+                 allow: Any = None, *, blocking: bool = False, worker_threads: int = _DEFAULT_WORKER_THREADS,
+                 allow_insecure_pickle: bool = False, max_message_size: int | None = DEFAULT_RPC_MAX_MESSAGE_SIZE,
+                 max_connections: int | None = _server.DEFAULT_MAX_CONNECTIONS,
+                 idle_timeout: float | None = _server.DEFAULT_IDLE_TIMEOUT,
+                 handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+                 shutdown_timeout: float | None = _server.DEFAULT_SHUTDOWN_TIMEOUT,
+                 overflow: str = "wait", strict: bool = False, family: str | int | None = None,
+                 backend: str = "auto", monitor: tuple[str, int] | None = None,
+                 introspection: bool = True) -> None:
         names = (codec,) if isinstance(codec, str) else tuple(codec)
         if not names:
             raise ValueError("codec: at least one codec name is needed")
@@ -453,15 +471,15 @@ class RPCServer:
             raise ValueError("workers must be >= 1")
         self.default_blocking = blocking
         self.worker_threads = worker_threads
-        self._methods = {}
-        self._errors = {}
-        self._executor = None
-        self._executor_pid = None
+        self._methods: dict[str, _Method] = {}
+        self._errors: dict[str, int] = {}
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._executor_pid: int | None = None
         self._monitor_address = monitor
-        self._monitor = None
+        self._monitor: Monitor | None = None
         fam, _ = parse_address(address, family)
         base = _server.UnixServer if fam == socket.AF_UNIX else _server.TCPServer
-        kw = dict(concurrency="prefork" if workers > 1 else "loop", authkey=authkey,
+        kw: dict[str, Any] = dict(concurrency="prefork" if workers > 1 else "loop", authkey=authkey,
                   max_connections=max_connections, overflow=overflow,
                   max_message_size=max_message_size, idle_timeout=idle_timeout,
                   handshake_timeout=handshake_timeout, shutdown_timeout=shutdown_timeout,
@@ -471,14 +489,15 @@ class RPCServer:
         if ssl_context is not None:
             kw["ssl_context"] = ssl_context
         self._server = base(address, _RPCHandler, **kw)
-        self._server.rpc = self
+        self._server.rpc = self  # type: ignore[union-attr]
         if introspection:
             self.register_function(self._list_methods, "system.list_methods")
             self.register_function(self._method_help, "system.method_help")
             self.register_function(self._method_signature, "system.method_signature")
 
     # registration --------------------------------------------------------
-    def register_function(self, function=None, name=None, *, blocking=None):
+    def register_function(self, function: Any = None, name: str | None = None, *,
+                          blocking: bool | None = None) -> Any:
         """Expose ``function`` as ``name`` (default: its ``__name__``); usable as a decorator.
 
         ``blocking=True`` runs it on the worker threads; None takes the
@@ -502,7 +521,7 @@ class RPCServer:
 
     register = register_function
 
-    def register_instance(self, obj, prefix=None, *, blocking=None):
+    def register_instance(self, obj: _T, prefix: str | None = None, *, blocking: bool | None = None) -> _T:
         """Expose ``obj``'s public methods (``prefix.name`` with a prefix).
 
         If ``obj`` has a ``_rpc_methods_`` list, only those names are
@@ -528,27 +547,27 @@ class RPCServer:
             count += 1
         return obj
 
-    def unregister(self, name):
+    def unregister(self, name: str) -> None:
         """Stop exposing ``name``."""
         del self._methods[name]
 
     @property
-    def methods(self):
+    def methods(self) -> list[str]:
         """The exposed method names, sorted."""
         return sorted(self._methods)
 
-    def _list_methods(self):
+    def _list_methods(self) -> list[str]:
         """List the names of the methods this server exposes."""
         return sorted(self._methods)
 
-    def _method_help(self, name):
+    def _method_help(self, name: str) -> str:
         """Return the documentation string of the method ``name``."""
         m = self._methods.get(name)
         if m is None:
             raise MethodNotFound("MethodNotFound", self._not_found(name))
         return inspect.getdoc(m.func) or ""
 
-    def _method_signature(self, name):
+    def _method_signature(self, name: str) -> str:
         """Return the call signature of the method ``name`` as text."""
         m = self._methods.get(name)
         if m is None:
@@ -558,21 +577,21 @@ class RPCServer:
         except (TypeError, ValueError):
             return f"{name}(...)"
 
-    def _not_found(self, name):
+    def _not_found(self, name: str) -> str:
         return f"no method {name!r} on this server (system.list_methods lists them)"
 
     # serving ------------------------------------------------------------
     @property
-    def address(self):
+    def address(self) -> Any:
         """The bound address (the real port when 0 was asked for)."""
         return self._server.address
 
     @property
-    def server(self):
+    def server(self) -> Any:
         """The underlying :mod:`fastnet.server` stream server."""
         return self._server
 
-    def serve_forever(self, poll_interval=0.5):
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
         """Serve on the calling thread until :meth:`shutdown` (or SIGINT/SIGTERM in the main thread)."""
         self._start_monitor()
         try:
@@ -580,13 +599,13 @@ class RPCServer:
         finally:
             self._stop_monitor()
 
-    def start(self, timeout=30.0):
+    def start(self, timeout: float = 30.0) -> RPCServer:
         """Serve on a background thread; return once the server accepts connections."""
         self._server.start(timeout)
         self._start_monitor()
         return self
 
-    def shutdown(self, timeout=None):
+    def shutdown(self, timeout: float | None = None) -> None:
         """Stop accepting, let the calls in progress answer, close, and join."""
         try:
             self._server.shutdown(timeout)
@@ -597,32 +616,32 @@ class RPCServer:
                 ex.shutdown(wait=False, cancel_futures=True)
             self._executor = None
 
-    def server_close(self):
+    def server_close(self) -> None:
         """Close the listening socket (after shutdown)."""
         self._server.server_close()
 
-    def close(self):
+    def close(self) -> None:
         """Shut down if serving, then close the listening socket."""
         try:
             self.shutdown()
         finally:
             self._server.server_close()
 
-    def __enter__(self):
+    def __enter__(self) -> RPCServer:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<fastnet.RPCServer {self._server.address!r} codecs={list(self.codecs)}>"
 
     @property
-    def worker_pids(self):
+    def worker_pids(self) -> list[int]:
         """The pids of the prefork workers (``workers > 1``)."""
         return self._server.worker_pids
 
-    def stats(self):
+    def stats(self) -> dict[str, Any]:
         """Server counters plus ``methods`` (calls, errors, latency histogram per method) and ``errors`` by kind.
 
         With ``workers > 1`` the per-method figures live in the worker
@@ -633,11 +652,12 @@ class RPCServer:
         out["methods"] = {name: m.stats() for name, m in list(self._methods.items())}
         return out
 
-    def _count_error(self, kind):
+    def _count_error(self, kind: str) -> None:
         self._errors[kind] = self._errors.get(kind, 0) + 1
 
     # blocking calls -----------------------------------------------------
-    def _offload(self, handler, m, msgid, args, kwargs):
+    def _offload(self, handler: _RPCHandler, m: _Method, msgid: int | None, args: list[Any],
+                 kwargs: dict[str, Any] | None) -> None:
         ex = self._executor
         if ex is None or self._executor_pid != os.getpid():
             # a prefork worker builds its own pool: threads do not survive fork()
@@ -648,7 +668,7 @@ class RPCServer:
         t0 = time.perf_counter()
         func = m.func
 
-        def run():
+        def run() -> None:
             try:
                 value = func(*args, **kwargs) if kwargs else func(*args)
                 ok = True
@@ -662,20 +682,20 @@ class RPCServer:
         ex.submit(run)
 
     # monitoring ---------------------------------------------------------
-    def _start_monitor(self):
+    def _start_monitor(self) -> None:
         if self._monitor_address is None or self._monitor is not None:
             return
         from fastnet import monitor
         self._monitor = monitor.serve(self, self._monitor_address)
 
-    def _stop_monitor(self):
+    def _stop_monitor(self) -> None:
         mon = self._monitor
         self._monitor = None
         if mon is not None:
             mon.close()
 
     @property
-    def monitor(self):
+    def monitor(self) -> Monitor | None:
         """The running monitor HTTP server (``.url``), or None."""
         return self._monitor
 
@@ -686,27 +706,29 @@ class RPCServer:
 class _Slot:
     """Where a synchronous call's reply lands."""
     __slots__ = ("done", "error", "value")
+    error: BaseException | None
+    value: Any
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.done = False
 
-    def set(self, error, value):
+    def set(self, error: BaseException | None, value: Any) -> None:
         self.error = error
         self.value = value
         self.done = True
 
-    def fail(self, exc):
+    def fail(self, exc: BaseException) -> None:
         self.set(exc, None)
 
 
 class _FutureSlot:
     __slots__ = ("future", "deadline")
 
-    def __init__(self, future, deadline):
+    def __init__(self, future: concurrent.futures.Future[Any], deadline: float | None) -> None:
         self.future = future
         self.deadline = deadline
 
-    def set(self, error, value):
+    def set(self, error: BaseException | None, value: Any) -> None:
         f = self.future
         if f.done():
             return
@@ -715,11 +737,11 @@ class _FutureSlot:
         else:
             f.set_exception(error)
 
-    def fail(self, exc):
+    def fail(self, exc: BaseException) -> None:
         self.set(exc, None)
 
 
-class _CallFuture(concurrent.futures.Future):
+class _CallFuture(concurrent.futures.Future[Any]):
     """The future of an asynchronous call.
 
     Waiting on it (``result``/``exception``) reads replies on the waiting
@@ -729,16 +751,16 @@ class _CallFuture(concurrent.futures.Future):
     the proxy's reader thread.
     """
 
-    def __init__(self, proxy):
+    def __init__(self, proxy: RPCProxy) -> None:
         super().__init__()
         self._proxy = proxy
 
-    def result(self, timeout=None):
+    def result(self, timeout: float | None = None) -> Any:
         if not self.done():
             self._proxy._drive(self, timeout)
         return super().result(timeout)
 
-    def exception(self, timeout=None):
+    def exception(self, timeout: float | None = None) -> BaseException | None:
         if not self.done():
             self._proxy._drive(self, timeout)
         return super().exception(timeout)
@@ -748,16 +770,16 @@ class _BoundMethod:
     """``proxy.name``: call it, or take an attribute for a dotted name."""
     __slots__ = ("_proxy", "_name", "_subs")
 
-    def __init__(self, proxy, name):
+    def __init__(self, proxy: RPCProxy | _TimeoutView, name: str) -> None:
         self._proxy = proxy
         self._name = name
-        self._subs = None
+        self._subs: dict[str, _BoundMethod] | None = None
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         p = self._proxy
         return p._call(self._name, args, kwargs, p._timeout)
 
-    def __getattr__(self, attr):
+    def __getattr__(self, attr: str) -> _BoundMethod:
         if attr.startswith("_"):
             raise AttributeError(attr)
         subs = self._subs
@@ -768,36 +790,37 @@ class _BoundMethod:
             m = subs[attr] = _BoundMethod(self._proxy, f"{self._name}.{attr}")
         return m
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<remote method {self._name!r}>"
 
 
 class _TimeoutView:
     """``proxy.with_timeout(t)``: the same proxy with another per-call timeout."""
 
-    def __init__(self, proxy, timeout):
+    def __init__(self, proxy: RPCProxy, timeout: float | None) -> None:
         self._proxy = proxy
         self._timeout = timeout
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> _BoundMethod:
         if name.startswith("_"):
             raise AttributeError(name)
         m = _BoundMethod(self, name)
         return m
 
-    def _call(self, method, args, kwargs, timeout):
+    def _call(self, method: str, args: Sequence[Any], kwargs: dict[str, Any] | None,
+              timeout: float | None) -> Any:
         return self._proxy._call(method, args, kwargs, timeout)
 
-    def call(self, method, /, *args, **kwargs):
+    def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
         """Call ``method`` with this view's timeout."""
         return self._proxy._call(method, args, kwargs, self._timeout)
 
-    def call_async(self, method, /, *args, **kwargs):
+    def call_async(self, method: str, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
         """Start a call with this view's timeout; returns a Future."""
         return self._proxy._call_async(method, args, kwargs, self._timeout)
 
 
-def _remote_exception(error, codec):
+def _remote_exception(error: Any, codec: Codec) -> BaseException:
     """The exception to raise for a reply's error field."""
     if not isinstance(error, (list, tuple)) or len(error) < 2:
         return ProtocolError(f"malformed error in an RPC reply: {error!r}")
@@ -819,27 +842,27 @@ class _NotSent(ConnectionLost):
 class _Batch:
     """``proxy.batch()``: calls and notifications queued, then sent together in one write."""
 
-    def __init__(self, proxy, timeout):
+    def __init__(self, proxy: RPCProxy, timeout: float | None) -> None:
         self._proxy = proxy
         self._timeout = timeout
-        self._frames = []
+        self._frames: list[Buffer] = []
         self._count = 0
 
-    def call_async(self, method, /, *args, **kwargs):
+    def call_async(self, method: str, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
         """Queue a call; returns its Future (sent at the latest when the batch ends)."""
         fut = self._proxy._call_async(method, args, kwargs, self._timeout, self)
         if self._count >= _BATCH_MAX:
             self.flush()
         return fut
 
-    def notify(self, method, /, *args, **kwargs):
+    def notify(self, method: str, /, *args: Any, **kwargs: Any) -> None:
         """Queue a one-way call."""
         self._frames.extend(_encode(self._proxy._codec, [_NOTIFY, method, list(args), kwargs or None]))
         self._count += 1
         if self._count >= _BATCH_MAX:
             self.flush()
 
-    def flush(self):
+    def flush(self) -> None:
         """Send what is queued now."""
         frames = self._frames
         if not frames:
@@ -850,10 +873,10 @@ class _Batch:
         p._checked()
         p._send(frames, p._gen)
 
-    def __enter__(self):
+    def __enter__(self) -> _Batch:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.flush()
 
 
@@ -878,9 +901,45 @@ class RPCProxy:
     (``lazy=True``: at the first call) and is not retried.
     """
 
-    def __init__(self, address, authkey=None, codec=DEFAULT_CODEC, ssl_context=None, timeout=None, *,
-                 connect_timeout=10.0, family=None, max_message_size=DEFAULT_RPC_MAX_MESSAGE_SIZE,
-                 strict=False, backoff=(0.02, 1.0), lazy=False):
+    # every attribute lives in the instance's __dict__ (see __setattr__)
+    _address: Any
+    _family: str | int | None
+    _authkey: bytes | None
+    _codec: Codec
+    _ssl_context: ssl.SSLContext | None
+    _timeout: float | None
+    _connect_timeout: float
+    _max_size: int | None
+    _strict: bool
+    _backoff: tuple[float, float]
+    _conn: Connection | None
+    _ch: _CChannel | _PChannel | None
+    _gen: int
+    _closed: bool
+    _lock: threading.Lock
+    _cv: threading.Condition
+    _rlock: threading.Lock
+    _send_lock: threading.Lock
+    _connect_lock: threading.Lock
+    _ids: itertools.count[int]
+    _pending: dict[int, _Slot | _FutureSlot]
+    _waiters: int
+    _async: int
+    _timed: int
+    _bg: threading.Thread | None
+    _bg_parked: bool
+    _drivers: int
+    _to_close: list[Connection]
+    _partial: list[Any] | None
+    _partial_left: int
+    _last_io: float
+    late_replies: int
+
+    def __init__(self, address: Any, authkey: bytes | None = None, codec: str | Codec = DEFAULT_CODEC,
+                 ssl_context: ssl.SSLContext | None = None, timeout: float | None = None, *,
+                 connect_timeout: float = 10.0, family: str | int | None = None,
+                 max_message_size: int | None = DEFAULT_RPC_MAX_MESSAGE_SIZE,
+                 strict: bool = False, backoff: tuple[float, float] = (0.02, 1.0), lazy: bool = False) -> None:
         d = self.__dict__
         d["_address"] = address
         d["_family"] = family
@@ -918,7 +977,7 @@ class RPCProxy:
             self._ensure(retry=False)
 
     # -- public -----------------------------------------------------------
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> _BoundMethod:
         if name.startswith("_"):
             raise AttributeError(name)
         m = _BoundMethod(self, name)
@@ -926,19 +985,20 @@ class RPCProxy:
         self.__dict__[name] = m
         return m
 
-    def call(self, method, /, *args, **kwargs):
+    def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
         """Call ``method`` (a name, dotted or not) and return its result."""
         return self._call(method, args, kwargs, self._timeout)
 
-    def invoke(self, method, args=(), kwargs=None, timeout=None):
+    def invoke(self, method: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
+               timeout: float | None = None) -> Any:
         """Call ``method`` with explicit ``args``, ``kwargs`` and ``timeout`` (None: the proxy's)."""
         return self._call(method, args, kwargs, self._timeout if timeout is None else timeout)
 
-    def with_timeout(self, timeout):
+    def with_timeout(self, timeout: float | None) -> _TimeoutView:
         """A view of this proxy whose calls time out after ``timeout`` seconds."""
         return _TimeoutView(self, timeout)
 
-    def call_async(self, method, /, *args, **kwargs):
+    def call_async(self, method: str, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
         """Send a call and return a ``concurrent.futures.Future`` of its result.
 
         Many calls may be in flight at once; the proxy's ``timeout`` applies
@@ -946,7 +1006,7 @@ class RPCProxy:
         """
         return self._call_async(method, args, kwargs, self._timeout)
 
-    def batch(self, timeout=None):
+    def batch(self, timeout: float | None = None) -> _Batch:
         """A context manager that sends the calls made through it together.
 
         ``with proxy.batch() as b: futures = [b.call_async("add", i, 1) for i in range(64)]``
@@ -956,28 +1016,28 @@ class RPCProxy:
         """
         return _Batch(self, self._timeout if timeout is None else timeout)
 
-    def notify(self, method, /, *args, **kwargs):
+    def notify(self, method: str, /, *args: Any, **kwargs: Any) -> None:
         """Send a one-way call: no reply, no result, errors stay on the server."""
         frames = _encode(self._codec, [_NOTIFY, method, list(args), kwargs or None])
         self._checked()
         self._send(frames, self._gen)
 
     @property
-    def codec(self):
+    def codec(self) -> str:
         """The codec name in use."""
         return self._codec.name
 
     @property
-    def connected(self):
+    def connected(self) -> bool:
         """True while the proxy holds an open connection."""
         return self._conn is not None
 
     @property
-    def pending(self):
+    def pending(self) -> int:
         """The number of calls waiting for a reply."""
         return len(self._pending)
 
-    def close(self):
+    def close(self) -> None:
         """Close the connection; pending calls fail with ConnectionLost."""
         with self._cv:
             self.__dict__["_closed"] = True
@@ -986,13 +1046,13 @@ class RPCProxy:
         if conn is not None:
             self._drop(conn, ConnectionLost("the proxy was closed"))
 
-    def __enter__(self):
+    def __enter__(self) -> RPCProxy:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self):
+    def __del__(self) -> None:
         conn = self.__dict__.get("_conn")
         if conn is not None:
             try:
@@ -1000,11 +1060,11 @@ class RPCProxy:
             except Exception:
                 pass
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "closed" if self._closed else ("connected" if self._conn else "disconnected")
         return f"<fastnet.RPCProxy {self._address!r} codec={self._codec.name} {state}>"
 
-    def __setattr__(self, name, value):
+    def __setattr__(self, name: str, value: Any) -> None:
         # every attribute is internal; a typo must not silently shadow a remote method
         if name.startswith("_") and name in self.__dict__:
             self.__dict__[name] = value
@@ -1012,7 +1072,7 @@ class RPCProxy:
             raise AttributeError(f"cannot set {name!r} on an RPCProxy")
 
     # -- connecting -------------------------------------------------------
-    def _checked(self):
+    def _checked(self) -> Connection:
         """The open connection, reconnecting first if it is gone or went stale while idle."""
         conn = self._conn
         if conn is not None and time.monotonic() - self._last_io > _STALE_AFTER:
@@ -1022,7 +1082,7 @@ class RPCProxy:
             conn = self._ensure()
         return conn
 
-    def _ensure(self, retry=True):
+    def _ensure(self, retry: bool = True) -> Connection:
         conn = self._conn
         if conn is not None:
             return conn
@@ -1058,7 +1118,7 @@ class RPCProxy:
                 d["_conn"] = conn
             return conn
 
-    def _open(self, deadline):
+    def _open(self, deadline: float) -> Connection:
         left = max(0.001, deadline - time.monotonic())
         conn = Client(self._address, self._family, self._authkey, timeout=left,
                       max_message_size=self._max_size, strict=self._strict,
@@ -1089,7 +1149,7 @@ class RPCProxy:
             raise
         return conn
 
-    def _stale(self):
+    def _stale(self) -> None:
         """Drop an idle connection the server closed meanwhile, so the next call reconnects first."""
         if self._pending or not self._rlock.acquire(False):
             return
@@ -1105,7 +1165,7 @@ class RPCProxy:
         finally:
             self._release_reader()
 
-    def _drop(self, conn, exc):
+    def _drop(self, conn: Connection | None, exc: BaseException) -> None:
         """Forget a broken connection and fail every call pending on it."""
         with self._cv:
             if self._conn is not conn:
@@ -1121,22 +1181,22 @@ class RPCProxy:
             self._cv.notify_all()
         try:
             # wakes a thread blocked reading it, which then sees end of file
-            conn._sock.shutdown(socket.SHUT_RDWR)
+            conn._sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
         except (OSError, AttributeError):
             pass
         if self._rlock.acquire(False):
             try:
-                conn.close()
+                conn.close()  # type: ignore[union-attr]
             finally:
                 self._rlock.release()
         else:
             # the reading thread still uses its descriptor: it closes it on leaving
-            self._to_close.append(conn)
+            self._to_close.append(conn)  # type: ignore[arg-type]
         for slot in list(pending.values()):
             slot.fail(exc)
 
     # -- calling ----------------------------------------------------------
-    def _send(self, frames, gen):
+    def _send(self, frames: list[Buffer], gen: int) -> None:
         with self._send_lock:
             ch = self._ch
             conn = self._conn
@@ -1153,7 +1213,7 @@ class RPCProxy:
         self._drop(conn, ConnectionLost(f"the connection to {self._address!r} was lost: {err}"))
         raise _NotSent(f"sending the call failed: {err}") from err
 
-    def _register(self, msgid, slot, gen):
+    def _register(self, msgid: int, slot: _Slot | _FutureSlot, gen: int) -> bool:
         """Add a pending call; False if the connection it was meant for is gone."""
         pending = self._pending
         pending[msgid] = slot
@@ -1163,7 +1223,8 @@ class RPCProxy:
         pending.pop(msgid, None)
         return False
 
-    def _call(self, method, args, kwargs, timeout):
+    def _call(self, method: str, args: Sequence[Any], kwargs: dict[str, Any] | None,
+              timeout: float | None) -> Any:
         try:
             return self._call_once(method, args, kwargs, timeout)
         except _NotSent:
@@ -1171,7 +1232,8 @@ class RPCProxy:
             # timeout, a restart): safe to send it once more on a new connection
             return self._call_once(method, args, kwargs, timeout)
 
-    def _call_once(self, method, args, kwargs, timeout):
+    def _call_once(self, method: str, args: Sequence[Any], kwargs: dict[str, Any] | None,
+                   timeout: float | None) -> Any:
         self._checked()
         gen = self._gen
         msgid = next(self._ids)
@@ -1194,7 +1256,9 @@ class RPCProxy:
             raise slot.error
         return slot.value
 
-    def _call_async(self, method, args, kwargs, timeout, batch=None, retried=False):
+    def _call_async(self, method: str, args: Sequence[Any], kwargs: dict[str, Any] | None,
+                    timeout: float | None, batch: _Batch | None = None,
+                    retried: bool = False) -> concurrent.futures.Future[Any]:
         self._checked()
         gen = self._gen
         msgid = next(self._ids)
@@ -1234,14 +1298,14 @@ class RPCProxy:
                 fut.set_exception(e)
         return fut
 
-    def _forget_async(self, slot):
+    def _forget_async(self, slot: _FutureSlot) -> None:
         # with the lock held
         d = self.__dict__
         d["_async"] = self._async - 1
         if slot.deadline is not None:
             d["_timed"] = self._timed - 1
 
-    def _release_reader(self):
+    def _release_reader(self) -> None:
         while self._to_close:
             try:
                 self._to_close.pop().close()
@@ -1252,7 +1316,7 @@ class RPCProxy:
             with self._cv:
                 self._cv.notify_all()
 
-    def _read_as_reader(self, slot, msgid, deadline):
+    def _read_as_reader(self, slot: _Slot, msgid: int, deadline: float | None) -> None:
         """Holding the reader lock: read and dispatch replies until ``slot`` is done."""
         try:
             ch = self._ch
@@ -1282,11 +1346,11 @@ class RPCProxy:
         finally:
             self._release_reader()
 
-    def _timed_out(self, slot, msgid):
+    def _timed_out(self, slot: _Slot, msgid: int) -> None:
         if self._pending.pop(msgid, None) is not None or not slot.done:
             slot.fail(TimeoutError("RPC call timed out waiting for its reply"))
 
-    def _wait_slow(self, slot, msgid, deadline):
+    def _wait_slow(self, slot: _Slot, msgid: int, deadline: float | None) -> None:
         """Another thread reads replies: wait for ours, or for the reader lock to read ourselves."""
         cv = self._cv
         with cv:
@@ -1313,7 +1377,7 @@ class RPCProxy:
                 self.__dict__["_waiters"] = self._waiters - 1
         self._read_as_reader(slot, msgid, deadline)
 
-    def _drive(self, fut, timeout):
+    def _drive(self, fut: concurrent.futures.Future[Any], timeout: float | None) -> None:
         """Wait for ``fut``, reading replies on this thread whenever nobody else is."""
         deadline = None if timeout is None else time.monotonic() + timeout
         d = self.__dict__
@@ -1325,7 +1389,7 @@ class RPCProxy:
             with self._lock:
                 d["_drivers"] = self._drivers - 1
 
-    def _drive_loop(self, fut, deadline):
+    def _drive_loop(self, fut: concurrent.futures.Future[Any], deadline: float | None) -> None:
         while not fut.done():
             if self._rlock.acquire(False):
                 try:
@@ -1341,7 +1405,7 @@ class RPCProxy:
             # case that reader leaves before it arrives
             concurrent.futures.wait((fut,), _DRIVE_POLL if left is None else min(left, _DRIVE_POLL))
 
-    def _read_for(self, fut, deadline):
+    def _read_for(self, fut: concurrent.futures.Future[Any], deadline: float | None) -> None:
         ch = self._ch
         conn = self._conn
         if ch is None:
@@ -1364,20 +1428,20 @@ class RPCProxy:
                 return
             self._dispatch(frames, conn)
 
-    def _next_deadline(self):
+    def _next_deadline(self) -> float | None:
         if not self._timed:
             return None
         with self._cv:
             return self._next_deadline_locked()
 
-    def _lost(self, conn, e):
+    def _lost(self, conn: Connection | None, e: BaseException) -> None:
         if isinstance(e, EOFError):
             why = "the server closed the connection"
         else:
             why = f"the connection failed ({type(e).__name__}: {e})"
         self._drop(conn, ConnectionLost(f"{why}; the call may or may not have run"))
 
-    def _dispatch(self, frames, conn):
+    def _dispatch(self, frames: list[bytes], conn: Connection | None) -> None:
         d = self.__dict__
         d["_last_io"] = time.monotonic()
         codec = self._codec
@@ -1391,7 +1455,7 @@ class RPCProxy:
                 if left:
                     continue
                 d["_partial"] = None
-                msg_frames = part
+                msg_frames: Sequence[Any] = part
             elif f[:1] == b"\xc1":
                 n = _oob_count(f)
                 if n < 1:
@@ -1426,7 +1490,7 @@ class RPCProxy:
             with self._cv:
                 self._cv.notify_all()
 
-    def _background(self):
+    def _background(self) -> None:
         """Reads replies for asynchronous calls nobody is waiting on."""
         cv = self._cv
         d = self.__dict__
@@ -1457,7 +1521,7 @@ class RPCProxy:
                 while self._async and self._conn is conn and not self._waiters and not self._drivers:
                     left = self._next_deadline()
                     try:
-                        frames = ch.recv_frames(left)
+                        frames = ch.recv_frames(left)  # type: ignore[union-attr]
                     except TimeoutError:
                         with cv:
                             self._expire_locked()
@@ -1469,19 +1533,19 @@ class RPCProxy:
             finally:
                 self._release_reader()
 
-    def _next_deadline_locked(self):
+    def _next_deadline_locked(self) -> float | None:
         if not self._timed:
             return None
         soonest = None
         for slot in list(self._pending.values()):
-            dl = getattr(slot, "deadline", None)
+            dl: float | None = getattr(slot, "deadline", None)
             if dl is not None and (soonest is None or dl < soonest):
                 soonest = dl
         if soonest is None:
             return None
         return max(0.0, soonest - time.monotonic())
 
-    def _expire_locked(self):
+    def _expire_locked(self) -> None:
         if not self._timed:
             return
         now = time.monotonic()
@@ -1489,5 +1553,5 @@ class RPCProxy:
                    if type(s) is _FutureSlot and s.deadline is not None and s.deadline <= now]
         for k in expired:
             s = self._pending.pop(k)
-            self._forget_async(s)
+            self._forget_async(s)  # type: ignore[arg-type]
             s.fail(TimeoutError("RPC call timed out waiting for its reply"))

@@ -4,6 +4,8 @@ The pure-Python twin of ``src_c/reactor.pyx``: the same classes, methods and
 behaviour over ``select.epoll``, ``select.poll`` and ``select.select``. See
 the compiled kernel's docstring for the design; this file mirrors it.
 """
+from __future__ import annotations
+
 import collections
 import errno as _errno
 import heapq
@@ -14,6 +16,13 @@ import sys
 import threading
 import time as _time
 import traceback
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+    from fastnet._pure.framing import FrameDecoder
 
 from fastnet.errors import ProtocolError, MessageTooLarge, TruncatedFrameError
 
@@ -29,10 +38,10 @@ _IOV_MAX = 1024
 _DECODER_BUFSIZE = 1024
 _DIRECT_READ = 65536
 _RETRY = (BlockingIOError, InterruptedError)
-_FrameDecoder = None
+_FrameDecoder: type[FrameDecoder] | None = None
 
 
-def _decoder_class():
+def _decoder_class() -> type[FrameDecoder]:
     global _FrameDecoder
     if _FrameDecoder is None:
         from fastnet._pure.framing import FrameDecoder
@@ -40,22 +49,22 @@ def _decoder_class():
     return _FrameDecoder
 
 
-def default_backend():
+def default_backend() -> str:
     """The backend "auto" picks: epoll on Linux."""
     return "epoll" if hasattr(_select, "epoll") else "poll"
 
 
-def _closed_error():
+def _closed_error() -> RuntimeError:
     return RuntimeError("the event loop is closed")
 
 
-def _header(n):
+def _header(n: int) -> bytes:
     if n <= 0x7fffffff:
         return n.to_bytes(4, "big")
     return b"\xff\xff\xff\xff" + n.to_bytes(8, "big")
 
 
-def _fd_of(obj):
+def _fd_of(obj: int | _socket.socket) -> int:
     fd = obj if isinstance(obj, int) else obj.fileno()
     if fd < 0:
         raise ValueError(f"invalid file descriptor {fd}")
@@ -65,36 +74,39 @@ def _fd_of(obj):
 class Handle:
     """A callback scheduled on a reactor; ``cancel()`` keeps it from running."""
     __slots__ = ("_callback", "_args", "_cancelled")
+    _callback: Callable[..., object] | None
+    _args: tuple[Any, ...] | None
+    _cancelled: bool
 
-    def __init__(self, callback, args=()):
+    def __init__(self, callback: Callable[..., object], args: Iterable[Any] = ()) -> None:
         self._callback = callback
         self._args = tuple(args)
         self._cancelled = False
 
-    def cancel(self):
+    def cancel(self) -> None:
         """Do not run the callback (a no-op once it ran)."""
         if not self._cancelled:
             self._cancelled = True
             self._callback = None
             self._args = None
 
-    def cancelled(self):
+    def cancelled(self) -> bool:
         return self._cancelled
 
     @property
-    def callback(self):
+    def callback(self) -> Callable[..., object] | None:
         return self._callback
 
     @property
-    def args(self):
+    def args(self) -> tuple[Any, ...] | None:
         return self._args
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = " cancelled" if self._cancelled else ""
         return f"<{type(self).__name__} {self._callback!r}{state}>"
 
 
-def _new_handle(callback, args):
+def _new_handle(callback: Callable[..., object], args: tuple[Any, ...]) -> Handle:
     h = Handle.__new__(Handle)
     h._callback = callback
     h._args = args
@@ -105,15 +117,19 @@ def _new_handle(callback, args):
 class TimerHandle(Handle):
     """A callback scheduled for a point on the reactor's monotonic clock."""
     __slots__ = ("_when", "_seq", "_scheduled", "_loop")
+    _when: float
+    _seq: int
+    _scheduled: bool
+    _loop: Reactor | None
 
-    def __init__(self, *a):
+    def __init__(self, *a: object) -> None:
         raise TypeError("TimerHandle is created by call_later/call_at")
 
-    def when(self):
+    def when(self) -> float:
         """The monotonic time the callback is due."""
         return self._when
 
-    def cancel(self):
+    def cancel(self) -> None:
         if not self._cancelled and self._scheduled and self._loop is not None:
             self._loop._timer_cancelled += 1
         Handle.cancel(self)
@@ -122,11 +138,11 @@ class TimerHandle(Handle):
 class _FdEntry:
     __slots__ = ("fd", "reader", "writer", "stream", "mask", "wake")
 
-    def __init__(self, fd):
+    def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.reader = None
-        self.writer = None
-        self.stream = None
+        self.reader: Handle | None = None
+        self.writer: Handle | None = None
+        self.stream: FramedTransport | None = None
         self.mask = 0
         self.wake = False
 
@@ -135,11 +151,11 @@ class _LostCall:
     """Calls protocol.connection_lost(exc) once, then forgets the protocol."""
     __slots__ = ("protocol", "exc")
 
-    def __init__(self, protocol, exc):
+    def __init__(self, protocol: Any, exc: BaseException | None) -> None:
         self.protocol = protocol
         self.exc = exc
 
-    def __call__(self):
+    def __call__(self) -> None:
         p, exc = self.protocol, self.exc
         self.protocol = self.exc = None
         lost = getattr(p, "connection_lost", None)
@@ -155,7 +171,17 @@ class Reactor:
     thread that runs the reactor.
     """
 
-    def __init__(self, backend="auto"):
+    _fds: dict[int, _FdEntry]
+    _ready: collections.deque[Handle]
+    _heap: list[tuple[float, int, TimerHandle]]
+    _streams: set[FramedTransport]
+    _epoll: _select.epoll | None
+    _pollobj: _select.poll | None
+    _rset: set[int]
+    _wset: set[int]
+    _wake_socks: tuple[_socket.socket, _socket.socket] | None
+
+    def __init__(self, backend: str = "auto") -> None:
         if getattr(self, "_ready_init", False):
             raise RuntimeError("Reactor.__init__ called twice")
         self._closed = True
@@ -191,7 +217,7 @@ class Reactor:
 
     # -- wake-up descriptor -------------------------------------------------
 
-    def _open_wake(self):
+    def _open_wake(self) -> None:
         self._wake_socks = None
         if hasattr(os, "eventfd"):
             fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -208,7 +234,7 @@ class Reactor:
         e.wake = True
         self._update(e)
 
-    def _drain_wake(self):
+    def _drain_wake(self) -> None:
         try:
             if self._wake_is_eventfd:
                 os.read(self._wake_r, 8)
@@ -219,7 +245,7 @@ class Reactor:
             pass
         self._woken = False
 
-    def _wakeup(self):
+    def _wakeup(self) -> None:
         # the lock keeps close() from freeing the descriptor between the
         # check and the write (a reused fd number would get our bytes)
         with self._wake_lock:
@@ -237,7 +263,7 @@ class Reactor:
 
     # -- descriptor table and interest ----------------------------------------
 
-    def _entry(self, fd):
+    def _entry(self, fd: int) -> _FdEntry:
         if self.backend == "select" and fd >= SELECT_FD_LIMIT:
             raise ValueError(
                 f"the select backend cannot watch descriptor {fd}: select() is limited to "
@@ -247,7 +273,7 @@ class Reactor:
             e = self._fds[fd] = _FdEntry(fd)
         return e
 
-    def _update(self, e):
+    def _update(self, e: _FdEntry) -> None:
         want = 0
         s = e.stream
         if e.wake or e.reader is not None or (s is not None and s._want_read()):
@@ -267,9 +293,10 @@ class Reactor:
             if self._fds.get(e.fd) is e:
                 del self._fds[e.fd]
 
-    def _ctl_epoll(self, e, want):
+    def _ctl_epoll(self, e: _FdEntry, want: int) -> None:
         ev = (_select.EPOLLIN if want & _READ else 0) | (_select.EPOLLOUT if want & _WRITE else 0)
         ep = self._epoll
+        assert ep is not None
         if e.mask == 0:
             try:
                 ep.register(e.fd, ev)
@@ -287,8 +314,9 @@ class Reactor:
             except FileNotFoundError:
                 ep.register(e.fd, ev)
 
-    def _ctl_poll(self, e, want):
+    def _ctl_poll(self, e: _FdEntry, want: int) -> None:
         ev = (_select.POLLIN if want & _READ else 0) | (_select.POLLOUT if want & _WRITE else 0)
+        assert self._pollobj is not None
         if want == 0:
             try:
                 self._pollobj.unregister(e.fd)
@@ -299,17 +327,17 @@ class Reactor:
         else:
             self._pollobj.modify(e.fd, ev)
 
-    def _ctl_select(self, e, want):
+    def _ctl_select(self, e: _FdEntry, want: int) -> None:
         (self._rset.add if want & _READ else self._rset.discard)(e.fd)
         (self._wset.add if want & _WRITE else self._wset.discard)(e.fd)
 
-    def _check_open(self):
+    def _check_open(self) -> None:
         if self._closed:
             raise _closed_error()
 
     # -- readiness API ----------------------------------------------------
 
-    def add_reader(self, fd, callback, *args):
+    def add_reader(self, fd: int | _socket.socket, callback: Callable[..., object], *args: Any) -> None:
         """Call ``callback(*args)`` whenever fd is readable (replaces a previous reader)."""
         f = _fd_of(fd)
         self._check_open()
@@ -321,7 +349,7 @@ class Reactor:
         e.reader = _new_handle(callback, args)
         self._update(e)
 
-    def add_writer(self, fd, callback, *args):
+    def add_writer(self, fd: int | _socket.socket, callback: Callable[..., object], *args: Any) -> None:
         """Call ``callback(*args)`` whenever fd is writable (replaces a previous writer)."""
         f = _fd_of(fd)
         self._check_open()
@@ -333,7 +361,7 @@ class Reactor:
         e.writer = _new_handle(callback, args)
         self._update(e)
 
-    def remove_reader(self, fd):
+    def remove_reader(self, fd: int | _socket.socket) -> bool:
         """Stop watching fd for reading; True if it was watched."""
         if self._closed:
             return False
@@ -344,7 +372,7 @@ class Reactor:
         self._update(e)
         return True
 
-    def remove_writer(self, fd):
+    def remove_writer(self, fd: int | _socket.socket) -> bool:
         """Stop watching fd for writing; True if it was watched."""
         if self._closed:
             return False
@@ -355,7 +383,7 @@ class Reactor:
         self._update(e)
         return True
 
-    def interest(self, fd):
+    def interest(self, fd: int | _socket.socket) -> set[str]:
         """The events registered for fd now: a subset of {"read", "write"}."""
         e = self._fds.get(_fd_of(fd))
         out = set()
@@ -367,17 +395,17 @@ class Reactor:
         return out
 
     @property
-    def registered(self):
+    def registered(self) -> int:
         """Number of descriptors the backend watches now (the wake-up one included)."""
         return sum(1 for e in self._fds.values() if e.mask)
 
     # -- time and callbacks ---------------------------------------------------
 
-    def time(self):
+    def time(self) -> float:
         """The reactor's clock: monotonic seconds (time.monotonic())."""
         return _time.monotonic()
 
-    def call_soon(self, callback, *args):
+    def call_soon(self, callback: Callable[..., object], *args: Any) -> Handle:
         """Run ``callback(*args)`` on the next iteration, in call order; returns a Handle."""
         self._check_open()
         if not callable(callback):
@@ -386,7 +414,7 @@ class Reactor:
         self._ready.append(h)
         return h
 
-    def call_soon_threadsafe(self, callback, *args):
+    def call_soon_threadsafe(self, callback: Callable[..., object], *args: Any) -> Handle:
         """call_soon from any thread: queues the callback and wakes the reactor."""
         if not callable(callback):
             raise TypeError("callback must be callable")
@@ -397,15 +425,15 @@ class Reactor:
         self._wakeup()
         return h
 
-    def call_later(self, delay, callback, *args):
+    def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> TimerHandle:
         """Run ``callback(*args)`` after delay seconds; returns a cancellable TimerHandle."""
         return self._call_at(_time.monotonic() + float(delay), callback, args)
 
-    def call_at(self, when, callback, *args):
+    def call_at(self, when: float, callback: Callable[..., object], *args: Any) -> TimerHandle:
         """Run ``callback(*args)`` at ``when`` on the reactor's clock (see time())."""
         return self._call_at(float(when), callback, args)
 
-    def _call_at(self, when, callback, args):
+    def _call_at(self, when: float, callback: Callable[..., object], args: tuple[Any, ...]) -> TimerHandle:
         self._check_open()
         if not callable(callback):
             raise TypeError("callback must be callable")
@@ -421,13 +449,13 @@ class Reactor:
         heapq.heappush(self._heap, (when, t._seq, t))
         return t
 
-    def _heap_pop(self):
+    def _heap_pop(self) -> TimerHandle:
         t = heapq.heappop(self._heap)[2]
         t._scheduled = False
         t._loop = None
         return t
 
-    def _compact_timers(self):
+    def _compact_timers(self) -> None:
         keep = []
         for item in self._heap:
             t = item[2]
@@ -441,31 +469,31 @@ class Reactor:
         self._timer_cancelled = 0
 
     @property
-    def timers(self):
+    def timers(self) -> int:
         """Number of timers scheduled and not cancelled."""
         return len(self._heap) - self._timer_cancelled
 
     # -- running ------------------------------------------------------------
 
-    def is_running(self):
+    def is_running(self) -> bool:
         return self._running
 
-    def is_closed(self):
+    def is_closed(self) -> bool:
         return self._closed
 
-    def stop(self):
+    def stop(self) -> None:
         """Return from run_forever/run_until after the current iteration (any thread)."""
         self._stopping = True
         if not self._closed:
             self._wakeup()
 
-    def _enter(self):
+    def _enter(self) -> None:
         self._check_open()
         if self._running:
             raise RuntimeError("the event loop is already running")
         self._running = True
 
-    def run_forever(self):
+    def run_forever(self) -> None:
         """Dispatch events, timers and callbacks until stop() is called."""
         self._enter()
         try:
@@ -477,7 +505,8 @@ class Reactor:
             self._stopping = False
             self._running = False
 
-    def run_until(self, predicate=None, timeout=None, interval=0.05):
+    def run_until(self, predicate: Callable[[], object] | float | None = None, timeout: float | None = None,
+                  interval: float | None = 0.05) -> bool:
         """Run until ``predicate()`` is true or ``timeout`` seconds pass.
 
         ``run_until(5.0)`` runs for five seconds. The predicate is checked
@@ -513,7 +542,7 @@ class Reactor:
             self._stopping = False
             self._running = False
 
-    def run_once(self, timeout=None):
+    def run_once(self, timeout: float | None = None) -> None:
         """One iteration: wait up to timeout (None: until something happens), dispatch."""
         self._enter()
         try:
@@ -521,7 +550,7 @@ class Reactor:
         finally:
             self._running = False
 
-    def _run_once(self, max_timeout):
+    def _run_once(self, max_timeout: float) -> None:
         self.iterations += 1
         if self._timer_cancelled > 64 and 2 * self._timer_cancelled > len(self._heap):
             self._compact_timers()
@@ -557,19 +586,19 @@ class Reactor:
             if not h._cancelled:
                 self._run_handle(h)
 
-    def _run_handle(self, h):
+    def _run_handle(self, h: Handle) -> None:
         try:
-            h._callback(*h._args)
+            h._callback(*h._args)  # type: ignore[misc]  # a handle run is never cancelled
         except Exception as exc:
             self._report(exc, "exception in callback", h)
 
-    def _report(self, exc, message, obj):
+    def _report(self, exc: BaseException, message: str, obj: object) -> None:
         try:
             self.call_exception_handler({"message": message, "exception": exc, "object": obj})
         except Exception:
             traceback.print_exc()
 
-    def call_exception_handler(self, context):
+    def call_exception_handler(self, context: dict[str, Any]) -> None:
         """Report an exception a callback raised (the loop logs; this prints)."""
         exc = context.get("exception")
         print(f"fastnet reactor: {context.get('message')} ({context.get('object')!r})", file=sys.stderr)
@@ -578,7 +607,7 @@ class Reactor:
 
     # -- polling ----------------------------------------------------------------
 
-    def _poll(self, timeout):
+    def _poll(self, timeout: float) -> None:
         if timeout > 86400.0:
             timeout = 86400.0
         dispatch = self._dispatch
@@ -607,7 +636,7 @@ class Reactor:
                 for fd in r:
                     dispatch(fd, _READ)
 
-    def _dispatch(self, fd, m):
+    def _dispatch(self, fd: int, m: int) -> None:
         e = self._fds.get(fd)
         if e is None:
             return
@@ -636,7 +665,8 @@ class Reactor:
 
     # -- streams ------------------------------------------------------------
 
-    def add_stream(self, sock, protocol, max_message_size=None, high_water=None, low_water=None):
+    def add_stream(self, sock: _socket.socket, protocol: Any, max_message_size: int | None = None,
+                   high_water: int | None = None, low_water: int | None = None) -> FramedTransport:
         """Run a framed ``protocol`` on a connected stream socket; returns its FramedTransport.
 
         The transport owns the socket from here on (it is made non-blocking
@@ -670,11 +700,11 @@ class Reactor:
         return t
 
     @property
-    def transports(self):
+    def transports(self) -> list[Any]:
         """The open transports of this reactor (a new list)."""
         return list(self._streams)
 
-    def close(self):
+    def close(self) -> None:
         """Abort every transport, drop callbacks and timers, release the backend."""
         if self._running:
             raise RuntimeError("cannot close a running event loop")
@@ -707,14 +737,14 @@ class Reactor:
             os.close(self._wake_r)
         self._wake_r = self._wake_w = -1
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "closed" if self._closed else ("running" if self._running else "idle")
         return f"<{type(self).__name__} backend={self.backend} {state}>"
 
 
 
 
-def _as_frame(b):
+def _as_frame(b: Buffer) -> bytes | memoryview:
     """bytes as they are; another buffer as a flat byte view of it, copied only if not contiguous."""
     if type(b) is bytes:
         return b
@@ -737,10 +767,16 @@ class FramedTransport:
     with the error (a bad frame from the peer, a socket error) or None.
     """
 
-    def __init__(self, *a, **k):
+    def __init__(self, *a: object, **k: object) -> None:
         raise TypeError("FramedTransport is created by Reactor.add_stream")
 
-    def _init(self, loop, entry, sock, fd, protocol, on_message, max_message_size):
+    _entry: _FdEntry
+    _on_message: Callable[[bytes], object]
+    _decoder: FrameDecoder | None
+    _wq: collections.deque[bytes | memoryview]
+
+    def _init(self, loop: Reactor, entry: _FdEntry, sock: _socket.socket, fd: int, protocol: Any,
+              on_message: Callable[[bytes], object], max_message_size: int | None) -> None:
         self._loop = loop
         self._entry = entry
         self._sock = sock
@@ -759,12 +795,12 @@ class FramedTransport:
         self.bytes_received = self.bytes_sent = 0
         self.pauses = 0
 
-    def _want_read(self):
+    def _want_read(self) -> bool:
         return not (self._user_paused or self._bp_paused or self._closing or self._eof)
 
     # -- reading ------------------------------------------------------------
 
-    def _read_ready(self):
+    def _read_ready(self) -> None:
         d = self._decoder
         if d is None:
             d = self._decoder = _decoder_class()(
@@ -796,8 +832,9 @@ class FramedTransport:
         self._dirty = True
         self._drain()
 
-    def _drain(self):
+    def _drain(self) -> None:
         d = self._decoder
+        assert d is not None
         while self._want_read():
             try:
                 frame = d.next_frame()
@@ -811,7 +848,7 @@ class FramedTransport:
         if not self._closed and d.buffered == 0 and d.needed == 0:
             self._dirty = False
 
-    def _drain_later(self):
+    def _drain_later(self) -> None:
         self._drain_scheduled = False
         if self._dirty and not self._closed and self._want_read():
             try:
@@ -820,17 +857,18 @@ class FramedTransport:
                 self._loop._report(exc, "exception in transport", self)
                 self._finalize(exc)
 
-    def _deliver(self, frame):
+    def _deliver(self, frame: bytes) -> None:
         try:
             self._on_message(frame)
         except Exception as exc:
             self._loop._report(exc, "exception in message_received", self)
             self._finalize(exc)
 
-    def _on_eof(self):
+    def _on_eof(self) -> None:
         self._eof = True
         if self._dirty:
             try:
+                assert self._decoder is not None
                 self._decoder.eof()
             except TruncatedFrameError as exc:
                 self._finalize(exc)
@@ -843,7 +881,7 @@ class FramedTransport:
 
     # -- writing ------------------------------------------------------------
 
-    def send_bytes(self, data):
+    def send_bytes(self, data: Buffer) -> None:
         """Send one frame holding the bytes of ``data`` (any contiguous buffer)."""
         if self._closing or self._closed:
             raise ConnectionError("send on a closed transport")
@@ -877,7 +915,7 @@ class FramedTransport:
         else:
             self._enqueue(bytes(data[r - len(hdr):]), 0)
 
-    def send_many(self, buffers):
+    def send_many(self, buffers: Iterable[Buffer]) -> None:
         """Send each buffer of ``buffers`` as its own frame, in one syscall when they fit.
 
         Large buffers other than bytes are sent from their own memory, not
@@ -914,7 +952,7 @@ class FramedTransport:
             self._enqueue(p, r if first else 0)
             first = False
 
-    def _try_send(self, buf):
+    def _try_send(self, buf: Buffer) -> int:
         try:
             r = self._sock.send(buf)
         except _RETRY:
@@ -925,7 +963,7 @@ class FramedTransport:
         self.bytes_sent += r
         return r
 
-    def _try_sendv(self, pieces):
+    def _try_sendv(self, pieces: list[Any]) -> int:
         try:
             r = self._sock.sendmsg(pieces)
         except _RETRY:
@@ -936,7 +974,7 @@ class FramedTransport:
         self.bytes_sent += r
         return r
 
-    def _enqueue(self, b, off):
+    def _enqueue(self, b: bytes | memoryview, off: int) -> None:
         if self._closed:
             return
         if not self._wq:
@@ -957,7 +995,7 @@ class FramedTransport:
                 except Exception as exc:
                     self._loop._report(exc, "exception in pause_writing", self)
 
-    def _write_ready(self):
+    def _write_ready(self) -> None:
         loop = self._loop
         wq = self._wq
         if not wq:
@@ -1004,21 +1042,21 @@ class FramedTransport:
                     loop._report(exc, "exception in resume_writing", self)
             self._schedule_drain()
 
-    def _schedule_drain(self):
+    def _schedule_drain(self) -> None:
         if self._dirty and not self._drain_scheduled and not self._closed:
             self._drain_scheduled = True
             self._loop._ready.append(_new_handle(self._drain_later, ()))
 
     # -- control ------------------------------------------------------------
 
-    def pause_reading(self):
+    def pause_reading(self) -> None:
         """Stop calling message_received until resume_reading()."""
         if self._closed or self._user_paused:
             return
         self._user_paused = True
         self._loop._update(self._entry)
 
-    def resume_reading(self):
+    def resume_reading(self) -> None:
         """Undo pause_reading(); frames received meanwhile are delivered first."""
         if self._closed or not self._user_paused:
             return
@@ -1026,7 +1064,7 @@ class FramedTransport:
         self._loop._update(self._entry)
         self._schedule_drain()
 
-    def set_write_buffer_limits(self, high=None, low=None):
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         """Queued bytes above ``high`` pause reading; at or below ``low`` it resumes."""
         if high is None:
             high = DEFAULT_HIGH_WATER if low is None else max(4 * low, DEFAULT_HIGH_WATER)
@@ -1037,38 +1075,38 @@ class FramedTransport:
         self._high = high
         self._low = low
 
-    def get_write_buffer_limits(self):
+    def get_write_buffer_limits(self) -> tuple[int, int]:
         return (self._low, self._high)
 
-    def get_write_buffer_size(self):
+    def get_write_buffer_size(self) -> int:
         """Bytes queued and not yet taken by the kernel."""
         return self._wq_bytes
 
     @property
-    def reading_paused(self):
+    def reading_paused(self) -> bool:
         """True while reading is paused (by pause_reading or by backpressure)."""
         return self._user_paused or self._bp_paused
 
     @property
-    def max_message_size(self):
+    def max_message_size(self) -> int | None:
         return None if self._max_size < 0 else self._max_size
 
     @property
-    def socket(self):
+    def socket(self) -> _socket.socket:
         return self._sock
 
     @property
-    def loop(self):
+    def loop(self) -> Reactor:
         return self._loop
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         return self._closed
 
-    def fileno(self):
+    def fileno(self) -> int:
         return self._fd if not self._closed else -1
 
-    def get_extra_info(self, name, default=None):
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
         """'peername', 'sockname' or 'socket', as asyncio transports."""
         if name == "socket":
             return self._sock
@@ -1083,10 +1121,10 @@ class FramedTransport:
             return default
         return default
 
-    def is_closing(self):
+    def is_closing(self) -> bool:
         return self._closing or self._closed
 
-    def close(self):
+    def close(self) -> None:
         """Stop reading, send what is queued, then close."""
         if self._closing or self._closed:
             return
@@ -1096,11 +1134,11 @@ class FramedTransport:
         else:
             self._loop._update(self._entry)
 
-    def abort(self):
+    def abort(self) -> None:
         """Close now, dropping queued bytes."""
         self._finalize(None)
 
-    def _finalize(self, exc):
+    def _finalize(self, exc: BaseException | None) -> None:
         if self._closed:
             return
         loop = self._loop
@@ -1116,15 +1154,15 @@ class FramedTransport:
             e.stream = None
             if not loop._closed:
                 loop._update(e)
-            self._entry = None
+            self._entry = None  # type: ignore[assignment]
         loop._streams.discard(self)
         try:
             self._sock.close()
         except OSError:
             pass
-        self._on_message = None
+        self._on_message = None  # type: ignore[assignment]
         loop._ready.append(_new_handle(_LostCall(self.protocol, exc), ()))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "closed" if self._closed else ("closing" if self._closing else f"fd={self._fd}")
         return f"<FramedTransport {state} queued={self._wq_bytes}>"
