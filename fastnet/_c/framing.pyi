@@ -3,7 +3,7 @@ import socket
 from collections.abc import Iterable
 from typing import SupportsIndex, SupportsInt
 
-from typing_extensions import Buffer, Self
+from typing_extensions import Buffer, Self, disjoint_base
 
 HEADER_SIZE: int
 LARGE_HEADER_SIZE: int
@@ -13,6 +13,7 @@ COPY_THRESHOLD: int
 
 def encode_header(n: SupportsIndex) -> bytes: ...
 
+@disjoint_base
 class FrameDecoder:
     @property
     def max_size(self) -> int: ...
@@ -44,6 +45,7 @@ class FrameDecoder:
     def needed(self) -> int: ...
     def eof(self) -> None: ...
 
+@disjoint_base
 class Channel:
     @property
     def decoder(self) -> FrameDecoder: ...

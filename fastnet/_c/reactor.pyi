@@ -3,7 +3,7 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from typing_extensions import Buffer
+from typing_extensions import Buffer, disjoint_base
 
 BACKENDS: tuple[str, ...]
 SELECT_FD_LIMIT: int
@@ -13,6 +13,7 @@ RECV_BUFSIZE: int
 
 def default_backend() -> str: ...
 
+@disjoint_base
 class Handle:
     def __init__(self, callback: Callable[..., object], args: Iterable[Any] = ...) -> None: ...
     def cancel(self) -> None: ...
@@ -22,10 +23,12 @@ class Handle:
     @property
     def args(self) -> tuple[Any, ...] | None: ...
 
+@disjoint_base
 class TimerHandle(Handle):
     def __init__(self, *a: object) -> None: ...
     def when(self) -> float: ...
 
+@disjoint_base
 class Reactor:
     @property
     def backend(self) -> str: ...
@@ -72,6 +75,7 @@ class Reactor:
     def transports(self) -> list[Any]: ...
     def close(self) -> None: ...
 
+@disjoint_base
 class FramedTransport:
     @property
     def protocol(self) -> Any: ...
