@@ -80,7 +80,7 @@ def byte_view(arr: npt.NDArray[Any]) -> npt.NDArray[numpy.uint8]:
     return arr.reshape(-1, order="A").view(_numpy().uint8)
 
 
-def encode_array(obj: Any) -> tuple[bytes, npt.NDArray[numpy.uint8] | memoryview]:
+def encode_array(obj: Any) -> tuple[bytes, Any]:
     """Return ``(header_bytes, payload)`` for a numpy array or any buffer.
 
     The payload is the object's own memory when it is C- or Fortran-
@@ -96,7 +96,7 @@ def encode_array(obj: Any) -> tuple[bytes, npt.NDArray[numpy.uint8] | memoryview
             obj = np.ascontiguousarray(obj)
             order = b"C"
         kind, tname, shape = 0, _numpy_type(obj.dtype), obj.shape
-        payload: npt.NDArray[numpy.uint8] | memoryview = byte_view(obj)
+        payload: Any = byte_view(obj)
     else:
         m = memoryview(obj)
         if m.c_contiguous:
