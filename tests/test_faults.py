@@ -19,7 +19,6 @@ idle_timeout/2), with a stated slack for scheduling; measured times are reported
 figures (``FIGURE`` lines, and $FASTNET_FIGURES if set).
 """
 import importlib.util
-import json
 import os
 import select
 import signal
@@ -39,10 +38,11 @@ from fastnet.errors import AuthenticationError, ConnectionLost, TruncatedFrameEr
 np = pytest.importorskip("numpy")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("fastnet_soak", os.path.join(ROOT, "tools", "soak.py"))
-soak = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("fastnet_soak", soak)
-_spec.loader.exec_module(soak)
+soak = sys.modules.get("fastnet_soak")
+if soak is None:     # tools/soak.py: server hosts, checked workloads, figures
+    _spec = importlib.util.spec_from_file_location("fastnet_soak", os.path.join(ROOT, "tools", "soak.py"))
+    soak = sys.modules["fastnet_soak"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(soak)
 
 WAIT = 30.0           # generous deadline for what should take milliseconds
 KEY = "faults-key"
@@ -332,11 +332,9 @@ TLS_CHILDREN = {
 
 def test_tls_server_survives_clients_killed_mid_tls_handshake_and_mid_frame(hosts, child, tmp_path):
     pytest.importorskip("cryptography")
-    from tlsutil import make_pki
     from fastnet import tls
-    pki = make_pki(tmp_path)
-    echo = hosts({"kind": "echo", "address": ["127.0.0.1", 0], "tls": {"cert": pki["server"],
-                                                                        "key": pki["server_key"]}})
+    pki = soak.make_pki(str(tmp_path))
+    echo = hosts({"kind": "echo", "address": ["127.0.0.1", 0], "tls": {"cert": pki["cert"], "key": pki["key"]}})
     base = echo.stats()
     before = fds()
     ctx = tls.client_context(cafile=pki["ca"], check_hostname=False)
@@ -525,7 +523,6 @@ def test_receiver_killed_mid_array_sender_gets_an_error(child):
         assert not t.is_alive(), "send_array hangs after its receiver died"
         assert isinstance(box.get("error"), (ConnectionResetError, BrokenPipeError)), box
         conn.close()
-        del a
     assert_no_leak(before)
 
 

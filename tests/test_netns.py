@@ -12,7 +12,6 @@ clear error within a bound) -- nothing corrupt, nothing silently lost.
 Skipped, with the reason, where namespaces cannot be made (not root, no ``ip``).
 """
 import importlib.util
-import ipaddress
 import json
 import os
 import sys
@@ -28,10 +27,11 @@ from fastnet.errors import FastnetError
 np = pytest.importorskip("numpy")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("fastnet_soak", os.path.join(ROOT, "tools", "soak.py"))
-soak = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("fastnet_soak", soak)
-_spec.loader.exec_module(soak)
+soak = sys.modules.get("fastnet_soak")
+if soak is None:     # tools/soak.py: server hosts, checked workloads, figures
+    _spec = importlib.util.spec_from_file_location("fastnet_soak", os.path.join(ROOT, "tools", "soak.py"))
+    soak = sys.modules["fastnet_soak"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(soak)
 
 SKIP = soak.netns_available()
 pytestmark = pytest.mark.skipif(SKIP is not None, reason=str(SKIP))
@@ -149,31 +149,10 @@ def test_bulk_64mib_array_across_namespaces(net, hosts):
                        fds_leaked=0)
 
 
-def make_tls(tmp_path, ip):
-    pytest.importorskip("cryptography")
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from tlsutil import make_cert, name
-
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca = make_cert("fastnet netns CA", ca_key, name("fastnet netns CA"), ca_key, ca=True)
-    cert = make_cert(ip, key, ca.subject, ca_key, sans=[x509.IPAddress(ipaddress.ip_address(ip))])
-    paths = {}
-    for nm, obj in (("ca", ca), ("cert", cert)):
-        p = tmp_path / f"{nm}.pem"
-        p.write_bytes(obj.public_bytes(serialization.Encoding.PEM))
-        paths[nm] = str(p)
-    p = tmp_path / "key.pem"
-    p.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption()))
-    paths["key"] = str(p)
-    return paths
-
-
 def test_tls_across_namespaces(net, hosts, tmp_path):
+    pytest.importorskip("cryptography")
     from fastnet import tls
-    pki = make_tls(tmp_path, net.ip_a)
+    pki = soak.make_pki(str(tmp_path), addresses=[net.ip_a], names=())
     srv_tls = {"cert": pki["cert"], "key": pki["key"]}
     log = str(tmp_path / "calls.log")
     echo = hosts({"kind": "echo", "address": [net.ip_a, 0], "tls": srv_tls}, netns=net.a)

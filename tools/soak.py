@@ -46,7 +46,6 @@ import random
 import resource
 import select
 import signal
-import socket
 import statistics
 import struct
 import subprocess
@@ -446,6 +445,59 @@ class ServerHost:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# -- certificates -------------------------------------------------------------------------
+
+
+def make_pki(directory, addresses=("127.0.0.1",), names=("localhost",)):
+    """A throwaway CA and a server certificate for ``addresses`` and ``names``, as PEM files.
+
+    Returns ``{"ca": path, "cert": path, "key": path}``. Needs the ``cryptography`` package.
+    """
+    import datetime
+    import ipaddress
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+
+    def build(subject, pub, ca):
+        b = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name("fastnet soak CA"))
+             .public_key(pub).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=7))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if ca:
+            b = b.add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                              key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                              key_cert_sign=True, crl_sign=True, encipher_only=False,
+                                              decipher_only=False), critical=True)
+            b = b.add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
+        else:
+            sans = [x509.DNSName(n) for n in names] + [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]
+            b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            b = b.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                                critical=False)
+        return b.sign(ca_key, hashes.SHA256())
+
+    out = {"ca": os.path.join(directory, "ca.pem"), "cert": os.path.join(directory, "server.pem"),
+           "key": os.path.join(directory, "server.key")}
+    with open(out["ca"], "wb") as f:
+        f.write(build("fastnet soak CA", ca_key.public_key(), True).public_bytes(serialization.Encoding.PEM))
+    with open(out["cert"], "wb") as f:
+        f.write(build(names[0] if names else addresses[0], key.public_key(), False)
+                .public_bytes(serialization.Encoding.PEM))
+    with open(out["key"], "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return out
 
 
 # -- network namespaces ---------------------------------------------------------------------
