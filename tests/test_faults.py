@@ -645,6 +645,7 @@ def test_prefork_worker_killed_under_load(hosts):
     assert_no_leak(before)
     soak.record_figure("prefork worker killed under load (stream)", messages=stream.messages, lost=0,
                        victim_clients=len(on_victim), other_clients_disturbed=0, worker_restarts=1,
+                       victim_errors=sorted({r.error.split(":")[0] for r in on_victim}),
                        fds_leaked=0)
 
 
