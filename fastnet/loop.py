@@ -13,6 +13,12 @@ a loop and its epoll descriptor must not be shared between processes.
 A framed protocol is any object with ``message_received(data)``; it may also
 have ``connection_made(transport)``, ``connection_lost(exc)``,
 ``pause_writing()`` and ``resume_writing()`` (see :class:`Protocol`).
+
+With an ``ssl_context``, ``add_stream``, ``create_server`` and ``connect``
+run the protocol over TLS (:class:`fastnet.tls.TLSTransport`, the same
+interface as FramedTransport): the TLS handshake, and an authkey handshake
+inside it when ``authkey`` is given, run on the loop without blocking it,
+and the protocol hears of the connection only once both succeeded.
 """
 import concurrent.futures
 import errno
@@ -24,11 +30,12 @@ import threading
 
 from fastnet._kernels import reactor as _reactor
 from fastnet.address import parse_address
-from fastnet.connection import DEFAULT_MAX_MESSAGE_SIZE
+from fastnet.connection import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE
 from fastnet.errors import TimeoutError
+from fastnet.tls import TLSTransport
 
 __all__ = ["EventLoop", "EventHandler", "Protocol", "Server", "Handle", "TimerHandle",
-           "FramedTransport", "BACKENDS", "DEFAULT_HIGH_WATER"]
+           "FramedTransport", "TLSTransport", "BACKENDS", "DEFAULT_HIGH_WATER"]
 
 logger = logging.getLogger("fastnet.loop")
 
@@ -118,10 +125,13 @@ class Server:
 
     Made by :meth:`EventLoop.create_server`. ``close()`` stops accepting;
     ``shutdown()`` also closes every connection after its queued writes.
+    With TLS, connections still in their handshakes are among
+    ``transports``; ``handshake_failures`` counts those refused (a bad
+    certificate or key, a timeout).
     """
 
     def __init__(self, loop, sock, protocol_factory, *, max_message_size, high_water,
-                 low_water, accept_filter, unlink_path=None):
+                 low_water, accept_filter, unlink_path=None, tls=None):
         self.loop = loop
         self.socket = sock
         self.protocol_factory = protocol_factory
@@ -134,8 +144,10 @@ class Server:
         self._prune_at = 64
         self._serving = False
         self._backoff = None
+        self._tls = tls
         self.accepted = 0
         self.refused = 0
+        self.handshake_failures = 0
 
     @property
     def address(self):
@@ -193,8 +205,14 @@ class Server:
                 conn.close()
                 raise
             try:
-                t = self.loop.add_stream(conn, protocol, max_message_size=self.max_message_size,
-                                         high_water=self.high_water, low_water=self.low_water)
+                if self._tls is None:
+                    t = self.loop.add_stream(conn, protocol, max_message_size=self.max_message_size,
+                                             high_water=self.high_water, low_water=self.low_water)
+                else:
+                    t = self.loop.add_stream(conn, protocol, max_message_size=self.max_message_size,
+                                             high_water=self.high_water, low_water=self.low_water,
+                                             server_side=True, on_fail=self._handshake_failed,
+                                             **self._tls)
             except Exception:
                 # e.g. select's FD_SETSIZE: refuse this one, keep serving
                 conn.close()
@@ -205,6 +223,11 @@ class Server:
                     # forget closed transports; amortised O(1) per accept
                     self._transports = {x for x in self._transports if not x.closed}
                     self._prune_at = max(64, 2 * len(self._transports))
+
+    def _handshake_failed(self, exc):
+        if exc is not None:
+            self.handshake_failures += 1
+            logger.info("TLS connection refused: %s", exc)
 
     def close(self):
         """Stop accepting and close the listening socket (connections stay)."""
@@ -263,6 +286,7 @@ class EventLoop(_reactor.Reactor):
         self._old_wakeup_fd = -1
         self._handlers = {}
         self._servers = set()
+        self._tls_transports = set()
 
     def __enter__(self):
         return self
@@ -367,26 +391,69 @@ class EventLoop(_reactor.Reactor):
     # -- framed streams -----------------------------------------------------
 
     def add_stream(self, sock, protocol, max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
-                   high_water=None, low_water=None):
+                   high_water=None, low_water=None, *, ssl_context=None, server_side=False,
+                   server_hostname=None, authkey=None, handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
+                   strict=False, digest="sha256", on_fail=None, on_ready=None):
         """Run a framed ``protocol`` on a connected socket; returns its transport.
 
         The transport owns the socket. ``max_message_size`` (None: no
         limit) refuses larger frames before allocating them and closes the
         connection with MessageTooLarge.
+
+        With ``ssl_context`` the transport is a :class:`TLSTransport`:
+        ``server_side``, ``server_hostname`` (checked when the context has
+        ``check_hostname``), ``authkey`` (multiprocessing's handshake inside
+        TLS; ``strict`` and ``digest`` as for Listener), and
+        ``handshake_timeout`` for both handshakes together.
+        ``connection_made`` comes after them; a connection that fails them
+        calls ``on_fail(exc)`` instead of ``connection_lost``.
         """
+        if ssl_context is None:
+            if authkey is not None:
+                raise ValueError("authkey on a loop stream needs an ssl_context "
+                                 "(fastnet.server runs the plain authkey handshake)")
+            _tune(sock)
+            return super().add_stream(sock, protocol, max_message_size, high_water, low_water)
+        if self.is_closed():
+            raise RuntimeError("the event loop is closed")
         _tune(sock)
-        return super().add_stream(sock, protocol, max_message_size, high_water, low_water)
+        return TLSTransport(self, sock, protocol, ssl_context, server_side=server_side,
+                            server_hostname=server_hostname, authkey=authkey,
+                            handshake_timeout=handshake_timeout, max_message_size=max_message_size,
+                            high_water=high_water, low_water=low_water, strict=strict,
+                            digest=digest, on_fail=on_fail, on_ready=on_ready)
+
+    @property
+    def transports(self):
+        """The open transports of this loop, TLS ones (handshakes included) too (a new list)."""
+        return _reactor.Reactor.transports.__get__(self) + list(self._tls_transports)
 
     def create_server(self, sock_or_address, protocol_factory, *, family=None, backlog=128,
                       max_message_size=DEFAULT_MAX_MESSAGE_SIZE, high_water=None, low_water=None,
-                      accept_filter=None, reuse_address=True):
+                      accept_filter=None, reuse_address=True, ssl_context=None, authkey=None,
+                      handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT, strict=False, digest="sha256"):
         """Listen and run ``protocol_factory()`` for each accepted connection; returns a Server.
 
         ``sock_or_address`` is a listening socket or any fastnet address
         (``(host, port)``, an AF_UNIX path, ``tcp://``/``unix://`` URLs).
         ``accept_filter(sock, addr)`` returning False refuses a connection
         (it is closed at once and counted in ``server.refused``).
+
+        ``ssl_context`` (see :func:`fastnet.tls.server_context`) serves TLS;
+        ``authkey`` then also requires multiprocessing's authkey handshake
+        inside it. Both run on the loop within ``handshake_timeout``; a
+        client that fails them is closed and counted in
+        ``server.handshake_failures``, and its protocol never hears of it.
         """
+        tls = None
+        if ssl_context is not None:
+            if authkey is not None and not isinstance(authkey, bytes):
+                raise TypeError("authkey should be a byte string")
+            tls = dict(ssl_context=ssl_context, authkey=authkey, handshake_timeout=handshake_timeout,
+                       strict=strict, digest=digest)
+        elif authkey is not None:
+            raise ValueError("authkey on a loop server needs an ssl_context "
+                             "(fastnet.server.TCPServer runs the plain authkey handshake)")
         unlink_path = None
         if isinstance(sock_or_address, socket.socket):
             sock = sock_or_address
@@ -406,20 +473,38 @@ class EventLoop(_reactor.Reactor):
         sock.setblocking(False)
         server = Server(self, sock, protocol_factory, max_message_size=max_message_size,
                         high_water=high_water, low_water=low_water, accept_filter=accept_filter,
-                        unlink_path=unlink_path)
+                        unlink_path=unlink_path, tls=tls)
         server._start()
         self._servers.add(server)
         return server
 
     def connect(self, address, protocol_factory, *, family=None, timeout=None,
-                max_message_size=DEFAULT_MAX_MESSAGE_SIZE, high_water=None, low_water=None):
+                max_message_size=DEFAULT_MAX_MESSAGE_SIZE, high_water=None, low_water=None,
+                ssl_context=None, server_hostname=None, authkey=None,
+                handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT, strict=False, digest="sha256"):
         """Connect without blocking the loop; returns a Future of the transport.
 
         The future is resolved on the loop thread (run the loop to let it
         finish, e.g. ``loop.run_until(fut.done, 5)``). ``protocol_factory()``
         is called once the connection is up.
+
+        ``ssl_context`` (see :func:`fastnet.tls.client_context`) runs TLS,
+        checking the server's certificate for ``server_hostname`` (default:
+        the host connected to; over AF_UNIX the context must have
+        ``check_hostname`` off), then with ``authkey`` the authkey
+        handshake. The future is resolved once they succeeded (after
+        ``connection_made``), or fails with AuthenticationError or
+        TimeoutError (``handshake_timeout``).
         """
         fam, addr = parse_address(address, family)
+        if ssl_context is not None:
+            if fam == socket.AF_UNIX and ssl_context.check_hostname and server_hostname is None:
+                raise ValueError("TLS over AF_UNIX has no host name to check: "
+                                 "use an ssl_context with check_hostname=False")
+            if server_hostname is None and fam != socket.AF_UNIX:
+                server_hostname = addr[0]
+        elif authkey is not None:
+            raise ValueError("authkey on a loop connection needs an ssl_context")
         fut = concurrent.futures.Future()
         fut.set_running_or_notify_cancel()
         sock = socket.socket(fam, socket.SOCK_STREAM)
@@ -435,18 +520,35 @@ class EventLoop(_reactor.Reactor):
             if not fut.done():
                 fut.set_exception(exc)
 
+        def tls_failed(exc):
+            if not fut.done():
+                fut.set_exception(exc if exc is not None else
+                                  ConnectionAbortedError("closed during the TLS handshake"))
+
+        def tls_ready(t):
+            if not fut.done():
+                fut.set_result(t)
+
         def done():
             if state["timer"] is not None:
                 state["timer"].cancel()
             try:
-                t = self.add_stream(sock, protocol_factory(), max_message_size, high_water, low_water)
+                if ssl_context is None:
+                    t = self.add_stream(sock, protocol_factory(), max_message_size, high_water, low_water)
+                else:
+                    t = self.add_stream(sock, protocol_factory(), max_message_size, high_water,
+                                        low_water, ssl_context=ssl_context,
+                                        server_hostname=server_hostname, authkey=authkey,
+                                        handshake_timeout=handshake_timeout, strict=strict,
+                                        digest=digest, on_fail=tls_failed, on_ready=tls_ready)
             except BaseException as exc:
                 sock.close()
                 fut.set_exception(exc)
                 if not isinstance(exc, Exception):
                     raise
                 return
-            fut.set_result(t)
+            if ssl_context is None:
+                fut.set_result(t)
 
         def writable():
             if fut.done():
@@ -568,6 +670,8 @@ class EventLoop(_reactor.Reactor):
             server.close()
         for h in list(self._handlers):
             self.remove_handler(h)
+        for t in list(self._tls_transports):
+            t._finalize(None, now=True)
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         super().close()

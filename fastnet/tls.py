@@ -1,16 +1,33 @@
-"""Blocking TLS for Connections: a framing Channel over an ``ssl.SSLSocket``.
+"""TLS for Connections and for the event loop.
 
-``Listener(..., ssl_context=server_context(...))`` and
-``Client(..., ssl_context=client_context(...))`` use it; the frames inside
-the TLS stream are the same as on a plain socket. Descriptors cannot be
-passed over TLS.
+Blocking: ``Listener(..., ssl_context=server_context(...))`` and
+``Client(..., ssl_context=client_context(...))`` frame over an
+``ssl.SSLSocket`` with :class:`TLSChannel`. Descriptors cannot be passed
+over TLS.
+
+Non-blocking: :class:`TLSTransport` runs a framed protocol on the event loop
+over an ``ssl.SSLObject`` between two ``ssl.MemoryBIO``s, so the socket
+stays non-blocking and the loop only ever waits for readiness: a peer that
+stalls in the middle of its handshake costs one timer and one descriptor,
+never the loop. The frames inside the TLS stream are the same as on a plain
+socket, and an optional authkey handshake runs inside TLS before the
+protocol hears of the connection, so a blocking ``fastnet.Client(...,
+authkey=..., ssl_context=...)`` talks to a loop server and back.
 """
+import collections
 import ssl
+import threading
 
+from fastnet import auth as _authmod
+from fastnet._kernels import auth as _auth
+from fastnet._kernels import framing as _framing
+from fastnet._kernels import reactor as _reactor
 from fastnet._pure.framing import Channel, COPY_THRESHOLD, _POLLIN, _header, _ssize, _view
-from fastnet.errors import AuthenticationError, TimeoutError as FastnetTimeout
+from fastnet.connection import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE
+from fastnet.errors import (AuthenticationError, MessageTooLarge, ProtocolError,
+                            TimeoutError as FastnetTimeout, TruncatedFrameError)
 
-__all__ = ["TLSChannel", "server_context", "client_context"]
+__all__ = ["TLSChannel", "TLSTransport", "server_context", "client_context"]
 
 _WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
@@ -146,7 +163,7 @@ class TLSChannel(Channel):
 
 
 def server_context(certfile, keyfile, cafile=None, require_client_cert=False):
-    """An ``ssl.SSLContext`` for a Listener: TLS 1.2+, this certificate and key.
+    """An ``ssl.SSLContext`` for a Listener or a server: TLS 1.2+, this certificate and key.
 
     With ``cafile``, client certificates are verified against it when
     presented; ``require_client_cert=True`` refuses clients without one
@@ -154,6 +171,10 @@ def server_context(certfile, keyfile, cafile=None, require_client_cert=False):
     """
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=cafile)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # No TLS 1.3 session tickets: fastnet's clients never resume a session,
+    # and tickets a client never reads (one that only sends, then closes)
+    # turn its close into a connection reset.
+    ctx.num_tickets = 0
     ctx.load_cert_chain(certfile, keyfile)
     if require_client_cert:
         ctx.verify_mode = ssl.CERT_REQUIRED
@@ -175,3 +196,938 @@ def client_context(cafile=None, certfile=None, keyfile=None, check_hostname=True
     if certfile is not None:
         ctx.load_cert_chain(certfile, keyfile)
     return ctx
+
+
+# -- TLS on the event loop ---------------------------------------------------------
+
+_HANDSHAKE, _AUTH, _OPEN = range(3)
+# authkey handshake steps: server side as fastnet.auth.server_authenticate,
+# client side as client_authenticate
+_SRV_RESPONSE, _SRV_CHALLENGE, _SRV_WELCOME, _CLI_CHALLENGE, _CLI_WELCOME, _CLI_RESPONSE = range(6)
+
+_RETRY = (BlockingIOError, InterruptedError)
+# Ciphertext read per readiness event; one buffer per thread serves every
+# transport the thread's loop runs, as the reactor's shared receive buffer does.
+_RECV_SIZE = 262144
+# Plaintext encrypted per SSLObject.write: big enough that records are full
+# (16 KiB each), small enough that a huge frame is encrypted as the socket
+# drains instead of all at once into memory.
+_CHUNK = 262144
+_DECODER_BUFSIZE = 32768
+# A record carries at most 16 KiB of plaintext: room for one more per read.
+_READ_HINT = 16384
+_IOV_MAX = 1024
+
+_local = threading.local()
+
+
+def _recv_view():
+    v = getattr(_local, "view", None)
+    if v is None:
+        v = _local.view = memoryview(bytearray(_RECV_SIZE))
+    return v
+
+
+def _frame(payload):
+    return len(payload).to_bytes(4, "big") + payload
+
+
+def _as_frame(b):
+    """bytes as they are; another buffer as a flat byte view of it, copied only if not contiguous."""
+    if type(b) is bytes:
+        return b
+    mv = memoryview(b)
+    if not mv.c_contiguous:
+        return mv.tobytes()
+    if mv.format != "B" or mv.ndim != 1:
+        mv = mv.cast("B")
+    return mv
+
+
+class TLSTransport:
+    """Framed messages over TLS on an event loop, without ever blocking it.
+
+    ``TLSTransport(loop, sock, protocol, ssl_context, *, server_side=False,
+    server_hostname=None, authkey=None, handshake_timeout=10.0,
+    max_message_size=1 GiB, high_water=None, low_water=None, strict=False,
+    digest="sha256", on_fail=None, on_ready=None)``; usually made by
+    ``EventLoop.add_stream(..., ssl_context=...)``, ``create_server`` or
+    ``connect``. The transport owns ``sock`` (made non-blocking).
+
+    The TLS handshake runs first, then with ``authkey`` multiprocessing's
+    mutual authkey handshake inside TLS (the same bytes as
+    ``fastnet.auth``), both bounded together by ``handshake_timeout``. Only
+    then is ``protocol.connection_made(transport)`` called, and
+    ``on_ready(transport)`` after it. A connection that never got there
+    gets no ``connection_lost``: ``on_fail(exc)`` is called instead, with
+    an AuthenticationError (a refused certificate or key, any TLS error),
+    a TimeoutError, or None when ``close()``/``abort()`` ended the handshake.
+
+    Once open it behaves as :class:`fastnet.loop.FramedTransport`: the same
+    methods, counters (``bytes_*`` count plaintext frame bytes, headers
+    included) and callbacks, and ``close()`` sends what is queued and a TLS
+    close_notify before closing. ``get_extra_info`` also knows "peercert",
+    "cipher", "ssl_object", "sslcontext" and "compression".
+    """
+
+    def __init__(self, loop, sock, protocol, ssl_context, *, server_side=False, server_hostname=None,
+                 authkey=None, handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
+                 max_message_size=DEFAULT_MAX_MESSAGE_SIZE, high_water=None, low_water=None,
+                 strict=False, digest="sha256", on_fail=None, on_ready=None):
+        if authkey is not None and not isinstance(authkey, bytes):
+            raise TypeError("authkey should be a byte string")
+        if not isinstance(ssl_context, ssl.SSLContext):
+            raise TypeError(f"ssl_context must be an ssl.SSLContext, not {type(ssl_context).__name__}")
+        if on_fail is not None and not callable(on_fail):
+            raise TypeError("on_fail must be callable")
+        self._on_message = protocol.message_received
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._sslobj = ssl_context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
+                                            server_hostname=server_hostname)
+        self._loop = loop
+        self._sock = sock
+        self.protocol = protocol
+        self._server_side = server_side
+        self._authkey = authkey
+        self._strict = strict
+        self._digest = digest
+        self._handshake_timeout = handshake_timeout
+        self._on_fail = on_fail
+        self._on_ready = on_ready
+        self._max_size = max_message_size
+        self._state = _HANDSHAKE
+        self._made = False
+        self._decoder = None
+        self._wq = collections.deque()      # plaintext not yet encrypted
+        self._wq_off = 0
+        self._wq_bytes = 0
+        self._cq = collections.deque()      # ciphertext not yet taken by the kernel
+        self._cq_off = 0
+        self._cq_bytes = 0
+        self._reading = self._writing = False
+        self._user_paused = self._bp_paused = False
+        self._closing = self._closed = False
+        self._eof = False                   # the peer ended its stream (at the TLS level)
+        self._sock_eof = False              # recv() returned 0
+        self._tls_eof = False
+        self._tls_shut = False              # close_notify produced
+        self._drain_scheduled = False
+        self._timer = None
+        # authkey handshake state
+        self._auth_step = None
+        self._nonce = None
+        self._abuf = bytearray()
+        self._aneed = 4
+        self._aheader = True
+        self.messages_received = self.messages_sent = 0
+        self.bytes_received = self.bytes_sent = 0
+        self.pauses = 0
+        self.set_write_buffer_limits(high_water, low_water)
+        sock.setblocking(False)
+        self._fd = sock.fileno()
+        self._update_reading()      # may refuse the descriptor (select's FD_SETSIZE): nothing to undo
+        registry = getattr(loop, "_tls_transports", None)
+        if registry is not None:
+            registry.add(self)
+        if handshake_timeout is not None:
+            self._timer = loop.call_later(handshake_timeout, self._expired)
+        self._guard(self._handshake)
+
+    # -- plumbing -----------------------------------------------------------
+
+    def _guard(self, fn, *args):
+        """Run a step; an unexpected error closes this transport, not the loop."""
+        try:
+            fn(*args)
+        except Exception as exc:
+            if self._closed:
+                raise
+            self._report(exc, "exception in TLS transport")
+            self._finalize(exc)
+
+    def _report(self, exc, message):
+        try:
+            self._loop.call_exception_handler({"message": message, "exception": exc, "object": self})
+        except Exception:
+            pass
+
+    def _want_read(self):
+        return not (self._user_paused or self._bp_paused or self._closing or self._eof)
+
+    def _update_reading(self):
+        want = not (self._closed or self._sock_eof) and (self._state != _OPEN or self._want_read())
+        if want != self._reading:
+            if want:
+                self._loop.add_reader(self._fd, self._on_readable)
+            else:
+                self._loop.remove_reader(self._fd)
+            self._reading = want
+
+    def _set_writing(self, want):
+        if want != self._writing and not self._closed:
+            if want:
+                self._loop.add_writer(self._fd, self._on_writable)
+            else:
+                self._loop.remove_writer(self._fd)
+            self._writing = want
+
+    def _take_output(self):
+        """Move what the SSL object wrote (records, alerts, close_notify) to the send queue."""
+        if self._outgoing.pending:
+            data = self._outgoing.read()
+            if not self._cq:
+                self._cq_off = 0
+            self._cq.append(data)
+            self._cq_bytes += len(data)
+
+    # -- reading ------------------------------------------------------------
+
+    def _on_readable(self):
+        if self._closed:
+            return
+        view = _recv_view()
+        try:
+            n = self._sock.recv_into(view)
+        except _RETRY:
+            return
+        except OSError as exc:
+            self._finalize(exc)
+            return
+        if n:
+            self._incoming.write(view[:n])
+        else:
+            self._incoming.write_eof()
+            self._sock_eof = True
+            self._update_reading()
+        try:
+            if self._state == _OPEN:
+                self._read_app()
+            elif self._state == _AUTH:
+                self._auth_read()
+            else:
+                self._handshake()
+        except Exception as exc:
+            if self._closed:
+                raise
+            self._report(exc, "exception in TLS transport")
+            self._finalize(exc)
+
+    def _read_app(self):
+        d = self._decoder
+        while self._want_read():
+            try:
+                frame = d.next_frame()
+            except (ProtocolError, MessageTooLarge) as exc:
+                self._finalize(exc)
+                return
+            if frame is not None:
+                self.messages_received += 1
+                self._deliver(frame)
+                continue
+            r = self._decrypt(d)
+            if r > 0:
+                continue
+            if r < 0:
+                self._on_eof()
+                return
+            break
+        if not self._closed:
+            # reading may have produced records to send (a TLS 1.3 key update)
+            self._take_output()
+            if self._cq and not self._writing:
+                self._pump()
+
+    def _decrypt(self, d):
+        """Decrypt into the decoder: 1 if bytes came, 0 if more ciphertext is needed, -1 at EOF."""
+        if self._tls_eof:
+            return -1
+        incoming = self._incoming
+        sslobj = self._sslobj
+        if not incoming.pending and not incoming.eof and not sslobj.pending():
+            return 0        # nothing to decrypt: spare the SSLWantReadError
+        try:
+            region = d.get_buffer(_READ_HINT)
+        except (ProtocolError, MessageTooLarge) as exc:
+            # a header over max_message_size: refused before allocating its payload
+            self._finalize(exc)
+            return 0
+        size = len(region)
+        got = 0
+        err = None
+        read = sslobj.read
+        try:
+            while got < size:
+                if got:
+                    if not incoming.pending and not incoming.eof and not sslobj.pending():
+                        break
+                    with region[got:] as rest:
+                        n = read(size - got, rest)
+                else:
+                    n = read(size, region)
+                if n == 0:
+                    self._tls_eof = True
+                    break
+                got += n
+        except ssl.SSLWantReadError:
+            pass
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            # a peer that closes without close_notify (as a blocking SSLSocket
+            # does) ends its stream like any other: truncation is the decoder's to judge
+            self._tls_eof = True
+        except ssl.SSLError as e:
+            err = e
+        finally:
+            region.release()
+        if got:
+            d.buffer_updated(got)
+            self.bytes_received += got
+        if err is not None:
+            exc = _tls_error(err)
+            exc.__cause__ = err
+            self._finalize(exc)
+            return 0
+        if got:
+            return 1
+        return -1 if self._tls_eof else 0
+
+    def _deliver(self, frame):
+        try:
+            self._on_message(frame)
+        except Exception as exc:
+            self._report(exc, "exception in message_received")
+            self._finalize(exc)
+
+    def _on_eof(self):
+        self._eof = True
+        try:
+            self._decoder.eof()
+        except TruncatedFrameError as exc:
+            self._finalize(exc)
+            return
+        # answer with our close_notify once what is queued is sent (a peer
+        # in SSLSocket.unwrap() waits for it); _pump then closes
+        self._closing = True
+        self._update_reading()
+        self._pump()
+
+    def _drain_later(self):
+        self._drain_scheduled = False
+        if not self._closed and self._state == _OPEN and self._want_read():
+            self._guard(self._read_app)
+            if not self._closed:
+                self._update_reading()
+
+    def _schedule_drain(self):
+        if not self._drain_scheduled and not self._closed and self._state == _OPEN:
+            self._drain_scheduled = True
+            self._loop.call_soon(self._drain_later)
+
+    # -- the handshakes -----------------------------------------------------
+
+    def _handshake(self):
+        try:
+            self._sslobj.do_handshake()
+        except ssl.SSLWantReadError:
+            self._take_output()
+            self._pump()
+            return
+        except ssl.SSLError as e:
+            exc = AuthenticationError(f"TLS handshake failed: {e}")
+            exc.__cause__ = e
+            self._fail(exc)
+            return
+        self._take_output()
+        if self._authkey is None:
+            self._pump()
+            if not self._closed:
+                self._ready()
+            return
+        self._state = _AUTH
+        if self._server_side:
+            message, self._nonce = _auth.make_challenge(self._digest)
+            self._write_plain(message)
+            self._auth_step = _SRV_RESPONSE
+        else:
+            self._auth_step = _CLI_CHALLENGE
+        self._pump()
+        if not self._closed:
+            self._auth_read()
+
+    def _write_plain(self, payload):
+        """Encrypt one handshake frame (sent by the next _pump)."""
+        self._sslobj.write(_frame(payload))
+        self._take_output()
+
+    def _auth_read(self):
+        try:
+            while self._state == _AUTH:
+                frame = self._auth_frame()
+                if frame is None:
+                    break
+                self._auth_advance(frame)
+        except AuthenticationError as exc:
+            self._fail(exc)
+            return
+        except ssl.SSLError as e:
+            exc = _tls_error(e)
+            exc.__cause__ = e
+            self._fail(exc)
+            return
+        if self._closed:
+            return
+        self._pump()
+        if self._state == _OPEN and not self._closed:
+            self._ready()
+
+    def _auth_frame(self):
+        """The next handshake frame, read exactly so what follows stays for the protocol."""
+        while True:
+            try:
+                chunk = self._sslobj.read(self._aneed)
+            except ssl.SSLWantReadError:
+                return None
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                chunk = b""
+            if not chunk:
+                raise AuthenticationError("connection closed during the handshake")
+            self._abuf += chunk
+            self._aneed -= len(chunk)
+            if self._aneed:
+                continue
+            if self._aheader:
+                n = int.from_bytes(self._abuf, "big", signed=True)
+                self._abuf.clear()
+                if not 0 <= n <= _auth.MAX_HANDSHAKE_MESSAGE:
+                    raise AuthenticationError(f"handshake message of length {n} refused")
+                if n == 0:
+                    self._aneed = 4
+                    return b""
+                self._aheader = False
+                self._aneed = n
+                continue
+            frame = bytes(self._abuf)
+            self._abuf.clear()
+            self._aheader = True
+            self._aneed = 4
+            return frame
+
+    def _auth_advance(self, frame):
+        step = self._auth_step
+        key = self._authkey
+        if step == _SRV_RESPONSE:
+            try:
+                _auth.verify_response(key, self._nonce, frame, self._strict)
+            except AuthenticationError:
+                self._write_plain(_auth.FAILURE)
+                raise
+            self._write_plain(_auth.WELCOME)
+            self._auth_step = _SRV_CHALLENGE
+        elif step == _SRV_CHALLENGE:
+            nonce = _auth.parse_challenge(frame)
+            self._write_plain(_auth.create_response(key, nonce, self._strict))
+            self._auth_step = _SRV_WELCOME
+        elif step == _SRV_WELCOME:
+            if frame != _auth.WELCOME:
+                raise AuthenticationError("digest sent was rejected")
+            self._state = _OPEN
+        elif step == _CLI_CHALLENGE:
+            nonce = _auth.parse_challenge(frame)
+            if nonce in _authmod._outstanding:
+                raise AuthenticationError("peer relayed a challenge issued by this process")
+            answer = _auth.create_response(key, nonce, self._strict)
+            message, self._nonce = _auth.make_challenge(self._digest)
+            _authmod._outstanding.add(self._nonce)
+            # response and our own challenge in one flight, as client_authenticate does
+            self._write_plain(answer)
+            self._write_plain(message)
+            self._auth_step = _CLI_WELCOME
+        elif step == _CLI_WELCOME:
+            if frame != _auth.WELCOME:
+                raise AuthenticationError("digest sent was rejected")
+            self._auth_step = _CLI_RESPONSE
+        elif step == _CLI_RESPONSE:
+            try:
+                _auth.verify_response(key, self._nonce, frame, self._strict)
+            except AuthenticationError:
+                self._write_plain(_auth.FAILURE)
+                raise
+            self._write_plain(_auth.WELCOME)
+            _authmod._outstanding.discard(self._nonce)
+            self._state = _OPEN
+
+    def _fail(self, exc):
+        """End a handshake: send what is queued (an alert, a FAILURE frame) if the kernel
+        takes it at once, so the peer learns why, then close."""
+        if self._closed:
+            return
+        try:
+            self._take_output()
+            if self._cq:
+                data = b"".join(self._cq)
+                self._sock.send(memoryview(data)[self._cq_off:])
+        except (OSError, ssl.SSLError):
+            pass
+        self._finalize(exc)
+
+    def _expired(self):
+        self._timer = None
+        if not self._made:
+            self._finalize(FastnetTimeout(
+                f"TLS handshake not finished in {self._handshake_timeout} s"))
+
+    def _ready(self):
+        self._state = _OPEN
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._decoder = _framing.FrameDecoder(self._max_size, _DECODER_BUFSIZE)
+        self._made = True
+        made = getattr(self.protocol, "connection_made", None)
+        if made is not None:
+            try:
+                made(self)
+            except Exception as exc:
+                self._report(exc, "exception in connection_made")
+                self._finalize(exc)
+                return
+        if self._on_ready is not None and not self._closed:
+            try:
+                self._on_ready(self)
+            except Exception as exc:
+                self._report(exc, "exception in on_ready")
+        if self._closed:
+            return
+        self._pump()
+        if not self._closed:
+            self._update_reading()
+            # application data that came behind the handshake
+            self._read_app()
+
+    # -- writing ------------------------------------------------------------
+
+    def send_bytes(self, data):
+        """Send one frame holding the bytes of ``data`` (any contiguous buffer)."""
+        if self._closing or self._closed:
+            raise ConnectionError("send on a closed transport")
+        if type(data) is not bytes:
+            data = memoryview(data)
+            if not data.contiguous:
+                raise BufferError("memoryview: underlying buffer is not contiguous")
+            data = data.cast("B") if data.ndim != 1 or data.format != "B" else data
+        n = len(data)
+        self.messages_sent += 1
+        if n <= COPY_THRESHOLD:
+            buf = _header(n) + data
+            if self._state == _OPEN and not self._wq and not self._cq:
+                self._send_now(buf)
+            else:
+                self._enqueue(buf)
+                self._pump()
+                self._check_high()
+            return
+        self._enqueue(_header(n))
+        self._enqueue(data)
+        if not self._cq:
+            self._pump()
+        if type(data) is not bytes and self._wq and self._wq[-1] is data:
+            # the caller may reuse its buffer once we return: keep a copy of the rest
+            if len(self._wq) == 1:
+                self._wq[0] = bytes(data[self._wq_off:])
+                self._wq_off = 0
+            else:
+                self._wq[-1] = bytes(data)
+        self._check_high()
+
+    def send_many(self, buffers):
+        """Send each buffer of ``buffers`` as its own frame, in one write when they fit.
+
+        As FramedTransport's: large buffers other than bytes are encrypted
+        from their own memory, not copied; leave them unchanged until sent.
+        """
+        if self._closing or self._closed:
+            raise ConnectionError("send on a closed transport")
+        items = [_as_frame(b) for b in buffers]
+        if not items:
+            return
+        self.messages_sent += len(items)
+        total = sum(len(b) + (4 if len(b) <= 0x7fffffff else 12) for b in items)
+        if total <= COPY_THRESHOLD:
+            buf = b"".join([x for b in items for x in (_header(len(b)), b)])
+            if self._state == _OPEN and not self._wq and not self._cq:
+                self._send_now(buf)
+            else:
+                self._enqueue(buf)
+                self._pump()
+                self._check_high()
+            return
+        for b in items:
+            self._enqueue(_header(len(b)))
+            if b:
+                self._enqueue(b)
+        if not self._cq:
+            self._pump()
+        self._check_high()
+
+    def _send_now(self, buf):
+        """Encrypt and send one small buffer; queue only what the kernel did not take."""
+        try:
+            self._sslobj.write(buf)
+        except ssl.SSLError as e:
+            exc = _tls_error(e)
+            exc.__cause__ = e
+            self._finalize(exc)
+            return
+        self.bytes_sent += len(buf)
+        out = self._outgoing.read()
+        try:
+            r = self._sock.send(out)
+        except _RETRY:
+            r = 0
+        except OSError as exc:
+            self._finalize(exc)
+            return
+        if r < len(out):
+            self._cq.append(out)
+            self._cq_off = r
+            self._cq_bytes += len(out) - r
+            self._set_writing(True)
+            self._check_high()
+
+    def _enqueue(self, b):
+        if not self._wq:
+            self._wq_off = 0
+        self._wq.append(b)
+        self._wq_bytes += len(b)
+
+    def _check_high(self):
+        if not self._bp_paused and not self._closed and self.get_write_buffer_size() > self._high:
+            self._bp_paused = True
+            self.pauses += 1
+            self._update_reading()
+            pw = getattr(self.protocol, "pause_writing", None)
+            if pw is not None:
+                try:
+                    pw()
+                except Exception as exc:
+                    self._report(exc, "exception in pause_writing")
+
+    def _check_low(self):
+        if self._bp_paused and not self._closed and self.get_write_buffer_size() <= self._low:
+            self._bp_paused = False
+            self._update_reading()
+            rw = getattr(self.protocol, "resume_writing", None)
+            if rw is not None:
+                try:
+                    rw()
+                except Exception as exc:
+                    self._report(exc, "exception in resume_writing")
+            self._schedule_drain()
+
+    def _on_writable(self):
+        if not self._closed:
+            self._guard(self._pump)
+
+    def _pump(self):
+        """Send queued ciphertext, encrypting queued plaintext while the kernel takes it."""
+        while not self._closed:
+            if self._cq:
+                if not self._send_queued():
+                    return
+                continue
+            if self._wq and self._state == _OPEN and not self._tls_shut:
+                if not self._encrypt_chunk():
+                    return
+                continue
+            self._set_writing(False)
+            self._check_low()
+            if self._closing and self._made and not self._wq and not self._closed:
+                if self._tls_shut:
+                    self._discard_input()
+                    self._finalize(None)
+                    return
+                self._tls_shut = True
+                try:
+                    self._sslobj.unwrap()
+                except (ssl.SSLError, ValueError):
+                    pass    # close_notify is written; we do not wait for the peer's
+                self._take_output()
+                continue
+            return
+
+    def _discard_input(self):
+        """Read away what the peer sent and we will not process (a TLS 1.3 session
+        ticket, say): closing a TCP socket with unread bytes resets the
+        connection, and the kernel then drops what we queued for the peer."""
+        view = _recv_view()
+        for _ in range(64):
+            try:
+                if not self._sock.recv_into(view):
+                    return
+            except OSError:
+                return
+
+    def _send_queued(self):
+        """Send from the ciphertext queue: True if it emptied, False if the kernel is full."""
+        cq = self._cq
+        off = self._cq_off
+        try:
+            if len(cq) == 1:
+                b = cq[0]
+                r = self._sock.send(memoryview(b)[off:] if off else b)
+            else:
+                pieces = []
+                for i, b in enumerate(cq):
+                    if i == _IOV_MAX:
+                        break
+                    pieces.append(memoryview(b)[off:] if off else b)
+                    off = 0
+                off = self._cq_off
+                r = self._sock.sendmsg(pieces)
+        except _RETRY:
+            r = 0
+        except OSError as exc:
+            # once everything is sent, a peer gone before our close_notify is no error
+            self._finalize(None if self._tls_shut else exc)
+            return False
+        self._cq_bytes -= r
+        while cq:
+            size = len(cq[0]) - off
+            if r >= size:
+                r -= size
+                off = 0
+                cq.popleft()
+            else:
+                off += r
+                break
+        self._cq_off = off
+        if cq:
+            self._set_writing(True)
+            self._check_low()
+            return False
+        self._cq_off = 0
+        return True
+
+    def _encrypt_chunk(self):
+        piece = self._next_chunk()
+        try:
+            self._sslobj.write(piece)
+        except ssl.SSLError as e:
+            exc = _tls_error(e)
+            exc.__cause__ = e
+            self._finalize(exc)
+            return False
+        n = len(piece)
+        self.bytes_sent += n
+        self._wq_bytes -= n
+        self._take_output()
+        return True
+
+    def _next_chunk(self):
+        """Up to _CHUNK bytes off the plaintext queue: a slice of one buffer, or small ones joined."""
+        wq = self._wq
+        off = self._wq_off
+        b = wq[0]
+        avail = len(b) - off
+        if avail >= _CHUNK or len(wq) == 1:
+            take = min(avail, _CHUNK)
+            piece = memoryview(b)[off:off + take] if off or take < len(b) else b
+            off += take
+            if off == len(b):
+                wq.popleft()
+                off = 0
+            self._wq_off = off
+            return piece
+        parts = []
+        total = 0
+        while wq and total < _CHUNK:
+            b = wq[0]
+            take = min(len(b) - off, _CHUNK - total)
+            parts.append(memoryview(b)[off:off + take] if off or take < len(b) else b)
+            total += take
+            off += take
+            if off == len(b):
+                wq.popleft()
+                off = 0
+        self._wq_off = off
+        return b"".join(parts)
+
+    # -- control ------------------------------------------------------------
+
+    def pause_reading(self):
+        """Stop calling message_received until resume_reading()."""
+        if self._closed or self._user_paused:
+            return
+        self._user_paused = True
+        self._update_reading()
+
+    def resume_reading(self):
+        """Undo pause_reading(); frames received meanwhile are delivered first."""
+        if self._closed or not self._user_paused:
+            return
+        self._user_paused = False
+        self._update_reading()
+        self._schedule_drain()
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        """Queued bytes above ``high`` pause reading; at or below ``low`` it resumes."""
+        if high is None:
+            high = _reactor.DEFAULT_HIGH_WATER if low is None else max(4 * low, _reactor.DEFAULT_HIGH_WATER)
+        if low is None:
+            low = high // 4
+        if not 0 <= low <= high:
+            raise ValueError(f"need 0 <= low ({low}) <= high ({high})")
+        self._high = high
+        self._low = low
+
+    def get_write_buffer_limits(self):
+        return (self._low, self._high)
+
+    def get_write_buffer_size(self):
+        """Bytes queued and not yet taken by the kernel (plaintext not yet encrypted, plus ciphertext)."""
+        return self._wq_bytes + self._cq_bytes
+
+    @property
+    def reading_paused(self):
+        """True while reading is paused (by pause_reading or by backpressure)."""
+        return self._user_paused or self._bp_paused
+
+    @property
+    def max_message_size(self):
+        return self._max_size
+
+    @property
+    def socket(self):
+        return self._sock
+
+    @property
+    def loop(self):
+        return self._loop
+
+    @property
+    def closed(self):
+        return self._closed
+
+    @property
+    def ssl_object(self):
+        """The ``ssl.SSLObject`` of this connection."""
+        return self._sslobj
+
+    @property
+    def handshake_done(self):
+        """True once the handshakes are over and connection_made was called."""
+        return self._made
+
+    def fileno(self):
+        return self._fd if not self._closed else -1
+
+    def get_extra_info(self, name, default=None):
+        """As asyncio's SSL transports: 'peercert', 'cipher', 'compression', 'ssl_object',
+        'sslcontext', and 'peername', 'sockname', 'socket'."""
+        if name == "socket":
+            return self._sock
+        if name == "ssl_object":
+            return self._sslobj
+        if name == "sslcontext":
+            return self._sslobj.context
+        if name in ("peercert", "cipher", "compression"):
+            if not self._made:
+                return default
+            try:
+                value = getattr(self._sslobj, "getpeercert" if name == "peercert" else name)()
+            except (ValueError, ssl.SSLError):
+                return default
+            return default if value is None else value
+        if self._closed:
+            return default
+        try:
+            if name == "peername":
+                return self._sock.getpeername()
+            if name == "sockname":
+                return self._sock.getsockname()
+        except OSError:
+            return default
+        return default
+
+    def is_closing(self):
+        return self._closing or self._closed
+
+    def close(self):
+        """Stop reading, send what is queued and a close_notify, then close.
+
+        During the handshakes it closes at once (``on_fail(None)``).
+        """
+        if self._closing or self._closed:
+            return
+        self._closing = True
+        if not self._made:
+            self._finalize(None)
+            return
+        self._update_reading()
+        self._guard(self._pump)
+
+    def abort(self):
+        """Close now, dropping queued bytes."""
+        self._finalize(None)
+
+    def _finalize(self, exc, now=False):
+        if self._closed:
+            return
+        if (not self._made and isinstance(exc, OSError)
+                and not isinstance(exc, (FastnetTimeout, ssl.SSLError))):
+            # a reset in the middle of the handshake is a failed handshake
+            err = exc
+            exc = AuthenticationError(f"TLS handshake failed: {err}")
+            exc.__cause__ = err
+        loop = self._loop
+        self._closed = self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not loop.is_closed():
+            if self._reading:
+                loop.remove_reader(self._fd)
+            if self._writing:
+                loop.remove_writer(self._fd)
+        self._reading = self._writing = False
+        self._wq.clear()
+        self._cq.clear()
+        self._wq_bytes = self._cq_bytes = 0
+        self._decoder = None
+        self._on_message = None
+        if not self._server_side and self._nonce is not None:
+            _authmod._outstanding.discard(self._nonce)
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        registry = getattr(loop, "_tls_transports", None)
+        if registry is not None:
+            registry.discard(self)
+        cb = self._call_lost if self._made else self._call_fail
+        if now or loop.is_closed():
+            cb(exc)
+        else:
+            loop.call_soon(cb, exc)
+
+    def _call_lost(self, exc):
+        lost = getattr(self.protocol, "connection_lost", None)
+        if lost is not None:
+            lost(exc)
+
+    def _call_fail(self, exc):
+        fail, self._on_fail = self._on_fail, None
+        self._on_ready = None
+        if fail is not None:
+            fail(exc)
+
+    def __repr__(self):
+        if self._closed:
+            state = "closed"
+        elif self._closing:
+            state = "closing"
+        elif not self._made:
+            state = f"fd={self._fd} handshaking"
+        else:
+            state = f"fd={self._fd}"
+        return f"<TLSTransport {state} queued={self.get_write_buffer_size()}>"

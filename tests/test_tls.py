@@ -1,6 +1,4 @@
 """TLS on Listener and Client: verification, mutual TLS, authkey on top, big payloads."""
-import datetime
-import ipaddress
 import os
 import socket
 import ssl
@@ -8,99 +6,18 @@ import threading
 
 import pytest
 
-x509 = pytest.importorskip("cryptography.x509")
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.x509.oid import NameOID  # noqa: E402
+pytest.importorskip("cryptography.x509")
 
 import fastnet  # noqa: E402
-from fastnet import tls  # noqa: E402
 from fastnet.errors import AuthenticationError  # noqa: E402
+from tlsutil import client_ctx as _client_ctx, make_pki, server_ctx as _server_ctx  # noqa: E402
 
 T = 10.0
 
 
-def _name(cn):
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _cert(subject, key, issuer_name, issuer_key, *, ca=False, sans=None, expired=False,
-          client=False):
-    now = datetime.datetime.now(datetime.timezone.utc)
-    if expired:
-        start, end = now - datetime.timedelta(days=30), now - datetime.timedelta(days=1)
-    else:
-        start, end = now - datetime.timedelta(days=1), now + datetime.timedelta(days=30)
-    b = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(issuer_name)
-         .public_key(key.public_key()).serial_number(x509.random_serial_number())
-         .not_valid_before(start).not_valid_after(end)
-         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if ca:
-        b = b.add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
-                                          key_encipherment=False, data_encipherment=False,
-                                          key_agreement=False, key_cert_sign=True, crl_sign=True,
-                                          encipher_only=False, decipher_only=False), critical=True)
-        b = b.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                            critical=False)
-    else:
-        b = b.add_extension(x509.ExtendedKeyUsage(
-            [x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH if client
-             else x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        b = b.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-            issuer_key.public_key()), critical=False)
-    if sans:
-        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    return b.sign(issuer_key, hashes.SHA256())
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pki")
-    out = {}
-
-    def write(name, cert, key=None):
-        p = d / f"{name}.pem"
-        p.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        out[name] = str(p)
-        if key is not None:
-            k = d / f"{name}.key"
-            k.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                            serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption()))
-            out[name + "_key"] = str(k)
-
-    def key():
-        return ec.generate_private_key(ec.SECP256R1())
-
-    ca_key, ca2_key = key(), key()
-    ca = _cert("fastnet test CA", ca_key, _name("fastnet test CA"), ca_key, ca=True)
-    ca2 = _cert("other CA", ca2_key, _name("other CA"), ca2_key, ca=True)
-    write("ca", ca)
-    write("ca2", ca2)
-    sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    k = key()
-    write("server", _cert("localhost", k, ca.subject, ca_key, sans=sans), k)
-    k = key()
-    write("expired", _cert("localhost", k, ca.subject, ca_key, sans=sans, expired=True), k)
-    k = key()
-    write("other_host", _cert("example.com", k, ca.subject, ca_key,
-                              sans=[x509.DNSName("example.com")]), k)
-    k = key()
-    write("client", _cert("client", k, ca.subject, ca_key, client=True), k)
-    return out
-
-
-def _server_ctx(pki, name="server", **kw):
-    return tls.server_context(pki[name], pki[name + "_key"], **kw)
-
-
-def _client_ctx(pki, cafile="ca", mutual=False, version=None, **kw):
-    if mutual:
-        kw.update(certfile=pki["client"], keyfile=pki["client_key"])
-    ctx = tls.client_context(cafile=pki[cafile], **kw)
-    if version is not None:
-        ctx.maximum_version = version
-    return ctx
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 VERSIONS = [None, ssl.TLSVersion.TLSv1_2]
