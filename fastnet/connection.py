@@ -80,8 +80,9 @@ def _tls_channel(sock, max_size, bufsize):
 class Connection:
     """A framed, bidirectional message connection over a stream socket.
 
-    Wraps a connected socket object (or a descriptor, which it then owns).
-    Frames are multiprocessing's; see the module docstring about ``recv()``.
+    Wraps a connected socket object (or a descriptor, which it then owns);
+    an ``ssl.SSLSocket`` gets its frames inside TLS. Frames are
+    multiprocessing's; see the module docstring about ``recv()``.
     """
 
     def __init__(self, sock, readable=True, writable=True, *, max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
@@ -92,6 +93,10 @@ class Connection:
             sock = socket.socket(fileno=sock)
         sock.setblocking(True)
         self._sock = sock
+        if _channel_factory is None and isinstance(sock, ssl.SSLSocket):
+            # e.g. the request of a blocking handler on a TLS server: frame
+            # inside TLS, never on the ciphertext under it
+            _channel_factory = _tls_channel
         self._ch = (_channel_factory or _framing.Channel)(sock, max_message_size, _BUFSIZE)
         self._readable = readable
         self._writable = writable

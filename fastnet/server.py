@@ -59,11 +59,27 @@ Limits, keyword arguments with these defaults:
     seconds without traffic after which a connection is closed (for
     blocking handlers: the socket timeout). ``None`` disables it.
 ``handshake_timeout=10``
-    with an ``authkey``, seconds a client has for multiprocessing's mutual
-    authkey handshake. The handshake runs on the loop as a non-blocking
-    state machine, so a silent client never delays another.
+    with an ``authkey`` or an ``ssl_context``, seconds a client has for its
+    handshakes (TLS, then multiprocessing's mutual authkey handshake). They
+    run on the loop as non-blocking state machines, so a silent client
+    never delays another.
 ``shutdown_timeout=10``
     seconds ``shutdown()`` waits for connections and workers to finish.
+
+``ssl_context=`` (an ``ssl.SSLContext``, see :func:`fastnet.tls.server_context`)
+serves TLS on every stream server; with an ``authkey`` too, the authkey
+handshake runs inside TLS, as ``fastnet.Listener`` does. The TLS handshake
+counts as part of the handshake: bounded by ``handshake_timeout``, inside
+``max_connections``, failures counted in ``stats()["handshake_failures"]``,
+and it never blocks the loop. A MessageHandler's TLS runs on the loop that
+serves it (``TLSTransport``); a blocking handler gets ``self.request`` as an
+``ssl.SSLSocket`` whose handshake the loop finished before the handler
+started, so a silent peer holds no handler thread. In prefork mode the
+worker does the handshakes, since TLS state cannot move between processes.
+With a context that requires client certificates (``verify_mode ==
+CERT_REQUIRED``), only verified clients get in; MessageHandler's
+``peercert`` and ``verified_client`` say who they are. Datagram servers
+refuse ``ssl_context``.
 
 ``allow=["127.0.0.0/8", "::1/128"]`` refuses, at accept, every peer outside
 the listed networks (``ipaddress``); refused peers are closed at once and
@@ -92,6 +108,7 @@ import queue
 import signal
 import socket
 import socketserver
+import ssl
 import struct
 import threading
 import time
@@ -102,6 +119,7 @@ from fastnet.connection import DEFAULT_HANDSHAKE_TIMEOUT
 from fastnet.errors import AuthenticationError, ProtocolError, TimeoutError
 from fastnet.fdpass import recv_fds, send_fds
 from fastnet.loop import EventLoop
+from fastnet.tls import TLSTransport
 
 __all__ = [
     "BaseServer", "TCPServer", "UDPServer", "UnixServer", "UnixStreamServer", "UnixDatagramServer",
@@ -159,8 +177,22 @@ def _quiet_close(sock):
 
 def _shut(sock, how):
     try:
-        sock.shutdown(how)
+        # the socket's own shutdown: SSLSocket.shutdown would also drop its TLS
+        # state, and a handler reading on another thread must see end of file
+        # through TLS, not ciphertext
+        socket.socket.shutdown(sock, how)
     except OSError:
+        pass
+
+
+def _tls_goodbye(sock):
+    """Send a TLS close_notify on a finished SSLSocket without waiting for the peer's."""
+    try:
+        if sock.fileno() < 0:
+            return
+        sock.settimeout(0.0)
+        sock.unwrap()
+    except (OSError, ValueError):
         pass
 
 
@@ -198,13 +230,25 @@ class MessageHandler:
     ``close()`` closes the connection once the replies are sent. ``setup()``
     runs when the connection is ready (after the handshake), ``finish()``
     when it is gone. ``self.server`` and ``self.client_address`` are set,
-    and ``self.transport`` (the loop's FramedTransport) wherever the handler
-    runs on a loop: concurrency "loop", "fork" and "prefork". With
-    "thread" the handler runs on a pool thread and ``reply`` is thread-safe.
-    Override ``setup`` rather than ``__init__``.
+    and ``self.transport`` (the loop's FramedTransport, or TLSTransport)
+    wherever the handler runs on a loop: concurrency "loop", "fork" and
+    "prefork". With "thread" the handler runs on a pool thread and
+    ``reply`` is thread-safe. Override ``setup`` rather than ``__init__``.
+
+    Over TLS, ``peercert`` is the client's certificate as
+    ``ssl.SSLSocket.getpeercert()`` gives it, set only when the server's
+    context verified it (``CERT_REQUIRED``, or ``CERT_OPTIONAL`` and the
+    client sent one); ``verified_client`` says whether it is.
     """
 
     transport = None
+    #: The client's verified certificate (a dict), or None.
+    peercert = None
+
+    @property
+    def verified_client(self):
+        """True if the client presented a certificate the server's TLS context verified."""
+        return bool(self.peercert)
 
     def __init__(self, server, client_address):
         self.server = server
@@ -321,6 +365,9 @@ class _FramedConn:
     def connection_made(self, transport):
         self.transport = transport
         h = self.handler
+        if type(transport) is TLSTransport:
+            # getpeercert() is {} for a certificate the context did not verify
+            h.peercert = transport.get_extra_info("peercert") or None
         if self.engine.threaded:
             h._send = self._send_threadsafe
             h._close = self._close_threadsafe
@@ -447,16 +494,26 @@ class _FramedConn:
 class _Engine:
     """Serves accepted sockets on one loop: framed handlers on the loop or a
     thread pool, blocking handlers inline or on the pool. Used by the server
-    process (loop and thread), by prefork workers and by forked children."""
+    process (loop and thread), by prefork workers and by forked children.
 
-    def __init__(self, server, loop, threaded, pool_size=0, on_closed=None):
+    With the server's ssl_context, a framed connection's TLS (and authkey)
+    handshake runs here, in its TLSTransport; with ``tls_blocking`` (prefork
+    workers) so does a blocking one's, before its handler starts. A failed
+    handshake goes to ``on_failed(addr, exc)``, every other end of a
+    connection to ``on_closed(counters)``."""
+
+    def __init__(self, server, loop, threaded, pool_size=0, on_closed=None, on_failed=None,
+                 tls_blocking=False):
         self.server = server
         self.loop = loop
         self.threaded = threaded
         self.framed = server._framed
         self.on_closed = on_closed
+        self.on_failed = on_failed
+        self.tls_blocking = tls_blocking and server.ssl_context is not None
         self.pool = _Pool(loop, pool_size, "fastnet-server") if threaded else None
         self.conns = set()
+        self._handshakes = set()
         self.totals = [0, 0, 0, 0]
         self.closing = False
         self._sweep = None
@@ -465,6 +522,16 @@ class _Engine:
         if self.framed:
             self._serve_framed(sock, addr)
             return
+        if self.tls_blocking and not isinstance(sock, ssl.SSLSocket):
+            if self.closing:
+                _quiet_close(sock)
+                self._closed(None)
+                return
+            _Handshake(self.server, self.loop, sock, addr, owner=self)
+            return
+        self._serve_blocking(sock, addr)
+
+    def _serve_blocking(self, sock, addr):
         rec = _Blocking(sock, addr)
         self.conns.add(rec)
         if self.closing:
@@ -479,11 +546,19 @@ class _Engine:
                 self._finish(rec, None)
 
     def _serve_framed(self, sock, addr):
-        handler = self.server.RequestHandlerClass(self.server, addr)
+        srv = self.server
+        handler = srv.RequestHandlerClass(srv, addr)
         conn = _FramedConn(self, handler)
         self.conns.add(conn)
         try:
-            self.loop.add_stream(sock, conn, max_message_size=self.server.max_message_size)
+            if srv.ssl_context is None:
+                self.loop.add_stream(sock, conn, max_message_size=srv.max_message_size)
+            else:
+                conn.transport = self.loop.add_stream(
+                    sock, conn, max_message_size=srv.max_message_size, ssl_context=srv.ssl_context,
+                    server_side=True, authkey=srv.authkey, handshake_timeout=srv.handshake_timeout,
+                    strict=srv.strict, digest=srv.digest,
+                    on_fail=lambda exc, conn=conn, addr=addr: self._tls_failed(conn, addr, exc))
         except Exception:
             self.conns.discard(conn)
             _quiet_close(sock)
@@ -491,6 +566,37 @@ class _Engine:
         if self.closing:
             conn.shutdown()
         self._arm_sweep()
+
+    def _tls_failed(self, conn, addr, exc):
+        # a framed connection that never got past its handshakes
+        if conn not in self.conns:
+            return
+        self.conns.discard(conn)
+        if exc is None:
+            self._closed(None)      # closed by us (shutdown) before it was ready
+        else:
+            self._handshake_failed(addr, exc)
+
+    # owner of the _Handshakes of blocking connections (prefork workers)
+    def _authenticated(self, sock, addr):
+        if self.closing:
+            _quiet_close(sock)
+            self._closed(None)
+            return
+        try:
+            self._serve_blocking(sock, addr)
+        except Exception:
+            logger.exception("failed to start serving %r", addr)
+
+    def _handshake_failed(self, addr, exc):
+        if self.on_failed is not None:
+            self.on_failed(addr, exc)
+        else:
+            logger.info("handshake with %r failed: %s", addr, exc)
+            self._closed(None)
+
+    def _release(self):
+        self._closed(None)
 
     def _finish(self, conn, counters):
         if conn not in self.conns:
@@ -546,10 +652,14 @@ class _Engine:
 
     def begin_shutdown(self):
         self.closing = True
+        for hs in list(self._handshakes):
+            hs.abort()
         for c in list(self.conns):
             c.shutdown()
 
     def abort_all(self):
+        for hs in list(self._handshakes):
+            hs.abort()
         for c in list(self.conns):
             c.abort()
 
@@ -561,43 +671,102 @@ class _Engine:
             self.pool.stop(timeout)
 
 
-# -- the authkey handshake as a state machine on the loop --------------------------
+# -- the TLS and authkey handshakes as a state machine on the loop --------------------
 
-_HS_RESPONSE, _HS_CHALLENGE, _HS_WELCOME, _HS_DONE = range(4)
+_HS_TLS, _HS_RESPONSE, _HS_CHALLENGE, _HS_WELCOME, _HS_DONE = range(5)
+_SSL_RETRY = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class _Handshake:
-    """The accepting side of multiprocessing's mutual handshake, without blocking.
+    """The accepting side of a connection's handshakes, without blocking.
 
-    The same messages in the same order as fastnet.auth.server_authenticate:
-    our challenge; the peer's response, then WELCOME (or FAILURE); the peer's
-    challenge, then our response; the peer's WELCOME. Frames are read exactly
-    (header, then payload), so nothing after the last handshake message is
-    consumed and the socket can go to any handler. Replies produced in one
-    wake-up go out in one send, so a pipelining client costs two round trips.
+    With the server's ssl_context, first the TLS handshake on a non-blocking
+    ``ssl.SSLSocket``; then, with its authkey, multiprocessing's mutual
+    handshake (inside TLS when there is TLS). The authkey messages are the
+    same, in the same order, as fastnet.auth.server_authenticate's: our
+    challenge; the peer's response, then WELCOME (or FAILURE); the peer's
+    challenge, then our response; the peer's WELCOME. Frames are read
+    exactly (header, then payload), so nothing after the last handshake
+    message is consumed and the socket can go to any handler. Replies
+    produced in one wake-up go out in one send, so a pipelining client costs
+    two round trips.
+
+    ``owner`` (the server, or a prefork worker's engine) keeps the pending
+    handshakes in ``owner._handshakes`` and hears how each ended:
+    ``_authenticated(sock, addr)``, ``_handshake_failed(addr, exc)`` or,
+    for one aborted by a shutdown, ``_release()``.
     """
 
-    def __init__(self, server, loop, sock, addr):
+    def __init__(self, server, loop, sock, addr, owner=None):
         self.server = server
+        self.owner = owner if owner is not None else server
         self.loop = loop
         self.sock = sock
         self.addr = addr
         self.fd = sock.fileno()
-        self.state = _HS_RESPONSE
-        message, self.nonce = _auth.make_challenge(server.digest)
-        self.out = bytearray(_frame(message))
+        self.nonce = None
+        self.out = bytearray()
         self.buf = bytearray()
         self.need = 4
         self.header = True
         self.writing = False
         sock.setblocking(False)
-        self.timer = loop.call_later(server.handshake_timeout, self._expired)
-        loop.add_reader(self.fd, self._readable)
-        server._handshakes.add(self)
+        if server.ssl_context is not None:
+            # takes the descriptor over; on failure it closes it itself
+            self.sock = server.ssl_context.wrap_socket(sock, server_side=True,
+                                                       do_handshake_on_connect=False)
+            self.state = _HS_TLS
+        else:
+            self._challenge()
+        try:
+            self.timer = loop.call_later(server.handshake_timeout, self._expired)
+            try:
+                loop.add_reader(self.fd, self._readable)
+            except BaseException:
+                self.timer.cancel()
+                raise
+        except BaseException:
+            _quiet_close(self.sock)
+            raise
+        self.owner._handshakes.add(self)
         self._writable()
+
+    def _challenge(self):
+        message, self.nonce = _auth.make_challenge(self.server.digest)
+        self.out += _frame(message)
+        self.state = _HS_RESPONSE
+
+    def _tls(self):
+        """Advance the TLS handshake; True once it is done."""
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._want_write(False)
+            return False
+        except ssl.SSLWantWriteError:
+            self._want_write(True)
+            return False
+        except (ssl.SSLError, OSError) as exc:
+            raise AuthenticationError(f"TLS handshake failed: {exc}") from exc
+        self._want_write(False)
+        if self.server.authkey is None:
+            self.state = _HS_DONE
+        else:
+            self._challenge()
+        return True
+
+    def _want_write(self, on):
+        if on and not self.writing:
+            self.loop.add_writer(self.fd, self._writable)
+            self.writing = True
+        elif not on and self.writing:
+            self.loop.remove_writer(self.fd)
+            self.writing = False
 
     def _readable(self):
         try:
+            if self.state == _HS_TLS and not self._tls():
+                return
             while self.state != _HS_DONE:
                 frame = self._read_frame()
                 if frame is None:
@@ -614,7 +783,7 @@ class _Handshake:
         while True:
             try:
                 chunk = self.sock.recv(self.need)
-            except (BlockingIOError, InterruptedError):
+            except _SSL_RETRY:
                 return None
             if not chunk:
                 raise AuthenticationError("connection closed during the handshake")
@@ -663,21 +832,30 @@ class _Handshake:
         if self.out:
             try:
                 n = self.sock.send(self.out)
-            except (BlockingIOError, InterruptedError):
+            except _SSL_RETRY:
                 n = 0
             del self.out[:n]
-        if self.out and not self.writing:
-            self.loop.add_writer(self.fd, self._writable)
-            self.writing = True
-        elif not self.out and self.writing:
-            self.loop.remove_writer(self.fd)
-            self.writing = False
+        self._want_write(bool(self.out))
 
     def _writable(self):
+        if self.state == _HS_TLS:
+            # the TLS handshake wants to write, or has just begun
+            try:
+                if not self._tls():
+                    return
+            except Exception as exc:
+                self._fail(exc)
+                return
+            # bytes behind the handshake may already sit decrypted in the SSL object
+            self._readable()
+            return
         try:
             self._flush()
         except Exception as exc:
             self._fail(exc)
+            return
+        if self.state == _HS_DONE:
+            self._succeed()
 
     def _expired(self):
         self.timer = None
@@ -692,29 +870,31 @@ class _Handshake:
             if self.writing:
                 self.loop.remove_writer(self.fd)
         self.writing = False
-        self.server._handshakes.discard(self)
+        self.owner._handshakes.discard(self)
 
     def _succeed(self):
+        if self not in self.owner._handshakes:
+            return
         if self.out:
             self._fail(ProtocolError("handshake finished with replies unsent"))
             return
         self._detach()
-        self.server._authenticated(self.sock, self.addr)
+        self.owner._authenticated(self.sock, self.addr)
 
     def _fail(self, exc):
-        if self not in self.server._handshakes:
+        if self not in self.owner._handshakes:
             return
         self._detach()
         _quiet_close(self.sock)
-        self.server._handshake_failed(self.addr, exc)
+        self.owner._handshake_failed(self.addr, exc)
 
     def abort(self):
         """Close without counting a failure (shutdown)."""
-        if self not in self.server._handshakes:
+        if self not in self.owner._handshakes:
             return
         self._detach()
         _quiet_close(self.sock)
-        self.server._release()
+        self.owner._release()
 
 
 # -- process bookkeeping --------------------------------------------------------------
@@ -762,7 +942,7 @@ class BaseServer:
                  authkey=None, max_connections=DEFAULT_MAX_CONNECTIONS, overflow="wait",
                  max_message_size=DEFAULT_MAX_MESSAGE_SIZE, idle_timeout=DEFAULT_IDLE_TIMEOUT,
                  handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT, shutdown_timeout=DEFAULT_SHUTDOWN_TIMEOUT,
-                 strict=False, digest="sha256", backend="auto"):
+                 strict=False, digest="sha256", backend="auto", ssl_context=None):
         concurrency = concurrency or type(self).concurrency
         if concurrency not in CONCURRENCY:
             raise ValueError(f"concurrency must be one of {CONCURRENCY}, not {concurrency!r}")
@@ -772,6 +952,8 @@ class BaseServer:
             raise ValueError("max_connections must be >= 1")
         if authkey is not None and not isinstance(authkey, bytes):
             raise TypeError("authkey should be a byte string")
+        if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
+            raise TypeError(f"ssl_context must be an ssl.SSLContext, not {type(ssl_context).__name__}")
         self._framed = isinstance(RequestHandlerClass, type) and issubclass(RequestHandlerClass, MessageHandler)
         stream = self.socket_type == socket.SOCK_STREAM
         if not stream:
@@ -782,6 +964,9 @@ class BaseServer:
                                  "(use concurrency='thread' or 'fork')")
             if authkey is not None:
                 raise ValueError("authkey needs a stream server")
+            if ssl_context is not None:
+                raise ValueError("ssl_context needs a stream server: TLS runs over a connection "
+                                 "and a datagram server has none (DTLS is not supported)")
         fam, addr = parse_address(server_address, self.address_family)
         if allow is not None and fam == socket.AF_UNIX:
             raise ValueError("allow= lists IP networks; it does not apply to AF_UNIX servers")
@@ -801,6 +986,7 @@ class BaseServer:
         self.workers = workers
         self.worker_threads = worker_threads
         self.authkey = authkey
+        self.ssl_context = ssl_context
         self.max_connections = max_connections
         self.overflow = overflow
         self.max_message_size = max_message_size
@@ -844,6 +1030,7 @@ class BaseServer:
         self._restarts = 0
         self._quick_deaths = 0
         self._counters = [0, 0, 0, 0]    # messages in/out, bytes in/out of finished work
+        self._child_failed = False       # a fork child's only connection failed its handshake
         self._out_lock = threading.Lock()
         self.socket = socket.socket(fam, self.socket_type)
         if bind_and_activate:
@@ -913,8 +1100,14 @@ class BaseServer:
         logger.exception("exception while handling a request from %r", client_address)
 
     def shutdown_request(self, request):
-        """End a stream request: shut down writing (the peer sees EOF), then close."""
+        """End a stream request: shut down writing (the peer sees EOF), then close.
+
+        Over TLS a close_notify goes first, so the peer can tell the end
+        from a cut connection.
+        """
         if self.socket_type == socket.SOCK_STREAM:
+            if isinstance(request, ssl.SSLSocket):
+                _tls_goodbye(request)
             _shut(request, socket.SHUT_WR)
         self.close_request(request)
 
@@ -1151,7 +1344,8 @@ class BaseServer:
             threaded = self.concurrency == "thread"
             if self.socket_type == socket.SOCK_STREAM:
                 self._engine = _Engine(self, loop, threaded, self.workers,
-                                       lambda counters: self._release())
+                                       lambda counters: self._release(),
+                                       on_failed=self._handshake_failed)
             elif threaded:
                 self._pool = _Pool(loop, self.workers, "fastnet-server")
         elif self.concurrency == "prefork":
@@ -1293,7 +1487,13 @@ class BaseServer:
                 continue
             self._open += 1
             self._total += 1
-            if self.authkey is not None:
+            # The handshakes run where the connection will be served: framed
+            # TLS in its TLSTransport, prefork TLS in the worker, the rest here.
+            if self.ssl_context is not None:
+                here = not self._framed and self.concurrency != "prefork"
+            else:
+                here = self.authkey is not None
+            if here:
                 try:
                     _Handshake(self, self._loop, sock, addr)
                 except Exception:
@@ -1430,7 +1630,7 @@ class BaseServer:
                 counters = target(theirs) if worker else target()
                 if counters is not None:
                     theirs.settimeout(_REPORT_TIMEOUT)
-                    theirs.send(_REPORT.pack(b"D", *counters))
+                    theirs.send(_REPORT.pack(b"F" if self._child_failed else b"D", *counters))
                 status = 0
             except BaseException:
                 try:
@@ -1524,7 +1724,10 @@ class BaseServer:
                 pass
 
     def _read_reports(self, child):
-        """(reports, eof): the counters a child sent, one per finished connection."""
+        """(reports, eof): (kind, counters) a child sent, one per finished connection.
+
+        kind is b"D" for a connection served, b"F" for one that failed its handshake.
+        """
         reports = []
         while True:
             try:
@@ -1536,7 +1739,8 @@ class BaseServer:
             if not data:
                 return reports, True
             if len(data) == _REPORT.size:
-                reports.append(_REPORT.unpack(data)[1:])
+                r = _REPORT.unpack(data)
+                reports.append((r[0], r[1:]))
 
     # fork mode
 
@@ -1554,7 +1758,12 @@ class BaseServer:
             self._handle_stream(sock, addr)
             return self._counters
         loop = EventLoop(self.backend)
-        engine = _Engine(self, loop, threaded=False)
+
+        def failed(addr, exc):
+            logger.info("handshake with %r failed: %s", addr, exc)
+            self._child_failed = True
+
+        engine = _Engine(self, loop, threaded=False, on_failed=failed)
         loop.add_signal_handler(signal.SIGTERM, engine.begin_shutdown)
         engine.serve(sock, addr)
         loop.run_until(lambda: not engine.conns)
@@ -1562,7 +1771,9 @@ class BaseServer:
         return engine.totals
 
     def _child_exited(self, child):
-        for counters in self._read_reports(child)[0]:
+        for kind, counters in self._read_reports(child)[0]:
+            if kind == b"F":
+                self._auth_failed += 1
             self._add(counters)
         child.chan.close()
         self._children.pop(child.pid, None)
@@ -1599,9 +1810,11 @@ class BaseServer:
 
     def _worker_report(self, w):
         reports, eof = self._read_reports(w)
-        for counters in reports:
+        for kind, counters in reports:
             if w.inflight > 0:
                 w.inflight -= 1
+                if kind == b"F":
+                    self._auth_failed += 1
                 self._release(counters)
         if eof:
             # the worker is going; its pidfd says when it is gone
@@ -1609,9 +1822,11 @@ class BaseServer:
 
     def _worker_exited(self, w):
         if w.chan.fileno() >= 0:
-            for counters in self._read_reports(w)[0]:
+            for kind, counters in self._read_reports(w)[0]:
                 if w.inflight > 0:
                     w.inflight -= 1
+                    if kind == b"F":
+                        self._auth_failed += 1
                     self._release(counters)
             if not self._loop.is_closed():
                 self._loop.remove_reader(w.chan)
@@ -1642,14 +1857,18 @@ class BaseServer:
         loop = EventLoop(self.backend)
         chan.settimeout(_REPORT_TIMEOUT)
 
-        def report(counters):
+        def report(counters, kind=b"D"):
             try:
-                chan.send(_REPORT.pack(b"D", *(counters or (0, 0, 0, 0))))
+                chan.send(_REPORT.pack(kind, *(counters or (0, 0, 0, 0))))
             except OSError:
                 pass
 
+        def failed(addr, exc):
+            logger.info("handshake with %r failed: %s", addr, exc)
+            report(None, b"F")
+
         engine = _Engine(self, loop, threaded=not self._framed, pool_size=self.worker_threads,
-                         on_closed=report)
+                         on_closed=report, on_failed=failed, tls_blocking=True)
         state = {"stopping": False}
 
         def stop():
