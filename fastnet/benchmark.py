@@ -19,6 +19,19 @@ Cases (64-byte payloads unless said):
   ``copy=False``, fastnet ``send_array``/``recv_array(out=)``.
 * ``handshake`` connect + mutual authkey handshake + one message echoed +
   close, per second: multiprocessing vs fastnet.
+* ``rpc-seq``   sequential ``add(2, 3)`` calls/s from one client: a pickle RPC
+  over multiprocessing.connection (the Python Cookbook's recipe 11.8), xmlrpc,
+  pyzmq REQ/REP + msgpack, Pyro5 and rpyc (when installed), fastnet's bare
+  64-byte pingpong as calls/s, and fastnet's RPC with msgpack.
+* ``rpc-pipe``  ``add(2, 3)`` with 64 calls in flight on one connection,
+  calls/s: the multiprocessing pickle RPC sending 64 requests then reading
+  64 replies, pyzmq DEALER/ROUTER with a sliding window of 64, fastnet
+  ``call_async`` with a sliding window of 64 (a new call as the oldest one
+  completes), in batches of 64 (64 ``call_async``, then wait for all 64)
+  and in ``proxy.batch()`` blocks of 64 (the 64 requests in one write).
+
+``--only rpc`` runs both rpc cases; ``bench/bench_rpc.py`` adds the json and
+pickle codecs, AF_UNIX, grpc, array arguments and TLS.
 
 A fastnet feature that is missing shows as ``n/a`` with the reason; a child
 that fails shows as ``n/a`` with its error.  No number is ever filled in.
@@ -74,6 +87,12 @@ ISSUE_ANCHORS = {
     ("bulk", "tcp", "zmq"): 1.06,
     ("handshake", "tcp", "mp"): 23.0,
     ("handshake", "unix", "mp"): 4400.0,
+    # issue #4: sequential add(2, 3) calls/s from one client process
+    ("rpc-seq", "tcp", "mp-rpc"): 13960.0,
+    ("rpc-seq", "tcp", "xmlrpc"): 1390.0,
+    ("rpc-seq", "tcp", "zmq-rpc"): 10100.0,
+    ("rpc-seq", "tcp", "pyro5"): 4250.0,
+    ("rpc-seq", "tcp", "rpyc"): 6890.0,
 }
 
 
@@ -657,6 +676,433 @@ def _handshake_client(spec, address):
     return out
 
 
+# ---- rpc ----
+# Sequential calls of add(2, 3) from one client, and calls kept in flight on
+# one connection.  Every server also has echo(x) (the array RPCs of bench/)
+# and stop(); servers that outlive their client's connection exit on stop.
+
+RPC_IN_FLIGHT = 64
+
+
+def _add(x, y):
+    return x + y
+
+
+def _echo(x):
+    return x
+
+
+def rpc_codec(impl):
+    """The fastnet codec of an rpc row: its suffix (``-json``, ``-pickle``), else msgpack."""
+    for name in ("json", "pickle"):
+        if impl.endswith("-" + name):
+            return name
+    return "msgpack"
+
+
+def _rpc_key(spec, codec):
+    # Only pickle needs the authkey (the RPC layer refuses it without one);
+    # the other codecs run without, as a msgpack or json client would.
+    if codec != "pickle":
+        return None
+    return bytes.fromhex(spec["authkey"]) or None
+
+
+def rpc_server(spec, ready, **kw):
+    """A fastnet RPCServer with add, echo and stop, served until stop (``kw``: RPCServer options)."""
+    fastnet = _fastnet(spec)
+    _need(fastnet, "RPCServer")
+    codec = rpc_codec(spec["impl"])
+    srv = fastnet.RPCServer(_listen_address(spec), authkey=_rpc_key(spec, codec), codec=codec, **kw)
+    srv.register_function(_add, "add")
+    srv.register_function(_echo, "echo")
+    # shutdown() waits for the loop, so it cannot run on the loop's own thread
+    srv.register_function(
+        lambda: threading.Thread(target=srv.shutdown, daemon=True).start(), "stop")
+    ready(srv.address)
+    srv.serve_forever()
+    srv.server_close()
+
+
+def rpc_proxy(spec, address, **kw):
+    """An RPCProxy for ``rpc_server`` (same codec and key); ``kw``: RPCProxy options."""
+    fastnet = _fastnet(spec)
+    _need(fastnet, "RPCProxy")
+    codec = rpc_codec(spec["impl"])
+    return fastnet.RPCProxy(_addr(address), authkey=_rpc_key(spec, codec), codec=codec, **kw)
+
+
+def rpc_stop(proxy):
+    """End an ``rpc_server`` child: a notification, since the shutdown it
+    starts may close the connection before a reply to stop could leave."""
+    proxy.notify("stop")
+    proxy.close()
+
+
+def _timed_calls(call, k):
+    t0 = time.perf_counter()
+    for _ in range(k):
+        call(2, 3)
+    return time.perf_counter() - t0
+
+
+def rpc_sequential(call, spec):
+    """Samples of calls/s of ``call(2, 3)``, one call at a time."""
+    if call(2, 3) != 5:
+        raise ValueError("rpc: add(2, 3) != 5")
+    return _samples(lambda k: _timed_calls(call, k), spec, 64, 100, _per_second)
+
+
+def _rpc_fastnet_client(spec, address):
+    proxy = rpc_proxy(spec, address)
+    out = rpc_sequential(proxy.add, spec)
+    out["info"].update(backend=_fastnet(spec).backend, codec=proxy.codec)
+    rpc_stop(proxy)
+    return out
+
+
+def rpc_window(call_async, spec):
+    """Samples of calls/s with ``window`` calls in flight: a new call as each oldest one completes."""
+    from collections import deque
+    window = spec.get("window", RPC_IN_FLIGHT)
+
+    def step(k):
+        pending = deque()
+        popleft, push = pending.popleft, pending.append
+        t0 = time.perf_counter()
+        for _ in range(k):
+            if len(pending) >= window:
+                if popleft().result() != 5:
+                    raise ValueError("rpc: add(2, 3) != 5")
+            push(call_async("add", 2, 3))
+        while pending:
+            if popleft().result() != 5:
+                raise ValueError("rpc: add(2, 3) != 5")
+        return time.perf_counter() - t0
+
+    out = _samples(step, spec, 1024, 1024, _per_second)
+    out["info"]["in_flight"] = window
+    return out
+
+
+def rpc_batches(submit, spec):
+    """Samples of calls/s in batches: ``submit(n)`` starts n calls and returns
+    their futures, then all n replies are awaited before the next batch."""
+    window = spec.get("window", RPC_IN_FLIGHT)
+
+    def step(k):
+        t0 = time.perf_counter()
+        for _ in range(-(-k // window)):
+            for f in submit(window):
+                if f.result() != 5:
+                    raise ValueError("rpc: add(2, 3) != 5")
+        return time.perf_counter() - t0
+
+    out = _samples(step, spec, 1024, 1024, lambda t, n: -(-n // window) * window / t)
+    out["info"]["in_flight"] = window
+    return out
+
+
+def rpc_submit(proxy, impl):
+    """``submit(n)`` for rpc_batches: n call_async (``fastnet-batch``) or one
+    ``proxy.batch()`` of n (``fastnet-pbatch``: the requests go out in one write)."""
+    call_async = proxy.call_async
+    if impl.startswith("fastnet-pbatch"):
+        if not hasattr(type(proxy), "batch"):   # (any other name is a remote method)
+            raise NotAvailable("RPCProxy.batch is missing")
+
+        def submit(n):
+            with proxy.batch() as b:
+                return [b.call_async("add", 2, 3) for _ in range(n)]
+    else:
+        def submit(n):
+            return [call_async("add", 2, 3) for _ in range(n)]
+    return submit
+
+
+def _rpc_fastnet_pipelined_client(spec, address):
+    proxy = rpc_proxy(spec, address)
+    impl = spec["impl"]
+    if impl.startswith("fastnet-batch") or impl.startswith("fastnet-pbatch"):
+        out = rpc_batches(rpc_submit(proxy, impl), spec)
+    else:
+        out = rpc_window(proxy.call_async, spec)
+    out["info"].update(backend=_fastnet(spec).backend, codec=proxy.codec)
+    rpc_stop(proxy)
+    return out
+
+
+def _rpc_pingpong_client(spec, address):
+    # fastnet's bare round trip (64-byte echo) as calls/s: the floor under an RPC call
+    out = _pingpong_conn_client(spec, address)
+    out["samples"] = [1e6 / us for us in out["samples"]]
+    return out
+
+
+# The pickle RPC of the Python Cookbook's recipe 11.8 over multiprocessing.connection:
+# the proxy sends (name, args, kwargs), the handler answers the result or the exception.
+
+class CookbookRPCHandler:
+    def __init__(self):
+        self._functions = {}
+
+    def register_function(self, func, name=None):
+        self._functions[name or func.__name__] = func
+
+    def handle_connection(self, connection):
+        try:
+            while True:
+                func_name, args, kwargs = connection.recv()
+                try:
+                    r = self._functions[func_name](*args, **kwargs)
+                    connection.send(r)
+                except Exception as e:
+                    connection.send(e)
+        except EOFError:
+            pass
+
+
+class CookbookRPCProxy:
+    def __init__(self, connection):
+        self._connection = connection
+
+    def __getattr__(self, name):
+        def do_rpc(*args, **kwargs):
+            self._connection.send((name, args, kwargs))
+            result = self._connection.recv()
+            if isinstance(result, Exception):
+                raise result
+            return result
+        return do_rpc
+
+
+def _rpc_mp_server(spec, ready):
+    import multiprocessing.connection as mpc
+    handler = CookbookRPCHandler()
+    handler.register_function(_add, "add")
+    handler.register_function(_echo, "echo")
+    conn = _accept_one(spec, mpc, ready, authkey=bytes.fromhex(spec["authkey"]))
+    handler.handle_connection(conn)
+    conn.close()
+
+
+def _rpc_mp_client(spec, address):
+    import multiprocessing.connection as mpc
+    conn = mpc.Client(_addr(address), authkey=bytes.fromhex(spec["authkey"]))
+    proxy = CookbookRPCProxy(conn)
+    if spec["case"] == "rpc-pipe":
+        out = _rpc_mp_pipelined(conn, spec)
+    else:
+        # the recipe's proxy.add(2, 3): a new closure per attribute lookup, as written
+        out = rpc_sequential(lambda x, y: proxy.add(x, y), spec)
+    conn.close()
+    return out
+
+
+def _rpc_mp_pipelined(conn, spec):
+    # The recipe's handler answers in order, so a client may send a batch of
+    # requests and then read their replies (the pipe holds them meanwhile).
+    window = spec.get("window", RPC_IN_FLIGHT)
+    send, recv = conn.send, conn.recv
+    request = ("add", (2, 3), {})
+
+    def step(k):
+        t0 = time.perf_counter()
+        for _ in range(-(-k // window)):
+            for _ in range(window):
+                send(request)
+            for _ in range(window):
+                if recv() != 5:
+                    raise ValueError("rpc: add(2, 3) != 5")
+        return time.perf_counter() - t0
+
+    out = _samples(step, spec, 1024, 1024, lambda t, n: -(-n // window) * window / t)
+    out["info"]["in_flight"] = window
+    return out
+
+
+def _rpc_xmlrpc_server(spec, ready):
+    if spec["family"] != "tcp":
+        raise NotAvailable("xmlrpc speaks HTTP over TCP only")
+    from xmlrpc.server import SimpleXMLRPCServer
+    srv = SimpleXMLRPCServer(("127.0.0.1", 0), logRequests=False, allow_none=True)
+    stopping = []
+    srv.register_function(_add, "add")
+    srv.register_function(lambda: stopping.append(1), "stop")
+    ready(srv.server_address)
+    while not stopping:
+        srv.handle_request()
+    srv.server_close()
+
+
+def _rpc_xmlrpc_client(spec, address):
+    import xmlrpc.client
+    host, port = _addr(address)
+    proxy = xmlrpc.client.ServerProxy(f"http://{host}:{port}/", allow_none=True)
+    out = rpc_sequential(proxy.add, spec)
+    proxy.stop()
+    proxy("close")()
+    return out
+
+
+def _msgpack():
+    try:
+        import msgpack
+    except ImportError:
+        raise NotAvailable("msgpack is not installed")
+    return msgpack
+
+
+# pyzmq + msgpack: request [msgid, method, args], reply [msgid, error, result].
+
+def _zmq_rpc_reply(functions, packb, unpackb, data):
+    msgid, method, args = unpackb(data)
+    try:
+        return packb([msgid, None, functions[method](*args)]), method == "stop"
+    except Exception as e:
+        return packb([msgid, f"{type(e).__name__}: {e}", None]), False
+
+
+def _rpc_zmq_server(spec, ready):
+    zmq = _zmq()
+    mp = _msgpack()
+    ctx = zmq.Context()
+    router = spec["case"] == "rpc-pipe"
+    sock = ctx.socket(zmq.ROUTER if router else zmq.REP)
+    ready(_zmq_bind(sock, spec))
+    functions = {"add": _add, "echo": _echo, "stop": lambda: None}
+    packb, unpackb = mp.packb, mp.unpackb
+    stop = False
+    while not stop:
+        if router:
+            ident, data = sock.recv_multipart()
+            reply, stop = _zmq_rpc_reply(functions, packb, unpackb, data)
+            sock.send_multipart([ident, reply])
+        else:
+            reply, stop = _zmq_rpc_reply(functions, packb, unpackb, sock.recv())
+            sock.send(reply)
+    _zmq_close(ctx, sock)
+
+
+def _rpc_zmq_client(spec, address):
+    zmq = _zmq()
+    mp = _msgpack()
+    ctx = zmq.Context()
+    pipelined = spec["case"] == "rpc-pipe"
+    sock = ctx.socket(zmq.DEALER if pipelined else zmq.REQ)
+    sock.connect(address)
+    packb, unpackb = mp.packb, mp.unpackb
+    send, recv = sock.send, sock.recv
+    ids = iter(range(1, 1 << 62))
+
+    def call(x, y):
+        send(packb([next(ids), "add", [x, y]]))
+        msgid, error, result = unpackb(recv())
+        if error is not None:
+            raise RuntimeError(error)
+        return result
+
+    if pipelined:
+        out = _zmq_window(send, recv, packb, unpackb, spec)
+    else:
+        out = rpc_sequential(call, spec)
+    send(packb([0, "stop", []]))
+    recv()
+    _zmq_close(ctx, sock)
+    return out
+
+
+def _zmq_window(send, recv, packb, unpackb, spec):
+    # DEALER: ``window`` requests in flight, a new one sent as each reply arrives
+    window = spec.get("window", RPC_IN_FLIGHT)
+
+    def step(k):
+        t0 = time.perf_counter()
+        sent = 0
+        for _ in range(min(window, k)):
+            sent += 1
+            send(packb([sent, "add", [2, 3]]))
+        for _ in range(k):
+            msgid, error, result = unpackb(recv())
+            if result != 5:
+                raise ValueError(f"rpc: add(2, 3) -> {error or result!r}")
+            if sent < k:
+                sent += 1
+                send(packb([sent, "add", [2, 3]]))
+        return time.perf_counter() - t0
+
+    out = _samples(step, spec, 1024, 1024, _per_second)
+    out["info"]["in_flight"] = window
+    return out
+
+
+def _rpc_pyro5_server(spec, ready):
+    try:
+        import Pyro5.api
+    except ImportError:
+        raise NotAvailable("Pyro5 is not installed")
+    if spec["family"] == "tcp":
+        daemon = Pyro5.api.Daemon(host="127.0.0.1", port=0)
+    else:
+        daemon = Pyro5.api.Daemon(unixsocket=spec["path"])
+
+    @Pyro5.api.expose
+    class Calc:
+        def add(self, x, y):
+            return x + y
+
+        def stop(self):
+            threading.Thread(target=daemon.shutdown, daemon=True).start()
+
+    uri = daemon.register(Calc(), "calc")
+    ready(str(uri))
+    daemon.requestLoop()
+    daemon.close()
+
+
+def _rpc_pyro5_client(spec, address):
+    import Pyro5.api
+    proxy = Pyro5.api.Proxy(address)
+    out = rpc_sequential(proxy.add, spec)
+    out["info"]["serializer"] = Pyro5.config.SERIALIZER
+    proxy.stop()
+    proxy._pyroRelease()
+    return out
+
+
+def _rpc_rpyc_server(spec, ready):
+    try:
+        import rpyc
+        from rpyc.utils.server import OneShotServer
+    except ImportError:
+        raise NotAvailable("rpyc is not installed")
+
+    class CalcService(rpyc.Service):
+        def exposed_add(self, x, y):
+            return x + y
+
+    if spec["family"] == "tcp":
+        srv = OneShotServer(CalcService, hostname="127.0.0.1", port=0)
+        ready(["127.0.0.1", srv.port])
+    else:
+        srv = OneShotServer(CalcService, socket_path=spec["path"])
+        ready(spec["path"])
+    srv.start()     # serves the one client until it disconnects
+
+
+def _rpc_rpyc_client(spec, address):
+    import rpyc
+    if spec["family"] == "tcp":
+        conn = rpyc.connect(*_addr(address))
+    else:
+        conn = rpyc.utils.factory.unix_connect(address)
+    # conn.root.add would cost a remote getattr on every call; a cached
+    # method is one round trip per call, as every other row does
+    out = rpc_sequential(conn.root.add, spec)
+    conn.close()
+    return out
+
+
 # (case, impl) -> (server, client) for the Python children.
 _ROLES = {
     ("pingpong", "mp"): (_pingpong_conn_server, _pingpong_conn_client),
@@ -674,6 +1120,20 @@ _ROLES = {
     ("bulk", "fastnet"): (_bulk_conn_server, _bulk_conn_client),
     ("handshake", "mp"): (_handshake_server, _handshake_client),
     ("handshake", "fastnet"): (_handshake_server, _handshake_client),
+    ("rpc-seq", "mp-rpc"): (_rpc_mp_server, _rpc_mp_client),
+    ("rpc-seq", "xmlrpc"): (_rpc_xmlrpc_server, _rpc_xmlrpc_client),
+    ("rpc-seq", "zmq-rpc"): (_rpc_zmq_server, _rpc_zmq_client),
+    ("rpc-seq", "pyro5"): (_rpc_pyro5_server, _rpc_pyro5_client),
+    ("rpc-seq", "rpyc"): (_rpc_rpyc_server, _rpc_rpyc_client),
+    ("rpc-seq", "pingpong"): (_pingpong_conn_server, _rpc_pingpong_client),
+    ("rpc-seq", "fastnet"): (rpc_server, _rpc_fastnet_client),
+    ("rpc-seq", "fastnet-json"): (rpc_server, _rpc_fastnet_client),
+    ("rpc-seq", "fastnet-pickle"): (rpc_server, _rpc_fastnet_client),
+    ("rpc-pipe", "mp-rpc"): (_rpc_mp_server, _rpc_mp_client),
+    ("rpc-pipe", "zmq-rpc"): (_rpc_zmq_server, _rpc_zmq_client),
+    ("rpc-pipe", "fastnet"): (rpc_server, _rpc_fastnet_pipelined_client),
+    ("rpc-pipe", "fastnet-batch"): (rpc_server, _rpc_fastnet_pipelined_client),
+    ("rpc-pipe", "fastnet-pbatch"): (rpc_server, _rpc_fastnet_pipelined_client),
 }
 
 
@@ -769,7 +1229,42 @@ CASES = {
             Impl("fastnet", "fastnet", pure=False),
         ],
     },
+    # "columns": the rows that get a ratio column (default: the anchors);
+    # "issue": whose figures and targets these are.
+    "rpc-seq": {
+        "title": "rpc-seq: sequential add(2, 3) calls from one client",
+        "unit": "calls/s", "json_unit": "calls/s", "better": "higher", "issue": "issue #4",
+        "columns": ["mp-rpc", "zmq-rpc", "pingpong"],
+        # --quick: TCP only, to keep the whole quick run near a minute on 2 cores
+        "quick": {"families": ("tcp",)},
+        "impls": [
+            Impl("mp-rpc", "pickle RPC, multiprocessing", anchor=True),
+            Impl("xmlrpc", "xmlrpc (stdlib)", anchor=True),
+            Impl("zmq-rpc", "pyzmq REQ/REP + msgpack", anchor=True),
+            Impl("pyro5", "Pyro5", anchor=True),
+            Impl("rpyc", "rpyc", anchor=True),
+            Impl("pingpong", "fastnet bare pingpong 64 B", pure=False),
+            Impl("fastnet", "fastnet RPC msgpack", pure=False),
+        ],
+    },
+    "rpc-pipe": {
+        "title": "rpc-pipe: add(2, 3) with {window} calls in flight on one connection",
+        "unit": "calls/s", "json_unit": "calls/s", "better": "higher", "issue": "issue #4",
+        # --quick: TCP only, without the multiprocessing row (Nagle stalls make
+        # it slow to measure over TCP) and the plain call_async batches
+        "quick": {"families": ("tcp",), "skip": ("mp-rpc", "fastnet-batch")},
+        "impls": [
+            Impl("mp-rpc", "pickle RPC, mp: 64 sent, 64 read", anchor=True),
+            Impl("zmq-rpc", "pyzmq DEALER/ROUTER + msgpack", anchor=True),
+            Impl("fastnet", "fastnet call_async, window", pure=False),
+            Impl("fastnet-batch", "fastnet call_async, batches", pure=False),
+            Impl("fastnet-pbatch", "fastnet proxy.batch(), batches", pure=False),
+        ],
+    },
 }
+
+# Names for --only that stand for several cases.
+GROUPS = {"rpc": ["rpc-seq", "rpc-pipe"]}
 
 FAMILIES = {"tcp": "TCP", "unix": "AF_UNIX"}
 
@@ -789,6 +1284,12 @@ TARGETS = [
     ("bulk", None, "send_array >= 2x pyzmq", ("ratio", "fastnet", "zmq", ">=", 2.0)),
     ("handshake", "tcp", "fastnet >= 4000 conn/s", ("value", "fastnet", ">=", 4000.0)),
     ("handshake", None, "fastnet vs multiprocessing", ("report", "fastnet", "mp")),
+    ("rpc-seq", None, "msgpack RPC >= 2.5x mp pickle RPC", ("ratio", "fastnet", "mp-rpc", ">=", 2.5)),
+    ("rpc-seq", None, "msgpack RPC >= 35k calls/s", ("value", "fastnet", ">=", 35e3)),
+    ("rpc-seq", None, "RPC within 1.3x bare pingpong (time ratio)", ("ratio", "pingpong", "fastnet", "<=", 1.3)),
+    ("rpc-pipe", None, "window of 64 >= 150k calls/s", ("value", "fastnet", ">=", 150e3)),
+    ("rpc-pipe", None, "batches of 64 >= 150k calls/s", ("value", "fastnet-batch", ">=", 150e3)),
+    ("rpc-pipe", None, "proxy.batch() of 64 >= 150k calls/s", ("value", "fastnet-pbatch", ">=", 150e3)),
 ]
 
 PROFILES = {
@@ -1072,10 +1573,10 @@ def run(cases=None, *, quick=False, families=("tcp", "unix"), anchors_only=False
     timeout, batch, size, pin ("none", "same" or "split": where the two
     processes of a pair run).  ``progress(text)`` is called after every pair.
     """
-    cases = list(cases or CASES)
+    cases = [c for name in (cases or CASES) for c in GROUPS.get(name, [name])]
     for name in cases:
         if name not in CASES:
-            raise ValueError(f"unknown case {name!r}; choose from {', '.join(CASES)}")
+            raise ValueError(f"unknown case {name!r}; choose from {', '.join([*CASES, *GROUPS])}")
     for fam in families:
         if fam not in FAMILIES:
             raise ValueError(f"unknown family {fam!r}; choose from {', '.join(FAMILIES)}")
@@ -1099,7 +1600,10 @@ def run(cases=None, *, quick=False, families=("tcp", "unix"), anchors_only=False
                         if slot["na"]:
                             continue
                         if anchors_only and not impl.anchor:
-                            slot["na"] = "not run (--anchors)"
+                            slot["na"] = NOT_RUN_ANCHORS
+                            continue
+                        if quick and not _in_quick(case, family, impl):
+                            slot["na"] = NOT_RUN_QUICK
                             continue
                         out = runner.pair(case, impl, family)
                         if "na" in out:
@@ -1139,6 +1643,18 @@ def run(cases=None, *, quick=False, families=("tcp", "unix"), anchors_only=False
     return report
 
 
+NOT_RUN_ANCHORS = "not run (--anchors)"
+NOT_RUN_QUICK = "not run (--quick)"
+
+
+def _in_quick(case, family, impl):
+    """Whether a row runs in the quick profile (a case's "quick" entry may narrow it)."""
+    q = CASES[case].get("quick")
+    if not q:
+        return True
+    return family in q.get("families", FAMILIES) and impl.key not in q.get("skip", ())
+
+
 def _progress_line(rnd, rounds, case, family, impl, slot, out):
     unit = CASES[case]["unit"]
     if "na" in out:
@@ -1164,6 +1680,9 @@ def _targets(report, cases, families):
             if only_family and family != only_family:
                 continue
             rows = report["results"][case][family]
+            if any(rows.get(k, {}).get("na") in (NOT_RUN_ANCHORS, NOT_RUN_QUICK)
+                   for k in rule[1:] if isinstance(k, str) and k in rows):
+                continue
             entry = {"case": case, "family": family, "target": text}
             if rule[0] == "value":
                 _, impl, op, bound = rule
@@ -1217,20 +1736,22 @@ def format_report(report):
     notes = []
     for case, fams in report["results"].items():
         spec = CASES[case]
-        anchors = [i for i in spec["impls"] if i.anchor]
-        title = spec["title"].format(size=cfg["size"], mib=cfg["bulk_mib"], batch=cfg["batch"])
+        columns = spec.get("columns")
+        anchors = [i for i in spec["impls"] if (i.key in columns if columns else i.anchor)]
+        title = spec["title"].format(size=cfg["size"], mib=cfg["bulk_mib"], batch=cfg["batch"],
+                                     window=RPC_IN_FLIGHT)
         lines += ["", f"{title}  [{spec['unit']}, {spec['better']} is better]"]
         head = f"{'':8s} {'':32s} {'median':>9s}" + "".join(f" {'/' + _short(a):>9s}" for a in anchors) \
-            + f" {'issue #2':>9s}"
+            + f" {spec.get('issue', 'issue #2'):>9s}"
         lines.append(head)
         for family, rows in fams.items():
             first = True
             for impl in spec["impls"]:
                 row = rows[impl.key]
+                if row["na"] in (NOT_RUN_ANCHORS, NOT_RUN_QUICK):
+                    continue
                 cells = f"{FAMILIES[family] if first else '':8s} {impl.label:32s} "
                 first = False
-                if row["na"] == "not run (--anchors)":
-                    continue
                 if row["median"] is None:
                     notes.append(f"{case} {FAMILIES[family]} {impl.label}: {row['na']}")
                     cells += f"{'n/a [' + str(len(notes)) + ']':>9s}"
@@ -1243,7 +1764,8 @@ def format_report(report):
                         cells += f" {_fmt(row['issue_anchor']):>9s}"
                 lines.append(cells.rstrip())
     if report["targets"] and not cfg.get("anchors_only"):
-        lines += ["", "issue #2 targets"]
+        issues = sorted({CASES[t["case"]].get("issue", "issue #2") for t in report["targets"]})
+        lines += ["", " and ".join(issues) + " targets"]
         for t in report["targets"]:
             value = "n/a" if t["value"] is None else f"{t['value']:.2f}"
             lines.append(f"  {t['case']:9s} {FAMILIES[t['family']]:7s} {t['target']:46s} "
@@ -1260,22 +1782,27 @@ _PIN_TEXT = {"none": "scheduler's choice", "same": "both processes on one CPU",
 
 def _short(impl):
     return {"c": "C", "mp": "mp", "zmq": "zmq", "socket": "socket",
-            "mp-bytes": "mp bytes", "mp-pickle": "mp send", }.get(impl.key, impl.key)
+            "mp-bytes": "mp bytes", "mp-pickle": "mp send", "mp-rpc": "mp rpc",
+            "zmq-rpc": "zmq"}.get(impl.key, impl.key)
 
 
 def _parse(argv):
     p = argparse.ArgumentParser(
         prog="fastnet bench",
         description="Compare fastnet with the C floor, multiprocessing.connection, "
-                    "pyzmq and plain sockets over loopback; medians and ratios in one run.")
+                    "pyzmq, plain sockets and RPC libraries over loopback; medians and "
+                    "ratios in one run.")
     p.add_argument("--quick", action="store_true",
-                   help="short samples, one round, 32 MiB bulk (about a minute on 2 cores)")
+                   help="short samples, one round, 32 MiB bulk, rpc cases over TCP only "
+                        "(about a minute on 2 cores)")
     p.add_argument("--only", metavar="NAME,...",
-                   help=f"cases to run, comma-separated: {','.join(CASES)}")
+                   help=f"cases to run, comma-separated: {','.join(CASES)} "
+                        f"(rpc: {','.join(GROUPS['rpc'])})")
     p.add_argument("--family", metavar="NAME,...", default="tcp,unix",
                    help="tcp, unix or both (default both)")
     p.add_argument("--anchors", action="store_true",
-                   help="run only the anchors (C floor, multiprocessing, pyzmq, plain sockets)")
+                   help="run only the anchors (C floor, multiprocessing, pyzmq, plain sockets, "
+                        "xmlrpc, Pyro5, rpyc)")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
     p.add_argument("--rounds", type=int, help="fresh process pairs per row")
     p.add_argument("--repeat", type=int, help="timed samples per pair")

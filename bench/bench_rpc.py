@@ -1,0 +1,676 @@
+#!/usr/bin/env python3
+"""RPC benchmarks: fastnet's RPCServer/RPCProxy beside other RPC stacks, as ratios of medians.
+
+Cases (server and client in two fresh processes per row, loopback):
+
+* ``sequential``  ``add(2, 3)`` calls/s, one call at a time from one client:
+  fastnet RPC with the msgpack, json and pickle (with an authkey) codecs;
+  fastnet's bare pingpong (``send_bytes``/``recv_bytes`` of 64 bytes against
+  an echo Listener) as round trips/s, the floor under an RPC call; anchors: a
+  pickle RPC over multiprocessing.connection (the Python Cookbook's recipe
+  11.8: the proxy sends ``(name, args, kwargs)``, the handler sends back the
+  result or the exception), xmlrpc (SimpleXMLRPCServer + ServerProxy, stdlib
+  defaults: a new HTTP connection per call), pyzmq REQ/REP + msgpack, Pyro5
+  (its default serpent serializer), rpyc (a cached remote method: one round
+  trip per call) and grpc (a generic handler with msgpack bytes
+  (de)serializers, no protoc).  TCP and AF_UNIX.
+* ``pipelined``   ``add(2, 3)`` with 64 calls in flight on one connection,
+  calls/s: fastnet ``call_async`` with a sliding window (a new call as soon as
+  the oldest completes), in batches (64 ``call_async``, then wait for all
+  64) and in ``proxy.batch()`` blocks of 64 (the requests in one write); pyzmq
+  DEALER/ROUTER + msgpack with a sliding window of 64; the multiprocessing
+  pickle RPC sending 64 requests, then reading 64 replies.
+* ``array``       ``echo(a)`` of a 64 MiB float64 array, GB/s counting both
+  directions: fastnet RPC with pickle (out-of-band buffers) and with msgpack,
+  the multiprocessing pickle RPC, beside fastnet's own ``send_array`` /
+  ``recv_array`` echo of the same array over the same transport (into
+  preallocated arrays, as the transport bulk benchmark does, and into new
+  ones, as an RPC reply must).
+* ``tls``         sequential msgpack RPC calls/s and 64-byte pingpong round
+  trips/s over TLS beside plain TCP (an ECDSA P-256 certificate made at run
+  time with the ``cryptography`` package, else the ``openssl`` command as in
+  bench_tls.py).  TLS on the RPC server needs ``ssl_context=`` support in
+  fastnet.server; without it the row says n/a and why.
+
+A library that is missing, or a fastnet feature that is, shows as ``n/a``
+with the reason; no number is ever filled in.  Rounds go round-robin over the
+rows so that a noisy neighbour hurts all of them alike; each row's figure is
+the median over all samples of all rounds.  ``--pin same`` puts server and
+client on one CPU, ``--pin split`` on one each, the default leaves placement to
+the scheduler (see ``fastnet bench``).
+
+    python3 bench/bench_rpc.py                       # everything, full profile
+    python3 bench/bench_rpc.py --only sequential,tls --pin same --json rpc.json
+    python3 bench/bench_rpc.py --quick               # a short look
+
+The child processes reuse the servers and clients of ``fastnet/benchmark.py``
+(loaded by path, as the ``fastnet bench`` children do) and add the ones only
+this script runs.  ``run()`` returns the report dict, ``format_table()``
+renders it.
+"""
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def _load_runner():
+    # by path, not as fastnet.benchmark: the anchor rows must run even when
+    # the fastnet package fails to import
+    path = os.path.join(ROOT, "fastnet", "benchmark.py")
+    spec = importlib.util.spec_from_file_location("_fastnet_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+runner = _load_runner()
+Impl = runner.Impl
+NotAvailable = runner.NotAvailable
+
+IN_FLIGHT = runner.RPC_IN_FLIGHT
+ARRAY_MIB = 64
+
+# The figures issue #4 measured (calls/s, TCP, one client process).
+ISSUE_FIGURES = {"xmlrpc": 1390.0, "grpc": 1570.0, "pyro5": 4250.0, "rpyc": 6890.0,
+                 "zmq-rpc": 10100.0, "mp-rpc": 13960.0}
+
+
+# --------------------------------------------------------------------------
+# Child side: the roles only this script runs.
+# --------------------------------------------------------------------------
+
+def _grpc():
+    try:
+        import grpc
+    except ImportError:
+        raise NotAvailable("grpcio is not installed")
+    return grpc
+
+
+def _grpc_target(spec, port=None):
+    if spec["family"] == "tcp":
+        return f"127.0.0.1:{port if port is not None else 0}"
+    return "unix:" + spec["path"]
+
+
+def _grpc_server(spec, ready):
+    from concurrent import futures
+    grpc = _grpc()
+    mp = runner._msgpack()
+    stop = threading.Event()
+
+    def add(request, context):
+        return request[0] + request[1]
+
+    def halt(request, context):
+        stop.set()
+        return 0
+
+    def handler(func):
+        return grpc.unary_unary_rpc_method_handler(
+            func, request_deserializer=mp.unpackb, response_serializer=mp.packb)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "bench.Calc", {"Add": handler(add), "Stop": handler(halt)}),))
+    port = server.add_insecure_port(_grpc_target(spec))
+    if spec["family"] == "tcp" and not port:
+        raise RuntimeError("grpc could not bind a TCP port")
+    server.start()
+    ready(_grpc_target(spec, port))
+    stop.wait()
+    server.stop(grace=1).wait()
+
+
+def _grpc_client(spec, address):
+    grpc = _grpc()
+    mp = runner._msgpack()
+    channel = grpc.insecure_channel(address)
+
+    def method(name):
+        return channel.unary_unary(f"/bench.Calc/{name}", request_serializer=mp.packb,
+                                   response_deserializer=mp.unpackb)
+
+    add = method("Add")
+    out = runner.rpc_sequential(lambda x, y: add([x, y]), spec)
+    method("Stop")([])
+    channel.close()
+    out["info"]["grpc"] = grpc.__version__
+    return out
+
+
+# ---- array ----
+
+def _spots(np, a, nelem):
+    # sampled elements of arange(nelem): a reply that is not the array sent cannot pass
+    a = a.reshape(-1)
+    if a.dtype != np.float64 or a.size != nelem or a[-1] != nelem - 1 or \
+            not np.array_equal(a[::4097], np.arange(0, nelem, 4097, dtype=np.float64)):
+        raise ValueError("array: the reply differs from the array sent")
+
+
+def _array_echo_server(spec, ready):
+    np = runner._numpy()
+    fastnet = runner._fastnet(spec)
+    conn = runner._accept_one(spec, fastnet, ready)
+    runner._need(conn, "send_array", "recv_array")
+    out = np.empty(spec["nbytes"] // 8) if spec["impl"] == "echo-out" else None
+    while True:
+        try:
+            a = conn.recv_array(out=out)
+        except EOFError:
+            break
+        conn.send_array(a)
+        del a
+    conn.close()
+
+
+def _array_echo_client(spec, address):
+    np = runner._numpy()
+    fastnet = runner._fastnet(spec)
+    conn = fastnet.Client(runner._addr(address))
+    nelem = spec["nbytes"] // 8
+    arr = np.arange(nelem, dtype=np.float64)
+    back = np.empty(nelem) if spec["impl"] == "echo-out" else None
+
+    def transfer():
+        t0 = time.perf_counter()
+        conn.send_array(arr)
+        got = conn.recv_array(out=back)
+        t = time.perf_counter() - t0
+        _spots(np, got, nelem)
+        return t
+
+    out = runner._bulk_samples(transfer, spec, 2 * arr.nbytes)
+    out["info"]["backend"] = fastnet.backend
+    conn.close()
+    return out
+
+
+def _array_rpc_client(spec, address):
+    np = runner._numpy()
+    nelem = spec["nbytes"] // 8
+    arr = np.arange(nelem, dtype=np.float64)
+    if spec["impl"] == "mp-rpc":
+        import multiprocessing.connection as mpc
+        conn = mpc.Client(runner._addr(address), authkey=bytes.fromhex(spec["authkey"]))
+        echo = runner.CookbookRPCProxy(conn).echo
+        close = conn.close
+    else:
+        proxy = runner.rpc_proxy(spec, address)
+        echo = proxy.echo
+        close = lambda: runner.rpc_stop(proxy)  # noqa: E731
+
+    def transfer():
+        t0 = time.perf_counter()
+        got = echo(arr)
+        t = time.perf_counter() - t0
+        _spots(np, got, nelem)
+        return t
+
+    out = runner._bulk_samples(transfer, spec, 2 * arr.nbytes)
+    close()
+    return out
+
+
+# ---- tls ----
+
+def _tls_support(fastnet):
+    import inspect
+    import fastnet.server as fs
+    if "ssl_context" not in inspect.signature(fs.BaseServer.__init__).parameters:
+        raise NotAvailable("fastnet.server takes no ssl_context yet: RPCServer cannot serve TLS")
+    from fastnet import tls
+    return tls
+
+
+def _tls_server_context(spec, fastnet):
+    if "tls" not in spec["impl"]:
+        return None
+    tls = _tls_support(fastnet)
+    return tls.server_context(spec["tls_cert"], spec["tls_key"])
+
+
+def _tls_client_context(spec):
+    if "tls" not in spec["impl"]:
+        return None
+    from fastnet import tls
+    return tls.client_context(cafile=spec["tls_cert"])
+
+
+def _tls_rpc_server(spec, ready):
+    fastnet = runner._fastnet(spec)
+    ctx = _tls_server_context(spec, fastnet)
+    runner.rpc_server(spec, ready, **({"ssl_context": ctx} if ctx is not None else {}))
+
+
+def _tls_rpc_client(spec, address):
+    fastnet = runner._fastnet(spec)
+    proxy = runner.rpc_proxy(spec, address, ssl_context=_tls_client_context(spec))
+    out = runner.rpc_sequential(proxy.add, spec)
+    out["info"]["backend"] = fastnet.backend
+    runner.rpc_stop(proxy)
+    return out
+
+
+def _tls_pingpong_server(spec, ready):
+    fastnet = runner._fastnet(spec)
+    ctx = _tls_server_context(spec, fastnet)
+    conn = runner._accept_one(spec, fastnet, ready, ssl_context=ctx)
+    send, recv = conn.send_bytes, conn.recv_bytes
+    try:
+        while True:
+            send(recv())
+    except EOFError:
+        pass
+    conn.close()
+
+
+def _tls_pingpong_client(spec, address):
+    fastnet = runner._fastnet(spec)
+    conn = fastnet.Client(runner._addr(address), ssl_context=_tls_client_context(spec))
+    payload = b"p" * spec["size"]
+    send, recv = conn.send_bytes, conn.recv_bytes
+    send(payload)
+    if recv() != payload:
+        raise ValueError("echo mismatch")
+
+    def step(k):
+        t0 = time.perf_counter()
+        for _ in range(k):
+            send(payload)
+            recv()
+        return time.perf_counter() - t0
+
+    out = runner._samples(step, spec, 64, 100, runner._per_second)
+    out["info"]["backend"] = fastnet.backend
+    conn.close()
+    return out
+
+
+ROLES = {
+    ("rpc-seq", "grpc"): (_grpc_server, _grpc_client),
+    ("rpc-array", "echo-out"): (_array_echo_server, _array_echo_client),
+    ("rpc-array", "echo-new"): (_array_echo_server, _array_echo_client),
+    ("rpc-array", "fastnet-pickle"): (runner.rpc_server, _array_rpc_client),
+    ("rpc-array", "fastnet"): (runner.rpc_server, _array_rpc_client),
+    ("rpc-array", "mp-rpc"): (runner._rpc_mp_server, _array_rpc_client),
+    ("rpc-tls", "fastnet"): (_tls_rpc_server, _tls_rpc_client),
+    ("rpc-tls", "fastnet-tls"): (_tls_rpc_server, _tls_rpc_client),
+    ("rpc-tls", "pingpong"): (_tls_pingpong_server, _tls_pingpong_client),
+    ("rpc-tls", "pingpong-tls"): (_tls_pingpong_server, _tls_pingpong_client),
+}
+
+
+def _child(arg):
+    runner._ROLES.update(ROLES)
+    runner._child(arg)
+
+
+# --------------------------------------------------------------------------
+# Parent side.
+# --------------------------------------------------------------------------
+
+# spec_case: the case name the children know (the runner's rpc-seq and
+# rpc-pipe roles are reused as they are); columns: rows that get a ratio column.
+CASES = {
+    "sequential": {
+        "spec_case": "rpc-seq", "families": ("tcp", "unix"),
+        "title": "add(2, 3) calls one at a time from one client",
+        "unit": "calls/s", "columns": ["mp-rpc", "pingpong"],
+        "impls": [
+            Impl("mp-rpc", "pickle RPC, multiprocessing", anchor=True),
+            Impl("xmlrpc", "xmlrpc (stdlib)", anchor=True),
+            Impl("grpc", "grpc, msgpack bytes", anchor=True),
+            Impl("pyro5", "Pyro5", anchor=True),
+            Impl("rpyc", "rpyc", anchor=True),
+            Impl("zmq-rpc", "pyzmq REQ/REP + msgpack", anchor=True),
+            Impl("pingpong", "fastnet bare pingpong 64 B", pure=False),
+            Impl("fastnet", "fastnet RPC msgpack", pure=False),
+            Impl("fastnet-json", "fastnet RPC json", pure=False),
+            Impl("fastnet-pickle", "fastnet RPC pickle + authkey", pure=False),
+        ],
+    },
+    "pipelined": {
+        "spec_case": "rpc-pipe", "families": ("tcp", "unix"),
+        "title": "add(2, 3) with {window} calls in flight on one connection",
+        "unit": "calls/s", "columns": ["mp-rpc", "zmq-rpc"],
+        "impls": [
+            Impl("mp-rpc", "pickle RPC, mp: {window} sent, {window} read", anchor=True),
+            Impl("zmq-rpc", "pyzmq DEALER/ROUTER + msgpack", anchor=True),
+            Impl("fastnet", "fastnet call_async, window", pure=False),
+            Impl("fastnet-batch", "fastnet call_async, batches", pure=False),
+            Impl("fastnet-pbatch", "fastnet proxy.batch(), batches", pure=False),
+        ],
+    },
+    "array": {
+        "spec_case": "rpc-array", "families": ("tcp", "unix"),
+        "title": "echo(a), a {mib:g} MiB float64 array; GB/s both directions",
+        "unit": "GB/s", "columns": ["echo-out", "echo-new"],
+        "impls": [
+            Impl("echo-out", "send_array/recv_array(out=)", pure=False),
+            Impl("echo-new", "send_array/recv_array() new", pure=False),
+            Impl("mp-rpc", "pickle RPC, multiprocessing", anchor=True),
+            Impl("fastnet-pickle", "fastnet RPC pickle + authkey", pure=False),
+            Impl("fastnet", "fastnet RPC msgpack", pure=False),
+        ],
+    },
+    "tls": {
+        "spec_case": "rpc-tls", "families": ("tcp",),
+        "title": "TLS beside plain TCP: sequential msgpack RPC and 64 B pingpong",
+        "unit": "calls/s", "columns": ["fastnet", "pingpong"],
+        "impls": [
+            Impl("fastnet", "fastnet RPC msgpack, plain", pure=False),
+            Impl("fastnet-tls", "fastnet RPC msgpack, TLS", pure=False),
+            Impl("pingpong", "fastnet pingpong 64 B, plain", pure=False),
+            Impl("pingpong-tls", "fastnet pingpong 64 B, TLS", pure=False),
+        ],
+    },
+}
+
+FAMILIES = runner.FAMILIES
+
+# (case, text, rule): ("ratio", num, den, op, bound) is value(num)/value(den);
+# ("value", impl, op, bound); ("report", num, den) a ratio without a bound.
+TARGETS = [
+    ("sequential", "msgpack RPC >= 2.5x mp pickle RPC", ("ratio", "fastnet", "mp-rpc", ">=", 2.5)),
+    ("sequential", "msgpack RPC >= 35k calls/s", ("value", "fastnet", ">=", 35e3)),
+    ("sequential", "RPC within 1.3x bare pingpong (time ratio)", ("ratio", "pingpong", "fastnet", "<=", 1.3)),
+    ("sequential", "json / msgpack", ("report", "fastnet-json", "fastnet")),
+    ("sequential", "pickle / msgpack", ("report", "fastnet-pickle", "fastnet")),
+    ("pipelined", "window of 64 >= 150k calls/s", ("value", "fastnet", ">=", 150e3)),
+    ("pipelined", "batches of 64 >= 150k calls/s", ("value", "fastnet-batch", ">=", 150e3)),
+    ("pipelined", "proxy.batch() of 64 >= 150k calls/s", ("value", "fastnet-pbatch", ">=", 150e3)),
+    ("array", "pickle RPC >= 0.8x send_array echo", ("ratio", "fastnet-pickle", "echo-out", ">=", 0.8)),
+    ("tls", "RPC calls/s, TLS / plain", ("report", "fastnet-tls", "fastnet")),
+    ("tls", "pingpong round trips/s, TLS / plain", ("report", "pingpong-tls", "pingpong")),
+]
+
+PROFILES = {
+    "full": dict(rounds=3, repeat=5, warmup=0.2, sample=0.3, bulk_warmup=1, timeout=300.0),
+    "quick": dict(rounds=1, repeat=3, warmup=0.05, sample=0.1, bulk_warmup=1, timeout=120.0),
+}
+
+
+def make_cert(d):
+    """A self-signed ECDSA P-256 certificate for 127.0.0.1 and localhost in ``d``: (key, cert) paths."""
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+    except ImportError:
+        sys.path.insert(0, HERE)
+        from bench_tls import make_cert as openssl_cert
+        return openssl_cert(d)
+    import ipaddress
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    kpath, cpath = os.path.join(d, "k.pem"), os.path.join(d, "c.pem")
+    with open(kpath, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    with open(cpath, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    return kpath, cpath
+
+
+def _child_cmd(spec):
+    return [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
+
+
+class _Pairs(runner._Runner):
+    """The runner's process pairs (pinning, time limits, n/a reasons) with this script's children."""
+
+    def __init__(self, cfg, workdir, extra):
+        super().__init__(cfg, workdir)
+        self.extra = extra
+
+    def spec(self, case, impl, family, role):
+        s = super().spec(CASES[case]["spec_case"], impl, family, role)
+        s.update(self.extra)
+        return s
+
+    def commands(self, case, impl, family):
+        sspec = self.spec(case, impl, family, "server")
+        cspec = dict(sspec, role="client")
+        return _child_cmd(sspec), lambda address: _child_cmd(dict(cspec, address=address))
+
+
+def _label(impl, cfg):
+    return impl.label.format(window=cfg["window"])
+
+
+def run(cases=None, *, quick=False, families=("tcp", "unix"), log=None, **overrides):
+    """Run the cases; return the report dict (the ``--json`` document).
+
+    ``overrides``: rounds, repeat, warmup, sample, timeout, pin ("none",
+    "same", "split"), array_mib, window.  ``log(text)`` gets a line per pair.
+    """
+    cases = list(cases or CASES)
+    for c in cases:
+        if c not in CASES:
+            raise ValueError(f"unknown case {c!r}; choose from {', '.join(CASES)}")
+    cfg = dict(PROFILES["quick" if quick else "full"], pin="none", array_mib=ARRAY_MIB,
+               window=IN_FLIGHT, size=runner.PAYLOAD_SIZE, batch=128)
+    for k, v in overrides.items():
+        if k not in cfg:
+            raise TypeError(f"run() got an unexpected setting {k!r}")
+        if v is not None:
+            cfg[k] = v
+    cfg["bulk_mib"] = cfg["array_mib"]
+    plan = [(c, f) for c in cases for f in CASES[c]["families"] if f in families]
+    slots = {(c, f, i.key): {"samples": [], "na": None, "info": {}, "rounds": []}
+             for c, f in plan for i in CASES[c]["impls"]}
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="fnrpc-") as workdir:
+        extra = {"window": cfg["window"]}
+        if "tls" in cases:
+            key, cert = make_cert(workdir)
+            extra.update(tls_key=key, tls_cert=cert)
+        pairs = _Pairs(cfg, workdir, extra)
+        for rnd in range(cfg["rounds"]):
+            for case, family in plan:
+                for impl in CASES[case]["impls"]:
+                    slot = slots[(case, family, impl.key)]
+                    if slot["na"]:
+                        continue
+                    out = pairs.pair(case, impl, family)
+                    if "na" in out:
+                        slot.update(na=out["na"], samples=[], rounds=[])
+                        shown = "n/a: " + out["na"]
+                    else:
+                        slot["samples"].extend(out["samples"])
+                        slot["rounds"].append(statistics.median(out["samples"]))
+                        slot["info"] = out.get("info", {})
+                        shown = f"{runner._fmt(slot['rounds'][-1])} {CASES[case]['unit']}"
+                    if log:
+                        log(f"[{rnd + 1}/{cfg['rounds']}] {case:10s} {FAMILIES[family]:7s} "
+                            f"{_label(impl, cfg):32s} {shown}")
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "elapsed_s": round(time.time() - started, 1),
+        "machine": _machine(),
+        "config": dict(cfg, quick=quick, cases=cases, families=list(families)),
+        "results": {},
+    }
+    for case, family in plan:
+        rows = report["results"].setdefault(case, {}).setdefault(family, {})
+        for impl in CASES[case]["impls"]:
+            slot = slots[(case, family, impl.key)]
+            ss = slot["samples"]
+            med = statistics.median(ss) if ss and not slot["na"] else None
+            q = statistics.quantiles(ss, n=4) if med is not None and len(ss) >= 2 else None
+            rows[impl.key] = {
+                "label": _label(impl, cfg), "unit": CASES[case]["unit"], "median": med,
+                # interquartile range over the median: how much the samples scattered
+                "spread": (q[2] - q[0]) / med if q and med else None,
+                "round_medians": slot["rounds"] if med is not None else [],
+                "samples": ss if med is not None else [], "na": slot["na"], "info": slot["info"],
+                "issue": ISSUE_FIGURES.get(impl.key) if case == "sequential" and family == "tcp" else None,
+            }
+    report["targets"] = _targets(report)
+    return report
+
+
+def _machine():
+    m = runner._machine()
+    for name in ("msgpack", "Pyro5", "rpyc", "grpc"):
+        try:
+            mod = __import__(name)
+        except ImportError:
+            continue
+        v = getattr(mod, "__version__", None) or getattr(mod, "version", None)
+        m["versions"][name] = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    return m
+
+
+def _value(rows, key):
+    return rows.get(key, {}).get("median")
+
+
+def _ratio(rows, num, den):
+    a, b = _value(rows, num), _value(rows, den)
+    return a / b if a is not None and b else None
+
+
+def _targets(report):
+    out = []
+    for case, text, rule in TARGETS:
+        for family, rows in report["results"].get(case, {}).items():
+            if rule[0] == "value":
+                _, key, op, bound = rule
+                value = _value(rows, key)
+            elif rule[0] == "ratio":
+                _, num, den, op, bound = rule
+                value = _ratio(rows, num, den)
+            else:
+                _, num, den = rule
+                op = bound = None
+                value = _ratio(rows, num, den)
+            if value is None:
+                status = "n/a"
+            elif op is None:
+                status = "reported"
+            else:
+                status = "met" if (value <= bound if op == "<=" else value >= bound) else "NOT met"
+            out.append({"case": case, "family": family, "target": text, "value": value,
+                        "status": status})
+    return out
+
+
+def format_table(report):
+    """The report as text tables: medians, ratio columns (value / that row's value), spread."""
+    cfg = report["config"]
+    m = report["machine"]
+    vers = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    lines = [
+        f"fastnet RPC bench  {report['date']}  ({'quick' if cfg['quick'] else 'full'} profile, "
+        f"{report['elapsed_s']:g} s)",
+        f"machine: {m['cpu']}, {m['cpus']} CPUs, {m['platform']}; {vers}",
+        f"each row: median of {cfg['rounds']} fresh process pair(s) x {cfg['repeat']} samples; "
+        f"CPU placement: {runner._PIN_TEXT[cfg['pin']]}; ratio columns: value / that row's value; "
+        f"iqr: interquartile range of the samples / median",
+    ]
+    notes = []
+    for case, fams in report["results"].items():
+        spec = CASES[case]
+        cols = spec["columns"]
+        short = {i.key: i.key for i in spec["impls"]}
+        title = spec["title"].format(window=cfg["window"], mib=cfg["array_mib"])
+        lines += ["", f"{case}: {title}  [{spec['unit']}, higher is better]"]
+        lines.append(f"{'':8s} {'':33s} {'median':>9s}" + "".join(f" {'/' + short[c]:>10s}" for c in cols)
+                     + f" {'iqr':>5s}" + (f" {'issue #4':>9s}" if case == "sequential" else ""))
+        for family, rows in fams.items():
+            first = True
+            for key, row in rows.items():
+                cells = f"{FAMILIES[family] if first else '':8s} {row['label']:33s} "
+                first = False
+                if row["median"] is None:
+                    notes.append(f"{case} {FAMILIES[family]} {row['label']}: {row['na']}")
+                    cells += f"{'n/a [' + str(len(notes)) + ']':>9s}"
+                else:
+                    cells += f"{runner._fmt(row['median']):>9s}"
+                    for c in cols:
+                        r = _ratio(rows, key, c)
+                        cells += f" {('%.2f' % r) if r is not None else '-':>10s}"
+                    cells += f" {('%.0f%%' % (100 * row['spread'])) if row['spread'] is not None else '-':>5s}"
+                    if row["issue"] is not None:
+                        cells += f" {runner._fmt(row['issue']):>9s}"
+                lines.append(cells.rstrip())
+    if report["targets"]:
+        lines += ["", "issue #4 targets"]
+        for t in report["targets"]:
+            v = t["value"]
+            shown = "n/a" if v is None else (runner._fmt(v) if v >= 100 else f"{v:.2f}")
+            lines.append(f"  {t['case']:10s} {FAMILIES[t['family']]:7s} {t['target']:44s} "
+                         f"{shown:>8s}  {t['status']}")
+    if notes:
+        lines += ["", "n/a:"] + [f"  [{n}] {text}" for n, text in enumerate(notes, 1)]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="one round, short samples")
+    p.add_argument("--only", metavar="CASE,...", help=f"cases to run: {','.join(CASES)}")
+    p.add_argument("--family", default="tcp,unix", metavar="NAME,...", help="tcp, unix or both")
+    p.add_argument("--rounds", type=int, help="fresh process pairs per row (round-robin)")
+    p.add_argument("--repeat", type=int, help="timed samples per pair")
+    p.add_argument("--sample", type=float, help="seconds per timed sample")
+    p.add_argument("--warmup", type=float, help="seconds of warm-up per pair")
+    p.add_argument("--array-mib", type=float, help=f"array size in MiB (default {ARRAY_MIB})")
+    p.add_argument("--window", type=int, help=f"calls in flight, pipelined (default {IN_FLIGHT})")
+    p.add_argument("--timeout", type=float, help="seconds before a pair is abandoned")
+    p.add_argument("--pin", choices=("none", "same", "split"), default="none",
+                   help="CPU placement of server and client: the scheduler's choice (default), "
+                        "one CPU for both, or one CPU each")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        _child(args.child)
+        return 0
+    cases = [c.strip() for c in args.only.split(",") if c.strip()] if args.only else None
+    families = tuple(f.strip() for f in args.family.split(",") if f.strip())
+    try:
+        report = run(cases, quick=args.quick, families=families,
+                     log=None if args.quiet else lambda t: print(t, file=sys.stderr, flush=True),
+                     rounds=args.rounds, repeat=args.repeat, sample=args.sample,
+                     warmup=args.warmup, timeout=args.timeout, pin=args.pin,
+                     array_mib=args.array_mib, window=args.window)
+    except ValueError as exc:
+        print(f"bench_rpc: {exc}", file=sys.stderr)
+        return 2
+    report["command"] = "python3 bench/bench_rpc.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
