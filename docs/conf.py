@@ -51,10 +51,14 @@ _STDLIB = ("builtins", "socketserver", "multiprocessing", "socket", "ssl", "conc
 # Type hints also name numpy's types and typing-only helpers, imported under
 # ``if TYPE_CHECKING:`` (``Buffer`` is the buffer protocol); none is linked.
 _TYPING = ("typing", "typing_extensions", "_typeshed", "types", "numpy", "npt")
-_TYPING_ONLY = ("Buffer", "WSGIApplication", "WSGIEnvironment", "StartResponse", "OptExcInfo")
+_TYPING_ONLY = ("Buffer", "WSGIApplication", "WSGIEnvironment", "StartResponse", "OptExcInfo",
+                "Address", "Self")
 nitpick_ignore_regex = [
     (r"py:.*", r"(%s)(\..*)?" % "|".join(_STDLIB + _TYPING)),
     (r"py:.*", r"(%s)" % "|".join(_TYPING_ONLY)),
+    # private names (type variables, aliases, helper classes) are not documented
+    (r"py:.*", r"_\w+"),
+    (r"py:.*", r"fastnet\.(\w+\.)*_\w+(\.\w+)*"),
 ]
 # Private classes that the public ones build on; they are not documented.
 nitpick_ignore = [
