@@ -187,9 +187,20 @@ class _RPCHandler(_server.MessageHandler):
         self.out: list[Buffer] = []
         self.flush_armed = False
         self.gone = False
+        self.owed = 0           # blocking calls still running for this connection
+        self.stopping = False
 
     def finish(self) -> None:
         self.gone = True
+
+    def draining(self) -> bool:
+        # the server shuts down: answer the calls already received, then close
+        self.stopping = True
+        return bool(self.owed or self.out)
+
+    def _maybe_done(self) -> None:
+        if self.stopping and not self.owed and not self.out and not self.gone:
+            self.close()
 
     def message_received(self, data: bytes) -> None:
         parts = self.parts
@@ -298,6 +309,7 @@ class _RPCHandler(_server.MessageHandler):
             self._send_error(msgid, "MethodNotFound", self.rpc._not_found(method))
             return
         if m.blocking:
+            self.owed += 1
             self.rpc._offload(self, m, msgid, args, kwargs)
             return
         t0 = time.perf_counter()
@@ -334,6 +346,7 @@ class _RPCHandler(_server.MessageHandler):
             logger.debug("notification of unknown method %r from %r", method, self.client_address)
             return
         if m.blocking:
+            self.owed += 1
             self.rpc._offload(self, m, None, args, kwargs)
             return
         t0 = time.perf_counter()
@@ -397,16 +410,22 @@ class _RPCHandler(_server.MessageHandler):
             t.send_bytes(out[0])
         else:
             t.send_many(out)
+        if self.stopping:
+            self._maybe_done()
 
     def _blocking_done(self, m: _Method, msgid: int | None, t0: float, ok: bool, value: Any) -> None:
         # loop thread
+        self.owed -= 1
         m.record(time.perf_counter() - t0, not ok)
         if msgid is None or self.gone:
+            self._maybe_done()
             return
         if ok:
             self._send_result(msgid, value)
         else:
             self._send_exc(msgid, value)
+        if self.stopping and not self.flush_armed:
+            self._maybe_done()
 
 
 class _Closed:
@@ -1128,7 +1147,7 @@ class RPCProxy:
             conn.send_bytes(json.dumps(hello).encode())
             left = max(0.001, deadline - time.monotonic())
             try:
-                data = conn._ch.recv_frame(_MAX_HELLO, left)
+                data = conn._ch.recv_frame(_MAX_HELLO, left)  # type: ignore[union-attr]  # open
             except EOFError:
                 raise ProtocolError("the server closed the connection during the RPC hello "
                                     "(is it a fastnet RPCServer?)") from None

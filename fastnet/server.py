@@ -266,6 +266,17 @@ class MessageHandler:
     def finish(self):
         """Called once the connection is closed."""
 
+    def draining(self):
+        """Called when the server shuts down, where the handler runs on a loop.
+
+        Return True to keep the connection open (no more messages arrive)
+        until the handler calls ``close()`` itself, for instance while it
+        still owes replies to work running elsewhere; the server's
+        ``shutdown_timeout`` still bounds the wait. The default, False,
+        closes the connection once what was sent is flushed.
+        """
+        return False
+
     def reply(self, data):
         """Send one message to the peer."""
         self._send(data)
@@ -415,7 +426,15 @@ class _FramedConn:
         if t is None or t.is_closing():
             return
         if not self.engine.threaded:
-            t.close()
+            try:
+                keep = self.handler.draining()
+            except Exception:
+                logger.exception("exception in %s.draining()", type(self.handler).__name__)
+                keep = False
+            if keep:
+                t.pause_reading()
+            else:
+                t.close()
             return
         # let the pool answer what already arrived, then close after the replies
         t.pause_reading()
