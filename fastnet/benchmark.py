@@ -49,6 +49,8 @@ The children load this file by path rather than importing the ``fastnet``
 package, so the anchor cases run even when fastnet itself does not import.
 """
 
+from __future__ import annotations
+
 import argparse
 import contextlib
 import datetime
@@ -63,6 +65,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 __all__ = ["CASES", "run", "main", "format_report", "serve", "NotAvailable"]
 
@@ -104,20 +108,20 @@ class NotAvailable(Exception):
 # Child side: the servers and clients.  Everything here runs in a child.
 # --------------------------------------------------------------------------
 
-def _ready(address):
+def _ready(address: Any) -> None:
     print("READY " + json.dumps(address), flush=True)
 
 
-def _addr(address):
+def _addr(address: Any) -> Any:
     # JSON turns the (host, port) tuple into a list; Listener/Client want a tuple.
     return tuple(address) if isinstance(address, list) else address
 
 
-def _listen_address(spec):
+def _listen_address(spec: dict[str, Any]) -> Any:
     return ("127.0.0.1", 0) if spec["family"] == "tcp" else spec["path"]
 
 
-def _fastnet(spec):
+def _fastnet(spec: dict[str, Any]) -> Any:
     try:
         import fastnet
     except Exception as exc:  # a half-built package must not crash the runner
@@ -130,21 +134,21 @@ def _fastnet(spec):
     return fastnet
 
 
-def _need(obj, *names):
+def _need(obj: Any, *names: Any) -> Any:
     for name in names:
         if not hasattr(obj, name):
             owner = getattr(obj, "__name__", type(obj).__name__)
             raise NotAvailable(f"{owner}.{name} is missing")
 
 
-def _conn_module(spec):
+def _conn_module(spec: dict[str, Any]) -> Any:
     if spec["impl"].startswith("mp"):
         import multiprocessing.connection as mpc
         return mpc
     return _fastnet(spec)
 
 
-def _zmq():
+def _zmq() -> Any:
     try:
         import zmq
     except ImportError:
@@ -152,7 +156,7 @@ def _zmq():
     return zmq
 
 
-def _numpy():
+def _numpy() -> Any:
     try:
         import numpy
     except ImportError:
@@ -160,7 +164,7 @@ def _numpy():
     return numpy
 
 
-def _zmq_bind(sock, spec, suffix=""):
+def _zmq_bind(sock: Any, spec: dict[str, Any], suffix: str = "") -> Any:
     if spec["family"] == "tcp":
         port = sock.bind_to_random_port("tcp://127.0.0.1")
         return f"tcp://127.0.0.1:{port}"
@@ -169,13 +173,13 @@ def _zmq_bind(sock, spec, suffix=""):
     return url
 
 
-def _zmq_close(ctx, *socks):
+def _zmq_close(ctx: Any, *socks: Any) -> None:
     for s in socks:
         s.close(linger=0)
     ctx.term()
 
 
-def _accept_one(spec, mod, ready, **kw):
+def _accept_one(spec: dict[str, Any], mod: Any, ready: Callable[[Any], None], **kw: Any) -> Any:
     listener = mod.Listener(_listen_address(spec), **kw)
     ready(listener.address)
     conn = listener.accept()
@@ -183,7 +187,7 @@ def _accept_one(spec, mod, ready, **kw):
     return conn
 
 
-def _calibrate(step, spec, start, minimum):
+def _calibrate(step: Any, spec: dict[str, Any], start: Any, minimum: Any) -> Any:
     """Warm up with step(k) in growing chunks for ``warmup`` seconds; return
     the count that lasts about ``sample`` seconds."""
     done, spent, k = 0, 0.0, start
@@ -194,23 +198,23 @@ def _calibrate(step, spec, start, minimum):
     return max(minimum, int(spec["sample"] * done / max(spent, 1e-9)))
 
 
-def _samples(step, spec, start, minimum, per):
+def _samples(step: Any, spec: dict[str, Any], start: Any, minimum: Any, per: Any) -> Any:
     n = _calibrate(step, spec, start, minimum)
     return {"samples": [per(step(n), n) for _ in range(spec["repeat"])],
             "info": {"iterations": n}}
 
 
-def _us_per_op(t, n):
+def _us_per_op(t: Any, n: Any) -> Any:
     return t / n * 1e6
 
 
-def _per_second(t, n):
+def _per_second(t: Any, n: Any) -> Any:
     return n / t
 
 
 # ---- pingpong ----
 
-def _pingpong_conn_server(spec, ready):
+def _pingpong_conn_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> None:
     mod = _conn_module(spec)
     conn = _accept_one(spec, mod, ready)
     send, recv = conn.send_bytes, conn.recv_bytes
@@ -222,7 +226,7 @@ def _pingpong_conn_server(spec, ready):
     conn.close()
 
 
-def _pingpong_conn_client(spec, address):
+def _pingpong_conn_client(spec: dict[str, Any], address: Any) -> Any:
     mod = _conn_module(spec)
     conn = mod.Client(_addr(address))
     payload = b"p" * spec["size"]
@@ -231,7 +235,7 @@ def _pingpong_conn_client(spec, address):
     if recv() != payload:
         raise ValueError("echo mismatch")
 
-    def step(k):
+    def step(k: Any) -> Any:
         t0 = time.perf_counter()
         for _ in range(k):
             send(payload)
@@ -244,7 +248,7 @@ def _pingpong_conn_client(spec, address):
     return out
 
 
-def _pingpong_zmq_server(spec, ready):
+def _pingpong_zmq_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> None:
     zmq = _zmq()
     ctx = zmq.Context()
     rep = ctx.socket(zmq.REP)
@@ -258,7 +262,7 @@ def _pingpong_zmq_server(spec, ready):
     _zmq_close(ctx, rep)
 
 
-def _pingpong_zmq_client(spec, address):
+def _pingpong_zmq_client(spec: dict[str, Any], address: Any) -> Any:
     zmq = _zmq()
     ctx = zmq.Context()
     req = ctx.socket(zmq.REQ)
@@ -269,7 +273,7 @@ def _pingpong_zmq_client(spec, address):
     if recv() != payload:
         raise ValueError("echo mismatch")
 
-    def step(k):
+    def step(k: Any) -> Any:
         t0 = time.perf_counter()
         for _ in range(k):
             send(payload)
@@ -287,18 +291,18 @@ def _pingpong_zmq_client(spec, address):
 # Per sample the sender announces n (b"N<n>"), waits for b"G", sends n
 # messages and waits for b"D"; only the last two steps are timed.  b"N0" ends.
 
-def stream_payload(size):
+def stream_payload(size: Any) -> Any:
     """The message every stream sender sends and every receiver expects."""
     return b"s" * size
 
 
-def _check_frames(frames, expected):
+def _check_frames(frames: Any, expected: Any) -> Any:
     for m in frames:
         if m != expected:
             raise ValueError(f"stream: bad message {bytes(m)[:16]!r}...")
 
 
-def _stream_conn_server(spec, ready):
+def _stream_conn_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> Any:
     mod = _conn_module(spec)
     conn = _accept_one(spec, mod, ready)
     batched = "batch" in spec["impl"]
@@ -332,7 +336,7 @@ def _stream_conn_server(spec, ready):
     conn.close()
 
 
-def stream_sender(conn, payload, batch=0):
+def stream_sender(conn: Any, payload: Any, batch: int = 0) -> Any:
     """Return ``burst(n) -> seconds`` for a connection to a stream server.
 
     With ``batch`` > 0 the messages go out ``batch`` at a time through
@@ -342,7 +346,7 @@ def stream_sender(conn, payload, batch=0):
         send_many = conn.send_many
         chunk = [payload] * batch
 
-    def burst(n):
+    def burst(n: Any) -> Any:
         send(b"N%d" % n)
         if recv() != b"G":
             raise ValueError("stream: bad go")
@@ -363,7 +367,7 @@ def stream_sender(conn, payload, batch=0):
     return burst
 
 
-def _stream_conn_client(spec, address):
+def _stream_conn_client(spec: dict[str, Any], address: Any) -> Any:
     mod = _conn_module(spec)
     if "nagle" in spec["impl"]:
         # Nagle's algorithm on, as multiprocessing leaves it: the kernel coalesces small sends
@@ -383,7 +387,7 @@ def _stream_conn_client(spec, address):
     return out
 
 
-def _stream_zmq_server(spec, ready):
+def _stream_zmq_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> Any:
     zmq = _zmq()
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
@@ -403,7 +407,7 @@ def _stream_zmq_server(spec, ready):
     _zmq_close(ctx, pull, push)
 
 
-def _stream_zmq_client(spec, address):
+def _stream_zmq_client(spec: dict[str, Any], address: Any) -> Any:
     zmq = _zmq()
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
@@ -413,7 +417,7 @@ def _stream_zmq_client(spec, address):
     payload = stream_payload(spec["size"])
     send, recv = push.send, pull.recv
 
-    def burst(n):
+    def burst(n: Any) -> Any:
         send(b"N%d" % n)
         if recv() != b"G":
             raise ValueError("stream: bad go")
@@ -438,12 +442,12 @@ def _stream_zmq_client(spec, address):
 _SPOT = 4097
 
 
-def _poison(np, out):
+def _poison(np: Any, out: Any) -> None:
     out[::_SPOT] = -1.0
     out[-1] = -1.0
 
 
-def _check_array(np, a, nelem):
+def _check_array(np: Any, a: Any, nelem: Any) -> Any:
     if a.dtype != np.float64 or a.size != nelem:
         raise ValueError(f"bulk: got {a.dtype} x {a.size}, expected float64 x {nelem}")
     a = a.reshape(-1)
@@ -452,7 +456,7 @@ def _check_array(np, a, nelem):
         raise ValueError("bulk: array content differs")
 
 
-def _bulk_conn_server(spec, ready):
+def _bulk_conn_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> None:
     np = _numpy()
     mod = _conn_module(spec)
     conn = _accept_one(spec, mod, ready)
@@ -483,7 +487,7 @@ def _bulk_conn_server(spec, ready):
     conn.close()
 
 
-def _bulk_conn_client(spec, address):
+def _bulk_conn_client(spec: dict[str, Any], address: Any) -> Any:
     np = _numpy()
     mod = _conn_module(spec)
     conn = mod.Client(_addr(address))
@@ -497,7 +501,7 @@ def _bulk_conn_client(spec, address):
         _need(conn, "send_array")
         send = conn.send_array
 
-    def transfer():
+    def transfer() -> Any:
         conn.send_bytes(b"B")
         if conn.recv_bytes() != b"G":
             raise ValueError("bulk: bad go")
@@ -514,19 +518,19 @@ def _bulk_conn_client(spec, address):
     return out
 
 
-def _bulk_samples(transfer, spec, nbytes):
+def _bulk_samples(transfer: Any, spec: dict[str, Any], nbytes: Any) -> Any:
     for _ in range(spec["bulk_warmup"]):
         transfer()
     return {"samples": [nbytes / transfer() / 1e9 for _ in range(spec["repeat"])],
             "info": {"bytes": nbytes}}
 
 
-def _socket_family(spec):
+def _socket_family(spec: dict[str, Any]) -> Any:
     import socket
     return socket.AF_INET if spec["family"] == "tcp" else socket.AF_UNIX
 
 
-def _recv_exact(sock, n):
+def _recv_exact(sock: Any, n: Any) -> Any:
     buf = b""
     while len(buf) < n:
         chunk = sock.recv(n - len(buf))
@@ -536,7 +540,7 @@ def _recv_exact(sock, n):
     return buf
 
 
-def _bulk_socket_server(spec, ready):
+def _bulk_socket_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> Any:
     import socket
     np = _numpy()
     ls = socket.socket(_socket_family(spec), socket.SOCK_STREAM)
@@ -565,7 +569,7 @@ def _bulk_socket_server(spec, ready):
     sock.close()
 
 
-def _bulk_socket_client(spec, address):
+def _bulk_socket_client(spec: dict[str, Any], address: Any) -> Any:
     import socket
     np = _numpy()
     sock = socket.socket(_socket_family(spec), socket.SOCK_STREAM)
@@ -573,7 +577,7 @@ def _bulk_socket_client(spec, address):
     arr = np.arange(spec["nbytes"] // 8, dtype=np.float64)
     view = memoryview(arr).cast("B")
 
-    def transfer():
+    def transfer() -> Any:
         sock.sendall(b"B")
         if _recv_exact(sock, 1) != b"G":
             raise ValueError("bulk: bad go")
@@ -589,7 +593,7 @@ def _bulk_socket_client(spec, address):
     return out
 
 
-def _bulk_zmq_server(spec, ready):
+def _bulk_zmq_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> None:
     zmq = _zmq()
     np = _numpy()
     ctx = zmq.Context()
@@ -605,7 +609,7 @@ def _bulk_zmq_server(spec, ready):
     _zmq_close(ctx, pair)
 
 
-def _bulk_zmq_client(spec, address):
+def _bulk_zmq_client(spec: dict[str, Any], address: Any) -> Any:
     zmq = _zmq()
     np = _numpy()
     ctx = zmq.Context()
@@ -613,7 +617,7 @@ def _bulk_zmq_client(spec, address):
     pair.connect(address)
     arr = np.arange(spec["nbytes"] // 8, dtype=np.float64)
 
-    def transfer():
+    def transfer() -> Any:
         pair.send(b"B")
         if pair.recv() != b"G":
             raise ValueError("bulk: bad go")
@@ -631,7 +635,7 @@ def _bulk_zmq_client(spec, address):
 
 # ---- handshake ----
 
-def _handshake_server(spec, ready):
+def _handshake_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> None:
     mod = _conn_module(spec)
     key = bytes.fromhex(spec["authkey"])
     listener = mod.Listener(_listen_address(spec), authkey=key)
@@ -647,7 +651,7 @@ def _handshake_server(spec, ready):
     listener.close()
 
 
-def handshake_once(mod, address, key, payload):
+def handshake_once(mod: Any, address: Any, key: Any, payload: Any) -> Any:
     """Connect, authenticate both ways, echo one message, close."""
     conn = mod.Client(address, authkey=key)
     conn.send_bytes(payload)
@@ -656,13 +660,13 @@ def handshake_once(mod, address, key, payload):
     conn.close()
 
 
-def _handshake_client(spec, address):
+def _handshake_client(spec: dict[str, Any], address: Any) -> Any:
     mod = _conn_module(spec)
     key = bytes.fromhex(spec["authkey"])
     address = _addr(address)
     payload = b"h" * spec["size"]
 
-    def step(k):
+    def step(k: Any) -> Any:
         t0 = time.perf_counter()
         for _ in range(k):
             handshake_once(mod, address, key, payload)
@@ -684,15 +688,15 @@ def _handshake_client(spec, address):
 RPC_IN_FLIGHT = 64
 
 
-def _add(x, y):
+def _add(x: Any, y: Any) -> Any:
     return x + y
 
 
-def _echo(x):
+def _echo(x: Any) -> Any:
     return x
 
 
-def rpc_codec(impl):
+def rpc_codec(impl: Any) -> Any:
     """The fastnet codec of an rpc row: its suffix (``-json``, ``-pickle``), else msgpack."""
     for name in ("json", "pickle"):
         if impl.endswith("-" + name):
@@ -700,7 +704,7 @@ def rpc_codec(impl):
     return "msgpack"
 
 
-def _rpc_key(spec, codec):
+def _rpc_key(spec: dict[str, Any], codec: Any) -> Any:
     # Only pickle needs the authkey (the RPC layer refuses it without one);
     # the other codecs run without, as a msgpack or json client would.
     if codec != "pickle":
@@ -708,7 +712,7 @@ def _rpc_key(spec, codec):
     return bytes.fromhex(spec["authkey"]) or None
 
 
-def rpc_server(spec, ready, **kw):
+def rpc_server(spec: dict[str, Any], ready: Callable[[Any], None], **kw: Any) -> None:
     """A fastnet RPCServer with add, echo and stop, served until stop (``kw``: RPCServer options)."""
     fastnet = _fastnet(spec)
     _need(fastnet, "RPCServer")
@@ -724,7 +728,7 @@ def rpc_server(spec, ready, **kw):
     srv.server_close()
 
 
-def rpc_proxy(spec, address, **kw):
+def rpc_proxy(spec: dict[str, Any], address: Any, **kw: Any) -> Any:
     """An RPCProxy for ``rpc_server`` (same codec and key); ``kw``: RPCProxy options."""
     fastnet = _fastnet(spec)
     _need(fastnet, "RPCProxy")
@@ -732,28 +736,28 @@ def rpc_proxy(spec, address, **kw):
     return fastnet.RPCProxy(_addr(address), authkey=_rpc_key(spec, codec), codec=codec, **kw)
 
 
-def rpc_stop(proxy):
+def rpc_stop(proxy: Any) -> None:
     """End an ``rpc_server`` child: a notification, since the shutdown it
     starts may close the connection before a reply to stop could leave."""
     proxy.notify("stop")
     proxy.close()
 
 
-def _timed_calls(call, k):
+def _timed_calls(call: Any, k: Any) -> Any:
     t0 = time.perf_counter()
     for _ in range(k):
         call(2, 3)
     return time.perf_counter() - t0
 
 
-def rpc_sequential(call, spec):
+def rpc_sequential(call: Any, spec: dict[str, Any]) -> Any:
     """Samples of calls/s of ``call(2, 3)``, one call at a time."""
     if call(2, 3) != 5:
         raise ValueError("rpc: add(2, 3) != 5")
     return _samples(lambda k: _timed_calls(call, k), spec, 64, 100, _per_second)
 
 
-def _rpc_fastnet_client(spec, address):
+def _rpc_fastnet_client(spec: dict[str, Any], address: Any) -> Any:
     proxy = rpc_proxy(spec, address)
     out = rpc_sequential(proxy.add, spec)
     out["info"].update(backend=_fastnet(spec).backend, codec=proxy.codec)
@@ -761,13 +765,13 @@ def _rpc_fastnet_client(spec, address):
     return out
 
 
-def rpc_window(call_async, spec):
+def rpc_window(call_async: Any, spec: dict[str, Any]) -> Any:
     """Samples of calls/s with ``window`` calls in flight: a new call as each oldest one completes."""
     from collections import deque
     window = spec.get("window", RPC_IN_FLIGHT)
 
-    def step(k):
-        pending = deque()
+    def step(k: Any) -> Any:
+        pending: deque[Any] = deque()
         popleft, push = pending.popleft, pending.append
         t0 = time.perf_counter()
         for _ in range(k):
@@ -785,12 +789,12 @@ def rpc_window(call_async, spec):
     return out
 
 
-def rpc_batches(submit, spec):
+def rpc_batches(submit: Any, spec: dict[str, Any]) -> Any:
     """Samples of calls/s in batches: ``submit(n)`` starts n calls and returns
     their futures, then all n replies are awaited before the next batch."""
     window = spec.get("window", RPC_IN_FLIGHT)
 
-    def step(k):
+    def step(k: Any) -> Any:
         t0 = time.perf_counter()
         for _ in range(-(-k // window)):
             for f in submit(window):
@@ -803,7 +807,7 @@ def rpc_batches(submit, spec):
     return out
 
 
-def rpc_submit(proxy, impl):
+def rpc_submit(proxy: Any, impl: Any) -> Any:
     """``submit(n)`` for rpc_batches: n call_async (``fastnet-batch``) or one
     ``proxy.batch()`` of n (``fastnet-pbatch``: the requests go out in one write)."""
     call_async = proxy.call_async
@@ -811,16 +815,16 @@ def rpc_submit(proxy, impl):
         if not hasattr(type(proxy), "batch"):   # (any other name is a remote method)
             raise NotAvailable("RPCProxy.batch is missing")
 
-        def submit(n):
+        def submit(n: Any) -> Any:
             with proxy.batch() as b:
                 return [b.call_async("add", 2, 3) for _ in range(n)]
     else:
-        def submit(n):
+        def submit(n: Any) -> Any:
             return [call_async("add", 2, 3) for _ in range(n)]
     return submit
 
 
-def _rpc_fastnet_pipelined_client(spec, address):
+def _rpc_fastnet_pipelined_client(spec: dict[str, Any], address: Any) -> Any:
     proxy = rpc_proxy(spec, address)
     impl = spec["impl"]
     if impl.startswith("fastnet-batch") or impl.startswith("fastnet-pbatch"):
@@ -832,7 +836,7 @@ def _rpc_fastnet_pipelined_client(spec, address):
     return out
 
 
-def _rpc_pingpong_client(spec, address):
+def _rpc_pingpong_client(spec: dict[str, Any], address: Any) -> Any:
     # fastnet's bare round trip (64-byte echo) as calls/s: the floor under an RPC call
     out = _pingpong_conn_client(spec, address)
     out["samples"] = [1e6 / us for us in out["samples"]]
@@ -843,13 +847,13 @@ def _rpc_pingpong_client(spec, address):
 # the proxy sends (name, args, kwargs), the handler answers the result or the exception.
 
 class CookbookRPCHandler:
-    def __init__(self):
-        self._functions = {}
+    def __init__(self) -> None:
+        self._functions: dict[str, Any] = {}
 
-    def register_function(self, func, name=None):
+    def register_function(self, func: Any, name: Any = None) -> None:
         self._functions[name or func.__name__] = func
 
-    def handle_connection(self, connection):
+    def handle_connection(self, connection: Any) -> None:
         try:
             while True:
                 func_name, args, kwargs = connection.recv()
@@ -863,11 +867,11 @@ class CookbookRPCHandler:
 
 
 class CookbookRPCProxy:
-    def __init__(self, connection):
+    def __init__(self, connection: Any) -> None:
         self._connection = connection
 
-    def __getattr__(self, name):
-        def do_rpc(*args, **kwargs):
+    def __getattr__(self, name: Any) -> Any:
+        def do_rpc(*args: Any, **kwargs: Any) -> Any:
             self._connection.send((name, args, kwargs))
             result = self._connection.recv()
             if isinstance(result, Exception):
@@ -876,7 +880,7 @@ class CookbookRPCProxy:
         return do_rpc
 
 
-def _rpc_mp_server(spec, ready):
+def _rpc_mp_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> None:
     import multiprocessing.connection as mpc
     handler = CookbookRPCHandler()
     handler.register_function(_add, "add")
@@ -886,7 +890,7 @@ def _rpc_mp_server(spec, ready):
     conn.close()
 
 
-def _rpc_mp_client(spec, address):
+def _rpc_mp_client(spec: dict[str, Any], address: Any) -> Any:
     import multiprocessing.connection as mpc
     conn = mpc.Client(_addr(address), authkey=bytes.fromhex(spec["authkey"]))
     proxy = CookbookRPCProxy(conn)
@@ -899,14 +903,14 @@ def _rpc_mp_client(spec, address):
     return out
 
 
-def _rpc_mp_pipelined(conn, spec):
+def _rpc_mp_pipelined(conn: Any, spec: dict[str, Any]) -> Any:
     # The recipe's handler answers in order, so a client may send a batch of
     # requests and then read their replies (the pipe holds them meanwhile).
     window = spec.get("window", RPC_IN_FLIGHT)
     send, recv = conn.send, conn.recv
-    request = ("add", (2, 3), {})
+    request: tuple[str, tuple[int, int], dict[str, Any]] = ("add", (2, 3), {})
 
-    def step(k):
+    def step(k: Any) -> Any:
         t0 = time.perf_counter()
         for _ in range(-(-k // window)):
             for _ in range(window):
@@ -921,7 +925,7 @@ def _rpc_mp_pipelined(conn, spec):
     return out
 
 
-def _rpc_xmlrpc_server(spec, ready):
+def _rpc_xmlrpc_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> Any:
     if spec["family"] != "tcp":
         raise NotAvailable("xmlrpc speaks HTTP over TCP only")
     from xmlrpc.server import SimpleXMLRPCServer
@@ -935,7 +939,7 @@ def _rpc_xmlrpc_server(spec, ready):
     srv.server_close()
 
 
-def _rpc_xmlrpc_client(spec, address):
+def _rpc_xmlrpc_client(spec: dict[str, Any], address: Any) -> Any:
     import xmlrpc.client
     host, port = _addr(address)
     proxy = xmlrpc.client.ServerProxy(f"http://{host}:{port}/", allow_none=True)
@@ -945,7 +949,7 @@ def _rpc_xmlrpc_client(spec, address):
     return out
 
 
-def _msgpack():
+def _msgpack() -> Any:
     try:
         import msgpack
     except ImportError:
@@ -955,7 +959,7 @@ def _msgpack():
 
 # pyzmq + msgpack: request [msgid, method, args], reply [msgid, error, result].
 
-def _zmq_rpc_reply(functions, packb, unpackb, data):
+def _zmq_rpc_reply(functions: Any, packb: Any, unpackb: Any, data: Any) -> Any:
     msgid, method, args = unpackb(data)
     try:
         return packb([msgid, None, functions[method](*args)]), method == "stop"
@@ -963,7 +967,7 @@ def _zmq_rpc_reply(functions, packb, unpackb, data):
         return packb([msgid, f"{type(e).__name__}: {e}", None]), False
 
 
-def _rpc_zmq_server(spec, ready):
+def _rpc_zmq_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> None:
     zmq = _zmq()
     mp = _msgpack()
     ctx = zmq.Context()
@@ -984,7 +988,7 @@ def _rpc_zmq_server(spec, ready):
     _zmq_close(ctx, sock)
 
 
-def _rpc_zmq_client(spec, address):
+def _rpc_zmq_client(spec: dict[str, Any], address: Any) -> Any:
     zmq = _zmq()
     mp = _msgpack()
     ctx = zmq.Context()
@@ -995,7 +999,7 @@ def _rpc_zmq_client(spec, address):
     send, recv = sock.send, sock.recv
     ids = iter(range(1, 1 << 62))
 
-    def call(x, y):
+    def call(x: Any, y: Any) -> Any:
         send(packb([next(ids), "add", [x, y]]))
         msgid, error, result = unpackb(recv())
         if error is not None:
@@ -1012,11 +1016,11 @@ def _rpc_zmq_client(spec, address):
     return out
 
 
-def _zmq_window(send, recv, packb, unpackb, spec):
+def _zmq_window(send: Any, recv: Any, packb: Any, unpackb: Any, spec: dict[str, Any]) -> Any:
     # DEALER: ``window`` requests in flight, a new one sent as each reply arrives
     window = spec.get("window", RPC_IN_FLIGHT)
 
-    def step(k):
+    def step(k: Any) -> Any:
         t0 = time.perf_counter()
         sent = 0
         for _ in range(min(window, k)):
@@ -1036,7 +1040,7 @@ def _zmq_window(send, recv, packb, unpackb, spec):
     return out
 
 
-def _rpc_pyro5_server(spec, ready):
+def _rpc_pyro5_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> Any:
     try:
         import Pyro5.api
     except ImportError:
@@ -1048,10 +1052,10 @@ def _rpc_pyro5_server(spec, ready):
 
     @Pyro5.api.expose
     class Calc:
-        def add(self, x, y):
+        def add(self, x: Any, y: Any) -> Any:
             return x + y
 
-        def stop(self):
+        def stop(self) -> None:
             threading.Thread(target=daemon.shutdown, daemon=True).start()
 
     uri = daemon.register(Calc(), "calc")
@@ -1060,7 +1064,7 @@ def _rpc_pyro5_server(spec, ready):
     daemon.close()
 
 
-def _rpc_pyro5_client(spec, address):
+def _rpc_pyro5_client(spec: dict[str, Any], address: Any) -> Any:
     import Pyro5.api
     proxy = Pyro5.api.Proxy(address)
     out = rpc_sequential(proxy.add, spec)
@@ -1070,15 +1074,15 @@ def _rpc_pyro5_client(spec, address):
     return out
 
 
-def _rpc_rpyc_server(spec, ready):
+def _rpc_rpyc_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> Any:
     try:
         import rpyc
         from rpyc.utils.server import OneShotServer
     except ImportError:
         raise NotAvailable("rpyc is not installed")
 
-    class CalcService(rpyc.Service):
-        def exposed_add(self, x, y):
+    class CalcService(rpyc.Service):  # type: ignore[misc]  # rpyc has no type hints
+        def exposed_add(self, x: Any, y: Any) -> Any:
             return x + y
 
     if spec["family"] == "tcp":
@@ -1090,7 +1094,7 @@ def _rpc_rpyc_server(spec, ready):
     srv.start()     # serves the one client until it disconnects
 
 
-def _rpc_rpyc_client(spec, address):
+def _rpc_rpyc_client(spec: dict[str, Any], address: Any) -> Any:
     import rpyc
     if spec["family"] == "tcp":
         conn = rpyc.connect(*_addr(address))
@@ -1137,7 +1141,7 @@ _ROLES = {
 }
 
 
-def _child(arg):
+def _child(arg: Any) -> None:
     """Entry point of a child process: run one server or client role."""
     spec = json.loads(arg)
     server, client = _ROLES[(spec["case"], spec["impl"])]
@@ -1170,7 +1174,7 @@ _BOOT = (
 class Impl:
     """One row of a case: which child code runs it and how it is labelled."""
 
-    def __init__(self, key, label, role=None, anchor=False, pure=None, kind="py"):
+    def __init__(self, key: Any, label: Any, role: Any = None, anchor: bool = False, pure: Any = None, kind: str = "py") -> None:
         self.key = key              # row key in the report
         self.label = label
         self.role = role or key     # key into _ROLES
@@ -1179,13 +1183,13 @@ class Impl:
         self.kind = kind            # "py" or "c"
 
     @property
-    def backend(self):
+    def backend(self) -> Any:
         if self.pure is None:
             return None
         return "python" if self.pure else "cython"
 
 
-CASES = {
+CASES: dict[str, dict[str, Any]] = {
     "pingpong": {
         "title": "pingpong: {size}-byte round trip",
         "unit": "µs", "json_unit": "us/roundtrip", "better": "lower",
@@ -1271,7 +1275,7 @@ FAMILIES = {"tcp": "TCP", "unix": "AF_UNIX"}
 # Issue #2's targets.  ("ratio", num, den, op, bound): value(num)/value(den);
 # ("value", impl, op, bound): an absolute number; ("report", num, den): a
 # ratio shown without a bound.
-TARGETS = [
+TARGETS: list[tuple[Any, ...]] = [
     ("pingpong", None, "fastnet within 1.4x the C floor (time ratio)", ("ratio", "fastnet", "c", "<=", 1.4)),
     ("pingpong", None, "fastnet >= 3x faster than multiprocessing", ("ratio", "mp", "fastnet", ">=", 3.0)),
     ("pingpong", None, "compiled vs pure speed-up", ("report", "fastnet-pure", "fastnet")),
@@ -1299,12 +1303,12 @@ PROFILES = {
 }
 
 
-def _package_root():
+def _package_root() -> Any:
     """The directory that holds the fastnet package this file belongs to."""
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _child_env(impl):
+def _child_env(impl: Any) -> Any:
     env = dict(os.environ)
     # Each row says which kernels it runs, whatever the caller's environment.
     env.pop("FASTNET_PURE", None)
@@ -1315,7 +1319,7 @@ def _child_env(impl):
     return env
 
 
-def build_floor(workdir):
+def build_floor(workdir: Any) -> Any:
     """Compile ``_floor.c`` into ``workdir``; return (path, None) or (None, why)."""
     src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_floor.c")
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -1336,27 +1340,27 @@ def build_floor(workdir):
 class _Server:
     """A server child; reads its stdout on a thread so READY can time out."""
 
-    def __init__(self, cmd, env, cwd, errpath):
+    def __init__(self, cmd: Any, env: Any, cwd: Any, errpath: Any) -> None:
         self.errfile = open(errpath, "w+")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.errfile,
                                      stdin=subprocess.DEVNULL, env=env, cwd=cwd, text=True)
-        self.lines = queue.Queue()
+        self.lines: queue.Queue[str | None] = queue.Queue()
         self.thread = threading.Thread(target=self._pump, daemon=True)
         self.thread.start()
 
-    def _pump(self):
-        for line in self.proc.stdout:
+    def _pump(self) -> None:
+        for line in self.proc.stdout:  # type: ignore[union-attr]  # stdout=PIPE
             self.lines.put(line.rstrip("\n"))
         self.lines.put(None)
 
-    def first_line(self, timeout):
+    def first_line(self, timeout: Any) -> Any:
         try:
             return self.lines.get(timeout=timeout)
         except queue.Empty:
             return None
 
-    def remaining(self):
-        out = []
+    def remaining(self) -> list[str]:
+        out: list[str] = []
         while True:
             try:
                 line = self.lines.get_nowait()
@@ -1365,12 +1369,12 @@ class _Server:
             if line is not None:
                 out.append(line)
 
-    def stderr_tail(self, n=400):
+    def stderr_tail(self, n: int = 400) -> Any:
         self.errfile.flush()
         self.errfile.seek(0)
         return self.errfile.read()[-n:].strip()
 
-    def stop(self, grace):
+    def stop(self, grace: Any) -> None:
         try:
             self.proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
@@ -1378,14 +1382,14 @@ class _Server:
             self.proc.wait()
         self.thread.join(timeout=5)
 
-    def close(self):
+    def close(self) -> None:
         if self.proc.poll() is None:
             self.stop(grace=0)
         self.errfile.close()
 
 
 @contextlib.contextmanager
-def _pinned(cpus):
+def _pinned(cpus: Any) -> Any:
     """Spawn children inside this block on ``cpus`` (they inherit the mask)."""
     if not cpus or not hasattr(os, "sched_setaffinity"):
         yield
@@ -1398,7 +1402,7 @@ def _pinned(cpus):
         os.sched_setaffinity(0, saved)
 
 
-def _placement(pin):
+def _placement(pin: Any) -> Any:
     """(server cpus, client cpus) for ``pin``: none, same or split.
 
     Where the two processes run dominates small-message latency on a VM
@@ -1412,12 +1416,12 @@ def _placement(pin):
     return {cpus[-2]}, {cpus[-1]}
 
 
-def _python_cmd(spec):
+def _python_cmd(spec: dict[str, Any]) -> Any:
     return [sys.executable, "-c", _BOOT, os.path.abspath(__file__), json.dumps(spec)]
 
 
 class _Runner:
-    def __init__(self, cfg, workdir):
+    def __init__(self, cfg: Any, workdir: Any) -> None:
         self.cfg = cfg
         self.workdir = workdir
         self.authkey = os.urandom(32).hex()
@@ -1425,7 +1429,7 @@ class _Runner:
         self.floor = None
         self.floor_error = None
 
-    def spec(self, case, impl, family, role):
+    def spec(self, case: Any, impl: Any, family: Any, role: Any) -> Any:
         self.counter += 1
         cfg = self.cfg
         return {
@@ -1438,7 +1442,7 @@ class _Runner:
             "authkey": self.authkey, "backend": impl.backend,
         }
 
-    def commands(self, case, impl, family):
+    def commands(self, case: Any, impl: Any, family: Any) -> Any:
         """Return (server_cmd, client_cmd(address)) or raise NotAvailable."""
         if impl.kind == "c":
             if self.floor is None and self.floor_error is None:
@@ -1450,7 +1454,7 @@ class _Runner:
             server = [self.floor, "server", family] + ([path] if family == "unix" else [])
             cfg = self.cfg
 
-            def client(address):
+            def client(address: Any) -> Any:
                 where = str(address[1]) if family == "tcp" else address
                 return [self.floor, "client", family, where, str(cfg["size"]),
                         str(cfg["warmup"]), str(cfg["sample"]), str(cfg["repeat"])]
@@ -1458,11 +1462,11 @@ class _Runner:
         sspec = self.spec(case, impl, family, "server")
         cspec = dict(sspec, role="client")
 
-        def client(address):
+        def client(address: Any) -> Any:  # type: ignore[no-redef]
             return _python_cmd(dict(cspec, address=address))
         return _python_cmd(sspec), client
 
-    def pair(self, case, impl, family):
+    def pair(self, case: Any, impl: Any, family: Any) -> Any:
         """Run one server/client pair; return {"samples", "info"} or {"na"}."""
         try:
             server_cmd, client_cmd = self.commands(case, impl, family)
@@ -1527,7 +1531,7 @@ class _Runner:
 class _Finished:
     """The outcome of a client child, killed if it outlives ``timeout``."""
 
-    def __init__(self, popen, timeout):
+    def __init__(self, popen: Any, timeout: Any) -> None:
         try:
             self.stdout, self.stderr = popen.communicate(timeout=timeout)
         except BaseException:  # a timeout or Ctrl-C must not leave the child running
@@ -1537,12 +1541,12 @@ class _Finished:
         self.returncode = popen.returncode
 
 
-def _last_error(text):
+def _last_error(text: Any) -> Any:
     lines = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
     return lines[-1][:300] if lines else ""
 
 
-def _machine():
+def _machine() -> Any:
     cpu = platform.processor() or ""
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
@@ -1563,8 +1567,9 @@ def _machine():
     }
 
 
-def run(cases=None, *, quick=False, families=("tcp", "unix"), anchors_only=False,
-        progress=None, **overrides):
+def run(cases: Iterable[str] | None = None, *, quick: bool = False, families: Sequence[str] = ("tcp", "unix"),
+        anchors_only: bool = False, progress: Callable[[str], object] | None = None,
+        **overrides: Any) -> dict[str, Any]:
     """Run the comparison and return the report dict.
 
     ``cases``: names from ``CASES`` (default all); ``anchors_only`` skips
@@ -1580,7 +1585,7 @@ def run(cases=None, *, quick=False, families=("tcp", "unix"), anchors_only=False
     for fam in families:
         if fam not in FAMILIES:
             raise ValueError(f"unknown family {fam!r}; choose from {', '.join(FAMILIES)}")
-    cfg = dict(PROFILES["quick" if quick else "full"], batch=128, size=PAYLOAD_SIZE, pin="none")
+    cfg: dict[str, Any] = dict(PROFILES["quick" if quick else "full"], batch=128, size=PAYLOAD_SIZE, pin="none")
     for key, value in overrides.items():
         if key not in cfg:
             raise TypeError(f"run() got an unexpected setting {key!r}")
@@ -1588,7 +1593,7 @@ def run(cases=None, *, quick=False, families=("tcp", "unix"), anchors_only=False
             cfg[key] = value
 
     started = time.time()
-    results = {c: {f: {i.key: {"samples": [], "na": None, "info": {}}
+    results: dict[str, Any] = {c: {f: {i.key: {"samples": [], "na": None, "info": {}}
                        for i in CASES[c]["impls"]} for f in families} for c in cases}
     with tempfile.TemporaryDirectory(prefix="fnb-") as workdir:
         runner = _Runner(cfg, workdir)
@@ -1615,7 +1620,7 @@ def run(cases=None, *, quick=False, families=("tcp", "unix"), anchors_only=False
                         if progress:
                             progress(_progress_line(rnd, cfg["rounds"], case, family, impl, slot, out))
 
-    report = {
+    report: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "elapsed_s": round(time.time() - started, 1),
         "machine": _machine(),
@@ -1647,7 +1652,7 @@ NOT_RUN_ANCHORS = "not run (--anchors)"
 NOT_RUN_QUICK = "not run (--quick)"
 
 
-def _in_quick(case, family, impl):
+def _in_quick(case: Any, family: Any, impl: Any) -> bool:
     """Whether a row runs in the quick profile (a case's "quick" entry may narrow it)."""
     q = CASES[case].get("quick")
     if not q:
@@ -1655,7 +1660,7 @@ def _in_quick(case, family, impl):
     return family in q.get("families", FAMILIES) and impl.key not in q.get("skip", ())
 
 
-def _progress_line(rnd, rounds, case, family, impl, slot, out):
+def _progress_line(rnd: Any, rounds: Any, case: Any, family: Any, impl: Any, slot: Any, out: Any) -> str:
     unit = CASES[case]["unit"]
     if "na" in out:
         shown = "n/a: " + out["na"]
@@ -1664,14 +1669,14 @@ def _progress_line(rnd, rounds, case, family, impl, slot, out):
     return f"[{rnd + 1}/{rounds}] {case:9s} {FAMILIES[family]:7s} {impl.label:32s} {shown}"
 
 
-def _ratio(rows, num, den):
+def _ratio(rows: Any, num: Any, den: Any) -> Any:
     a, b = rows.get(num, {}).get("median"), rows.get(den, {}).get("median")
     if a is None or b is None or b == 0:
         return None
     return a / b
 
 
-def _targets(report, cases, families):
+def _targets(report: dict[str, Any], cases: Any, families: Any) -> list[dict[str, Any]]:
     out = []
     for case, only_family, text, rule in TARGETS:
         if case not in cases:
@@ -1683,7 +1688,7 @@ def _targets(report, cases, families):
             if any(rows.get(k, {}).get("na") in (NOT_RUN_ANCHORS, NOT_RUN_QUICK)
                    for k in rule[1:] if isinstance(k, str) and k in rows):
                 continue
-            entry = {"case": case, "family": family, "target": text}
+            entry: dict[str, Any] = {"case": case, "family": family, "target": text}
             if rule[0] == "value":
                 _, impl, op, bound = rule
                 value = rows.get(impl, {}).get("median")
@@ -1706,7 +1711,7 @@ def _targets(report, cases, families):
     return out
 
 
-def _fmt(v):
+def _fmt(v: Any) -> str:
     if v is None:
         return "n/a"
     a = abs(v)
@@ -1721,7 +1726,7 @@ def _fmt(v):
     return f"{v:.2f}"
 
 
-def format_report(report):
+def format_report(report: dict[str, Any]) -> str:
     """Render the report dict as text tables."""
     cfg = report["config"]
     m = report["machine"]
@@ -1780,13 +1785,13 @@ _PIN_TEXT = {"none": "scheduler's choice", "same": "both processes on one CPU",
              "split": "one CPU each"}
 
 
-def _short(impl):
+def _short(impl: Any) -> Any:
     return {"c": "C", "mp": "mp", "zmq": "zmq", "socket": "socket",
             "mp-bytes": "mp bytes", "mp-pickle": "mp send", "mp-rpc": "mp rpc",
             "zmq-rpc": "zmq"}.get(impl.key, impl.key)
 
 
-def _parse(argv):
+def _parse(argv: Any) -> Any:
     p = argparse.ArgumentParser(
         prog="fastnet bench",
         description="Compare fastnet with the C floor, multiprocessing.connection, "
@@ -1818,13 +1823,13 @@ def _parse(argv):
     return p.parse_args(argv)
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     """The ``fastnet bench`` command.  Returns the exit status."""
     args = _parse(argv)
     cases = [c.strip() for c in args.only.split(",") if c.strip()] if args.only else None
     families = tuple(f.strip() for f in args.family.split(",") if f.strip())
 
-    def progress(text):
+    def progress(text: Any) -> None:
         print(text, file=sys.stderr, flush=True)
 
     try:
@@ -1846,8 +1851,8 @@ def main(argv=None):
 
 
 @contextlib.contextmanager
-def serve(case, impl, family, *, size=PAYLOAD_SIZE, nbytes=8 << 20, authkey=None,
-          start_timeout=30.0):
+def serve(case: str, impl: str, family: str, *, size: int = PAYLOAD_SIZE, nbytes: int = 8 << 20,
+          authkey: bytes | None = None, start_timeout: float = 30.0) -> Iterator[Any]:
     """Start the benchmark server for ``(case, impl)`` in a child process.
 
     Yields its address (a ``(host, port)`` tuple or a path).  Raises

@@ -11,13 +11,17 @@ connect and handshake, and a limit on message size.
 a connection that did not authenticate, that trusts the peer with arbitrary
 code execution. Use an ``authkey`` (or ``recv_bytes``) with untrusted peers.
 """
+from __future__ import annotations
+
 import os
 import select
 import socket
 import ssl
 import struct
 import time
+from collections.abc import Callable, Iterable
 from multiprocessing.reduction import ForkingPickler
+from typing import TYPE_CHECKING, Any, SupportsInt
 
 from fastnet import auth as _auth
 from fastnet import zerocopy as _zc
@@ -25,6 +29,16 @@ from fastnet._kernels import framing as _framing
 from fastnet.address import arbitrary_address, parse_address, format_address
 from fastnet.errors import (MessageTooLarge, ProtocolError, TimeoutError, BufferTooShort,
                             AuthenticationError)
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer, TypeAlias
+
+    from fastnet._pure.framing import Channel as _PureChannel
+    from fastnet.address import Address
+    from fastnet.tls import TLSChannel
+
+    # the compiled channel, or a pure-Python one (TLS frames inside a TLSChannel)
+    _Channel: TypeAlias = "_framing.Channel | _PureChannel"
 
 __all__ = ["Connection", "Listener", "Client", "Pipe", "wait", "DEFAULT_MAX_MESSAGE_SIZE",
            "DEFAULT_HANDSHAKE_TIMEOUT"]
@@ -42,12 +56,13 @@ _dumps = ForkingPickler.dumps
 _loads = ForkingPickler.loads
 
 
-def _tune(sock, nodelay=True):
+def _tune(sock: socket.socket, nodelay: bool = True) -> None:
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if nodelay else 0)
 
 
-def _tls_wrap(ctx, sock, timeout, server_hostname=None, server_side=False):
+def _tls_wrap(ctx: ssl.SSLContext, sock: socket.socket, timeout: float | None,
+              server_hostname: str | None = None, server_side: bool = False) -> ssl.SSLSocket:
     """Wrap sock with ctx and finish the TLS handshake within timeout; on failure close it."""
     try:
         s = ctx.wrap_socket(sock, server_side=server_side, server_hostname=server_hostname,
@@ -72,7 +87,7 @@ def _tls_wrap(ctx, sock, timeout, server_hostname=None, server_side=False):
     return s
 
 
-def _tls_channel(sock, max_size, bufsize):
+def _tls_channel(sock: socket.socket, max_size: SupportsInt | None, bufsize: int) -> TLSChannel:
     from fastnet.tls import TLSChannel
     return TLSChannel(sock, max_size, bufsize)
 
@@ -85,8 +100,9 @@ class Connection:
     multiprocessing's; see the module docstring about ``recv()``.
     """
 
-    def __init__(self, sock, readable=True, writable=True, *, max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
-                 _channel_factory=None):
+    def __init__(self, sock: socket.socket | int, readable: bool = True, writable: bool = True, *,
+                 max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
+                 _channel_factory: Callable[[socket.socket, int | None, int], _Channel] | None = None) -> None:
         if not readable and not writable:
             raise ValueError("at least one of `readable` and `writable` must be True")
         if isinstance(sock, int):
@@ -97,69 +113,69 @@ class Connection:
             # e.g. the request of a blocking handler on a TLS server: frame
             # inside TLS, never on the ciphertext under it
             _channel_factory = _tls_channel
-        self._ch = (_channel_factory or _framing.Channel)(sock, max_message_size, _BUFSIZE)
+        self._ch: _Channel | None = (_channel_factory or _framing.Channel)(sock, max_message_size, _BUFSIZE)
         self._readable = readable
         self._writable = writable
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "closed" if self._ch is None else f"fd={self._sock.fileno()}"
         return f"<fastnet.Connection {state}>"
 
     # -- state -------------------------------------------------------------
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         """True if the connection is closed."""
         return self._ch is None
 
     @property
-    def readable(self):
+    def readable(self) -> bool:
         """True if the connection can receive."""
         return self._readable
 
     @property
-    def writable(self):
+    def writable(self) -> bool:
         """True if the connection can send."""
         return self._writable
 
     @property
-    def max_message_size(self):
+    def max_message_size(self) -> int | None:
         """The largest message this end accepts (None: unlimited)."""
         return None if self._ch is None else self._ch.max_size
 
     @property
-    def family(self):
+    def family(self) -> int:
         """The socket family (``socket.AF_INET``, ``AF_INET6`` or ``AF_UNIX``)."""
         return self._sock.family
 
-    def fileno(self):
+    def fileno(self) -> int:
         """The socket's file descriptor."""
         self._check_closed()
         return self._sock.fileno()
 
-    def close(self):
+    def close(self) -> None:
         """Close the connection. Closing twice is harmless."""
         if self._ch is not None:
             self._ch.release()
             self._ch = None
             self._sock.close()
 
-    def __enter__(self):
+    def __enter__(self) -> Connection:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self):
+    def __del__(self) -> None:
         # received descriptors nobody claimed are closed with the connection
         if getattr(self, "_ch", None) is not None:
             self.close()
 
-    def _check_closed(self):
+    def _check_closed(self) -> None:
         if self._ch is None:
             raise OSError("handle is closed")
 
-    def _sender(self):
+    def _sender(self) -> _Channel:
         ch = self._ch
         if ch is None:
             raise OSError("handle is closed")
@@ -167,7 +183,7 @@ class Connection:
             raise OSError("connection is read-only")
         return ch
 
-    def _receiver(self):
+    def _receiver(self) -> _Channel:
         ch = self._ch
         if ch is None:
             raise OSError("handle is closed")
@@ -175,13 +191,13 @@ class Connection:
             raise OSError("connection is write-only")
         return ch
 
-    def _fail(self):
+    def _fail(self) -> None:
         # the stream is desynchronised: only this connection goes
         self.close()
 
     # -- sending -------------------------------------------------------------
 
-    def send_bytes(self, buf, offset=0, size=None):
+    def send_bytes(self, buf: Buffer, offset: int = 0, size: int | None = None) -> None:
         """Send a bytes-like object's bytes (from ``offset``, ``size`` long) as one message."""
         ch = self._sender()
         if offset == 0 and size is None:
@@ -200,15 +216,15 @@ class Connection:
             raise ValueError("buffer length < offset + size")
         ch.send_frame(buf, offset, size)
 
-    def send(self, obj):
+    def send(self, obj: Any) -> None:
         """Send a picklable object (pickled as multiprocessing does)."""
         self._sender().send_frame(_dumps(obj))
 
-    def send_many(self, buffers):
+    def send_many(self, buffers: Iterable[Buffer]) -> None:
         """Send each bytes-like object in ``buffers`` as its own message, in as few syscalls as possible."""
         self._sender().send_frames(buffers)
 
-    def send_array(self, arr):
+    def send_array(self, arr: Any) -> None:
         """Send a numpy array (or any buffer) with its dtype, shape and order, without copying it.
 
         A non-contiguous array is copied once into C order. A stdlib peer sees
@@ -219,7 +235,7 @@ class Connection:
 
     # -- receiving -----------------------------------------------------------
 
-    def recv_bytes(self, maxlength=None):
+    def recv_bytes(self, maxlength: int | None = None) -> bytes:
         """Receive one message as bytes. EOFError when the peer has closed."""
         ch = self._receiver()
         if maxlength is not None and maxlength < 0:
@@ -230,7 +246,7 @@ class Connection:
             self._fail()
             raise
 
-    def recv(self):
+    def recv(self) -> Any:
         """Receive and unpickle one object (trusts the peer: see the module docstring)."""
         ch = self._receiver()
         try:
@@ -240,7 +256,7 @@ class Connection:
             raise
         return _loads(buf)
 
-    def recv_bytes_into(self, buf, offset=0):
+    def recv_bytes_into(self, buf: Buffer, offset: int = 0) -> int:
         """Receive one message into a writable buffer at byte ``offset``; return its size.
 
         Bytes of a large message go straight from the socket into ``buf``. A
@@ -257,7 +273,7 @@ class Connection:
             self._fail()
             raise
 
-    def recv_many(self, timeout=None):
+    def recv_many(self, timeout: float | None = None) -> list[bytes]:
         """Return every message available now as a list, waiting for at least one."""
         ch = self._receiver()
         try:
@@ -266,7 +282,7 @@ class Connection:
             self._fail()
             raise
 
-    def recv_array(self, out=None):
+    def recv_array(self, out: Any = None) -> Any:
         """Receive an array sent with ``send_array``.
 
         With ``out``, the payload lands directly in that preallocated array
@@ -290,14 +306,15 @@ class Connection:
                 target = arr
             else:
                 target = bytearray(nbytes)
-                arr = memoryview(target).cast("B").cast(tname, shape) if shape else memoryview(target)
+                arr = memoryview(target).cast("B").cast(tname, shape) if shape else memoryview(target)  # type: ignore[call-overload]
             self._recv_payload(ch, target, nbytes)
             return arr
         except (ProtocolError, MessageTooLarge):
             self._fail()
             raise
 
-    def _recv_array_into(self, ch, out, kind, tname, shape, order, nbytes):
+    def _recv_array_into(self, ch: _Channel, out: Any, kind: int, tname: str, shape: tuple[int, ...],
+                         order: str, nbytes: int) -> Any:
         np = _zc._np
         if np is not None and isinstance(out, np.ndarray):
             dt = _zc.dtype_of(kind, tname)
@@ -316,13 +333,13 @@ class Connection:
                 out[...] = tmp
             return out
         m = memoryview(out)
-        if m.nbytes != nbytes or (kind == 1 and m.format != tname) or tuple(m.shape) != tuple(shape):
+        if m.nbytes != nbytes or (kind == 1 and m.format != tname) or tuple(m.shape) != tuple(shape):  # type: ignore[arg-type]
             ch.discard_frame()
             raise ValueError(f"out does not match the message ({tname}{list(shape)})")
         self._recv_payload(ch, out, nbytes)
         return out
 
-    def _recv_payload(self, ch, target, nbytes):
+    def _recv_payload(self, ch: _Channel, target: Any, nbytes: int) -> None:
         if _zc._np is not None and isinstance(target, _zc._np.ndarray):
             target = _zc.byte_view(target)
         try:
@@ -332,7 +349,7 @@ class Connection:
         if n != nbytes:
             raise ProtocolError(f"array payload of {n} bytes, header said {nbytes}")
 
-    def send_fds(self, fds, data=b""):
+    def send_fds(self, fds: Iterable[SupportsInt], data: Buffer = b"") -> None:
         """Send open file descriptors with a message (AF_UNIX connections only).
 
         The descriptors ride as SCM_RIGHTS on this message's own bytes; the
@@ -340,7 +357,7 @@ class Connection:
         """
         self._sender().send_frame_fds(data, fds)
 
-    def recv_fds(self, maxfds=253):
+    def recv_fds(self, maxfds: int = 253) -> tuple[bytes, list[int]]:
         """Receive a message and the descriptors sent with it: ``(data, fds)``.
 
         The descriptors are new, close-on-exec, and the caller's to close.
@@ -355,11 +372,11 @@ class Connection:
             self._fail()
             raise
 
-    def poll(self, timeout=0.0):
+    def poll(self, timeout: float | None = 0.0) -> bool:
         """True if there is data to receive, waiting up to ``timeout`` seconds (None: forever)."""
         return self._receiver().poll(timeout)
 
-    def _recv_handshake(self, maxlength, timeout):
+    def _recv_handshake(self, maxlength: int, timeout: float | None) -> bytes:
         return self._receiver().recv_frame(maxlength, timeout)
 
 
@@ -377,17 +394,19 @@ class Listener:
     any, then runs inside TLS.
     """
 
-    def __init__(self, address=None, family=None, backlog=1, authkey=None, *,
-                 handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
-                 max_message_size=DEFAULT_MAX_MESSAGE_SIZE, strict=False, digest="sha256",
-                 nodelay=True, ssl_context=None):
+    def __init__(self, address: Address | None = None, family: str | int | None = None, backlog: int = 1,
+                 authkey: bytes | None = None, *,
+                 handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+                 max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE, strict: bool = False,
+                 digest: str | None = "sha256", nodelay: bool = True,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         if authkey is not None and not isinstance(authkey, bytes):
             raise TypeError("authkey should be a byte string")
         if address is None:
             address = arbitrary_address(family or "AF_UNIX")
         fam, addr = parse_address(address, family)
         sock = socket.socket(fam, socket.SOCK_STREAM)
-        self._unlink = None
+        self._unlink: str | None = None
         try:
             if fam != socket.AF_UNIX:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -398,13 +417,13 @@ class Listener:
             raise
         if fam == socket.AF_UNIX and isinstance(addr, str) and not addr.startswith("\0"):
             self._unlink = addr
-        self._socket = sock
+        self._socket: socket.socket | None = sock
         self._family = fam
         name = sock.getsockname()
         if isinstance(name, bytes):
             name = name.decode("utf-8", "surrogateescape")
         self._address = name
-        self._last_accepted = None
+        self._last_accepted: Any = None
         self._authkey = authkey
         self._handshake_timeout = handshake_timeout
         self._max_message_size = max_message_size
@@ -413,7 +432,7 @@ class Listener:
         self._nodelay = nodelay
         self._ssl_context = ssl_context
 
-    def accept(self):
+    def accept(self) -> Connection:
         """Accept a connection; run the TLS handshake with an ssl_context, then the authkey one.
 
         A failed or timed-out handshake closes that socket and raises
@@ -429,7 +448,7 @@ class Listener:
         except BaseException:
             s.close()
             raise
-        factory = None
+        factory: Callable[[socket.socket, int | None, int], _Channel] | None = None
         if self._ssl_context is not None:
             s = _tls_wrap(self._ssl_context, s, self._handshake_timeout, server_side=True)
             factory = _tls_channel
@@ -447,7 +466,7 @@ class Listener:
                 raise
         return c
 
-    def close(self):
+    def close(self) -> None:
         """Close the listening socket (and remove its AF_UNIX path)."""
         sock, self._socket = self._socket, None
         if sock is not None:
@@ -460,35 +479,35 @@ class Listener:
                 self._unlink = None
 
     @property
-    def address(self):
+    def address(self) -> Any:
         """The bound address (with the real port when 0 was asked for)."""
         return self._address
 
     @property
-    def last_accepted(self):
+    def last_accepted(self) -> Any:
         """The peer address of the last accepted connection."""
         return self._last_accepted
 
     @property
-    def url(self):
+    def url(self) -> str:
         """The bound address as a ``tcp://`` or ``unix://`` URL."""
         return format_address(self._family, self._address)
 
-    def fileno(self):
+    def fileno(self) -> int:
         """The listening socket's descriptor."""
-        return self._socket.fileno()
+        return self._socket.fileno()  # type: ignore[union-attr]  # AttributeError once closed
 
-    def __enter__(self):
+    def __enter__(self) -> Listener:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<fastnet.Listener {self.url}{'' if self._socket else ' closed'}>"
 
 
-def _connect_unix(addr, timeout):
+def _connect_unix(addr: str | bytes, timeout: float | None) -> socket.socket:
     """Connect an AF_UNIX stream socket, waiting up to ``timeout`` for a full backlog.
 
     A non-blocking AF_UNIX connect to a listener whose backlog is full fails
@@ -515,9 +534,10 @@ def _connect_unix(addr, timeout):
         raise
 
 
-def Client(address, family=None, authkey=None, *, timeout=None,
-           max_message_size=DEFAULT_MAX_MESSAGE_SIZE, strict=False, digest="sha256",
-           nodelay=True, ssl_context=None):
+def Client(address: Address, family: str | int | None = None, authkey: bytes | None = None, *,
+           timeout: float | None = None, max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
+           strict: bool = False, digest: str | None = "sha256", nodelay: bool = True,
+           ssl_context: ssl.SSLContext | None = None) -> Connection:
     """Connect to a Listener (fastnet's or the stdlib's) and return a Connection.
 
     ``timeout`` bounds the connect and the handshake together. Over TCP,
@@ -551,7 +571,7 @@ def Client(address, family=None, authkey=None, *, timeout=None,
     except BaseException:
         s.close()
         raise
-    factory = None
+    factory: Callable[[socket.socket, int | None, int], _Channel] | None = None
     if ssl_context is not None:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         host = None if fam == socket.AF_UNIX else addr[0]
@@ -572,7 +592,8 @@ def Client(address, family=None, authkey=None, *, timeout=None,
     return c
 
 
-def Pipe(duplex=True, *, max_message_size=DEFAULT_MAX_MESSAGE_SIZE):
+def Pipe(duplex: bool = True, *,
+         max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE) -> tuple[Connection, Connection]:
     """Return a pair of connected Connections (``(reader, writer)`` if not duplex)."""
     a, b = socket.socketpair()
     if duplex:
@@ -584,7 +605,7 @@ def Pipe(duplex=True, *, max_message_size=DEFAULT_MAX_MESSAGE_SIZE):
             Connection(b, readable=False, max_message_size=max_message_size))
 
 
-def wait(object_list, timeout=None):
+def wait(object_list: Iterable[Any], timeout: float | None = None) -> list[Any]:
     """Wait until an object in ``object_list`` is ready; return the ready ones.
 
     Objects are Connections, sockets, or anything with ``fileno()``, or ints.
@@ -594,7 +615,7 @@ def wait(object_list, timeout=None):
     ready = [o for o in object_list
              if isinstance(o, Connection) and o._ch is not None and o._ch.buffered() > 0]
     poller = select.poll()
-    fdmap = {}
+    fdmap: dict[int, list[Any]] = {}
     for o in object_list:
         fd = o if isinstance(o, int) else o.fileno()
         fdmap.setdefault(fd, []).append(o)

@@ -20,6 +20,8 @@ interface as FramedTransport): the TLS handshake, and an authkey handshake
 inside it when ``authkey`` is given, run on the loop without blocking it,
 and the protocol hears of the connection only once both succeeded.
 """
+from __future__ import annotations
+
 import concurrent.futures
 import errno
 import logging
@@ -27,12 +29,25 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from fastnet._kernels import reactor as _reactor
 from fastnet.address import parse_address
 from fastnet.connection import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE
 from fastnet.errors import TimeoutError
 from fastnet.tls import TLSTransport
+
+if TYPE_CHECKING:
+    import ssl
+
+    from typing_extensions import TypeAlias
+
+    from fastnet.address import Address
+
+    # what add_stream returns: the kernel's transport, or TLS over the loop
+    _Transport: TypeAlias = "_reactor.FramedTransport | TLSTransport"
 
 __all__ = ["EventLoop", "EventHandler", "Protocol", "Server", "Handle", "TimerHandle",
            "FramedTransport", "TLSTransport", "BACKENDS", "DEFAULT_HIGH_WATER"]
@@ -53,7 +68,7 @@ _ACCEPT_BACKOFF_DELAY = 0.1
 _ACCEPT_BATCH = 64
 
 
-def _tune(sock):
+def _tune(sock: socket.socket) -> None:
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -61,7 +76,7 @@ def _tune(sock):
             pass
 
 
-def _ignore_signal(signum, frame):
+def _ignore_signal(signum: int, frame: FrameType | None) -> None:
     # The C-level handler already wrote signum to the wake-up descriptor;
     # the loop dispatches it from there.
     pass
@@ -70,21 +85,21 @@ def _ignore_signal(signum, frame):
 class Protocol:
     """Base class for framed-message protocols; override what you need."""
 
-    transport = None
+    transport: Any = None
 
-    def connection_made(self, transport):
+    def connection_made(self, transport: Any) -> None:
         self.transport = transport
 
-    def message_received(self, data):
+    def message_received(self, data: bytes) -> None:
         raise NotImplementedError
 
-    def connection_lost(self, exc):
+    def connection_lost(self, exc: BaseException | None) -> None:
         pass
 
-    def pause_writing(self):
+    def pause_writing(self) -> None:
         pass
 
-    def resume_writing(self):
+    def resume_writing(self) -> None:
         pass
 
 
@@ -99,24 +114,24 @@ class EventHandler:
     added to.
     """
 
-    loop = None
+    loop: EventLoop | None = None
 
-    def fileno(self):
+    def fileno(self) -> Any:
         """Return the associated file descriptor."""
         raise NotImplementedError("must implement fileno()")
 
-    def wants_to_receive(self):
+    def wants_to_receive(self) -> bool:
         """Return True if receiving is allowed."""
         return False
 
-    def handle_receive(self):
+    def handle_receive(self) -> None:
         """Perform the receive operation."""
 
-    def wants_to_send(self):
+    def wants_to_send(self) -> bool:
         """Return True if sending is requested."""
         return False
 
-    def handle_send(self):
+    def handle_send(self) -> None:
         """Send outgoing data."""
 
 
@@ -130,8 +145,10 @@ class Server:
     certificate or key, a timeout).
     """
 
-    def __init__(self, loop, sock, protocol_factory, *, max_message_size, high_water,
-                 low_water, accept_filter, unlink_path=None, tls=None):
+    def __init__(self, loop: EventLoop, sock: socket.socket, protocol_factory: Callable[[], Any], *,
+                 max_message_size: int | None, high_water: int | None, low_water: int | None,
+                 accept_filter: Callable[[socket.socket, Any], object] | None,
+                 unlink_path: str | None = None, tls: dict[str, Any] | None = None) -> None:
         self.loop = loop
         self.socket = sock
         self.protocol_factory = protocol_factory
@@ -140,39 +157,39 @@ class Server:
         self.low_water = low_water
         self.accept_filter = accept_filter
         self._unlink_path = unlink_path
-        self._transports = set()
+        self._transports: set[_Transport] = set()
         self._prune_at = 64
         self._serving = False
-        self._backoff = None
+        self._backoff: _reactor.TimerHandle | None = None
         self._tls = tls
         self.accepted = 0
         self.refused = 0
         self.handshake_failures = 0
 
     @property
-    def address(self):
+    def address(self) -> Any:
         """The address the server listens on."""
         return self.socket.getsockname()
 
-    def is_serving(self):
+    def is_serving(self) -> bool:
         return self._serving
 
     @property
-    def transports(self):
+    def transports(self) -> set[_Transport]:
         """The open connections of this server."""
         self._transports = {t for t in self._transports if not t.closed}
         return set(self._transports)
 
-    def _start(self):
+    def _start(self) -> None:
         self._serving = True
         self.loop.add_reader(self.socket.fileno(), self._on_accept)
 
-    def _resume(self):
+    def _resume(self) -> None:
         self._backoff = None
         if self._serving:
             self.loop.add_reader(self.socket.fileno(), self._on_accept)
 
-    def _on_accept(self):
+    def _on_accept(self) -> None:
         for _ in range(_ACCEPT_BATCH):
             try:
                 conn, addr = self.socket.accept()
@@ -224,12 +241,12 @@ class Server:
                     self._transports = {x for x in self._transports if not x.closed}
                     self._prune_at = max(64, 2 * len(self._transports))
 
-    def _handshake_failed(self, exc):
+    def _handshake_failed(self, exc: BaseException | None) -> None:
         if exc is not None:
             self.handshake_failures += 1
             logger.info("TLS connection refused: %s", exc)
 
-    def close(self):
+    def close(self) -> None:
         """Stop accepting and close the listening socket (connections stay)."""
         if not self._serving:
             return
@@ -246,19 +263,19 @@ class Server:
                 pass
         self.loop._servers.discard(self)
 
-    def shutdown(self):
+    def shutdown(self) -> None:
         """close(), then close every connection once its queued writes are sent."""
         self.close()
         for t in self.transports:
             t.close()
 
-    def __enter__(self):
+    def __enter__(self) -> Server:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "serving" if self._serving else "closed"
         return f"<fastnet.loop.Server {state} connections={len(self.transports)}>"
 
@@ -275,26 +292,26 @@ class EventLoop(_reactor.Reactor):
     ``add_handler``. Callback exceptions are logged to ``fastnet.loop``.
     """
 
-    def __init__(self, backend="auto", *, max_workers=None):
+    def __init__(self, backend: str = "auto", *, max_workers: int | None = None) -> None:
         super().__init__(backend)
         self._max_workers = max_workers
-        self._executor = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
-        self._signal_handlers = {}
-        self._old_signal_handlers = {}
-        self._sig_socks = None
+        self._signal_handlers: dict[int, _reactor.Handle] = {}
+        self._old_signal_handlers: dict[int, Any] = {}
+        self._sig_socks: tuple[socket.socket, socket.socket] | None = None
         self._old_wakeup_fd = -1
-        self._handlers = {}
-        self._servers = set()
-        self._tls_transports = set()
+        self._handlers: dict[EventHandler, list[Any]] = {}
+        self._servers: set[Server] = set()
+        self._tls_transports: set[TLSTransport] = set()
 
-    def __enter__(self):
+    def __enter__(self) -> EventLoop:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def call_exception_handler(self, context):
+    def call_exception_handler(self, context: dict[str, Any]) -> None:
         """Log an exception a callback raised (logger "fastnet.loop"); the loop goes on."""
         exc = context.get("exception")
         exc_info = (type(exc), exc, exc.__traceback__) if exc is not None else None
@@ -303,7 +320,9 @@ class EventLoop(_reactor.Reactor):
 
     # -- worker threads ---------------------------------------------------------
 
-    def run_in_thread(self, func, *args, callback=None):
+    def run_in_thread(self, func: Callable[..., Any], *args: Any,
+                      callback: Callable[[concurrent.futures.Future[Any]], object] | None = None,
+                      ) -> concurrent.futures.Future[Any]:
         """Run ``func(*args)`` on the loop's worker pool; returns a concurrent.futures.Future.
 
         With ``callback``, ``callback(future)`` runs on the loop thread once
@@ -321,7 +340,7 @@ class EventLoop(_reactor.Reactor):
                     max_workers=self._max_workers, thread_name_prefix="fastnet-worker")
         fut = self._executor.submit(func, *args)
         if callback is not None:
-            def deliver(f, callback=callback):
+            def deliver(f: concurrent.futures.Future[Any], callback: Callable[..., object] = callback) -> None:
                 try:
                     self.call_soon_threadsafe(callback, f)
                 except RuntimeError:
@@ -332,7 +351,7 @@ class EventLoop(_reactor.Reactor):
 
     # -- signals ------------------------------------------------------------
 
-    def add_signal_handler(self, sig, callback, *args):
+    def add_signal_handler(self, sig: int, callback: Callable[..., object], *args: Any) -> None:
         """Run ``callback(*args)`` on the loop when signal ``sig`` arrives (main thread only).
 
         Uses ``signal.set_wakeup_fd``: the signal handler itself only
@@ -360,7 +379,7 @@ class EventLoop(_reactor.Reactor):
             signal.siginterrupt(sig, False)
         self._signal_handlers[sig] = Handle(callback, args)
 
-    def remove_signal_handler(self, sig):
+    def remove_signal_handler(self, sig: int) -> bool:
         """Restore the signal's previous disposition; True if a handler was removed."""
         sig = signal.Signals(sig)
         if self._signal_handlers.pop(sig, None) is None:
@@ -376,7 +395,7 @@ class EventLoop(_reactor.Reactor):
             w.close()
         return True
 
-    def _read_signals(self):
+    def _read_signals(self) -> None:
         if self._sig_socks is None:
             return
         try:
@@ -386,14 +405,18 @@ class EventLoop(_reactor.Reactor):
         for signum in data:
             h = self._signal_handlers.get(signum)
             if h is not None and not h.cancelled():
-                self.call_soon(h.callback, *h.args)
+                self.call_soon(h.callback, *h.args)  # type: ignore[arg-type, misc]  # not cancelled
 
     # -- framed streams -----------------------------------------------------
 
-    def add_stream(self, sock, protocol, max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
-                   high_water=None, low_water=None, *, ssl_context=None, server_side=False,
-                   server_hostname=None, authkey=None, handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
-                   strict=False, digest="sha256", on_fail=None, on_ready=None):
+    def add_stream(  # type: ignore[override]  # a TLS transport when given an ssl_context
+            self, sock: socket.socket, protocol: Any, max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
+            high_water: int | None = None, low_water: int | None = None, *,
+            ssl_context: ssl.SSLContext | None = None, server_side: bool = False,
+            server_hostname: str | None = None, authkey: bytes | None = None,
+            handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT, strict: bool = False,
+            digest: str | None = "sha256", on_fail: Callable[[BaseException | None], object] | None = None,
+            on_ready: Callable[[TLSTransport], object] | None = None) -> _Transport:
         """Run a framed ``protocol`` on a connected socket; returns its transport.
 
         The transport owns the socket. ``max_message_size`` (None: no
@@ -424,14 +447,18 @@ class EventLoop(_reactor.Reactor):
                             digest=digest, on_fail=on_fail, on_ready=on_ready)
 
     @property
-    def transports(self):
+    def transports(self) -> list[Any]:
         """The open transports of this loop, TLS ones (handshakes included) too (a new list)."""
-        return _reactor.Reactor.transports.__get__(self) + list(self._tls_transports)
+        return _reactor.Reactor.transports.__get__(self) + list(self._tls_transports)  # type: ignore[no-any-return]
 
-    def create_server(self, sock_or_address, protocol_factory, *, family=None, backlog=128,
-                      max_message_size=DEFAULT_MAX_MESSAGE_SIZE, high_water=None, low_water=None,
-                      accept_filter=None, reuse_address=True, ssl_context=None, authkey=None,
-                      handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT, strict=False, digest="sha256"):
+    def create_server(self, sock_or_address: socket.socket | Address, protocol_factory: Callable[[], Any], *,
+                      family: str | int | None = None, backlog: int = 128,
+                      max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE, high_water: int | None = None,
+                      low_water: int | None = None,
+                      accept_filter: Callable[[socket.socket, Any], object] | None = None,
+                      reuse_address: bool = True, ssl_context: ssl.SSLContext | None = None,
+                      authkey: bytes | None = None, handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+                      strict: bool = False, digest: str | None = "sha256") -> Server:
         """Listen and run ``protocol_factory()`` for each accepted connection; returns a Server.
 
         ``sock_or_address`` is a listening socket or any fastnet address
@@ -454,7 +481,7 @@ class EventLoop(_reactor.Reactor):
         elif authkey is not None:
             raise ValueError("authkey on a loop server needs an ssl_context "
                              "(fastnet.server.TCPServer runs the plain authkey handshake)")
-        unlink_path = None
+        unlink_path: str | None = None
         if isinstance(sock_or_address, socket.socket):
             sock = sock_or_address
         else:
@@ -478,10 +505,13 @@ class EventLoop(_reactor.Reactor):
         self._servers.add(server)
         return server
 
-    def connect(self, address, protocol_factory, *, family=None, timeout=None,
-                max_message_size=DEFAULT_MAX_MESSAGE_SIZE, high_water=None, low_water=None,
-                ssl_context=None, server_hostname=None, authkey=None,
-                handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT, strict=False, digest="sha256"):
+    def connect(self, address: Address, protocol_factory: Callable[[], Any], *,
+                family: str | int | None = None, timeout: float | None = None,
+                max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE, high_water: int | None = None,
+                low_water: int | None = None, ssl_context: ssl.SSLContext | None = None,
+                server_hostname: str | None = None, authkey: bytes | None = None,
+                handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT, strict: bool = False,
+                digest: str | None = "sha256") -> concurrent.futures.Future[Any]:
         """Connect without blocking the loop; returns a Future of the transport.
 
         The future is resolved on the loop thread (run the loop to let it
@@ -505,13 +535,13 @@ class EventLoop(_reactor.Reactor):
                 server_hostname = addr[0]
         elif authkey is not None:
             raise ValueError("authkey on a loop connection needs an ssl_context")
-        fut = concurrent.futures.Future()
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
         fut.set_running_or_notify_cancel()
         sock = socket.socket(fam, socket.SOCK_STREAM)
         sock.setblocking(False)
-        state = {"timer": None}
+        state: dict[str, _reactor.TimerHandle | None] = {"timer": None}
 
-        def fail(exc):
+        def fail(exc: BaseException) -> None:
             if state["timer"] is not None:
                 state["timer"].cancel()
             if sock.fileno() >= 0:
@@ -520,16 +550,16 @@ class EventLoop(_reactor.Reactor):
             if not fut.done():
                 fut.set_exception(exc)
 
-        def tls_failed(exc):
+        def tls_failed(exc: BaseException | None) -> None:
             if not fut.done():
                 fut.set_exception(exc if exc is not None else
                                   ConnectionAbortedError("closed during the TLS handshake"))
 
-        def tls_ready(t):
+        def tls_ready(t: TLSTransport) -> None:
             if not fut.done():
                 fut.set_result(t)
 
-        def done():
+        def done() -> None:
             if state["timer"] is not None:
                 state["timer"].cancel()
             try:
@@ -550,7 +580,7 @@ class EventLoop(_reactor.Reactor):
             if ssl_context is None:
                 fut.set_result(t)
 
-        def writable():
+        def writable() -> None:
             if fut.done():
                 return
             self.remove_writer(sock.fileno())
@@ -561,7 +591,7 @@ class EventLoop(_reactor.Reactor):
             else:
                 done()
 
-        def expired():
+        def expired() -> None:
             state["timer"] = None
             fail(TimeoutError(f"connect to {address!r} timed out after {timeout} s"))
 
@@ -585,7 +615,7 @@ class EventLoop(_reactor.Reactor):
 
     # -- Cookbook event handlers ------------------------------------------------
 
-    def add_handler(self, handler):
+    def add_handler(self, handler: EventHandler) -> None:
         """Run a Cookbook-style EventHandler on this loop."""
         if handler in self._handlers:
             raise ValueError(f"{handler!r} is already on this loop")
@@ -603,7 +633,7 @@ class EventLoop(_reactor.Reactor):
             self._handlers.pop(handler, None)
             raise
 
-    def remove_handler(self, handler):
+    def remove_handler(self, handler: EventHandler) -> bool:
         """Stop running a handler; True if it was on this loop."""
         rec = self._handlers.pop(handler, None)
         if rec is None:
@@ -615,16 +645,16 @@ class EventLoop(_reactor.Reactor):
             self.remove_writer(fd)
         return True
 
-    def update_handler(self, handler):
+    def update_handler(self, handler: EventHandler) -> None:
         """Ask the handler again what it wants (after a change made from outside it)."""
         self._refresh_handler(handler)
 
     @property
-    def handlers(self):
+    def handlers(self) -> list[EventHandler]:
         """The EventHandlers on this loop."""
         return list(self._handlers)
 
-    def _refresh_handler(self, h):
+    def _refresh_handler(self, h: EventHandler) -> None:
         rec = self._handlers.get(h)
         if rec is None:
             return
@@ -644,13 +674,13 @@ class EventLoop(_reactor.Reactor):
                 self.remove_writer(fd)
             rec[2] = w
 
-    def _handler_receive(self, h):
+    def _handler_receive(self, h: EventHandler) -> None:
         try:
             h.handle_receive()
         finally:
             self._refresh_handler(h)
 
-    def _handler_send(self, h):
+    def _handler_send(self, h: EventHandler) -> None:
         try:
             h.handle_send()
         finally:
@@ -658,7 +688,7 @@ class EventLoop(_reactor.Reactor):
 
     # -- closing ------------------------------------------------------------
 
-    def close(self):
+    def close(self) -> None:
         """Stop servers, signal handlers and the worker pool; abort transports; release the loop."""
         if self.is_running():
             raise RuntimeError("cannot close a running event loop")

@@ -98,6 +98,8 @@ inherits the parent's other descriptors, as with socketserver's
 ForkingMixIn: a process that is also a client of its own forking server
 should run those clients elsewhere.
 """
+from __future__ import annotations
+
 import collections
 import errno
 import ipaddress
@@ -112,6 +114,9 @@ import ssl
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from fastnet._kernels import auth as _auth
 from fastnet.address import parse_address
@@ -120,6 +125,13 @@ from fastnet.errors import AuthenticationError, ProtocolError, TimeoutError
 from fastnet.fdpass import recv_fds, send_fds
 from fastnet.loop import EventLoop
 from fastnet.tls import TLSTransport
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer, Self
+
+    from fastnet.address import Address
+    from fastnet.loop import TimerHandle as _reactor_TimerHandle
+    from fastnet.loop import _Transport
 
 __all__ = [
     "BaseServer", "TCPServer", "UDPServer", "UnixServer", "UnixStreamServer", "UnixDatagramServer",
@@ -164,18 +176,18 @@ _RESPAWN_MAX_DELAY = 5.0
 _local = threading.local()
 
 
-def _frame(payload):
+def _frame(payload: bytes) -> bytes:
     return len(payload).to_bytes(4, "big") + payload
 
 
-def _quiet_close(sock):
+def _quiet_close(sock: socket.socket) -> None:
     try:
         sock.close()
     except OSError:
         pass
 
 
-def _shut(sock, how):
+def _shut(sock: socket.socket, how: int) -> None:
     try:
         # the socket's own shutdown: SSLSocket.shutdown would also drop its TLS
         # state, and a handler reading on another thread must see end of file
@@ -185,7 +197,7 @@ def _shut(sock, how):
         pass
 
 
-def _tls_goodbye(sock):
+def _tls_goodbye(sock: ssl.SSLSocket) -> None:
     """Send a TLS close_notify on a finished SSLSocket without waiting for the peer's."""
     try:
         if sock.fileno() < 0:
@@ -214,11 +226,11 @@ class StreamRequestHandler(BaseRequestHandler, socketserver.StreamRequestHandler
 class DatagramRequestHandler(BaseRequestHandler, socketserver.DatagramRequestHandler):
     """A datagram handler: ``rfile`` holds the datagram, ``wfile`` is sent back by ``finish()``."""
 
-    def finish(self):
+    def finish(self) -> None:
         count = getattr(self.server, "_count_out", None)
         if count is not None:
             # counted first, so the count is there once the peer has the reply
-            count(len(self.wfile.getvalue()))
+            count(len(self.wfile.getvalue()))  # type: ignore[attr-defined]  # a BytesIO
         super().finish()
 
 
@@ -241,32 +253,32 @@ class MessageHandler:
     client sent one); ``verified_client`` says whether it is.
     """
 
-    transport = None
+    transport: Any = None
     #: The client's verified certificate (a dict), or None.
-    peercert = None
+    peercert: dict[str, Any] | None = None
 
     @property
-    def verified_client(self):
+    def verified_client(self) -> bool:
         """True if the client presented a certificate the server's TLS context verified."""
         return bool(self.peercert)
 
-    def __init__(self, server, client_address):
+    def __init__(self, server: Any, client_address: Any) -> None:
         self.server = server
         self.client_address = client_address
-        self._send = None
-        self._close = None
+        self._send: Callable[[Buffer], object] | None = None
+        self._close: Callable[[], object] | None = None
 
-    def setup(self):
+    def setup(self) -> None:
         """Called once the connection is ready."""
 
-    def message_received(self, data):
+    def message_received(self, data: bytes) -> None:
         """Handle one message."""
         raise NotImplementedError("MessageHandler subclasses implement message_received(data)")
 
-    def finish(self):
+    def finish(self) -> None:
         """Called once the connection is closed."""
 
-    def draining(self):
+    def draining(self) -> bool:
         """Called when the server shuts down, where the handler runs on a loop.
 
         Return True to keep the connection open (no more messages arrive)
@@ -277,27 +289,29 @@ class MessageHandler:
         """
         return False
 
-    def reply(self, data):
+    def reply(self, data: Buffer) -> None:
         """Send one message to the peer."""
-        self._send(data)
+        self._send(data)  # type: ignore[misc]  # set once the connection is ready
 
-    def close(self):
+    def close(self) -> None:
         """Close the connection after the replies already sent."""
-        self._close()
+        self._close()  # type: ignore[misc]
 
 
 # -- a bounded thread pool whose completions come back on the loop ---------------
 
 
 class _Pool:
-    def __init__(self, loop, size, name):
+    def __init__(self, loop: EventLoop, size: int, name: str) -> None:
         self.loop = loop
         self.size = size
         self.name = name
-        self.q = queue.SimpleQueue()
-        self.threads = []
+        self.q: queue.SimpleQueue[tuple[Callable[..., object], tuple[Any, ...],
+                                        Callable[[BaseException | None], object]] | None] = queue.SimpleQueue()
+        self.threads: list[threading.Thread] = []
 
-    def submit(self, fn, args, done):
+    def submit(self, fn: Callable[..., object], args: tuple[Any, ...],
+               done: Callable[[BaseException | None], object]) -> None:
         """Run ``fn(*args)`` on a pool thread, then ``done(exc_or_None)`` on the loop."""
         if len(self.threads) < self.size:
             t = threading.Thread(target=self._run, name=f"{self.name}-{len(self.threads)}", daemon=True)
@@ -305,14 +319,14 @@ class _Pool:
             t.start()
         self.q.put((fn, args, done))
 
-    def _run(self):
+    def _run(self) -> None:
         _local.in_handler = True
         while True:
             item = self.q.get()
             if item is None:
                 return
             fn, args, done = item
-            exc = None
+            exc: BaseException | None = None
             try:
                 fn(*args)
             except Exception as e:
@@ -323,7 +337,7 @@ class _Pool:
                 pass   # the loop closed: a forced shutdown, nobody to tell
             del item, fn, args, done, exc
 
-    def stop(self, timeout):
+    def stop(self, timeout: float) -> None:
         for _ in self.threads:
             self.q.put(None)
         deadline = time.monotonic() + timeout
@@ -342,38 +356,38 @@ class _Blocking:
     """A socket a blocking handler works on."""
     __slots__ = ("sock", "addr")
 
-    def __init__(self, sock, addr):
+    def __init__(self, sock: socket.socket, addr: Any) -> None:
         self.sock = sock
         self.addr = addr
 
-    def shutdown(self):
+    def shutdown(self) -> None:
         # the handler's next read sees end of file; what it writes still goes out
         _shut(self.sock, socket.SHUT_RD)
 
-    def abort(self):
+    def abort(self) -> None:
         _shut(self.sock, socket.SHUT_RDWR)
 
 
 class _FramedConn:
     """The loop protocol behind one MessageHandler."""
 
-    def __init__(self, engine, handler):
+    def __init__(self, engine: _Engine, handler: MessageHandler) -> None:
         self.engine = engine
         self.handler = handler
-        self.transport = None
-        self.mark = None
+        self.transport: _Transport | None = None
+        self.mark: tuple[int, int] | None = None
         self.idle = 0
         self.busy = False
-        self.queue = None
+        self.queue: collections.deque[Any] | None = None
         self.finished = False
         self.lost = False
         self.drain_close = False
         if not engine.threaded:
             # the reactor calls the handler directly: no frame of ours per message
-            self.message_received = handler.message_received
+            self.message_received = handler.message_received  # type: ignore[method-assign]
 
     # loop thread
-    def connection_made(self, transport):
+    def connection_made(self, transport: _Transport) -> None:
         self.transport = transport
         h = self.handler
         if type(transport) is TLSTransport:
@@ -390,16 +404,16 @@ class _FramedConn:
             h._close = transport.close
             h.setup()
 
-    def message_received(self, data):
+    def message_received(self, data: bytes) -> None:
         # threaded only: queue for the pool, one task per connection at a time
         q = self.queue
-        q.append(data)
+        q.append(data)  # type: ignore[union-attr]  # made by connection_made
         if not self.busy:
             self._kick()
-        elif len(q) >= _QUEUE_PAUSE:
-            self.transport.pause_reading()
+        elif len(q) >= _QUEUE_PAUSE:  # type: ignore[arg-type]
+            self.transport.pause_reading()  # type: ignore[union-attr]
 
-    def connection_lost(self, exc):
+    def connection_lost(self, exc: BaseException | None) -> None:
         self.lost = True
         counters = self.counters()
         if not self.engine.threaded:
@@ -411,17 +425,17 @@ class _FramedConn:
             return
         self._counters = counters
         # the queue belongs to a pool thread too: only append to it
-        self.queue.append(_LOST)
+        self.queue.append(_LOST)  # type: ignore[union-attr]
         if not self.busy:
             self._kick()
 
-    def counters(self):
+    def counters(self) -> tuple[int, int, int, int]:
         t = self.transport
         if t is None:
             return (0, 0, 0, 0)
         return (t.messages_received, t.messages_sent, t.bytes_received, t.bytes_sent)
 
-    def shutdown(self):
+    def shutdown(self) -> None:
         t = self.transport
         if t is None or t.is_closing():
             return
@@ -442,22 +456,22 @@ class _FramedConn:
         if not self.busy and not self.queue:
             t.close()
 
-    def abort(self):
+    def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
 
     # threaded mode
-    def _kick(self):
+    def _kick(self) -> None:
         self.busy = True
-        self.engine.pool.submit(self._work, (), self._worked)
+        self.engine.pool.submit(self._work, (), self._worked)  # type: ignore[union-attr]  # threaded
 
-    def _work(self):
+    def _work(self) -> None:
         # pool thread
         h = self.handler
         q = self.queue
         for _ in range(_WORK_BATCH):
             try:
-                item = q.popleft()
+                item = q.popleft()  # type: ignore[union-attr]
             except IndexError:
                 return
             if item is _LOST:
@@ -472,18 +486,19 @@ class _FramedConn:
             elif not self.lost:       # a gone peer's unhandled messages need no answer
                 h.message_received(item)
 
-    def _worked(self, exc):
+    def _worked(self, exc: BaseException | None) -> None:
         # loop thread, after a pool task of this connection
         self.busy = False
         if exc is not None:
             self.engine.server._report_handler_error(exc, self.handler)
             if not self.lost:
-                self.transport.abort()   # connection_lost queues finish()
+                self.transport.abort()  # type: ignore[union-attr]  # connection_lost queues finish()
                 return
         if self.finished:
             self.engine._finish(self, self._counters)
             return
         t = self.transport
+        assert t is not None
         if self.queue:
             self._kick()
         elif self.lost:
@@ -493,21 +508,22 @@ class _FramedConn:
         elif t.reading_paused and not t.is_closing():
             t.resume_reading()
 
-    def _send_threadsafe(self, data):
+    def _send_threadsafe(self, data: Buffer) -> None:
         if not isinstance(data, bytes):
             data = bytes(memoryview(data).cast("B"))
         self.engine.loop.call_soon_threadsafe(self._send_on_loop, data)
 
-    def _send_on_loop(self, data):
+    def _send_on_loop(self, data: bytes) -> None:
         t = self.transport
+        assert t is not None
         if not t.is_closing():
             t.send_bytes(data)
 
-    def _close_threadsafe(self):
+    def _close_threadsafe(self) -> None:
         self.engine.loop.call_soon_threadsafe(self._close_on_loop)
 
-    def _close_on_loop(self):
-        self.transport.close()
+    def _close_on_loop(self) -> None:
+        self.transport.close()  # type: ignore[union-attr]
 
 
 class _Engine:
@@ -521,8 +537,10 @@ class _Engine:
     handshake goes to ``on_failed(addr, exc)``, every other end of a
     connection to ``on_closed(counters)``."""
 
-    def __init__(self, server, loop, threaded, pool_size=0, on_closed=None, on_failed=None,
-                 tls_blocking=False):
+    def __init__(self, server: BaseServer, loop: EventLoop, threaded: bool, pool_size: int = 0,
+                 on_closed: Callable[[Sequence[int] | None], object] | None = None,
+                 on_failed: Callable[[Any, BaseException], object] | None = None,
+                 tls_blocking: bool = False) -> None:
         self.server = server
         self.loop = loop
         self.threaded = threaded
@@ -531,13 +549,13 @@ class _Engine:
         self.on_failed = on_failed
         self.tls_blocking = tls_blocking and server.ssl_context is not None
         self.pool = _Pool(loop, pool_size, "fastnet-server") if threaded else None
-        self.conns = set()
-        self._handshakes = set()
+        self.conns: set[_FramedConn | _Blocking] = set()
+        self._handshakes: set[_Handshake] = set()
         self.totals = [0, 0, 0, 0]
         self.closing = False
-        self._sweep = None
+        self._sweep: _reactor_TimerHandle | None = None
 
-    def serve(self, sock, addr):
+    def serve(self, sock: socket.socket, addr: Any) -> None:
         if self.framed:
             self._serve_framed(sock, addr)
             return
@@ -550,21 +568,21 @@ class _Engine:
             return
         self._serve_blocking(sock, addr)
 
-    def _serve_blocking(self, sock, addr):
+    def _serve_blocking(self, sock: socket.socket, addr: Any) -> None:
         rec = _Blocking(sock, addr)
         self.conns.add(rec)
         if self.closing:
             rec.shutdown()
         if self.threaded:
-            self.pool.submit(self.server._handle_stream, (sock, addr),
-                             lambda exc, rec=rec: self._finish(rec, None))
+            self.pool.submit(self.server._handle_stream, (sock, addr),  # type: ignore[union-attr]
+                             lambda exc, rec=rec: self._finish(rec, None))  # type: ignore[misc]
         else:
             try:
                 self.server._handle_stream(sock, addr)
             finally:
                 self._finish(rec, None)
 
-    def _serve_framed(self, sock, addr):
+    def _serve_framed(self, sock: socket.socket, addr: Any) -> None:
         srv = self.server
         handler = srv.RequestHandlerClass(srv, addr)
         conn = _FramedConn(self, handler)
@@ -577,7 +595,7 @@ class _Engine:
                     sock, conn, max_message_size=srv.max_message_size, ssl_context=srv.ssl_context,
                     server_side=True, authkey=srv.authkey, handshake_timeout=srv.handshake_timeout,
                     strict=srv.strict, digest=srv.digest,
-                    on_fail=lambda exc, conn=conn, addr=addr: self._tls_failed(conn, addr, exc))
+                    on_fail=lambda exc, conn=conn, addr=addr: self._tls_failed(conn, addr, exc))  # type: ignore[misc]
         except Exception:
             self.conns.discard(conn)
             _quiet_close(sock)
@@ -586,7 +604,7 @@ class _Engine:
             conn.shutdown()
         self._arm_sweep()
 
-    def _tls_failed(self, conn, addr, exc):
+    def _tls_failed(self, conn: _FramedConn, addr: Any, exc: BaseException | None) -> None:
         # a framed connection that never got past its handshakes
         if conn not in self.conns:
             return
@@ -597,7 +615,7 @@ class _Engine:
             self._handshake_failed(addr, exc)
 
     # owner of the _Handshakes of blocking connections (prefork workers)
-    def _authenticated(self, sock, addr):
+    def _authenticated(self, sock: socket.socket, addr: Any) -> None:
         if self.closing:
             _quiet_close(sock)
             self._closed(None)
@@ -607,17 +625,17 @@ class _Engine:
         except Exception:
             logger.exception("failed to start serving %r", addr)
 
-    def _handshake_failed(self, addr, exc):
+    def _handshake_failed(self, addr: Any, exc: BaseException) -> None:
         if self.on_failed is not None:
             self.on_failed(addr, exc)
         else:
             logger.info("handshake with %r failed: %s", addr, exc)
             self._closed(None)
 
-    def _release(self):
+    def _release(self) -> None:
         self._closed(None)
 
-    def _finish(self, conn, counters):
+    def _finish(self, conn: _FramedConn | _Blocking, counters: Sequence[int] | None) -> None:
         if conn not in self.conns:
             return
         self.conns.discard(conn)
@@ -627,11 +645,11 @@ class _Engine:
                 tot[i] += counters[i]
         self._closed(counters)
 
-    def _closed(self, counters):
+    def _closed(self, counters: Sequence[int] | None) -> None:
         if self.on_closed is not None:
             self.on_closed(counters)
 
-    def live(self):
+    def live(self) -> list[int]:
         """Counters of finished plus open connections (any thread)."""
         out = list(self.totals)
         for c in list(self.conns):   # list(set) is one C call: safe against the loop thread
@@ -642,13 +660,13 @@ class _Engine:
 
     # idle connections: compare each transport's byte counters every half
     # idle_timeout; two sweeps without change close it (no per-message cost)
-    def _arm_sweep(self):
+    def _arm_sweep(self) -> None:
         idle = self.server.idle_timeout
         if idle is None or self._sweep is not None or self.loop.is_closed():
             return
         self._sweep = self.loop.call_later(idle / 2.0, self._do_sweep)
 
-    def _do_sweep(self):
+    def _do_sweep(self) -> None:
         self._sweep = None
         framed = False
         for c in list(self.conns):
@@ -669,20 +687,20 @@ class _Engine:
         if framed:
             self._arm_sweep()
 
-    def begin_shutdown(self):
+    def begin_shutdown(self) -> None:
         self.closing = True
         for hs in list(self._handshakes):
             hs.abort()
         for c in list(self.conns):
             c.shutdown()
 
-    def abort_all(self):
+    def abort_all(self) -> None:
         for hs in list(self._handshakes):
             hs.abort()
         for c in list(self.conns):
             c.abort()
 
-    def stop(self, timeout):
+    def stop(self, timeout: float) -> None:
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
@@ -716,14 +734,15 @@ class _Handshake:
     for one aborted by a shutdown, ``_release()``.
     """
 
-    def __init__(self, server, loop, sock, addr, owner=None):
+    def __init__(self, server: BaseServer, loop: EventLoop, sock: socket.socket, addr: Any,
+                 owner: BaseServer | _Engine | None = None) -> None:
         self.server = server
         self.owner = owner if owner is not None else server
         self.loop = loop
         self.sock = sock
         self.addr = addr
         self.fd = sock.fileno()
-        self.nonce = None
+        self.nonce: bytes | None = None
         self.out = bytearray()
         self.buf = bytearray()
         self.need = 4
@@ -738,7 +757,8 @@ class _Handshake:
         else:
             self._challenge()
         try:
-            self.timer = loop.call_later(server.handshake_timeout, self._expired)
+            self.timer: _reactor_TimerHandle | None = loop.call_later(server.handshake_timeout,  # type: ignore[arg-type]
+                                                                      self._expired)
             try:
                 loop.add_reader(self.fd, self._readable)
             except BaseException:
@@ -750,15 +770,15 @@ class _Handshake:
         self.owner._handshakes.add(self)
         self._writable()
 
-    def _challenge(self):
+    def _challenge(self) -> None:
         message, self.nonce = _auth.make_challenge(self.server.digest)
         self.out += _frame(message)
         self.state = _HS_RESPONSE
 
-    def _tls(self):
+    def _tls(self) -> bool:
         """Advance the TLS handshake; True once it is done."""
         try:
-            self.sock.do_handshake()
+            self.sock.do_handshake()  # type: ignore[attr-defined]  # an SSLSocket in state _HS_TLS
         except ssl.SSLWantReadError:
             self._want_write(False)
             return False
@@ -774,7 +794,7 @@ class _Handshake:
             self._challenge()
         return True
 
-    def _want_write(self, on):
+    def _want_write(self, on: bool) -> None:
         if on and not self.writing:
             self.loop.add_writer(self.fd, self._writable)
             self.writing = True
@@ -782,7 +802,7 @@ class _Handshake:
             self.loop.remove_writer(self.fd)
             self.writing = False
 
-    def _readable(self):
+    def _readable(self) -> None:
         try:
             if self.state == _HS_TLS and not self._tls():
                 return
@@ -798,7 +818,7 @@ class _Handshake:
         if self.state == _HS_DONE:
             self._succeed()
 
-    def _read_frame(self):
+    def _read_frame(self) -> bytes | None:
         while True:
             try:
                 chunk = self.sock.recv(self.need)
@@ -827,11 +847,11 @@ class _Handshake:
             self.need = 4
             return frame
 
-    def _step(self, frame):
+    def _step(self, frame: bytes) -> None:
         srv = self.server
         if self.state == _HS_RESPONSE:
             try:
-                _auth.verify_response(srv.authkey, self.nonce, frame, srv.strict)
+                _auth.verify_response(srv.authkey, self.nonce, frame, srv.strict)  # type: ignore[arg-type]
             except AuthenticationError:
                 self.out += _frame(_auth.FAILURE)
                 self._flush()
@@ -840,14 +860,14 @@ class _Handshake:
             self.state = _HS_CHALLENGE
         elif self.state == _HS_CHALLENGE:
             nonce = _auth.parse_challenge(frame)
-            self.out += _frame(_auth.create_response(srv.authkey, nonce, srv.strict))
+            self.out += _frame(_auth.create_response(srv.authkey, nonce, srv.strict))  # type: ignore[arg-type]
             self.state = _HS_WELCOME
         elif self.state == _HS_WELCOME:
             if frame != _auth.WELCOME:
                 raise AuthenticationError("digest sent was rejected")
             self.state = _HS_DONE
 
-    def _flush(self):
+    def _flush(self) -> None:
         if self.out:
             try:
                 n = self.sock.send(self.out)
@@ -856,7 +876,7 @@ class _Handshake:
             del self.out[:n]
         self._want_write(bool(self.out))
 
-    def _writable(self):
+    def _writable(self) -> None:
         if self.state == _HS_TLS:
             # the TLS handshake wants to write, or has just begun
             try:
@@ -876,11 +896,11 @@ class _Handshake:
         if self.state == _HS_DONE:
             self._succeed()
 
-    def _expired(self):
+    def _expired(self) -> None:
         self.timer = None
         self._fail(TimeoutError(f"handshake not finished in {self.server.handshake_timeout} s"))
 
-    def _detach(self):
+    def _detach(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -891,7 +911,7 @@ class _Handshake:
         self.writing = False
         self.owner._handshakes.discard(self)
 
-    def _succeed(self):
+    def _succeed(self) -> None:
         if self not in self.owner._handshakes:
             return
         if self.out:
@@ -900,14 +920,14 @@ class _Handshake:
         self._detach()
         self.owner._authenticated(self.sock, self.addr)
 
-    def _fail(self, exc):
+    def _fail(self, exc: BaseException) -> None:
         if self not in self.owner._handshakes:
             return
         self._detach()
         _quiet_close(self.sock)
         self.owner._handshake_failed(self.addr, exc)
 
-    def abort(self):
+    def abort(self) -> None:
         """Close without counting a failure (shutdown)."""
         if self not in self.owner._handshakes:
             return
@@ -923,7 +943,7 @@ class _Child:
     """A forked child (fork mode) or a prefork worker, as its parent sees it."""
     __slots__ = ("pid", "chan", "pidfd", "inflight", "assigned", "alive", "status", "started")
 
-    def __init__(self, pid, chan):
+    def __init__(self, pid: int, chan: socket.socket) -> None:
         self.pid = pid
         self.chan = chan
         self.started = time.monotonic()
@@ -931,7 +951,7 @@ class _Child:
         self.inflight = 0
         self.assigned = 0
         self.alive = True
-        self.status = None
+        self.status: int | None = None
 
 
 # -- servers ------------------------------------------------------------------------
@@ -949,19 +969,27 @@ class BaseServer:
     """
 
     concurrency = "loop"
-    address_family = None
+    address_family: int | None = None
     socket_type = socket.SOCK_STREAM
     allow_reuse_address = True
     allow_reuse_port = False
     request_queue_size = 128
-    timeout = None
+    timeout: float | None = None
+    max_packet_size: int      # datagram servers
+    # set when serving starts
+    _loop: EventLoop
 
-    def __init__(self, server_address, RequestHandlerClass, bind_and_activate=True, *,
-                 concurrency=None, workers=None, worker_threads=DEFAULT_WORKER_THREADS, allow=None,
-                 authkey=None, max_connections=DEFAULT_MAX_CONNECTIONS, overflow="wait",
-                 max_message_size=DEFAULT_MAX_MESSAGE_SIZE, idle_timeout=DEFAULT_IDLE_TIMEOUT,
-                 handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT, shutdown_timeout=DEFAULT_SHUTDOWN_TIMEOUT,
-                 strict=False, digest="sha256", backend="auto", ssl_context=None):
+    def __init__(self, server_address: Address, RequestHandlerClass: Callable[..., Any],
+                 bind_and_activate: bool = True, *,
+                 concurrency: str | None = None, workers: int | None = None,
+                 worker_threads: int = DEFAULT_WORKER_THREADS, allow: Any = None,
+                 authkey: bytes | None = None, max_connections: int | None = DEFAULT_MAX_CONNECTIONS,
+                 overflow: str = "wait", max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
+                 idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+                 handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+                 shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT, strict: bool = False,
+                 digest: str | None = "sha256", backend: str = "auto",
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         concurrency = concurrency or type(self).concurrency
         if concurrency not in CONCURRENCY:
             raise ValueError(f"concurrency must be one of {CONCURRENCY}, not {concurrency!r}")
@@ -1017,34 +1045,34 @@ class BaseServer:
         self.backend = backend
         self._allow = self._parse_allow(allow)
         self._limit = min(max_connections, workers) if concurrency == "fork" else max_connections
-        self._unlink = None
-        self._loop = None
-        self._engine = None
+        self._unlink: str | None = None
+        self._loop = None  # type: ignore[assignment]
+        self._engine: _Engine | None = None
         self._lock = threading.Lock()
-        self._thread = None
-        self._serving_thread = None
+        self._thread: threading.Thread | None = None
+        self._serving_thread: threading.Thread | None = None
         self._started = threading.Event()
         self._stopped = threading.Event()
-        self._start_error = None
+        self._start_error: BaseException | None = None
         self._state = "new"          # new -> serving -> closed
         self._shutting_down = False
         self._forced = False
         self._accepting = False
-        self._backoff = None
-        self._handshakes = set()
-        self._children = {}          # fork mode: pid -> _Child
-        self._workers = []           # prefork
-        self._polled = {}            # pid -> callback, when pidfd_open is missing
-        self._poll_timer = None
+        self._backoff: _reactor_TimerHandle | None = None
+        self._handshakes: set[_Handshake] = set()
+        self._children: dict[int, _Child] = {}          # fork mode: pid -> _Child
+        self._workers: list[_Child] = []           # prefork
+        self._polled: dict[int, tuple[_Child, Callable[[_Child], object]]] = {}  # when pidfd_open is missing
+        self._poll_timer: _reactor_TimerHandle | None = None
         self._in_child = False
         self._open = 0
         self._total = 0
         self._refused = 0
         self._auth_failed = 0
-        self._pool = None
-        self._stop_requested = None
-        self._sig_socks = None
-        self._old_signals = {}
+        self._pool: _Pool | None = None
+        self._stop_requested: float | None = None
+        self._sig_socks: tuple[socket.socket, socket.socket] | None = None
+        self._old_signals: dict[int, Any] = {}
         self._idle_closed = 0
         self._restarts = 0
         self._quick_deaths = 0
@@ -1062,22 +1090,22 @@ class BaseServer:
 
     # -- socketserver's surface ------------------------------------------------
 
-    def _check_family(self, fam):
+    def _check_family(self, fam: int) -> None:
         pass
 
     @staticmethod
-    def _parse_allow(allow):
+    def _parse_allow(allow: Any) -> dict[int, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] | None:
         if allow is None:
             return None
         if isinstance(allow, (str, ipaddress.IPv4Network, ipaddress.IPv6Network)):
             allow = [allow]
-        nets = {4: [], 6: []}
+        nets: dict[int, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = {4: [], 6: []}
         for item in allow:
             net = ipaddress.ip_network(item, strict=False)
             nets[net.version].append(net)
         return nets
 
-    def server_bind(self):
+    def server_bind(self) -> None:
         """Bind the socket (SO_REUSEADDR when ``allow_reuse_address``)."""
         if self.address_family != socket.AF_UNIX:
             if self.allow_reuse_address:
@@ -1090,35 +1118,35 @@ class BaseServer:
             self._unlink = addr
         self.server_address = self.address
 
-    def server_activate(self):
+    def server_activate(self) -> None:
         """Listen (stream servers)."""
         if self.socket_type == socket.SOCK_STREAM:
             self.socket.listen(self.request_queue_size)
 
     @property
-    def address(self):
+    def address(self) -> Any:
         """The bound address (the real port when 0 was asked for; AF_UNIX names as str)."""
         name = self.socket.getsockname()
         if isinstance(name, bytes):
             name = name.decode("utf-8", "surrogateescape")
         return name
 
-    def fileno(self):
+    def fileno(self) -> int:
         return self.socket.fileno()
 
-    def verify_request(self, request, client_address):
+    def verify_request(self, request: Any, client_address: Any) -> bool:
         """Return False to refuse a request (checked after the allow-list)."""
         return True
 
-    def finish_request(self, request, client_address):
+    def finish_request(self, request: Any, client_address: Any) -> None:
         """Run the handler class on one request."""
         self.RequestHandlerClass(request, client_address, self)
 
-    def handle_error(self, request, client_address):
+    def handle_error(self, request: Any, client_address: Any) -> None:
         """Log the exception a handler raised; the server goes on."""
         logger.exception("exception while handling a request from %r", client_address)
 
-    def shutdown_request(self, request):
+    def shutdown_request(self, request: Any) -> None:
         """End a stream request: shut down writing (the peer sees EOF), then close.
 
         Over TLS a close_notify goes first, so the peer can tell the end
@@ -1130,20 +1158,20 @@ class BaseServer:
             _shut(request, socket.SHUT_WR)
         self.close_request(request)
 
-    def close_request(self, request):
+    def close_request(self, request: Any) -> None:
         if self.socket_type == socket.SOCK_STREAM:
             request.close()
 
-    def service_actions(self):
+    def service_actions(self) -> None:
         """Called about every poll_interval seconds while serving, as in socketserver."""
 
-    def _report_handler_error(self, exc, handler):
+    def _report_handler_error(self, exc: BaseException, handler: object) -> None:
         logger.error("exception in %s from %r", type(handler).__name__,
                      getattr(handler, "client_address", None), exc_info=(type(exc), exc, exc.__traceback__))
 
     # -- stats ------------------------------------------------------------------
 
-    def stats(self):
+    def stats(self) -> dict[str, Any]:
         """Counters: connections open/total/refused, handshake failures, messages/bytes in/out.
 
         Messages and bytes count MessageHandler frames (on the wire, headers
@@ -1156,7 +1184,7 @@ class BaseServer:
         if eng is not None:
             for i, v in enumerate(eng.live()):
                 c[i] += v
-        out = {
+        out: dict[str, Any] = {
             "connections_open": self._open,
             "connections_total": self._total,
             "connections_refused": self._refused,
@@ -1175,18 +1203,18 @@ class BaseServer:
         return out
 
     @property
-    def worker_pids(self):
+    def worker_pids(self) -> list[int]:
         """The pids of the live prefork workers (or forked children)."""
         if self.concurrency == "prefork":
             return [w.pid for w in list(self._workers) if w.alive]
         return list(self._children)
 
-    def _count_out(self, nbytes):
+    def _count_out(self, nbytes: int) -> None:
         with self._out_lock:
             self._counters[1] += 1
             self._counters[3] += nbytes
 
-    def _add(self, counters):
+    def _add(self, counters: Sequence[int] | None) -> None:
         if counters:
             c = self._counters
             for i in range(4):
@@ -1194,7 +1222,8 @@ class BaseServer:
 
     # -- running ----------------------------------------------------------------
 
-    def serve_forever(self, poll_interval=0.5, *, stop_signals=(signal.SIGINT, signal.SIGTERM)):
+    def serve_forever(self, poll_interval: float = 0.5, *,
+                      stop_signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM)) -> None:
         """Serve until shutdown(). In the main thread, ``stop_signals`` shut down gracefully."""
         with self._lock:
             if self._state != "new":
@@ -1224,7 +1253,7 @@ class BaseServer:
         finally:
             self._teardown()
 
-    def start(self, timeout=30.0):
+    def start(self, timeout: float = 30.0) -> Self:
         """Serve on a background thread; returns self once serving has begun."""
         t = threading.Thread(target=self._serve_quietly, name="fastnet-server", daemon=True)
         self._thread = t
@@ -1235,14 +1264,14 @@ class BaseServer:
             raise self._start_error
         return self
 
-    def _serve_quietly(self):
+    def _serve_quietly(self) -> None:
         try:
             self.serve_forever(stop_signals=())
         except BaseException:
             if self._start_error is None:
                 logger.exception("server thread failed")
 
-    def shutdown(self, timeout=None):
+    def shutdown(self, timeout: float | None = None) -> None:
         """Stop accepting, let connections finish and drain, close, join; then return.
 
         Whatever is still open after ``timeout`` seconds (default
@@ -1275,14 +1304,14 @@ class BaseServer:
         if self._thread is not None and self._thread is not me:
             self._thread.join()
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.shutdown()
         self.server_close()
 
-    def server_close(self):
+    def server_close(self) -> None:
         """Close the listening socket and remove its AF_UNIX path (shutting down first if serving)."""
         if (self._state == "serving" and not self._in_child
                 and threading.current_thread() is not self._serving_thread):
@@ -1297,7 +1326,7 @@ class BaseServer:
                 pass
             self._unlink = None
 
-    def _interrupt_blocking(self):
+    def _interrupt_blocking(self) -> None:
         # blocking handlers read end of file; needed from outside the loop,
         # which a serial (concurrency="loop") handler keeps busy
         eng = self._engine
@@ -1305,7 +1334,7 @@ class BaseServer:
             for c in list(eng.conns):
                 c.shutdown()
 
-    def _install_stop_signals(self, sigs):
+    def _install_stop_signals(self, sigs: Iterable[int]) -> None:
         # Our own handlers rather than the loop's: a signal must also reach a
         # blocking handler running on this (main) thread. The handler takes
         # no locks; it wakes the loop through a socket of its own.
@@ -1317,16 +1346,16 @@ class BaseServer:
         for sig in sigs:
             self._old_signals[sig] = signal.signal(sig, self._on_stop_signal)
 
-    def _on_stop_signal(self, signum, frame):
+    def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
         self._interrupt_blocking()
         try:
-            self._sig_socks[1].send(b"s")
+            self._sig_socks[1].send(b"s")  # type: ignore[index]  # errors caught
         except (OSError, AttributeError, TypeError):
             pass
 
-    def _on_stop_wake(self):
+    def _on_stop_wake(self) -> None:
         try:
-            self._sig_socks[0].recv(64)
+            self._sig_socks[0].recv(64)  # type: ignore[index]
         except OSError:
             pass
         if self._shutting_down:
@@ -1334,7 +1363,7 @@ class BaseServer:
         else:
             self._begin_shutdown(None)
 
-    def _remove_stop_signals(self):
+    def _remove_stop_signals(self) -> None:
         for sig, old in self._old_signals.items():
             signal.signal(sig, old if old is not None else signal.SIG_DFL)
         self._old_signals = {}
@@ -1345,8 +1374,8 @@ class BaseServer:
                 sk.close()
             self._sig_socks = None
 
-    def _schedule_service(self, interval):
-        def tick():
+    def _schedule_service(self, interval: float) -> None:
+        def tick() -> None:
             if self._shutting_down:
                 return
             try:
@@ -1356,7 +1385,7 @@ class BaseServer:
             self._loop.call_later(interval, tick)
         self._loop.call_later(interval, tick)
 
-    def _begin(self):
+    def _begin(self) -> None:
         loop = self._loop
         self.socket.setblocking(False)
         if self.concurrency in ("loop", "thread"):
@@ -1372,11 +1401,11 @@ class BaseServer:
                 self._spawn_worker()
         self._resume()
 
-    def _done(self):
+    def _done(self) -> bool:
         return self._shutting_down and (self._forced or (
             self._open == 0 and not self._workers and not self._children and not self._handshakes))
 
-    def _begin_shutdown(self, timeout=None):
+    def _begin_shutdown(self, timeout: float | None = None) -> None:
         if self._shutting_down:
             return
         self._shutting_down = True
@@ -1401,10 +1430,10 @@ class BaseServer:
             _shut(w.chan, socket.SHUT_WR)
         loop.call_later(timeout, self._force)
 
-    def _force(self):
+    def _force(self) -> None:
         self._forced = True
 
-    def _teardown(self):
+    def _teardown(self) -> None:
         loop = self._loop
         try:
             for hs in list(self._handshakes):
@@ -1437,13 +1466,13 @@ class BaseServer:
 
     # -- accepting ------------------------------------------------------------
 
-    def _pause(self):
+    def _pause(self) -> None:
         if self._accepting:
             self._accepting = False
             if self.socket.fileno() >= 0 and not self._loop.is_closed():
                 self._loop.remove_reader(self.socket)
 
-    def _resume(self):
+    def _resume(self) -> None:
         self._backoff = None
         if (not self._accepting and not self._shutting_down and self._open < self._limit
                 and self.socket.fileno() >= 0):
@@ -1451,14 +1480,14 @@ class BaseServer:
             cb = self._on_accept if self.socket_type == socket.SOCK_STREAM else self._on_datagram
             self._loop.add_reader(self.socket, cb)
 
-    def _release(self, counters=None):
+    def _release(self, counters: Sequence[int] | None = None) -> None:
         """One connection (or handshake, or datagram) is done."""
         self._open -= 1
         self._add(counters)
         if not self._accepting and self._open < self._limit:
             self._resume()
 
-    def _allowed(self, addr):
+    def _allowed(self, addr: Any) -> bool:
         nets = self._allow
         if nets is None:
             return True
@@ -1471,7 +1500,7 @@ class BaseServer:
                 return True
         return any(ip in n for n in nets[ip.version])
 
-    def _on_accept(self):
+    def _on_accept(self) -> None:
         for _ in range(_ACCEPT_BATCH):
             if self._shutting_down or self._stop_requested is not None:
                 return
@@ -1522,24 +1551,24 @@ class BaseServer:
             else:
                 self._dispatch(sock, addr)
 
-    def _refuse(self, sock, addr):
+    def _refuse(self, sock: socket.socket, addr: Any) -> None:
         self._refused += 1
         logger.debug("refused %r", addr)
         sock.close()
 
-    def _handshake_failed(self, addr, exc):
+    def _handshake_failed(self, addr: Any, exc: BaseException) -> None:
         self._auth_failed += 1
         logger.info("handshake with %r failed: %s", addr, exc)
         self._release()
 
-    def _authenticated(self, sock, addr):
+    def _authenticated(self, sock: socket.socket, addr: Any) -> None:
         if self._shutting_down:
             sock.close()
             self._release()
             return
         self._dispatch(sock, addr)
 
-    def _dispatch(self, sock, addr):
+    def _dispatch(self, sock: socket.socket, addr: Any) -> None:
         """Hand a verified (and authenticated) connection to the concurrency mode."""
         mode = self.concurrency
         try:
@@ -1548,13 +1577,13 @@ class BaseServer:
             elif mode == "fork":
                 self._fork_connection(sock, addr)
             else:
-                self._engine.serve(sock, addr)
+                self._engine.serve(sock, addr)  # type: ignore[union-attr]  # loop and thread modes have one
         except Exception:
             logger.exception("failed to start serving %r", addr)
             _quiet_close(sock)
             self._release()
 
-    def _handle_stream(self, sock, addr):
+    def _handle_stream(self, sock: socket.socket, addr: Any) -> None:
         """Run a blocking handler on one connection (any thread or process)."""
         try:
             sock.setblocking(True)
@@ -1570,7 +1599,7 @@ class BaseServer:
 
     # -- datagrams --------------------------------------------------------------
 
-    def _on_datagram(self):
+    def _on_datagram(self) -> None:
         sock = self.socket
         for _ in range(_ACCEPT_BATCH):
             if self._shutting_down:
@@ -1608,7 +1637,8 @@ class BaseServer:
                 self._handle_datagram(request, addr)
             elif mode == "thread":
                 self._open += 1
-                self._pool.submit(self._handle_datagram, (request, addr), lambda exc: self._release())
+                self._pool.submit(self._handle_datagram, (request, addr),  # type: ignore[union-attr]
+                                  lambda exc: self._release())
             else:
                 self._open += 1
                 try:
@@ -1619,11 +1649,11 @@ class BaseServer:
                 else:
                     self._children[child.pid] = child
 
-    def _child_datagram(self, request, addr):
+    def _child_datagram(self, request: Any, addr: Any) -> list[int]:
         self._handle_datagram(request, addr)
         return self._counters
 
-    def _handle_datagram(self, request, addr):
+    def _handle_datagram(self, request: Any, addr: Any) -> None:
         try:
             self.finish_request(request, addr)
         except Exception:
@@ -1633,7 +1663,8 @@ class BaseServer:
 
     # -- processes ---------------------------------------------------------------
 
-    def _fork(self, target, on_exit, worker=False):
+    def _fork(self, target: Callable[..., Sequence[int] | None], on_exit: Callable[[_Child], object],
+              worker: bool = False) -> _Child:
         """Fork a child running ``target(chan)`` (or ``target()``); returns its _Child.
 
         The child reports its counters on a SEQPACKET channel and leaves with
@@ -1664,7 +1695,7 @@ class BaseServer:
         self._watch(child, on_exit)
         return child
 
-    def _after_fork_child(self):
+    def _after_fork_child(self) -> None:
         self._in_child = True
         try:
             signal.set_wakeup_fd(-1)
@@ -1695,7 +1726,7 @@ class BaseServer:
         self._polled = {}
         self._counters = [0, 0, 0, 0]
 
-    def _watch(self, child, on_exit):
+    def _watch(self, child: _Child, on_exit: Callable[[_Child], object]) -> None:
         try:
             child.pidfd = os.pidfd_open(child.pid)
         except (AttributeError, OSError):
@@ -1706,14 +1737,14 @@ class BaseServer:
             return
         self._loop.add_reader(child.pidfd, self._pidfd_ready, child, on_exit)
 
-    def _pidfd_ready(self, child, on_exit):
+    def _pidfd_ready(self, child: _Child, on_exit: Callable[[_Child], object]) -> None:
         self._loop.remove_reader(child.pidfd)
         os.close(child.pidfd)
         child.pidfd = -1
         self._reap(child, block=True)
         on_exit(child)
 
-    def _poll_children(self):
+    def _poll_children(self) -> None:
         self._poll_timer = None
         for pid, (child, on_exit) in list(self._polled.items()):
             if self._reap(child, block=False):
@@ -1722,7 +1753,7 @@ class BaseServer:
         if self._polled:
             self._poll_timer = self._loop.call_later(_REAP_POLL, self._poll_children)
 
-    def _reap(self, child, block):
+    def _reap(self, child: _Child, block: bool) -> bool:
         if child.status is not None:
             return True
         try:
@@ -1735,19 +1766,19 @@ class BaseServer:
         child.alive = False
         return True
 
-    def _signal(self, child, sig):
+    def _signal(self, child: _Child, sig: int) -> None:
         if child.status is None:
             try:
                 os.kill(child.pid, sig)
             except ProcessLookupError:
                 pass
 
-    def _read_reports(self, child):
+    def _read_reports(self, child: _Child) -> tuple[list[tuple[bytes, tuple[int, ...]]], bool]:
         """(reports, eof): (kind, counters) a child sent, one per finished connection.
 
         kind is b"D" for a connection served, b"F" for one that failed its handshake.
         """
-        reports = []
+        reports: list[tuple[bytes, tuple[int, ...]]] = []
         while True:
             try:
                 data = child.chan.recv(64)
@@ -1763,14 +1794,14 @@ class BaseServer:
 
     # fork mode
 
-    def _fork_connection(self, sock, addr):
+    def _fork_connection(self, sock: socket.socket, addr: Any) -> None:
         try:
             child = self._fork(lambda: self._child_serve(sock, addr), self._child_exited)
         finally:
             sock.close()   # the child has its copy
         self._children[child.pid] = child
 
-    def _child_serve(self, sock, addr):
+    def _child_serve(self, sock: socket.socket, addr: Any) -> Sequence[int]:
         if not self._framed:
             # SIGTERM from a shutting-down parent: the handler reads end of file
             signal.signal(signal.SIGTERM, lambda s, f: _shut(sock, socket.SHUT_RD))
@@ -1778,7 +1809,7 @@ class BaseServer:
             return self._counters
         loop = EventLoop(self.backend)
 
-        def failed(addr, exc):
+        def failed(addr: Any, exc: BaseException) -> None:
             logger.info("handshake with %r failed: %s", addr, exc)
             self._child_failed = True
 
@@ -1789,7 +1820,7 @@ class BaseServer:
         engine.stop(0)
         return engine.totals
 
-    def _child_exited(self, child):
+    def _child_exited(self, child: _Child) -> None:
         for kind, counters in self._read_reports(child)[0]:
             if kind == b"F":
                 self._auth_failed += 1
@@ -1800,17 +1831,17 @@ class BaseServer:
 
     # prefork mode
 
-    def _spawn_worker(self):
+    def _spawn_worker(self) -> _Child:
         w = self._fork(self._worker_main, self._worker_exited, worker=True)
         self._workers.append(w)
         self._loop.add_reader(w.chan, self._worker_report, w)
         return w
 
-    def _respawn(self):
+    def _respawn(self) -> None:
         if not self._shutting_down:
             self._spawn_worker()
 
-    def _to_worker(self, sock, addr):
+    def _to_worker(self, sock: socket.socket, addr: Any) -> None:
         data = pickle.dumps(addr)
         fd = sock.fileno()
         for w in sorted((w for w in self._workers if w.alive), key=lambda w: (w.inflight, w.assigned)):
@@ -1827,7 +1858,7 @@ class BaseServer:
         self._refused += 1
         self._release()
 
-    def _worker_report(self, w):
+    def _worker_report(self, w: _Child) -> None:
         reports, eof = self._read_reports(w)
         for kind, counters in reports:
             if w.inflight > 0:
@@ -1839,7 +1870,7 @@ class BaseServer:
             # the worker is going; its pidfd says when it is gone
             self._loop.remove_reader(w.chan)
 
-    def _worker_exited(self, w):
+    def _worker_exited(self, w: _Child) -> None:
         if w.chan.fileno() >= 0:
             for kind, counters in self._read_reports(w)[0]:
                 if w.inflight > 0:
@@ -1871,18 +1902,18 @@ class BaseServer:
         for _ in range(lost):
             self._release()
 
-    def _worker_main(self, chan):
+    def _worker_main(self, chan: socket.socket) -> None:
         """A prefork worker: sockets arrive on ``chan``; each finished one is reported."""
         loop = EventLoop(self.backend)
         chan.settimeout(_REPORT_TIMEOUT)
 
-        def report(counters, kind=b"D"):
+        def report(counters: Sequence[int] | None, kind: bytes = b"D") -> None:
             try:
                 chan.send(_REPORT.pack(kind, *(counters or (0, 0, 0, 0))))
             except OSError:
                 pass
 
-        def failed(addr, exc):
+        def failed(addr: Any, exc: BaseException) -> None:
             logger.info("handshake with %r failed: %s", addr, exc)
             report(None, b"F")
 
@@ -1890,7 +1921,7 @@ class BaseServer:
                          on_closed=report, on_failed=failed, tls_blocking=True)
         state = {"stopping": False}
 
-        def stop():
+        def stop() -> None:
             if state["stopping"]:
                 return
             state["stopping"] = True
@@ -1898,7 +1929,7 @@ class BaseServer:
             engine.begin_shutdown()
             loop.call_later(self.shutdown_timeout, engine.abort_all)
 
-        def incoming():
+        def incoming() -> None:
             try:
                 data, fds = recv_fds(chan, 4, 4096)
             except (BlockingIOError, InterruptedError):
@@ -1929,7 +1960,7 @@ class BaseServer:
         engine.stop(1.0)
         return None
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"<{type(self).__name__} {self.address!r} concurrency={self.concurrency} "
                 f"{self._state}>" if self.socket.fileno() >= 0 else f"<{type(self).__name__} closed>")
 
@@ -1939,7 +1970,7 @@ class TCPServer(BaseServer):
 
     socket_type = socket.SOCK_STREAM
 
-    def _check_family(self, fam):
+    def _check_family(self, fam: int) -> None:
         if fam == socket.AF_UNIX:
             raise ValueError("an AF_UNIX address: use UnixServer")
 
@@ -1952,7 +1983,7 @@ class UDPServer(BaseServer):
     #: Largest datagram read; the rest of a longer one is dropped by the kernel.
     max_packet_size = 65536
 
-    def _check_family(self, fam):
+    def _check_family(self, fam: int) -> None:
         if fam == socket.AF_UNIX:
             raise ValueError("an AF_UNIX address: use UnixDatagramServer")
 

@@ -14,9 +14,14 @@ socket, and an optional authkey handshake runs inside TLS before the
 protocol hears of the connection, so a blocking ``fastnet.Client(...,
 authkey=..., ssl_context=...)`` talks to a loop server and back.
 """
+from __future__ import annotations
+
 import collections
+import socket
 import ssl
 import threading
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, SupportsIndex, SupportsInt
 
 from fastnet import auth as _authmod
 from fastnet._kernels import auth as _auth
@@ -27,12 +32,15 @@ from fastnet.connection import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE_SI
 from fastnet.errors import (AuthenticationError, MessageTooLarge, ProtocolError,
                             TimeoutError as FastnetTimeout, TruncatedFrameError)
 
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
 __all__ = ["TLSChannel", "TLSTransport", "server_context", "client_context"]
 
 _WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
-def _tls_error(e):
+def _tls_error(e: BaseException) -> AuthenticationError:
     return AuthenticationError(f"TLS error: {e}")
 
 
@@ -40,15 +48,17 @@ class TLSChannel(Channel):
     """A :class:`fastnet._pure.framing.Channel` over a blocking ``ssl.SSLSocket``."""
 
     __slots__ = ()
+    _sock: ssl.SSLSocket
 
-    def __init__(self, sock, max_size=None, bufsize=262144):
+    def __init__(self, sock: socket.socket, max_size: SupportsInt | None = None,
+                 bufsize: SupportsIndex = 262144) -> None:
         super().__init__(sock, max_size, bufsize)
         # SSLSocket has no recvmsg: nothing can carry SCM_RIGHTS anyway
         self._is_unix = False
 
     # -- receiving --------------------------------------------------------
 
-    def _read(self, view, n, deadline, waitall):
+    def _read(self, view: memoryview, n: int, deadline: float, waitall: bool) -> int:
         """recv_into up to n bytes (all n when waitall and no deadline, unless EOF); 0 means EOF."""
         sock = self._sock
         try:
@@ -78,17 +88,17 @@ class TLSChannel(Channel):
             # in TLS 1.3 a client learns only here that its certificate was refused
             raise _tls_error(e) from e
 
-    def buffered(self):
+    def buffered(self) -> int:
         """Received bytes not yet returned, including those decrypted but still in the SSL object."""
         n = self._decoder.buffered
         sock = self._sock
         return n + sock.pending() if sock is not None else n
 
-    def poll(self, timeout=0.0):
+    def poll(self, timeout: float | None = 0.0) -> bool:
         """True if data (or EOF) is there to receive, waiting up to timeout."""
         sock = self._fdcheck()
         d = self._decoder
-        if d._broken is not None or d.buffered > 0 or sock.pending() > 0:
+        if d._broken is not None or d.buffered > 0 or sock.pending() > 0:  # type: ignore[attr-defined]
             return True
         # a readable fd may carry only TLS records with no data (TLS 1.3
         # session tickets), so read into the decoder to know
@@ -102,10 +112,10 @@ class TLSChannel(Channel):
 
     # -- sending ----------------------------------------------------------
 
-    def _sendv_all(self, parts):
+    def _sendv_all(self, parts: list[Any]) -> None:
         """Send every part, coalescing small neighbours into one write (SSLSocket has no sendmsg)."""
         sock = self._sock
-        small = []
+        small: list[Any] = []
         try:
             for p in parts:
                 if len(p) <= COPY_THRESHOLD:
@@ -120,7 +130,7 @@ class TLSChannel(Channel):
         except ssl.SSLError as e:
             raise _tls_error(e) from e
 
-    def send_frame(self, buf, offset=0, size=None):
+    def send_frame(self, buf: Buffer, offset: SupportsIndex = 0, size: SupportsIndex | None = None) -> None:
         """Send one frame holding buf[offset:offset+size] (any contiguous buffer)."""
         offset = _ssize(offset)
         self._fdcheck()
@@ -136,15 +146,15 @@ class TLSChannel(Channel):
             with view[offset:offset + n] as part:
                 self._sendv_all([_header(n), part])
 
-    def send_frames(self, buffers):
+    def send_frames(self, buffers: Iterable[Buffer]) -> None:
         """Send every buffer in the iterable as its own frame."""
         bufs = list(buffers)
         self._fdcheck()
-        views = []
+        views: list[memoryview] = []
         try:
             for b in bufs:
                 views.append(_view(b))
-            parts = []
+            parts: list[bytes | memoryview] = []
             for v in views:
                 parts.append(_header(len(v)))
                 parts.append(v)
@@ -155,14 +165,15 @@ class TLSChannel(Channel):
 
     # -- descriptors ------------------------------------------------------
 
-    def send_frame_fds(self, buf, fds):
+    def send_frame_fds(self, buf: Buffer, fds: Iterable[SupportsInt]) -> None:
         raise ValueError("descriptors cannot be passed over TLS")
 
-    def recv_frame_fds(self, maxfds=253, timeout=None):
+    def recv_frame_fds(self, maxfds: int = 253, timeout: float | None = None) -> tuple[bytes, list[int]]:
         raise ValueError("descriptors cannot be passed over TLS")
 
 
-def server_context(certfile, keyfile, cafile=None, require_client_cert=False):
+def server_context(certfile: str, keyfile: str | None, cafile: str | None = None,
+                   require_client_cert: bool = False) -> ssl.SSLContext:
     """An ``ssl.SSLContext`` for a Listener or a server: TLS 1.2+, this certificate and key.
 
     With ``cafile``, client certificates are verified against it when
@@ -183,7 +194,8 @@ def server_context(certfile, keyfile, cafile=None, require_client_cert=False):
     return ctx
 
 
-def client_context(cafile=None, certfile=None, keyfile=None, check_hostname=True):
+def client_context(cafile: str | None = None, certfile: str | None = None, keyfile: str | None = None,
+                   check_hostname: bool = True) -> ssl.SSLContext:
     """An ``ssl.SSLContext`` for a Client: TLS 1.2+, the server's certificate always verified.
 
     ``cafile`` (default: the system's CAs) is what the server's certificate
@@ -221,18 +233,18 @@ _IOV_MAX = 1024
 _local = threading.local()
 
 
-def _recv_view():
+def _recv_view() -> memoryview:
     v = getattr(_local, "view", None)
     if v is None:
         v = _local.view = memoryview(bytearray(_RECV_SIZE))
     return v
 
 
-def _frame(payload):
+def _frame(payload: bytes) -> bytes:
     return len(payload).to_bytes(4, "big") + payload
 
 
-def _as_frame(b):
+def _as_frame(b: Buffer) -> bytes | memoryview:
     """bytes as they are; another buffer as a flat byte view of it, copied only if not contiguous."""
     if type(b) is bytes:
         return b
@@ -270,17 +282,20 @@ class TLSTransport:
     "cipher", "ssl_object", "sslcontext" and "compression".
     """
 
-    def __init__(self, loop, sock, protocol, ssl_context, *, server_side=False, server_hostname=None,
-                 authkey=None, handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
-                 max_message_size=DEFAULT_MAX_MESSAGE_SIZE, high_water=None, low_water=None,
-                 strict=False, digest="sha256", on_fail=None, on_ready=None):
+    def __init__(self, loop: _reactor.Reactor, sock: socket.socket, protocol: Any, ssl_context: ssl.SSLContext, *,
+                 server_side: bool = False, server_hostname: str | None = None,
+                 authkey: bytes | None = None, handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+                 max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE, high_water: int | None = None,
+                 low_water: int | None = None, strict: bool = False, digest: str | None = "sha256",
+                 on_fail: Callable[[BaseException | None], object] | None = None,
+                 on_ready: Callable[[TLSTransport], object] | None = None) -> None:
         if authkey is not None and not isinstance(authkey, bytes):
             raise TypeError("authkey should be a byte string")
         if not isinstance(ssl_context, ssl.SSLContext):
             raise TypeError(f"ssl_context must be an ssl.SSLContext, not {type(ssl_context).__name__}")
         if on_fail is not None and not callable(on_fail):
             raise TypeError("on_fail must be callable")
-        self._on_message = protocol.message_received
+        self._on_message: Callable[[bytes], object] = protocol.message_received
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._sslobj = ssl_context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
@@ -298,11 +313,11 @@ class TLSTransport:
         self._max_size = max_message_size
         self._state = _HANDSHAKE
         self._made = False
-        self._decoder = None
-        self._wq = collections.deque()      # plaintext not yet encrypted
+        self._decoder: _framing.FrameDecoder | None = None
+        self._wq: collections.deque[bytes | memoryview] = collections.deque()      # plaintext not yet encrypted
         self._wq_off = 0
         self._wq_bytes = 0
-        self._cq = collections.deque()      # ciphertext not yet taken by the kernel
+        self._cq: collections.deque[bytes] = collections.deque()      # ciphertext not yet taken by the kernel
         self._cq_off = 0
         self._cq_bytes = 0
         self._reading = self._writing = False
@@ -313,10 +328,10 @@ class TLSTransport:
         self._tls_eof = False
         self._tls_shut = False              # close_notify produced
         self._drain_scheduled = False
-        self._timer = None
+        self._timer: _reactor.TimerHandle | None = None
         # authkey handshake state
-        self._auth_step = None
-        self._nonce = None
+        self._auth_step: int | None = None
+        self._nonce: bytes | None = None
         self._abuf = bytearray()
         self._aneed = 4
         self._aheader = True
@@ -336,7 +351,7 @@ class TLSTransport:
 
     # -- plumbing -----------------------------------------------------------
 
-    def _guard(self, fn, *args):
+    def _guard(self, fn: Callable[..., object], *args: Any) -> None:
         """Run a step; an unexpected error closes this transport, not the loop."""
         try:
             fn(*args)
@@ -346,16 +361,16 @@ class TLSTransport:
             self._report(exc, "exception in TLS transport")
             self._finalize(exc)
 
-    def _report(self, exc, message):
+    def _report(self, exc: BaseException, message: str) -> None:
         try:
             self._loop.call_exception_handler({"message": message, "exception": exc, "object": self})
         except Exception:
             pass
 
-    def _want_read(self):
+    def _want_read(self) -> bool:
         return not (self._user_paused or self._bp_paused or self._closing or self._eof)
 
-    def _update_reading(self):
+    def _update_reading(self) -> None:
         want = not (self._closed or self._sock_eof) and (self._state != _OPEN or self._want_read())
         if want != self._reading:
             if want:
@@ -364,7 +379,7 @@ class TLSTransport:
                 self._loop.remove_reader(self._fd)
             self._reading = want
 
-    def _set_writing(self, want):
+    def _set_writing(self, want: bool) -> None:
         if want != self._writing and not self._closed:
             if want:
                 self._loop.add_writer(self._fd, self._on_writable)
@@ -372,7 +387,7 @@ class TLSTransport:
                 self._loop.remove_writer(self._fd)
             self._writing = want
 
-    def _take_output(self):
+    def _take_output(self) -> None:
         """Move what the SSL object wrote (records, alerts, close_notify) to the send queue."""
         if self._outgoing.pending:
             data = self._outgoing.read()
@@ -383,7 +398,7 @@ class TLSTransport:
 
     # -- reading ------------------------------------------------------------
 
-    def _on_readable(self):
+    def _on_readable(self) -> None:
         if self._closed:
             return
         view = _recv_view()
@@ -413,8 +428,9 @@ class TLSTransport:
             self._report(exc, "exception in TLS transport")
             self._finalize(exc)
 
-    def _read_app(self):
+    def _read_app(self) -> None:
         d = self._decoder
+        assert d is not None
         while self._want_read():
             try:
                 frame = d.next_frame()
@@ -438,7 +454,7 @@ class TLSTransport:
             if self._cq and not self._writing:
                 self._pump()
 
-    def _decrypt(self, d):
+    def _decrypt(self, d: _framing.FrameDecoder) -> int:
         """Decrypt into the decoder: 1 if bytes came, 0 if more ciphertext is needed, -1 at EOF."""
         if self._tls_eof:
             return -1
@@ -454,8 +470,8 @@ class TLSTransport:
             return 0
         size = len(region)
         got = 0
-        err = None
-        read = sslobj.read
+        err: ssl.SSLError | None = None
+        read: Callable[[int, memoryview], int] = sslobj.read  # type: ignore[assignment]  # into a buffer: a count
         try:
             while got < size:
                 if got:
@@ -483,24 +499,25 @@ class TLSTransport:
             d.buffer_updated(got)
             self.bytes_received += got
         if err is not None:
-            exc = _tls_error(err)
-            exc.__cause__ = err
-            self._finalize(exc)
+            tls_exc = _tls_error(err)
+            tls_exc.__cause__ = err
+            self._finalize(tls_exc)
             return 0
         if got:
             return 1
         return -1 if self._tls_eof else 0
 
-    def _deliver(self, frame):
+    def _deliver(self, frame: bytes) -> None:
         try:
             self._on_message(frame)
         except Exception as exc:
             self._report(exc, "exception in message_received")
             self._finalize(exc)
 
-    def _on_eof(self):
+    def _on_eof(self) -> None:
         self._eof = True
         try:
+            assert self._decoder is not None
             self._decoder.eof()
         except TruncatedFrameError as exc:
             self._finalize(exc)
@@ -511,21 +528,21 @@ class TLSTransport:
         self._update_reading()
         self._pump()
 
-    def _drain_later(self):
+    def _drain_later(self) -> None:
         self._drain_scheduled = False
         if not self._closed and self._state == _OPEN and self._want_read():
             self._guard(self._read_app)
             if not self._closed:
                 self._update_reading()
 
-    def _schedule_drain(self):
+    def _schedule_drain(self) -> None:
         if not self._drain_scheduled and not self._closed and self._state == _OPEN:
             self._drain_scheduled = True
             self._loop.call_soon(self._drain_later)
 
     # -- the handshakes -----------------------------------------------------
 
-    def _handshake(self):
+    def _handshake(self) -> None:
         try:
             self._sslobj.do_handshake()
         except ssl.SSLWantReadError:
@@ -554,12 +571,12 @@ class TLSTransport:
         if not self._closed:
             self._auth_read()
 
-    def _write_plain(self, payload):
+    def _write_plain(self, payload: bytes) -> None:
         """Encrypt one handshake frame (sent by the next _pump)."""
         self._sslobj.write(_frame(payload))
         self._take_output()
 
-    def _auth_read(self):
+    def _auth_read(self) -> None:
         try:
             while self._state == _AUTH:
                 frame = self._auth_frame()
@@ -570,9 +587,9 @@ class TLSTransport:
             self._fail(exc)
             return
         except ssl.SSLError as e:
-            exc = _tls_error(e)
-            exc.__cause__ = e
-            self._fail(exc)
+            tls_exc = _tls_error(e)
+            tls_exc.__cause__ = e
+            self._fail(tls_exc)
             return
         if self._closed:
             return
@@ -580,7 +597,7 @@ class TLSTransport:
         if self._state == _OPEN and not self._closed:
             self._ready()
 
-    def _auth_frame(self):
+    def _auth_frame(self) -> bytes | None:
         """The next handshake frame, read exactly so what follows stays for the protocol."""
         while True:
             try:
@@ -612,12 +629,13 @@ class TLSTransport:
             self._aneed = 4
             return frame
 
-    def _auth_advance(self, frame):
+    def _auth_advance(self, frame: bytes) -> None:
         step = self._auth_step
         key = self._authkey
+        assert key is not None     # the authkey handshake runs only with a key
         if step == _SRV_RESPONSE:
             try:
-                _auth.verify_response(key, self._nonce, frame, self._strict)
+                _auth.verify_response(key, self._nonce, frame, self._strict)  # type: ignore[arg-type]
             except AuthenticationError:
                 self._write_plain(_auth.FAILURE)
                 raise
@@ -648,7 +666,7 @@ class TLSTransport:
             self._auth_step = _CLI_RESPONSE
         elif step == _CLI_RESPONSE:
             try:
-                _auth.verify_response(key, self._nonce, frame, self._strict)
+                _auth.verify_response(key, self._nonce, frame, self._strict)  # type: ignore[arg-type]
             except AuthenticationError:
                 self._write_plain(_auth.FAILURE)
                 raise
@@ -656,7 +674,7 @@ class TLSTransport:
             _authmod._outstanding.discard(self._nonce)
             self._state = _OPEN
 
-    def _fail(self, exc):
+    def _fail(self, exc: BaseException) -> None:
         """End a handshake: send what is queued (an alert, a FAILURE frame) if the kernel
         takes it at once, so the peer learns why, then close."""
         if self._closed:
@@ -670,13 +688,13 @@ class TLSTransport:
             pass
         self._finalize(exc)
 
-    def _expired(self):
+    def _expired(self) -> None:
         self._timer = None
         if not self._made:
             self._finalize(FastnetTimeout(
                 f"TLS handshake not finished in {self._handshake_timeout} s"))
 
-    def _ready(self):
+    def _ready(self) -> None:
         self._state = _OPEN
         if self._timer is not None:
             self._timer.cancel()
@@ -706,7 +724,7 @@ class TLSTransport:
 
     # -- writing ------------------------------------------------------------
 
-    def send_bytes(self, data):
+    def send_bytes(self, data: Buffer) -> None:
         """Send one frame holding the bytes of ``data`` (any contiguous buffer)."""
         if self._closing or self._closed:
             raise ConnectionError("send on a closed transport")
@@ -739,7 +757,7 @@ class TLSTransport:
                 self._wq[-1] = bytes(data)
         self._check_high()
 
-    def send_many(self, buffers):
+    def send_many(self, buffers: Iterable[Buffer]) -> None:
         """Send each buffer of ``buffers`` as its own frame, in one write when they fit.
 
         As FramedTransport's: large buffers other than bytes are encrypted
@@ -769,7 +787,7 @@ class TLSTransport:
             self._pump()
         self._check_high()
 
-    def _send_now(self, buf):
+    def _send_now(self, buf: bytes) -> None:
         """Encrypt and send one small buffer; queue only what the kernel did not take."""
         try:
             self._sslobj.write(buf)
@@ -794,13 +812,13 @@ class TLSTransport:
             self._set_writing(True)
             self._check_high()
 
-    def _enqueue(self, b):
+    def _enqueue(self, b: bytes | memoryview) -> None:
         if not self._wq:
             self._wq_off = 0
         self._wq.append(b)
         self._wq_bytes += len(b)
 
-    def _check_high(self):
+    def _check_high(self) -> None:
         if not self._bp_paused and not self._closed and self.get_write_buffer_size() > self._high:
             self._bp_paused = True
             self.pauses += 1
@@ -812,7 +830,7 @@ class TLSTransport:
                 except Exception as exc:
                     self._report(exc, "exception in pause_writing")
 
-    def _check_low(self):
+    def _check_low(self) -> None:
         if self._bp_paused and not self._closed and self.get_write_buffer_size() <= self._low:
             self._bp_paused = False
             self._update_reading()
@@ -824,11 +842,11 @@ class TLSTransport:
                     self._report(exc, "exception in resume_writing")
             self._schedule_drain()
 
-    def _on_writable(self):
+    def _on_writable(self) -> None:
         if not self._closed:
             self._guard(self._pump)
 
-    def _pump(self):
+    def _pump(self) -> None:
         """Send queued ciphertext, encrypting queued plaintext while the kernel takes it."""
         while not self._closed:
             if self._cq:
@@ -855,7 +873,7 @@ class TLSTransport:
                 continue
             return
 
-    def _discard_input(self):
+    def _discard_input(self) -> None:
         """Read away what the peer sent and we will not process (a TLS 1.3 session
         ticket, say): closing a TCP socket with unread bytes resets the
         connection, and the kernel then drops what we queued for the peer."""
@@ -867,7 +885,7 @@ class TLSTransport:
             except OSError:
                 return
 
-    def _send_queued(self):
+    def _send_queued(self) -> bool:
         """Send from the ciphertext queue: True if it emptied, False if the kernel is full."""
         cq = self._cq
         off = self._cq_off
@@ -908,7 +926,7 @@ class TLSTransport:
         self._cq_off = 0
         return True
 
-    def _encrypt_chunk(self):
+    def _encrypt_chunk(self) -> bool:
         piece = self._next_chunk()
         try:
             self._sslobj.write(piece)
@@ -923,7 +941,7 @@ class TLSTransport:
         self._take_output()
         return True
 
-    def _next_chunk(self):
+    def _next_chunk(self) -> bytes | memoryview:
         """Up to _CHUNK bytes off the plaintext queue: a slice of one buffer, or small ones joined."""
         wq = self._wq
         off = self._wq_off
@@ -954,14 +972,14 @@ class TLSTransport:
 
     # -- control ------------------------------------------------------------
 
-    def pause_reading(self):
+    def pause_reading(self) -> None:
         """Stop calling message_received until resume_reading()."""
         if self._closed or self._user_paused:
             return
         self._user_paused = True
         self._update_reading()
 
-    def resume_reading(self):
+    def resume_reading(self) -> None:
         """Undo pause_reading(); frames received meanwhile are delivered first."""
         if self._closed or not self._user_paused:
             return
@@ -969,7 +987,7 @@ class TLSTransport:
         self._update_reading()
         self._schedule_drain()
 
-    def set_write_buffer_limits(self, high=None, low=None):
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         """Queued bytes above ``high`` pause reading; at or below ``low`` it resumes."""
         if high is None:
             high = _reactor.DEFAULT_HIGH_WATER if low is None else max(4 * low, _reactor.DEFAULT_HIGH_WATER)
@@ -980,48 +998,48 @@ class TLSTransport:
         self._high = high
         self._low = low
 
-    def get_write_buffer_limits(self):
+    def get_write_buffer_limits(self) -> tuple[int, int]:
         return (self._low, self._high)
 
-    def get_write_buffer_size(self):
+    def get_write_buffer_size(self) -> int:
         """Bytes queued and not yet taken by the kernel (plaintext not yet encrypted, plus ciphertext)."""
         return self._wq_bytes + self._cq_bytes
 
     @property
-    def reading_paused(self):
+    def reading_paused(self) -> bool:
         """True while reading is paused (by pause_reading or by backpressure)."""
         return self._user_paused or self._bp_paused
 
     @property
-    def max_message_size(self):
+    def max_message_size(self) -> int | None:
         return self._max_size
 
     @property
-    def socket(self):
+    def socket(self) -> socket.socket:
         return self._sock
 
     @property
-    def loop(self):
+    def loop(self) -> _reactor.Reactor:
         return self._loop
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         return self._closed
 
     @property
-    def ssl_object(self):
+    def ssl_object(self) -> ssl.SSLObject:
         """The ``ssl.SSLObject`` of this connection."""
         return self._sslobj
 
     @property
-    def handshake_done(self):
+    def handshake_done(self) -> bool:
         """True once the handshakes are over and connection_made was called."""
         return self._made
 
-    def fileno(self):
+    def fileno(self) -> int:
         return self._fd if not self._closed else -1
 
-    def get_extra_info(self, name, default=None):
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
         """As asyncio's SSL transports: 'peercert', 'cipher', 'compression', 'ssl_object',
         'sslcontext', and 'peername', 'sockname', 'socket'."""
         if name == "socket":
@@ -1049,10 +1067,10 @@ class TLSTransport:
             return default
         return default
 
-    def is_closing(self):
+    def is_closing(self) -> bool:
         return self._closing or self._closed
 
-    def close(self):
+    def close(self) -> None:
         """Stop reading, send what is queued and a close_notify, then close.
 
         During the handshakes it closes at once (``on_fail(None)``).
@@ -1066,11 +1084,11 @@ class TLSTransport:
         self._update_reading()
         self._guard(self._pump)
 
-    def abort(self):
+    def abort(self) -> None:
         """Close now, dropping queued bytes."""
         self._finalize(None)
 
-    def _finalize(self, exc, now=False):
+    def _finalize(self, exc: BaseException | None, now: bool = False) -> None:
         if self._closed:
             return
         if (not self._made and isinstance(exc, OSError)
@@ -1094,7 +1112,7 @@ class TLSTransport:
         self._cq.clear()
         self._wq_bytes = self._cq_bytes = 0
         self._decoder = None
-        self._on_message = None
+        self._on_message = None  # type: ignore[assignment]
         if not self._server_side and self._nonce is not None:
             _authmod._outstanding.discard(self._nonce)
         try:
@@ -1110,18 +1128,18 @@ class TLSTransport:
         else:
             loop.call_soon(cb, exc)
 
-    def _call_lost(self, exc):
+    def _call_lost(self, exc: BaseException | None) -> None:
         lost = getattr(self.protocol, "connection_lost", None)
         if lost is not None:
             lost(exc)
 
-    def _call_fail(self, exc):
+    def _call_fail(self, exc: BaseException | None) -> None:
         fail, self._on_fail = self._on_fail, None
         self._on_ready = None
         if fail is not None:
             fail(exc)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         if self._closed:
             state = "closed"
         elif self._closing:
