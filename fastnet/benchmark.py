@@ -1736,13 +1736,14 @@ def format_report(report: dict[str, Any]) -> str:
         f"{report['elapsed_s']:g} s)",
         f"machine: {m['cpu']}, {m['cpus']} CPUs, {m['platform']}; {vers}",
         f"each row: median of {cfg['rounds']} fresh process pair(s) x {cfg['repeat']} samples; "
-        f"CPU placement: {_PIN_TEXT[cfg['pin']]}; ratio columns are value / anchor value",
+        f"CPU placement: {_PIN_TEXT[cfg['pin']]}; ratio columns are value / that row's value",
     ]
     notes = []
     for case, fams in report["results"].items():
         spec = CASES[case]
         columns = spec.get("columns")
-        anchors = [i for i in spec["impls"] if (i.key in columns if columns else i.anchor)]
+        anchors = [i for i in spec["impls"] if (i.key in columns if columns else i.anchor)
+                   and any(fams[f][i.key]["na"] not in (NOT_RUN_ANCHORS, NOT_RUN_QUICK) for f in fams)]
         title = spec["title"].format(size=cfg["size"], mib=cfg["bulk_mib"], batch=cfg["batch"],
                                      window=RPC_IN_FLIGHT)
         lines += ["", f"{title}  [{spec['unit']}, {spec['better']} is better]"]
