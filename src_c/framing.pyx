@@ -19,6 +19,7 @@ final object or the caller's buffer.
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE, PyBUF_ANY_CONTIGUOUS
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
+from cpython.object cimport PyObject
 from libc.string cimport memcpy, memmove, memset
 from libc.stdint cimport uint32_t, uint64_t, int32_t
 
@@ -27,7 +28,14 @@ from fastnet.errors import (ProtocolError, MessageTooLarge, TruncatedFrameError,
 
 include "sockio.pxi"
 
+cdef extern from "Python.h":
+    # on a borrowed pointer: Cython's own Py_REFCNT(obj) counts the temporary it makes
+    Py_ssize_t _refcnt "Py_REFCNT"(PyObject* o)
+
 DEF _HUGE = 0x7fffffff
+# The receive buffer doubles up to what it must hold; beyond this the
+# doubling would overflow Py_ssize_t (PY_SSIZE_T_MAX // 2).
+DEF _MAX_BUFFER = 0x3fffffffffffffff
 
 HEADER_SIZE = 4
 LARGE_HEADER_SIZE = 12
@@ -66,6 +74,27 @@ def encode_header(Py_ssize_t n):
     return PyBytes_FromStringAndSize(tmp, write_header(tmp, n))
 
 
+cdef class _Block:
+    """The decoder's receive buffer, shared with the get_buffer() regions over it.
+
+    A region may outlive the decoder's use of the memory (the buffer grew
+    while a caller still held the region): the block is freed only when the
+    last of them lets go, so a late write lands in dead bytes, not freed ones.
+    """
+    cdef char* ptr
+
+    def __dealloc__(self):
+        PyMem_Free(self.ptr)
+
+
+cdef _Block _new_block(Py_ssize_t size):
+    cdef _Block b = _Block.__new__(_Block)
+    b.ptr = <char*>PyMem_Malloc(size)
+    if b.ptr == NULL:
+        raise MemoryError()
+    return b
+
+
 cdef class FrameDecoder:
     """Incremental decoder of length-prefixed frames.
 
@@ -74,6 +103,7 @@ cdef class FrameDecoder:
     :meth:`frames` or by iterating. ``max_size`` (None: unlimited) is checked
     when a header arrives, before anything is allocated for the payload.
     """
+    cdef _Block mem              # owns buf
     cdef char* buf
     cdef Py_ssize_t cap
     cdef Py_ssize_t rpos
@@ -108,19 +138,13 @@ cdef class FrameDecoder:
         if bufsize < 64:
             bufsize = 64
         if self.buf == NULL:
-            self.buf = <char*>PyMem_Malloc(bufsize)
-            if self.buf == NULL:
-                raise MemoryError()
+            self.mem = _new_block(bufsize)
+            self.buf = self.mem.ptr
             self.cap = bufsize
         self.max_size = -1 if max_size is None else max_size
         if self.max_size < -1:
             raise ValueError("max_size must be None or >= 0")
         self.large_threshold = max(large_threshold, 16)
-
-    def __dealloc__(self):
-        if self.buf != NULL:
-            PyMem_Free(self.buf)
-            self.buf = NULL
 
     cdef Py_ssize_t _avail(self) noexcept:
         return self.wpos - self.rpos
@@ -185,6 +209,9 @@ cdef class FrameDecoder:
         cdef Py_ssize_t avail = self.wpos - self.rpos
         cdef char* nb
         cdef Py_ssize_t ncap
+        cdef _Block blk
+        if need > _MAX_BUFFER:
+            raise MemoryError("receive buffer cannot grow that large")
         if self.rpos > 0 and (self.cap - self.rpos < need or self.wpos == self.cap):
             memmove(self.buf, self.buf + self.rpos, avail)
             self.rpos = 0
@@ -193,10 +220,17 @@ cdef class FrameDecoder:
             ncap = self.cap
             while ncap < need:
                 ncap *= 2
-            nb = <char*>PyMem_Realloc(self.buf, ncap)
-            if nb == NULL:
-                raise MemoryError()
-            self.buf = nb
+            if _refcnt(<PyObject*>self.mem) == 1:
+                nb = <char*>PyMem_Realloc(self.buf, ncap)
+                if nb == NULL:
+                    raise MemoryError()
+                self.mem.ptr = nb
+            else:
+                # a get_buffer() region still points into the old block: leave it to them
+                blk = _new_block(ncap)
+                memcpy(blk.ptr, self.buf, avail)
+                self.mem = blk
+            self.buf = self.mem.ptr
             self.cap = ncap
         return 0
 
@@ -283,7 +317,13 @@ cdef class FrameDecoder:
             PyBuffer_Release(&view)
 
     def get_buffer(self, Py_ssize_t sizehint=-1):
-        """Return a writable buffer to receive into; then call buffer_updated(n)."""
+        """Return a writable buffer to receive into; then call buffer_updated(n).
+
+        Bytes written into a region after buffer_updated() (or after a later
+        call on the decoder) may be lost or overwrite data received since;
+        the region keeps alive whatever memory it covers, so they never land
+        outside it.
+        """
         cdef _MemRegion r = _MemRegion.__new__(_MemRegion)
         cdef Py_ssize_t need
         self._check()
@@ -291,15 +331,19 @@ cdef class FrameDecoder:
             self._parse_header(-1)
             if self.cur >= self.large_threshold and self.wpos - self.rpos < self.cur:
                 self._switch_to_target()
-        r.owner = self
         if self.target is not None and self.tpos < self.cur:
+            # the region keeps the frame's memory alive even after the frame is returned
+            r.owner = self.target
             r.ptr = self.tptr + self.tpos
             r.size = self.cur - self.tpos
             return memoryview(r)
+        if sizehint > _MAX_BUFFER:
+            raise MemoryError("receive buffer cannot grow that large")
         need = self.wpos - self.rpos + max(sizehint, 4096)
         if self.target is None and self.cur > need:
             need = self.cur
         self._reserve(need)
+        r.owner = self.mem
         r.ptr = self.buf + self.wpos
         r.size = self.cap - self.wpos
         return memoryview(r)

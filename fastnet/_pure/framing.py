@@ -24,6 +24,8 @@ from fastnet.errors import (ProtocolError, MessageTooLarge, TruncatedFrameError,
 
 _HUGE = 0x7fffffff
 _LLONG_MAX = 0x7fffffffffffffff
+# The compiled kernel's receive buffer doubles within Py_ssize_t: never beyond this.
+_MAX_BUFFER = 0x3fffffffffffffff
 
 HEADER_SIZE = 4
 LARGE_HEADER_SIZE = 12
@@ -207,6 +209,8 @@ class FrameDecoder:
 
     def _reserve(self, need):
         """Make room for `need` contiguous unread+free bytes from rpos."""
+        if need > _MAX_BUFFER:
+            raise MemoryError("receive buffer cannot grow that large")
         rpos = self._rpos
         avail = self._wpos - rpos
         if rpos > 0 and (self._cap - rpos < need or self._wpos == self._cap):
@@ -380,7 +384,13 @@ class FrameDecoder:
             view.release()
 
     def get_buffer(self, sizehint=-1):
-        """Return a writable buffer to receive into; then call buffer_updated(n)."""
+        """Return a writable buffer to receive into; then call buffer_updated(n).
+
+        Bytes written into a region after buffer_updated() (or after a later
+        call on the decoder) may be lost or overwrite data received since;
+        the region keeps alive whatever memory it covers, so they never land
+        outside it.
+        """
         sizehint = _ssize(sizehint)
         self._check()
         if self._target is None:
@@ -389,6 +399,8 @@ class FrameDecoder:
                 self._switch_to_target()
         if self._target is not None and self._tpos < self._cur:
             return self._tview[self._tpos:self._cur]
+        if sizehint > _MAX_BUFFER:
+            raise MemoryError("receive buffer cannot grow that large")
         need = self._wpos - self._rpos + max(sizehint, 4096)
         if self._target is None and self._cur > need:
             need = self._cur
