@@ -1042,7 +1042,7 @@ def _zmq_window(send: Any, recv: Any, packb: Any, unpackb: Any, spec: dict[str, 
 
 def _rpc_pyro5_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> Any:
     try:
-        import Pyro5.api
+        import Pyro5.api  # type: ignore[import-untyped, import-not-found, unused-ignore]  # no type hints; optional
     except ImportError:
         raise NotAvailable("Pyro5 is not installed")
     if spec["family"] == "tcp":
@@ -1065,7 +1065,7 @@ def _rpc_pyro5_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> Any
 
 
 def _rpc_pyro5_client(spec: dict[str, Any], address: Any) -> Any:
-    import Pyro5.api
+    import Pyro5.api  # type: ignore[import-untyped, import-not-found, unused-ignore]  # no type hints; optional
     proxy = Pyro5.api.Proxy(address)
     out = rpc_sequential(proxy.add, spec)
     out["info"]["serializer"] = Pyro5.config.SERIALIZER
@@ -1076,8 +1076,8 @@ def _rpc_pyro5_client(spec: dict[str, Any], address: Any) -> Any:
 
 def _rpc_rpyc_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> Any:
     try:
-        import rpyc
-        from rpyc.utils.server import OneShotServer
+        import rpyc  # type: ignore[import-untyped, import-not-found, unused-ignore]  # no type hints; optional
+        from rpyc.utils.server import OneShotServer  # type: ignore[import-untyped, import-not-found, unused-ignore]  # no type hints; optional
     except ImportError:
         raise NotAvailable("rpyc is not installed")
 
@@ -1095,7 +1095,7 @@ def _rpc_rpyc_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> Any:
 
 
 def _rpc_rpyc_client(spec: dict[str, Any], address: Any) -> Any:
-    import rpyc
+    import rpyc  # type: ignore[import-untyped, import-not-found, unused-ignore]  # no type hints; optional
     if spec["family"] == "tcp":
         conn = rpyc.connect(*_addr(address))
     else:
