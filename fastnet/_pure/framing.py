@@ -10,6 +10,8 @@ their own, returned as bytes (one copy more than the compiled kernel).
 FrameDecoder is sans-I/O. Channel drives it with blocking calls on a socket
 object it keeps (``release()`` drops it); the socket must be in blocking mode.
 """
+from __future__ import annotations
+
 import array
 import os
 import select
@@ -17,10 +19,15 @@ import socket
 import struct
 import time
 from operator import index as _index
+from collections.abc import Iterable
 from pickle import PickleBuffer
+from typing import TYPE_CHECKING, Any, SupportsIndex, SupportsInt
 
 from fastnet.errors import (ProtocolError, MessageTooLarge, TruncatedFrameError,
                             BufferTooShort, TimeoutError as FastnetTimeout)
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer, Self
 
 _HUGE = 0x7fffffff
 _LLONG_MAX = 0x7fffffffffffffff
@@ -41,7 +48,7 @@ _unpack_u64 = _U64.unpack_from
 _LARGE_PREFIX = b"\xff\xff\xff\xff"
 
 
-def _ssize(x):
+def _ssize(x: SupportsIndex) -> int:
     """Convert like a Py_ssize_t argument of the compiled kernel."""
     if type(x) is not int:
         x = _index(x)
@@ -50,7 +57,7 @@ def _ssize(x):
     return x
 
 
-def _longlong(x):
+def _longlong(x: Any) -> int:
     """Convert like a C long long of the compiled kernel (which truncates floats)."""
     if not isinstance(x, int):
         conv = getattr(type(x), "__int__", None)
@@ -62,13 +69,13 @@ def _longlong(x):
     return int(x)
 
 
-def _header(n):
+def _header(n: int) -> bytes:
     if n <= _HUGE:
         return _pack_i32(n)
     return _LARGE_PREFIX + _U64.pack(n)
 
 
-def encode_header(n):
+def encode_header(n: SupportsIndex) -> bytes:
     """Return the frame header for an n-byte payload."""
     n = _ssize(n)
     if n < 0:
@@ -76,7 +83,7 @@ def encode_header(n):
     return _header(n)
 
 
-def _view(obj):
+def _view(obj: Buffer) -> memoryview:
     """A flat unsigned-byte view of a C- or Fortran-contiguous buffer (PyBUF_ANY_CONTIGUOUS)."""
     v = memoryview(obj)
     if v.ndim == 1 and v.format == "B" and v.c_contiguous:
@@ -86,7 +93,7 @@ def _view(obj):
     return PickleBuffer(obj).raw()
 
 
-def _wview(obj):
+def _wview(obj: Buffer) -> memoryview:
     """Like _view, for a buffer that will be written to."""
     v = memoryview(obj)
     if v.readonly:
@@ -111,7 +118,12 @@ class FrameDecoder:
                  "_tpos", "_max_size", "_large_threshold", "_received", "_frame_start",
                  "_frame_hdr", "_broken")
 
-    def __init__(self, max_size=None, bufsize=DEFAULT_BUFSIZE, large_threshold=LARGE_FRAME):
+    _target: bytearray | None
+    _tview: memoryview
+    _broken: BaseException | None
+
+    def __init__(self, max_size: SupportsInt | None = None, bufsize: SupportsIndex = DEFAULT_BUFSIZE,
+                 large_threshold: SupportsIndex = LARGE_FRAME) -> None:
         bufsize = _ssize(bufsize)
         large_threshold = _ssize(large_threshold)
         if bufsize < 64:
@@ -125,7 +137,7 @@ class FrameDecoder:
         self._wpos = 0
         self._cur = -1           # length of the frame whose header was consumed, -1 if none
         self._target = None      # bytearray being filled for a large frame, or None
-        self._tview = None
+        self._tview = None  # type: ignore[assignment]  # set with _target
         self._tpos = 0
         self._received = 0       # bytes taken from the stream so far
         self._frame_start = 0    # stream offset of the last parsed header
@@ -137,42 +149,42 @@ class FrameDecoder:
         self._large_threshold = max(large_threshold, 16)
 
     @property
-    def max_size(self):
+    def max_size(self) -> int:
         """The largest frame accepted, -1 for unlimited."""
         return self._max_size
 
     @property
-    def large_threshold(self):
+    def large_threshold(self) -> int:
         """Frames at least this long are filled into their own object."""
         return self._large_threshold
 
     @property
-    def received(self):
+    def received(self) -> int:
         """Bytes taken from the stream so far."""
         return self._received
 
     @property
-    def frame_start(self):
+    def frame_start(self) -> int:
         """Stream offset of the last parsed header."""
         return self._frame_start
 
     @property
-    def frame_hdr(self):
+    def frame_hdr(self) -> int:
         """Header length of the last parsed frame, 4 or 12."""
         return self._frame_hdr
 
     # -- internals ---------------------------------------------------------
 
-    def _check(self):
+    def _check(self) -> None:
         if self._broken is not None:
             raise self._broken
 
-    def _consume(self, n):
+    def _consume(self, n: int) -> None:
         self._rpos += n
         if self._rpos == self._wpos:
             self._rpos = self._wpos = 0
 
-    def _parse_header(self, limit):
+    def _parse_header(self, limit: int) -> bool:
         """Consume a header if one is complete: True if a frame length is known."""
         if self._cur >= 0:
             return True
@@ -207,7 +219,7 @@ class FrameDecoder:
         self._cur = n
         return True
 
-    def _reserve(self, need):
+    def _reserve(self, need: int) -> None:
         """Make room for `need` contiguous unread+free bytes from rpos."""
         if need > _MAX_BUFFER:
             raise MemoryError("receive buffer cannot grow that large")
@@ -228,7 +240,7 @@ class FrameDecoder:
             self._mv = memoryview(nb)
             self._cap = ncap
 
-    def _switch_to_target(self):
+    def _switch_to_target(self) -> None:
         """Move the buffered part of a large frame into its own bytearray."""
         rpos = self._rpos
         avail = self._wpos - rpos
@@ -245,14 +257,15 @@ class FrameDecoder:
         self._tpos = avail
         self._rpos = self._wpos = 0
 
-    def _take_target(self):
+    def _take_target(self) -> bytes:
         t = self._target
+        assert t is not None
         self._tview.release()
-        self._target = self._tview = None
+        self._target = self._tview = None  # type: ignore[assignment]
         self._cur = -1
         return bytes(t)
 
-    def _next(self, limit):
+    def _next(self, limit: int) -> bytes | None:
         """Return the next complete frame or None; switch to direct fill for large frames."""
         cur = self._cur
         if cur > limit >= 0:
@@ -276,7 +289,7 @@ class FrameDecoder:
             self._switch_to_target()
         return None
 
-    def _drain(self, out):
+    def _drain(self, out: list[bytes]) -> None:
         """Append every complete frame to out: a fast loop over small frames, _next for the rest."""
         append = out.append
         while True:
@@ -307,7 +320,7 @@ class FrameDecoder:
                 return
             append(f)
 
-    def _needed(self):
+    def _needed(self) -> int:
         """Bytes missing to complete the last frame begun in the buffered data (0 if none)."""
         if self._target is not None:
             if self._tpos < self._cur:
@@ -345,7 +358,7 @@ class FrameDecoder:
 
     # -- Python API ------------------------------------------------------
 
-    def feed(self, data):
+    def feed(self, data: Buffer) -> None:
         """Append bytes received from the peer (any buffer-protocol object)."""
         self._check()
         view = _view(data)
@@ -383,7 +396,7 @@ class FrameDecoder:
         finally:
             view.release()
 
-    def get_buffer(self, sizehint=-1):
+    def get_buffer(self, sizehint: SupportsIndex = -1) -> memoryview:
         """Return a writable buffer to receive into; then call buffer_updated(n).
 
         Bytes written into a region after buffer_updated() (or after a later
@@ -407,7 +420,7 @@ class FrameDecoder:
         self._reserve(need)
         return self._mv[self._wpos:self._cap]
 
-    def buffer_updated(self, nbytes):
+    def buffer_updated(self, nbytes: SupportsIndex) -> None:
         """Record that nbytes were written into the last get_buffer() region."""
         nbytes = _ssize(nbytes)
         if nbytes < 0:
@@ -422,29 +435,29 @@ class FrameDecoder:
             self._wpos += nbytes
         self._received += nbytes
 
-    def next_frame(self):
+    def next_frame(self) -> bytes | None:
         """Return the next complete frame as bytes, or None if none is complete."""
         self._check()
         return self._next(-1)
 
-    def frames(self):
+    def frames(self) -> list[bytes]:
         """Return every complete frame now buffered, as a list of bytes."""
         self._check()
-        out = []
+        out: list[bytes] = []
         self._drain(out)
         return out
 
-    def __iter__(self):
+    def __iter__(self) -> Self:
         return self
 
-    def __next__(self):
+    def __next__(self) -> bytes:
         self._check()
         f = self._next(-1)
         if f is None:
             raise StopIteration
         return f
 
-    def has_frame(self):
+    def has_frame(self) -> bool:
         """True if a complete frame is buffered."""
         self._check()
         if self._target is not None:
@@ -454,14 +467,14 @@ class FrameDecoder:
         return self._wpos - self._rpos >= self._cur
 
     @property
-    def buffered(self):
+    def buffered(self) -> int:
         """Bytes received and not yet returned as frames (headers excluded once parsed)."""
         if self._target is not None:
             return self._tpos + self._wpos - self._rpos
         return self._wpos - self._rpos
 
     @property
-    def needed(self):
+    def needed(self) -> int:
         """Bytes still missing to complete the frame in progress (0 if none is).
 
         That is the last frame begun in the buffered bytes; for a partial
@@ -469,7 +482,7 @@ class FrameDecoder:
         """
         return self._needed()
 
-    def eof(self):
+    def eof(self) -> None:
         """Signal the end of the stream: raise TruncatedFrameError if a frame is incomplete."""
         self._check()
         missing = self._needed()
@@ -498,7 +511,7 @@ _CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 _close_fd = os.close
 
 
-def _scm_fds(anc):
+def _scm_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
     fds = array.array("i")
     for level, kind, data in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -515,8 +528,12 @@ class Channel:
     """
 
     __slots__ = ("_sock", "_decoder", "_pollers", "_is_unix", "_fd_batches")
+    _sock: socket.socket
+    _pollers: dict[int, select.poll]
+    _fd_batches: list[tuple[int, int, list[int]]]
 
-    def __init__(self, sock, max_size=None, bufsize=262144):
+    def __init__(self, sock: socket.socket, max_size: SupportsInt | None = None,
+                 bufsize: SupportsIndex = 262144) -> None:
         bufsize = _ssize(bufsize)
         if sock.fileno() < 0:
             raise ValueError("socket is closed")
@@ -529,17 +546,17 @@ class Channel:
         self._fd_batches = []
 
     @property
-    def decoder(self):
+    def decoder(self) -> FrameDecoder:
         """The FrameDecoder this channel receives through."""
         return self._decoder
 
-    def release(self):
+    def release(self) -> None:
         """Forget the socket (it is being closed); close unclaimed received descriptors."""
-        self._sock = None
+        self._sock = None  # type: ignore[assignment]  # _fdcheck() tells it is gone
         self._pollers = {}
         self._close_batches(0, True)
 
-    def _close_batches(self, before, every):
+    def _close_batches(self, before: int, every: bool) -> None:
         """Close descriptors whose frame has already been returned without them."""
         keep = []
         for batch in self._fd_batches:
@@ -551,18 +568,18 @@ class Channel:
         self._fd_batches = keep
 
     @property
-    def max_size(self):
+    def max_size(self) -> int | None:
         """The largest frame accepted (None: unlimited)."""
         m = self._decoder._max_size
         return None if m < 0 else m
 
-    def _fdcheck(self):
+    def _fdcheck(self) -> socket.socket:
         sock = self._sock
         if sock is None:
             raise OSError(9, "handle is closed")
         return sock
 
-    def _wait(self, events, deadline):
+    def _wait(self, events: int, deadline: float) -> bool:
         """Wait until the socket is ready; deadline < 0 waits forever. False on timeout."""
         p = self._pollers.get(events)
         if p is None:
@@ -586,7 +603,7 @@ class Channel:
                 return False
 
     @staticmethod
-    def _deadline(timeout):
+    def _deadline(timeout: float | None) -> float:
         if timeout is None:
             return -1.0
         if timeout < 0:
@@ -595,7 +612,7 @@ class Channel:
 
     # -- sending ----------------------------------------------------------
 
-    def _sendv_all(self, parts):
+    def _sendv_all(self, parts: list[Any]) -> None:
         """sendmsg every byte of parts (bytes, bytearrays, flat byte views), resuming after partial writes."""
         sock = self._sock
         cnt = len(parts)
@@ -621,18 +638,18 @@ class Channel:
             for v in made:
                 v.release()
 
-    def send_frame(self, buf, offset=0, size=None):
+    def send_frame(self, buf: Buffer, offset: SupportsIndex = 0, size: SupportsIndex | None = None) -> None:
         """Send one frame holding buf[offset:offset+size] (any contiguous buffer)."""
         if type(offset) is not int:
             offset = _ssize(offset)
         sock = self._fdcheck()
         if type(buf) is bytes:
-            view = buf
+            view: bytes | memoryview = buf
             ln = len(buf)
         else:
             view = _view(buf)
             ln = len(view)
-        part = None
+        part: bytes | memoryview | None = None
         try:
             if offset < 0 or offset > ln:
                 raise ValueError("offset is out of range")
@@ -656,21 +673,21 @@ class Channel:
             if type(part) is memoryview and part is not view:
                 part.release()
             if view is not buf:
-                view.release()
+                view.release()  # type: ignore[union-attr]  # not buf: a memoryview
 
-    def send_frames(self, buffers):
+    def send_frames(self, buffers: Iterable[Buffer]) -> None:
         """Send every buffer in the iterable as its own frame, in as few syscalls as possible."""
         bufs = list(buffers)
         self._fdcheck()
         if not bufs:
             return
-        views = []
+        views: list[bytes | memoryview] = []
         try:
             # take every buffer before anything is sent, as the compiled kernel does
             for b in bufs:
                 views.append(b if type(b) is bytes else _view(b))
-            parts = []
-            small = []
+            parts: list[bytes | memoryview] = []
+            small: list[bytes | memoryview] = []
             for v in views:
                 n = len(v)
                 small.append(_header(n))
@@ -693,7 +710,7 @@ class Channel:
 
     # -- receiving --------------------------------------------------------
 
-    def _read(self, view, n, deadline, waitall):
+    def _read(self, view: memoryview, n: int, deadline: float, waitall: bool) -> int:
         """recv_into up to n bytes (MSG_WAITALL when waitall and no deadline); 0 means EOF."""
         sock = self._sock
         while True:
@@ -706,14 +723,14 @@ class Channel:
                 if not self._wait(_POLLIN, deadline):
                     raise FastnetTimeout("timed out waiting for data") from None
 
-    def _unreturned(self):
+    def _unreturned(self) -> int:
         """Stream offset where the first frame not yet returned starts."""
         d = self._decoder
         if d._target is not None or d._cur >= 0:
             return d._frame_start
         return d._received - (d._wpos - d._rpos)
 
-    def _readmsg(self, view, n, deadline, waitall):
+    def _readmsg(self, view: memoryview, n: int, deadline: float, waitall: bool) -> int:
         """recvmsg_into view, keeping any SCM_RIGHTS descriptors with the stream range they came with."""
         sock = self._sock
         while True:
@@ -742,7 +759,7 @@ class Channel:
                 self._fd_batches.append((d._received, d._received + r, fds))
         return r
 
-    def _fill(self, deadline):
+    def _fill(self, deadline: float) -> None:
         """One read into the decoder (buffer or large-frame target); EOF raises."""
         d = self._decoder
         read = self._readmsg if self._is_unix else self._read
@@ -764,7 +781,7 @@ class Channel:
             self._eof()
         d._received += r
 
-    def _eof(self):
+    def _eof(self) -> None:
         d = self._decoder
         if d._target is not None:
             missing = d._cur - d._tpos
@@ -777,7 +794,7 @@ class Channel:
         d._broken = TruncatedFrameError(missing)
         raise d._broken
 
-    def recv_frame(self, maxlength=None, timeout=None):
+    def recv_frame(self, maxlength: SupportsInt | None = None, timeout: float | None = None) -> bytes:
         """Receive one frame as bytes. EOFError on a clean close."""
         limit = -1 if maxlength is None else _longlong(maxlength)
         deadline = -1.0 if timeout is None else self._deadline(timeout)
@@ -791,21 +808,21 @@ class Channel:
                 return f
             self._fill(deadline)
 
-    def recv_frames(self, timeout=None):
+    def recv_frames(self, timeout: float | None = None) -> list[bytes]:
         """Receive every frame available now as a list, blocking for at least one."""
         deadline = -1.0 if timeout is None else self._deadline(timeout)
         self._fdcheck()
         d = self._decoder
         if d._broken is not None:
             raise d._broken
-        out = []
+        out: list[bytes] = []
         while True:
             d._drain(out)
             if out:
                 return out
             self._fill(deadline)
 
-    def recv_frame_into(self, buf, offset=0):
+    def recv_frame_into(self, buf: Buffer, offset: SupportsIndex = 0) -> int:
         """Receive one frame into buf at offset and return its length.
 
         Whatever is already buffered is copied; the rest of a large frame is
@@ -861,7 +878,7 @@ class Channel:
         finally:
             view.release()
 
-    def _copy_out(self, buf, offset, f):
+    def _copy_out(self, buf: Buffer, offset: int, f: bytes) -> int:
         view = _wview(buf)
         try:
             n = len(f)
@@ -874,7 +891,7 @@ class Channel:
         finally:
             view.release()
 
-    def discard_frame(self):
+    def discard_frame(self) -> None:
         """Receive the next frame and drop it without allocating its size."""
         self._fdcheck()
         d = self._decoder
@@ -907,7 +924,7 @@ class Channel:
                 raise
         d._cur = -1
 
-    def send_frame_fds(self, buf, fds):
+    def send_frame_fds(self, buf: Buffer, fds: Iterable[SupportsInt]) -> None:
         """Send one frame whose first bytes carry ``fds`` as SCM_RIGHTS (AF_UNIX only)."""
         sock = self._fdcheck()
         fdl = array.array("i", [int(f) for f in fds])
@@ -917,7 +934,7 @@ class Channel:
             raise ValueError(f"send between 1 and {_MAX_FDS} descriptors")
         view = _view(buf)
         hdr = _header(len(view))
-        parts = [hdr, view] if len(view) else [hdr]
+        parts: list[bytes | memoryview] = [hdr, view] if len(view) else [hdr]
         while True:
             try:
                 r = sock.sendmsg(parts, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fdl)], _NOSIGNAL)
@@ -930,7 +947,8 @@ class Channel:
         elif r - len(hdr) < len(view):
             self._sendv_all([view[r - len(hdr):]])
 
-    def recv_frame_fds(self, maxfds=_MAX_FDS, timeout=None):
+    def recv_frame_fds(self, maxfds: int = _MAX_FDS,
+                       timeout: float | None = None) -> tuple[bytes, list[int]]:
         """Receive one frame and the descriptors that rode on it: ``(bytes, fds)``.
 
         Descriptors are matched to the frame they were sent with even when
@@ -969,19 +987,19 @@ class Channel:
             raise d._broken
         return f, fds
 
-    def pending_fds(self):
+    def pending_fds(self) -> int:
         """Number of received descriptors not yet claimed."""
         return sum(len(b[2]) for b in self._fd_batches)
 
-    def has_frame(self):
+    def has_frame(self) -> bool:
         """True if a whole frame is already buffered (recv will not block)."""
         return self._decoder.has_frame()
 
-    def buffered(self):
+    def buffered(self) -> int:
         """Number of received bytes not yet returned."""
         return self._decoder.buffered
 
-    def poll(self, timeout=0.0):
+    def poll(self, timeout: float | None = 0.0) -> bool:
         """True if a frame is buffered or the socket has data, waiting up to timeout."""
         self._fdcheck()
         d = self._decoder
