@@ -1569,14 +1569,15 @@ def _machine() -> Any:
 
 def run(cases: Iterable[str] | None = None, *, quick: bool = False, families: Sequence[str] = ("tcp", "unix"),
         anchors_only: bool = False, progress: Callable[[str], object] | None = None,
-        **overrides: Any) -> dict[str, Any]:
+        total: Callable[[int], object] | None = None, **overrides: Any) -> dict[str, Any]:
     """Run the comparison and return the report dict.
 
     ``cases``: names from ``CASES`` (default all); ``anchors_only`` skips
     the fastnet rows.  ``overrides`` replace the
     profile's settings: rounds, repeat, warmup, sample, bulk_mib, bulk_warmup,
     timeout, batch, size, pin ("none", "same" or "split": where the two
-    processes of a pair run).  ``progress(text)`` is called after every pair.
+    processes of a pair run).  ``progress(text)`` is called after every pair,
+    ``total(n)`` once before the first with the number of pairs at most run.
     """
     cases = [c for name in (cases or CASES) for c in GROUPS.get(name, [name])]
     for name in cases:
@@ -1595,6 +1596,8 @@ def run(cases: Iterable[str] | None = None, *, quick: bool = False, families: Se
     started = time.time()
     results: dict[str, Any] = {c: {f: {i.key: {"samples": [], "na": None, "info": {}}
                        for i in CASES[c]["impls"]} for f in families} for c in cases}
+    if total is not None:
+        total(cfg["rounds"] * sum(len(CASES[c]["impls"]) for c in cases) * len(families))
     with tempfile.TemporaryDirectory(prefix="fnb-") as workdir:
         runner = _Runner(cfg, workdir)
         for rnd in range(cfg["rounds"]):
@@ -1810,6 +1813,8 @@ def _parse(argv: Any) -> Any:
                    help="run only the anchors (C floor, multiprocessing, pyzmq, plain sockets, "
                         "xmlrpc, Pyro5, rpyc)")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="draw fastnet's speed-up over the best peer per case as a bar chart (matplotlib)")
     p.add_argument("--rounds", type=int, help="fresh process pairs per row")
     p.add_argument("--repeat", type=int, help="timed samples per pair")
     p.add_argument("--sample", type=float, help="seconds per timed sample")
@@ -1824,30 +1829,117 @@ def _parse(argv: Any) -> Any:
     return p.parse_args(argv)
 
 
+def speedups(report: dict[str, Any]) -> list[tuple[str, float, str]]:
+    """``(label, speed-up, best peer)`` per case and family: fastnet's best
+    compiled row against the best peer library that ran (> 1 means fastnet is
+    faster).  The C and plain-socket floors are limits, not peers."""
+    out = []
+    for case, fams in report["results"].items():
+        lower = CASES[case]["better"] == "lower"
+        for family, rows in fams.items():
+            mine = [r for k, r in rows.items() if k.startswith("fastnet") and not k.endswith("pure")
+                    and r["median"]]
+            peers = [r for k, r in rows.items() if r["anchor"] and r["median"] and k not in _FLOORS]
+            if not mine or not peers:
+                continue
+            pick = min if lower else max
+            best_mine = pick(r["median"] for r in mine)
+            best_peer = pick(peers, key=lambda r: r["median"])
+            ratio = (best_peer["median"] / best_mine) if lower else (best_mine / best_peer["median"])
+            out.append((f"{case} {FAMILIES[family]}", ratio, best_peer["label"]))
+    return out
+
+
+_FLOORS = ("c", "socket")
+
+
+def plot(report: dict[str, Any], path: str) -> None:
+    """Write the :func:`speedups` of a report as a PNG bar chart (needs matplotlib)."""
+    try:
+        import matplotlib  # type: ignore[import-not-found, unused-ignore]  # optional (bench extra)
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        raise ValueError("--plot needs matplotlib (pip install 'fastnet[bench]')") from None
+    rows = speedups(report)
+    if not rows:
+        raise ValueError("--plot: no case has both a fastnet row and a peer that ran")
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(rows) + 2), 4.5))
+    labels = [r[0] for r in rows]
+    values = [r[1] for r in rows]
+    bars = ax.bar(range(len(rows)), values,
+                  color=["#2a7ab9" if v >= 1 else "#c0504d" for v in values])
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels, rotation=30, ha="right")
+    ax.set_ylabel("fastnet speed-up over the best peer (x)")
+    m = report["machine"]
+    ax.set_title(f"fastnet bench {report['date'][:10]}, {m['cpus']} CPUs", fontsize=10)
+    for bar, (_, v, peer) in zip(bars, rows):
+        ax.annotate(f"{v:.2g}x\nvs {peer}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+class _Progress:
+    """A tqdm bar on stderr when tqdm is installed and stderr is a terminal, else a line per pair."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def total(self, n: int) -> None:
+        if not sys.stderr.isatty():
+            return
+        try:
+            from tqdm import tqdm  # type: ignore[import-untyped, import-not-found, unused-ignore]  # optional
+        except ImportError:
+            return
+        self.bar = tqdm(total=n, unit="pair", file=sys.stderr, leave=False, dynamic_ncols=True)
+
+    def __call__(self, text: Any) -> None:
+        if self.bar is None:
+            print(text, file=sys.stderr, flush=True)
+            return
+        self.bar.set_description_str(str(text)[:60])
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``fastnet bench`` command.  Returns the exit status."""
     args = _parse(argv)
     cases = [c.strip() for c in args.only.split(",") if c.strip()] if args.only else None
     families = tuple(f.strip() for f in args.family.split(",") if f.strip())
-
-    def progress(text: Any) -> None:
-        print(text, file=sys.stderr, flush=True)
-
+    bar = _Progress()
     try:
         report = run(cases, quick=args.quick, families=families, anchors_only=args.anchors,
-                     progress=None if args.quiet else progress,
+                     progress=None if args.quiet else bar,
+                     total=None if args.quiet else bar.total,
                      rounds=args.rounds, repeat=args.repeat, sample=args.sample,
                      warmup=args.warmup, bulk_mib=args.bulk_mib, batch=args.batch,
                      timeout=args.timeout, pin=args.pin)
     except ValueError as exc:
         print(f"fastnet bench: {exc}", file=sys.stderr)
         return 2
+    finally:
+        bar.close()
     report["command"] = "fastnet bench " + " ".join(sys.argv[1:] if argv is None else argv)
     print(format_report(report))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
             f.write("\n")
+    if args.plot:
+        try:
+            plot(report, args.plot)
+        except ValueError as exc:
+            print(f"fastnet bench: {exc}", file=sys.stderr)
+            return 2
     return 0
 
 

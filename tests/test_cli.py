@@ -22,8 +22,9 @@ def _env(tmp_path, **extra):
 
 def _fastnet(args, tmp_path, **kw):
     env = kw.pop("env", None) or _env(tmp_path)
+    kw.setdefault("timeout", WAIT)
     return subprocess.run([sys.executable, "-m", "fastnet", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=WAIT, **kw)
+                          capture_output=True, text=True, **kw)
 
 
 @pytest.fixture
@@ -164,3 +165,22 @@ def test_info_lists_kernels_and_backends(calc_module):
 def test_no_command_prints_help(calc_module):
     r = _fastnet([], calc_module)
     assert r.returncode == 2 and "serve-rpc" in r.stdout and "call" in r.stdout
+
+
+def test_bench_writes_json_and_plots_the_speedups(tmp_path):
+    pytest.importorskip("matplotlib")
+    png, out = tmp_path / "r.png", tmp_path / "r.json"
+    r = _fastnet(["bench", "--only", "pingpong", "--family", "unix", "--rounds", "1", "--repeat", "1",
+                  "--sample", "0.05", "--warmup", "0.05", "--json", str(out), "--plot", str(png)],
+                 tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "pingpong" in r.stdout
+    report = json.loads(out.read_text())
+    rows = report["results"]["pingpong"]["unix"]
+    assert rows["fastnet"]["median"] > 0 and rows["mp"]["median"] > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from fastnet.benchmark import speedups
+    (label, ratio, peer), = speedups(report)
+    assert label == "pingpong AF_UNIX" and peer != "C floor (write+read)"
+    best = min(rows[k]["median"] for k in ("mp", "zmq") if rows[k]["median"])
+    assert ratio == pytest.approx(best / rows["fastnet"]["median"])
