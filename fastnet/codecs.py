@@ -321,32 +321,23 @@ def _json_loads(frames: Sequence[Buffer]) -> Any:
 
 # ---- pickle -------------------------------------------------------------------
 
-class _Pickler(_pickle.Pickler):
-    """Protocol 5 pickler putting large buffers into ``frames`` (index 0 is the pickle).
+def _pickle_dumps(obj: Any) -> list[Buffer]:
+    """Protocol 5; large buffers pickle offers out of band (numpy array data) become frames.
 
-    Out of band go the buffers pickle hands to ``buffer_callback`` (numpy
-    array data). ``bytes`` and ``bytearray`` stay in the pickle: pickle never
-    offers them out of band, and catching them with ``persistent_id`` would
-    tax every object pickled (6x slower on a list of 100k ints).
+    ``bytes`` and ``bytearray`` stay in the pickle: pickle never offers them
+    out of band, and catching them with ``persistent_id`` would tax every
+    object pickled (6x slower on a list of 100k ints).
     """
+    frames: list[Any] = [None]
 
-    def __init__(self, file: IO[bytes], frames: list[Any]) -> None:
-        super().__init__(file, protocol=5, buffer_callback=self._buffer_callback)
-        self._frames = frames
-
-    def _buffer_callback(self, pb: _pickle.PickleBuffer) -> bool:
+    def out_of_band(pb: _pickle.PickleBuffer) -> bool:
         raw = pb.raw()
         if raw.nbytes < PICKLE_OUT_OF_BAND_THRESHOLD:
             return True  # small: serialized in-band
-        self._frames.append(raw)
+        frames.append(raw)
         return False
 
-
-def _pickle_dumps(obj: Any) -> list[Buffer]:
-    frames: list[Any] = [None]
-    f = _BytesIO()
-    _Pickler(f, frames).dump(obj)
-    frames[0] = f.getvalue()
+    frames[0] = _pickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
     return frames
 
 

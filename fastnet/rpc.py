@@ -1117,14 +1117,20 @@ class RPCProxy:
                 try:
                     conn = self._open(deadline)
                     break
-                except (AuthenticationError, ProtocolError, ValueError, TypeError):
+                except AuthenticationError as e:
+                    # a peer that vanished mid-handshake is a connection failure, not a refusal
+                    if not isinstance(e.__cause__, (EOFError, OSError)):
+                        raise
+                    err: BaseException = e
+                except (ProtocolError, ValueError, TypeError):
                     raise
                 except OSError as e:
-                    left = deadline - time.monotonic()
-                    if left <= 0 or not retry:
-                        raise ConnectionLost(f"cannot connect to {self._address!r}: {e}") from e
-                    time.sleep(min(delay, left))
-                    delay = min(delay * 2, cap)
+                    err = e
+                left = deadline - time.monotonic()
+                if left <= 0 or not retry:
+                    raise ConnectionLost(f"cannot connect to {self._address!r}: {err}") from err
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, cap)
             with self._cv:
                 if self._closed:
                     conn.close()
@@ -1149,7 +1155,7 @@ class RPCProxy:
             try:
                 data = conn._ch.recv_frame(_MAX_HELLO, left)  # type: ignore[union-attr]  # open
             except EOFError:
-                raise ProtocolError("the server closed the connection during the RPC hello "
+                raise ConnectionLost("the server closed the connection during the RPC hello "
                                     "(is it a fastnet RPCServer?)") from None
             if bytes(data[:11]) == b"#CHALLENGE#":
                 raise AuthenticationError("the RPC server requires an authkey and none was given")
