@@ -546,6 +546,8 @@ class _Engine:
         self.threaded = threaded
         self.framed = server._framed
         self.on_closed = on_closed
+        # a forked child or prefork worker tells its parent of idle closes
+        self.on_idle: Callable[[], None] | None = None
         self.on_failed = on_failed
         self.tls_blocking = tls_blocking and server.ssl_context is not None
         self.pool = _Pool(loop, pool_size, "fastnet-server") if threaded else None
@@ -683,6 +685,8 @@ class _Engine:
             if c.idle >= 2 and not t.is_closing():
                 logger.debug("closing idle connection from %r", c.handler.client_address)
                 self.server._idle_closed += 1
+                if self.on_idle is not None:
+                    self.on_idle()
                 t.abort()
         if framed:
             self._arm_sweep()
@@ -1677,9 +1681,12 @@ class BaseServer:
             try:
                 mine.close()
                 self._after_fork_child()
+                idle_before = self._idle_closed
                 counters = target(theirs) if worker else target()
                 if counters is not None:
                     theirs.settimeout(_REPORT_TIMEOUT)
+                    for _ in range(self._idle_closed - idle_before):
+                        theirs.send(_REPORT.pack(b"I", 0, 0, 0, 0))
                     theirs.send(_REPORT.pack(b"F" if self._child_failed else b"D", *counters))
                 status = 0
             except BaseException:
@@ -1776,7 +1783,8 @@ class BaseServer:
     def _read_reports(self, child: _Child) -> tuple[list[tuple[bytes, tuple[int, ...]]], bool]:
         """(reports, eof): (kind, counters) a child sent, one per finished connection.
 
-        kind is b"D" for a connection served, b"F" for one that failed its handshake.
+        kind is b"D" for a connection served, b"F" for one that failed its handshake,
+        b"I" (no counters) for a connection closed for being idle.
         """
         reports: list[tuple[bytes, tuple[int, ...]]] = []
         while True:
@@ -1822,6 +1830,9 @@ class BaseServer:
 
     def _child_exited(self, child: _Child) -> None:
         for kind, counters in self._read_reports(child)[0]:
+            if kind == b"I":
+                self._idle_closed += 1
+                continue
             if kind == b"F":
                 self._auth_failed += 1
             self._add(counters)
@@ -1861,6 +1872,9 @@ class BaseServer:
     def _worker_report(self, w: _Child) -> None:
         reports, eof = self._read_reports(w)
         for kind, counters in reports:
+            if kind == b"I":
+                self._idle_closed += 1
+                continue
             if w.inflight > 0:
                 w.inflight -= 1
                 if kind == b"F":
@@ -1873,6 +1887,9 @@ class BaseServer:
     def _worker_exited(self, w: _Child) -> None:
         if w.chan.fileno() >= 0:
             for kind, counters in self._read_reports(w)[0]:
+                if kind == b"I":
+                    self._idle_closed += 1
+                    continue
                 if w.inflight > 0:
                     w.inflight -= 1
                     if kind == b"F":
@@ -1919,6 +1936,7 @@ class BaseServer:
 
         engine = _Engine(self, loop, threaded=not self._framed, pool_size=self.worker_threads,
                          on_closed=report, on_failed=failed, tls_blocking=True)
+        engine.on_idle = lambda: report(None, b"I")
         state = {"stopping": False}
 
         def stop() -> None:
