@@ -1865,19 +1865,20 @@ def plot(report: dict[str, Any], path: str) -> None:
     if not rows:
         raise ValueError("--plot: no case has both a fastnet row and a peer that ran")
     fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(rows) + 2), 4.5))
-    labels = [r[0] for r in rows]
     values = [r[1] for r in rows]
     bars = ax.bar(range(len(rows)), values,
                   color=["#2a7ab9" if v >= 1 else "#c0504d" for v in values])
     ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")       # speed-ups span 0.5x to hundreds
     ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels(labels, rotation=30, ha="right")
-    ax.set_ylabel("fastnet speed-up over the best peer (x)")
+    ax.set_xticklabels([f"{label}\nvs {peer[:28]}" for label, _, peer in rows],
+                       rotation=40, ha="right", fontsize=7)
+    ax.set_ylabel("speed-up over the best peer (x, log)")
     m = report["machine"]
     ax.set_title(f"fastnet bench {report['date'][:10]}, {m['cpus']} CPUs", fontsize=10)
-    for bar, (_, v, peer) in zip(bars, rows):
-        ax.annotate(f"{v:.2g}x\nvs {peer}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom", fontsize=6)
+    for bar, v in zip(bars, values):
+        ax.annotate(f"{v:.3g}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
