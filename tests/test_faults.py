@@ -619,6 +619,7 @@ def test_prefork_worker_killed_under_load(hosts):
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
         rep = echo.wait_stats(lambda r: r["stats"]["worker_restarts"] == 1 and len(r["workers"]) == 2)
+        replaced_at = time.monotonic()
         assert rep["stats"]["worker_restarts"] == 1 and len(rep["workers"]) == 2, rep
         replacement = (set(rep["workers"]) - {survivor}).pop()
         time.sleep(0.5)
@@ -638,14 +639,22 @@ def test_prefork_worker_killed_under_load(hosts):
         assert r.error is not None and r.error.split(":")[0] in CLEAN_END, r.as_dict()
     for r in others:
         assert r.error is None, f"a client of the surviving worker was disturbed: {r.as_dict()}"
-    after = [r for r in stream.records if r.opened > killed_at]
-    assert any(r.acked > 0 for r in after) and all(r.error is None for r in after)
-    assert {p for r in after for p in r.pids} <= {survivor, replacement}
+    # reconnections made while the worker was dying may have been handed to it before the
+    # server knew: those may end, but only in a clean error and never with data served
+    dying = [r for r in stream.records if killed_at < r.opened <= replaced_at and victim not in r.pids]
+    for r in dying:
+        assert r.error is None or (r.error.split(":")[0] in CLEAN_END and not r.pids), r.as_dict()
+    # the killed worker's clients reconnect and are served by the others
+    reconnected = [r for r in stream.records if r.opened > killed_at and r.acked > 0]
+    assert reconnected and {p for r in reconnected for p in r.pids} <= {survivor, replacement}
+    after = [r for r in stream.records if r.opened > replaced_at]
+    assert [r.as_dict() for r in after if r.error] == [], "connections after the replacement must be served"
     settle(echo, base)
     assert_no_leak(before)
     soak.record_figure("prefork worker killed under load (stream)", messages=stream.messages, lost=0,
                        victim_clients=len(on_victim), other_clients_disturbed=0, worker_restarts=1,
                        victim_errors=sorted({r.error.split(":")[0] for r in on_victim}),
+                       handed_to_the_dying_worker=sum(1 for r in dying if r.error),
                        fds_leaked=0)
 
 
