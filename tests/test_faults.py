@@ -372,10 +372,25 @@ DYING_SERVER = """
 """
 
 
-def test_client_whose_server_dies_mid_handshake_gets_a_clean_error(child):
+SILENT_DYING_SERVER = """
+    import socket, time
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(({host!r}, {port}))
+    s.listen(8)
+    print("LISTENING", flush=True)
+    c, _ = s.accept()
+    print("SENT", flush=True)       # nothing: it dies before its challenge
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("when", ["mid-challenge", "before-challenge"])
+def test_client_whose_server_dies_mid_handshake_gets_a_clean_error(child, when):
     port = free_port()
     before = fds()
-    k = child(DYING_SERVER.format(host="127.0.0.1", port=port))
+    k = child((DYING_SERVER if when == "mid-challenge" else SILENT_DYING_SERVER).format(host="127.0.0.1",
+                                                                                         port=port))
     assert k.line() == "LISTENING"
     box = {}
 
@@ -395,7 +410,12 @@ def test_client_whose_server_dies_mid_handshake_gets_a_clean_error(child):
     assert not t.is_alive(), "Client() hangs on a server that died mid-handshake"
     e = box.get("error")
     assert isinstance(e, (AuthenticationError, EOFError, ConnectionError)), repr(e)
-    assert "handshake" in str(e) and "missing" in str(e), str(e)
+    assert "handshake" in str(e), str(e)
+    # the message says what happened to the connection
+    reason = str(e).split("handshake", 1)[1].strip(" :")
+    assert reason, f"the error gives no reason: {str(e)!r}"
+    if when == "mid-challenge":
+        assert "missing" in reason, str(e)
     assert_no_leak(before)
 
 
