@@ -65,7 +65,7 @@ def _recv(conn: Any, deadline: float | None) -> bytes:
     except MessageTooLarge as exc:
         raise AuthenticationError(f"handshake message too large: {exc}") from None
     except (ProtocolError, EOFError, ConnectionError) as exc:
-        raise AuthenticationError(f"connection failed during the handshake: {exc or 'closed'}") from exc
+        raise AuthenticationError(f"connection failed during the handshake: {str(exc) or 'closed'}") from exc
 
 
 def _deadline(timeout: float | None) -> float | None:
