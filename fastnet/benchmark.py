@@ -29,9 +29,20 @@ Cases (64-byte payloads unless said):
   ``call_async`` with a sliding window of 64 (a new call as the oldest one
   completes), in batches of 64 (64 ``call_async``, then wait for all 64)
   and in ``proxy.batch()`` blocks of 64 (the 64 requests in one write).
+* ``echo``      an echo server with 100 connections kept in ping-pong by one
+  epoll client process, round trips/s: each server cuts the 4-byte framed
+  messages, hands them whole to Python code and sends a framed reply; a
+  selectors loop, ``socketserver`` with a thread per connection, asyncio,
+  uvloop (when installed), fastnet's EventLoop compiled and pure.  The
+  client's info also has the server's CPU time per round trip.
+* ``fdpass``    descriptors passed one per message over AF_UNIX (only), fd/s,
+  the receiver checking each with fstat and closing it:
+  ``multiprocessing.reduction``, ``socket.send_fds``, fastnet ``send_fd``
+  compiled and pure.
 
 ``--only rpc`` runs both rpc cases; ``bench/bench_rpc.py`` adds the json and
-pickle codecs, AF_UNIX, grpc, array arguments and TLS.
+pickle codecs, AF_UNIX, grpc, array arguments and TLS; ``bench/bench_echo.py``
+1,000 and 10,000 connections; ``bench/bench_fdpass.py`` ``Connection.send_fds``.
 
 A fastnet feature that is missing shows as ``n/a`` with the reason; a child
 that fails shows as ``n/a`` with its error.  No number is ever filled in.
@@ -1107,6 +1118,500 @@ def _rpc_rpyc_client(spec: dict[str, Any], address: Any) -> Any:
     return out
 
 
+# ---- echo ----
+# An event-loop echo server with many connections.  Every server cuts
+# 4-byte big-endian length-prefixed frames (multiprocessing.connection's
+# framing), hands each whole message to Python code and sends a framed reply,
+# so all rows do the same work.  The client is the same for every row: one
+# process keeping ``conns`` connections in ping-pong (one message in flight
+# per connection).  A server exits once its last connection has closed.
+
+ECHO_BACKLOG = 4096
+
+
+def _raise_nofile(n: int) -> None:
+    # many connections need more descriptors than a default soft limit of 1024
+    with contextlib.suppress(ImportError, ValueError, OSError):
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = max(soft, n) if hard == resource.RLIM_INFINITY else min(hard, max(soft, n))
+        if want > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+class _Live:
+    """Counts a server's open connections; ``on_idle()`` runs when the last one closes."""
+
+    def __init__(self, on_idle: Callable[[], object]) -> None:
+        self.open = 0
+        self.on_idle = on_idle
+        self.lock = threading.Lock()    # socketserver counts from its handler threads
+
+    def opened(self) -> None:
+        with self.lock:
+            self.open += 1
+
+    def closed(self) -> None:
+        with self.lock:
+            self.open -= 1
+            idle = self.open == 0
+        if idle:
+            self.on_idle()
+
+
+def _echo_listen(spec: dict[str, Any]) -> Any:
+    import socket
+    _raise_nofile(spec.get("conns", 100) + 64)
+    sock = socket.socket(_socket_family(spec), socket.SOCK_STREAM)
+    if spec["family"] == "tcp":
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(_listen_address(spec))
+    # a backlog above the connection count: a client connecting faster than
+    # the loop accepts must not wait for SYN retransmits
+    sock.listen(ECHO_BACKLOG)
+    return sock
+
+
+def _echo_ready(ready: Callable[[Any], None], address: Any) -> None:
+    # the pid lets the client read the server's CPU time from /proc
+    ready({"address": address, "pid": os.getpid()})
+
+
+def _echo_selectors_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> None:
+    import selectors
+    import socket
+    sel = selectors.DefaultSelector()
+    lsock = _echo_listen(spec)
+    lsock.setblocking(False)
+    tcp = spec["family"] == "tcp"
+    bufs: dict[Any, bytearray] = {}
+    out: dict[Any, bytearray] = {}
+    accepted = [0]
+
+    def accept(mask: int) -> None:
+        while True:
+            try:
+                c, _a = lsock.accept()
+            except BlockingIOError:
+                return
+            c.setblocking(False)
+            if tcp:
+                c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            bufs[c] = bytearray()
+            accepted[0] += 1
+            sel.register(c, selectors.EVENT_READ, read)
+
+    def close(c: Any) -> None:
+        sel.unregister(c)
+        bufs.pop(c, None)
+        out.pop(c, None)
+        c.close()
+
+    def send(c: Any, data: bytes) -> None:
+        if c in out:
+            out[c] += data
+            return
+        try:
+            k = c.send(data)
+        except BlockingIOError:
+            k = 0
+        except OSError:
+            close(c)
+            return
+        if k < len(data):
+            out[c] = bytearray(data[k:])
+            sel.modify(c, selectors.EVENT_READ | selectors.EVENT_WRITE, read)
+
+    def message_received(c: Any, msg: bytes) -> None:
+        send(c, len(msg).to_bytes(4, "big") + msg)
+
+    def flush(c: Any) -> None:
+        data = out[c]
+        try:
+            k = c.send(data)
+        except BlockingIOError:
+            return
+        except OSError:
+            close(c)
+            return
+        del data[:k]
+        if not data:
+            del out[c]
+            sel.modify(c, selectors.EVENT_READ, read)
+
+    def read(c: Any, mask: int = selectors.EVENT_READ) -> None:
+        if mask & selectors.EVENT_WRITE and c in out:
+            flush(c)
+        if not mask & selectors.EVENT_READ or c not in bufs:
+            return
+        try:
+            data = c.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            close(c)
+            return
+        if not data:
+            close(c)
+            return
+        buf = bufs[c]
+        buf += data
+        pos, end = 0, len(buf)
+        while end - pos >= 4:
+            n = int.from_bytes(buf[pos:pos + 4], "big", signed=True)
+            if n < 0:
+                close(c)
+                return
+            if end - pos - 4 < n:
+                break
+            msg = bytes(buf[pos + 4:pos + 4 + n])
+            pos += 4 + n
+            message_received(c, msg)
+        del buf[:pos]
+
+    sel.register(lsock, selectors.EVENT_READ, accept)
+    _echo_ready(ready, lsock.getsockname())
+    while not accepted[0] or bufs:
+        for key, mask in sel.select():
+            if key.data is accept:
+                accept(mask)
+            else:
+                read(key.fileobj, mask)
+    sel.close()
+    lsock.close()
+
+
+def _echo_socketserver_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> None:
+    import socketserver
+    tcp = spec["family"] == "tcp"
+    _raise_nofile(spec.get("conns", 100) + 64)
+    base: Any = socketserver.ThreadingTCPServer if tcp else socketserver.ThreadingUnixStreamServer
+
+    class Server(base):  # type: ignore[misc]  # the base depends on the family
+        daemon_threads = True
+        allow_reuse_address = True
+        request_queue_size = ECHO_BACKLOG
+
+    # shutdown() waits for serve_forever to return: it must not block the handler thread
+    live = _Live(lambda: threading.Thread(target=srv.shutdown, daemon=True).start())
+
+    class Handler(socketserver.StreamRequestHandler):
+        disable_nagle_algorithm = tcp   # TCP_NODELAY is a TCP option only
+
+        def setup(self) -> None:
+            super().setup()
+            live.opened()
+
+        def handle(self) -> None:
+            read, write = self.rfile.read, self.wfile.write
+            while True:
+                head = read(4)
+                if len(head) < 4:
+                    return
+                n = int.from_bytes(head, "big", signed=True)
+                if n < 0:
+                    return
+                msg = read(n)
+                if len(msg) < n:
+                    return
+                self.message_received(msg, write)
+
+        def message_received(self, msg: bytes, write: Callable[[bytes], object]) -> None:
+            write(len(msg).to_bytes(4, "big") + msg)
+
+        def finish(self) -> None:
+            try:
+                super().finish()
+            finally:
+                live.closed()
+
+    srv = Server(_listen_address(spec), Handler)
+    _echo_ready(ready, srv.server_address)
+    srv.serve_forever(poll_interval=0.05)
+    srv.server_close()
+
+
+def _asyncio_echo_protocol(asyncio: Any, live: _Live) -> Any:
+    import struct
+    unpack_from = struct.Struct("!i").unpack_from
+    pack = struct.Struct("!i").pack
+
+    class Echo(asyncio.Protocol):  # type: ignore[misc]  # asyncio comes in as a parameter
+        """Frames cut in Python: what an asyncio message server does."""
+
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+            self.buf = b""
+            live.opened()
+
+        def data_received(self, data: bytes) -> None:
+            if self.buf:
+                data = self.buf + data
+            pos, end = 0, len(data)
+            while end - pos >= 4:
+                n = unpack_from(data, pos)[0]
+                if n < 0:
+                    self.transport.abort()
+                    return
+                if end - pos - 4 < n:
+                    break
+                self.message_received(data[pos + 4:pos + 4 + n])
+                pos += 4 + n
+            self.buf = data[pos:] if pos < end else b""
+
+        def message_received(self, msg: bytes) -> None:
+            self.transport.write(pack(len(msg)) + msg)
+
+        def connection_lost(self, exc: BaseException | None) -> None:
+            live.closed()
+
+    return Echo
+
+
+def _echo_asyncio_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> None:
+    import asyncio
+    loop: Any
+    if spec["impl"] == "uvloop":
+        try:
+            import uvloop  # type: ignore[import-not-found, unused-ignore]  # optional (bench extra)
+        except ImportError:
+            raise NotAvailable("uvloop is not installed")
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    echo = _asyncio_echo_protocol(asyncio, _Live(loop.stop))
+    sock = _echo_listen(spec)
+    if spec["family"] == "tcp":
+        start = loop.create_server(echo, sock=sock, backlog=ECHO_BACKLOG)
+    else:
+        start = loop.create_unix_server(echo, sock=sock, backlog=ECHO_BACKLOG)
+    server = loop.run_until_complete(start)
+    _echo_ready(ready, sock.getsockname())
+    loop.run_forever()
+    server.close()
+    loop.run_until_complete(server.wait_closed())
+    loop.close()
+
+
+def _echo_fastnet_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> None:
+    fastnet = _fastnet(spec)
+    _need(fastnet, "EventLoop")
+    from fastnet.loop import Protocol
+
+    loop = fastnet.EventLoop()
+    live = _Live(loop.stop)
+
+    class Echo(Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+            live.opened()
+
+        def message_received(self, data: bytes) -> None:
+            self.transport.send_bytes(data)
+
+        def connection_lost(self, exc: BaseException | None) -> None:
+            live.closed()
+
+    sock = _echo_listen(spec)
+    loop.create_server(sock, Echo)
+    _echo_ready(ready, sock.getsockname())
+    loop.run_forever()
+    loop.close()
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far, or None without /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _echo_client(spec: dict[str, Any], address: Any) -> Any:
+    """The load of every echo row: ``conns`` connections in ping-pong, one process.
+
+    epoll (poll elsewhere) and os.read/os.write on the raw descriptors: the
+    cheapest loop Python has, so that the server rather than the client is
+    what the rows compare."""
+    import select
+    import socket
+    conns = spec["conns"]
+    _raise_nofile(conns + 64)
+    where, pid = _addr(address["address"]), address["pid"]
+    msg = (bytes(range(256)) * (spec["size"] // 256 + 1))[:spec["size"]]
+    frame = len(msg).to_bytes(4, "big") + msg
+    flen = len(frame)
+    tcp = spec["family"] == "tcp"
+    socks = []
+    try:
+        for _ in range(conns):
+            s = socket.socket(_socket_family(spec), socket.SOCK_STREAM)
+            socks.append(s)
+            s.connect(where)
+            if tcp:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if hasattr(select, "epoll"):
+            ep = select.epoll()
+            for s in socks:
+                ep.register(s.fileno(), select.EPOLLIN)
+
+            def poll() -> list[tuple[int, int]]:
+                return ep.poll(10.0)
+        else:
+            pl = select.poll()
+            for s in socks:
+                pl.register(s.fileno(), select.POLLIN)
+
+            def poll() -> list[tuple[int, int]]:
+                return pl.poll(10000)
+        read, write, clock = os.read, os.write, time.perf_counter
+        partial: dict[int, bytes] = {}
+
+        def pump(seconds: float) -> tuple[int, float]:
+            """Keep every connection busy for ``seconds``; (round trips, seconds taken)."""
+            done = 0
+            t0 = clock()
+            end = t0 + seconds
+            while True:
+                events = poll()
+                if not events:
+                    raise TimeoutError("echo: no reply for 10 s")
+                for fd, _ev in events:
+                    data = read(fd, 65536)
+                    if data == frame:   # the usual case: one whole reply
+                        write(fd, frame)
+                        done += 1
+                        continue
+                    if not data:
+                        raise EOFError("echo: the server closed a connection")
+                    data = partial.pop(fd, b"") + data
+                    while len(data) >= flen:
+                        if data[:flen] != frame:
+                            raise ValueError("echo: the reply differs from the message")
+                        data = data[flen:]
+                        write(fd, frame)
+                        done += 1
+                    if data:
+                        partial[fd] = data
+                now = clock()
+                if now >= end:
+                    return done, now - t0
+
+        for s in socks:
+            write(s.fileno(), frame)
+        pump(spec["warmup"])
+        samples, total, cpu = [], 0, 0.0
+        for _ in range(spec["repeat"]):
+            c0 = _cpu_seconds(pid)
+            n, t = pump(spec["sample"])
+            c1 = _cpu_seconds(pid)
+            samples.append(n / t)
+            total += n
+            cpu += (c1 - c0) if c0 is not None and c1 is not None else float("nan")
+    finally:
+        for s in socks:
+            s.close()
+    info: dict[str, Any] = {"conns": conns, "round_trips": total}
+    if cpu == cpu and total:     # not NaN: /proc was there
+        info["server_cpu_us_per_rt"] = round(cpu / total * 1e6, 3)
+    return {"samples": samples, "info": info}
+
+
+# ---- fdpass ----
+# The receiver listens on AF_UNIX; per burst the sender announces n
+# (b"N" + 8 bytes; n = 0 ends) and waits for b"G", then sends n descriptors of
+# /dev/null, one per message, and waits for b"A".  The receiver checks every
+# descriptor it gets with fstat, closes it, and acknowledges the burst.
+
+def _fdpass_api(spec: dict[str, Any]) -> tuple[Callable[[Any, int], object], Callable[[Any], int]]:
+    """(send(sock, fd), recv(sock) -> fd) of an fdpass row."""
+    impl = spec["impl"]
+    if impl == "mp-reduction":
+        from multiprocessing import reduction
+        pid = os.getppid()  # send_handle uses the peer's pid on Windows only
+
+        def send(sock: Any, fd: int) -> None:
+            reduction.send_handle(sock, fd, pid)
+        return send, reduction.recv_handle
+    if impl == "send_fds":
+        import socket
+        if not hasattr(socket, "send_fds"):
+            raise NotAvailable("socket.send_fds needs Python 3.9 or later")
+        send_fds, recv_fds, one = socket.send_fds, socket.recv_fds, [b"\x01"]
+
+        def send_one(sock: Any, fd: int) -> object:
+            return send_fds(sock, one, [fd])
+
+        def recv(sock: Any) -> int:
+            return recv_fds(sock, 1, 1)[1][0]
+        return send_one, recv
+    fastnet = _fastnet(spec)
+    _need(fastnet, "send_fd", "recv_fd")
+    return fastnet.send_fd, fastnet.recv_fd
+
+
+def _fdpass_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> None:
+    import socket
+    if spec["family"] != "unix":
+        raise NotAvailable("descriptors pass over AF_UNIX only")
+    _, recv = _fdpass_api(spec)
+    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ls.bind(spec["path"])
+    ls.listen(1)
+    ready(spec["path"])
+    sock, _ = ls.accept()
+    ls.close()
+    want = os.stat(os.devnull).st_rdev
+    fstat, close = os.fstat, os.close
+    while True:
+        ctrl = _recv_exact(sock, 9)
+        if len(ctrl) < 9 or ctrl[:1] != b"N":
+            break
+        n = int.from_bytes(ctrl[1:], "big")
+        if n == 0:
+            break
+        sock.sendall(b"G")
+        for _ in range(n):
+            fd = recv(sock)
+            try:
+                if fstat(fd).st_rdev != want:
+                    raise ValueError(f"fdpass: descriptor {fd} is not {os.devnull}")
+            finally:
+                close(fd)
+        sock.sendall(b"A")
+    sock.close()
+
+
+def _fdpass_client(spec: dict[str, Any], address: Any) -> Any:
+    import socket
+    send, _ = _fdpass_api(spec)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(address)
+    fd = os.open(os.devnull, os.O_RDONLY)
+
+    def burst(k: int) -> float:
+        sock.sendall(b"N" + k.to_bytes(8, "big"))
+        if _recv_exact(sock, 1) != b"G":
+            raise ValueError("fdpass: bad go")
+        t0 = time.perf_counter()
+        for _ in range(k):
+            send(sock, fd)
+        if _recv_exact(sock, 1) != b"A":
+            raise ValueError("fdpass: bad ack")
+        return time.perf_counter() - t0
+
+    try:
+        out = _samples(burst, spec, 64, 256, _per_second)
+        sock.sendall(b"N" + bytes(8))
+    finally:
+        os.close(fd)
+        sock.close()
+    return out
+
+
 # (case, impl) -> (server, client) for the Python children.
 _ROLES = {
     ("pingpong", "mp"): (_pingpong_conn_server, _pingpong_conn_client),
@@ -1138,6 +1643,14 @@ _ROLES = {
     ("rpc-pipe", "fastnet"): (rpc_server, _rpc_fastnet_pipelined_client),
     ("rpc-pipe", "fastnet-batch"): (rpc_server, _rpc_fastnet_pipelined_client),
     ("rpc-pipe", "fastnet-pbatch"): (rpc_server, _rpc_fastnet_pipelined_client),
+    ("echo", "selectors"): (_echo_selectors_server, _echo_client),
+    ("echo", "socketserver"): (_echo_socketserver_server, _echo_client),
+    ("echo", "asyncio"): (_echo_asyncio_server, _echo_client),
+    ("echo", "uvloop"): (_echo_asyncio_server, _echo_client),
+    ("echo", "fastnet"): (_echo_fastnet_server, _echo_client),
+    ("fdpass", "mp-reduction"): (_fdpass_server, _fdpass_client),
+    ("fdpass", "send_fds"): (_fdpass_server, _fdpass_client),
+    ("fdpass", "fastnet"): (_fdpass_server, _fdpass_client),
 }
 
 
@@ -1265,6 +1778,32 @@ CASES: dict[str, dict[str, Any]] = {
             Impl("fastnet-pbatch", "fastnet proxy.batch(), batches", pure=False),
         ],
     },
+    "echo": {
+        "title": "echo: {conns} connections in ping-pong, {size}-byte framed messages, one epoll client",
+        "unit": "rt/s", "json_unit": "roundtrips/s", "better": "higher", "issue": None,
+        # --quick: TCP only, to keep the whole quick run under a minute on 2 cores
+        "quick": {"families": ("tcp",)},
+        "impls": [
+            Impl("selectors", "selectors loop (stdlib)", anchor=True),
+            Impl("socketserver", "socketserver, a thread per conn", anchor=True),
+            Impl("asyncio", "asyncio Protocol", anchor=True),
+            Impl("uvloop", "uvloop Protocol", anchor=True),
+            Impl("fastnet", "fastnet EventLoop", pure=False),
+            Impl("fastnet-pure", "fastnet EventLoop (pure)", role="fastnet", pure=True),
+        ],
+    },
+    # "families": the only families a case runs in (the others are not listed)
+    "fdpass": {
+        "title": "fdpass: one descriptor per message, received, checked with fstat and closed",
+        "unit": "fd/s", "json_unit": "fd/s", "better": "higher", "issue": None,
+        "families": ("unix",),
+        "impls": [
+            Impl("mp-reduction", "multiprocessing.reduction", anchor=True),
+            Impl("send_fds", "socket.send_fds/recv_fds", anchor=True),
+            Impl("fastnet", "fastnet send_fd/recv_fd", pure=False),
+            Impl("fastnet-pure", "fastnet send_fd/recv_fd (pure)", role="fastnet", pure=True),
+        ],
+    },
 }
 
 # Names for --only that stand for several cases.
@@ -1294,12 +1833,20 @@ TARGETS: list[tuple[Any, ...]] = [
     ("rpc-pipe", None, "window of 64 >= 150k calls/s", ("value", "fastnet", ">=", 150e3)),
     ("rpc-pipe", None, "batches of 64 >= 150k calls/s", ("value", "fastnet-batch", ">=", 150e3)),
     ("rpc-pipe", None, "proxy.batch() of 64 >= 150k calls/s", ("value", "fastnet-pbatch", ">=", 150e3)),
+    ("echo", None, "fastnet vs uvloop", ("report", "fastnet", "uvloop")),
+    ("echo", None, "fastnet vs selectors", ("report", "fastnet", "selectors")),
+    ("echo", None, "compiled vs pure speed-up", ("report", "fastnet", "fastnet-pure")),
+    ("fdpass", None, "fastnet vs multiprocessing.reduction", ("report", "fastnet", "mp-reduction")),
+    ("fdpass", None, "fastnet vs socket.send_fds", ("report", "fastnet", "send_fds")),
 ]
 
 PROFILES = {
     # rounds: fresh process pairs per row; repeat: timed samples per pair.
-    "full": dict(rounds=3, repeat=5, warmup=0.2, sample=0.3, bulk_mib=256, bulk_warmup=1, timeout=300.0),
-    "quick": dict(rounds=1, repeat=5, warmup=0.05, sample=0.08, bulk_mib=32, bulk_warmup=1, timeout=60.0),
+    # conns: connections of the echo case.
+    "full": dict(rounds=3, repeat=5, warmup=0.2, sample=0.3, bulk_mib=256, bulk_warmup=1, timeout=300.0,
+                 conns=100),
+    "quick": dict(rounds=1, repeat=5, warmup=0.05, sample=0.08, bulk_mib=32, bulk_warmup=1, timeout=60.0,
+                  conns=100),
 }
 
 
@@ -1438,7 +1985,7 @@ class _Runner:
             "size": cfg["size"], "warmup": cfg["warmup"], "sample": cfg["sample"],
             "repeat": cfg["repeat"], "batch": cfg["batch"],
             "nbytes": int(cfg["bulk_mib"] * 2 ** 20) // 8 * 8,
-            "bulk_warmup": cfg["bulk_warmup"],
+            "bulk_warmup": cfg["bulk_warmup"], "conns": cfg["conns"],
             "authkey": self.authkey, "backend": impl.backend,
         }
 
@@ -1575,7 +2122,7 @@ def run(cases: Iterable[str] | None = None, *, quick: bool = False, families: Se
     ``cases``: names from ``CASES`` (default all); ``anchors_only`` skips
     the fastnet rows.  ``overrides`` replace the
     profile's settings: rounds, repeat, warmup, sample, bulk_mib, bulk_warmup,
-    timeout, batch, size, pin ("none", "same" or "split": where the two
+    timeout, batch, size, conns (echo connections), pin ("none", "same" or "split": where the two
     processes of a pair run).  ``progress(text)`` is called after every pair,
     ``total(n)`` once before the first with the number of pairs at most run.
     """
@@ -1595,14 +2142,14 @@ def run(cases: Iterable[str] | None = None, *, quick: bool = False, families: Se
 
     started = time.time()
     results: dict[str, Any] = {c: {f: {i.key: {"samples": [], "na": None, "info": {}}
-                       for i in CASES[c]["impls"]} for f in families} for c in cases}
+                       for i in CASES[c]["impls"]} for f in _case_families(c, families)} for c in cases}
     if total is not None:
-        total(cfg["rounds"] * sum(len(CASES[c]["impls"]) for c in cases) * len(families))
+        total(cfg["rounds"] * sum(len(CASES[c]["impls"]) * len(_case_families(c, families)) for c in cases))
     with tempfile.TemporaryDirectory(prefix="fnb-") as workdir:
         runner = _Runner(cfg, workdir)
         for rnd in range(cfg["rounds"]):
             for case in cases:
-                for family in families:
+                for family in _case_families(case, families):
                     for impl in CASES[case]["impls"]:
                         slot = results[case][family][impl.key]
                         if slot["na"]:
@@ -1635,7 +2182,7 @@ def run(cases: Iterable[str] | None = None, *, quick: bool = False, families: Se
     for case in cases:
         spec = CASES[case]
         report["results"][case] = {}
-        for family in families:
+        for family in _case_families(case, families):
             rows = {}
             for impl in spec["impls"]:
                 slot = results[case][family][impl.key]
@@ -1653,6 +2200,12 @@ def run(cases: Iterable[str] | None = None, *, quick: bool = False, families: Se
 
 NOT_RUN_ANCHORS = "not run (--anchors)"
 NOT_RUN_QUICK = "not run (--quick)"
+
+
+def _case_families(case: str, families: Iterable[str]) -> list[str]:
+    """The families of ``families`` that ``case`` runs in (a case's "families" entry may narrow them)."""
+    only = CASES[case].get("families")
+    return [f for f in families if not only or f in only]
 
 
 def _in_quick(case: Any, family: Any, impl: Any) -> bool:
@@ -1684,7 +2237,7 @@ def _targets(report: dict[str, Any], cases: Any, families: Any) -> list[dict[str
     for case, only_family, text, rule in TARGETS:
         if case not in cases:
             continue
-        for family in families:
+        for family in _case_families(case, families):
             if only_family and family != only_family:
                 continue
             rows = report["results"][case][family]
@@ -1748,11 +2301,16 @@ def format_report(report: dict[str, Any]) -> str:
         anchors = [i for i in spec["impls"] if (i.key in columns if columns else i.anchor)
                    and any(fams[f][i.key]["na"] not in (NOT_RUN_ANCHORS, NOT_RUN_QUICK) for f in fams)]
         title = spec["title"].format(size=cfg["size"], mib=cfg["bulk_mib"], batch=cfg["batch"],
-                                     window=RPC_IN_FLIGHT)
+                                     window=RPC_IN_FLIGHT, conns=cfg.get("conns", "?"))
         lines += ["", f"{title}  [{spec['unit']}, {spec['better']} is better]"]
+        if not fams:
+            only = " and ".join(FAMILIES[f] for f in spec.get("families", ()))
+            lines.append(f"  not run: this case runs over {only} only")
+            continue
+        issue = spec.get("issue", "issue #2")
         head = f"{'':8s} {'':32s} {'median':>9s}" + "".join(f" {'/' + _short(a):>9s}" for a in anchors) \
-            + f" {spec.get('issue', 'issue #2'):>9s}"
-        lines.append(head)
+            + (f" {issue:>9s}" if issue else "")
+        lines.append(head.rstrip())
         for family, rows in fams.items():
             first = True
             for impl in spec["impls"]:
@@ -1773,8 +2331,10 @@ def format_report(report: dict[str, Any]) -> str:
                         cells += f" {_fmt(row['issue_anchor']):>9s}"
                 lines.append(cells.rstrip())
     if report["targets"] and not cfg.get("anchors_only"):
-        issues = sorted({CASES[t["case"]].get("issue", "issue #2") for t in report["targets"]})
-        lines += ["", " and ".join(issues) + " targets"]
+        issues = sorted({CASES[t["case"]].get("issue", "issue #2") or "" for t in report["targets"]})
+        # cases without an issue of their own only report ratios
+        heading = " and ".join(i for i in issues if i) + " targets" if any(issues) else "targets"
+        lines += ["", heading + (" and reported ratios" if "" in issues and any(issues) else "")]
         for t in report["targets"]:
             value = "n/a" if t["value"] is None else f"{t['value']:.2f}"
             lines.append(f"  {t['case']:9s} {FAMILIES[t['family']]:7s} {t['target']:46s} "
@@ -1792,7 +2352,8 @@ _PIN_TEXT = {"none": "scheduler's choice", "same": "both processes on one CPU",
 def _short(impl: Any) -> Any:
     return {"c": "C", "mp": "mp", "zmq": "zmq", "socket": "socket",
             "mp-bytes": "mp bytes", "mp-pickle": "mp send", "mp-rpc": "mp rpc",
-            "zmq-rpc": "zmq"}.get(impl.key, impl.key)
+            "zmq-rpc": "zmq", "selectors": "selector", "socketserver": "sockserv",
+            "mp-reduction": "mp"}.get(impl.key, impl.key)
 
 
 def _parse(argv: Any) -> Any:
@@ -1802,13 +2363,13 @@ def _parse(argv: Any) -> Any:
                     "pyzmq, plain sockets and RPC libraries over loopback; medians and "
                     "ratios in one run.")
     p.add_argument("--quick", action="store_true",
-                   help="short samples, one round, 32 MiB bulk, rpc cases over TCP only "
-                        "(about a minute on 2 cores)")
+                   help="short samples, one round, 32 MiB bulk, rpc and echo cases over TCP only "
+                        "(under a minute on 2 cores)")
     p.add_argument("--only", metavar="NAME,...",
                    help=f"cases to run, comma-separated: {','.join(CASES)} "
                         f"(rpc: {','.join(GROUPS['rpc'])})")
     p.add_argument("--family", metavar="NAME,...", default="tcp,unix",
-                   help="tcp, unix or both (default both)")
+                   help="tcp, unix or both (default both; fdpass runs over unix only)")
     p.add_argument("--anchors", action="store_true",
                    help="run only the anchors (C floor, multiprocessing, pyzmq, plain sockets, "
                         "xmlrpc, Pyro5, rpyc)")
@@ -1821,6 +2382,7 @@ def _parse(argv: Any) -> Any:
     p.add_argument("--warmup", type=float, help="seconds of warm-up per pair")
     p.add_argument("--bulk-mib", type=float, help="bulk array size in MiB")
     p.add_argument("--batch", type=int, help="messages per send_many call (default 128)")
+    p.add_argument("--conns", type=int, help="connections of the echo case (default 100)")
     p.add_argument("--timeout", type=float, help="seconds before a pair is abandoned")
     p.add_argument("--pin", choices=("none", "same", "split"), default="none",
                    help="CPU placement of each pair: none (the scheduler's choice, default), "
@@ -1922,7 +2484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      progress=None if args.quiet else bar,
                      total=None if args.quiet else bar.total,
                      rounds=args.rounds, repeat=args.repeat, sample=args.sample,
-                     warmup=args.warmup, bulk_mib=args.bulk_mib, batch=args.batch,
+                     warmup=args.warmup, bulk_mib=args.bulk_mib, batch=args.batch, conns=args.conns,
                      timeout=args.timeout, pin=args.pin)
     except ValueError as exc:
         print(f"fastnet bench: {exc}", file=sys.stderr)

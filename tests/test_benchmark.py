@@ -1,0 +1,88 @@
+"""fastnet bench's echo and fdpass cases, run for real in a minimal configuration.
+
+Every row must produce a number (uvloop's may instead say it is not
+installed); no timing is checked.  Each row sets FASTNET_PURE for its own
+children, so these tests mean the same with or without it.
+"""
+import importlib.util
+import os
+
+import pytest
+
+from fastnet import benchmark
+
+# one short sample per row, few connections: about ten seconds for both cases
+SHORT = dict(rounds=1, repeat=1, warmup=0.02, sample=0.05, conns=8, timeout=60.0)
+
+
+@pytest.fixture(scope="module")
+def report():
+    return benchmark.run(["echo", "fdpass"], **SHORT)
+
+
+def _assert_measured(rows):
+    for key, row in rows.items():
+        if key == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            assert row["median"] is None and row["na"] == "uvloop is not installed"
+            continue
+        assert row["na"] is None, (key, row["na"])
+        assert row["median"] > 0 and row["samples"], key
+
+
+def test_echo_measures_every_row_over_tcp_and_af_unix(report):
+    fams = report["results"]["echo"]
+    assert list(fams) == ["tcp", "unix"]
+    for rows in fams.values():
+        assert set(rows) == {"selectors", "socketserver", "asyncio", "uvloop", "fastnet", "fastnet-pure"}
+        _assert_measured(rows)
+        for row in rows.values():
+            if row["median"] is not None:
+                assert row["info"]["conns"] == SHORT["conns"] and row["info"]["round_trips"] > 0
+                assert row["unit"] == "roundtrips/s"
+
+
+def test_fdpass_measures_every_row_over_af_unix_only(report):
+    fams = report["results"]["fdpass"]
+    assert list(fams) == ["unix"]
+    assert set(fams["unix"]) == {"mp-reduction", "send_fds", "fastnet", "fastnet-pure"}
+    _assert_measured(fams["unix"])
+    text = benchmark.format_report(report)
+    section = text.split("\nfdpass:")[1].split("\n\n")[0]
+    assert "AF_UNIX" in section and "TCP" not in section
+    assert {t["family"] for t in report["targets"] if t["case"] == "fdpass"} == {"unix"}
+
+
+def test_targets_and_speedups_include_the_new_cases(report):
+    values = {(t["case"], t["family"], t["target"]): t["value"] for t in report["targets"]}
+    for family in ("tcp", "unix"):
+        assert values[("echo", family, "fastnet vs selectors")] > 0
+        assert ("echo", family, "fastnet vs uvloop") in values
+    assert values[("fdpass", "unix", "fastnet vs multiprocessing.reduction")] > 0
+    labels = {label for label, _ratio, _peer in benchmark.speedups(report)}
+    assert {"echo TCP", "echo AF_UNIX", "fdpass AF_UNIX"} <= labels
+
+
+def test_fdpass_over_tcp_alone_runs_nothing(capsys):
+    report = benchmark.run(["fdpass"], families=("tcp",), **SHORT)
+    assert report["results"]["fdpass"] == {} and report["targets"] == []
+    assert benchmark.main(["--only", "fdpass", "--family", "tcp", "-q"]) == 0
+    assert "not run: this case runs over AF_UNIX only" in capsys.readouterr().out
+
+
+def test_quick_profile_runs_echo_over_tcp_only():
+    report = benchmark.run(["echo"], quick=True, families=("unix",), **SHORT)
+    rows = report["results"]["echo"]["unix"]
+    assert {row["na"] for row in rows.values()} == {benchmark.NOT_RUN_QUICK}
+
+
+def test_uvloop_missing_is_na_with_the_reason(tmp_path, monkeypatch):
+    # a uvloop that fails to import, ahead of any installed one on the children's path
+    (tmp_path / "uvloop").mkdir()
+    (tmp_path / "uvloop" / "__init__.py").write_text("raise ImportError('hidden by a test')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path),
+                                                                   os.environ.get("PYTHONPATH")])))
+    only = [i for i in benchmark.CASES["echo"]["impls"] if i.key == "uvloop"]
+    monkeypatch.setitem(benchmark.CASES["echo"], "impls", only)
+    report = benchmark.run(["echo"], families=("tcp",), **SHORT)
+    row = report["results"]["echo"]["tcp"]["uvloop"]
+    assert row["median"] is None and row["na"] == "uvloop is not installed"
