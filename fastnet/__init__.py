@@ -23,6 +23,7 @@ from fastnet.connection import (
     Client,
     Pipe,
     wait,
+    set_keepalive,
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_HANDSHAKE_TIMEOUT,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "Client",
     "Pipe",
     "wait",
+    "set_keepalive",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_HANDSHAKE_TIMEOUT",
     "send_from",

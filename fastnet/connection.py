@@ -13,6 +13,7 @@ code execution. Use an ``authkey`` (or ``recv_bytes``) with untrusted peers.
 """
 from __future__ import annotations
 
+import math
 import os
 import select
 import socket
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     # the compiled channel, or a pure-Python one (TLS frames inside a TLSChannel)
     _Channel: TypeAlias = "_framing.Channel | _PureChannel"
 
-__all__ = ["Connection", "Listener", "Client", "Pipe", "wait", "DEFAULT_MAX_MESSAGE_SIZE",
+__all__ = ["Connection", "Listener", "Client", "Pipe", "wait", "set_keepalive", "DEFAULT_MAX_MESSAGE_SIZE",
            "DEFAULT_HANDSHAKE_TIMEOUT"]
 
 #: Largest message a connection accepts unless told otherwise (1 GiB). A
@@ -56,9 +57,50 @@ _dumps = ForkingPickler.dumps
 _loads = ForkingPickler.loads
 
 
-def _tune(sock: socket.socket, nodelay: bool = True) -> None:
+def _tune(sock: socket.socket, nodelay: bool = True, keepalive: float | None = None) -> None:
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if nodelay else 0)
+        if keepalive is not None:
+            set_keepalive(sock, keepalive)
+
+
+def _keepalive_seconds(keepalive: float | None) -> float | None:
+    if keepalive is not None and not keepalive > 0:
+        raise ValueError(f"keepalive must be a positive number of seconds or None, not {keepalive!r}")
+    return keepalive
+
+
+def set_keepalive(sock: socket.socket, seconds: float) -> None:
+    """Make a TCP socket fail within about ``seconds`` once its peer has vanished.
+
+    A peer whose host crashed or dropped off the network sends no FIN and no
+    RST, so without this a blocking ``recv`` waits for ever. Idle, the socket
+    sends keepalive probes (``TCP_KEEPIDLE``/``TCP_KEEPINTVL``/``TCP_KEEPCNT``)
+    and gives up when the last one goes unanswered; with data waiting for an
+    acknowledgement, ``TCP_USER_TIMEOUT`` gives up after ``seconds``. Either way
+    the next receive or send raises ``OSError`` (``ETIMEDOUT``). ``seconds`` is
+    rounded up to whole seconds, at least 2. A live peer is never affected: its
+    kernel answers the probes even while the program is stopped. Does nothing
+    on a socket that is not TCP.
+    """
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    total = max(2, math.ceil(seconds))
+    idle = total // 2
+    # the probes fit in what is left: idle + count * interval <= total
+    count = min(3, total - idle)
+    interval = max(1, (total - idle) // count)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    # Linux and the BSDs name the idle option differently; macOS has only TCP_KEEPALIVE
+    idle_opt = getattr(socket, "TCP_KEEPIDLE", None) or getattr(socket, "TCP_KEEPALIVE", None)
+    if idle_opt is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, idle_opt, idle)
+    if hasattr(socket, "TCP_KEEPINTVL"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    if hasattr(socket, "TCP_KEEPCNT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, total * 1000)
 
 
 def _tls_wrap(ctx: ssl.SSLContext, sock: socket.socket, timeout: float | None,
@@ -388,7 +430,7 @@ class Listener:
     silent one cannot hold ``accept()``; ``strict=True`` refuses HMAC-MD5
     peers; ``max_message_size`` applies to accepted connections.
     ``nodelay`` (default True) sets TCP_NODELAY on accepted TCP connections;
-    see :func:`Client`. ``ssl_context`` (an ``ssl.SSLContext``, see
+    ``keepalive`` (seconds) detects accepted peers that vanish; see :func:`Client`. ``ssl_context`` (an ``ssl.SSLContext``, see
     :func:`fastnet.tls.server_context`) runs TLS on accepted connections, its
     handshake bounded by ``handshake_timeout``; the authkey handshake, if
     any, then runs inside TLS.
@@ -399,9 +441,10 @@ class Listener:
                  handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
                  max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE, strict: bool = False,
                  digest: str | None = "sha256", nodelay: bool = True,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, keepalive: float | None = None) -> None:
         if authkey is not None and not isinstance(authkey, bytes):
             raise TypeError("authkey should be a byte string")
+        keepalive = _keepalive_seconds(keepalive)
         if address is None:
             address = arbitrary_address(family or "AF_UNIX")
         fam, addr = parse_address(address, family)
@@ -430,6 +473,7 @@ class Listener:
         self._strict = strict
         self._digest = digest
         self._nodelay = nodelay
+        self._keepalive = keepalive
         self._ssl_context = ssl_context
 
     def accept(self) -> Connection:
@@ -444,7 +488,7 @@ class Listener:
         if isinstance(self._last_accepted, bytes):
             self._last_accepted = self._last_accepted.decode("utf-8", "surrogateescape")
         try:
-            _tune(s, self._nodelay)
+            _tune(s, self._nodelay, self._keepalive)
         except BaseException:
             s.close()
             raise
@@ -537,7 +581,7 @@ def _connect_unix(addr: str | bytes, timeout: float | None) -> socket.socket:
 def Client(address: Address, family: str | int | None = None, authkey: bytes | None = None, *,
            timeout: float | None = None, max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
            strict: bool = False, digest: str | None = "sha256", nodelay: bool = True,
-           ssl_context: ssl.SSLContext | None = None) -> Connection:
+           ssl_context: ssl.SSLContext | None = None, keepalive: float | None = None) -> Connection:
     """Connect to a Listener (fastnet's or the stdlib's) and return a Connection.
 
     ``timeout`` bounds the connect and the handshake together. Over TCP,
@@ -547,6 +591,11 @@ def Client(address: Address, family: str | int | None = None, authkey: bytes | N
     ``send_bytes`` calls is cheaper with ``nodelay=False``, which lets the
     kernel coalesce them; ``send_many`` coalesces them either way.
 
+    ``keepalive=seconds`` (TCP) detects a server whose host vanished without
+    closing the connection: after about that long the next receive or send
+    raises ``OSError`` instead of waiting for ever (see :func:`set_keepalive`).
+    Off by default, as in the stdlib.
+
     ``ssl_context`` (an ``ssl.SSLContext``, see :func:`fastnet.tls.client_context`)
     runs TLS, verifying the server's certificate for the host connected to;
     over AF_UNIX there is no host name, so the context must have
@@ -554,6 +603,7 @@ def Client(address: Address, family: str | int | None = None, authkey: bytes | N
     """
     if authkey is not None and not isinstance(authkey, bytes):
         raise TypeError("authkey should be a byte string")
+    keepalive = _keepalive_seconds(keepalive)
     fam, addr = parse_address(address, family)
     if ssl_context is not None and fam == socket.AF_UNIX and ssl_context.check_hostname:
         raise ValueError("TLS over AF_UNIX has no host name to check: "
@@ -567,7 +617,7 @@ def Client(address: Address, family: str | int | None = None, authkey: bytes | N
     except socket.timeout:
         raise TimeoutError(f"connecting to {address!r} timed out") from None
     try:
-        _tune(s, nodelay)
+        _tune(s, nodelay, keepalive)
     except BaseException:
         s.close()
         raise

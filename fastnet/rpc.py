@@ -917,7 +917,11 @@ class RPCProxy:
     repeated) and the next call reconnects, retrying with a bounded
     exponential backoff (``backoff=(first, max)`` seconds) for up to
     ``connect_timeout`` seconds. The first connection is made at once
-    (``lazy=True``: at the first call) and is not retried.
+    (``lazy=True``: at the first call) and is not retried. ``keepalive``
+    (seconds, TCP) fails the pending calls with ConnectionLost within about
+    that long when the server's host vanishes without closing the connection
+    (see :func:`fastnet.set_keepalive`); a per-call ``timeout`` bounds a call
+    either way.
     """
 
     # every attribute lives in the instance's __dict__ (see __setattr__)
@@ -931,6 +935,7 @@ class RPCProxy:
     _max_size: int | None
     _strict: bool
     _backoff: tuple[float, float]
+    _keepalive: float | None
     _conn: Connection | None
     _ch: _CChannel | _PChannel | None
     _gen: int
@@ -958,7 +963,8 @@ class RPCProxy:
                  ssl_context: ssl.SSLContext | None = None, timeout: float | None = None, *,
                  connect_timeout: float = 10.0, family: str | int | None = None,
                  max_message_size: int | None = DEFAULT_RPC_MAX_MESSAGE_SIZE,
-                 strict: bool = False, backoff: tuple[float, float] = (0.02, 1.0), lazy: bool = False) -> None:
+                 strict: bool = False, backoff: tuple[float, float] = (0.02, 1.0), lazy: bool = False,
+                 keepalive: float | None = None) -> None:
         d = self.__dict__
         d["_address"] = address
         d["_family"] = family
@@ -970,6 +976,7 @@ class RPCProxy:
         d["_max_size"] = max_message_size
         d["_strict"] = strict
         d["_backoff"] = backoff
+        d["_keepalive"] = keepalive
         d["_conn"] = None
         d["_ch"] = None
         d["_gen"] = 0
@@ -1147,7 +1154,7 @@ class RPCProxy:
         left = max(0.001, deadline - time.monotonic())
         conn = Client(self._address, self._family, self._authkey, timeout=left,
                       max_message_size=self._max_size, strict=self._strict,
-                      ssl_context=self._ssl_context)
+                      ssl_context=self._ssl_context, keepalive=self._keepalive)
         try:
             hello = {"fastnet-rpc": PROTOCOL_VERSION, "codec": self._codec.name}
             conn.send_bytes(json.dumps(hello).encode())

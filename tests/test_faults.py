@@ -803,55 +803,76 @@ def test_stopped_peer_is_closed_by_idle_timeout_within_the_bound(hosts, child, c
 NETNS_SKIP = soak.netns_available()
 
 
+KEEPALIVE = 2.0       # seconds; fastnet.set_keepalive: idle 1 s, then one 1 s probe
+
+
 @pytest.mark.skipif(NETNS_SKIP is not None, reason=str(NETNS_SKIP))
 def test_half_open_peer_vanished_without_fin(hosts):
     """The client's host vanishes (the veth pair is deleted): no FIN, no RST ever arrives.
 
     The server's idle sweep closes the connection within idle_timeout + idle_timeout/2.
-    A blocking fastnet Connection has no keepalive option of its own: fastnet leaves
-    SO_KEEPALIVE off, so ``recv()`` without a timeout on the vanished peer's connection
-    would wait forever; only the caller's own timeout (``poll``) or keepalive set on
-    ``conn.fileno()`` by the caller detects it. Both are exercised and reported.
+    On the client side, a Connection without keepalive (the default, as in the
+    stdlib) sees nothing: no data, no error. ``Client(keepalive=2)`` makes a
+    blocking ``recv()`` fail with OSError within the bound instead of waiting forever.
     """
     with soak.NetnsPair("fnf") as net:
         echo = hosts({"kind": "echo", "address": [net.ip_a, 0], "idle_timeout": IDLE}, netns=net.a)
         base = echo.stats()
         server_addr = echo.address
 
-        def connect():
-            c = fastnet.Client(server_addr, timeout=WAIT)
+        def connect(**kw):
+            c = fastnet.Client(server_addr, timeout=WAIT, **kw)
             c.send_bytes(soak.SEQ.pack(0))
             assert c.recv_bytes()[:8] == soak.SEQ.pack(0)
-            return c, time.monotonic()
+            return c
 
-        conn, last_io = soak.in_netns(net.b, connect)
-        keepalive = socket.socket(fileno=os.dup(conn.fileno()))
-        fastnet_keepalive = keepalive.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+        plain = soak.in_netns(net.b, connect)
+        guarded = soak.in_netns(net.b, connect, keepalive=KEEPALIVE)
+        last_io = time.monotonic()
         net.delete_link()
-        rep = echo.wait_stats(lambda r: r["stats"]["idle_closed"] == 1, timeout=WAIT, interval=0.02)
+        rep = echo.wait_stats(lambda r: r["stats"]["idle_closed"] == 2, timeout=WAIT, interval=0.02)
         detected = time.monotonic() - last_io
-        assert rep["stats"]["idle_closed"] == 1
-        assert detected <= IDLE_BOUND + SLACK, f"half-open connection closed after {detected:.2f} s"
+        assert rep["stats"]["idle_closed"] == 2
+        assert detected <= IDLE_BOUND + SLACK, f"half-open connections closed after {detected:.2f} s"
         settle(echo, base)
 
-        # the client side: nothing arrives and nothing fails -- the vanished peer is invisible
-        t0 = time.monotonic()
-        assert conn.poll(1.0) is False
-        # the caller's own keepalive (fastnet has no option for it) does detect it
-        keepalive.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        keepalive.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1)
-        keepalive.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
-        keepalive.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 2)
-        keepalive.close()
-        t1 = time.monotonic()
-        assert conn.poll(WAIT), "keepalive did not end the half-open connection"
+        # blocking recv() on the keepalive connection: it must end, with an error, by itself
         with pytest.raises(OSError) as ei:
-            conn.recv_bytes()
-        ka_detected = time.monotonic() - t1
-        conn.close()
+            guarded.recv_bytes()
+        ka_detected = time.monotonic() - last_io
+        assert ka_detected <= KEEPALIVE + SLACK, f"keepalive={KEEPALIVE} detected after {ka_detected:.2f} s"
+        guarded.close()
+        # without keepalive the vanished peer is invisible: nothing arrives and nothing fails
+        assert plain.poll(0.5) is False
+        plain.close()
     soak.record_figure("half-open peer (veth deleted), idle_timeout=1.0", server_detected_s=round(detected, 3),
-                       bound_s=IDLE_BOUND, fastnet_so_keepalive=fastnet_keepalive,
-                       client_error_with_user_keepalive=type(ei.value).__name__,
-                       client_detected_with_user_keepalive_s=round(ka_detected, 2),
-                       client_without_keepalive="no error, no data (poll False after 1 s)",
-                       waited_s=round(t1 - t0, 2))
+                       bound_s=IDLE_BOUND, client_keepalive_s=KEEPALIVE,
+                       client_error_with_keepalive=type(ei.value).__name__,
+                       client_detected_with_keepalive_s=round(ka_detected, 2),
+                       client_without_keepalive="no error, no data")
+
+
+@pytest.mark.skipif(NETNS_SKIP is not None, reason=str(NETNS_SKIP))
+def test_rpc_call_to_a_vanished_host_fails_within_the_keepalive_bound(hosts):
+    """An RPC call in flight when the server's host vanishes: ConnectionLost within keepalive seconds.
+
+    The call has no timeout of its own; only the proxy's ``keepalive`` can end it.
+    After the link is back the proxy reconnects and calls work again.
+    """
+    with soak.NetnsPair("fnk") as net:
+        rpc = hosts({"kind": "rpc", "address": [net.ip_a, 0], "idle_timeout": None}, netns=net.a)
+        proxy = soak.in_netns(net.b, fastnet.RPCProxy, rpc.address, keepalive=KEEPALIVE, connect_timeout=WAIT)
+        try:
+            assert proxy.do(1) == 4
+            fut = proxy.call_async("slow", 2, 60.0)     # runs on the server far longer than the test
+            time.sleep(0.1)
+            t0 = time.monotonic()
+            net.delete_link()
+            with pytest.raises(fastnet.ConnectionLost):
+                fut.result(WAIT)
+            detected = time.monotonic() - t0
+            assert detected <= KEEPALIVE + SLACK, f"keepalive={KEEPALIVE} detected after {detected:.2f} s"
+        finally:
+            proxy.close()
+    soak.record_figure("RPC call to a vanished host (veth deleted), keepalive=2", detected_s=round(detected, 2),
+                       bound_s=KEEPALIVE, error="ConnectionLost")
