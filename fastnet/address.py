@@ -7,8 +7,10 @@ forms ``tcp://host:port``, ``tcp://[::1]:port``, ``unix:///path`` and
 """
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
+import stat
 import socket
 import tempfile
 import itertools
@@ -18,7 +20,7 @@ from typing import Any, Union
 # flowinfo, scope_id) tuple, an AF_UNIX path (str, bytes or path-like), a URL.
 Address = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]", tuple[Any, ...]]
 
-__all__ = ["parse_address", "address_type", "arbitrary_address", "format_address"]
+__all__ = ["parse_address", "address_type", "arbitrary_address", "format_address", "bind"]
 
 _FAMILIES = {
     "AF_INET": socket.AF_INET,
@@ -129,3 +131,63 @@ def format_address(family: int, addr: Any) -> str:
         return "unix://@" + path[1:] if path.startswith("\0") else "unix://" + path
     host, port = addr[0], addr[1]
     return f"tcp://[{host}]:{port}" if family == socket.AF_INET6 else f"tcp://{host}:{port}"
+
+
+def _listed_in_proc(path: str) -> bool:
+    """Whether Linux lists a socket bound to path (so without connecting to a live server)."""
+    names = {path, os.path.abspath(path)}
+    try:
+        with open("/proc/net/unix", "rb") as f:
+            next(f, None)
+            for line in f:
+                fields = line.rstrip(b"\n").split(None, 7)
+                if len(fields) == 8 and os.fsdecode(fields[7]) in names:
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def _stale_unix_socket(path: str, kind: int) -> bool:
+    """Whether path is a socket file that no one listens on any more."""
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return False
+    except OSError:
+        return False
+    if _listed_in_proc(path):
+        return False
+    # Not listed (no /proc, or bound from another network namespace): ask the
+    # socket itself. A live server then sees one connection that closes at once.
+    probe = socket.socket(socket.AF_UNIX, kind)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return False
+
+
+def bind(sock: socket.socket, addr: Any) -> None:
+    """``sock.bind(addr)``; an AF_UNIX path left behind by a dead server is replaced.
+
+    A server that was killed leaves its socket file; binding to it again fails
+    with EADDRINUSE though nothing listens. The file is removed only when it
+    is a socket and connecting to it is refused, so a live server's address
+    is never taken over: that still raises EADDRINUSE.
+    """
+    try:
+        sock.bind(addr)
+    except OSError as exc:
+        if (exc.errno != errno.EADDRINUSE or sock.family != socket.AF_UNIX
+                or not isinstance(addr, str) or addr.startswith("\0")
+                or not _stale_unix_socket(addr, sock.type)):
+            raise
+        try:
+            os.unlink(addr)
+        except FileNotFoundError:
+            pass
+        sock.bind(addr)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, SupportsInt
 from fastnet import auth as _auth
 from fastnet import zerocopy as _zc
 from fastnet._kernels import framing as _framing
-from fastnet.address import arbitrary_address, parse_address, format_address
+from fastnet.address import arbitrary_address, parse_address, format_address, bind as _bind
 from fastnet.errors import (MessageTooLarge, ProtocolError, TimeoutError, BufferTooShort,
                             AuthenticationError)
 
@@ -453,7 +453,7 @@ class Listener:
         try:
             if fam != socket.AF_UNIX:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(addr)
+            _bind(sock, addr)
             sock.listen(backlog)
         except BaseException:
             sock.close()

@@ -34,7 +34,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from fastnet._kernels import reactor as _reactor
-from fastnet.address import parse_address
+from fastnet.address import parse_address, bind as _bind
 from fastnet.connection import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE
 from fastnet.errors import TimeoutError
 from fastnet.tls import TLSTransport
@@ -490,7 +490,7 @@ class EventLoop(_reactor.Reactor):
             try:
                 if fam != socket.AF_UNIX and reuse_address:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(addr)
+                _bind(sock, addr)
                 sock.listen(backlog)
             except BaseException:
                 sock.close()

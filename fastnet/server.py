@@ -119,7 +119,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from fastnet._kernels import auth as _auth
-from fastnet.address import parse_address
+from fastnet.address import parse_address, bind as _bind
 from fastnet.connection import DEFAULT_HANDSHAKE_TIMEOUT
 from fastnet.errors import AuthenticationError, ProtocolError, TimeoutError
 from fastnet.fdpass import recv_fds, send_fds
@@ -1116,7 +1116,7 @@ class BaseServer:
                 self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if self.allow_reuse_port and hasattr(socket, "SO_REUSEPORT"):
                 self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        self.socket.bind(self._bind_address)
+        _bind(self.socket, self._bind_address)
         addr = self._bind_address
         if self.address_family == socket.AF_UNIX and isinstance(addr, str) and not addr.startswith("\0"):
             self._unlink = addr
