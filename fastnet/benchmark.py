@@ -2102,10 +2102,15 @@ def _machine() -> Any:
                     cpu = line.split(":", 1)[1].strip()
                     break
     versions = {"python": platform.python_version()}
-    for mod in ("numpy", "zmq"):
+    for mod in ("numpy", "msgpack", "zmq", "uvloop", "Pyro5", "rpyc"):
         with contextlib.suppress(Exception):
             m = __import__(mod)
-            versions[mod] = m.__version__
+            v = getattr(m, "__version__", None)
+            if isinstance(v, tuple):
+                v = ".".join(map(str, v))
+            if v is None and mod == "msgpack":
+                v = ".".join(map(str, m.version))
+            versions[mod] = str(v)
             if mod == "zmq":
                 versions["libzmq"] = m.zmq_version()
     return {

@@ -86,3 +86,25 @@ def test_uvloop_missing_is_na_with_the_reason(tmp_path, monkeypatch):
     report = benchmark.run(["echo"], families=("tcp",), **SHORT)
     row = report["results"]["echo"]["tcp"]["uvloop"]
     assert row["median"] is None and row["na"] == "uvloop is not installed"
+
+
+def test_results_md_rewrites_only_its_block_from_a_report(report, tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "results_md", os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench", "results_md.py"))
+    results_md = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results_md)
+    report = dict(report, command="fastnet bench --only echo,fdpass --json r.json")
+    path = tmp_path / "report.json"
+    path.write_text(__import__("json").dumps(report))
+    md = tmp_path / "RESULTS.md"
+    md.write_text(f"# kept above\n{results_md.BEGIN}\nstale\n{results_md.END}\n## kept below\n")
+    assert results_md.main(["-", str(path), "--output", str(md), "--check"]) == 1
+    assert results_md.main(["-", str(path), "--output", str(md)]) == 0
+    text = md.read_text()
+    assert text.startswith("# kept above\n") and text.endswith("## kept below\n")
+    assert "stale" not in text
+    assert "Command: `python3 -m fastnet bench --only echo,fdpass --json r.json`" in text
+    assert f"`nproc` = {os.cpu_count()}" in text
+    # the report's own tables, as fastnet bench printed them
+    assert benchmark.format_report(report).strip() in text
+    assert results_md.main(["-", str(path), "--output", str(md), "--check"]) == 0
