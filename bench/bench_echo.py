@@ -20,9 +20,7 @@ import argparse
 import json
 import os
 import resource
-import selectors
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,178 +53,22 @@ def _have(mod):
 
 
 # -- servers (child processes) ---------------------------------------------------
+# The servers are fastnet bench's echo servers (fastnet/benchmark.py), run in
+# their persistent mode: one server per kind serves every round until SIGTERM.
+# The module is loaded by path, as fastnet bench's children load it, so the
+# uvloop, asyncio and selectors servers run without importing fastnet.
 
-def _announce(sock):
-    print(sock.getsockname()[1], flush=True)
-
-
-def _listen():
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("127.0.0.1", 0))
-    s.listen(4096)
-    return s
+SERVER_IMPL = {"fastnet": "fastnet", "fastnet-pure": "fastnet", "uvloop": "uvloop",
+               "asyncio": "asyncio", "selectors": "selectors"}
 
 
-def serve_fastnet():
-    import fastnet
-    from fastnet.loop import Protocol
-
-    class Echo(Protocol):
-        def message_received(self, data):
-            self.transport.send_bytes(data)
-
-    loop = fastnet.EventLoop("epoll")
-    sock = _listen()
-    loop.create_server(sock, Echo)
-    loop.add_signal_handler(signal.SIGTERM, loop.stop)
-    _announce(sock)
-    loop.run_forever()
-    loop.close()
-
-
-def _asyncio_echo_protocol(asyncio):
-    import struct
-    unpack_from = struct.Struct("!i").unpack_from
-    pack = struct.Struct("!i").pack
-
-    class Echo(asyncio.Protocol):
-        """Frames cut in Python: what an asyncio message server does."""
-        __slots__ = ("transport", "buf")
-
-        def connection_made(self, transport):
-            self.transport = transport
-            self.buf = b""
-
-        def data_received(self, data):
-            if self.buf:
-                data = self.buf + data
-            pos, end = 0, len(data)
-            while end - pos >= 4:
-                n = unpack_from(data, pos)[0]
-                if n < 0:
-                    self.transport.abort()
-                    return
-                if end - pos - 4 < n:
-                    break
-                self.message_received(data[pos + 4:pos + 4 + n])
-                pos += 4 + n
-            self.buf = data[pos:] if pos < end else b""
-
-        def message_received(self, msg):
-            self.transport.write(pack(len(msg)) + msg)
-
-    return Echo
-
-
-def _serve_asyncio(use_uvloop):
-    import asyncio
-    if use_uvloop:
-        import uvloop
-        loop = uvloop.new_event_loop()
-    else:
-        loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    Echo = _asyncio_echo_protocol(asyncio)
-    sock = _listen()
-    server = loop.run_until_complete(loop.create_server(Echo, sock=sock, backlog=4096))
-    loop.add_signal_handler(signal.SIGTERM, loop.stop)
-    _announce(sock)
-    loop.run_forever()
-    server.close()
-    loop.close()
-
-
-def serve_selectors():
-    sel = selectors.DefaultSelector()
-    lsock = _listen()
-    lsock.setblocking(False)
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *a: stopping.append(1))
-    bufs = {}
-    out = {}
-
-    def accept(_):
-        while True:
-            try:
-                c, _a = lsock.accept()
-            except BlockingIOError:
-                return
-            c.setblocking(False)
-            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            bufs[c] = bytearray()
-            sel.register(c, selectors.EVENT_READ, read)
-
-    def close(c):
-        sel.unregister(c)
-        bufs.pop(c, None)
-        out.pop(c, None)
-        c.close()
-
-    def send(c, data):
-        if c in out:
-            out[c] += data
-            return
-        try:
-            k = c.send(data)
-        except BlockingIOError:
-            k = 0
-        except OSError:
-            close(c)
-            return
-        if k < len(data):
-            out[c] = bytearray(data[k:])
-            sel.modify(c, selectors.EVENT_READ | selectors.EVENT_WRITE, read)
-
-    def flush(c):
-        data = out[c]
-        try:
-            k = c.send(data)
-        except BlockingIOError:
-            return
-        except OSError:
-            close(c)
-            return
-        del data[:k]
-        if not data:
-            del out[c]
-            sel.modify(c, selectors.EVENT_READ, read)
-
-    def read(c, mask=selectors.EVENT_READ):
-        if mask & selectors.EVENT_WRITE and c in out:
-            flush(c)
-        if not mask & selectors.EVENT_READ:
-            return
-        try:
-            data = c.recv(65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            close(c)
-            return
-        if not data:
-            close(c)
-            return
-        buf = bufs[c]
-        buf += data
-        pos, end = 0, len(buf)
-        while end - pos >= 4:
-            n = int.from_bytes(buf[pos:pos + 4], "big", signed=True)
-            if end - pos - 4 < n:
-                break
-            msg = bytes(buf[pos + 4:pos + 4 + n])
-            pos += 4 + n
-            send(c, len(msg).to_bytes(4, "big") + msg)
-        del buf[:pos]
-
-    sel.register(lsock, selectors.EVENT_READ, accept)
-    _announce(lsock)
-    while not stopping:
-        for key, mask in sel.select(1.0):
-            if key.data is accept:
-                accept(mask)
-            else:
-                read(key.fileobj, mask)
+def _benchmark_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "_fastnet_bench", os.path.join(ROOT, "fastnet", "benchmark.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _pin(which):
@@ -239,18 +81,14 @@ def _pin(which):
 
 
 def _serve(kind):
-    _pin("server")
-    _raise_nofile(BIG_CONNS + 100)
-    if kind in ("fastnet", "fastnet-pure"):
-        serve_fastnet()
-    elif kind == "uvloop":
-        _serve_asyncio(True)
-    elif kind == "asyncio":
-        _serve_asyncio(False)
-    elif kind == "selectors":
-        serve_selectors()
-    else:
+    if kind not in SERVER_IMPL:
         raise SystemExit(f"unknown server {kind!r}")
+    _pin("server")
+    bench = _benchmark_module()
+    server, _client = bench._ROLES[("echo", SERVER_IMPL[kind])]
+    spec = {"case": "echo", "impl": SERVER_IMPL[kind], "family": "tcp",
+            "conns": BIG_CONNS, "persist": True}
+    server(spec, lambda info: print(info["address"][1], flush=True))
 
 
 # -- load (child process) -------------------------------------------------------

@@ -1124,7 +1124,9 @@ def _rpc_rpyc_client(spec: dict[str, Any], address: Any) -> Any:
 # framing), hands each whole message to Python code and sends a framed reply,
 # so all rows do the same work.  The client is the same for every row: one
 # process keeping ``conns`` connections in ping-pong (one message in flight
-# per connection).  A server exits once its last connection has closed.
+# per connection).  A server exits once its last connection has closed, or,
+# with ``spec["persist"]``, serves one load after another until SIGTERM
+# (bench/bench_echo.py runs its rounds against one long-lived server).
 
 ECHO_BACKLOG = 4096
 
@@ -1159,6 +1161,25 @@ class _Live:
             self.on_idle()
 
 
+def _echo_live(spec: dict[str, Any], stop: Callable[[], object],
+               on_sigterm: Callable[[Callable[[], object]], object] | None = None) -> _Live:
+    """The connection counter of an echo server, and when the server stops.
+
+    By default ``stop()`` runs when the last connection closes; with
+    ``spec["persist"]`` it runs on SIGTERM instead, installed by
+    ``on_sigterm(stop)`` (an event loop's own signal handling) or else by
+    ``signal.signal``.
+    """
+    if not spec.get("persist"):
+        return _Live(stop)
+    if on_sigterm is not None:
+        on_sigterm(stop)
+    else:
+        import signal
+        signal.signal(signal.SIGTERM, lambda *_: stop())
+    return _Live(lambda: None)
+
+
 def _echo_listen(spec: dict[str, Any]) -> Any:
     import socket
     _raise_nofile(spec.get("conns", 100) + 64)
@@ -1187,6 +1208,11 @@ def _echo_selectors_server(spec: dict[str, Any], ready: Callable[[Any], None]) -
     bufs: dict[Any, bytearray] = {}
     out: dict[Any, bytearray] = {}
     accepted = [0]
+    stopped = [False]
+    persist = bool(spec.get("persist"))
+    _echo_live(spec, lambda: stopped.__setitem__(0, True))
+    # a persistent server wakes once a second to see a SIGTERM's flag
+    timeout = 1.0 if persist else None
 
     def accept(mask: int) -> None:
         while True:
@@ -1271,8 +1297,8 @@ def _echo_selectors_server(spec: dict[str, Any], ready: Callable[[Any], None]) -
 
     sel.register(lsock, selectors.EVENT_READ, accept)
     _echo_ready(ready, lsock.getsockname())
-    while not accepted[0] or bufs:
-        for key, mask in sel.select():
+    while not stopped[0] and (persist or not accepted[0] or bufs):
+        for key, mask in sel.select(timeout):
             if key.data is accept:
                 accept(mask)
             else:
@@ -1293,7 +1319,7 @@ def _echo_socketserver_server(spec: dict[str, Any], ready: Callable[[Any], None]
         request_queue_size = ECHO_BACKLOG
 
     # shutdown() waits for serve_forever to return: it must not block the handler thread
-    live = _Live(lambda: threading.Thread(target=srv.shutdown, daemon=True).start())
+    live = _echo_live(spec, lambda: threading.Thread(target=srv.shutdown, daemon=True).start())
 
     class Handler(socketserver.StreamRequestHandler):
         disable_nagle_algorithm = tcp   # TCP_NODELAY is a TCP option only
@@ -1370,6 +1396,7 @@ def _asyncio_echo_protocol(asyncio: Any, live: _Live) -> Any:
 
 def _echo_asyncio_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> None:
     import asyncio
+    import signal
     loop: Any
     if spec["impl"] == "uvloop":
         try:
@@ -1380,7 +1407,8 @@ def _echo_asyncio_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> 
     else:
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    echo = _asyncio_echo_protocol(asyncio, _Live(loop.stop))
+    live = _echo_live(spec, loop.stop, lambda stop: loop.add_signal_handler(signal.SIGTERM, stop))
+    echo = _asyncio_echo_protocol(asyncio, live)
     sock = _echo_listen(spec)
     if spec["family"] == "tcp":
         start = loop.create_server(echo, sock=sock, backlog=ECHO_BACKLOG)
@@ -1390,17 +1418,22 @@ def _echo_asyncio_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> 
     _echo_ready(ready, sock.getsockname())
     loop.run_forever()
     server.close()
-    loop.run_until_complete(server.wait_closed())
+    if not spec.get("persist"):
+        # since 3.12 wait_closed() also waits for open connections, which a
+        # SIGTERM to a persistent server may leave behind
+        loop.run_until_complete(server.wait_closed())
     loop.close()
 
 
 def _echo_fastnet_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> None:
     fastnet = _fastnet(spec)
     _need(fastnet, "EventLoop")
+    import signal
+
     from fastnet.loop import Protocol
 
     loop = fastnet.EventLoop()
-    live = _Live(loop.stop)
+    live = _echo_live(spec, loop.stop, lambda stop: loop.add_signal_handler(signal.SIGTERM, stop))
 
     class Echo(Protocol):
         def connection_made(self, transport: Any) -> None:

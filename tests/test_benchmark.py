@@ -108,3 +108,28 @@ def test_results_md_rewrites_only_its_block_from_a_report(report, tmp_path):
     # the report's own tables, as fastnet bench printed them
     assert benchmark.format_report(report).strip() in text
     assert results_md.main(["-", str(path), "--output", str(md), "--check"]) == 0
+
+
+def _bench_echo():
+    spec = importlib.util.spec_from_file_location(
+        "bench_echo", os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench", "bench_echo.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("kind", ["fastnet", "fastnet-pure", "asyncio", "selectors"])
+def test_bench_echo_server_serves_load_after_load_until_sigterm(kind):
+    # bench/bench_echo.py runs fastnet bench's echo servers in their persistent
+    # mode: one server must outlive each round's connections and exit on SIGTERM
+    bench_echo = _bench_echo()
+    proc, port = bench_echo.start_server(kind)
+    try:
+        for _ in range(2):
+            r = bench_echo.run_load(port, proc.pid, 10, 0.02, 0.1)
+            assert r["errors"] == 0 and r["round_trips"] > 0
+            assert proc.poll() is None
+    finally:
+        bench_echo.stop_server(proc)
+    # exit status 0: it stopped on SIGTERM, not on stop_server's SIGKILL
+    assert proc.returncode == 0
