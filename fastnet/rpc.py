@@ -54,6 +54,7 @@ import inspect
 import itertools
 import json
 import logging
+import mmap
 import os
 import socket
 import ssl
@@ -144,8 +145,12 @@ def blocking(func: _F) -> _F:
     return func
 
 
+# the error kinds a server counts; prefork workers share these counts with the parent
+_ERROR_KINDS = ("protocol", "version", "codec", "method_not_found")
+
+
 class _Method:
-    __slots__ = ("func", "blocking", "calls", "errors", "lat_sum", "lat_counts")
+    __slots__ = ("func", "blocking", "calls", "errors", "lat_sum", "lat_counts", "shared", "base")
 
     def __init__(self, func: Callable[..., Any], blocking: bool) -> None:
         self.func = func
@@ -154,23 +159,97 @@ class _Method:
         self.errors = 0
         self.lat_sum = 0.0
         self.lat_counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        # in a prefork worker: its counters in _WorkerStats memory, from ``base``
+        self.shared: memoryview[float] | None = None
+        self.base = 0
 
     def record(self, seconds: float, failed: bool) -> None:
+        v = self.shared
+        if v is not None:
+            o = self.base
+            v[o] += 1.0
+            if failed:
+                v[o + 1] += 1.0
+            v[o + 2] += seconds
+            v[o + 3 + bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1.0
+            return
         self.calls += 1
         if failed:
             self.errors += 1
         self.lat_sum += seconds
         self.lat_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, workers: Sequence[float] | None = None) -> dict[str, Any]:
+        """Calls, errors and the latency histogram; ``workers`` adds the prefork workers' totals."""
+        calls, errors, lat_sum, counts = self.calls, self.errors, self.lat_sum, self.lat_counts
+        if workers is not None:
+            calls += int(workers[0])
+            errors += int(workers[1])
+            lat_sum += workers[2]
+            counts = [a + int(b) for a, b in zip(counts, workers[3:])]
         buckets: list[list[Any]] = []
         acc = 0
-        for le, n in zip(LATENCY_BUCKETS, self.lat_counts):
+        for le, n in zip(LATENCY_BUCKETS, counts):
             acc += n
             buckets.append([le, acc])
-        buckets.append(["+Inf", acc + self.lat_counts[-1]])
-        return {"calls": self.calls, "errors": self.errors,
-                "latency_seconds": {"buckets": buckets, "sum": self.lat_sum, "count": self.calls}}
+        buckets.append(["+Inf", acc + counts[-1]])
+        return {"calls": calls, "errors": errors,
+                "latency_seconds": {"buckets": buckets, "sum": lat_sum, "count": calls}}
+
+
+class _WorkerStats:
+    """Per-method counters and error counts of prefork workers, in memory shared with the parent.
+
+    Every worker slot has a region of its own, so no two processes write
+    the same word and no lock is needed; a replacement worker goes on from
+    its slot's totals, so the figures only grow, as Prometheus counters
+    must. The parent sums the slots. The layout is fixed when serving
+    starts: methods registered later are counted only in the process that
+    runs them.
+    """
+
+    _PER_METHOD = 3 + len(LATENCY_BUCKETS) + 1     # calls, errors, latency sum, buckets
+
+    def __init__(self, names: Iterable[str], slots: int) -> None:
+        self.index = {n: i for i, n in enumerate(names)}
+        self.slots = slots
+        self.per_slot = len(self.index) * self._PER_METHOD + len(_ERROR_KINDS)
+        # an anonymous MAP_SHARED mapping: the forked workers write the parent's pages
+        self._mem = mmap.mmap(-1, max(8, 8 * self.per_slot * slots))
+        self.view = memoryview(self._mem).cast("d")
+
+    def bind(self, slot: int, methods: dict[str, _Method]) -> int:
+        """In a worker: point its methods' counters at ``slot``; returns the slot's error-count offset."""
+        base = slot * self.per_slot
+        for name, m in methods.items():
+            i = self.index.get(name)
+            if i is not None:
+                m.shared = self.view
+                m.base = base + i * self._PER_METHOD
+        return base + len(self.index) * self._PER_METHOD
+
+    def method(self, name: str) -> list[float] | None:
+        """One method's counters summed over the slots, or None if it is not in the layout."""
+        i = self.index.get(name)
+        if i is None:
+            return None
+        n = self._PER_METHOD
+        out = [0.0] * n
+        for slot in range(self.slots):
+            o = slot * self.per_slot + i * n
+            for j, x in enumerate(self.view[o:o + n]):
+                out[j] += x
+        return out
+
+    def errors(self) -> dict[str, int]:
+        """The error counts by kind, summed over the slots."""
+        first = len(self.index) * self._PER_METHOD
+        out = dict.fromkeys(_ERROR_KINDS, 0)
+        for slot in range(self.slots):
+            o = slot * self.per_slot + first
+            for kind, x in zip(_ERROR_KINDS, self.view[o:o + len(_ERROR_KINDS)]):
+                out[kind] += int(x)
+        return {k: v for k, v in out.items() if v}
 
 
 # -- server -------------------------------------------------------------------------
@@ -492,6 +571,9 @@ class RPCServer:
         self.worker_threads = worker_threads
         self._methods: dict[str, _Method] = {}
         self._errors: dict[str, int] = {}
+        self._workers = workers
+        self._shared: _WorkerStats | None = None
+        self._error_base = -1     # in a prefork worker: its error counts in _shared
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_pid: int | None = None
         self._monitor_address = monitor
@@ -612,6 +694,7 @@ class RPCServer:
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """Serve on the calling thread until :meth:`shutdown` (or SIGINT/SIGTERM in the main thread)."""
+        self._share_worker_stats()
         self._start_monitor()
         try:
             self._server.serve_forever(poll_interval)
@@ -620,6 +703,7 @@ class RPCServer:
 
     def start(self, timeout: float = 30.0) -> RPCServer:
         """Serve on a background thread; return once the server accepts connections."""
+        self._share_worker_stats()
         self._server.start(timeout)
         self._start_monitor()
         return self
@@ -663,16 +747,37 @@ class RPCServer:
     def stats(self) -> dict[str, Any]:
         """Server counters plus ``methods`` (calls, errors, latency histogram per method) and ``errors`` by kind.
 
-        With ``workers > 1`` the per-method figures live in the worker
-        processes and are not included.
+        With ``workers > 1`` the figures are the sums over the worker
+        processes, a dead worker's included; a call is counted before its
+        reply is sent.
         """
         out = self._server.stats()
-        out["errors"] = dict(self._errors)
-        out["methods"] = {name: m.stats() for name, m in list(self._methods.items())}
+        errors = dict(self._errors)
+        shared = self._shared
+        if shared is not None:
+            for kind, n in shared.errors().items():
+                errors[kind] = errors.get(kind, 0) + n
+        out["errors"] = errors
+        out["methods"] = {name: m.stats(shared.method(name) if shared is not None else None)
+                          for name, m in list(self._methods.items())}
         return out
 
     def _count_error(self, kind: str) -> None:
+        shared = self._shared
+        if self._error_base >= 0 and shared is not None and kind in _ERROR_KINDS:
+            shared.view[self._error_base + _ERROR_KINDS.index(kind)] += 1.0
+            return
         self._errors[kind] = self._errors.get(kind, 0) + 1
+
+    def _share_worker_stats(self) -> None:
+        # before the workers fork: they count into memory the parent reads
+        if self._workers > 1 and self._shared is None:
+            self._shared = _WorkerStats(self._methods, self._workers)
+            self._server.worker_started = self._worker_started  # type: ignore[method-assign]
+
+    def _worker_started(self, slot: int) -> None:
+        assert self._shared is not None
+        self._error_base = self._shared.bind(slot, self._methods)
 
     # blocking calls -----------------------------------------------------
     def _offload(self, handler: _RPCHandler, m: _Method, msgid: int | None, args: list[Any],

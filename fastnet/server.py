@@ -103,6 +103,7 @@ from __future__ import annotations
 import collections
 import errno
 import ipaddress
+import itertools
 import logging
 import os
 import pickle
@@ -945,11 +946,12 @@ class _Handshake:
 
 class _Child:
     """A forked child (fork mode) or a prefork worker, as its parent sees it."""
-    __slots__ = ("pid", "chan", "pidfd", "inflight", "assigned", "alive", "status", "started")
+    __slots__ = ("pid", "chan", "pidfd", "inflight", "assigned", "alive", "status", "started", "slot")
 
-    def __init__(self, pid: int, chan: socket.socket) -> None:
+    def __init__(self, pid: int, chan: socket.socket, slot: int = -1) -> None:
         self.pid = pid
         self.chan = chan
+        self.slot = slot
         self.started = time.monotonic()
         self.pidfd = -1
         self.inflight = 0
@@ -1843,7 +1845,11 @@ class BaseServer:
     # prefork mode
 
     def _spawn_worker(self) -> _Child:
-        w = self._fork(self._worker_main, self._worker_exited, worker=True)
+        # a replacement takes the slot of the worker it replaces
+        taken = {w.slot for w in self._workers}
+        slot = next(i for i in itertools.count() if i not in taken)
+        w = self._fork(lambda chan: self._worker_main(chan, slot), self._worker_exited, worker=True)
+        w.slot = slot
         self._workers.append(w)
         self._loop.add_reader(w.chan, self._worker_report, w)
         return w
@@ -1919,8 +1925,19 @@ class BaseServer:
         for _ in range(lost):
             self._release()
 
-    def _worker_main(self, chan: socket.socket) -> None:
+    def worker_started(self, slot: int) -> None:
+        """Called in each prefork worker process as it starts, before it serves.
+
+        ``slot`` is the worker's number, 0 to ``workers - 1``; a worker that
+        replaces a dead one gets the dead one's slot. Does nothing by
+        default: override it (or assign a callable on the instance) to set
+        up per-worker state, such as counters in memory shared with the
+        parent.
+        """
+
+    def _worker_main(self, chan: socket.socket, slot: int) -> None:
         """A prefork worker: sockets arrive on ``chan``; each finished one is reported."""
+        self.worker_started(slot)
         loop = EventLoop(self.backend)
         chan.settimeout(_REPORT_TIMEOUT)
 

@@ -1178,6 +1178,46 @@ def test_prefork_workers_serve_calls(serve, proxies, address):
     assert srv.stats()["messages_in"] >= 206
 
 
+def test_prefork_stats_sum_the_workers_and_keep_a_dead_workers_counts(serve, proxies, address):
+    srv = serve(address, workers=2).start()
+    a = proxies(srv.address)
+    b = proxies(srv.address)
+    victim = a.pid()
+    assert {victim, b.pid()} == set(srv.worker_pids)        # one connection per worker
+    for i in range(5):
+        assert a.add(i, 1) == i + 1
+        assert b.add(i, 2) == i + 2
+    assert a.blocking_pid() == victim                       # on a worker thread
+    with pytest.raises(RemoteError):
+        a.add(1)
+    with pytest.raises(MethodNotFound):
+        b.nope()
+    with pytest.raises(ProtocolError):
+        RPCProxy(srv.address, codec="json", timeout=WAIT)   # refused in a worker
+    st = srv.stats()
+    assert st["methods"]["add"]["calls"] == 11 and st["methods"]["add"]["errors"] == 1
+    assert st["methods"]["pid"]["calls"] == 2
+    assert st["methods"]["blocking_pid"]["calls"] == 1
+    assert st["errors"] == {"method_not_found": 1, "codec": 1}
+    lat = st["methods"]["add"]["latency_seconds"]
+    counts = [n for _le, n in lat["buckets"]]
+    assert counts == sorted(counts) and counts[-1] == lat["count"] == 11 and lat["sum"] > 0
+    json.dumps(st)
+
+    # a worker dies: what it counted stays, and its replacement adds to it
+    os.kill(victim, signal.SIGKILL)
+    assert wait_for(lambda: len(srv.worker_pids) == 2 and victim not in srv.worker_pids)
+    assert srv.stats()["methods"]["add"]["calls"] == 11
+    for _ in range(4):
+        c = proxies(srv.address)
+        assert c.add(1, 1) == 2
+        c.close()
+    st = srv.stats()
+    assert st["worker_restarts"] == 1
+    assert st["methods"]["add"]["calls"] == 15 and st["methods"]["add"]["errors"] == 1
+    assert st["methods"]["add"]["latency_seconds"]["count"] == 15
+
+
 # -- stats ----------------------------------------------------------------------------------------
 
 

@@ -15,8 +15,11 @@ def _get(url):
         return r.status, r.headers.get("Content-Type"), r.read().decode()
 
 
-def test_rpc_server_serves_stats_and_metrics_beside_itself():
-    srv = fastnet.RPCServer(("127.0.0.1", 0), monitor=("127.0.0.1", 0))
+@pytest.mark.parametrize("workers", [1, 2])
+def test_rpc_server_serves_stats_and_metrics_beside_itself(workers):
+    # with workers=2 each connection is served by its own prefork worker, and
+    # the parent's figures are the sums over both
+    srv = fastnet.RPCServer(("127.0.0.1", 0), monitor=("127.0.0.1", 0), workers=workers)
     srv.register(lambda x, y: x + y, "add")
 
     def fail():
@@ -25,12 +28,12 @@ def test_rpc_server_serves_stats_and_metrics_beside_itself():
     srv.start()
     try:
         url = srv.monitor.url.rstrip("/")
-        with fastnet.RPCProxy(srv.address) as p:
+        with fastnet.RPCProxy(srv.address) as p, fastnet.RPCProxy(srv.address) as q:
             for i in range(25):
-                assert p.add(i, 1) == i + 1
+                assert (p if i % 2 else q).add(i, 1) == i + 1
             for _ in range(3):
                 with pytest.raises(fastnet.RemoteError):
-                    p.fail()
+                    q.fail()
             with pytest.raises(fastnet.MethodNotFound):
                 p.nothere()
             status, ctype, body = _get(url + "/stats")
@@ -39,7 +42,7 @@ def test_rpc_server_serves_stats_and_metrics_beside_itself():
             assert stats["methods"]["add"]["calls"] == 25
             assert stats["methods"]["fail"]["errors"] == 3
             assert stats["errors"] == {"method_not_found": 1}
-            assert stats["connections_open"] == 1
+            assert stats["connections_open"] == 2
 
             status, ctype, body = _get(url + "/metrics")
             assert ctype.startswith("text/plain")
