@@ -421,6 +421,31 @@ def test_prefork_worker_killed_midrun_is_replaced(serve, kind):
     assert {r["pid"] for r in results} == now
 
 
+def test_prefork_worker_started_gets_a_slot_that_its_replacement_keeps(serve, tmp_path):
+    log = tmp_path / "slots"
+
+    class SlotServer(TCPServer):
+        def worker_started(self, slot):
+            # runs in the worker, before it serves
+            with open(log, "a") as f:
+                f.write(f"{os.getpid()} {slot}\n")
+
+    def slots():
+        return dict(tuple(map(int, line.split())) for line in log.read_text().splitlines()) \
+            if log.exists() else {}
+
+    srv = serve(SlotServer, ("127.0.0.1", 0), FramedEcho, concurrency="prefork", workers=2)
+    assert wait_for(lambda: len(slots()) == 2)
+    first = slots()
+    assert set(first) == set(srv.worker_pids) and sorted(first.values()) == [0, 1]
+    victim = srv.worker_pids[0]
+    os.kill(victim, signal.SIGKILL)
+    assert wait_for(lambda: len(slots()) == 3)
+    (new_pid, new_slot), = [(p, k) for p, k in slots().items() if p not in first]
+    assert new_slot == first[victim] and new_pid in srv.worker_pids
+    check_all_ok(run_clients(srv.address, "framed", 4, 3, together=True), 3)
+
+
 def test_prefork_with_authkey_and_blocking_handler(serve):
     srv = serve(TCPServer, ("127.0.0.1", 0), ConnectionEcho, concurrency="prefork", workers=2,
                 authkey=b"secret")
