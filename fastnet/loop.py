@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import ipaddress
 import logging
 import os
 import signal
@@ -280,6 +281,23 @@ class Server:
         return f"<fastnet.loop.Server {state} connections={len(self.transports)}>"
 
 
+def _connect_error(err: int) -> OSError:
+    if err == errno.ECONNREFUSED:
+        return ConnectionRefusedError(err, os.strerror(err))
+    return OSError(err, os.strerror(err))
+
+
+def _is_ip_literal(host: Any) -> bool:
+    """Whether connecting to ``host`` needs no name lookup."""
+    if host in ("", "<broadcast>"):
+        return True     # the socket module's own names for INADDR_ANY and the broadcast address
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])     # an IPv6 scope may follow '%'
+    except (ValueError, TypeError, AttributeError):
+        return False
+    return True
+
+
 class EventLoop(_reactor.Reactor):
     """fastnet's event loop: ``EventLoop(backend="auto"|"epoll"|"poll"|"select", max_workers=None)``.
 
@@ -516,7 +534,9 @@ class EventLoop(_reactor.Reactor):
 
         The future is resolved on the loop thread (run the loop to let it
         finish, e.g. ``loop.run_until(fut.done, 5)``). ``protocol_factory()``
-        is called once the connection is up.
+        is called once the connection is up. A host name is looked up on the
+        loop's worker threads and its addresses are tried in order;
+        ``timeout`` covers the lookup and the connect.
 
         ``ssl_context`` (see :func:`fastnet.tls.client_context`) runs TLS,
         checking the server's certificate for ``server_hostname`` (default:
@@ -537,16 +557,25 @@ class EventLoop(_reactor.Reactor):
             raise ValueError("authkey on a loop connection needs an ssl_context")
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
         fut.set_running_or_notify_cancel()
-        sock = socket.socket(fam, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        state: dict[str, _reactor.TimerHandle | None] = {"timer": None}
+        # timer: the deadline of the whole connect (resolution included);
+        # sock: the socket of the address being tried
+        state: dict[str, Any] = {"timer": None, "sock": None}
 
-        def fail(exc: BaseException) -> None:
+        def stop_timer() -> None:
             if state["timer"] is not None:
                 state["timer"].cancel()
-            if sock.fileno() >= 0:
+                state["timer"] = None
+
+        def drop_sock() -> None:
+            sock = state["sock"]
+            state["sock"] = None
+            if sock is not None and sock.fileno() >= 0:
                 self.remove_writer(sock.fileno())
                 sock.close()
+
+        def fail(exc: BaseException) -> None:
+            stop_timer()
+            drop_sock()
             if not fut.done():
                 fut.set_exception(exc)
 
@@ -559,9 +588,11 @@ class EventLoop(_reactor.Reactor):
             if not fut.done():
                 fut.set_result(t)
 
-        def done() -> None:
-            if state["timer"] is not None:
-                state["timer"].cancel()
+        def done(sock: socket.socket) -> None:
+            if fut.done() or state["sock"] is not sock:
+                return
+            stop_timer()
+            state["sock"] = None
             try:
                 if ssl_context is None:
                     t = self.add_stream(sock, protocol_factory(), max_message_size, high_water, low_water)
@@ -580,37 +611,75 @@ class EventLoop(_reactor.Reactor):
             if ssl_context is None:
                 fut.set_result(t)
 
-        def writable() -> None:
+        def attempt(targets: list[Any]) -> None:
+            # connect to targets[0]; if that fails, a name's next address is tried
             if fut.done():
                 return
-            self.remove_writer(sock.fileno())
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                fail(ConnectionRefusedError(err, os.strerror(err)) if err == errno.ECONNREFUSED
-                     else OSError(err, os.strerror(err)))
+            target = targets[0]
+
+            def failed(exc: BaseException) -> None:
+                if len(targets) > 1:
+                    drop_sock()
+                    attempt(targets[1:])
+                else:
+                    fail(exc)
+
+            try:
+                sock = socket.socket(fam, socket.SOCK_STREAM)
+            except OSError as exc:
+                fail(exc)
+                return
+            sock.setblocking(False)
+            state["sock"] = sock
+
+            def writable() -> None:
+                if fut.done() or state["sock"] is not sock:
+                    return
+                self.remove_writer(sock.fileno())
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    failed(_connect_error(err))
+                else:
+                    done(sock)
+
+            try:
+                err = sock.connect_ex(target)
+            except OSError as exc:
+                failed(exc)
+                return
+            if err == 0:
+                self.call_soon(done, sock)
+            elif err == errno.EINPROGRESS or (fam != socket.AF_UNIX and err == errno.EAGAIN):
+                self.add_writer(sock.fileno(), writable)
             else:
-                done()
+                failed(_connect_error(err))
+
+        def resolved(f: concurrent.futures.Future[Any]) -> None:
+            if fut.done():
+                return      # timed out while the name was being looked up
+            try:
+                infos = f.result()
+            except OSError as exc:
+                fail(exc)
+                return
+            targets = [ai[4] for ai in infos if ai[0] == fam]
+            if not targets:
+                fail(OSError(errno.EADDRNOTAVAIL, f"{addr[0]!r} has no {socket.AddressFamily(fam).name} address"))
+                return
+            attempt(targets)
 
         def expired() -> None:
             state["timer"] = None
             fail(TimeoutError(f"connect to {address!r} timed out after {timeout} s"))
 
-        try:
-            err = sock.connect_ex(addr)
-        except OSError as exc:
-            sock.close()
-            fut.set_exception(exc)
-            return fut
-        if err == 0:
-            self.call_soon(done)
-        elif err == errno.EINPROGRESS or (fam != socket.AF_UNIX and err == errno.EAGAIN):
-            self.add_writer(sock.fileno(), writable)
-            if timeout is not None:
-                state["timer"] = self.call_later(timeout, expired)
+        if timeout is not None:
+            state["timer"] = self.call_later(timeout, expired)
+        if fam == socket.AF_UNIX or _is_ip_literal(addr[0]):
+            attempt([addr])
         else:
-            sock.close()
-            fut.set_exception(ConnectionRefusedError(err, os.strerror(err)) if err == errno.ECONNREFUSED
-                              else OSError(err, os.strerror(err)))
+            # a host name: getaddrinfo blocks (DNS), so it runs on a worker thread
+            self.run_in_thread(socket.getaddrinfo, addr[0], addr[1], fam, socket.SOCK_STREAM,
+                               callback=resolved)
         return fut
 
     # -- Cookbook event handlers ------------------------------------------------

@@ -767,6 +767,68 @@ def test_connect_refused_and_timeout(loop):
     assert isinstance(fut.exception(), ConnectionRefusedError)
 
 
+def test_connect_to_a_host_name_resolves_it_off_the_loop(loop, monkeypatch):
+    # the real getaddrinfo, watched: which thread calls it, and a slow name
+    # service (0.3 s) during which the loop must go on running timers
+    server = loop.create_server(("127.0.0.1", 0), Recorder)
+    real = socket.getaddrinfo
+    callers = []
+
+    def slow_getaddrinfo(*args, **kw):
+        callers.append(threading.current_thread())
+        time.sleep(0.3)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow_getaddrinfo)
+    ticks = []
+    loop.call_later(0.05, ticks.append, time.monotonic())
+    t0 = time.monotonic()
+    fut = loop.connect(("localhost", server.address[1]), Recorder, timeout=WAIT)
+    assert time.monotonic() - t0 < 0.25          # connect() itself did not wait for the name
+    assert loop.run_until(fut.done, WAIT)
+    t = fut.result()
+    assert callers and threading.main_thread() not in callers
+    assert ticks and ticks[0] - t0 < 0.25         # the timer ran while the name was looked up
+    assert t.get_extra_info("peername") == ("127.0.0.1", server.address[1])
+    t.close()
+    server.close()
+
+
+def test_connect_tries_each_address_of_a_name(loop, monkeypatch):
+    # the name has two addresses; nothing listens on the first (127.0.0.2),
+    # so the connection is made to the second
+    server = loop.create_server(("127.0.0.1", 0), Recorder)
+    port = server.address[1]
+    real = socket.getaddrinfo
+
+    def two_addresses(host, *args, **kw):
+        if host == "two.test":
+            return real("127.0.0.2", *args, **kw) + real("127.0.0.1", *args, **kw)
+        return real(host, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
+    fut = loop.connect(("two.test", port), Recorder, timeout=WAIT)
+    assert loop.run_until(fut.done, WAIT)
+    t = fut.result()
+    assert t.get_extra_info("peername") == ("127.0.0.1", port)
+    t.close()
+    # all of them refused: the last refusal is the error, and no socket is left open
+    server.close()
+    assert loop.run_until(lambda: t.closed and all(st.closed for st in server.transports), WAIT)
+    before = len(os.listdir("/proc/self/fd"))
+    fut = loop.connect(("two.test", port), Recorder, timeout=WAIT)
+    assert loop.run_until(fut.done, WAIT)
+    assert isinstance(fut.exception(), ConnectionRefusedError)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_connect_to_an_unknown_name_fails_with_the_lookup_error(loop):
+    # .invalid never resolves (RFC 6761)
+    fut = loop.connect(("no-such-host.invalid", 80), Recorder, timeout=WAIT)
+    assert loop.run_until(fut.done, WAIT)
+    assert isinstance(fut.exception(), socket.gaierror)
+
+
 def test_close_drains_queued_writes_then_closes(loop):
     a, b = socket.socketpair()
     b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
