@@ -133,3 +133,26 @@ def test_bench_echo_server_serves_load_after_load_until_sigterm(kind):
         bench_echo.stop_server(proc)
     # exit status 0: it stopped on SIGTERM, not on stop_server's SIGKILL
     assert proc.returncode == 0
+
+
+def test_bench_rpc_runs_its_sequential_and_pipelined_rows():
+    # bench/bench_rpc.py shares fastnet bench's RPC rows and targets and adds its own
+    spec = importlib.util.spec_from_file_location(
+        "bench_rpc", os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench", "bench_rpc.py"))
+    bench_rpc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_rpc)
+    report = bench_rpc.run(["sequential", "pipelined"], quick=True, families=("tcp",),
+                           repeat=1, warmup=0.02, sample=0.05)
+    for case in ("sequential", "pipelined"):
+        rows = report["results"][case]["tcp"]
+        assert list(rows) == [i.key for i in bench_rpc.CASES[case]["impls"]]
+        for key, row in rows.items():
+            if row["na"] is not None:       # a library the bench extra installs may be missing
+                assert row["median"] is None and "not installed" in row["na"], (key, row["na"])
+            else:
+                assert row["median"] > 0, key
+        for key in ("mp-rpc", "fastnet"):
+            assert rows[key]["median"] > 0, key
+    assert rows["mp-rpc"]["label"] == "pickle RPC, mp: 64 sent, 64 read"
+    texts = {t["target"] for t in report["targets"]}
+    assert {"msgpack RPC >= 35k calls/s", "json / msgpack", "window of 64 >= 150k calls/s"} <= texts
