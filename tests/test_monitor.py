@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import fastnet
 from fastnet import monitor
 from fastnet.server import MessageHandler, TCPServer
+from rpcutil import wait_for
 
 WAIT = 30.0
 
@@ -114,15 +115,6 @@ def families(text):
     assert all(f.type in ("counter", "gauge", "histogram") for f in fams), \
         [(f.name, f.type) for f in fams]
     return {f.name: f for f in fams}
-
-
-def wait_for(predicate, timeout=WAIT):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def open_fds():

@@ -8,7 +8,6 @@ Every wait has a deadline and nothing asserts on timing.
 import json
 import multiprocessing.connection
 import os
-import select
 import signal
 import socket
 import socketserver
@@ -34,6 +33,7 @@ from fastnet.server import (
     UnixDatagramServer,
     UnixServer,
 )
+from rpcutil import readline, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WAIT = 30.0   # generous deadline for what should take milliseconds
@@ -217,31 +217,6 @@ def finish(proc, stdin_data=None):
 
 def run_clients(address, kind, clients, messages, **cfg):
     return finish(spawn_clients(address, kind, clients, messages, **cfg))
-
-
-def readline(proc, timeout=WAIT):
-    """One line from a child's stdout without blocking past the deadline."""
-    fd = proc.stdout.fileno()
-    buf = b""
-    deadline = time.monotonic() + timeout
-    while not buf.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            raise AssertionError(f"no line from the child in {timeout} s (got {buf!r})")
-        chunk = os.read(fd, 1)
-        if not chunk:
-            raise AssertionError(f"child closed its stdout (got {buf!r})")
-        buf += chunk
-    return buf.decode()
-
-
-def wait_for(predicate, timeout=WAIT):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -32,6 +31,7 @@ from fastnet.server import (  # noqa: E402
     UnixServer,
 )
 from tlsutil import client_ctx, make_pki, server_ctx  # noqa: E402
+from rpcutil import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WAIT = 30.0
@@ -210,15 +210,6 @@ def stream_client(pki, address, ctx=None):
     except BaseException:
         raw.close()
         raise
-
-
-def wait_for(predicate, timeout=WAIT):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 @pytest.fixture
