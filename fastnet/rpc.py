@@ -219,7 +219,12 @@ class _WorkerStats:
         self.view = memoryview(self._mem).cast("d")
 
     def bind(self, slot: int, methods: dict[str, _Method]) -> int:
-        """In a worker: point its methods' counters at ``slot``; returns the slot's error-count offset."""
+        """In a worker: point its methods' counters at ``slot``; returns the slot's error-count offset.
+
+        A slot outside the layout (-1) leaves the worker counting locally.
+        """
+        if not 0 <= slot < self.slots:
+            return -1
         base = slot * self.per_slot
         for name, m in methods.items():
             i = self.index.get(name)
