@@ -19,7 +19,6 @@ uvloop (or asyncio when uvloop is missing).
 import argparse
 import json
 import os
-import resource
 import signal
 import statistics
 import subprocess
@@ -34,14 +33,6 @@ SERVERS = ("fastnet", "fastnet-pure", "uvloop", "asyncio", "selectors")
 DEFAULT_CONNS = (100, 1000)
 BIG_CONNS = 10000
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def _raise_nofile(n):
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard, max(soft, n)) if hard != resource.RLIM_INFINITY else max(soft, n)
-    if want > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    return want
 
 
 def _have(mod):
@@ -71,6 +62,9 @@ def _benchmark_module():
     return mod
 
 
+bench = _benchmark_module()
+_raise_nofile = bench._raise_nofile
+
 def _pin(which):
     """Server on the last CPU, load on the first: no core sharing between them."""
     if os.environ.get("FASTNET_BENCH_PIN", "1") == "0":
@@ -84,7 +78,6 @@ def _serve(kind):
     if kind not in SERVER_IMPL:
         raise SystemExit(f"unknown server {kind!r}")
     _pin("server")
-    bench = _benchmark_module()
     server, _client = bench._ROLES[("echo", SERVER_IMPL[kind])]
     spec = {"case": "echo", "impl": SERVER_IMPL[kind], "family": "tcp",
             "conns": BIG_CONNS, "persist": True}

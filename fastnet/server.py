@@ -948,10 +948,10 @@ class _Child:
     """A forked child (fork mode) or a prefork worker, as its parent sees it."""
     __slots__ = ("pid", "chan", "pidfd", "inflight", "assigned", "alive", "status", "started", "slot")
 
-    def __init__(self, pid: int, chan: socket.socket, slot: int = -1) -> None:
+    def __init__(self, pid: int, chan: socket.socket) -> None:
         self.pid = pid
         self.chan = chan
-        self.slot = slot
+        self.slot = -1          # a prefork worker's slot (see worker_started)
         self.started = time.monotonic()
         self.pidfd = -1
         self.inflight = 0
