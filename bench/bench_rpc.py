@@ -56,6 +56,7 @@ import os
 import statistics
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 
@@ -82,9 +83,10 @@ NotAvailable = common.NotAvailable
 IN_FLIGHT = rpc_case.RPC_IN_FLIGHT
 ARRAY_MIB = 64
 
-# The figures issue #4 measured (calls/s, TCP, one client process).
-ISSUE_FIGURES = {"xmlrpc": 1390.0, "grpc": 1570.0, "pyro5": 4250.0, "rpyc": 6890.0,
-                 "zmq-rpc": 10100.0, "mp-rpc": 13960.0}
+# fastnet bench's reference figures of the sequential rows (calls/s, TCP, one
+# client process), and grpc's, measured with them.
+REFERENCE = {impl: v for (case, family, impl), v in cases.REFERENCE.items()
+             if case == "rpc-seq" and family == "tcp"} | {"grpc": 1570.0}
 
 
 # --------------------------------------------------------------------------
@@ -525,7 +527,7 @@ def run(cases=None, *, quick=False, families=("tcp", "unix"), log=None, **overri
                 "spread": (q[2] - q[0]) / med if q and med else None,
                 "round_medians": slot["rounds"] if med is not None else [],
                 "samples": ss if med is not None else [], "na": slot["na"], "info": slot["info"],
-                "issue": ISSUE_FIGURES.get(impl.key) if case == "sequential" and family == "tcp" else None,
+                "reference": REFERENCE.get(impl.key) if case == "sequential" and family == "tcp" else None,
             }
     report["targets"] = _targets(report)
     return report
@@ -598,7 +600,7 @@ def format_table(report):
         title = spec["title"].format(window=cfg["window"], mib=cfg["array_mib"])
         lines += ["", f"{case}: {title}  [{spec['unit']}, higher is better]"]
         lines.append(f"{'':8s} {'':33s} {'median':>9s}" + "".join(f" {'/' + short[c]:>10s}" for c in cols)
-                     + f" {'iqr':>5s}" + (f" {'issue #4':>9s}" if case == "sequential" else ""))
+                     + f" {'iqr':>5s}" + (f" {cases.REFERENCE_LABEL:>9s}" if case == "sequential" else ""))
         for family, rows in fams.items():
             first = True
             for key, row in rows.items():
@@ -613,11 +615,13 @@ def format_table(report):
                         r = _ratio(rows, key, c)
                         cells += f" {('%.2f' % r) if r is not None else '-':>10s}"
                     cells += f" {('%.0f%%' % (100 * row['spread'])) if row['spread'] is not None else '-':>5s}"
-                    if row["issue"] is not None:
-                        cells += f" {bench_report._fmt(row['issue']):>9s}"
+                    if row["reference"] is not None:
+                        cells += f" {bench_report._fmt(row['reference']):>9s}"
                 lines.append(cells.rstrip())
+    if "sequential" in report["results"]:
+        lines += ["", *textwrap.wrap(cases.REFERENCE_NOTE, 100)]
     if report["targets"]:
-        lines += ["", "issue #4 targets"]
+        lines += ["", "targets"]
         for t in report["targets"]:
             v = t["value"]
             shown = "n/a" if v is None else (bench_report._fmt(v) if v >= 100 else f"{v:.2f}")

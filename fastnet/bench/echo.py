@@ -458,7 +458,7 @@ ROLES: dict[tuple[str, str], Any] = {
 CASES: dict[str, dict[str, Any]] = {
     "echo": {
         "title": "echo: {conns} connections in ping-pong, {size}-byte framed messages, one epoll client",
-        "unit": "rt/s", "json_unit": "roundtrips/s", "better": "higher", "issue": None,
+        "unit": "rt/s", "json_unit": "roundtrips/s", "better": "higher",
         # --quick: TCP only, to keep the whole quick run under a minute on 2 cores
         "quick": {"families": ("tcp",)},
         "impls": [

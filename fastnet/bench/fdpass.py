@@ -111,7 +111,7 @@ ROLES: dict[tuple[str, str], Any] = {
 CASES: dict[str, dict[str, Any]] = {
     "fdpass": {
         "title": "fdpass: one descriptor per message, received, checked with fstat and closed",
-        "unit": "fd/s", "json_unit": "fd/s", "better": "higher", "issue": None,
+        "unit": "fd/s", "json_unit": "fd/s", "better": "higher",
         "families": ("unix",),
         "impls": [
             Impl("mp-reduction", "multiprocessing.reduction", anchor=True),

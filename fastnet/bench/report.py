@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
-from .cases import CASES, FAMILIES, NOT_RUN_ANCHORS, NOT_RUN_QUICK, TARGETS, _case_families
+from .cases import CASES, FAMILIES, NOT_RUN_ANCHORS, NOT_RUN_QUICK, REFERENCE_LABEL, REFERENCE_NOTE, TARGETS, _case_families
 from .rpc import RPC_IN_FLIGHT
 
 
@@ -78,6 +79,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"CPU placement: {_PIN_TEXT[cfg['pin']]}; ratio columns are value / that row's value",
     ]
     notes = []
+    referenced = False
     for case, fams in report["results"].items():
         spec = CASES[case]
         columns = spec.get("columns")
@@ -90,9 +92,11 @@ def format_report(report: dict[str, Any]) -> str:
             only = " and ".join(FAMILIES[f] for f in spec.get("families", ()))
             lines.append(f"  not run: this case runs over {only} only")
             continue
-        issue = spec.get("issue", "issue #2")
+        # (a report of an older fastnet has no reference figures)
+        refs = any(row.get("reference") is not None for rows in fams.values() for row in rows.values())
+        referenced = referenced or refs
         head = f"{'':8s} {'':32s} {'median':>9s}" + "".join(f" {'/' + _short(a):>9s}" for a in anchors) \
-            + (f" {issue:>9s}" if issue else "")
+            + (f" {REFERENCE_LABEL:>9s}" if refs else "")
         lines.append(head.rstrip())
         for family, rows in fams.items():
             first = True
@@ -110,14 +114,14 @@ def format_report(report: dict[str, Any]) -> str:
                     for a in anchors:
                         r = _ratio(rows, impl.key, a.key)
                         cells += f" {('%.2f' % r) if r is not None else '-':>9s}"
-                    if row["issue_anchor"] is not None:
-                        cells += f" {_fmt(row['issue_anchor']):>9s}"
+                    if row.get("reference") is not None:
+                        cells += f" {_fmt(row['reference']):>9s}"
                 lines.append(cells.rstrip())
+    if referenced:
+        lines += ["", *textwrap.wrap(REFERENCE_NOTE, 100)]
     if report["targets"] and not cfg.get("anchors_only"):
-        issues = sorted({CASES[t["case"]].get("issue", "issue #2") or "" for t in report["targets"]})
-        # cases without an issue of their own only report ratios
-        heading = " and ".join(i for i in issues if i) + " targets" if any(issues) else "targets"
-        lines += ["", heading + (" and reported ratios" if "" in issues and any(issues) else "")]
+        reported = any(t["status"] == "reported" for t in report["targets"])
+        lines += ["", "targets" + (" and reported ratios" if reported else "")]
         for t in report["targets"]:
             value = "n/a" if t["value"] is None else f"{t['value']:.2f}"
             lines.append(f"  {t['case']:9s} {FAMILIES[t['family']]:7s} {t['target']:46s} "

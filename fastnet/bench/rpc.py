@@ -453,7 +453,7 @@ ROLES: dict[tuple[str, str], Any] = {
 CASES: dict[str, dict[str, Any]] = {
     "rpc-seq": {
         "title": "rpc-seq: sequential add(2, 3) calls from one client",
-        "unit": "calls/s", "json_unit": "calls/s", "better": "higher", "issue": "issue #4",
+        "unit": "calls/s", "json_unit": "calls/s", "better": "higher",
         "columns": ["mp-rpc", "zmq-rpc", "pingpong"],
         # --quick: TCP only, to keep the whole quick run near a minute on 2 cores
         "quick": {"families": ("tcp",)},
@@ -469,7 +469,7 @@ CASES: dict[str, dict[str, Any]] = {
     },
     "rpc-pipe": {
         "title": "rpc-pipe: add(2, 3) with {window} calls in flight on one connection",
-        "unit": "calls/s", "json_unit": "calls/s", "better": "higher", "issue": "issue #4",
+        "unit": "calls/s", "json_unit": "calls/s", "better": "higher",
         # --quick: TCP only, without the multiprocessing row (Nagle stalls make
         # it slow to measure over TCP) and the plain call_async batches
         "quick": {"families": ("tcp",), "skip": ("mp-rpc", "fastnet-batch")},

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from . import _load
-from .cases import (CASES, FAMILIES, GROUPS, ISSUE_ANCHORS, NOT_RUN_ANCHORS, NOT_RUN_QUICK, PROFILES, _case_families,
+from .cases import (CASES, FAMILIES, GROUPS, NOT_RUN_ANCHORS, NOT_RUN_QUICK, PROFILES, REFERENCE, _case_families,
                     _in_quick)
 from .common import PAYLOAD_SIZE, NotAvailable, _addr
 from .floor import build_floor, floor_commands
@@ -357,7 +357,7 @@ def run(cases: Iterable[str] | None = None, *, quick: bool = False, families: Se
                     "label": impl.label, "anchor": impl.anchor, "unit": spec["json_unit"],
                     "median": med, "samples": slot["samples"] if med is not None else [],
                     "na": slot["na"], "info": slot["info"],
-                    "issue_anchor": ISSUE_ANCHORS.get((case, family, impl.key)),
+                    "reference": REFERENCE.get((case, family, impl.key)),
                 }
             report["results"][case][family] = rows
     report["targets"] = _targets(report, cases, families)
