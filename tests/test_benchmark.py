@@ -1,11 +1,13 @@
 """fastnet bench run for real in a minimal configuration: the echo and fdpass
-cases, and children that load their case code by path.
+cases, the read-ahead and handshake rows, the report's reference figures, and
+children that load their case code by path.
 
 Every row must produce a number (uvloop's may instead say it is not
 installed); no timing is checked.  Each row sets FASTNET_PURE for its own
 children, so these tests mean the same with or without it.
 """
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -14,8 +16,9 @@ import sys
 
 import pytest
 
+import fastnet
 from fastnet import bench
-from fastnet.bench.cases import NOT_RUN_QUICK
+from fastnet.bench.cases import NOT_RUN_QUICK, REFERENCE_LABEL, REFERENCE_NOTE
 
 # one short sample per row, few connections: about ten seconds for both cases
 SHORT = dict(rounds=1, repeat=1, warmup=0.02, sample=0.05, conns=8, timeout=60.0)
@@ -187,3 +190,63 @@ def test_anchor_rows_run_where_fastnet_does_not_import(tmp_path):
     assert rows["mp"]["na"] is None and rows["mp"]["median"] > 0
     assert rows["fastnet"]["median"] is None
     assert rows["fastnet"]["na"] == "import fastnet failed: ImportError: broken by a test"
+
+
+@pytest.fixture(scope="module")
+def transport():
+    pingpong = bench.run(["pingpong", "stream"], families=("unix",), **SHORT)
+    handshake = bench.run(["handshake"], families=("tcp", "unix"), **SHORT)
+    return pingpong, handshake
+
+
+def test_readahead_rows_measure_where_fastnet_offers_the_option(transport):
+    # The rows pass readahead=True to fastnet's Listener and Client.  A fastnet
+    # whose Client and Listener take no such option shows them as n/a with the
+    # reason, and every other row of the case still measures.
+    report = transport[0]
+    missing = next((f"fastnet.{api.__name__} has no readahead option" for api in (fastnet.Client, fastnet.Listener)
+                    if "readahead" not in inspect.signature(api).parameters), None)
+    offers = missing is None
+    for case, keys in (("pingpong", ["fastnet-readahead"]), ("stream", ["fastnet-readahead", "fastnet-batch-readahead"])):
+        rows = report["results"][case]["unix"]
+        for key in keys:
+            if offers:
+                assert rows[key]["na"] is None and rows[key]["median"] > 0, (case, key, rows[key]["na"])
+            else:
+                assert rows[key]["median"] is None and rows[key]["na"] == missing, (case, key)
+        for key in ("mp", "fastnet"):
+            assert rows[key]["median"] > 0, (case, key)
+    values = {(t["case"], t["target"]): t for t in report["targets"]}
+    for case, text in (("pingpong", "read-ahead speed-up over the default"),
+                       ("stream", "read-ahead speed-up, send_bytes"), ("stream", "read-ahead speed-up, send_many")):
+        t = values[(case, text)]
+        assert (t["value"] > 0 and t["status"] == "reported") if offers else t["status"] == "n/a"
+    text = bench.format_report(report)
+    assert "fastnet send/recv, read-ahead" in text and "fastnet send_many, read-ahead" in text
+
+
+def test_handshake_measures_every_client_listener_pair(transport):
+    report = transport[1]
+    for family in ("tcp", "unix"):
+        rows = report["results"]["handshake"][family]
+        assert list(rows) == ["mp", "fastnet", "fastnet-client", "fastnet-listener"]
+        for key, row in rows.items():
+            assert row["na"] is None and row["median"] > 0, (family, key, row["na"])
+        assert rows["fastnet-client"]["label"] == "fastnet Client, stdlib Listener"
+        assert rows["fastnet-listener"]["label"] == "stdlib Client, fastnet Listener"
+    texts = {(t["family"], t["target"]) for t in report["targets"] if t["status"] == "reported"}
+    assert ("tcp", "stdlib Listener: fastnet vs stdlib Client") in texts
+    assert ("unix", "stdlib Client: fastnet vs stdlib Listener") in texts
+
+
+def test_report_names_its_reference_figures(transport):
+    # the anchors measured when the targets were set: a dated column, explained
+    text = bench.format_report(transport[1])
+    head = text.split("\nhandshake:")[1].splitlines()[1]
+    assert head.split()[-1:] == REFERENCE_LABEL.split()[-1:] and REFERENCE_LABEL in head
+    assert " ".join(REFERENCE_NOTE.split()) in " ".join(text.split())
+    assert "issue" not in text.lower()
+    rows = transport[1]["results"]["handshake"]["tcp"]
+    assert rows["mp"]["reference"] == 23.0 and rows["fastnet"]["reference"] is None
+    # a table without reference figures (stream over AF_UNIX) has no such column
+    assert REFERENCE_LABEL not in bench.format_report(transport[0]).split("\nstream:")[1].split("\n\n")[0]

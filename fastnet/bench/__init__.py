@@ -10,15 +10,17 @@ Cases (64-byte payloads unless said):
 
 * ``pingpong``  round trip, µs: the C floor (one write + one read per message,
   ``_floor.c``), multiprocessing.connection, pyzmq REQ/REP, fastnet compiled
-  and pure (``FASTNET_PURE=1``).
+  and pure (``FASTNET_PURE=1``), and fastnet with ``readahead=True``.
 * ``stream``    one-way messages, msg/s, the receiver counting and checking
   every one: multiprocessing, pyzmq PUSH/PULL, fastnet ``send_bytes`` and the
-  batched ``send_many``/``recv_many``, compiled and pure.
+  batched ``send_many``/``recv_many``, compiled and pure, each also with
+  ``readahead=True``.
 * ``bulk``      a float64 array, GB/s: plain ``sendall(memoryview)`` /
   ``recv_into``, multiprocessing ``send_bytes`` and ``send(arr)``, pyzmq
   ``copy=False``, fastnet ``send_array``/``recv_array(out=)``.
 * ``handshake`` connect + mutual authkey handshake + one message echoed +
-  close, per second: multiprocessing vs fastnet.
+  close, per second: every pair of client and listener, multiprocessing or
+  fastnet on either side.
 * ``rpc-seq``   sequential ``add(2, 3)`` calls/s from one client: a pickle RPC
   over multiprocessing.connection (the Python Cookbook's recipe 11.8), xmlrpc,
   pyzmq REQ/REP + msgpack, Pyro5 and rpyc (when installed), fastnet's bare
@@ -44,7 +46,8 @@ Cases (64-byte payloads unless said):
 pickle codecs, AF_UNIX, grpc, array arguments and TLS; ``bench/bench_echo.py``
 1,000 and 10,000 connections; ``bench/bench_fdpass.py`` ``Connection.send_fds``.
 
-A fastnet feature that is missing shows as ``n/a`` with the reason; a child
+A fastnet feature that is missing (such as the ``readahead=`` option on a
+fastnet without it) shows as ``n/a`` with the reason; a child
 that fails shows as ``n/a`` with its error.  No number is ever filled in.
 
 Where the two processes run matters more than anything else for pingpong on

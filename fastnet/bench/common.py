@@ -51,6 +51,22 @@ def _conn_module(spec: dict[str, Any]) -> Any:
     return _fastnet(spec)
 
 
+def _conn_options(spec: dict[str, Any], mod: Any) -> dict[str, Any]:
+    """Keyword options of a row's Listener and Client: ``readahead=True`` on a
+    read-ahead row (NotAvailable where fastnet's Listener or Client lacks it)."""
+    if "readahead" not in spec["impl"]:
+        return {}
+    import inspect
+    for api in (mod.Client, mod.Listener):
+        try:
+            params: Any = inspect.signature(api).parameters
+        except (TypeError, ValueError):  # no signature to read: take it as absent
+            params = ()
+        if "readahead" not in params:
+            raise NotAvailable(f"fastnet.{api.__name__} has no readahead option")
+    return {"readahead": True}
+
+
 def _zmq() -> Any:
     try:
         import zmq

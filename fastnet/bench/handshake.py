@@ -1,4 +1,10 @@
-"""The handshake case: connect, authenticate both ways, echo one message, close."""
+"""The handshake case: connect, authenticate both ways, echo one message, close.
+
+Every pair is measured: fastnet or the stdlib's multiprocessing.connection
+as the client, either one as the listener.  A drop-in meets the other side's
+implementation, and a pair can stall where neither side alone does (small
+handshake writes held back by Nagle's algorithm while the peer delays its ACK).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +15,20 @@ from typing import Any
 from .common import Impl, _addr, _conn_module, _listen_address, _per_second, _samples
 
 
+# The rows where only one side is fastnet; the other is multiprocessing.connection.
+_STDLIB_SIDE = {"fastnet-client": "server", "fastnet-listener": "client"}
+
+
+def _side(spec: dict[str, Any], role: str) -> Any:
+    """The module on ``role``'s side of the row's pair."""
+    if _STDLIB_SIDE.get(spec["impl"]) == role:
+        import multiprocessing.connection as mpc
+        return mpc
+    return _conn_module(spec)
+
+
 def _handshake_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> None:
-    mod = _conn_module(spec)
+    mod = _side(spec, "server")
     key = bytes.fromhex(spec["authkey"])
     listener = mod.Listener(_listen_address(spec), authkey=key)
     ready(listener.address)
@@ -35,7 +53,7 @@ def handshake_once(mod: Any, address: Any, key: Any, payload: Any) -> Any:
 
 
 def _handshake_client(spec: dict[str, Any], address: Any) -> Any:
-    mod = _conn_module(spec)
+    mod = _side(spec, "client")
     key = bytes.fromhex(spec["authkey"])
     address = _addr(address)
     payload = b"h" * spec["size"]
@@ -58,6 +76,8 @@ def _handshake_client(spec: dict[str, Any], address: Any) -> Any:
 ROLES: dict[tuple[str, str], Any] = {
     ("handshake", "mp"): (_handshake_server, _handshake_client),
     ("handshake", "fastnet"): (_handshake_server, _handshake_client),
+    ("handshake", "fastnet-client"): (_handshake_server, _handshake_client),
+    ("handshake", "fastnet-listener"): (_handshake_server, _handshake_client),
 }
 
 CASES: dict[str, dict[str, Any]] = {
@@ -67,6 +87,8 @@ CASES: dict[str, dict[str, Any]] = {
         "impls": [
             Impl("mp", "multiprocessing.connection", anchor=True),
             Impl("fastnet", "fastnet", pure=False),
+            Impl("fastnet-client", "fastnet Client, stdlib Listener", pure=False),
+            Impl("fastnet-listener", "stdlib Client, fastnet Listener", pure=False),
         ],
     },
 }
@@ -74,4 +96,6 @@ CASES: dict[str, dict[str, Any]] = {
 TARGETS: list[tuple[Any, ...]] = [
     ("handshake", "tcp", "fastnet >= 4000 conn/s", ("value", "fastnet", ">=", 4000.0)),
     ("handshake", None, "fastnet vs multiprocessing", ("report", "fastnet", "mp")),
+    ("handshake", None, "stdlib Listener: fastnet vs stdlib Client", ("report", "fastnet-client", "mp")),
+    ("handshake", None, "stdlib Client: fastnet vs stdlib Listener", ("report", "fastnet-listener", "mp")),
 ]

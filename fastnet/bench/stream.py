@@ -6,8 +6,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .common import (CTRL_STOP, Impl, _accept_one, _addr, _conn_module, _need, _per_second, _samples, _zmq,
-                     _zmq_bind, _zmq_close)
+from .common import (CTRL_STOP, Impl, _accept_one, _addr, _conn_module, _conn_options, _need, _per_second, _samples,
+                     _zmq, _zmq_bind, _zmq_close)
 
 
 # Per sample the sender announces n (b"N<n>"), waits for b"G", sends n
@@ -26,7 +26,7 @@ def _check_frames(frames: Any, expected: Any) -> Any:
 
 def _stream_conn_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> Any:
     mod = _conn_module(spec)
-    conn = _accept_one(spec, mod, ready)
+    conn = _accept_one(spec, mod, ready, **_conn_options(spec, mod))
     batched = "batch" in spec["impl"]
     if batched:
         _need(conn, "recv_many")
@@ -95,7 +95,7 @@ def _stream_conn_client(spec: dict[str, Any], address: Any) -> Any:
         # Nagle's algorithm on, as multiprocessing leaves it: the kernel coalesces small sends
         conn = mod.Client(_addr(address), nodelay=False)
     else:
-        conn = mod.Client(_addr(address))
+        conn = mod.Client(_addr(address), **_conn_options(spec, mod))
     batch = spec["batch"] if "batch" in spec["impl"] else 0
     if batch:
         _need(conn, "send_many")
@@ -162,6 +162,8 @@ ROLES: dict[tuple[str, str], Any] = {
     ("stream", "zmq"): (_stream_zmq_server, _stream_zmq_client),
     ("stream", "fastnet"): (_stream_conn_server, _stream_conn_client),
     ("stream", "fastnet-batch"): (_stream_conn_server, _stream_conn_client),
+    ("stream", "fastnet-readahead"): (_stream_conn_server, _stream_conn_client),
+    ("stream", "fastnet-batch-readahead"): (_stream_conn_server, _stream_conn_client),
     ("stream", "fastnet-nagle"): (_stream_conn_server, _stream_conn_client),
 }
 
@@ -173,7 +175,9 @@ CASES: dict[str, dict[str, Any]] = {
             Impl("mp", "multiprocessing send_bytes", anchor=True),
             Impl("zmq", "pyzmq PUSH/PULL", anchor=True),
             Impl("fastnet", "fastnet send_bytes", pure=False),
+            Impl("fastnet-readahead", "fastnet send_bytes, read-ahead", pure=False),
             Impl("fastnet-batch", "fastnet send_many/recv_many", pure=False),
+            Impl("fastnet-batch-readahead", "fastnet send_many, read-ahead", pure=False),
             Impl("fastnet-nagle", "fastnet send_bytes nodelay=False", pure=False),
             Impl("fastnet-pure", "fastnet send_bytes (pure)", role="fastnet", pure=True),
             Impl("fastnet-batch-pure", "fastnet send_many (pure)", role="fastnet-batch", pure=True),
@@ -186,4 +190,6 @@ TARGETS: list[tuple[Any, ...]] = [
     ("stream", None, "send_many >= 3x pyzmq PUSH/PULL", ("ratio", "fastnet-batch", "zmq", ">=", 3.0)),
     ("stream", None, "compiled vs pure speed-up, send_bytes", ("report", "fastnet", "fastnet-pure")),
     ("stream", None, "compiled vs pure speed-up, send_many", ("report", "fastnet-batch", "fastnet-batch-pure")),
+    ("stream", None, "read-ahead speed-up, send_bytes", ("report", "fastnet-readahead", "fastnet")),
+    ("stream", None, "read-ahead speed-up, send_many", ("report", "fastnet-batch-readahead", "fastnet-batch")),
 ]
