@@ -135,7 +135,7 @@ def test_unix_family_by_subclass_of_tcpserver(tmp_path):
 
 # -- handle_request, handle_timeout ---------------------------------------------------
 
-@pytest.mark.parametrize("mode", ["loop", "thread", "fork"])
+@pytest.mark.parametrize("mode", ["loop", "thread", "fork", "prefork"])
 def test_handle_request_serves_exactly_one(mode):
     class Handler(socketserver.StreamRequestHandler):
         def handle(self):
@@ -149,7 +149,7 @@ def test_handle_request_serves_exactly_one(mode):
         client.join(WAIT)
         pid, reply = replies[0].split()
         assert reply == b"ONE"
-        assert (int(pid) == os.getpid()) == (mode != "fork")
+        assert (int(pid) == os.getpid()) == (mode in ("loop", "thread"))
         # a second client waits in the backlog until the next handle_request()
         with socket.create_connection(srv.server_address, timeout=WAIT) as s:
             s.sendall(b"two\n")
@@ -255,6 +255,18 @@ def test_get_request_override_wraps_in_tls(pki, mode, serving):
             srv.handle_request()
             t.join(WAIT)
             assert out == [b"SECRET\n"] and srv.wrapped == 1
+
+
+@pytest.mark.parametrize("mode", ["loop", "thread", "fork"])
+def test_get_request_override_on_a_datagram_server(mode, tmp_path):
+    class Server(fs.UDPServer):
+        def get_request(self):
+            (data, sock), addr = super().get_request()
+            return (data.upper(), sock), addr
+
+    with Server((HOST, 0), DatagramEcho, concurrency=mode) as srv:
+        srv.start()
+        assert talk_dgram(srv.server_address, tmp_path, b"quiet\n") == b"QUIET\n"
 
 
 def test_get_request_override_is_refused_where_it_cannot_be_honoured():
