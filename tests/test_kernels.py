@@ -9,6 +9,8 @@ import array
 import importlib
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -313,3 +315,48 @@ def test_reactor_bad_frame_closes_that_transport(reactors, bad, error):
         assert p.messages == [b"ok"]
         assert len(p.lost) == 1 and isinstance(p.lost[0], error)
         assert t.closed and r.transports == []
+
+
+# -- the fixture itself ----------------------------------------------------------------
+
+HIDE_AND_LOAD = """
+import importlib.abc, sys
+import pytest
+
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "fastnet._c.zerocopy":
+            raise ImportError("hidden by the test")
+
+sys.meta_path.insert(0, Hide())
+sys.path.insert(0, sys.argv[1])
+import conftest
+try:
+    conftest.load_kernel_set("c")
+except ImportError:
+    print("FAILED")
+except pytest.skip.Exception:
+    print("SKIPPED")
+else:
+    print("LOADED")
+"""
+
+
+@pytest.mark.parametrize("env, outcome", [({"FASTNET_PURE": None, "CI": None}, "FAILED"),
+                                          ({"FASTNET_PURE": None, "CI": "1"}, "FAILED"),
+                                          ({"FASTNET_PURE": "1", "CI": "1"}, "FAILED"),
+                                          ({"FASTNET_PURE": "1", "CI": None}, "SKIPPED")])
+def test_a_missing_compiled_kernel_fails_the_kernels_fixture(env, outcome):
+    """Where the compiled set is expected (no FASTNET_PURE, or CI), a missing kernel is an error, never a skip."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    child = dict(os.environ)
+    child["PYTHONPATH"] = os.path.dirname(tests) + os.pathsep + child.get("PYTHONPATH", "")
+    for k, v in env.items():
+        if v is None:
+            child.pop(k, None)
+        else:
+            child[k] = v
+    r = subprocess.run([sys.executable, "-c", HIDE_AND_LOAD, tests], env=child, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [outcome]
