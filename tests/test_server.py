@@ -219,27 +219,6 @@ def run_clients(address, kind, clients, messages, **cfg):
     return finish(spawn_clients(address, kind, clients, messages, **cfg))
 
 
-@pytest.fixture
-def serve():
-    """serve(cls, address, handler, **kw) -> a started server, shut down afterwards."""
-    servers = []
-
-    def make(cls, address, handler, **kw):
-        srv = cls(address, handler, **kw)
-        servers.append(srv)
-        return srv.start()
-
-    yield make
-    for srv in servers:
-        srv.shutdown(timeout=5)
-        srv.server_close()
-        for pid in srv.worker_pids:   # never leave a child behind
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 def check_all_ok(results, messages):
     bad = [r for r in results if not (r and r["ok"] and r["done"] == messages)]
     assert not bad, bad
