@@ -113,6 +113,9 @@ def _request():
 
 
 SUITE, FLAVOUR, IMPL = _request()
+# Quiet, as under regrtest; test_socketserver copies the flag at import.
+import test.support  # noqa: E402
+test.support.verbose = 0
 MISSING = install_drop_ins() if IMPL == "fastnet" else []
 
 if SUITE == "multiprocessing":
