@@ -281,6 +281,7 @@ def main(path):
         out.write(json.dumps({
             "event": "header", "suite": SUITE, "flavour": FLAVOUR, "impl": IMPL,
             "python": sys.version.split()[0], "backend": fastnet.backend,
+            "fastnet": os.path.abspath(fastnet.__file__),
             "listener": f"{multiprocessing.connection.Listener.__module__}.Listener",
             "missing": MISSING, "classes": [c.__name__ for c in TEST_CLASSES],
             "tests": len(tests),
