@@ -109,9 +109,7 @@ class Run:
     impl: str
     header: dict = field(default_factory=dict)
     results: dict = field(default_factory=dict)     # test id -> end record
-    order: list = field(default_factory=list)
     stderr_tail: str = ""
-    seconds: float = 0.0
 
 
 def _read(path):
@@ -149,7 +147,6 @@ def run_suite(suite, flavour, impl, workdir, only=None, tag=""):
     else:
         env.pop("FASTNET_CPYTHON_ONLY", None)
     run = Run(suite, flavour, impl)
-    t0 = time.monotonic()
     for attempt in range(MAX_RESUMES + 1):
         with open(errpath, "ab") as err:
             proc = subprocess.Popen([sys.executable, RUNNER, path], env=env, cwd=workdir,
@@ -189,11 +186,8 @@ def run_suite(suite, flavour, impl, workdir, only=None, tag=""):
                 # It died before its first test: nothing to resume from.
                 f.write(json.dumps({"event": "end", "test": "(run)", "outcome": outcome, "error": why}) + "\n")
                 break
-    run.seconds = time.monotonic() - t0
     for rec in _read(path):
         if rec["event"] == "end":
-            if rec["test"] not in run.results:
-                run.order.append(rec["test"])
             run.results[rec["test"]] = rec
     with open(errpath, "rb") as f:
         run.stderr_tail = f.read()[-4000:].decode(errors="replace")
