@@ -731,16 +731,19 @@ cdef class Channel:
 
     # -- receiving --------------------------------------------------------
 
-    cdef Py_ssize_t _read(self, char* p, Py_ssize_t n, double deadline, bint waitall) except -1:
+    cdef Py_ssize_t _read(self, char* p, Py_ssize_t n, double deadline, bint waitall,
+                          bint tryfirst=False) except -1:
         cdef ssize_t r
         if self.io is not None:
             return self._io_read(p, n, deadline, waitall)
-        if deadline < 0:
-            # Try the syscall first with the GIL held: the bytes asked for have
-            # usually arrived (a payload with its header, a reply already
-            # sent), and a recv that succeeds at once is cheaper than releasing
-            # and retaking the GIL around one that blocks. A short count is
-            # fine: every caller loops until its frame is complete.
+        if deadline < 0 and tryfirst:
+            # Try the syscall first with the GIL held when the bytes have
+            # almost surely arrived (a payload right after its header, frames
+            # just peeked at): a recv that succeeds at once is cheaper than
+            # releasing and retaking the GIL around one that blocks. Not for
+            # a header, which a request/reply peer is usually still waiting
+            # for: there the failed try would be a syscall more. A short
+            # count is fine: every caller loops until its frame is complete.
             r = recv(self.fd, p, n, MSG_DONTWAIT)
             if r >= 0:
                 return r
@@ -787,7 +790,8 @@ cdef class Channel:
             return d.frame_start
         return d.received - <unsigned long long>(d.wpos - d.rpos)
 
-    cdef Py_ssize_t _readmsg(self, char* p, Py_ssize_t n, double deadline, bint waitall) except -1:
+    cdef Py_ssize_t _readmsg(self, char* p, Py_ssize_t n, double deadline, bint waitall,
+                             bint tryfirst=False) except -1:
         """recvmsg into p, keeping any SCM_RIGHTS descriptors with the stream range they came with."""
         cdef msghdr m
         cdef iovec iov
@@ -796,7 +800,7 @@ cdef class Channel:
         cdef int flags
         cdef list fds
         cdef FrameDecoder d = self.decoder
-        cdef bint first = deadline < 0
+        cdef bint first = deadline < 0 and tryfirst
         while True:
             iov.iov_base = p
             iov.iov_len = n
@@ -809,7 +813,7 @@ cdef class Channel:
             m.msg_flags = 0
             flags = MSG_CMSG_CLOEXEC
             if deadline >= 0 or first:
-                # with no deadline, the first try holds the GIL (see _read)
+                # tried first with the GIL held (see _read)
                 first = False
                 flags |= MSG_DONTWAIT
                 r = recvmsg(self.fd, &m, flags)
@@ -849,6 +853,8 @@ cdef class Channel:
         cdef Py_ssize_t r, need
         cdef char* p
         cdef bint waitall = True
+        # a payload has almost surely arrived with its header: try it first (see _read)
+        cdef bint tryfirst = d.target is not None or d.cur >= 0
         if d.target is not None:
             p = d.tptr + d.tpos
             need = d.cur - d.tpos
@@ -869,9 +875,9 @@ cdef class Channel:
             d._reserve(d.wpos - d.rpos + need)
             p = d.buf + d.wpos
         if self.is_unix:
-            r = self._readmsg(p, need, deadline, waitall)
+            r = self._readmsg(p, need, deadline, waitall, tryfirst)
         else:
-            r = self._read(p, need, deadline, waitall)
+            r = self._read(p, need, deadline, waitall, tryfirst)
         if r > 0:
             if d.target is not None:
                 d.tpos += r
@@ -967,9 +973,9 @@ cdef class Channel:
             # the bytes are there: these reads do not block (a reader sharing
             # the socket must serialise with us, as with multiprocessing)
             if self.is_unix:
-                r = self._readmsg(p + got, pos - got, -1.0, True)
+                r = self._readmsg(p + got, pos - got, -1.0, True, True)
             else:
-                r = self._read(p + got, pos - got, -1.0, True)
+                r = self._read(p + got, pos - got, -1.0, True, True)
             if r == 0:
                 self._eof()
             got += r
