@@ -13,8 +13,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def extensions():
+    sources = sorted(glob.glob(os.path.join("src_c", "*.pyx")))
+    if not sources:
+        # an sdist or checkout without the kernel sources would otherwise
+        # install a package whose import fails
+        raise SystemExit(
+            "fastnet: no kernel sources (src_c/*.pyx) next to setup.py in "
+            f"{HERE}; the source tree is incomplete, refusing to build"
+        )
     exts = []
-    for pyx in sorted(glob.glob(os.path.join("src_c", "*.pyx"))):
+    for pyx in sources:
         name = os.path.splitext(os.path.basename(pyx))[0]
         exts.append(
             Extension(
