@@ -6,8 +6,15 @@ loudly instead of leaving a package that silently runs the pure twins.
 import glob
 import os
 
+import setuptools
 from setuptools import Extension, setup
 from Cython.Build import cythonize
+
+if int(setuptools.__version__.split(".")[0]) < 77:
+    # pip's isolated build gets it from build-system.requires; a direct
+    # `setup.py build_ext` uses the environment's own setuptools
+    raise SystemExit(f"fastnet needs setuptools>=77 for its license metadata (PEP 639), "
+                     f"not {setuptools.__version__}: python -m pip install 'setuptools>=77'")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
