@@ -12,6 +12,8 @@ if sys.version_info >= (3, 11):
 else:   # 3.10 has no tomllib; pytest itself depends on tomli there
     import tomli as tomllib
 
+import pytest
+
 import fastnet
 from fastnet import _version
 
@@ -47,3 +49,17 @@ def test_classifiers_name_every_supported_python():
     assert "Typing :: Typed" in project["classifiers"]
     assert project["license"] == "MIT"
     assert os.path.exists(os.path.join(ROOT, project["license-files"][0]))
+
+
+def _warn_from(module_name):
+    code = "import warnings\nwarnings.warn('a deprecated call', DeprecationWarning)"
+    exec(code, {"__name__": module_name})
+
+
+def test_warnings_from_fastnet_modules_fail_the_suite():
+    # pyproject's filterwarnings: an error when raised from fastnet's modules ...
+    with pytest.raises(DeprecationWarning):
+        _warn_from("fastnet.server")
+    # ... and only reported when raised from anyone else's
+    with pytest.warns(DeprecationWarning):
+        _warn_from("fastnetwork")
