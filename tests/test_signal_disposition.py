@@ -5,6 +5,7 @@ SIGHUP) ignored. ``serve_forever()`` leaves a stop signal that was ignored at
 start ignored, and still stops on the others. The children here are real
 server processes on the kernel set of this run (FASTNET_PURE passes through).
 """
+import contextlib
 import os
 import signal
 import socket
@@ -38,13 +39,20 @@ SERVER = textwrap.dedent(r"""
 """)
 
 
+@contextlib.contextmanager
 def _server(concurrency, sigint):
+    """The server process, started with the given SIGINT disposition; yields (proc, port)."""
     def disposition():
         signal.signal(signal.SIGINT, sigint)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-c", SERVER, concurrency], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, preexec_fn=disposition)
-    return proc, int(proc.stdout.readline())
+    try:
+        yield proc, int(proc.stdout.readline())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
 
 
 def _echo(port, line=b"still here\n"):
@@ -61,8 +69,7 @@ def _finish(proc):
 
 @pytest.mark.parametrize("concurrency", ["loop", "thread"])
 def test_sigint_ignored_at_start_stays_ignored(concurrency):
-    proc, port = _server(concurrency, signal.SIG_IGN)
-    try:
+    with _server(concurrency, signal.SIG_IGN) as (proc, port):
         assert _echo(port, b"sigint?\n") == b"ignored\n"
         # an ignored signal is discarded as it is sent: nothing is pending after kill()
         proc.send_signal(signal.SIGINT)
@@ -70,23 +77,14 @@ def test_sigint_ignored_at_start_stays_ignored(concurrency):
         assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         _finish(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
 
 
 @pytest.mark.parametrize("concurrency", ["loop", "thread"])
 def test_sigint_stops_the_server_when_not_ignored(concurrency):
-    proc, port = _server(concurrency, signal.SIG_DFL)
-    try:
+    with _server(concurrency, signal.SIG_DFL) as (proc, port):
         assert _echo(port, b"sigint?\n") == b"handled\n"
         proc.send_signal(signal.SIGINT)
         _finish(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
 
 
 def test_suite_signal_tests_pass_with_sigint_ignored():
