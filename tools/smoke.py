@@ -3,7 +3,7 @@
     python tools/smoke.py
 
 Checks that the compiled kernels load, a Pipe carries a message both ways,
-the version agrees with the installed metadata and FASTNET_PURE=1 selects the
+the stubs, py.typed and the C floor program are installed, the version agrees with the installed metadata and FASTNET_PURE=1 selects the
 pure kernels; exits non-zero on the first failure. cibuildwheel's test
 command, nox's sdist session and .ci/run use it.
 """
@@ -16,6 +16,7 @@ import sys
 
 def check(pure: bool) -> str:
     import fastnet
+    import fastnet._kernels
 
     expected = "python" if pure else "cython"
     assert fastnet.backend == expected, f"backend {fastnet.backend!r}, expected {expected!r}"
@@ -25,6 +26,10 @@ def check(pure: bool) -> str:
         assert b.recv() == {"ping": list(range(10))}
         b.send_bytes(b"x" * 100_000)
         assert a.recv_bytes() == b"x" * 100_000
+    pkg = pathlib.Path(fastnet.__file__).parent
+    # the data files: typing markers and stubs, the C floor program fastnet bench compiles
+    for name in ("py.typed", "bench/_floor.c", *(f"_c/{k}.pyi" for k in fastnet._kernels.KERNELS)):
+        assert (pkg / name).is_file(), f"{name} is missing from the installed package"
     dist = importlib.metadata.version("fastnet")
     assert fastnet.__version__ == dist, f"fastnet.__version__ {fastnet.__version__} != metadata {dist}"
     return f"fastnet {fastnet.__version__} backend={fastnet.backend} from {pathlib.Path(fastnet.__file__).parent}"
