@@ -1239,6 +1239,9 @@ class RPCProxy:
                     if not isinstance(e.__cause__, (EOFError, OSError)):
                         raise
                     err: BaseException = e
+                except EOFError as e:
+                    # the peer closed mid-handshake (or mid-frame): a connection failure
+                    err = e
                 except (ProtocolError, ValueError, TypeError):
                     raise
                 except OSError as e:

@@ -23,12 +23,11 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, SupportsIndex, SupportsInt
 
-from fastnet import auth as _authmod
-from fastnet._kernels import auth as _auth
 from fastnet._kernels import framing as _framing
 from fastnet._kernels import reactor as _reactor
 from fastnet._pure.framing import Channel, COPY_THRESHOLD, _POLLIN, _header, _ssize, _view
 from fastnet.connection import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE
+from fastnet.handshake import Handshake, HandshakeReader
 from fastnet.errors import (AuthenticationError, MessageTooLarge, ProtocolError,
                             TimeoutError as FastnetTimeout, TruncatedFrameError)
 
@@ -213,9 +212,6 @@ def client_context(cafile: str | None = None, certfile: str | None = None, keyfi
 # -- TLS on the event loop ---------------------------------------------------------
 
 _HANDSHAKE, _AUTH, _OPEN = range(3)
-# authkey handshake steps: server side as fastnet.auth.server_authenticate,
-# client side as client_authenticate
-_SRV_RESPONSE, _SRV_CHALLENGE, _SRV_WELCOME, _CLI_CHALLENGE, _CLI_WELCOME, _CLI_RESPONSE = range(6)
 
 _RETRY = (BlockingIOError, InterruptedError)
 # Ciphertext read per readiness event; one buffer per thread serves every
@@ -238,10 +234,6 @@ def _recv_view() -> memoryview:
     if v is None:
         v = _local.view = memoryview(bytearray(_RECV_SIZE))
     return v
-
-
-def _frame(payload: bytes) -> bytes:
-    return len(payload).to_bytes(4, "big") + payload
 
 
 def _as_frame(b: Buffer) -> bytes | memoryview:
@@ -329,12 +321,9 @@ class TLSTransport:
         self._tls_shut = False              # close_notify produced
         self._drain_scheduled = False
         self._timer: _reactor.TimerHandle | None = None
-        # authkey handshake state
-        self._auth_step: int | None = None
-        self._nonce: bytes | None = None
-        self._abuf = bytearray()
-        self._aneed = 4
-        self._aheader = True
+        # the authkey handshake (fastnet.handshake), inside TLS
+        self._hs: Handshake | None = None
+        self._hs_reader: HandshakeReader | None = None
         self.messages_received = self.messages_sent = 0
         self.bytes_received = self.bytes_sent = 0
         self.pauses = 0
@@ -561,20 +550,18 @@ class TLSTransport:
                 self._ready()
             return
         self._state = _AUTH
-        if self._server_side:
-            message, self._nonce = _auth.make_challenge(self._digest)
-            self._write_plain(message)
-            self._auth_step = _SRV_RESPONSE
-        else:
-            self._auth_step = _CLI_CHALLENGE
+        self._hs = Handshake(self._authkey, self._server_side, strict=self._strict, digest=self._digest)
+        self._hs_reader = HandshakeReader()
+        self._write_plain(self._hs.start())
         self._pump()
         if not self._closed:
             self._auth_read()
 
-    def _write_plain(self, payload: bytes) -> None:
-        """Encrypt one handshake frame (sent by the next _pump)."""
-        self._sslobj.write(_frame(payload))
-        self._take_output()
+    def _write_plain(self, payloads: list[bytes]) -> None:
+        """Encrypt handshake frames (sent by the next _pump)."""
+        if payloads:
+            self._sslobj.write(b"".join([x for p in payloads for x in (_framing.encode_header(len(p)), p)]))
+            self._take_output()
 
     def _auth_read(self) -> None:
         try:
@@ -583,7 +570,7 @@ class TLSTransport:
                 if frame is None:
                     break
                 self._auth_advance(frame)
-        except AuthenticationError as exc:
+        except (AuthenticationError, EOFError) as exc:
             self._fail(exc)
             return
         except ssl.SSLError as e:
@@ -599,79 +586,28 @@ class TLSTransport:
 
     def _auth_frame(self) -> bytes | None:
         """The next handshake frame, read exactly so what follows stays for the protocol."""
+        reader = self._hs_reader
+        assert reader is not None
         while True:
             try:
-                chunk = self._sslobj.read(self._aneed)
+                chunk = self._sslobj.read(reader.want())
             except ssl.SSLWantReadError:
                 return None
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 chunk = b""
             if not chunk:
-                raise AuthenticationError("connection closed during the handshake")
-            self._abuf += chunk
-            self._aneed -= len(chunk)
-            if self._aneed:
-                continue
-            if self._aheader:
-                n = int.from_bytes(self._abuf, "big", signed=True)
-                self._abuf.clear()
-                if not 0 <= n <= _auth.MAX_HANDSHAKE_MESSAGE:
-                    raise AuthenticationError(f"handshake message of length {n} refused")
-                if n == 0:
-                    self._aneed = 4
-                    return b""
-                self._aheader = False
-                self._aneed = n
-                continue
-            frame = bytes(self._abuf)
-            self._abuf.clear()
-            self._aheader = True
-            self._aneed = 4
-            return frame
+                raise reader.eof()
+            frame = reader.feed(chunk)
+            if frame is not None:
+                return frame
 
     def _auth_advance(self, frame: bytes) -> None:
-        step = self._auth_step
-        key = self._authkey
-        assert key is not None     # the authkey handshake runs only with a key
-        if step == _SRV_RESPONSE:
-            try:
-                _auth.verify_response(key, self._nonce, frame, self._strict)  # type: ignore[arg-type]
-            except AuthenticationError:
-                self._write_plain(_auth.FAILURE)
-                raise
-            self._write_plain(_auth.WELCOME)
-            self._auth_step = _SRV_CHALLENGE
-        elif step == _SRV_CHALLENGE:
-            nonce = _auth.parse_challenge(frame)
-            self._write_plain(_auth.create_response(key, nonce, self._strict))
-            self._auth_step = _SRV_WELCOME
-        elif step == _SRV_WELCOME:
-            if frame != _auth.WELCOME:
-                raise AuthenticationError("digest sent was rejected")
-            self._state = _OPEN
-        elif step == _CLI_CHALLENGE:
-            nonce = _auth.parse_challenge(frame)
-            if nonce in _authmod._outstanding:
-                raise AuthenticationError("peer relayed a challenge issued by this process")
-            answer = _auth.create_response(key, nonce, self._strict)
-            message, self._nonce = _auth.make_challenge(self._digest)
-            _authmod._outstanding.add(self._nonce)
-            # response and our own challenge in one flight, as client_authenticate does
-            self._write_plain(answer)
-            self._write_plain(message)
-            self._auth_step = _CLI_WELCOME
-        elif step == _CLI_WELCOME:
-            if frame != _auth.WELCOME:
-                raise AuthenticationError("digest sent was rejected")
-            self._auth_step = _CLI_RESPONSE
-        elif step == _CLI_RESPONSE:
-            try:
-                _auth.verify_response(key, self._nonce, frame, self._strict)  # type: ignore[arg-type]
-            except AuthenticationError:
-                self._write_plain(_auth.FAILURE)
-                raise
-            self._write_plain(_auth.WELCOME)
-            _authmod._outstanding.discard(self._nonce)
+        hs = self._hs
+        assert hs is not None     # the authkey handshake runs only with a key
+        self._write_plain(hs.receive(frame))
+        if hs.error is not None:
+            raise hs.error
+        if hs.done:
             self._state = _OPEN
 
     def _fail(self, exc: BaseException) -> None:
@@ -1113,8 +1049,8 @@ class TLSTransport:
         self._wq_bytes = self._cq_bytes = 0
         self._decoder = None
         self._on_message = None  # type: ignore[assignment]
-        if not self._server_side and self._nonce is not None:
-            _authmod._outstanding.discard(self._nonce)
+        if self._hs is not None:
+            self._hs.abandon()
         try:
             self._sock.close()
         except OSError:
