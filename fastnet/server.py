@@ -121,7 +121,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastnet._kernels import framing as _framing
 from fastnet.address import parse_address, bind as _bind
-from fastnet.connection import DEFAULT_HANDSHAKE_TIMEOUT
+from fastnet import defaults as _defaults
 from fastnet.errors import AuthenticationError, ProtocolError, TimeoutError
 from fastnet.fdpass import recv_fds, send_fds
 from fastnet.handshake import Handshake, HandshakeReader
@@ -149,17 +149,14 @@ __all__ = [
 logger = logging.getLogger("fastnet.server")
 
 CONCURRENCY = ("loop", "thread", "fork", "prefork")
-#: Connections open at once (handshakes included); more wait in the backlog.
-DEFAULT_MAX_CONNECTIONS = 1000
-#: Largest frame a MessageHandler accepts (64 MiB). Lower than a Connection's
-#: 1 GiB because a server multiplies it by its connections.
-DEFAULT_MAX_MESSAGE_SIZE = 64 << 20
-#: Seconds without traffic after which a connection is closed.
-DEFAULT_IDLE_TIMEOUT = 300.0
-#: Seconds shutdown() gives connections and workers to finish.
-DEFAULT_SHUTDOWN_TIMEOUT = 10.0
+# the public names of fastnet.defaults' server limits (see there)
+DEFAULT_MAX_CONNECTIONS = _defaults.MAX_CONNECTIONS_SERVER
+DEFAULT_MAX_MESSAGE_SIZE = _defaults.MAX_MESSAGE_SIZE_SERVER
+DEFAULT_IDLE_TIMEOUT = _defaults.IDLE_TIMEOUT_SERVER
+DEFAULT_HANDSHAKE_TIMEOUT = _defaults.HANDSHAKE_TIMEOUT
+DEFAULT_SHUTDOWN_TIMEOUT = _defaults.SHUTDOWN_TIMEOUT_SERVER
 _DEFAULT_WORKERS = {"thread": 16, "fork": 40}
-DEFAULT_WORKER_THREADS = 8
+DEFAULT_WORKER_THREADS = _defaults.WORKER_THREADS_SERVER
 
 _ACCEPT_BATCH = 64
 _ACCEPT_BACKOFF = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)

@@ -21,12 +21,15 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, SupportsIndex, SupportsInt
+from typing import TYPE_CHECKING, Any, Protocol, SupportsIndex, SupportsInt, runtime_checkable
 
 from fastnet._kernels import framing as _framing
 from fastnet._kernels import reactor as _reactor
-from fastnet._pure.framing import Channel, COPY_THRESHOLD, _POLLIN, _header, _ssize, _view
-from fastnet.connection import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE
+# the one pure-kernel dependency left: TLSChannel frames through the pure
+# Channel until Channel takes an I/O object on both kernel sets
+from fastnet._pure.framing import Channel, _POLLIN, _ssize, _view
+from fastnet.defaults import HANDSHAKE_TIMEOUT as DEFAULT_HANDSHAKE_TIMEOUT
+from fastnet.defaults import MAX_MESSAGE_SIZE_CONNECTION as DEFAULT_MAX_MESSAGE_SIZE
 from fastnet.handshake import Handshake, HandshakeReader
 from fastnet.errors import (AuthenticationError, MessageTooLarge, ProtocolError,
                             TimeoutError as FastnetTimeout, TruncatedFrameError)
@@ -36,6 +39,8 @@ if TYPE_CHECKING:
 
 __all__ = ["TLSChannel", "TLSTransport", "server_context", "client_context"]
 
+_encode_header = _framing.encode_header
+_COPY_THRESHOLD = _framing.COPY_THRESHOLD
 _WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
@@ -117,7 +122,7 @@ class TLSChannel(Channel):
         small: list[Any] = []
         try:
             for p in parts:
-                if len(p) <= COPY_THRESHOLD:
+                if len(p) <= _COPY_THRESHOLD:
                     small.append(p)
                     continue
                 if small:
@@ -143,7 +148,7 @@ class TLSChannel(Channel):
             if offset + n > ln:
                 raise ValueError("buffer length < offset + size")
             with view[offset:offset + n] as part:
-                self._sendv_all([_header(n), part])
+                self._sendv_all([_encode_header(n), part])
 
     def send_frames(self, buffers: Iterable[Buffer]) -> None:
         """Send every buffer in the iterable as its own frame."""
@@ -155,7 +160,7 @@ class TLSChannel(Channel):
                 views.append(_view(b))
             parts: list[bytes | memoryview] = []
             for v in views:
-                parts.append(_header(len(v)))
+                parts.append(_encode_header(len(v)))
                 parts.append(v)
             self._sendv_all(parts)
         finally:
@@ -248,6 +253,16 @@ def _as_frame(b: Buffer) -> bytes | memoryview:
     return mv
 
 
+@runtime_checkable
+class TransportRegistry(Protocol):
+    """A loop that keeps its TLS transports (fastnet's EventLoop does): it lists
+    them among its transports and closes those still open when it closes."""
+
+    def _transport_opened(self, transport: TLSTransport) -> None: ...
+
+    def _transport_closed(self, transport: TLSTransport) -> None: ...
+
+
 class TLSTransport:
     """Framed messages over TLS on an event loop, without ever blocking it.
 
@@ -331,9 +346,8 @@ class TLSTransport:
         sock.setblocking(False)
         self._fd = sock.fileno()
         self._update_reading()      # may refuse the descriptor (select's FD_SETSIZE): nothing to undo
-        registry = getattr(loop, "_tls_transports", None)
-        if registry is not None:
-            registry.add(self)
+        if isinstance(loop, TransportRegistry):
+            loop._transport_opened(self)
         if handshake_timeout is not None:
             self._timer = loop.call_later(handshake_timeout, self._expired)
         self._guard(self._handshake)
@@ -560,7 +574,7 @@ class TLSTransport:
     def _write_plain(self, payloads: list[bytes]) -> None:
         """Encrypt handshake frames (sent by the next _pump)."""
         if payloads:
-            self._sslobj.write(b"".join([x for p in payloads for x in (_framing.encode_header(len(p)), p)]))
+            self._sslobj.write(b"".join([x for p in payloads for x in (_encode_header(len(p)), p)]))
             self._take_output()
 
     def _auth_read(self) -> None:
@@ -671,8 +685,8 @@ class TLSTransport:
             data = data.cast("B") if data.ndim != 1 or data.format != "B" else data
         n = len(data)
         self.messages_sent += 1
-        if n <= COPY_THRESHOLD:
-            buf = _header(n) + data
+        if n <= _COPY_THRESHOLD:
+            buf = _encode_header(n) + data
             if self._state == _OPEN and not self._wq and not self._cq:
                 self._send_now(buf)
             else:
@@ -680,7 +694,7 @@ class TLSTransport:
                 self._pump()
                 self._check_high()
             return
-        self._enqueue(_header(n))
+        self._enqueue(_encode_header(n))
         self._enqueue(data)
         if not self._cq:
             self._pump()
@@ -706,8 +720,8 @@ class TLSTransport:
             return
         self.messages_sent += len(items)
         total = sum(len(b) + (4 if len(b) <= 0x7fffffff else 12) for b in items)
-        if total <= COPY_THRESHOLD:
-            buf = b"".join([x for b in items for x in (_header(len(b)), b)])
+        if total <= _COPY_THRESHOLD:
+            buf = b"".join([x for b in items for x in (_encode_header(len(b)), b)])
             if self._state == _OPEN and not self._wq and not self._cq:
                 self._send_now(buf)
             else:
@@ -716,7 +730,7 @@ class TLSTransport:
                 self._check_high()
             return
         for b in items:
-            self._enqueue(_header(len(b)))
+            self._enqueue(_encode_header(len(b)))
             if b:
                 self._enqueue(b)
         if not self._cq:
@@ -1055,9 +1069,8 @@ class TLSTransport:
             self._sock.close()
         except OSError:
             pass
-        registry = getattr(loop, "_tls_transports", None)
-        if registry is not None:
-            registry.discard(self)
+        if isinstance(loop, TransportRegistry):
+            loop._transport_closed(self)
         cb = self._call_lost if self._made else self._call_fail
         if now or loop.is_closed():
             cb(exc)
