@@ -1435,15 +1435,26 @@ cdef class FramedTransport:
         cdef iovec* iov
         self.messages_sent += 1
         if n <= _COPY:
+            # A small frame is copied behind its header into the loop's
+            # scratch buffer: one send() and no Python object on the common
+            # path. Bytes go out in order, so with a queue we must join it.
             h = write_header(loop._wbuf, n)
             memcpy(loop._wbuf + h, p, n)
             total = h + n
             if self._wq:
                 return self._enqueue(PyBytes_FromStringAndSize(loop._wbuf, total), 0)
+            # Try the syscall first: the socket buffer is almost always
+            # free, so most sends finish here without a writer registration
+            # (an epoll_ctl) and a later wake-up. Only the unsent tail is
+            # queued, as an object of its own: the scratch buffer is reused.
             r = self._try_send(loop._wbuf, total)
             if r >= 0 and r < total:
                 self._enqueue(PyBytes_FromStringAndSize(loop._wbuf + r, total - r), 0)
             return 0
+        # A large frame is not copied: header and payload go out as one
+        # vectored write, tried at once for the same reason as above; what
+        # the kernel did not take is queued, the payload by reference to
+        # its owner when there is one (bytes are immutable), else copied.
         h = write_header(hdr, n)
         if not self._wq:
             iov = loop._iov
@@ -1490,6 +1501,7 @@ cdef class FramedTransport:
             return
         self.messages_sent += len(items)
         if total <= _COPY:
+            # the whole batch in the scratch buffer: one send() for many frames
             w = loop._wbuf
             k = 0
             for b in items:
@@ -1530,7 +1542,14 @@ cdef class FramedTransport:
             i += 1
 
     cdef ssize_t _try_send(self, char* p, Py_ssize_t n) except -2:
-        """send() once; bytes taken, 0 on EAGAIN, -1 if the transport failed."""
+        """send() once; bytes taken, 0 on EAGAIN, -1 if the transport failed.
+
+        MSG_DONTWAIT, not the socket's mode: the descriptor may be shared
+        with code that made it blocking, and the loop must never block.
+        MSG_NOSIGNAL turns a closed peer into EPIPE for this transport
+        instead of a SIGPIPE for the process. Small sends keep the GIL: the
+        syscall is shorter than releasing and retaking it.
+        """
         cdef ssize_t r
         cdef int err
         while True:
@@ -1547,6 +1566,7 @@ cdef class FramedTransport:
             return -1
 
     cdef ssize_t _try_sendv(self, Py_ssize_t cnt) except -2:
+        """sendmsg() of the loop's iovecs once, as _try_send; large, so without the GIL."""
         cdef msghdr m
         cdef ssize_t r
         cdef int err
