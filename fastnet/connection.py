@@ -35,12 +35,11 @@ from fastnet.errors import (MessageTooLarge, ProtocolError, TimeoutError, Buffer
 if TYPE_CHECKING:
     from typing_extensions import Buffer, TypeAlias
 
-    from fastnet._pure.framing import Channel as _PureChannel
     from fastnet.address import Address
     from fastnet.tls import TLSChannel
 
-    # the compiled channel, or a pure-Python one (TLS frames inside a TLSChannel)
-    _Channel: TypeAlias = "_framing.Channel | _PureChannel"
+    # the active kernels' channel, or a TLSChannel (frames inside TLS)
+    _Channel: TypeAlias = "_framing.Channel | TLSChannel"
 
 __all__ = ["Connection", "Listener", "Client", "Pipe", "wait", "set_keepalive", "DEFAULT_MAX_MESSAGE_SIZE",
            "DEFAULT_HANDSHAKE_TIMEOUT"]

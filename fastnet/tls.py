@@ -17,21 +17,22 @@ authkey=..., ssl_context=...)`` talks to a loop server and back.
 from __future__ import annotations
 
 import collections
+import operator
+import select
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterable
+from pickle import PickleBuffer
 from typing import TYPE_CHECKING, Any, Protocol, SupportsIndex, SupportsInt, runtime_checkable
 
 from fastnet._kernels import framing as _framing
 from fastnet._kernels import reactor as _reactor
-# the one pure-kernel dependency left: TLSChannel frames through the pure
-# Channel until Channel takes an I/O object on both kernel sets
-from fastnet._pure.framing import Channel, _POLLIN, _ssize, _view
 from fastnet.defaults import HANDSHAKE_TIMEOUT as DEFAULT_HANDSHAKE_TIMEOUT
 from fastnet.defaults import MAX_MESSAGE_SIZE_CONNECTION as DEFAULT_MAX_MESSAGE_SIZE
 from fastnet.handshake import Handshake, HandshakeReader
-from fastnet.errors import (AuthenticationError, MessageTooLarge, ProtocolError,
+from fastnet.errors import (AuthenticationError, BufferTooShort, MessageTooLarge, ProtocolError,
                             TimeoutError as FastnetTimeout, TruncatedFrameError)
 
 if TYPE_CHECKING:
@@ -48,53 +49,146 @@ def _tls_error(e: BaseException) -> AuthenticationError:
     return AuthenticationError(f"TLS error: {e}")
 
 
-class TLSChannel(Channel):
-    """A :class:`fastnet._pure.framing.Channel` over a blocking ``ssl.SSLSocket``."""
+class TLSChannel:
+    """Frames over a blocking ``ssl.SSLSocket``: the Channel API, on the active kernels' FrameDecoder.
 
-    __slots__ = ()
-    _sock: ssl.SSLSocket
+    ``TLSChannel(sock, max_size=None, bufsize=262144)``, as
+    ``fastnet._kernels.framing.Channel`` but reading and writing through
+    the SSL socket (the compiled Channel does syscalls on the descriptor,
+    which carries ciphertext). Descriptors cannot be passed over TLS.
+    """
+
+    __slots__ = ("_sock", "_decoder", "_poller")
 
     def __init__(self, sock: socket.socket, max_size: SupportsInt | None = None,
                  bufsize: SupportsIndex = 262144) -> None:
-        super().__init__(sock, max_size, bufsize)
-        # SSLSocket has no recvmsg: nothing can carry SCM_RIGHTS anyway
-        self._is_unix = False
+        if sock.fileno() < 0:
+            raise ValueError("socket is closed")
+        self._sock: ssl.SSLSocket | None = sock  # type: ignore[assignment]  # an SSLSocket, by its factory
+        self._decoder = _framing.FrameDecoder(max_size, bufsize)
+        self._poller: select.poll | None = None
+
+    @property
+    def decoder(self) -> _framing.FrameDecoder:
+        """The FrameDecoder this channel receives through."""
+        return self._decoder
+
+    @property
+    def max_size(self) -> int | None:
+        """The largest frame accepted (None: unlimited)."""
+        m = self._decoder.max_size
+        return None if m < 0 else m
+
+    def release(self) -> None:
+        """Forget the socket (it is being closed)."""
+        self._sock = None
+        self._poller = None
+
+    def _fdcheck(self) -> ssl.SSLSocket:
+        sock = self._sock
+        if sock is None:
+            raise OSError(9, "handle is closed")
+        return sock
+
+    @staticmethod
+    def _deadline(timeout: float | None) -> float:
+        if timeout is None:
+            return -1.0
+        if timeout < 0:
+            raise ValueError("timeout must be >= 0 or None")
+        return time.monotonic() + timeout
+
+    def _wait(self, deadline: float) -> bool:
+        """Wait until the socket is readable; False at the deadline."""
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self._fdcheck(), select.POLLIN)
+        left = deadline - time.monotonic()
+        return bool(self._poller.poll(max(0, int(left * 1000.0) + 1)))
 
     # -- receiving --------------------------------------------------------
 
-    def _read(self, view: memoryview, n: int, deadline: float, waitall: bool) -> int:
-        """recv_into up to n bytes (all n when waitall and no deadline, unless EOF); 0 means EOF."""
-        sock = self._sock
+    def _fill(self, deadline: float) -> None:
+        """One read into the decoder; the end of the stream raises EOFError or TruncatedFrameError."""
+        sock = self._fdcheck()
+        d = self._decoder
+        region = d.get_buffer()
         try:
             if deadline < 0:
-                got = sock.recv_into(view, n)
-                while waitall and 0 < got < n:
-                    with view[got:n] as rest:
-                        r = sock.recv_into(rest, n - got)
-                    if r == 0:
+                n = sock.recv_into(region)
+            else:
+                while True:
+                    # decrypted bytes may sit in the SSL object while the fd has nothing
+                    if not sock.pending() and not self._wait(deadline):
+                        raise FastnetTimeout("timed out waiting for data")
+                    # non-blocking for this read: a readable fd may hold only part of a
+                    # record, or a record with no application data (a TLS 1.3 ticket)
+                    sock.settimeout(0.0)
+                    try:
+                        n = sock.recv_into(region)
                         break
-                    got += r
-                return got
-            while True:
-                # decrypted bytes may sit in the SSL object while the fd has nothing
-                if not sock.pending() and not self._wait(_POLLIN, deadline):
-                    raise FastnetTimeout("timed out waiting for data")
-                # non-blocking for this read: a readable fd may hold only part of a
-                # record, or a record with no application data (a TLS 1.3 ticket)
-                sock.settimeout(0.0)
-                try:
-                    return sock.recv_into(view, n)
-                except _WANT:
-                    continue
-                finally:
-                    sock.settimeout(None)
+                    except _WANT:
+                        continue
+                    finally:
+                        sock.settimeout(None)
         except ssl.SSLError as e:
             # in TLS 1.3 a client learns only here that its certificate was refused
             raise _tls_error(e) from e
+        finally:
+            region.release()
+        d.buffer_updated(n)
+        if n == 0:
+            d.eof()     # TruncatedFrameError inside a frame
+            raise EOFError
+
+    def recv_frame(self, maxlength: SupportsInt | None = None, timeout: float | None = None) -> bytes:
+        """Receive one frame as bytes. EOFError on a clean close."""
+        deadline = self._deadline(timeout)
+        self._fdcheck()
+        d = self._decoder
+        while True:
+            f = d.next_frame(maxlength)
+            if f is not None:
+                return f
+            self._fill(deadline)
+
+    def recv_frames(self, timeout: float | None = None) -> list[bytes]:
+        """Receive every frame available now as a list, blocking for at least one."""
+        deadline = self._deadline(timeout)
+        self._fdcheck()
+        d = self._decoder
+        while True:
+            out = d.frames()
+            if out:
+                return out
+            self._fill(deadline)
+
+    def recv_frame_into(self, buf: Buffer, offset: SupportsIndex = 0) -> int:
+        """Receive one frame into buf at offset and return its length (BufferTooShort if it does not fit)."""
+        offset = operator.index(offset)
+        with PickleBuffer(buf).raw() as view:
+            if view.readonly:
+                raise BufferError("Object is not writable.")
+            if offset < 0 or offset > len(view):
+                raise ValueError("offset out of bounds")
+            f = self.recv_frame()
+            n = len(f)
+            if n > len(view) - offset:
+                raise BufferTooShort(f)
+            view[offset:offset + n] = f
+        return n
+
+    def discard_frame(self) -> None:
+        """Receive the next frame and drop it."""
+        self.recv_frame()
+
+    def has_frame(self) -> bool:
+        """True if a complete frame is buffered."""
+        return self._decoder.has_frame()
 
     def buffered(self) -> int:
         """Received bytes not yet returned, including those decrypted but still in the SSL object."""
-        n = self._decoder.buffered
+        n: int = self._decoder.buffered
         sock = self._sock
         return n + sock.pending() if sock is not None else n
 
@@ -102,8 +196,11 @@ class TLSChannel(Channel):
         """True if data (or EOF) is there to receive, waiting up to timeout."""
         sock = self._fdcheck()
         d = self._decoder
-        if d._broken is not None or d.buffered > 0 or sock.pending() > 0:  # type: ignore[attr-defined]
-            return True
+        try:
+            if d.has_frame() or d.buffered > 0 or sock.pending() > 0:
+                return True
+        except (ProtocolError, MessageTooLarge):
+            return True     # the receive that follows reports it
         # a readable fd may carry only TLS records with no data (TLS 1.3
         # session tickets), so read into the decoder to know
         try:
@@ -118,7 +215,7 @@ class TLSChannel(Channel):
 
     def _sendv_all(self, parts: list[Any]) -> None:
         """Send every part, coalescing small neighbours into one write (SSLSocket has no sendmsg)."""
-        sock = self._sock
+        sock = self._fdcheck()
         small: list[Any] = []
         try:
             for p in parts:
@@ -136,13 +233,13 @@ class TLSChannel(Channel):
 
     def send_frame(self, buf: Buffer, offset: SupportsIndex = 0, size: SupportsIndex | None = None) -> None:
         """Send one frame holding buf[offset:offset+size] (any contiguous buffer)."""
-        offset = _ssize(offset)
+        offset = operator.index(offset)
         self._fdcheck()
-        with _view(buf) as view:
+        with PickleBuffer(buf).raw() as view:
             ln = len(view)
             if offset < 0 or offset > ln:
                 raise ValueError("offset is out of range")
-            n = ln - offset if size is None else _ssize(size)
+            n = ln - offset if size is None else operator.index(size)
             if n < 0:
                 raise ValueError("size is negative")
             if offset + n > ln:
@@ -157,7 +254,7 @@ class TLSChannel(Channel):
         views: list[memoryview] = []
         try:
             for b in bufs:
-                views.append(_view(b))
+                views.append(PickleBuffer(b).raw())
             parts: list[bytes | memoryview] = []
             for v in views:
                 parts.append(_encode_header(len(v)))
@@ -174,6 +271,10 @@ class TLSChannel(Channel):
 
     def recv_frame_fds(self, maxfds: int = 253, timeout: float | None = None) -> tuple[bytes, list[int]]:
         raise ValueError("descriptors cannot be passed over TLS")
+
+    def pending_fds(self) -> int:
+        """Descriptors received and not yet claimed: none ever arrive over TLS."""
+        return 0
 
 
 def server_context(certfile: str, keyfile: str | None, cafile: str | None = None,
