@@ -6,7 +6,6 @@ processes are joined with a timeout, and a watchdog dumps the stacks and
 exits if a test still hangs.
 """
 import array
-import faulthandler
 import multiprocessing
 import os
 import pickle
@@ -29,11 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(fastnet.__file__)))
 KEY = b"test-connection-key"
 
 
-@pytest.fixture(autouse=True)
-def watchdog():
-    faulthandler.dump_traceback_later(120, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+WATCHDOG_SECONDS = 120
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ differential test feeds both decoders the same bytes and compares everything
 they say. Channel tests use real socketpairs and TCP loopback connections.
 """
 import array
-import faulthandler
 import multiprocessing.connection as mpc
 import os
 import signal
@@ -23,22 +22,16 @@ import fastnet._pure.framing as pframing
 from fastnet.errors import (BufferTooShort, FastnetError, MessageTooLarge, ProtocolError,
                             TimeoutError as FastnetTimeout, TruncatedFrameError)
 
-IMPLS = {"c": cframing, "pure": pframing}
 MiB = 1 << 20
 
 
-@pytest.fixture(scope="module", params=sorted(IMPLS))
-def fr(request):
-    """The framing module under test."""
-    return IMPLS[request.param]
+@pytest.fixture(scope="module")
+def fr(kernels):
+    """The framing module under test: conftest's kernels fixture runs each test on both sets."""
+    return kernels.framing
 
 
-@pytest.fixture(autouse=True)
-def watchdog():
-    """Last resort against a hung run (socket tests also shut their sockets down, below)."""
-    faulthandler.dump_traceback_later(120, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+WATCHDOG_SECONDS = 120   # conftest.watchdog; socket tests also shut their sockets down, below
 
 
 STUCK = 15.0    # seconds after which a test's sockets are shut down, failing a blocked receive
