@@ -16,6 +16,7 @@ __all__ = [
     "TruncatedFrameError",
     "NoDescriptorError",
     "MessageTooLarge",
+    "HandshakeMessageTooLarge",
     "BufferTooShort",
     "RemoteError",
     "MethodNotFound",
