@@ -330,15 +330,10 @@ cdef class FrameDecoder:
             self.wpos += nbytes
         self.received += nbytes
 
-    def next_frame(self, maxlength=None):
-        """Return the next complete frame as bytes, or None if none is complete.
-
-        A frame longer than ``maxlength`` raises MessageTooLarge as soon as
-        its header is parsed, before its payload is received.
-        """
-        cdef long long limit = -1 if maxlength is None else maxlength
+    def next_frame(self):
+        """Return the next complete frame as bytes, or None if none is complete."""
         self._check()
-        return self._next(limit)
+        return self._next(-1)
 
     def frames(self):
         """Return every complete frame now buffered, as a list of bytes."""

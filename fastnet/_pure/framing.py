@@ -459,15 +459,10 @@ class FrameDecoder:
             self._wpos += nbytes
         self._received += nbytes
 
-    def next_frame(self, maxlength: SupportsInt | None = None) -> bytes | None:
-        """Return the next complete frame as bytes, or None if none is complete.
-
-        A frame longer than ``maxlength`` raises MessageTooLarge as soon as
-        its header is parsed, before its payload is received.
-        """
-        limit = -1 if maxlength is None else _longlong(maxlength)
+    def next_frame(self) -> bytes | None:
+        """Return the next complete frame as bytes, or None if none is complete."""
         self._check()
-        return self._next(limit)
+        return self._next(-1)
 
     def frames(self) -> list[bytes]:
         """Return every complete frame now buffered, as a list of bytes."""
