@@ -733,6 +733,7 @@ class _Engine:
 
 _HS_TLS, _HS_AUTH, _HS_DONE = range(3)
 _SSL_RETRY = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
 class _Handshake:
@@ -765,6 +766,9 @@ class _Handshake:
         self.reader = HandshakeReader()
         self.out = bytearray()
         self.writing = False
+        # ACK each handshake message at once (see fastnet.auth._quickack_socket):
+        # a stdlib Client's first message waits on the ACK of its WELCOME
+        self.quickack = _QUICKACK is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
         sock.setblocking(False)
         if server.ssl_context is not None:
             # takes the descriptor over; on failure it closes it itself
@@ -843,6 +847,11 @@ class _Handshake:
 
     def _read_frame(self) -> bytes | None:
         while True:
+            if self.quickack:
+                try:
+                    self.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)  # type: ignore[arg-type]  # set when quickack
+                except OSError:
+                    pass
             try:
                 chunk = self.sock.recv(self.reader.want())
             except _SSL_RETRY:
