@@ -149,7 +149,7 @@ class ForkServer:
     def exits(self) -> tuple[list[tuple[int, int]], bool]:
         """``(exits, gone)``: the ``(pid, wait status)`` of children reaped since the
         last call, and whether the fork server has exited."""
-        out = []
+        out: list[tuple[int, int]] = []
         while True:
             try:
                 data = self.events.recv(64)

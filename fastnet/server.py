@@ -1709,7 +1709,8 @@ class BaseServer:
 
     def _start_forkserver(self) -> None:
         """Fork the fork server (fork and prefork modes), once, before the server has threads."""
-        if self.concurrency in ("fork", "prefork") and self._forksrv is None and not self._in_child:
+        if (self.concurrency in ("fork", "prefork") and self._forksrv is None and not self._in_child
+                and self._state != "closed"):
             self._forksrv = ForkServer(self._forked, self._forkserver_init)
 
     def _forkserver_init(self) -> None:
@@ -1755,8 +1756,9 @@ class BaseServer:
             chan = socket.socket(fileno=fds[0])
             idle_before = self._idle_closed
             kind = request[0]
+            counters: Sequence[int] | None = None
             if kind == "worker":
-                counters = self._worker_main(chan, request[1])
+                self._worker_main(chan, request[1])
             elif kind == "conn":
                 counters = self._child_serve(socket.socket(fileno=fds[1]), request[1])
             else:

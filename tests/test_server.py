@@ -435,8 +435,7 @@ def test_fork_children_are_reaped_and_bounded(serve):
     check_all_ok(results, 5)
     assert wait_for(lambda: srv.stats()["children"] == 0)
     for r in results:
-        with pytest.raises(ChildProcessError):
-            os.waitpid(r["pid"], os.WNOHANG)      # already reaped by the server
+        assert not os.path.exists(f"/proc/{r['pid']}")     # exited and already reaped
 
 
 # -- the allow-list -----------------------------------------------------------------
@@ -754,8 +753,7 @@ def test_shutdown_ends_child_processes(serve, mode, kind):
         held = json.loads(readline(proc))["held"]
         srv.shutdown(timeout=WAIT)
         for pid in set(held):
-            with pytest.raises(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)   # gone and reaped
+            assert not os.path.exists(f"/proc/{pid}")    # gone and reaped
         assert srv.worker_pids == []
         results = finish(proc, b"go\n")
     finally:
