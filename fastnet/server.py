@@ -99,7 +99,8 @@ before any thread of the server exists, the server forks a fork server: a
 single-threaded copy of the process that forks every child on request
 (connections and report channels travel to it as SCM_RIGHTS), reaps them
 and reports their exits, and leaves when the server closes or its parent
-dies. Start forking servers before the program starts threads of its own:
+dies (if it is killed, the server shuts down). Start forking servers
+before the program starts threads of its own:
 that one fork copies the process as it is then. Children leave with
 ``os._exit`` and never touch the parent's event loop. A child inherits the
 descriptors the process had when serving started, as with socketserver's
@@ -1724,6 +1725,7 @@ class BaseServer:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         # the parent accepts; a datagram server's socket comes with each request
         self.socket.close()
+        self._counters = [0, 0, 0, 0]    # a child reports only its own
 
     def _fork(self, request: tuple[Any, ...], on_exit: Callable[[_Child], object],
               sock: socket.socket | None = None) -> _Child:
@@ -1789,13 +1791,16 @@ class BaseServer:
                 child.alive = False
                 on_exit(child)
         if gone:
+            # killed: no child can be forked or reaped any more, so the server
+            # stops, as a prefork master without its arbiter would
             self._loop.remove_reader(fs.events)
-            logger.error("the fork server exited; %d children are no longer watched", len(self._watched))
-            # nobody will report them: count them as gone so shutdown does not wait on them
-            for child, on_exit in list(self._watched.values()):
+            logger.error("the fork server %d exited; shutting down", fs.pid)
+            self._begin_shutdown(None)
+            # nobody will report the children: write them off, closing their channels
+            watched, self._watched = self._watched, {}
+            for child, on_exit in watched.values():
                 child.alive = False
                 on_exit(child)
-            self._watched.clear()
 
     def _signal(self, child: _Child, sig: int) -> None:
         if child.status is None and self._forksrv is not None:
