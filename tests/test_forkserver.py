@@ -331,17 +331,15 @@ def test_children_see_the_server_as_it_was_when_serving_began():
 @pytest.mark.parametrize("mode", ["fork", "prefork"])
 def test_a_killed_fork_server_shuts_the_server_down(mode):
     srv = TCPServer(("127.0.0.1", 0), Echo, concurrency=mode, workers=2)
-    serving = threading.Thread(target=srv.serve_forever)
+    before = set(threading.enumerate())
     try:
-        serving.start()
-        # connect once the fork server exists: a client socket open while it is
-        # forked would be copied into it, and into the children
-        assert wait_for(lambda: len(_children_of(os.getpid())) == 1)
+        srv.start()
+        serving, = set(threading.enumerate()) - before
         _serve_some(srv, 2)
         workers = srv.worker_pids
         fork_server, = _children_of(os.getpid())
         os.kill(fork_server, signal.SIGKILL)
-        # nothing can be forked any more: the server stops, and serve_forever() returns
+        # nothing can be forked any more: the server stops, and its serving thread ends
         serving.join(WAIT)
         assert not serving.is_alive()
         # the workers were written off: their channels closed, so they leave
