@@ -146,21 +146,10 @@ class ForkServer:
             except OSError:
                 pass
 
-    def exits(self) -> tuple[list[tuple[int, int]], bool]:
+    def exits(self) -> tuple[list[tuple[Any, ...]], bool]:
         """``(exits, gone)``: the ``(pid, wait status)`` of children reaped since the
         last call, and whether the fork server has exited."""
-        out: list[tuple[int, int]] = []
-        while True:
-            try:
-                data = self.events.recv(64)
-            except (BlockingIOError, InterruptedError):
-                return out, False
-            except OSError:
-                data = b""
-            if not data:
-                return out, True
-            if len(data) == _EXIT.size:
-                out.append(_EXIT.unpack(data))
+        return read_records(self.events, _EXIT)
 
     def close(self, timeout: float = 5.0) -> None:
         """Kill and reap the children still running, end the fork server and reap it."""
@@ -203,6 +192,23 @@ class ForkServer:
             self.ctl.close()
             self.ctl = None
         self.events.close()
+
+
+def read_records(sock: socket.socket, record: struct.Struct) -> tuple[list[tuple[Any, ...]], bool]:
+    """``(records, eof)``: every ``record`` waiting on a non-blocking SEQPACKET
+    socket, and whether its peer has closed (a message of another size is skipped)."""
+    out: list[tuple[Any, ...]] = []
+    while True:
+        try:
+            data = sock.recv(record.size + 1)
+        except (BlockingIOError, InterruptedError):
+            return out, False
+        except OSError:
+            data = b""
+        if not data:
+            return out, True
+        if len(data) == record.size:
+            out.append(record.unpack(data))
 
 
 def _serve(ctl: socket.socket, events: socket.socket, run_child: Callable[[Any, list[int]], int],

@@ -128,7 +128,7 @@ from collections.abc import Callable, Iterable, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from fastnet._forkserver import ForkServer
+from fastnet._forkserver import ForkServer, read_records
 from fastnet._kernels import auth as _auth
 from fastnet.address import parse_address, bind as _bind
 from fastnet.connection import DEFAULT_HANDSHAKE_TIMEOUT
@@ -1812,19 +1812,8 @@ class BaseServer:
         kind is b"D" for a connection served, b"F" for one that failed its handshake,
         b"I" (no counters) for a connection closed for being idle.
         """
-        reports: list[tuple[bytes, tuple[int, ...]]] = []
-        while True:
-            try:
-                data = child.chan.recv(64)
-            except (BlockingIOError, InterruptedError):
-                return reports, False
-            except OSError:
-                data = b""
-            if not data:
-                return reports, True
-            if len(data) == _REPORT.size:
-                r = _REPORT.unpack(data)
-                reports.append((r[0], r[1:]))
+        records, eof = read_records(child.chan, _REPORT)
+        return [(r[0], r[1:]) for r in records], eof
 
     # fork mode
 
