@@ -44,7 +44,7 @@ def _have(mod):
 
 
 # -- servers (child processes) ---------------------------------------------------
-# The servers are fastnet bench's echo servers (fastnet/benchmark.py), run in
+# The servers are fastnet bench's echo servers (fastnet/bench/echo.py), run in
 # their persistent mode: one server per kind serves every round until SIGTERM.
 # The module is loaded by path, as fastnet bench's children load it, so the
 # uvloop, asyncio and selectors servers run without importing fastnet.
@@ -53,17 +53,17 @@ SERVER_IMPL = {"fastnet": "fastnet", "fastnet-pure": "fastnet", "uvloop": "uvloo
                "asyncio": "asyncio", "selectors": "selectors"}
 
 
-def _benchmark_module():
+def _echo_case():
     import importlib.util
     spec = importlib.util.spec_from_file_location(
-        "_fastnet_bench", os.path.join(ROOT, "fastnet", "benchmark.py"))
+        "_fastnet_bench_load", os.path.join(ROOT, "fastnet", "bench", "_load.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod
+    return mod.load("echo")
 
 
-bench = _benchmark_module()
-_raise_nofile = bench._raise_nofile
+echo_case = _echo_case()
+_raise_nofile = echo_case._raise_nofile
 
 def _pin(which):
     """Server on the last CPU, load on the first: no core sharing between them."""
@@ -78,7 +78,7 @@ def _serve(kind):
     if kind not in SERVER_IMPL:
         raise SystemExit(f"unknown server {kind!r}")
     _pin("server")
-    server, _client = bench._ROLES[("echo", SERVER_IMPL[kind])]
+    server, _client = echo_case.ROLES[("echo", SERVER_IMPL[kind])]
     spec = {"case": "echo", "impl": SERVER_IMPL[kind], "family": "tcp",
             "conns": BIG_CONNS, "persist": True}
     server(spec, lambda info: print(info["address"][1], flush=True))

@@ -43,7 +43,7 @@ the scheduler (see ``fastnet bench``).
     python3 bench/bench_rpc.py --only sequential,tls --pin same --json rpc.json
     python3 bench/bench_rpc.py --quick               # a short look
 
-The child processes reuse the servers and clients of ``fastnet/benchmark.py``
+The child processes reuse the servers and clients of ``fastnet/bench/``
 (loaded by path, as the ``fastnet bench`` children do) and add the ones only
 this script runs.  ``run()`` returns the report dict, ``format_table()``
 renders it.
@@ -56,6 +56,7 @@ import os
 import statistics
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 
@@ -63,26 +64,29 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def _load_runner():
-    # by path, not as fastnet.benchmark: the anchor rows must run even when
+def _bench_loader():
+    # by path, not as fastnet.bench: the anchor rows must run even when
     # the fastnet package fails to import
-    path = os.path.join(ROOT, "fastnet", "benchmark.py")
-    spec = importlib.util.spec_from_file_location("_fastnet_bench", path)
+    path = os.path.join(ROOT, "fastnet", "bench", "_load.py")
+    spec = importlib.util.spec_from_file_location("_fastnet_bench_load", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod
+    return mod.load
 
 
-runner = _load_runner()
-Impl = runner.Impl
-NotAvailable = runner.NotAvailable
+_load = _bench_loader()
+bench_report, bulk_case, cases, child, common, rpc_case, runner = (
+    _load(name) for name in ("report", "bulk", "cases", "child", "common", "rpc", "runner"))
+Impl = common.Impl
+NotAvailable = common.NotAvailable
 
-IN_FLIGHT = runner.RPC_IN_FLIGHT
+IN_FLIGHT = rpc_case.RPC_IN_FLIGHT
 ARRAY_MIB = 64
 
-# The figures issue #4 measured (calls/s, TCP, one client process).
-ISSUE_FIGURES = {"xmlrpc": 1390.0, "grpc": 1570.0, "pyro5": 4250.0, "rpyc": 6890.0,
-                 "zmq-rpc": 10100.0, "mp-rpc": 13960.0}
+# fastnet bench's reference figures of the sequential rows (calls/s, TCP, one
+# client process), and grpc's, measured with them.
+REFERENCE = {impl: v for (case, family, impl), v in cases.REFERENCE.items()
+             if case == "rpc-seq" and family == "tcp"} | {"grpc": 1570.0}
 
 
 # --------------------------------------------------------------------------
@@ -106,7 +110,7 @@ def _grpc_target(spec, port=None):
 def _grpc_server(spec, ready):
     from concurrent import futures
     grpc = _grpc()
-    mp = runner._msgpack()
+    mp = common._msgpack()
     stop = threading.Event()
 
     def add(request, context):
@@ -134,7 +138,7 @@ def _grpc_server(spec, ready):
 
 def _grpc_client(spec, address):
     grpc = _grpc()
-    mp = runner._msgpack()
+    mp = common._msgpack()
     channel = grpc.insecure_channel(address)
 
     def method(name):
@@ -142,7 +146,7 @@ def _grpc_client(spec, address):
                                    response_deserializer=mp.unpackb)
 
     add = method("Add")
-    out = runner.rpc_sequential(lambda x, y: add([x, y]), spec)
+    out = rpc_case.rpc_sequential(lambda x, y: add([x, y]), spec)
     method("Stop")([])
     channel.close()
     out["info"]["grpc"] = grpc.__version__
@@ -160,10 +164,10 @@ def _spots(np, a, nelem):
 
 
 def _array_echo_server(spec, ready):
-    np = runner._numpy()
-    fastnet = runner._fastnet(spec)
-    conn = runner._accept_one(spec, fastnet, ready)
-    runner._need(conn, "send_array", "recv_array")
+    np = common._numpy()
+    fastnet = common._fastnet(spec)
+    conn = common._accept_one(spec, fastnet, ready)
+    common._need(conn, "send_array", "recv_array")
     out = np.empty(spec["nbytes"] // 8) if spec["impl"] == "echo-out" else None
     while True:
         try:
@@ -176,9 +180,9 @@ def _array_echo_server(spec, ready):
 
 
 def _array_echo_client(spec, address):
-    np = runner._numpy()
-    fastnet = runner._fastnet(spec)
-    conn = fastnet.Client(runner._addr(address))
+    np = common._numpy()
+    fastnet = common._fastnet(spec)
+    conn = fastnet.Client(common._addr(address))
     nelem = spec["nbytes"] // 8
     arr = np.arange(nelem, dtype=np.float64)
     back = np.empty(nelem) if spec["impl"] == "echo-out" else None
@@ -191,25 +195,25 @@ def _array_echo_client(spec, address):
         _spots(np, got, nelem)
         return t
 
-    out = runner._bulk_samples(transfer, spec, 2 * arr.nbytes)
+    out = bulk_case._bulk_samples(transfer, spec, 2 * arr.nbytes)
     out["info"]["backend"] = fastnet.backend
     conn.close()
     return out
 
 
 def _array_rpc_client(spec, address):
-    np = runner._numpy()
+    np = common._numpy()
     nelem = spec["nbytes"] // 8
     arr = np.arange(nelem, dtype=np.float64)
     if spec["impl"] == "mp-rpc":
         import multiprocessing.connection as mpc
-        conn = mpc.Client(runner._addr(address), authkey=bytes.fromhex(spec["authkey"]))
-        echo = runner.CookbookRPCProxy(conn).echo
+        conn = mpc.Client(common._addr(address), authkey=bytes.fromhex(spec["authkey"]))
+        echo = rpc_case.CookbookRPCProxy(conn).echo
         close = conn.close
     else:
-        proxy = runner.rpc_proxy(spec, address)
+        proxy = rpc_case.rpc_proxy(spec, address)
         echo = proxy.echo
-        close = lambda: runner.rpc_stop(proxy)  # noqa: E731
+        close = lambda: rpc_case.rpc_stop(proxy)  # noqa: E731
 
     def transfer():
         t0 = time.perf_counter()
@@ -218,7 +222,7 @@ def _array_rpc_client(spec, address):
         _spots(np, got, nelem)
         return t
 
-    out = runner._bulk_samples(transfer, spec, 2 * arr.nbytes)
+    out = bulk_case._bulk_samples(transfer, spec, 2 * arr.nbytes)
     close()
     return out
 
@@ -249,24 +253,24 @@ def _tls_client_context(spec):
 
 
 def _tls_rpc_server(spec, ready):
-    fastnet = runner._fastnet(spec)
+    fastnet = common._fastnet(spec)
     ctx = _tls_server_context(spec, fastnet)
-    runner.rpc_server(spec, ready, **({"ssl_context": ctx} if ctx is not None else {}))
+    rpc_case.rpc_server(spec, ready, **({"ssl_context": ctx} if ctx is not None else {}))
 
 
 def _tls_rpc_client(spec, address):
-    fastnet = runner._fastnet(spec)
-    proxy = runner.rpc_proxy(spec, address, ssl_context=_tls_client_context(spec))
-    out = runner.rpc_sequential(proxy.add, spec)
+    fastnet = common._fastnet(spec)
+    proxy = rpc_case.rpc_proxy(spec, address, ssl_context=_tls_client_context(spec))
+    out = rpc_case.rpc_sequential(proxy.add, spec)
     out["info"]["backend"] = fastnet.backend
-    runner.rpc_stop(proxy)
+    rpc_case.rpc_stop(proxy)
     return out
 
 
 def _tls_pingpong_server(spec, ready):
-    fastnet = runner._fastnet(spec)
+    fastnet = common._fastnet(spec)
     ctx = _tls_server_context(spec, fastnet)
-    conn = runner._accept_one(spec, fastnet, ready, ssl_context=ctx)
+    conn = common._accept_one(spec, fastnet, ready, ssl_context=ctx)
     send, recv = conn.send_bytes, conn.recv_bytes
     try:
         while True:
@@ -277,8 +281,8 @@ def _tls_pingpong_server(spec, ready):
 
 
 def _tls_pingpong_client(spec, address):
-    fastnet = runner._fastnet(spec)
-    conn = fastnet.Client(runner._addr(address), ssl_context=_tls_client_context(spec))
+    fastnet = common._fastnet(spec)
+    conn = fastnet.Client(common._addr(address), ssl_context=_tls_client_context(spec))
     payload = b"p" * spec["size"]
     send, recv = conn.send_bytes, conn.recv_bytes
     send(payload)
@@ -292,7 +296,7 @@ def _tls_pingpong_client(spec, address):
             recv()
         return time.perf_counter() - t0
 
-    out = runner._samples(step, spec, 64, 100, runner._per_second)
+    out = common._samples(step, spec, 64, 100, common._per_second)
     out["info"]["backend"] = fastnet.backend
     conn.close()
     return out
@@ -302,9 +306,9 @@ ROLES = {
     ("rpc-seq", "grpc"): (_grpc_server, _grpc_client),
     ("rpc-array", "echo-out"): (_array_echo_server, _array_echo_client),
     ("rpc-array", "echo-new"): (_array_echo_server, _array_echo_client),
-    ("rpc-array", "fastnet-pickle"): (runner.rpc_server, _array_rpc_client),
-    ("rpc-array", "fastnet"): (runner.rpc_server, _array_rpc_client),
-    ("rpc-array", "mp-rpc"): (runner._rpc_mp_server, _array_rpc_client),
+    ("rpc-array", "fastnet-pickle"): (rpc_case.rpc_server, _array_rpc_client),
+    ("rpc-array", "fastnet"): (rpc_case.rpc_server, _array_rpc_client),
+    ("rpc-array", "mp-rpc"): (rpc_case._rpc_mp_server, _array_rpc_client),
     ("rpc-tls", "fastnet"): (_tls_rpc_server, _tls_rpc_client),
     ("rpc-tls", "fastnet-tls"): (_tls_rpc_server, _tls_rpc_client),
     ("rpc-tls", "pingpong"): (_tls_pingpong_server, _tls_pingpong_client),
@@ -313,8 +317,7 @@ ROLES = {
 
 
 def _child(arg):
-    runner._ROLES.update(ROLES)
-    runner._child(arg)
+    child.main(arg, {**cases.ROLES, **ROLES})
 
 
 # --------------------------------------------------------------------------
@@ -328,7 +331,7 @@ def _rows(case, insert=None, replace=None, append=()):
     to the row that stands in its place, ``append`` comes last.
     """
     out = []
-    for impl in runner.CASES[case]["impls"]:
+    for impl in cases.CASES[case]["impls"]:
         out.append((replace or {}).get(impl.key, impl))
         out.extend((insert or {}).get(impl.key, ()))
     return out + list(append)
@@ -378,12 +381,12 @@ CASES = {
     },
 }
 
-FAMILIES = runner.FAMILIES
+FAMILIES = cases.FAMILIES
 
 # (case, text, rule): ("ratio", num, den, op, bound) is value(num)/value(den);
 # ("value", impl, op, bound); ("report", num, den) a ratio without a bound.
 _SAME_CASE = {"rpc-seq": "sequential", "rpc-pipe": "pipelined"}
-TARGETS = [(_SAME_CASE[case], text, rule) for case, _family, text, rule in runner.TARGETS
+TARGETS = [(_SAME_CASE[case], text, rule) for case, _family, text, rule in cases.TARGETS
            if case in _SAME_CASE] + [
     ("sequential", "json / msgpack", ("report", "fastnet-json", "fastnet")),
     ("sequential", "pickle / msgpack", ("report", "fastnet-pickle", "fastnet")),
@@ -468,7 +471,7 @@ def run(cases=None, *, quick=False, families=("tcp", "unix"), log=None, **overri
         if c not in CASES:
             raise ValueError(f"unknown case {c!r}; choose from {', '.join(CASES)}")
     cfg = dict(PROFILES["quick" if quick else "full"], pin="none", array_mib=ARRAY_MIB,
-               window=IN_FLIGHT, size=runner.PAYLOAD_SIZE, batch=128,
+               window=IN_FLIGHT, size=common.PAYLOAD_SIZE, batch=128,
                conns=None)     # the runner's echo setting: no case here uses it
     for k, v in overrides.items():
         if k not in cfg:
@@ -500,7 +503,7 @@ def run(cases=None, *, quick=False, families=("tcp", "unix"), log=None, **overri
                         slot["samples"].extend(out["samples"])
                         slot["rounds"].append(statistics.median(out["samples"]))
                         slot["info"] = out.get("info", {})
-                        shown = f"{runner._fmt(slot['rounds'][-1])} {CASES[case]['unit']}"
+                        shown = f"{bench_report._fmt(slot['rounds'][-1])} {CASES[case]['unit']}"
                     if log:
                         log(f"[{rnd + 1}/{cfg['rounds']}] {case:10s} {FAMILIES[family]:7s} "
                             f"{_label(impl, cfg):32s} {shown}")
@@ -524,7 +527,7 @@ def run(cases=None, *, quick=False, families=("tcp", "unix"), log=None, **overri
                 "spread": (q[2] - q[0]) / med if q and med else None,
                 "round_medians": slot["rounds"] if med is not None else [],
                 "samples": ss if med is not None else [], "na": slot["na"], "info": slot["info"],
-                "issue": ISSUE_FIGURES.get(impl.key) if case == "sequential" and family == "tcp" else None,
+                "reference": REFERENCE.get(impl.key) if case == "sequential" and family == "tcp" else None,
             }
     report["targets"] = _targets(report)
     return report
@@ -586,7 +589,7 @@ def format_table(report):
         f"{report['elapsed_s']:g} s)",
         f"machine: {m['cpu']}, {m['cpus']} CPUs, {m['platform']}; {vers}",
         f"each row: median of {cfg['rounds']} fresh process pair(s) x {cfg['repeat']} samples; "
-        f"CPU placement: {runner._PIN_TEXT[cfg['pin']]}; ratio columns: value / that row's value; "
+        f"CPU placement: {bench_report._PIN_TEXT[cfg['pin']]}; ratio columns: value / that row's value; "
         f"iqr: interquartile range of the samples / median",
     ]
     notes = []
@@ -597,7 +600,7 @@ def format_table(report):
         title = spec["title"].format(window=cfg["window"], mib=cfg["array_mib"])
         lines += ["", f"{case}: {title}  [{spec['unit']}, higher is better]"]
         lines.append(f"{'':8s} {'':33s} {'median':>9s}" + "".join(f" {'/' + short[c]:>10s}" for c in cols)
-                     + f" {'iqr':>5s}" + (f" {'issue #4':>9s}" if case == "sequential" else ""))
+                     + f" {'iqr':>5s}" + (f" {cases.REFERENCE_LABEL:>9s}" if case == "sequential" else ""))
         for family, rows in fams.items():
             first = True
             for key, row in rows.items():
@@ -607,19 +610,21 @@ def format_table(report):
                     notes.append(f"{case} {FAMILIES[family]} {row['label']}: {row['na']}")
                     cells += f"{'n/a [' + str(len(notes)) + ']':>9s}"
                 else:
-                    cells += f"{runner._fmt(row['median']):>9s}"
+                    cells += f"{bench_report._fmt(row['median']):>9s}"
                     for c in cols:
                         r = _ratio(rows, key, c)
                         cells += f" {('%.2f' % r) if r is not None else '-':>10s}"
                     cells += f" {('%.0f%%' % (100 * row['spread'])) if row['spread'] is not None else '-':>5s}"
-                    if row["issue"] is not None:
-                        cells += f" {runner._fmt(row['issue']):>9s}"
+                    if row["reference"] is not None:
+                        cells += f" {bench_report._fmt(row['reference']):>9s}"
                 lines.append(cells.rstrip())
+    if "sequential" in report["results"]:
+        lines += ["", *textwrap.wrap(cases.REFERENCE_NOTE, 100)]
     if report["targets"]:
-        lines += ["", "issue #4 targets"]
+        lines += ["", "targets"]
         for t in report["targets"]:
             v = t["value"]
-            shown = "n/a" if v is None else (runner._fmt(v) if v >= 100 else f"{v:.2f}")
+            shown = "n/a" if v is None else (bench_report._fmt(v) if v >= 100 else f"{v:.2f}")
             lines.append(f"  {t['case']:10s} {FAMILIES[t['family']]:7s} {t['target']:44s} "
                          f"{shown:>8s}  {t['status']}")
     if notes:

@@ -1,4 +1,4 @@
-"""Helpers shared by the bench/ suites: the runner module and client-side bits."""
+"""Helpers shared by the bench/ suites: fastnet bench's modules and client-side bits."""
 import importlib.util
 import os
 
@@ -8,17 +8,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def _load_runner():
-    # Loaded by path, not as fastnet.benchmark: the multiprocessing rows must
+def _bench_loader():
+    # Loaded by path, not as fastnet.bench: the multiprocessing rows must
     # still run when the fastnet package itself fails to import.
-    path = os.path.join(ROOT, "fastnet", "benchmark.py")
-    spec = importlib.util.spec_from_file_location("_fastnet_bench", path)
+    path = os.path.join(ROOT, "fastnet", "bench", "_load.py")
+    spec = importlib.util.spec_from_file_location("_fastnet_bench_load", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod
+    return mod.load
 
 
-runner = _load_runner()
+load = _bench_loader()
+runner, common, stream, handshake, rpc = (load(name) for name in ("runner", "common", "stream", "handshake", "rpc"))
 
 
 def connection_module(impl):

@@ -1,7 +1,7 @@
 """Fixtures for the pytest-benchmark suites in bench/.
 
 The server of every benchmark runs in a child process (``serve`` from
-``fastnet/benchmark.py``); the benchmark times the client side, here.
+``fastnet/bench/runner.py``); the benchmark times the client side, here.
 
     python3 -m pytest bench/ --benchmark-json=out.json     # measure
     python3 -m pytest bench/ --benchmark-disable           # smoke run, each body once

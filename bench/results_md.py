@@ -20,7 +20,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from fastnet.benchmark import format_report  # noqa: E402
+from fastnet.bench import format_report  # noqa: E402
 
 BEGIN = "<!-- fastnet bench: begin -->"
 END = "<!-- fastnet bench: end -->"
@@ -78,7 +78,7 @@ def render(quick, full):
     if quick:
         parts.append(section(quick, "The main job: `fastnet bench --quick`",
                              "The chart: fastnet's best compiled row over the best peer of each case "
-                             "(`fastnet.benchmark.speedups`).\n\n![fastnet speed-up over the best peer per case]"
+                             "(`fastnet.bench.speedups`).\n\n![fastnet speed-up over the best peer per case]"
                              "(results.png)"))
     if full:
         parts.append(section(full, "The full comparison: `fastnet bench`"))

@@ -4,7 +4,7 @@ Sequential ``add(2, 3)`` calls (msgpack and pickle with an authkey), a batch
 of 64 ``call_async`` calls in flight, and ``echo(a)`` of a float64 array
 (8 MiB; FASTNET_BENCH_RPC_ARRAY_MIB sets another size) with pickle, over
 TCP and AF_UNIX.  The server is the
-``fastnet bench`` rpc server (``rpc_server`` in ``fastnet/benchmark.py``),
+``fastnet bench`` rpc server (``rpc_server`` in ``fastnet/bench/rpc.py``),
 one child per codec and family shared by the tests; the timed code is the
 client, here.  Every result is checked, no timing is.
 ``bench/bench_rpc.py`` compares the same calls with other RPC stacks.
@@ -16,7 +16,7 @@ import os
 
 import pytest
 
-from benchutil import record_rate, runner
+from benchutil import record_rate, rpc as rpc_case, runner
 
 FAMILIES = ["tcp", "unix"]
 # MiB of the echoed array; an environment variable because bench/conftest.py's
@@ -61,7 +61,7 @@ class _Servers:
     @staticmethod
     def stop(fastnet, address, key, codec):
         with contextlib.suppress(fastnet.FastnetError, OSError):
-            runner.rpc_stop(fastnet.RPCProxy(address, authkey=key, codec=codec, timeout=10))
+            rpc_case.rpc_stop(fastnet.RPCProxy(address, authkey=key, codec=codec, timeout=10))
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +102,10 @@ def test_rpc_call(benchmark, rpc, codec, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rpc_call_async_batch(benchmark, rpc, family):
-    n = runner.RPC_IN_FLIGHT
+    n = rpc_case.RPC_IN_FLIGHT
     benchmark.group = f"rpc {family}: {n} call_async in flight, then all results"
     benchmark.extra_info["calls"] = n
-    submit = runner.rpc_submit(rpc("msgpack", family), "fastnet-batch")
+    submit = rpc_case.rpc_submit(rpc("msgpack", family), "fastnet-batch")
 
     def batch():
         return [f.result() for f in submit(n)]

@@ -11,11 +11,11 @@ import os
 
 import pytest
 
-from benchutil import connection_module, record_rate, require, runner
+from benchutil import common, connection_module, handshake, record_rate, require, stream
 
 IMPLS = ["multiprocessing", "fastnet"]
 FAMILIES = ["tcp", "unix"]
-PAYLOAD = b"p" * runner.PAYLOAD_SIZE
+PAYLOAD = b"p" * common.PAYLOAD_SIZE
 
 
 def _role(impl):
@@ -60,9 +60,9 @@ def test_stream(benchmark, serve, impl, family, stream_n):
                 benchmark.extra_info["batch"] = batch
             # The server counts and compares every message and answers only
             # when all n have arrived, so a timed burst is a delivered burst.
-            burst = runner.stream_sender(conn, runner.stream_payload(len(PAYLOAD)), batch)
+            burst = stream.stream_sender(conn, stream.stream_payload(len(PAYLOAD)), batch)
             benchmark(burst, stream_n)
-            conn.send_bytes(runner.CTRL_STOP)
+            conn.send_bytes(common.CTRL_STOP)
     record_rate(benchmark, stream_n, "msg_per_s")
 
 
@@ -105,7 +105,7 @@ def test_handshake(benchmark, serve, impl, family):
     key = os.urandom(32)
     with serve("handshake", _role(impl), family, authkey=key) as address:
         try:
-            benchmark(runner.handshake_once, mod, address, key, PAYLOAD)
+            benchmark(handshake.handshake_once, mod, address, key, PAYLOAD)
         finally:
             with contextlib.closing(mod.Client(address, authkey=key)) as conn:
                 conn.send_bytes(b"STOP")

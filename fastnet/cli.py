@@ -260,8 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fastnet`` console script and ``python -m fastnet``."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "bench":
-        from fastnet import benchmark
-        return benchmark.main(argv[1:])
+        from fastnet.bench import main as bench_main
+        return bench_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -14,6 +14,7 @@ __all__ = [
     "AuthenticationError",
     "ProtocolError",
     "TruncatedFrameError",
+    "NoDescriptorError",
     "MessageTooLarge",
     "BufferTooShort",
     "RemoteError",
@@ -46,6 +47,14 @@ class TruncatedFrameError(ProtocolError, EOFError):
     def __init__(self, missing: int, msg: str | None = None) -> None:
         self.missing = missing
         super().__init__(msg or f"connection closed mid-frame: {missing} bytes missing")
+
+
+class NoDescriptorError(ProtocolError, RuntimeError):
+    """A descriptor was expected and the message carried none.
+
+    A ``RuntimeError`` too, as ``multiprocessing.reduction.recv_handle``
+    raises in that case.
+    """
 
 
 class MessageTooLarge(FastnetError, OSError):

@@ -555,132 +555,14 @@ class EventLoop(_reactor.Reactor):
                 server_hostname = addr[0]
         elif authkey is not None:
             raise ValueError("authkey on a loop connection needs an ssl_context")
-        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        fut.set_running_or_notify_cancel()
-        # timer: the deadline of the whole connect (resolution included);
-        # sock: the socket of the address being tried
-        state: dict[str, Any] = {"timer": None, "sock": None}
-
-        def stop_timer() -> None:
-            if state["timer"] is not None:
-                state["timer"].cancel()
-                state["timer"] = None
-
-        def drop_sock() -> None:
-            sock = state["sock"]
-            state["sock"] = None
-            if sock is not None and sock.fileno() >= 0:
-                self.remove_writer(sock.fileno())
-                sock.close()
-
-        def fail(exc: BaseException) -> None:
-            stop_timer()
-            drop_sock()
-            if not fut.done():
-                fut.set_exception(exc)
-
-        def tls_failed(exc: BaseException | None) -> None:
-            if not fut.done():
-                fut.set_exception(exc if exc is not None else
-                                  ConnectionAbortedError("closed during the TLS handshake"))
-
-        def tls_ready(t: TLSTransport) -> None:
-            if not fut.done():
-                fut.set_result(t)
-
-        def done(sock: socket.socket) -> None:
-            if fut.done() or state["sock"] is not sock:
-                return
-            stop_timer()
-            state["sock"] = None
-            try:
-                if ssl_context is None:
-                    t = self.add_stream(sock, protocol_factory(), max_message_size, high_water, low_water)
-                else:
-                    t = self.add_stream(sock, protocol_factory(), max_message_size, high_water,
-                                        low_water, ssl_context=ssl_context,
-                                        server_hostname=server_hostname, authkey=authkey,
-                                        handshake_timeout=handshake_timeout, strict=strict,
-                                        digest=digest, on_fail=tls_failed, on_ready=tls_ready)
-            except BaseException as exc:
-                sock.close()
-                fut.set_exception(exc)
-                if not isinstance(exc, Exception):
-                    raise
-                return
-            if ssl_context is None:
-                fut.set_result(t)
-
-        def attempt(targets: list[Any]) -> None:
-            # connect to targets[0]; if that fails, a name's next address is tried
-            if fut.done():
-                return
-            target = targets[0]
-
-            def failed(exc: BaseException) -> None:
-                if len(targets) > 1:
-                    drop_sock()
-                    attempt(targets[1:])
-                else:
-                    fail(exc)
-
-            try:
-                sock = socket.socket(fam, socket.SOCK_STREAM)
-            except OSError as exc:
-                fail(exc)
-                return
-            sock.setblocking(False)
-            state["sock"] = sock
-
-            def writable() -> None:
-                if fut.done() or state["sock"] is not sock:
-                    return
-                self.remove_writer(sock.fileno())
-                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if err:
-                    failed(_connect_error(err))
-                else:
-                    done(sock)
-
-            try:
-                err = sock.connect_ex(target)
-            except OSError as exc:
-                failed(exc)
-                return
-            if err == 0:
-                self.call_soon(done, sock)
-            elif err == errno.EINPROGRESS or (fam != socket.AF_UNIX and err == errno.EAGAIN):
-                self.add_writer(sock.fileno(), writable)
-            else:
-                failed(_connect_error(err))
-
-        def resolved(f: concurrent.futures.Future[Any]) -> None:
-            if fut.done():
-                return      # timed out while the name was being looked up
-            try:
-                infos = f.result()
-            except OSError as exc:
-                fail(exc)
-                return
-            targets = [ai[4] for ai in infos if ai[0] == fam]
-            if not targets:
-                fail(OSError(errno.EADDRNOTAVAIL, f"{addr[0]!r} has no {socket.AddressFamily(fam).name} address"))
-                return
-            attempt(targets)
-
-        def expired() -> None:
-            state["timer"] = None
-            fail(TimeoutError(f"connect to {address!r} timed out after {timeout} s"))
-
-        if timeout is not None:
-            state["timer"] = self.call_later(timeout, expired)
-        if fam == socket.AF_UNIX or _is_ip_literal(addr[0]):
-            attempt([addr])
-        else:
-            # a host name: getaddrinfo blocks (DNS), so it runs on a worker thread
-            self.run_in_thread(socket.getaddrinfo, addr[0], addr[1], fam, socket.SOCK_STREAM,
-                               callback=resolved)
-        return fut
+        stream_kw: dict[str, Any] = {}
+        if ssl_context is not None:
+            stream_kw = dict(ssl_context=ssl_context, server_hostname=server_hostname, authkey=authkey,
+                             handshake_timeout=handshake_timeout, strict=strict, digest=digest)
+        c = _Connector(self, fam, addr, protocol_factory,
+                       (max_message_size, high_water, low_water), stream_kw)
+        c.start(address, timeout)
+        return c.future
 
     # -- Cookbook event handlers ------------------------------------------------
 
@@ -774,3 +656,142 @@ class EventLoop(_reactor.Reactor):
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         super().close()
+
+
+class _Connector:
+    """One non-blocking ``EventLoop.connect``: resolve, try each address, hand over a transport.
+
+    Everything runs on the loop thread; ``future`` is resolved exactly once.
+    A name is looked up on a worker thread (getaddrinfo blocks on DNS), and
+    one timer bounds the lookup and every connect attempt together.
+    """
+
+    def __init__(self, loop: EventLoop, fam: int, addr: Any, protocol_factory: Callable[[], Any],
+                 limits: tuple[int | None, int | None, int | None], stream_kw: dict[str, Any]) -> None:
+        self.loop = loop
+        self.fam = fam
+        self.addr = addr
+        self.protocol_factory = protocol_factory
+        self.limits = limits
+        self.stream_kw = stream_kw      # TLS (and authkey) settings, empty for a plain stream
+        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.future.set_running_or_notify_cancel()
+        self.timer: Any = None          # the deadline of the whole connect
+        self.sock: socket.socket | None = None  # the socket of the address being tried
+        self.targets: list[Any] = []    # addresses still to try, the current one first
+
+    def start(self, address: Any, timeout: float | None) -> None:
+        if timeout is not None:
+            def expired() -> None:
+                self.timer = None
+                self._fail(TimeoutError(f"connect to {address!r} timed out after {timeout} s"))
+            self.timer = self.loop.call_later(timeout, expired)
+        if self.fam == socket.AF_UNIX or _is_ip_literal(self.addr[0]):
+            self._attempt([self.addr])
+        else:
+            self.loop.run_in_thread(socket.getaddrinfo, self.addr[0], self.addr[1], self.fam,
+                                    socket.SOCK_STREAM, callback=self._resolved)
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _drop_sock(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None and sock.fileno() >= 0:
+            self.loop.remove_writer(sock.fileno())
+            sock.close()
+
+    def _fail(self, exc: BaseException) -> None:
+        self._stop_timer()
+        self._drop_sock()
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+    def _resolved(self, f: concurrent.futures.Future[Any]) -> None:
+        if self.future.done():
+            return      # timed out while the name was being looked up
+        try:
+            infos = f.result()
+        except OSError as exc:
+            self._fail(exc)
+            return
+        targets = [ai[4] for ai in infos if ai[0] == self.fam]
+        if not targets:
+            self._fail(OSError(errno.EADDRNOTAVAIL,
+                               f"{self.addr[0]!r} has no {socket.AddressFamily(self.fam).name} address"))
+            return
+        self._attempt(targets)
+
+    def _attempt(self, targets: list[Any]) -> None:
+        """Connect to targets[0]; when that fails, a name's next address is tried."""
+        if self.future.done():
+            return
+        self.targets = targets
+        try:
+            sock = socket.socket(self.fam, socket.SOCK_STREAM)
+        except OSError as exc:
+            self._fail(exc)
+            return
+        sock.setblocking(False)
+        self.sock = sock
+        try:
+            err = sock.connect_ex(targets[0])
+        except OSError as exc:
+            self._failed(exc)
+            return
+        if err == 0:
+            self.loop.call_soon(self._done, sock)
+        elif err == errno.EINPROGRESS or (self.fam != socket.AF_UNIX and err == errno.EAGAIN):
+            self.loop.add_writer(sock.fileno(), self._writable, sock)
+        else:
+            self._failed(_connect_error(err))
+
+    def _failed(self, exc: BaseException) -> None:
+        if len(self.targets) > 1:
+            self._drop_sock()
+            self._attempt(self.targets[1:])
+        else:
+            self._fail(exc)
+
+    def _writable(self, sock: socket.socket) -> None:
+        if self.future.done() or self.sock is not sock:
+            return
+        self.loop.remove_writer(sock.fileno())
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._failed(_connect_error(err))
+        else:
+            self._done(sock)
+
+    def _done(self, sock: socket.socket) -> None:
+        fut = self.future
+        if fut.done() or self.sock is not sock:
+            return
+        self._stop_timer()
+        self.sock = None
+        try:
+            if self.stream_kw:
+                t = self.loop.add_stream(sock, self.protocol_factory(), *self.limits,
+                                         on_fail=self._tls_failed, on_ready=self._tls_ready,
+                                         **self.stream_kw)
+            else:
+                t = self.loop.add_stream(sock, self.protocol_factory(), *self.limits)
+        except BaseException as exc:
+            sock.close()
+            fut.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        if not self.stream_kw:
+            fut.set_result(t)
+
+    def _tls_failed(self, exc: BaseException | None) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc if exc is not None else
+                                      ConnectionAbortedError("closed during the TLS handshake"))
+
+    def _tls_ready(self, t: TLSTransport) -> None:
+        if not self.future.done():
+            self.future.set_result(t)

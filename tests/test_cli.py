@@ -179,7 +179,7 @@ def test_bench_writes_json_and_plots_the_speedups(tmp_path):
     rows = report["results"]["pingpong"]["unix"]
     assert rows["fastnet"]["median"] > 0 and rows["mp"]["median"] > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    from fastnet.benchmark import speedups
+    from fastnet.bench import speedups
     (label, ratio, peer), = speedups(report)
     assert label == "pingpong AF_UNIX" and peer != "C floor (write+read)"
     best = min(rows[k]["median"] for k in ("mp", "zmq") if rows[k]["median"])

@@ -1,0 +1,116 @@
+"""The pingpong case: one message, one reply, one at a time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .common import (Impl, _accept_one, _addr, _conn_module, _conn_options, _samples, _us_per_op, _zmq, _zmq_bind,
+                     _zmq_close)
+
+
+def _pingpong_conn_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> None:
+    mod = _conn_module(spec)
+    conn = _accept_one(spec, mod, ready, **_conn_options(spec, mod))
+    send, recv = conn.send_bytes, conn.recv_bytes
+    try:
+        while True:
+            send(recv())
+    except EOFError:
+        pass
+    conn.close()
+
+
+def _pingpong_conn_client(spec: dict[str, Any], address: Any) -> Any:
+    mod = _conn_module(spec)
+    conn = mod.Client(_addr(address), **_conn_options(spec, mod))
+    payload = b"p" * spec["size"]
+    send, recv = conn.send_bytes, conn.recv_bytes
+    send(payload)
+    if recv() != payload:
+        raise ValueError("echo mismatch")
+
+    def step(k: Any) -> Any:
+        t0 = time.perf_counter()
+        for _ in range(k):
+            send(payload)
+            recv()
+        return time.perf_counter() - t0
+
+    out = _samples(step, spec, 64, 100, _us_per_op)
+    out["info"]["backend"] = getattr(mod, "backend", None)
+    conn.close()
+    return out
+
+
+def _pingpong_zmq_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> None:
+    zmq = _zmq()
+    ctx = zmq.Context()
+    rep = ctx.socket(zmq.REP)
+    ready(_zmq_bind(rep, spec))
+    recv, send = rep.recv, rep.send
+    while True:
+        msg = recv()
+        send(msg)
+        if msg == b"STOP":
+            break
+    _zmq_close(ctx, rep)
+
+
+def _pingpong_zmq_client(spec: dict[str, Any], address: Any) -> Any:
+    zmq = _zmq()
+    ctx = zmq.Context()
+    req = ctx.socket(zmq.REQ)
+    req.connect(address)
+    payload = b"p" * spec["size"]
+    send, recv = req.send, req.recv
+    send(payload)
+    if recv() != payload:
+        raise ValueError("echo mismatch")
+
+    def step(k: Any) -> Any:
+        t0 = time.perf_counter()
+        for _ in range(k):
+            send(payload)
+            recv()
+        return time.perf_counter() - t0
+
+    out = _samples(step, spec, 64, 100, _us_per_op)
+    send(b"STOP")
+    recv()
+    _zmq_close(ctx, req)
+    return out
+
+
+# (case, impl) -> (server, client) for the Python children.
+ROLES: dict[tuple[str, str], Any] = {
+    ("pingpong", "mp"): (_pingpong_conn_server, _pingpong_conn_client),
+    ("pingpong", "zmq"): (_pingpong_zmq_server, _pingpong_zmq_client),
+    ("pingpong", "fastnet"): (_pingpong_conn_server, _pingpong_conn_client),
+    ("pingpong", "fastnet-readahead"): (_pingpong_conn_server, _pingpong_conn_client),
+}
+
+CASES: dict[str, dict[str, Any]] = {
+    "pingpong": {
+        "title": "pingpong: {size}-byte round trip",
+        "unit": "µs", "json_unit": "us/roundtrip", "better": "lower",
+        "impls": [
+            Impl("c", "C floor (write+read)", anchor=True, kind="c"),
+            Impl("mp", "multiprocessing.connection", anchor=True),
+            Impl("zmq", "pyzmq REQ/REP", anchor=True),
+            Impl("fastnet", "fastnet send/recv_bytes", pure=False),
+            # the opt-in: a Connection that reads from the socket all that has
+            # arrived, where the default takes only the message it returns
+            Impl("fastnet-readahead", "fastnet send/recv, read-ahead", pure=False),
+            Impl("fastnet-pure", "fastnet (pure kernels)", role="fastnet", pure=True),
+        ],
+    },
+}
+
+TARGETS: list[tuple[Any, ...]] = [
+    ("pingpong", None, "fastnet within 1.4x the C floor (time ratio)", ("ratio", "fastnet", "c", "<=", 1.4)),
+    ("pingpong", None, "fastnet >= 3x faster than multiprocessing", ("ratio", "mp", "fastnet", ">=", 3.0)),
+    ("pingpong", None, "compiled vs pure speed-up", ("report", "fastnet-pure", "fastnet")),
+    ("pingpong", None, "read-ahead speed-up over the default", ("report", "fastnet", "fastnet-readahead")),
+]
