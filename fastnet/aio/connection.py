@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import socket
 import ssl
 from collections.abc import AsyncIterator, Iterable
@@ -865,10 +866,21 @@ async def authenticate(conn: AsyncConnection, authkey: bytes, server_side: bool,
         hs.abandon()
 
 
+def _numeric_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 async def _open_socket(fam: int, addr: Any) -> socket.socket:
     loop = asyncio.get_running_loop()
     if fam == socket.AF_UNIX:
         infos: list[Any] = [(socket.AF_UNIX, addr)]
+    elif _numeric_host(addr[0]):
+        # no lookup: asyncio's resolver would start a thread for nothing
+        infos = [(fam, addr)]
     else:
         res = await loop.getaddrinfo(addr[0], addr[1], type=socket.SOCK_STREAM)
         infos = [(r[0], r[4]) for r in res]
