@@ -297,6 +297,33 @@ def test_backpressure_and_a_cancelled_send_goes_out_whole(run):
     run(main)
 
 
+def test_a_lone_message_leaves_at_once_and_a_burst_is_coalesced(run):
+    async def main():
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        conn = aio.AsyncConnection(a)
+        await conn.send_bytes(b"first")
+        # in the socket before the sender yielded to the loop
+        assert b.recv(100) == _framing.encode_header(5) + b"first"
+        for i in range(1000):
+            await conn.send_bytes(b"m%d" % i)
+        await asyncio.sleep(0)          # the end of this loop iteration sends the rest
+        data = b""
+        while len(data) < sum(4 + len(b"m%d" % i) for i in range(1000)):
+            await asyncio.sleep(0.001)
+            try:
+                data += b.recv(1 << 20)
+            except BlockingIOError:
+                pass
+        d = _framing.FrameDecoder()
+        d.feed(data)
+        assert d.frames() == [b"m%d" % i for i in range(1000)]
+        conn.close()
+        b.close()
+    run(main)
+
+
 def test_one_receiver_at_a_time(run):
     async def main():
         a, b = await _socketpair_conns()
