@@ -85,6 +85,11 @@ refuse ``ssl_context``.
 the listed networks (``ipaddress``); refused peers are closed at once and
 counted. ``verify_request`` is still called for the others.
 
+``handle_request()`` serves one request on the calling thread, as in
+socketserver, for a server that is not serving: it honours ``timeout`` and
+``handle_timeout()``, and serves in the concurrency mode's way (a thread
+per request for "thread", a child per request for "fork" and "prefork").
+
 ``serve_forever()`` serves on the calling thread (in the main thread it
 turns SIGINT and SIGTERM into a graceful shutdown; a second signal stops
 waiting), ``start()`` on a background thread. ``shutdown()`` is graceful:
@@ -108,11 +113,13 @@ import logging
 import os
 import pickle
 import queue
+import selectors
 import signal
 import socket
 import socketserver
 import ssl
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -141,6 +148,7 @@ __all__ = [
     "ThreadingTCPServer", "ForkingTCPServer", "PreforkTCPServer",
     "ThreadingUDPServer", "ForkingUDPServer",
     "ThreadingUnixStreamServer", "ThreadingUnixDatagramServer",
+    "ForkingUnixStreamServer", "ForkingUnixDatagramServer",
     "BaseRequestHandler", "StreamRequestHandler", "DatagramRequestHandler", "MessageHandler",
     "CONCURRENCY", "DEFAULT_MAX_CONNECTIONS", "DEFAULT_MAX_MESSAGE_SIZE", "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_HANDSHAKE_TIMEOUT", "DEFAULT_SHUTDOWN_TIMEOUT",
@@ -326,6 +334,12 @@ class _Pool:
                 fn(*args)
             except Exception as e:
                 exc = e
+            except BaseException as e:
+                # SystemExit or KeyboardInterrupt would end a thread of its own
+                # (socketserver's thread per request): report it the way such a
+                # thread's death is reported, and live on to serve the next task
+                exc = e
+                _thread_died(e)
             try:
                 self.loop.call_soon_threadsafe(done, exc)
             except RuntimeError:
@@ -338,6 +352,14 @@ class _Pool:
         deadline = time.monotonic() + timeout
         for t in self.threads:
             t.join(max(0.0, deadline - time.monotonic()))
+
+
+def _thread_died(exc: BaseException) -> None:
+    try:
+        threading.excepthook(threading.ExceptHookArgs(
+            (type(exc), exc, exc.__traceback__, threading.current_thread())))
+    except Exception:
+        pass
 
 
 # -- connections on one loop ---------------------------------------------------
@@ -732,7 +754,7 @@ class _Handshake:
     """
 
     def __init__(self, server: BaseServer, loop: EventLoop, sock: socket.socket, addr: Any,
-                 owner: BaseServer | _Engine | None = None) -> None:
+                 owner: BaseServer | _Engine | _OneHandshake | None = None) -> None:
         self.server = server
         self.owner = owner if owner is not None else server
         self.loop = loop
@@ -929,6 +951,43 @@ class _Child:
         self.status: int | None = None
 
 
+class _Threads(list[threading.Thread]):
+    """The non-daemon threads of requests in progress; finished ones are dropped as new ones come."""
+
+    def append(self, thread: threading.Thread) -> None:
+        self[:] = [t for t in self if t.is_alive()]
+        if not thread.daemon:
+            super().append(thread)
+
+    def join(self) -> None:
+        me = threading.current_thread()
+        threads, self[:] = self[:], []
+        for t in threads:
+            if t is not me:
+                t.join()
+
+
+class _OneHandshake:
+    """The owner of the one _Handshake that handle_request() runs."""
+
+    def __init__(self) -> None:
+        self._handshakes: set[_Handshake] = set()
+        self.done = False
+        self.sock: socket.socket | None = None
+        self.error: BaseException | None = None
+
+    def _authenticated(self, sock: socket.socket, addr: Any) -> None:
+        self.sock = sock
+        self.done = True
+
+    def _handshake_failed(self, addr: Any, exc: BaseException) -> None:
+        self.error = exc
+        self.done = True
+
+    def _release(self) -> None:
+        self.done = True
+
+
 # -- servers ------------------------------------------------------------------------
 
 
@@ -936,11 +995,29 @@ class BaseServer:
     """The machinery shared by stream and datagram servers; see the module docstring.
 
     socketserver's hooks keep their meaning: ``server_bind()``,
-    ``server_activate()``, ``verify_request(request, client_address)``,
-    ``finish_request``, ``handle_error``, ``shutdown_request``,
-    ``close_request``, ``server_close()``, ``fileno()``, and the class
-    attributes ``address_family``, ``socket_type``, ``allow_reuse_address``,
-    ``request_queue_size``.
+    ``server_activate()``, ``get_request()``, ``verify_request(request,
+    client_address)``, ``process_request``, ``finish_request``,
+    ``handle_error``, ``shutdown_request``, ``close_request``,
+    ``handle_request()``, ``handle_timeout()``, ``service_actions()``,
+    ``server_close()``, ``fileno()``, and the class attributes
+    ``address_family``, ``socket_type``, ``allow_reuse_address``,
+    ``allow_reuse_port``, ``request_queue_size``, ``timeout``,
+    ``daemon_threads`` and ``block_on_close``.
+
+    ``address_family`` is ``AF_INET`` on the TCP and UDP classes, as in
+    socketserver; as long as a subclass does not set it, the family
+    follows the address (``("::1", 0)`` serves IPv6) and the instance's
+    ``address_family`` says which it is. A subclass that sets it gets
+    exactly that family.
+
+    An overridden ``get_request()`` is called for every connection (or
+    datagram) instead of ``accept()`` (``recvfrom()``); an overridden
+    ``process_request()`` is called for every verified, authenticated
+    request, and ``super().process_request()`` hands the request to the
+    concurrency mode. Where a mode cannot honour an override (a
+    ``get_request()`` under prefork, whose workers cannot take over a
+    socket's TLS state; or with a MessageHandler, which reads frames off
+    the bare socket) the class or the server is refused with a TypeError.
     """
 
     concurrency = "loop"
@@ -949,7 +1026,12 @@ class BaseServer:
     allow_reuse_address = True
     allow_reuse_port = False
     request_queue_size = 128
+    #: Seconds handle_request() waits for a request before handle_timeout().
     timeout: float | None = None
+    #: Threads handle_request() starts (concurrency="thread") are daemon threads.
+    daemon_threads = False
+    #: server_close() waits for the requests in progress (threads, children, connections).
+    block_on_close = True
     max_packet_size: int      # datagram servers
     # set when serving starts
     _loop: EventLoop
@@ -989,10 +1071,13 @@ class BaseServer:
             if ssl_context is not None:
                 raise ValueError("ssl_context needs a stream server: TLS runs over a connection "
                                  "and a datagram server has none (DTLS is not supported)")
-        fam, addr = parse_address(server_address, self.address_family)
+        self._check_hooks(concurrency, self._framed)
+        declared = self._declared_family()
+        fam, addr = parse_address(server_address, declared)
         if allow is not None and fam == socket.AF_UNIX:
             raise ValueError("allow= lists IP networks; it does not apply to AF_UNIX servers")
-        self._check_family(fam)
+        if declared is None:
+            self._check_family(fam)
         self.server_address = server_address
         self.RequestHandlerClass = RequestHandlerClass
         self.address_family = fam
@@ -1001,6 +1086,9 @@ class BaseServer:
         if workers is None:
             if concurrency == "prefork":
                 workers = os.cpu_count() or 2
+            elif concurrency == "fork":
+                # ForkingMixIn's bound on children, socketserver's name for it
+                workers = getattr(self, "max_children", _DEFAULT_WORKERS["fork"])
             else:
                 workers = _DEFAULT_WORKERS.get(concurrency, 1)
         if workers < 1:
@@ -1054,6 +1142,9 @@ class BaseServer:
         self._counters = [0, 0, 0, 0]    # messages in/out, bytes in/out of finished work
         self._child_failed = False       # a fork child's only connection failed its handshake
         self._out_lock = threading.Lock()
+        self._via_loop = False           # process_request() called by the serving loop
+        self._threads = _Threads()       # handle_request()'s threads, joined by server_close()
+        self._forked: set[int] = set()   # handle_request()'s children
         self.socket = socket.socket(fam, self.socket_type)
         if bind_and_activate:
             try:
@@ -1064,6 +1155,36 @@ class BaseServer:
                 raise
 
     # -- socketserver's surface ------------------------------------------------
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._check_hooks(cls.concurrency, False)
+
+    @classmethod
+    def _check_hooks(cls, concurrency: str, framed: bool) -> None:
+        """Refuse overridden hooks the concurrency mode or handler style could not honour."""
+        if cls.get_request is BaseServer.get_request:
+            return
+        if concurrency == "prefork":
+            raise TypeError(f"{cls.__name__} overrides get_request(), which prefork cannot honour: "
+                            "the acceptor passes bare sockets to its workers and cannot move a "
+                            "wrapped socket's state (TLS) with them; use concurrency='thread' or "
+                            "'fork', or ssl_context= instead of wrapping in get_request()")
+        if framed:
+            raise TypeError(f"{cls.__name__} overrides get_request(), which a MessageHandler cannot "
+                            "honour: its frames are read off the bare socket by the event loop; "
+                            "use ssl_context= for TLS, or a blocking handler")
+
+    @classmethod
+    def _declared_family(cls) -> int | None:
+        """The family a subclass sets; None where fastnet's classes leave it to the address."""
+        for klass in cls.__mro__:
+            if "address_family" in vars(klass):
+                if klass in _FAMILY_FROM_ADDRESS:
+                    return None
+                fam: int | None = vars(klass)["address_family"]
+                return fam
+        return None
 
     def _check_family(self, fam: int) -> None:
         pass
@@ -1113,12 +1234,187 @@ class BaseServer:
         """Return False to refuse a request (checked after the allow-list)."""
         return True
 
+    def get_request(self) -> tuple[Any, Any]:
+        """Take one request from the listening socket: ``accept()``, or for a
+        datagram server ``((data, socket), client_address)``.
+
+        Override it to wrap each connection (in TLS, say); it is called on
+        the serving thread, where the listening socket is non-blocking.
+        """
+        if self.socket_type == socket.SOCK_STREAM:
+            return self.socket.accept()
+        data, addr = self.socket.recvfrom(self.max_packet_size)
+        return (data, self.socket), addr
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve one verified (and authenticated) request in the server's concurrency mode.
+
+        Under ``serve_forever()`` the request goes to the loop, the thread
+        pool, a forked child or a prefork worker. Under
+        ``handle_request()``: "loop" serves it on the calling thread, as
+        socketserver's plain servers do, "thread" on a new thread
+        (``daemon_threads``), "fork" and "prefork" in a forked child. An
+        override that does not call this takes the request over (it must
+        end it with ``shutdown_request()``, as in socketserver).
+        """
+        if self._via_loop:
+            self._via_loop = False
+            self._dispatch(request, client_address)
+            return
+        mode = self.concurrency
+        if mode == "thread":
+            t = threading.Thread(target=self._serve_request, args=(request, client_address),
+                                 name="fastnet-request", daemon=self.daemon_threads)
+            if self.block_on_close:
+                self._threads.append(t)
+            t.start()
+        elif mode in ("fork", "prefork"):
+            self._fork_request(request, client_address)
+        else:
+            self._prepare(request)
+            self.finish_request(request, client_address)
+            self.shutdown_request(request)
+
+    def _prepare(self, request: Any) -> None:
+        if self.socket_type == socket.SOCK_STREAM:
+            request.setblocking(True)
+            request.settimeout(self.idle_timeout)
+
+    def _serve_request(self, request: Any, client_address: Any) -> None:
+        """finish_request() on one request, errors to handle_error(), then shutdown_request()."""
+        try:
+            self._prepare(request)
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+
+    def _fork_request(self, request: Any, client_address: Any) -> None:
+        # handle_request()'s child: socketserver's ForkingMixIn, bounded by workers
+        self._collect_children(blocking=False)
+        while len(self._forked) >= self.workers:
+            self._collect_children(blocking=True, one=True)
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                self._in_child = True
+                self._serve_request(request, client_address)
+                status = 0
+            finally:
+                os._exit(status)
+        self._forked.add(pid)
+        self.close_request(request)
+
+    def _collect_children(self, blocking: bool, one: bool = False) -> None:
+        for pid in list(self._forked):
+            try:
+                done, _ = os.waitpid(pid, 0 if blocking else os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self._forked.discard(pid)
+                if one:
+                    return
+
+    def handle_request(self) -> None:
+        """Wait for one request and serve it, as socketserver's ``handle_request()``.
+
+        Waits at most ``timeout`` seconds (or the listening socket's own
+        timeout, whichever is shorter; ``None``: no limit), then calls
+        ``handle_timeout()``. The request goes through ``get_request()``,
+        the allow-list, ``verify_request()``, the handshakes and
+        ``process_request()``. For blocking handlers, on a server that is
+        not serving (``serve_forever()``/``start()``).
+        """
+        if self._framed:
+            raise TypeError("handle_request() serves blocking handlers; a MessageHandler "
+                            "is served by serve_forever() or start()")
+        if self._state == "serving":
+            raise RuntimeError("handle_request() on a server that is serving")
+        timeout = self.socket.gettimeout()
+        if timeout is None:
+            timeout = self.timeout
+        elif self.timeout is not None:
+            timeout = min(timeout, self.timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sel = selectors.PollSelector() if hasattr(selectors, "PollSelector") else selectors.SelectSelector()
+        with sel:
+            sel.register(self.socket, selectors.EVENT_READ)
+            while True:
+                if sel.select(timeout):
+                    self._handle_request_noblock()
+                    return
+                if deadline is not None:
+                    timeout = deadline - time.monotonic()
+                    if timeout < 0:
+                        self.handle_timeout()
+                        return
+
+    def _handle_request_noblock(self) -> None:
+        try:
+            request, client_address = self.get_request()
+        except OSError:
+            return
+        if isinstance(client_address, bytes):
+            client_address = client_address.decode("utf-8", "surrogateescape")
+        if not (self._allowed(client_address) and self.verify_request(request, client_address)):
+            self._refuse(request, client_address)
+            return
+        if self.socket_type == socket.SOCK_STREAM and (self.authkey is not None or self.ssl_context is not None):
+            request = self._handshake_now(request, client_address)
+            if request is None:
+                return
+        self._process_request(request, client_address)
+
+    def _process_request(self, request: Any, client_address: Any) -> None:
+        """process_request() with socketserver's handling of what it raises."""
+        try:
+            self.process_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+        except BaseException:
+            self.shutdown_request(request)
+            raise
+
+    def _handshake_now(self, sock: socket.socket, addr: Any) -> socket.socket | None:
+        """Run one connection's handshakes to the end on a loop of their own (handle_request)."""
+        box = _OneHandshake()
+        loop = EventLoop(self.backend)
+        try:
+            _Handshake(self, loop, sock, addr, owner=box)
+            loop.run_until(lambda: box.done)
+        finally:
+            loop.close()
+        if box.sock is None:
+            self._auth_failed += 1
+            logger.info("handshake with %r failed: %s", addr, box.error)
+            return None
+        return box.sock
+
+    def handle_timeout(self) -> None:
+        """Called when handle_request() waited ``timeout`` seconds for nothing.
+
+        Reaps the children handle_request() forked that have exited.
+        """
+        self._collect_children(blocking=False)
+
     def finish_request(self, request: Any, client_address: Any) -> None:
         """Run the handler class on one request."""
         self.RequestHandlerClass(request, client_address, self)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        """Log the exception a handler raised; the server goes on."""
+        """Called with the exception a handler (or process_request) raised; the server goes on.
+
+        Logs it; a peer that left or went idle (``ConnectionError``, a
+        socket timeout) is logged at debug level only.
+        """
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, socket.timeout)):
+            logger.debug("connection from %r ended: %r", client_address, exc)
+            return
         logger.exception("exception while handling a request from %r", client_address)
 
     def shutdown_request(self, request: Any) -> None:
@@ -1212,7 +1508,7 @@ class BaseServer:
                 stop = self._stop_requested
             if threading.current_thread() is threading.main_thread() and stop_signals:
                 self._install_stop_signals(stop_signals)
-            if type(self).service_actions is not BaseServer.service_actions and poll_interval:
+            if type(self).service_actions not in (BaseServer.service_actions, ForkingMixIn.service_actions) and poll_interval:
                 self._schedule_service(poll_interval)
             self._begin()
             if stop is not None:
@@ -1254,6 +1550,9 @@ class BaseServer:
         from a handler or the serving thread it starts the shutdown and
         returns at once.
         """
+        self._stop(timeout, wait=True)
+
+    def _stop(self, timeout: float | None, wait: bool) -> None:
         if timeout is None:
             timeout = self.shutdown_timeout
         with self._lock:
@@ -1273,7 +1572,7 @@ class BaseServer:
             except RuntimeError:
                 pass
         me = threading.current_thread()
-        if me is self._serving_thread or getattr(_local, "in_handler", False):
+        if not wait or me is self._serving_thread or getattr(_local, "in_handler", False):
             return
         self._stopped.wait()
         if self._thread is not None and self._thread is not me:
@@ -1287,19 +1586,31 @@ class BaseServer:
         self.server_close()
 
     def server_close(self) -> None:
-        """Close the listening socket and remove its AF_UNIX path (shutting down first if serving)."""
+        """Close the listening socket and remove its AF_UNIX path.
+
+        A serving server shuts down first; with ``block_on_close`` (the
+        default) this waits for the requests in progress (as shutdown()
+        does), and for the threads and children of handle_request(), as
+        socketserver's mixins do. With ``block_on_close = False`` it
+        returns without waiting for them.
+        """
         if (self._state == "serving" and not self._in_child
                 and threading.current_thread() is not self._serving_thread):
-            self.shutdown()
+            self._stop(None, wait=self.block_on_close)
         sock = self.socket
         if sock is not None and sock.fileno() >= 0:
             sock.close()
-        if self._unlink is not None and not self._in_child:
+        if self._in_child:
+            return
+        if self._unlink is not None:
             try:
                 os.unlink(self._unlink)
             except OSError:
                 pass
             self._unlink = None
+        if self.block_on_close:
+            self._threads.join()
+        self._collect_children(blocking=self.block_on_close)
 
     def _interrupt_blocking(self) -> None:
         # blocking handlers read end of file; needed from outside the loop,
@@ -1435,6 +1746,8 @@ class BaseServer:
         finally:
             with self._lock:
                 self._state = "closed"
+                # a finished thread is not kept alive by a server that outlives it
+                self._serving_thread = None
             self.server_close()
             self._started.set()
             self._stopped.set()
@@ -1476,6 +1789,7 @@ class BaseServer:
         return any(ip in n for n in nets[ip.version])
 
     def _on_accept(self) -> None:
+        accept = self.socket.accept if type(self).get_request is BaseServer.get_request else self.get_request
         for _ in range(_ACCEPT_BATCH):
             if self._shutting_down or self._stop_requested is not None:
                 return
@@ -1483,7 +1797,7 @@ class BaseServer:
                 self._pause()
                 return
             try:
-                sock, addr = self.socket.accept()
+                sock, addr = accept()
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:
@@ -1494,7 +1808,12 @@ class BaseServer:
                     self._pause()
                     self._backoff = self._loop.call_later(_ACCEPT_BACKOFF_DELAY, self._resume)
                     return
-                raise
+                if accept is self.socket.accept:
+                    raise
+                # an overriding get_request() failed on this connection (a TLS
+                # handshake, say): socketserver drops the request and goes on
+                logger.info("get_request() failed: %s", exc)
+                continue
             if isinstance(addr, bytes):
                 addr = addr.decode("utf-8", "surrogateescape")
             if self._open >= self._limit or not self._allowed(addr):
@@ -1524,12 +1843,35 @@ class BaseServer:
                     _quiet_close(sock)
                     self._release()
             else:
-                self._dispatch(sock, addr)
+                self._process(sock, addr)
 
-    def _refuse(self, sock: socket.socket, addr: Any) -> None:
+    def _refuse(self, request: Any, addr: Any) -> None:
+        """A refused request ends, as any other, in shutdown_request()."""
         self._refused += 1
         logger.debug("refused %r", addr)
-        sock.close()
+        try:
+            self.shutdown_request(request)
+        except Exception:
+            logger.exception("exception in shutdown_request for %r", addr)
+            if self.socket_type == socket.SOCK_STREAM:
+                _quiet_close(request)
+
+    def _process(self, request: Any, addr: Any) -> None:
+        """Call process_request() on an open request from the serving loop.
+
+        The base method dispatches it to the concurrency mode, which
+        releases its slot when done; an override that serves it itself
+        (or fails) has finished with it when it returns.
+        """
+        if not self._framed:
+            self._prepare(request)
+        self._via_loop = True
+        try:
+            self._process_request(request, addr)
+        finally:
+            if self._via_loop:
+                self._via_loop = False
+                self._release()
 
     def _handshake_failed(self, addr: Any, exc: BaseException) -> None:
         self._auth_failed += 1
@@ -1541,10 +1883,13 @@ class BaseServer:
             sock.close()
             self._release()
             return
-        self._dispatch(sock, addr)
+        self._process(sock, addr)
 
-    def _dispatch(self, sock: socket.socket, addr: Any) -> None:
-        """Hand a verified (and authenticated) connection to the concurrency mode."""
+    def _dispatch(self, sock: Any, addr: Any) -> None:
+        """Hand a verified (and authenticated) request to the concurrency mode."""
+        if self.socket_type != socket.SOCK_STREAM:
+            self._dispatch_datagram(sock, addr)
+            return
         mode = self.concurrency
         try:
             if mode == "prefork":
@@ -1560,22 +1905,11 @@ class BaseServer:
 
     def _handle_stream(self, sock: socket.socket, addr: Any) -> None:
         """Run a blocking handler on one connection (any thread or process)."""
-        try:
-            sock.setblocking(True)
-            sock.settimeout(self.idle_timeout)
-            self.finish_request(sock, addr)
-        except (ConnectionError, socket.timeout) as exc:
-            # a peer that left or went idle is no error of the server's
-            logger.debug("connection from %r ended: %r", addr, exc)
-        except Exception:
-            self.handle_error(sock, addr)
-        finally:
-            self.shutdown_request(sock)
+        self._serve_request(sock, addr)
 
     # -- datagrams --------------------------------------------------------------
 
     def _on_datagram(self) -> None:
-        sock = self.socket
         for _ in range(_ACCEPT_BATCH):
             if self._shutting_down:
                 return
@@ -1583,7 +1917,7 @@ class BaseServer:
                 self._pause()
                 return
             try:
-                data, addr = sock.recvfrom(self.max_packet_size)
+                request, addr = self.get_request()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -1592,9 +1926,8 @@ class BaseServer:
                 continue
             if isinstance(addr, bytes):
                 addr = addr.decode("utf-8", "surrogateescape")
-            request = (data, sock)
             if not self._allowed(addr):
-                self._refused += 1
+                self._refuse(request, addr)
                 continue
             try:
                 ok = self.verify_request(request, addr)
@@ -1602,39 +1935,39 @@ class BaseServer:
                 logger.exception("exception in verify_request for %r", addr)
                 ok = False
             if not ok:
-                self._refused += 1
+                self._refuse(request, addr)
                 continue
             self._total += 1
             self._counters[0] += 1
-            self._counters[2] += len(data)
-            mode = self.concurrency
-            if mode == "loop":
+            self._counters[2] += len(request[0])
+            self._open += 1
+            self._process(request, addr)
+
+    def _dispatch_datagram(self, request: Any, addr: Any) -> None:
+        mode = self.concurrency
+        if mode == "loop":
+            try:
                 self._handle_datagram(request, addr)
-            elif mode == "thread":
-                self._open += 1
-                self._pool.submit(self._handle_datagram, (request, addr),  # type: ignore[union-attr]
-                                  lambda exc: self._release())
+            finally:
+                self._release()
+        elif mode == "thread":
+            self._pool.submit(self._handle_datagram, (request, addr),  # type: ignore[union-attr]
+                              lambda exc: self._release())
+        else:
+            try:
+                child = self._fork(lambda: self._child_datagram(request, addr), self._child_exited)
+            except Exception:
+                logger.exception("failed to fork for a datagram from %r", addr)
+                self._release()
             else:
-                self._open += 1
-                try:
-                    child = self._fork(lambda: self._child_datagram(request, addr), self._child_exited)
-                except Exception:
-                    logger.exception("failed to fork for a datagram from %r", addr)
-                    self._release()
-                else:
-                    self._children[child.pid] = child
+                self._children[child.pid] = child
 
     def _child_datagram(self, request: Any, addr: Any) -> list[int]:
         self._handle_datagram(request, addr)
         return self._counters
 
     def _handle_datagram(self, request: Any, addr: Any) -> None:
-        try:
-            self.finish_request(request, addr)
-        except Exception:
-            self.handle_error(request, addr)
-        finally:
-            self.shutdown_request(request)
+        self._serve_request(request, addr)
 
     # -- processes ---------------------------------------------------------------
 
@@ -1970,8 +2303,13 @@ class BaseServer:
 
 
 class TCPServer(BaseServer):
-    """A TCP server: ``TCPServer(("", port), Handler, concurrency="loop", ...)``."""
+    """A TCP server: ``TCPServer(("", port), Handler, concurrency="loop", ...)``.
 
+    ``address_family`` is ``AF_INET``, as in socketserver; unless a
+    subclass sets it, an IPv6 address serves IPv6.
+    """
+
+    address_family = socket.AF_INET
     socket_type = socket.SOCK_STREAM
 
     def _check_family(self, fam: int) -> None:
@@ -1982,6 +2320,7 @@ class TCPServer(BaseServer):
 class UDPServer(BaseServer):
     """A UDP server: each datagram is a request ``(data, socket)``."""
 
+    address_family = socket.AF_INET
     socket_type = socket.SOCK_DGRAM
     allow_reuse_address = False
     #: Largest datagram read; the rest of a longer one is dropped by the kernel.
@@ -1990,6 +2329,10 @@ class UDPServer(BaseServer):
     def _check_family(self, fam: int) -> None:
         if fam == socket.AF_UNIX:
             raise ValueError("an AF_UNIX address: use UnixDatagramServer")
+
+
+# where a subclass does not set address_family, the address decides
+_FAMILY_FROM_ADDRESS = (BaseServer, TCPServer, UDPServer)
 
 
 class UnixServer(BaseServer):
@@ -2010,19 +2353,57 @@ class UnixDatagramServer(BaseServer):
     max_packet_size = 65536
 
 
-class ThreadingMixIn:
-    """Make a server class default to ``concurrency="thread"`` (socketserver's name)."""
+def _own_or_stdlib(mixin: type, name: str) -> Callable[..., Any]:
+    """A mixin method: on fastnet's servers, the server's own (past ``mixin``
+    in the MRO); on a stdlib socketserver server, ``mixin``'s."""
+    stdlib = getattr(mixin, name)
+
+    def method(self: Any, *args: Any) -> Any:
+        if isinstance(self, BaseServer):
+            return getattr(super(mixin, self), name)(*args)
+        return stdlib(self, *args)
+
+    method.__name__ = name
+    method.__doc__ = stdlib.__doc__
+    return method
+
+
+class ThreadingMixIn(socketserver.ThreadingMixIn):
+    """Serve on threads (socketserver's name).
+
+    On fastnet's servers it makes ``concurrency="thread"`` the default.
+    Mixed into a stdlib ``socketserver`` server it is socketserver's own
+    mixin (a thread per request), so the result serves concurrently too.
+    """
     concurrency = "thread"
+    process_request = _own_or_stdlib(socketserver.ThreadingMixIn, "process_request")
+    server_close = _own_or_stdlib(socketserver.ThreadingMixIn, "server_close")
 
 
-class ForkingMixIn:
-    """Make a server class default to ``concurrency="fork"`` (socketserver's name)."""
+class ForkingMixIn(socketserver.ForkingMixIn):
+    """Serve in child processes (socketserver's name).
+
+    On fastnet's servers it makes ``concurrency="fork"`` the default
+    (``max_children`` bounds the children). Mixed into a stdlib
+    ``socketserver`` server it is socketserver's own mixin (a process per
+    request).
+    """
     concurrency = "fork"
+    process_request = _own_or_stdlib(socketserver.ForkingMixIn, "process_request")
+    server_close = _own_or_stdlib(socketserver.ForkingMixIn, "server_close")
+    handle_timeout = _own_or_stdlib(socketserver.ForkingMixIn, "handle_timeout")
+    service_actions = _own_or_stdlib(socketserver.ForkingMixIn, "service_actions")
 
 
 class PreforkMixIn:
-    """Make a server class default to ``concurrency="prefork"``."""
+    """Make a server class default to ``concurrency="prefork"`` (fastnet's servers only)."""
     concurrency = "prefork"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if issubclass(cls, socketserver.BaseServer):
+            raise TypeError(f"{cls.__name__}: PreforkMixIn needs one of fastnet's servers "
+                            "(fastnet.server.TCPServer, UnixServer), not a socketserver one")
 
 
 class ThreadingTCPServer(ThreadingMixIn, TCPServer):
@@ -2050,4 +2431,12 @@ class ThreadingUnixStreamServer(ThreadingMixIn, UnixServer):
 
 
 class ThreadingUnixDatagramServer(ThreadingMixIn, UnixDatagramServer):
+    pass
+
+
+class ForkingUnixStreamServer(ForkingMixIn, UnixServer):
+    pass
+
+
+class ForkingUnixDatagramServer(ForkingMixIn, UnixDatagramServer):
     pass

@@ -6,7 +6,6 @@ processes are joined with a timeout, and a watchdog dumps the stacks and
 exits if a test still hangs.
 """
 import array
-import faulthandler
 import multiprocessing
 import os
 import pickle
@@ -29,11 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(fastnet.__file__)))
 KEY = b"test-connection-key"
 
 
-@pytest.fixture(autouse=True)
-def watchdog():
-    faulthandler.dump_traceback_later(120, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+WATCHDOG_SECONDS = 120
 
 
 @pytest.fixture
@@ -379,7 +374,7 @@ def test_poll_semantics(pool):
 
 
 def test_poll_sees_frames_already_buffered():
-    a, b = Pipe()
+    a, b = Pipe(readahead=True)
     with a, b:
         b.send_many([pickle.dumps(i) for i in range(3)])
         assert rx(a) == 0
@@ -440,7 +435,7 @@ def test_wait_accepts_sockets_and_raw_fds():
 
 
 def test_wait_reports_a_connection_with_buffered_frames_at_once():
-    a, b = Pipe()
+    a, b = Pipe(readahead=True)
     other_a, other_b = Pipe()
     with a, b, other_a, other_b:
         b.send_many([pickle.dumps(("msg", i)) for i in range(5)])

@@ -5,7 +5,6 @@ handshake) that writes exactly the bytes a test wants. Every blocking call is
 bounded by a timeout, poll or wait; a watchdog catches anything else.
 """
 import builtins
-import faulthandler
 import gc
 import hmac
 import multiprocessing
@@ -26,11 +25,7 @@ T = 10.0
 KEY = b"the right key"
 
 
-@pytest.fixture(autouse=True)
-def watchdog():
-    faulthandler.dump_traceback_later(120, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+WATCHDOG_SECONDS = 120
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ timing except the documented bound of the idle sweep (idle_timeout plus one swee
 idle_timeout/2), with a stated slack for scheduling; measured times are reported as
 figures (``FIGURE`` lines, and $FASTNET_FIGURES if set).
 """
-import importlib.util
 import os
 import select
 import signal
@@ -35,14 +34,11 @@ import pytest
 import fastnet
 from fastnet.errors import AuthenticationError, ConnectionLost, TruncatedFrameError
 
+import fastnet_soak as soak   # tools/soak.py, loaded by conftest: server hosts, checked workloads, figures
+
 np = pytest.importorskip("numpy")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-soak = sys.modules.get("fastnet_soak")
-if soak is None:     # tools/soak.py: server hosts, checked workloads, figures
-    _spec = importlib.util.spec_from_file_location("fastnet_soak", os.path.join(ROOT, "tools", "soak.py"))
-    soak = sys.modules["fastnet_soak"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(soak)
 
 WAIT = 30.0           # generous deadline for what should take milliseconds
 KEY = "faults-key"

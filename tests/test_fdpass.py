@@ -11,7 +11,6 @@ polled before each receive, children are waited for with a timeout, and a
 watchdog dumps the stacks and exits if a test still hangs.
 """
 import array
-import faulthandler
 import fcntl
 import multiprocessing.connection as mpc
 import os
@@ -34,11 +33,7 @@ T = 10.0  # bound on anything that should happen "at once"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(fastnet.__file__)))
 
 
-@pytest.fixture(autouse=True)
-def watchdog():
-    faulthandler.dump_traceback_later(60, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+WATCHDOG_SECONDS = 60
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ differential test feeds both decoders the same bytes and compares everything
 they say. Channel tests use real socketpairs and TCP loopback connections.
 """
 import array
-import faulthandler
 import multiprocessing.connection as mpc
 import os
 import signal
@@ -23,22 +22,16 @@ import fastnet._pure.framing as pframing
 from fastnet.errors import (BufferTooShort, FastnetError, MessageTooLarge, ProtocolError,
                             TimeoutError as FastnetTimeout, TruncatedFrameError)
 
-IMPLS = {"c": cframing, "pure": pframing}
 MiB = 1 << 20
 
 
-@pytest.fixture(scope="module", params=sorted(IMPLS))
-def fr(request):
-    """The framing module under test."""
-    return IMPLS[request.param]
+@pytest.fixture(scope="module")
+def fr(kernels):
+    """The framing module under test: conftest's kernels fixture runs each test on both sets."""
+    return kernels.framing
 
 
-@pytest.fixture(autouse=True)
-def watchdog():
-    """Last resort against a hung run (socket tests also shut their sockets down, below)."""
-    faulthandler.dump_traceback_later(120, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+WATCHDOG_SECONDS = 120   # conftest.watchdog; socket tests also shut their sockets down, below
 
 
 STUCK = 15.0    # seconds after which a test's sockets are shut down, failing a blocked receive
@@ -856,8 +849,16 @@ def test_close_mid_frame(fr, socks, method, sent, missing):
         b.recv_frame()
 
 
-def test_poll(chans):
-    a, b = chans
+@pytest.fixture
+def ahead_chans(fr, socks):
+    """Channels that read ahead (``readahead=True``)."""
+    a, b = socks
+    return fr.Channel(a, readahead=True), fr.Channel(b, readahead=True)
+
+
+def test_poll(ahead_chans):
+    a, b = ahead_chans
+    assert b.readahead is True
     assert b.poll() is False
     t0 = time.monotonic()
     assert b.poll(0.05) is False
@@ -892,8 +893,8 @@ def test_max_size_and_maxlength(fr, socks):
         fr.Channel(a_sock, max_size=100).recv_frame()
 
 
-def test_maxlength_applies_to_a_header_already_parsed(chans):
-    a, b = chans
+def test_maxlength_applies_to_a_header_already_parsed(ahead_chans):
+    a, b = ahead_chans
     a.send_frames([b"first", b"q" * 20])
     assert b.recv_frame() == b"first"
     assert b.has_frame()     # this parses the next header

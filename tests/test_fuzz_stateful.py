@@ -14,7 +14,6 @@ multiplies every example count (tools/sanitize.sh lowers it under valgrind;
 raise it for a longer search).
 """
 import array
-import faulthandler
 import hashlib
 import hmac
 import importlib.util
@@ -64,11 +63,7 @@ def examples(n):
     return max(1, int(n * SCALE))
 
 
-@pytest.fixture(autouse=True)
-def watchdog():
-    faulthandler.dump_traceback_later(300 * max(SCALE, 1), exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+WATCHDOG_SECONDS = 300 * max(SCALE, 1)
 
 
 def frame(payload):

@@ -10,7 +10,6 @@ asserted: what is asserted is that every call completed correctly and that the s
 never held more connections than max_connections.
 """
 import collections
-import importlib.util
 import json
 import os
 import subprocess
@@ -24,12 +23,9 @@ import pytest
 import fastnet
 from fastnet.errors import ConnectionLost
 
+import fastnet_soak as soak   # tools/soak.py, loaded by conftest: server hosts, checked workloads, figures
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-soak = sys.modules.get("fastnet_soak")
-if soak is None:     # tools/soak.py: server hosts, checked workloads, figures
-    _spec = importlib.util.spec_from_file_location("fastnet_soak", os.path.join(ROOT, "tools", "soak.py"))
-    soak = sys.modules["fastnet_soak"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(soak)
 
 WAIT = 60.0
 KEY = "load-key"

@@ -11,10 +11,8 @@ clear error within a bound) -- nothing corrupt, nothing silently lost.
 
 Skipped, with the reason, where namespaces cannot be made (not root, no ``ip``).
 """
-import importlib.util
 import json
 import os
-import sys
 import threading
 import time
 import zlib
@@ -24,14 +22,9 @@ import pytest
 import fastnet
 from fastnet.errors import FastnetError
 
-np = pytest.importorskip("numpy")
+import fastnet_soak as soak   # tools/soak.py, loaded by conftest: server hosts, checked workloads, figures
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-soak = sys.modules.get("fastnet_soak")
-if soak is None:     # tools/soak.py: server hosts, checked workloads, figures
-    _spec = importlib.util.spec_from_file_location("fastnet_soak", os.path.join(ROOT, "tools", "soak.py"))
-    soak = sys.modules["fastnet_soak"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(soak)
+np = pytest.importorskip("numpy")
 
 SKIP = soak.netns_available()
 pytestmark = pytest.mark.skipif(SKIP is not None, reason=str(SKIP))

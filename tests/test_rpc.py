@@ -93,30 +93,12 @@ def address(request):
 
 
 @pytest.fixture
-def serve():
+def serve(serve):
     """serve(address=("127.0.0.1", 0), **kw) -> an RPCServer with rpcutil's functions, not yet started.
 
-    Afterwards: gates released, server shut down and closed, no prefork worker left behind.
+    Stopped after the test by conftest's serve (gates released, no prefork worker left behind).
     """
-    servers = []
-
-    def make(address=("127.0.0.1", 0), **kw):
-        srv = build(address, **kw)
-        servers.append(srv)
-        return srv
-
-    yield make
-    for srv in servers:
-        for g in getattr(srv, "gates", ()):
-            g.release.set()
-        srv.shutdown(timeout=5)
-        srv.server_close()
-        for pid in srv.worker_pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
+    return lambda address=("127.0.0.1", 0), **kw: serve.keep(build(address, **kw))
 
 @pytest.fixture
 def proxies():

@@ -219,27 +219,6 @@ def run_clients(address, kind, clients, messages, **cfg):
     return finish(spawn_clients(address, kind, clients, messages, **cfg))
 
 
-@pytest.fixture
-def serve():
-    """serve(cls, address, handler, **kw) -> a started server, shut down afterwards."""
-    servers = []
-
-    def make(cls, address, handler, **kw):
-        srv = cls(address, handler, **kw)
-        servers.append(srv)
-        return srv.start()
-
-    yield make
-    for srv in servers:
-        srv.shutdown(timeout=5)
-        srv.server_close()
-        for pid in srv.worker_pids:   # never leave a child behind
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 def check_all_ok(results, messages):
     bad = [r for r in results if not (r and r["ok"] and r["done"] == messages)]
     assert not bad, bad
@@ -598,6 +577,65 @@ def test_handler_errors_close_the_connection_not_the_server(serve):
     with fastnet.Client(srv.address, timeout=WAIT) as c:
         c.send_bytes(b"fine")
         assert c.poll(WAIT) and c.recv_bytes() == b"fine"
+
+
+@pytest.mark.parametrize("kind", ["stream", "framed"])
+def test_pool_threads_survive_systemexit_and_keyboardinterrupt(kind, monkeypatch):
+    # more exiting handlers than pool threads: each thread reports its
+    # exception as a dying thread would (threading.excepthook), then serves on
+    died = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_type))
+    exits = {b"exit": SystemExit, b"interrupt": KeyboardInterrupt}
+
+    class Exiting(StreamRequestHandler):
+        def handle(self):
+            line = self.rfile.readline().strip()
+            if line in exits:
+                raise exits[line]("from the handler")
+            self.wfile.write(line + b"\n")
+
+    class FramedExiting(MessageHandler):
+        def message_received(self, data):
+            if data in exits:
+                raise exits[data]("from the handler")
+            self.reply(data)
+
+    srv = TCPServer(("127.0.0.1", 0), Exiting if kind == "stream" else FramedExiting,
+                    concurrency="thread", workers=2, shutdown_timeout=600)
+    srv.start()
+    try:
+        for word in [b"exit", b"interrupt"] * 3:
+            if kind == "stream":
+                with socket.create_connection(srv.address, timeout=WAIT) as s:
+                    s.sendall(word + b"\n")
+                    assert s.recv(10) == b""        # the handler ended, the connection with it
+            else:
+                with fastnet.Client(srv.address, timeout=WAIT) as c:
+                    c.send_bytes(word)
+                    assert c.poll(WAIT)
+                    with pytest.raises(EOFError):
+                        c.recv_bytes()
+        assert wait_for(lambda: len(died) == 6)
+        assert died == [SystemExit, KeyboardInterrupt] * 3
+        pool = srv._engine.pool
+        assert len(pool.threads) == 2 and all(t.is_alive() for t in pool.threads)
+        for _ in range(3):
+            if kind == "stream":
+                with socket.create_connection(srv.address, timeout=WAIT) as s:
+                    s.sendall(b"still here\n")
+                    assert s.makefile("rb").readline() == b"still here\n"
+            else:
+                with fastnet.Client(srv.address, timeout=WAIT) as c:
+                    c.send_bytes(b"still here")
+                    assert c.poll(WAIT) and c.recv_bytes() == b"still here"
+        assert wait_for(lambda: srv.stats()["connections_open"] == 0)
+    finally:
+        # nothing is left open: shutdown() returns without waiting out its 600 s
+        stopper = threading.Thread(target=srv.shutdown, daemon=True)
+        stopper.start()
+        stopper.join(WAIT)
+        assert not stopper.is_alive()
+        srv.server_close()
 
 
 # -- the authkey handshake --------------------------------------------------------

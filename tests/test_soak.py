@@ -56,12 +56,7 @@ def test_soak_bounded_run_no_loss_no_leak_bounded_rss(tmp_path):
         assert p["growth_kib"] < RSS_BOUND_MIB * 1024, f"{name}: RSS grew {p['growth_kib'] / 1024:.1f} MiB"
         assert p["fds_end"] == p["fds_baseline"], f"{name}: descriptors {p['fds_baseline']} -> {p['fds_end']}"
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    soak = sys.modules.get("fastnet_soak")
-    if soak is None:
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("fastnet_soak", os.path.join(ROOT, "tools", "soak.py"))
-        soak = sys.modules["fastnet_soak"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(soak)
+    import fastnet_soak as soak   # tools/soak.py, loaded by conftest
     soak.record_figure(f"soak {rep['seconds']:.0f} s", warmup_s=rep["warmup"], ops=rep["ops"], problems=0,
                        rss_growth_mib={n: round(p["growth_kib"] / 1024, 2) for n, p in procs},
                        rss_max_mib={n: round(p["max_kib"] / 1024, 1) for n, p in procs},

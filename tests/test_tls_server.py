@@ -7,7 +7,6 @@ wait has a deadline and nothing asserts on timing.
 """
 import json
 import os
-import signal
 import socket
 import ssl
 import subprocess
@@ -210,27 +209,6 @@ def stream_client(pki, address, ctx=None):
     except BaseException:
         raw.close()
         raise
-
-
-@pytest.fixture
-def serve():
-    """serve(cls, address, handler, **kw) -> a started server, shut down afterwards."""
-    servers = []
-
-    def make(cls, address, handler, **kw):
-        srv = cls(address, handler, **kw)
-        servers.append(srv)
-        return srv.start()
-
-    yield make
-    for srv in servers:
-        srv.shutdown(timeout=5)
-        srv.server_close()
-        for pid in srv.worker_pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 # -- every mode, both handler styles ---------------------------------------------------

@@ -1,5 +1,6 @@
 """The package type-checks: ``mypy --strict fastnet`` is clean, and the stubs
-of the compiled kernels (``fastnet/_c/*.pyi``) match the built extensions.
+of the kernels (``fastnet/_c/*.pyi``) match both the built extensions and
+their pure twins in ``fastnet._pure``: one API, two implementations.
 
 mypy is in the ``test`` extra, so the suite runs it wherever it was installed
 as the README says. Elsewhere the checks are skipped, except under CI (``CI``
@@ -8,6 +9,7 @@ set), where a missing mypy fails: CI must keep the package typed.
 import importlib
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -28,11 +30,11 @@ def _require_mypy():
         pytest.skip("mypy is not installed (python3 -m pip install -e '.[test]')")
 
 
-def _run(*args):
+def _run(*args, env=None):
     # from the repository root, so pyproject.toml's [tool.mypy] applies; the
     # cache (.mypy_cache, ignored by git) makes the second kernel run cheap
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=TIMEOUT)
+                          text=True, timeout=TIMEOUT, env=env)
 
 
 def test_mypy_strict_is_clean():
@@ -42,7 +44,7 @@ def test_mypy_strict_is_clean():
     assert "Success: no issues found" in proc.stdout
 
 
-def test_kernel_stubs_match_the_compiled_kernels():
+def test_kernel_stubs_match_both_kernel_sets(tmp_path):
     _require_mypy()
     for name in KERNELS:
         # CI builds the kernels (even for the FASTNET_PURE run); elsewhere a
@@ -53,6 +55,15 @@ def test_kernel_stubs_match_the_compiled_kernels():
             if os.environ.get("CI"):
                 raise
             pytest.skip(f"fastnet._c.{name} is not built")
+    # the same .pyi files serve as the stubs of fastnet._c and of fastnet._pure
+    stubs = tmp_path / "stubs" / "fastnet"
+    for package in ("_c", "_pure"):
+        (stubs / package).mkdir(parents=True)
+        (stubs / package / "__init__.pyi").write_text("")
+        for name in KERNELS:
+            shutil.copy(ROOT / "fastnet" / "_c" / f"{name}.pyi", stubs / package / f"{name}.pyi")
+    (stubs / "__init__.pyi").write_text("")
     proc = _run("mypy.stubtest", "--allowlist", str(ROOT / "tests" / "stubtest_allowlist.txt"),
-                *(f"fastnet._c.{name}" for name in KERNELS))
-    assert proc.returncode == 0, f"the stubs differ from the compiled kernels:\n{proc.stdout}\n{proc.stderr}"
+                *(f"fastnet.{package}.{name}" for package in ("_c", "_pure") for name in KERNELS),
+                env={**os.environ, "MYPYPATH": str(stubs.parent)})
+    assert proc.returncode == 0, f"the stubs differ from the kernels:\n{proc.stdout}\n{proc.stderr}"

@@ -1,4 +1,9 @@
-"""Pure-Python twin of src_c/auth.pyx: the authkey HMAC challenge/response.
+# cython: annotation_typing=False
+"""The authkey HMAC challenge/response kernel.
+
+This one source is both kernels: imported as is, it is the pure twin; setup.py
+compiles it unchanged into ``fastnet._c.auth`` (Cython's pure-Python mode; its
+annotations are for mypy only, so both accept the same arguments).
 
 The bytes on the wire are CPython's (multiprocessing.connection), both forms:
 legacy ``#CHALLENGE#`` + 20 random bytes answered by a raw HMAC-MD5, and the

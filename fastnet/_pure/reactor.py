@@ -184,7 +184,7 @@ class Reactor:
             backend = default_backend()
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: use 'auto', 'epoll', 'poll' or 'select'")
-        self.backend = backend
+        self._backend = backend
         self._fds = {}
         self._ready = collections.deque()
         self._heap = []
@@ -197,8 +197,8 @@ class Reactor:
         self._wake_lock = threading.Lock()
         self._rbuf = bytearray(RECV_BUFSIZE)
         self._rview = memoryview(self._rbuf)
-        self.ctl_calls = 0
-        self.iterations = 0
+        self._ctl_calls = 0
+        self._iterations = 0
         self._epoll = self._pollobj = None
         self._rset = set()
         self._wset = set()
@@ -259,7 +259,7 @@ class Reactor:
     # -- descriptor table and interest ----------------------------------------
 
     def _entry(self, fd: int) -> _FdEntry:
-        if self.backend == "select" and fd >= SELECT_FD_LIMIT:
+        if self._backend == "select" and fd >= SELECT_FD_LIMIT:
             raise ValueError(
                 f"the select backend cannot watch descriptor {fd}: select() is limited to "
                 f"descriptors below FD_SETSIZE={SELECT_FD_LIMIT}; use backend='epoll' or 'poll'")
@@ -283,7 +283,7 @@ class Reactor:
             else:
                 self._ctl_select(e, want)
             e.mask = want
-            self.ctl_calls += 1
+            self._ctl_calls += 1
         if want == 0 and e.reader is None and e.writer is None and s is None and not e.wake:
             if self._fds.get(e.fd) is e:
                 del self._fds[e.fd]
@@ -388,6 +388,22 @@ class Reactor:
             if e.mask & _WRITE:
                 out.add("write")
         return out
+
+    # read-only, as the compiled Reactor's ``readonly`` attributes
+    @property
+    def backend(self) -> str:
+        """The readiness backend: "epoll", "poll" or "select"."""
+        return self._backend
+
+    @property
+    def ctl_calls(self) -> int:
+        """Calls that changed the backend's interest set (epoll_ctl, poll.register, ...)."""
+        return self._ctl_calls
+
+    @property
+    def iterations(self) -> int:
+        """Loop iterations run so far."""
+        return self._iterations
 
     @property
     def registered(self) -> int:
@@ -546,7 +562,7 @@ class Reactor:
             self._running = False
 
     def _run_once(self, max_timeout: float) -> None:
-        self.iterations += 1
+        self._iterations += 1
         if self._timer_cancelled > 64 and 2 * self._timer_cancelled > len(self._heap):
             self._compact_timers()
         heap = self._heap
@@ -734,7 +750,7 @@ class Reactor:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("running" if self._running else "idle")
-        return f"<{type(self).__name__} backend={self.backend} {state}>"
+        return f"<{type(self).__name__} backend={self._backend} {state}>"
 
 
 
@@ -776,7 +792,7 @@ class FramedTransport:
         self._entry = entry
         self._sock = sock
         self._fd = fd
-        self.protocol = protocol
+        self._protocol = protocol
         self._on_message = on_message
         self._max_size = -1 if max_message_size is None else max_message_size
         self._decoder = None
@@ -786,9 +802,9 @@ class FramedTransport:
         self._wq_bytes = 0
         self._user_paused = self._bp_paused = self._writing = False
         self._closing = self._closed = self._eof = self._drain_scheduled = False
-        self.messages_received = self.messages_sent = 0
-        self.bytes_received = self.bytes_sent = 0
-        self.pauses = 0
+        self._messages_received = self._messages_sent = 0
+        self._bytes_received = self._bytes_sent = 0
+        self._pauses = 0
 
     def _want_read(self) -> bool:
         return not (self._user_paused or self._bp_paused or self._closing or self._eof)
@@ -823,7 +839,7 @@ class FramedTransport:
         if n == 0:
             self._on_eof()
             return
-        self.bytes_received += n
+        self._bytes_received += n
         self._dirty = True
         self._drain()
 
@@ -838,7 +854,7 @@ class FramedTransport:
                 return
             if frame is None:
                 break
-            self.messages_received += 1
+            self._messages_received += 1
             self._deliver(frame)
         if not self._closed and d.buffered == 0 and d.needed == 0:
             self._dirty = False
@@ -886,7 +902,7 @@ class FramedTransport:
                 raise BufferError("memoryview: underlying buffer is not contiguous")
             data = data.cast("B") if data.ndim != 1 or data.format != "B" else data
         n = len(data)
-        self.messages_sent += 1
+        self._messages_sent += 1
         if n <= COPY_THRESHOLD:
             buf = _header(n) + data
             if self._wq:
@@ -921,7 +937,7 @@ class FramedTransport:
         items = [_as_frame(b) for b in buffers]
         if not items:
             return
-        self.messages_sent += len(items)
+        self._messages_sent += len(items)
         total = sum(len(b) + (4 if len(b) <= 0x7fffffff else 12) for b in items)
         if total <= COPY_THRESHOLD:
             buf = b"".join([x for b in items for x in (_header(len(b)), b)])
@@ -955,7 +971,7 @@ class FramedTransport:
         except OSError as exc:
             self._finalize(exc)
             return -1
-        self.bytes_sent += r
+        self._bytes_sent += r
         return r
 
     def _try_sendv(self, pieces: list[Any]) -> int:
@@ -966,7 +982,7 @@ class FramedTransport:
         except OSError as exc:
             self._finalize(exc)
             return -1
-        self.bytes_sent += r
+        self._bytes_sent += r
         return r
 
     def _enqueue(self, b: bytes | memoryview, off: int) -> None:
@@ -981,9 +997,9 @@ class FramedTransport:
             self._loop._update(self._entry)
         if not self._bp_paused and self._wq_bytes > self._high:
             self._bp_paused = True
-            self.pauses += 1
+            self._pauses += 1
             self._loop._update(self._entry)
-            pw = getattr(self.protocol, "pause_writing", None)
+            pw = getattr(self._protocol, "pause_writing", None)
             if pw is not None:
                 try:
                     pw()
@@ -1029,7 +1045,7 @@ class FramedTransport:
         if self._bp_paused and self._wq_bytes <= self._low:
             self._bp_paused = False
             loop._update(self._entry)
-            rw = getattr(self.protocol, "resume_writing", None)
+            rw = getattr(self._protocol, "resume_writing", None)
             if rw is not None:
                 try:
                     rw()
@@ -1076,6 +1092,32 @@ class FramedTransport:
     def get_write_buffer_size(self) -> int:
         """Bytes queued and not yet taken by the kernel."""
         return self._wq_bytes
+
+    # read-only, as the compiled FramedTransport's ``readonly`` attributes
+    @property
+    def protocol(self) -> Any:
+        return self._protocol
+
+    @property
+    def messages_received(self) -> int:
+        return self._messages_received
+
+    @property
+    def messages_sent(self) -> int:
+        return self._messages_sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self._bytes_received
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._bytes_sent
+
+    @property
+    def pauses(self) -> int:
+        """Times the write queue went over the high-water mark and paused the protocol's writing."""
+        return self._pauses
 
     @property
     def reading_paused(self) -> bool:
@@ -1156,7 +1198,7 @@ class FramedTransport:
         except OSError:
             pass
         self._on_message = None  # type: ignore[assignment]
-        loop._ready.append(_new_handle(_LostCall(self.protocol, exc), ()))
+        loop._ready.append(_new_handle(_LostCall(self._protocol, exc), ()))
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("closing" if self._closing else f"fd={self._fd}")
