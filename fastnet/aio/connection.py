@@ -902,6 +902,7 @@ async def authenticate(conn: AsyncConnection, authkey: bytes, server_side: bool,
     pipelining peer gets them in one write.
     """
     hs = Handshake(authkey, server_side, strict=strict, digest=digest)
+    quick = None if server_side else _auth._quickack_socket(conn)
     out = hs.start()
     try:
         while True:
@@ -912,8 +913,11 @@ async def authenticate(conn: AsyncConnection, authkey: bytes, server_side: bool,
                 raise hs.error
             if hs.done:
                 return
-            if not server_side:
-                _auth._quickack(conn)
+            if quick is not None:
+                try:
+                    quick.setsockopt(socket.IPPROTO_TCP, _auth._QUICKACK, 1)  # type: ignore[arg-type]
+                except OSError:
+                    pass
             try:
                 payload = await conn.recv_bytes(MAX_MESSAGE)
             except (MessageTooLarge, EOFError, ProtocolError) as exc:
