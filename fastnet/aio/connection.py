@@ -366,15 +366,15 @@ class AsyncConnection:
         else:
             limit = self._max_size
             if limit is not None and nbytes > limit:
-                exc = MessageTooLarge(f"array of {nbytes} bytes exceeds max_message_size={limit}")
-                self._abort(exc)
-                raise exc
+                too_large = MessageTooLarge(f"array of {nbytes} bytes exceeds max_message_size={limit}")
+                self._abort(too_large)
+                raise too_large
             if np is not None:
                 result = np.empty(shape, _zc.dtype_of(kind, tname), order=order)
                 target = _zc.byte_view(result)
             else:
                 target = bytearray(nbytes)
-                result = memoryview(target).cast("B").cast(tname, shape) if shape else memoryview(target)
+                result = memoryview(target).cast("B").cast(tname, shape) if shape else memoryview(target)  # type: ignore[call-overload]
         try:
             n = await self._recv_into(target, 0)
         except BufferTooShort:
@@ -878,13 +878,14 @@ async def _start_tls(sock: socket.socket, ctx: ssl.SSLContext, server_side: bool
     """Run the TLS handshake on sock with the loop's TLS transport; the connection over it."""
     loop = asyncio.get_running_loop()
     conn = _TLSConnection(sock, **kw)
-    hs_timeout = {} if timeout is None else {"ssl_handshake_timeout": max(timeout, 0.001)}
+    hs_timeout = None if timeout is None else max(timeout, 0.001)
     try:
         if server_side:
-            await loop.connect_accepted_socket(lambda: _TLSProtocol(conn), sock, ssl=ctx, **hs_timeout)
+            await loop.connect_accepted_socket(lambda: _TLSProtocol(conn), sock, ssl=ctx,
+                                               ssl_handshake_timeout=hs_timeout)
         else:
             await loop.create_connection(lambda: _TLSProtocol(conn), sock=sock, ssl=ctx,
-                                         server_hostname=server_hostname, **hs_timeout)
+                                         server_hostname=server_hostname, ssl_handshake_timeout=hs_timeout)
     except (ssl.SSLError, ConnectionError) as exc:
         sock.close()
         raise AuthenticationError(f"TLS handshake failed: {exc}") from exc
