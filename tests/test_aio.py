@@ -796,3 +796,31 @@ def test_no_threads_and_nothing_outlives_a_loop(run):
     gc.collect()
     assert count_fds() == fds
     assert threading.active_count() == before
+
+
+def test_async_methods_run_on_the_servers_loop_which_stops_with_it():
+    srv = fastnet.RPCServer(("127.0.0.1", 0))
+    seen = []
+
+    @srv.register
+    async def where():
+        return threading.current_thread().name
+
+    @srv.register
+    async def remember(x):
+        seen.append(x)
+
+    srv.start()
+    try:
+        with fastnet.RPCProxy(srv.address) as p:
+            assert p.where() == "fastnet-rpc-asyncio"
+            p.notify("remember", 7)
+            assert p.where() == "fastnet-rpc-asyncio"
+        deadline = time.monotonic() + WAIT
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert seen == [7]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert not [t for t in threading.enumerate() if t.name == "fastnet-rpc-asyncio"]
