@@ -17,8 +17,8 @@ from typing import Any
 from fastnet.aio.connection import AsyncConnection, connect
 from fastnet.codecs import DEFAULT_CODEC, Codec, get_codec
 from fastnet.errors import ConnectionLost, ProtocolError, TimeoutError
-from fastnet.rpc import (_MAX_HELLO, _NOTIFY, _REPLY, _REQUEST, DEFAULT_RPC_MAX_MESSAGE_SIZE, HELLO_CLOSED,
-                         _encode, _oob_count, _remote_exception, check_hello_reply, hello_frame)
+from fastnet.rpc._wire import (_MAX_HELLO, _NOTIFY, _REPLY, _REQUEST, DEFAULT_RPC_MAX_MESSAGE_SIZE, HELLO_CLOSED,
+                               _encode, _oob_count, _remote_exception, check_hello_reply, hello_frame)
 
 __all__ = ["RPCProxy"]
 
