@@ -820,7 +820,9 @@ def test_async_methods_run_on_the_servers_loop_which_stops_with_it():
         while not seen and time.monotonic() < deadline:
             time.sleep(0.01)
         assert seen == [7]
+        thread = srv._aio_thread
+        assert thread is not None and thread.is_alive()
     finally:
         srv.shutdown()
         srv.server_close()
-    assert not [t for t in threading.enumerate() if t.name == "fastnet-rpc-asyncio"]
+    assert not thread.is_alive()
