@@ -145,6 +145,21 @@ def test_recv_bytes_into_and_buffer_too_short(run):
     run(main)
 
 
+def test_send_bytes_checks_offset_and_size_as_multiprocessing(run):
+    async def main():
+        a, b = await _socketpair_conns()
+        for offset, size in [(-1, None), (11, None), (0, -1), (5, 6)]:
+            with pytest.raises(ValueError):
+                await a.send_bytes(b"0123456789", offset, size)
+        await a.send_bytes(b"0123456789", 10)
+        await a.send_bytes(memoryview(b"0123456789"), 4, 6)
+        assert await b.recv_bytes() == b""
+        assert await b.recv_bytes() == b"456789"
+        a.close()
+        b.close()
+    run(main)
+
+
 def test_async_for_and_eof(run):
     async def main():
         a, b = await _socketpair_conns()

@@ -34,7 +34,7 @@ from fastnet import auth as _auth
 from fastnet import zerocopy as _zc
 from fastnet._kernels import framing as _framing
 from fastnet.address import parse_address
-from fastnet.connection import _keepalive_seconds, _tune
+from fastnet.connection import _keepalive_seconds, _send_size, _tune
 from fastnet.defaults import MAX_MESSAGE_SIZE_CONNECTION
 from fastnet.errors import (AuthenticationError, BufferTooShort, ConnectionLost, MessageTooLarge,
                             ProtocolError, TimeoutError)
@@ -578,17 +578,7 @@ class AsyncConnection:
         view = _byte_view(buf)
         n = len(view)
         if offset or size is not None:
-            if offset < 0:
-                raise ValueError("offset is negative")
-            if n < offset:
-                raise ValueError("buffer length < offset")
-            if size is None:
-                size = n - offset
-            elif size < 0:
-                raise ValueError("size is negative")
-            elif offset + size > n:
-                raise ValueError("buffer length < offset + size")
-            view = view[offset:offset + size]
+            view = view[offset:offset + _send_size(n, offset, size)]
         if len(view) < _COPY_THRESHOLD:
             self._send_small(_encode_header(len(view)) + view)
             if self._queued - self._sent > self.high_water:
