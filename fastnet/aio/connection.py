@@ -691,16 +691,18 @@ class AsyncConnection:
 
     def __del__(self) -> None:
         sock = getattr(self, "_sock", None)
-        if sock is not None and sock.fileno() >= 0 and not self._loop.is_closed():
-            # never closed: the loop may still have it registered
-            try:
+        if sock is None or sock.fileno() < 0 or not hasattr(self, "_writing"):
+            return
+        # never closed: take it off the loop (if that still runs) and release the socket
+        try:
+            if not self._loop.is_closed():
                 if self._reading:
                     self._loop.remove_reader(self._fd)
                 if self._writing:
                     self._loop.remove_writer(self._fd)
-            except Exception:
-                pass
-            sock.close()
+        except Exception:
+            pass
+        sock.close()
 
 
 class _TLSConnection(AsyncConnection):
@@ -830,6 +832,8 @@ class _TLSConnection(AsyncConnection):
         t = getattr(self, "_transport", None)
         if t is not None and not t.is_closing() and not self._loop.is_closed():
             t.abort()
+        elif t is None:
+            super().__del__()
 
 
 class _TLSProtocol(asyncio.BufferedProtocol):
