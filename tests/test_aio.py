@@ -475,6 +475,24 @@ def test_close_cancels_handlers(run):
     run(main)
 
 
+def test_serve_forever_until_cancelled(run):
+    async def main():
+        srv = await aio.serve(("127.0.0.1", 0), echo_bytes)
+        forever = asyncio.ensure_future(srv.serve_forever())
+        async with await aio.connect(srv.address) as c:
+            await c.send_bytes(b"ping")
+            assert await c.recv_bytes() == b"ping"
+        assert srv.is_serving()
+        forever.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await forever
+        assert not srv.is_serving()
+        await srv.wait_closed()
+        with pytest.raises(OSError):
+            await aio.connect(srv.address)
+    run(main)
+
+
 # -- the blocking side -----------------------------------------------------------
 
 @pytest.mark.parametrize("key", [None, KEY])
