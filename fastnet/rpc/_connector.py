@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer
 
     from fastnet._c.framing import Channel as _CChannel
-    from fastnet._pure.framing import Channel as _PChannel
+    from fastnet.tls import TLSChannel
     from fastnet.codecs import Codec
     from fastnet.connection import Connection
 
@@ -57,7 +57,7 @@ class Connector:
         self.backoff = backoff
         self.keepalive = keepalive
         self.conn: Connection | None = None
-        self.ch: _CChannel | _PChannel | None = None
+        self.ch: _CChannel | TLSChannel | None = None
         self.gen = 0
         self.closed = False
         self.lock = lock = threading.Lock()
@@ -98,6 +98,9 @@ class Connector:
                     if not isinstance(e.__cause__, (EOFError, OSError)):
                         raise
                     err: BaseException = e
+                except EOFError as e:
+                    # the peer closed mid-handshake (or mid-frame): a connection failure
+                    err = e
                 except (ProtocolError, ValueError, TypeError):
                     raise
                 except OSError as e:
