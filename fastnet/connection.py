@@ -855,19 +855,25 @@ def Client(address: Address, family: str | int | None = None, authkey: bytes | N
 
 
 def Pipe(duplex: bool = True, *, max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
-         readahead: bool = False) -> tuple[Connection, Connection]:
+         readahead: bool = False, coalesce: bool | int = False, spin: float = 0.0,
+         shm: bool = False) -> tuple[Connection, Connection]:
     """Return a pair of connected Connections (``(reader, writer)`` if not duplex).
 
-    ``readahead`` as for :class:`Connection`.
+    ``readahead``, ``coalesce``, ``spin`` and ``shm`` as for :class:`Connection`.
     """
     a, b = socket.socketpair()
-    if duplex:
-        return (Connection(a, max_message_size=max_message_size, readahead=readahead),
-                Connection(b, max_message_size=max_message_size, readahead=readahead))
-    a.shutdown(socket.SHUT_WR)
-    b.shutdown(socket.SHUT_RD)
-    return (Connection(a, writable=False, max_message_size=max_message_size, readahead=readahead),
-            Connection(b, readable=False, max_message_size=max_message_size, readahead=readahead))
+    kw: dict[str, Any] = dict(max_message_size=max_message_size, readahead=readahead, coalesce=coalesce,
+                              spin=_spin_us(spin), shm=shm)
+    try:
+        if duplex:
+            return Connection(a, **kw), Connection(b, **kw)
+        a.shutdown(socket.SHUT_WR)
+        b.shutdown(socket.SHUT_RD)
+        return Connection(a, writable=False, **kw), Connection(b, readable=False, **kw)
+    except BaseException:
+        a.close()
+        b.close()
+        raise
 
 
 def wait(object_list: Iterable[Any], timeout: float | None = None) -> list[Any]:
