@@ -815,6 +815,7 @@ def Client(address: Address, family: str | int | None = None, authkey: bytes | N
     if authkey is not None and not isinstance(authkey, bytes):
         raise TypeError("authkey should be a byte string")
     keepalive = _keepalive_seconds(keepalive)
+    spin, coalesce = _spin_us(spin), _coalesce_limit(coalesce)
     fam, addr = parse_address(address, family)
     if ssl_context is not None and fam == socket.AF_UNIX and ssl_context.check_hostname:
         raise ValueError("TLS over AF_UNIX has no host name to check: "

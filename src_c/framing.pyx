@@ -602,6 +602,7 @@ cdef class Channel:
     cdef Py_ssize_t ccap
     cdef Py_ssize_t climit        # coalescing threshold, 0: off
     cdef double spin_s            # busy-poll budget of a receive, seconds
+    cdef double spin_us           # ... as given, microseconds
 
     def __cinit__(self):
         self.fd = -1
@@ -636,6 +637,7 @@ cdef class Channel:
             raise MemoryError()
         if not spin >= 0.0:
             raise ValueError("spin must be >= 0 microseconds")
+        self.spin_us = spin
         self.spin_s = spin * 1e-6
         self.set_coalesce(coalesce)
 
@@ -652,7 +654,7 @@ cdef class Channel:
     property spin:
         """Microseconds a receive that would block busy-polls first (0: none)."""
         def __get__(self):
-            return self.spin_s * 1e6
+            return self.spin_us
 
     def set_coalesce(self, Py_ssize_t limit):
         """Queue frames up to ``limit`` bytes before writing them (0: off, after a flush)."""

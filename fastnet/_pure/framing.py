@@ -571,7 +571,7 @@ class Channel:
     """
 
     __slots__ = ("_sock", "_decoder", "_pollers", "_is_unix", "_fd_batches", "_readahead", "_io", "_ahead",
-                 "_cbuf", "_climit", "_spin")
+                 "_cbuf", "_climit", "_spin", "_spin_us")
     _sock: socket.socket
     _pollers: dict[int, select.poll]
     _fd_batches: list[tuple[int, int, list[int]]]
@@ -602,6 +602,7 @@ class Channel:
         spin = float(spin)
         if not spin >= 0.0:
             raise ValueError("spin must be >= 0 microseconds")
+        self._spin_us = spin
         self._spin = spin * 1e-6   # busy-poll budget of a receive, seconds
         self._cbuf = bytearray()   # frames queued by coalescing
         self._climit = 0           # coalescing threshold, 0: off
@@ -615,7 +616,7 @@ class Channel:
     @property
     def spin(self) -> float:
         """Microseconds a receive that would block busy-polls first (0: none)."""
-        return self._spin * 1e6
+        return self._spin_us
 
     def set_coalesce(self, limit: SupportsIndex) -> None:
         """Queue frames up to ``limit`` bytes before writing them (0: off, after a flush)."""
