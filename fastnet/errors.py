@@ -16,6 +16,7 @@ __all__ = [
     "TruncatedFrameError",
     "NoDescriptorError",
     "MessageTooLarge",
+    "HandshakeMessageTooLarge",
     "BufferTooShort",
     "RemoteError",
     "MethodNotFound",
@@ -59,6 +60,11 @@ class NoDescriptorError(ProtocolError, RuntimeError):
 
 class MessageTooLarge(FastnetError, OSError):
     """A frame is larger than the receiver allows; nothing was allocated for it."""
+
+
+class HandshakeMessageTooLarge(AuthenticationError, MessageTooLarge):
+    """A handshake message over 256 bytes: an AuthenticationError, and the
+    OSError ("bad message length") multiprocessing raises for it."""
 
 
 class BufferTooShort(FastnetError, multiprocessing.BufferTooShort):

@@ -21,14 +21,13 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, SupportsIndex, SupportsInt
+from typing import TYPE_CHECKING, Any, Protocol, SupportsIndex, SupportsInt, runtime_checkable
 
-from fastnet import auth as _authmod
-from fastnet._kernels import auth as _auth
 from fastnet._kernels import framing as _framing
 from fastnet._kernels import reactor as _reactor
-from fastnet._pure.framing import Channel, COPY_THRESHOLD, _POLLIN, _header, _ssize, _view
-from fastnet.connection import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE
+from fastnet.defaults import HANDSHAKE_TIMEOUT as DEFAULT_HANDSHAKE_TIMEOUT
+from fastnet.defaults import MAX_MESSAGE_SIZE_CONNECTION as DEFAULT_MAX_MESSAGE_SIZE
+from fastnet.handshake import Handshake, HandshakeReader
 from fastnet.errors import (AuthenticationError, MessageTooLarge, ProtocolError,
                             TimeoutError as FastnetTimeout, TruncatedFrameError)
 
@@ -37,138 +36,49 @@ if TYPE_CHECKING:
 
 __all__ = ["TLSChannel", "TLSTransport", "server_context", "client_context"]
 
-_WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+_encode_header = _framing.encode_header
+_COPY_THRESHOLD = _framing.COPY_THRESHOLD
 
 
 def _tls_error(e: BaseException) -> AuthenticationError:
     return AuthenticationError(f"TLS error: {e}")
 
 
-class TLSChannel(Channel):
-    """A :class:`fastnet._pure.framing.Channel` over a blocking ``ssl.SSLSocket``."""
+def _tls_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a Channel method so that an ssl.SSLError surfaces as AuthenticationError."""
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except ssl.SSLError as e:
+            # in TLS 1.3 a client learns only on a receive that its certificate was refused
+            raise _tls_error(e) from e
+    call.__name__ = method.__name__
+    call.__doc__ = method.__doc__
+    return call
 
-    __slots__ = ()
-    _sock: ssl.SSLSocket
+
+class TLSChannel(_framing.Channel):
+    """The active kernels' Channel over a blocking ``ssl.SSLSocket``, which carries its bytes (``io``).
+
+    A TLS error is an AuthenticationError; descriptors cannot be passed over TLS.
+    """
 
     def __init__(self, sock: socket.socket, max_size: SupportsInt | None = None,
                  bufsize: SupportsIndex = 262144) -> None:
-        super().__init__(sock, max_size, bufsize)
-        # SSLSocket has no recvmsg: nothing can carry SCM_RIGHTS anyway
-        self._is_unix = False
+        super().__init__(sock, max_size, bufsize, io=sock)
 
-    # -- receiving --------------------------------------------------------
-
-    def _read(self, view: memoryview, n: int, deadline: float, waitall: bool) -> int:
-        """recv_into up to n bytes (all n when waitall and no deadline, unless EOF); 0 means EOF."""
-        sock = self._sock
-        try:
-            if deadline < 0:
-                got = sock.recv_into(view, n)
-                while waitall and 0 < got < n:
-                    with view[got:n] as rest:
-                        r = sock.recv_into(rest, n - got)
-                    if r == 0:
-                        break
-                    got += r
-                return got
-            while True:
-                # decrypted bytes may sit in the SSL object while the fd has nothing
-                if not sock.pending() and not self._wait(_POLLIN, deadline):
-                    raise FastnetTimeout("timed out waiting for data")
-                # non-blocking for this read: a readable fd may hold only part of a
-                # record, or a record with no application data (a TLS 1.3 ticket)
-                sock.settimeout(0.0)
-                try:
-                    return sock.recv_into(view, n)
-                except _WANT:
-                    continue
-                finally:
-                    sock.settimeout(None)
-        except ssl.SSLError as e:
-            # in TLS 1.3 a client learns only here that its certificate was refused
-            raise _tls_error(e) from e
-
-    def buffered(self) -> int:
-        """Received bytes not yet returned, including those decrypted but still in the SSL object."""
-        n = self._decoder.buffered
-        sock = self._sock
-        return n + sock.pending() if sock is not None else n
-
-    def poll(self, timeout: float | None = 0.0) -> bool:
-        """True if data (or EOF) is there to receive, waiting up to timeout."""
-        sock = self._fdcheck()
-        d = self._decoder
-        if d._broken is not None or d.buffered > 0 or sock.pending() > 0:  # type: ignore[attr-defined]
-            return True
-        # a readable fd may carry only TLS records with no data (TLS 1.3
-        # session tickets), so read into the decoder to know
-        try:
-            self._fill(self._deadline(timeout))
-        except FastnetTimeout:
-            return False
-        except (EOFError, OSError):
-            return True     # the receive that follows reports it
-        return True
-
-    # -- sending ----------------------------------------------------------
-
-    def _sendv_all(self, parts: list[Any]) -> None:
-        """Send every part, coalescing small neighbours into one write (SSLSocket has no sendmsg)."""
-        sock = self._sock
-        small: list[Any] = []
-        try:
-            for p in parts:
-                if len(p) <= COPY_THRESHOLD:
-                    small.append(p)
-                    continue
-                if small:
-                    sock.sendall(b"".join(small))
-                    small = []
-                sock.sendall(p)
-            if small:
-                sock.sendall(b"".join(small))
-        except ssl.SSLError as e:
-            raise _tls_error(e) from e
-
-    def send_frame(self, buf: Buffer, offset: SupportsIndex = 0, size: SupportsIndex | None = None) -> None:
-        """Send one frame holding buf[offset:offset+size] (any contiguous buffer)."""
-        offset = _ssize(offset)
-        self._fdcheck()
-        with _view(buf) as view:
-            ln = len(view)
-            if offset < 0 or offset > ln:
-                raise ValueError("offset is out of range")
-            n = ln - offset if size is None else _ssize(size)
-            if n < 0:
-                raise ValueError("size is negative")
-            if offset + n > ln:
-                raise ValueError("buffer length < offset + size")
-            with view[offset:offset + n] as part:
-                self._sendv_all([_header(n), part])
-
-    def send_frames(self, buffers: Iterable[Buffer]) -> None:
-        """Send every buffer in the iterable as its own frame."""
-        bufs = list(buffers)
-        self._fdcheck()
-        views: list[memoryview] = []
-        try:
-            for b in bufs:
-                views.append(_view(b))
-            parts: list[bytes | memoryview] = []
-            for v in views:
-                parts.append(_header(len(v)))
-                parts.append(v)
-            self._sendv_all(parts)
-        finally:
-            for v in views:
-                v.release()
-
-    # -- descriptors ------------------------------------------------------
+    recv_frame = _tls_errors(_framing.Channel.recv_frame)
+    recv_frames = _tls_errors(_framing.Channel.recv_frames)
+    recv_frame_into = _tls_errors(_framing.Channel.recv_frame_into)
+    discard_frame = _tls_errors(_framing.Channel.discard_frame)
+    send_frame = _tls_errors(_framing.Channel.send_frame)
+    send_frames = _tls_errors(_framing.Channel.send_frames)
+    poll = _tls_errors(_framing.Channel.poll)
 
     def send_frame_fds(self, buf: Buffer, fds: Iterable[SupportsInt]) -> None:
         raise ValueError("descriptors cannot be passed over TLS")
 
-    def recv_frame_fds(self, maxfds: int = 253, timeout: float | None = None) -> tuple[bytes, list[int]]:
+    def recv_frame_fds(self, maxfds: SupportsIndex = 253, timeout: float | None = None) -> tuple[bytes, list[int]]:
         raise ValueError("descriptors cannot be passed over TLS")
 
 
@@ -213,9 +123,6 @@ def client_context(cafile: str | None = None, certfile: str | None = None, keyfi
 # -- TLS on the event loop ---------------------------------------------------------
 
 _HANDSHAKE, _AUTH, _OPEN = range(3)
-# authkey handshake steps: server side as fastnet.auth.server_authenticate,
-# client side as client_authenticate
-_SRV_RESPONSE, _SRV_CHALLENGE, _SRV_WELCOME, _CLI_CHALLENGE, _CLI_WELCOME, _CLI_RESPONSE = range(6)
 
 _RETRY = (BlockingIOError, InterruptedError)
 # Ciphertext read per readiness event; one buffer per thread serves every
@@ -240,10 +147,6 @@ def _recv_view() -> memoryview:
     return v
 
 
-def _frame(payload: bytes) -> bytes:
-    return len(payload).to_bytes(4, "big") + payload
-
-
 def _as_frame(b: Buffer) -> bytes | memoryview:
     """bytes as they are; another buffer as a flat byte view of it, copied only if not contiguous."""
     if type(b) is bytes:
@@ -254,6 +157,16 @@ def _as_frame(b: Buffer) -> bytes | memoryview:
     if mv.format != "B" or mv.ndim != 1:
         mv = mv.cast("B")
     return mv
+
+
+@runtime_checkable
+class TransportRegistry(Protocol):
+    """A loop that keeps its TLS transports (fastnet's EventLoop does): it lists
+    them among its transports and closes those still open when it closes."""
+
+    def _transport_opened(self, transport: TLSTransport) -> None: ...
+
+    def _transport_closed(self, transport: TLSTransport) -> None: ...
 
 
 class TLSTransport:
@@ -329,12 +242,9 @@ class TLSTransport:
         self._tls_shut = False              # close_notify produced
         self._drain_scheduled = False
         self._timer: _reactor.TimerHandle | None = None
-        # authkey handshake state
-        self._auth_step: int | None = None
-        self._nonce: bytes | None = None
-        self._abuf = bytearray()
-        self._aneed = 4
-        self._aheader = True
+        # the authkey handshake (fastnet.handshake), inside TLS
+        self._hs: Handshake | None = None
+        self._hs_reader: HandshakeReader | None = None
         self.messages_received = self.messages_sent = 0
         self.bytes_received = self.bytes_sent = 0
         self.pauses = 0
@@ -342,9 +252,8 @@ class TLSTransport:
         sock.setblocking(False)
         self._fd = sock.fileno()
         self._update_reading()      # may refuse the descriptor (select's FD_SETSIZE): nothing to undo
-        registry = getattr(loop, "_tls_transports", None)
-        if registry is not None:
-            registry.add(self)
+        if isinstance(loop, TransportRegistry):
+            loop._transport_opened(self)
         if handshake_timeout is not None:
             self._timer = loop.call_later(handshake_timeout, self._expired)
         self._guard(self._handshake)
@@ -561,20 +470,18 @@ class TLSTransport:
                 self._ready()
             return
         self._state = _AUTH
-        if self._server_side:
-            message, self._nonce = _auth.make_challenge(self._digest)
-            self._write_plain(message)
-            self._auth_step = _SRV_RESPONSE
-        else:
-            self._auth_step = _CLI_CHALLENGE
+        self._hs = Handshake(self._authkey, self._server_side, strict=self._strict, digest=self._digest)
+        self._hs_reader = HandshakeReader()
+        self._write_plain(self._hs.start())
         self._pump()
         if not self._closed:
             self._auth_read()
 
-    def _write_plain(self, payload: bytes) -> None:
-        """Encrypt one handshake frame (sent by the next _pump)."""
-        self._sslobj.write(_frame(payload))
-        self._take_output()
+    def _write_plain(self, payloads: list[bytes]) -> None:
+        """Encrypt handshake frames (sent by the next _pump)."""
+        if payloads:
+            self._sslobj.write(b"".join([x for p in payloads for x in (_encode_header(len(p)), p)]))
+            self._take_output()
 
     def _auth_read(self) -> None:
         try:
@@ -583,7 +490,7 @@ class TLSTransport:
                 if frame is None:
                     break
                 self._auth_advance(frame)
-        except AuthenticationError as exc:
+        except (AuthenticationError, EOFError) as exc:
             self._fail(exc)
             return
         except ssl.SSLError as e:
@@ -599,79 +506,28 @@ class TLSTransport:
 
     def _auth_frame(self) -> bytes | None:
         """The next handshake frame, read exactly so what follows stays for the protocol."""
+        reader = self._hs_reader
+        assert reader is not None
         while True:
             try:
-                chunk = self._sslobj.read(self._aneed)
+                chunk = self._sslobj.read(reader.want())
             except ssl.SSLWantReadError:
                 return None
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 chunk = b""
             if not chunk:
-                raise AuthenticationError("connection closed during the handshake")
-            self._abuf += chunk
-            self._aneed -= len(chunk)
-            if self._aneed:
-                continue
-            if self._aheader:
-                n = int.from_bytes(self._abuf, "big", signed=True)
-                self._abuf.clear()
-                if not 0 <= n <= _auth.MAX_HANDSHAKE_MESSAGE:
-                    raise AuthenticationError(f"handshake message of length {n} refused")
-                if n == 0:
-                    self._aneed = 4
-                    return b""
-                self._aheader = False
-                self._aneed = n
-                continue
-            frame = bytes(self._abuf)
-            self._abuf.clear()
-            self._aheader = True
-            self._aneed = 4
-            return frame
+                raise reader.eof()
+            frame = reader.feed(chunk)
+            if frame is not None:
+                return frame
 
     def _auth_advance(self, frame: bytes) -> None:
-        step = self._auth_step
-        key = self._authkey
-        assert key is not None     # the authkey handshake runs only with a key
-        if step == _SRV_RESPONSE:
-            try:
-                _auth.verify_response(key, self._nonce, frame, self._strict)  # type: ignore[arg-type]
-            except AuthenticationError:
-                self._write_plain(_auth.FAILURE)
-                raise
-            self._write_plain(_auth.WELCOME)
-            self._auth_step = _SRV_CHALLENGE
-        elif step == _SRV_CHALLENGE:
-            nonce = _auth.parse_challenge(frame)
-            self._write_plain(_auth.create_response(key, nonce, self._strict))
-            self._auth_step = _SRV_WELCOME
-        elif step == _SRV_WELCOME:
-            if frame != _auth.WELCOME:
-                raise AuthenticationError("digest sent was rejected")
-            self._state = _OPEN
-        elif step == _CLI_CHALLENGE:
-            nonce = _auth.parse_challenge(frame)
-            if nonce in _authmod._outstanding:
-                raise AuthenticationError("peer relayed a challenge issued by this process")
-            answer = _auth.create_response(key, nonce, self._strict)
-            message, self._nonce = _auth.make_challenge(self._digest)
-            _authmod._outstanding.add(self._nonce)
-            # response and our own challenge in one flight, as client_authenticate does
-            self._write_plain(answer)
-            self._write_plain(message)
-            self._auth_step = _CLI_WELCOME
-        elif step == _CLI_WELCOME:
-            if frame != _auth.WELCOME:
-                raise AuthenticationError("digest sent was rejected")
-            self._auth_step = _CLI_RESPONSE
-        elif step == _CLI_RESPONSE:
-            try:
-                _auth.verify_response(key, self._nonce, frame, self._strict)  # type: ignore[arg-type]
-            except AuthenticationError:
-                self._write_plain(_auth.FAILURE)
-                raise
-            self._write_plain(_auth.WELCOME)
-            _authmod._outstanding.discard(self._nonce)
+        hs = self._hs
+        assert hs is not None     # the authkey handshake runs only with a key
+        self._write_plain(hs.receive(frame))
+        if hs.error is not None:
+            raise hs.error
+        if hs.done:
             self._state = _OPEN
 
     def _fail(self, exc: BaseException) -> None:
@@ -735,8 +591,8 @@ class TLSTransport:
             data = data.cast("B") if data.ndim != 1 or data.format != "B" else data
         n = len(data)
         self.messages_sent += 1
-        if n <= COPY_THRESHOLD:
-            buf = _header(n) + data
+        if n <= _COPY_THRESHOLD:
+            buf = _encode_header(n) + data
             if self._state == _OPEN and not self._wq and not self._cq:
                 self._send_now(buf)
             else:
@@ -744,7 +600,7 @@ class TLSTransport:
                 self._pump()
                 self._check_high()
             return
-        self._enqueue(_header(n))
+        self._enqueue(_encode_header(n))
         self._enqueue(data)
         if not self._cq:
             self._pump()
@@ -770,8 +626,8 @@ class TLSTransport:
             return
         self.messages_sent += len(items)
         total = sum(len(b) + (4 if len(b) <= 0x7fffffff else 12) for b in items)
-        if total <= COPY_THRESHOLD:
-            buf = b"".join([x for b in items for x in (_header(len(b)), b)])
+        if total <= _COPY_THRESHOLD:
+            buf = b"".join([x for b in items for x in (_encode_header(len(b)), b)])
             if self._state == _OPEN and not self._wq and not self._cq:
                 self._send_now(buf)
             else:
@@ -780,7 +636,7 @@ class TLSTransport:
                 self._check_high()
             return
         for b in items:
-            self._enqueue(_header(len(b)))
+            self._enqueue(_encode_header(len(b)))
             if b:
                 self._enqueue(b)
         if not self._cq:
@@ -1113,15 +969,14 @@ class TLSTransport:
         self._wq_bytes = self._cq_bytes = 0
         self._decoder = None
         self._on_message = None  # type: ignore[assignment]
-        if not self._server_side and self._nonce is not None:
-            _authmod._outstanding.discard(self._nonce)
+        if self._hs is not None:
+            self._hs.abandon()
         try:
             self._sock.close()
         except OSError:
             pass
-        registry = getattr(loop, "_tls_transports", None)
-        if registry is not None:
-            registry.discard(self)
+        if isinstance(loop, TransportRegistry):
+            loop._transport_closed(self)
         cb = self._call_lost if self._made else self._call_fail
         if now or loop.is_closed():
             cb(exc)

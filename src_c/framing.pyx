@@ -31,7 +31,6 @@ from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, 
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 from cpython.object cimport PyObject
 from libc.string cimport memcpy, memmove, memset
-from libc.stdint cimport uint32_t, uint64_t, int32_t
 
 from fastnet.errors import (ProtocolError, MessageTooLarge, TruncatedFrameError,
                             BufferTooShort, TimeoutError as FastnetTimeout)
@@ -40,11 +39,13 @@ include "sockio.pxi"
 
 import sys
 
+# the header codec every compiled kernel shares
+from framing cimport write_header, parse_header, header_error
+
 cdef extern from "Python.h":
     # on a borrowed pointer: Cython's own Py_REFCNT(obj) counts the temporary it makes
     Py_ssize_t _refcnt "Py_REFCNT"(PyObject* o)
 
-DEF _HUGE = 0x7fffffff
 # The receive buffer doubles up to what it must hold; beyond this the
 # doubling would overflow Py_ssize_t (PY_SSIZE_T_MAX // 2).
 DEF _MAX_BUFFER = 0x3fffffffffffffff
@@ -54,28 +55,6 @@ LARGE_HEADER_SIZE = 12
 #: Frames at least this large are received straight into their own object.
 LARGE_FRAME = 65536
 DEFAULT_BUFSIZE = 262144
-
-
-cdef inline uint32_t _be32(const unsigned char* p) noexcept:
-    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | <uint32_t>p[3]
-
-
-cdef Py_ssize_t write_header(char* p, Py_ssize_t n) noexcept:
-    """Write the header for an n-byte payload at p; return its size (4 or 12)."""
-    cdef unsigned char* q = <unsigned char*>p
-    cdef uint64_t v
-    cdef int i
-    if n <= _HUGE:
-        q[0] = (n >> 24) & 0xff
-        q[1] = (n >> 16) & 0xff
-        q[2] = (n >> 8) & 0xff
-        q[3] = n & 0xff
-        return 4
-    q[0] = q[1] = q[2] = q[3] = 0xff
-    v = <uint64_t>n
-    for i in range(8):
-        q[4 + i] = (v >> (56 - 8 * i)) & 0xff
-    return 12
 
 
 def encode_header(Py_ssize_t n):
@@ -173,39 +152,23 @@ cdef class FrameDecoder:
 
     cdef int _parse_header(self, long long limit) except -1:
         """Consume a header if one is complete: 1 if a frame length is known, 0 if more bytes are needed."""
-        cdef const unsigned char* p
-        cdef int32_t n32
-        cdef uint64_t n64
         cdef long long n
         cdef Py_ssize_t avail
-        cdef int i
+        cdef int h
         if self.cur >= 0:
             return 1
         avail = self.wpos - self.rpos
         if avail < 4:
             return 0
-        p = <const unsigned char*>(self.buf + self.rpos)
         self.frame_start = self.received - <unsigned long long>avail
-        n32 = <int32_t>_be32(p)
-        if n32 >= 0:
-            n = n32
-            self.frame_hdr = 4
-            self._consume(4)
-        elif n32 == -1:
-            if avail < 12:
-                return 0
-            n64 = 0
-            for i in range(8):
-                n64 = (n64 << 8) | p[4 + i]
-            if n64 > <uint64_t>0x7fffffffffffffff:
-                self.broken = MessageTooLarge(f"frame header claims {n64} bytes")
-                raise self.broken
-            n = <long long>n64
-            self.frame_hdr = 12
-            self._consume(12)
-        else:
-            self.broken = ProtocolError(f"invalid frame length {n32}")
+        h = parse_header(<const unsigned char*>(self.buf + self.rpos), avail, &n)
+        if h == 0:
+            return 0
+        if h < 0:
+            self.broken = header_error(h, n)
             raise self.broken
+        self.frame_hdr = h
+        self._consume(h)
         if self.max_size >= 0 and n > self.max_size:
             self.broken = MessageTooLarge(
                 f"frame of {n} bytes exceeds max_message_size={self.max_size}")
@@ -427,12 +390,9 @@ cdef class FrameDecoder:
         return self._needed()
 
     cdef long long _needed(self):
-        cdef const unsigned char* p
         cdef Py_ssize_t pos = self.rpos, left
         cdef long long n = self.cur
-        cdef int32_t n32
-        cdef uint64_t n64
-        cdef int i
+        cdef int h
         if self.target is not None:
             if self.tpos < self.cur:
                 return self.cur - self.tpos
@@ -442,25 +402,12 @@ cdef class FrameDecoder:
             if n < 0:
                 if left == 0:
                     return 0
-                if left < 4:
-                    return 4 - left
-                p = <const unsigned char*>(self.buf + pos)
-                n32 = <int32_t>_be32(p)
-                if n32 >= 0:
-                    n = n32
-                    pos += 4
-                elif n32 == -1:
-                    if left < 12:
-                        return 12 - left
-                    n64 = 0
-                    for i in range(8):
-                        n64 = (n64 << 8) | p[4 + i]
-                    if n64 > <uint64_t>0x7fffffffffffffff:
-                        return 0    # a bad header, reported when it is parsed
-                    n = <long long>n64
-                    pos += 12
-                else:
-                    return 0
+                h = parse_header(<const unsigned char*>(self.buf + pos), left, &n)
+                if h == 0:
+                    return n
+                if h < 0:
+                    return 0    # a bad header, reported when it is parsed
+                pos += h
                 left = self.wpos - pos
             if n > left:
                 return n - left
@@ -1104,6 +1051,7 @@ cdef class Channel:
         cdef FrameDecoder d = self.decoder
         cdef Py_ssize_t r, pos = 0, got = 0
         cdef long long n
+        cdef int h
         cdef char* p
         cdef double until
         d._reserve(d.cap)
@@ -1140,9 +1088,9 @@ cdef class Channel:
                     return -1
         if r == 0:
             self._eof()
-        while r - pos >= 4:
-            n = <int32_t>_be32(<const unsigned char*>(p + pos))
-            if n < 0 or (d.max_size >= 0 and n > d.max_size) or n > r - pos - 4:
+        while True:
+            h = parse_header(<const unsigned char*>(p + pos), r - pos, &n)
+            if h != 4 or (d.max_size >= 0 and n > d.max_size) or n > r - pos - 4:
                 break
             pos += 4 + <Py_ssize_t>n
         while got < pos:

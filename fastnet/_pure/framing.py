@@ -71,10 +71,47 @@ def _longlong(x: Any) -> int:
     return int(x)
 
 
+# -- the frame header codec: the one copy the pure kernels share -------------
+# (the compiled kernels' is src_c/framing.pxd)
+
+_HDR_BAD_LENGTH = -1    # a negative length other than -1
+_HDR_TOO_LARGE = -2     # an 8-byte length beyond 2**63 - 1
+
+
 def _header(n: int) -> bytes:
+    """The header for an n-byte payload (n >= 0)."""
     if n <= _HUGE:
         return _pack_i32(n)
     return _LARGE_PREFIX + _U64.pack(n)
+
+
+def _parse_header(buf: Any, pos: int, avail: int) -> tuple[int, int]:
+    """Read the header at buf[pos:], of which avail bytes are present.
+
+    Returns (its size, the payload length); (0, the bytes it lacks) when it
+    is incomplete; (_HDR_BAD_LENGTH or _HDR_TOO_LARGE, the length) for a
+    header no peer may send (see _header_error).
+    """
+    if avail < 4:
+        return 0, 4 - avail
+    n = _unpack_i32(buf, pos)[0]
+    if n >= 0:
+        return 4, n
+    if n != -1:
+        return _HDR_BAD_LENGTH, n
+    if avail < 12:
+        return 0, 12 - avail
+    n = _unpack_u64(buf, pos + 4)[0]
+    if n > _LLONG_MAX:
+        return _HDR_TOO_LARGE, n
+    return 12, n
+
+
+def _header_error(code: int, n: int) -> Exception:
+    """The exception for a header _parse_header refused."""
+    if code == _HDR_TOO_LARGE:
+        return MessageTooLarge(f"frame header claims {n} bytes")
+    return ProtocolError(f"invalid frame length {n}")
 
 
 def encode_header(n: SupportsIndex) -> bytes:
@@ -195,22 +232,14 @@ class FrameDecoder:
         if avail < 4:
             return False
         self._frame_start = self._received - avail
-        n = _unpack_i32(self._buf, rpos)[0]
-        if n >= 0:
-            self._frame_hdr = 4
-            self._consume(4)
-        elif n == -1:
-            if avail < 12:
-                return False
-            n = _unpack_u64(self._buf, rpos + 4)[0]
-            if n > _LLONG_MAX:
-                self._broken = MessageTooLarge(f"frame header claims {n} bytes")
-                raise self._broken
-            self._frame_hdr = 12
-            self._consume(12)
-        else:
-            self._broken = ProtocolError(f"invalid frame length {n}")
+        h, n = _parse_header(self._buf, rpos, avail)
+        if h == 0:
+            return False
+        if h < 0:
+            self._broken = _header_error(h, n)
             raise self._broken
+        self._frame_hdr = h
+        self._consume(h)
         if self._max_size >= 0 and n > self._max_size:
             self._broken = MessageTooLarge(
                 f"frame of {n} bytes exceeds max_message_size={self._max_size}")
@@ -302,9 +331,10 @@ class FrameDecoder:
                 wpos = self._wpos
                 limit = self._max_size
                 last = -1
-                while wpos - rpos >= 4:
-                    n = _unpack_i32(buf, rpos)[0]
-                    if n < 0 or n > wpos - rpos - 4 or 0 <= limit < n:
+                while True:
+                    # small complete frames only; anything else goes through _next
+                    h, n = _parse_header(buf, rpos, wpos - rpos)
+                    if h != 4 or n > wpos - rpos - 4 or 0 <= limit < n:
                         break
                     last = rpos
                     rpos += 4 + n
@@ -338,20 +368,12 @@ class FrameDecoder:
             if n < 0:
                 if left == 0:
                     return 0
-                if left < 4:
-                    return 4 - left
-                n = _unpack_i32(buf, pos)[0]
-                if n >= 0:
-                    pos += 4
-                elif n == -1:
-                    if left < 12:
-                        return 12 - left
-                    n = _unpack_u64(buf, pos + 4)[0]
-                    if n > _LLONG_MAX:
-                        return 0    # a bad header, reported when it is parsed
-                    pos += 12
-                else:
-                    return 0
+                h, n = _parse_header(buf, pos, left)
+                if h == 0:
+                    return n
+                if h < 0:
+                    return 0    # a bad header, reported when it is parsed
+                pos += h
                 left = end - pos
             if n > left:
                 return n - left
@@ -1058,9 +1080,9 @@ class Channel:
         buf = d._buf
         limit = d._max_size
         pos = 0
-        while r - pos >= 4:
-            n = _unpack_i32(buf, wpos + pos)[0]
-            if n < 0 or 0 <= limit < n or n > r - pos - 4:
+        while True:
+            h, n = _parse_header(buf, wpos + pos, r - pos)
+            if h != 4 or 0 <= limit < n or n > r - pos - 4:
                 break
             pos += 4 + n
         read = self._readmsg if self._is_unix else self._read
