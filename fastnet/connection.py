@@ -670,7 +670,7 @@ class Listener:
         self._keepalive = keepalive
         self._ssl_context = ssl_context
         self._readahead = readahead
-        self._conn_opts = {"coalesce": _coalesce_limit(coalesce), "spin": _spin_us(spin), "shm": shm}
+        self._coalesce, self._spin, self._shm = _coalesce_limit(coalesce), _spin_us(spin), shm
 
     def accept(self) -> Connection:
         """Accept a connection; run the TLS handshake with an ssl_context, then the authkey one.
@@ -694,7 +694,7 @@ class Listener:
             factory = _tls_channel
         try:
             c = Connection(s, max_message_size=self._max_message_size, readahead=self._readahead,
-                           _channel_factory=factory, **self._conn_opts)
+                           _channel_factory=factory, coalesce=self._coalesce, spin=self._spin, shm=self._shm)
         except BaseException:
             s.close()
             raise

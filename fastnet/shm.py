@@ -306,7 +306,7 @@ def receive(header: bytes, fds: list[int], out: Any, max_size: int | None) -> An
     if np is not None:
         arr = np.ndarray(shape, _zc.dtype_of(kind, tname), buffer=mm, order=order)
     else:
-        arr = memoryview(mm).cast("B").cast(tname, shape) if shape else memoryview(mm)
+        arr = memoryview(mm).cast("B").cast(tname, shape) if shape else memoryview(mm)  # type: ignore[call-overload]
     if out is None:
         # the mapping lives as long as the arrays that view it
         return arr
