@@ -107,3 +107,18 @@ def test_channels_of_both_kernel_sets_spin_alike(kernels):
             rx.recv_frame_fds(maxlength=10)
         with pytest.raises(ValueError):
             kernels.framing.Channel(a, spin=-1.0)
+
+
+def test_rpc_proxy_spins_on_its_replies():
+    from rpcutil import ServerProcess
+    srv = ServerProcess(("127.0.0.1", 0))
+    try:
+        with fastnet.RPCProxy(srv.address, spin=50, timeout=T) as proxy:
+            assert proxy._link.conn.spin == 50
+            assert [proxy.add(i, 1) for i in range(500)] == list(range(1, 501))
+            futures = [proxy.call_async("add", i, i) for i in range(64)]
+            assert [f.result(T) for f in futures] == [2 * i for i in range(64)]
+        with pytest.raises(ValueError):
+            fastnet.RPCProxy(srv.address, spin=-5)
+    finally:
+        srv.close()
