@@ -10,7 +10,7 @@ a stdlib peer reading the header frame would get the descriptor dropped by
 its kernel and bytes it cannot use.
 
 Wire: one ordinary frame, the array header of :mod:`fastnet.zerocopy` with
-version :data:`fastnet.zerocopy.SHM_VERSION` (a fastnet peer that predates it
+version 2 (``fastnet.zerocopy.SHM_VERSION``; a fastnet peer that predates it
 refuses the header as an unsupported version and closes that connection), the
 segment's descriptor riding on it as SCM_RIGHTS. There is no payload frame.
 Over TCP or TLS the same call sends the ordinary two frames.
