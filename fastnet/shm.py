@@ -79,7 +79,7 @@ def available() -> bool:
 
 
 class _Segment:
-    __slots__ = ("fd", "size", "map")
+    __slots__ = ("fd", "size", "map", "lockable")
 
     def __init__(self, size: int) -> None:
         fd = os.memfd_create("fastnet-shm", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -92,6 +92,7 @@ class _Segment:
             raise
         self.fd = fd
         self.size = size
+        self.lockable = True    # False once handed over without a lock: never reused
 
     def free(self) -> bool:
         """True if no receiver holds the segment (its handover lock is gone)."""
@@ -104,7 +105,13 @@ class _Segment:
 
     def handover(self) -> int:
         """A new open file description of the segment, holding a shared flock, for sending."""
-        fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            # no /proc: the receiver gets our own description, and the pool
+            # can never tell when it is done, so the segment is not reused
+            self.lockable = False
+            return os.dup(self.fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BaseException:
@@ -144,6 +151,9 @@ class SegmentPool:
 
     def release(self, seg: _Segment) -> None:
         """Give a segment back after sending it (most recently used)."""
+        if not seg.lockable:
+            seg.close()
+            return
         with self._lock:
             self._segs.append(seg)
             total = sum(s.size for s in self._segs)
