@@ -265,7 +265,12 @@ def send(ch: Any, arr: Any, header: bytes, payload: Any) -> None:
     n = src.nbytes
     seg = pool.acquire(n)
     try:
-        seg.map[:n] = src
+        np = _zc._np
+        if np is not None and n:
+            # numpy copies with the GIL released; a memoryview assignment holds it
+            np.copyto(np.frombuffer(seg.map, np.uint8, n), np.frombuffer(src, np.uint8))
+        else:
+            seg.map[:n] = src
         fd = seg.handover()
         try:
             ch.send_frame_fds(shm_header(header), [fd])
