@@ -229,3 +229,28 @@ def test_channels_of_both_kernel_sets_coalesce_alike(kernels):
         assert [rx.recv_frame() for _ in range(4)] == [b"x" * 10, b"y" * 100, b"z" * 70000, b"tail"]
         with pytest.raises(ValueError):
             ch.set_coalesce(-1)
+
+
+def _tls_reader(address, cafile, n, report):
+    from fastnet import tls
+    ctx = tls.client_context(cafile=cafile)
+    with Client(address, ssl_context=ctx, spin=20) as c:
+        report.send([c.recv_bytes() for _ in range(n)])
+
+
+def test_coalescing_inside_tls(tmp_path):
+    pytest.importorskip("cryptography")
+    from tlsutil import make_pki, server_ctx
+    pki = make_pki(tmp_path)
+    msgs = [b"%d" % i * (1 + i % 30) for i in range(2000)]
+    with Listener(("127.0.0.1", 0), ssl_context=server_ctx(pki), coalesce=2048) as lst:
+        r, w = mp.Pipe(duplex=False)
+        p = CTX.Process(target=_tls_reader, args=(lst.address, pki["ca"], len(msgs), w))
+        p.start()
+        with lst.accept() as c:
+            for m in msgs:
+                c.send_bytes(m)
+            assert c.unflushed() > 0
+        assert r.recv() == msgs        # close() wrote the last ones, encrypted
+        p.join(T)
+    assert p.exitcode == 0
