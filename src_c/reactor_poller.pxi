@@ -161,6 +161,8 @@ cdef int _poll(Reactor self, double timeout) except -1:
     else:
         ms = <int>ceil(timeout * 1000.0)
     if self._kind == _K_EPOLL:
+        # A zero timeout (callbacks are ready) returns at once: keep the GIL
+        # rather than pay for releasing it around a call that cannot block.
         if ms == 0:
             n = _sys_epoll_wait(self._epfd, self._events, self._nevents, 0)
         else:

@@ -93,6 +93,10 @@ cdef class FramedTransport:
         cdef Reactor loop = self._loop
         cdef ssize_t n
         cdef int err
+        # No readiness check of our own: epoll just said readable, and EAGAIN
+        # (return 2) is how the edge-triggered read loop learns it is done.
+        # The GIL stays held: the shared buffer is the loop's, and a recv of
+        # what already arrived is shorter than releasing and retaking it.
         n = _sys_recv(self._fd, loop._rbuf, loop._rbufsize)
         if n > 0:
             self.bytes_received += n
@@ -119,6 +123,8 @@ cdef class FramedTransport:
         PyObject_GetBuffer(region, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
         want = view.len
         try:
+            # up to a whole large frame's remainder: a copy long enough to
+            # let other threads run meanwhile
             with nogil:
                 n = _sys_recv(self._fd, view.buf, view.len)
             err = errno
@@ -338,14 +344,18 @@ cdef class FramedTransport:
                 k += write_header(w + k, n)
                 memcpy(w + k, _qptr(b), n)
                 k += n
+            # as in _send_frame: behind a queue, join it; else send at once
+            # and queue only the tail the kernel did not take
             if self._wq:
                 return self._enqueue(PyBytes_FromStringAndSize(w, k), 0)
             r = self._try_send(w, k)
             if r >= 0 and r < k:
                 self._enqueue(PyBytes_FromStringAndSize(w + r, k - r), 0)
             return
-        # large batches: headers as small bytes objects, then a vectored write
-        # of as much as the kernel takes; the rest is queued
+        # Large batches: headers as small bytes objects, then one vectored
+        # write (at most IOV_MAX pieces) tried at once when nothing is
+        # queued; the pieces the kernel did not take, the first possibly
+        # from an offset, are queued by reference, not copied.
         pieces = []
         for b in items:
             h = write_header(loop._wbuf, _qlen(b))
@@ -421,6 +431,9 @@ cdef class FramedTransport:
             return -1
 
     cdef int _enqueue(self, object b, Py_ssize_t off) except -1:
+        # Only here, when the queue becomes non-empty, is write interest
+        # handed to the backend: a send the kernel took whole costs no
+        # epoll_ctl. _write_ready withdraws it once the queue is empty.
         if self._closed:
             return 0
         if not self._wq:

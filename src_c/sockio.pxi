@@ -52,6 +52,11 @@ cdef inline int _wait_fd(int fd, short events, double deadline) except -1:
 cdef inline int _send_all(int fd, const char* p, Py_ssize_t n) except -1:
     """Send every byte; small writes are tried with the GIL held, waits release it."""
     cdef ssize_t r
+    # A small write is tried at once, non-blocking and with the GIL held:
+    # the socket buffer almost always has room, and a send that completes
+    # is cheaper than dropping and retaking the GIL. Only on EAGAIN is the
+    # GIL released, to wait in poll(). A large write releases the GIL for
+    # the send itself, whose copy into the kernel then dominates.
     while n > 0:
         if n > 65536:
             with nogil:
@@ -80,6 +85,9 @@ cdef inline int _sendv_all(int fd, iovec* iov, Py_ssize_t cnt) except -1:
     cdef ssize_t r
     cdef size_t left
     cdef Py_ssize_t i = 0
+    # Vectored writes carry a large payload (small frames go through
+    # _send_all), so the GIL is released for the call at once; after a
+    # partial write the iovecs are advanced past the bytes the kernel took.
     while i < cnt:
         m.msg_name = NULL
         m.msg_namelen = 0
