@@ -1,4 +1,5 @@
-# Callbacks on the ready queue and the per-descriptor table entry (included by reactor.pyx).
+# Callbacks on the ready queue (handles, the deferred connection_lost call) and
+# the per-descriptor table entry (included by reactor.pyx).
 
 @cython.freelist(256)
 cdef class Handle:
@@ -41,3 +42,16 @@ cdef inline Handle _new_handle(callback, tuple args):
 @cython.final
 cdef class _FdEntry:
     """A watched descriptor: its reader and writer or its stream, and the backend's interest."""
+
+
+cdef class _LostCall:
+    """Calls protocol.connection_lost(exc) once, then forgets the protocol."""
+
+    def __call__(self):
+        p = self.protocol
+        exc = self.exc
+        self.protocol = None
+        self.exc = None
+        lost = getattr(p, "connection_lost", None)
+        if lost is not None:
+            lost(exc)

@@ -1,7 +1,7 @@
 # Timers: TimerHandle and the reactor's binary heap, ordered by (when, seq) so
 # timers due at the same instant run in the order they were scheduled.
-# A cancelled timer stays in the heap until it surfaces, or until
-# cancellations outnumber live timers and _compact_timers rebuilds the heap
+# A cancelled timer stays in the heap until it surfaces, or until more than
+# 64 and over half of the heap are cancelled and _compact_timers rebuilds it
 # (included by reactor.pyx).
 
 cdef class TimerHandle(Handle):

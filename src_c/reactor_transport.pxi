@@ -28,19 +28,6 @@ cdef object _as_frame(object b):
     return mv
 
 
-cdef class _LostCall:
-    """Calls protocol.connection_lost(exc) once, then forgets the protocol."""
-
-    def __call__(self):
-        p = self.protocol
-        exc = self.exc
-        self.protocol = None
-        self.exc = None
-        lost = getattr(p, "connection_lost", None)
-        if lost is not None:
-            lost(exc)
-
-
 cdef class FramedTransport:
     """Length-prefixed frames over a non-blocking stream socket on a Reactor.
 
