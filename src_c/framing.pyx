@@ -79,6 +79,22 @@ cdef _Block _new_block(Py_ssize_t size):
     return b
 
 
+cdef class _UserBuffer:
+    """A caller's writable buffer a frame is being received into (next_frame_into).
+
+    Holds the buffer export, so the memory stays put (a bytearray cannot be
+    resized) while the decoder or a get_buffer() region still points into it.
+    """
+    cdef Py_buffer view
+    cdef bint held
+    cdef object obj
+    cdef Py_ssize_t offset
+
+    def __dealloc__(self):
+        if self.held:
+            PyBuffer_Release(&self.view)
+
+
 cdef class FrameDecoder:
     """Incremental decoder of length-prefixed frames.
 
@@ -93,7 +109,8 @@ cdef class FrameDecoder:
     cdef Py_ssize_t rpos
     cdef Py_ssize_t wpos
     cdef Py_ssize_t cur          # length of the frame whose header was consumed, -1 if none
-    cdef object target           # bytes object being filled for a large frame, or None
+    cdef object target           # bytes object (or _UserBuffer) being filled for a large frame, or None
+    cdef bint user               # target is a caller's buffer (next_frame_into)
     cdef char* tptr
     cdef Py_ssize_t tpos
     cdef readonly long long max_size
@@ -111,6 +128,7 @@ cdef class FrameDecoder:
         self.wpos = 0
         self.cur = -1
         self.target = None
+        self.user = False
         self.tptr = NULL
         self.tpos = 0
         self.received = 0
@@ -225,6 +243,8 @@ cdef class FrameDecoder:
             # the header was parsed earlier (has_frame, poll, a timed-out receive)
             self.broken = MessageTooLarge(f"bad message length: {self.cur} bytes exceeds maxlength={limit}")
             raise self.broken
+        if self.user:
+            self._detach()
         if self.target is not None:
             if self.tpos < self.cur:
                 return None
@@ -246,7 +266,97 @@ cdef class FrameDecoder:
             self._switch_to_target()
         return None
 
+    cdef int _detach(self) except -1:
+        """Move the part of a frame received into a caller's buffer into a bytes object of its own."""
+        cdef object t
+        try:
+            t = PyBytes_FromStringAndSize(NULL, self.cur)
+        except (MemoryError, OverflowError):
+            self.broken = MessageTooLarge(f"frame of {self.cur} bytes cannot be allocated")
+            raise self.broken from None
+        memcpy(PyBytes_AS_STRING(t), self.tptr, self.tpos)
+        self.target = t
+        self.tptr = PyBytes_AS_STRING(t)
+        self.user = False
+        return 0
+
     # -- Python API ------------------------------------------------------
+
+    def next_frame_into(self, buf, Py_ssize_t offset=0):
+        """Receive the next frame into the writable buffer ``buf`` at ``offset``.
+
+        Returns the frame's length once it is complete, else None: call
+        again, with the same buffer and offset, after each buffer_updated().
+        Once the header is parsed, what is buffered of the frame is copied
+        into ``buf`` and get_buffer() hands out the rest of it, so the
+        payload goes from the socket straight into ``buf``. A frame longer
+        than the space is received whole and raised as BufferTooShort
+        carrying it. :meth:`detach` (or any other receive) moves a frame
+        left half-received into the decoder's own memory.
+        """
+        cdef _UserBuffer ub
+        cdef Py_ssize_t n, avail
+        cdef object f
+        self._check()
+        if self.user:
+            ub = <_UserBuffer>self.target
+            if ub.obj is not buf or ub.offset != offset:
+                self._detach()
+            elif self.tpos < self.cur:
+                return None
+            else:
+                self.target = None
+                self.tptr = NULL
+                self.user = False
+                n = self.cur
+                self.cur = -1
+                return n
+        if self.target is None and not self._parse_header(-1):
+            return None
+        ub = _UserBuffer.__new__(_UserBuffer)
+        PyObject_GetBuffer(buf, &ub.view, PyBUF_WRITABLE | PyBUF_ANY_CONTIGUOUS)
+        ub.held = True
+        if offset < 0 or offset > ub.view.len:
+            raise ValueError("offset out of bounds")
+        n = self.cur
+        if n > ub.view.len - offset:
+            f = self._next(-1)
+            if f is None:
+                return None
+            raise BufferTooShort(f)
+        ub.obj = buf
+        ub.offset = offset
+        if self.target is not None:
+            memcpy(<char*>ub.view.buf + offset, self.tptr, self.tpos)
+            if self.tpos >= n:
+                self.target = None
+                self.tptr = NULL
+                self.cur = -1
+                return n
+        else:
+            avail = self.wpos - self.rpos
+            if avail >= n:
+                memcpy(<char*>ub.view.buf + offset, self.buf + self.rpos, n)
+                self.cur = -1
+                self._consume(n)
+                return n
+            memcpy(<char*>ub.view.buf + offset, self.buf + self.rpos, avail)
+            self.tpos = avail
+            self.rpos = self.wpos = 0
+        self.target = ub
+        self.tptr = <char*>ub.view.buf + offset
+        self.user = True
+        return None
+
+    def detach(self):
+        """Stop receiving into the caller's buffer of next_frame_into(); keep the frame whole.
+
+        What it holds of the frame so far is copied into the decoder's own
+        memory and the frame is returned by a later next_frame(). Does
+        nothing when no frame is being received into a caller's buffer.
+        """
+        if self.user:
+            self._detach()
 
     def feed(self, data):
         """Append bytes received from the peer (any buffer-protocol object)."""
@@ -330,10 +440,16 @@ cdef class FrameDecoder:
             self.wpos += nbytes
         self.received += nbytes
 
-    def next_frame(self):
-        """Return the next complete frame as bytes, or None if none is complete."""
+    def next_frame(self, maxlength=None):
+        """Return the next complete frame as bytes, or None if none is complete.
+
+        A frame longer than ``maxlength`` raises MessageTooLarge as soon as
+        its header is parsed, before its payload is received (the asyncio
+        face's ``recv_bytes(maxlength)``, the handshake's message limit).
+        """
+        cdef long long limit = -1 if maxlength is None else maxlength
         self._check()
-        return self._next(-1)
+        return self._next(limit)
 
     def frames(self):
         """Return every complete frame now buffered, as a list of bytes."""
