@@ -22,9 +22,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def _depends(name):
     """The files a kernel's C source is generated from besides its .pyx.
 
-    cythonize follows include and cimport itself; setuptools does not, so
-    without these a change to an included part would not rebuild an
-    extension whose generated C file is still there.
+    cythonize follows include and cimport when it decides to regenerate the
+    C file; as depends, setuptools' own out-of-date check of the extension
+    (which otherwise sees only its C source) covers them too.
     """
     if name == "auth":
         return []
