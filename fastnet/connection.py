@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, SupportsInt
 from fastnet import auth as _auth
 from fastnet import zerocopy as _zc
 from fastnet._kernels import framing as _framing
+from fastnet.defaults import HANDSHAKE_TIMEOUT, MAX_MESSAGE_SIZE_CONNECTION
 from fastnet.address import arbitrary_address, parse_address, format_address, bind as _bind
 from fastnet.errors import (MessageTooLarge, ProtocolError, TimeoutError, BufferTooShort,
                             AuthenticationError)
@@ -34,12 +35,11 @@ from fastnet.errors import (MessageTooLarge, ProtocolError, TimeoutError, Buffer
 if TYPE_CHECKING:
     from typing_extensions import Buffer, TypeAlias
 
-    from fastnet._pure.framing import Channel as _PureChannel
     from fastnet.address import Address
     from fastnet.tls import TLSChannel
 
-    # the compiled channel, or a pure-Python one (TLS frames inside a TLSChannel)
-    _Channel: TypeAlias = "_framing.Channel | _PureChannel"
+    # the active kernels' channel, or a TLSChannel (frames inside TLS)
+    _Channel: TypeAlias = "_framing.Channel | TLSChannel"
 
 __all__ = ["Connection", "Listener", "Client", "Pipe", "wait", "set_keepalive", "DEFAULT_MAX_MESSAGE_SIZE",
            "DEFAULT_HANDSHAKE_TIMEOUT"]
@@ -47,9 +47,9 @@ __all__ = ["Connection", "Listener", "Client", "Pipe", "wait", "set_keepalive", 
 #: Largest message a connection accepts unless told otherwise (1 GiB). A
 #: header claiming more is refused before anything is allocated. Pass
 #: ``max_message_size=None`` to lift the limit for a trusted peer.
-DEFAULT_MAX_MESSAGE_SIZE = 1 << 30
+DEFAULT_MAX_MESSAGE_SIZE = MAX_MESSAGE_SIZE_CONNECTION
 #: Seconds a Listener gives a new peer to finish the authkey handshake.
-DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_HANDSHAKE_TIMEOUT = HANDSHAKE_TIMEOUT
 # Per-connection receive buffer; grows for a frame that needs more.
 _BUFSIZE = 65536
 

@@ -52,6 +52,11 @@ class MessageTooLarge(FastnetError, OSError):
     """A frame is larger than the receiver allows; nothing was allocated for it."""
 
 
+class HandshakeMessageTooLarge(AuthenticationError, MessageTooLarge):
+    """A handshake message over 256 bytes: an AuthenticationError, and the
+    OSError ("bad message length") multiprocessing raises for it."""
+
+
 class BufferTooShort(FastnetError, multiprocessing.BufferTooShort):
     """``recv_bytes_into`` got a message longer than the buffer.
 

@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 from fastnet._kernels import reactor as _reactor
 from fastnet.address import parse_address, bind as _bind
-from fastnet.connection import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE
+from fastnet.defaults import HANDSHAKE_TIMEOUT as DEFAULT_HANDSHAKE_TIMEOUT
+from fastnet.defaults import MAX_MESSAGE_SIZE_CONNECTION as DEFAULT_MAX_MESSAGE_SIZE
 from fastnet.errors import TimeoutError
 from fastnet.tls import TLSTransport
 
@@ -463,6 +464,13 @@ class EventLoop(_reactor.Reactor):
                             handshake_timeout=handshake_timeout, max_message_size=max_message_size,
                             high_water=high_water, low_water=low_water, strict=strict,
                             digest=digest, on_fail=on_fail, on_ready=on_ready)
+
+    def _transport_opened(self, transport: TLSTransport) -> None:
+        # fastnet.tls.TransportRegistry: a TLS transport began on this loop
+        self._tls_transports.add(transport)
+
+    def _transport_closed(self, transport: TLSTransport) -> None:
+        self._tls_transports.discard(transport)
 
     @property
     def transports(self) -> list[Any]:

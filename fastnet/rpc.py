@@ -77,7 +77,7 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer
 
     from fastnet._c.framing import Channel as _CChannel
-    from fastnet._pure.framing import Channel as _PChannel
+    from fastnet.tls import TLSChannel
     from fastnet.codecs import Codec
     from fastnet.connection import Connection
     from fastnet.monitor import Monitor
@@ -1047,7 +1047,7 @@ class RPCProxy:
     _backoff: tuple[float, float]
     _keepalive: float | None
     _conn: Connection | None
-    _ch: _CChannel | _PChannel | None
+    _ch: _CChannel | TLSChannel | None
     _gen: int
     _closed: bool
     _lock: threading.Lock
@@ -1239,6 +1239,9 @@ class RPCProxy:
                     if not isinstance(e.__cause__, (EOFError, OSError)):
                         raise
                     err: BaseException = e
+                except EOFError as e:
+                    # the peer closed mid-handshake (or mid-frame): a connection failure
+                    err = e
                 except (ProtocolError, ValueError, TypeError):
                     raise
                 except OSError as e:

@@ -126,11 +126,12 @@ from collections.abc import Callable, Iterable, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from fastnet._kernels import auth as _auth
+from fastnet._kernels import framing as _framing
 from fastnet.address import parse_address, bind as _bind
-from fastnet.connection import DEFAULT_HANDSHAKE_TIMEOUT
+from fastnet import defaults as _defaults
 from fastnet.errors import AuthenticationError, ProtocolError, TimeoutError
 from fastnet.fdpass import recv_fds, send_fds
+from fastnet.handshake import Handshake, HandshakeReader
 from fastnet.loop import EventLoop
 from fastnet.tls import TLSTransport
 
@@ -156,17 +157,14 @@ __all__ = [
 logger = logging.getLogger("fastnet.server")
 
 CONCURRENCY = ("loop", "thread", "fork", "prefork")
-#: Connections open at once (handshakes included); more wait in the backlog.
-DEFAULT_MAX_CONNECTIONS = 1000
-#: Largest frame a MessageHandler accepts (64 MiB). Lower than a Connection's
-#: 1 GiB because a server multiplies it by its connections.
-DEFAULT_MAX_MESSAGE_SIZE = 64 << 20
-#: Seconds without traffic after which a connection is closed.
-DEFAULT_IDLE_TIMEOUT = 300.0
-#: Seconds shutdown() gives connections and workers to finish.
-DEFAULT_SHUTDOWN_TIMEOUT = 10.0
+# the public names of fastnet.defaults' server limits (see there)
+DEFAULT_MAX_CONNECTIONS = _defaults.MAX_CONNECTIONS_SERVER
+DEFAULT_MAX_MESSAGE_SIZE = _defaults.MAX_MESSAGE_SIZE_SERVER
+DEFAULT_IDLE_TIMEOUT = _defaults.IDLE_TIMEOUT_SERVER
+DEFAULT_HANDSHAKE_TIMEOUT = _defaults.HANDSHAKE_TIMEOUT
+DEFAULT_SHUTDOWN_TIMEOUT = _defaults.SHUTDOWN_TIMEOUT_SERVER
 _DEFAULT_WORKERS = {"thread": 16, "fork": 40}
-DEFAULT_WORKER_THREADS = 8
+DEFAULT_WORKER_THREADS = _defaults.WORKER_THREADS_SERVER
 
 _ACCEPT_BATCH = 64
 _ACCEPT_BACKOFF = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -183,10 +181,6 @@ _QUICK_DEATH = 1.0
 _RESPAWN_MAX_DELAY = 5.0
 
 _local = threading.local()
-
-
-def _frame(payload: bytes) -> bytes:
-    return len(payload).to_bytes(4, "big") + payload
 
 
 def _quiet_close(sock: socket.socket) -> None:
@@ -737,7 +731,7 @@ class _Engine:
 
 # -- the TLS and authkey handshakes as a state machine on the loop --------------------
 
-_HS_TLS, _HS_RESPONSE, _HS_CHALLENGE, _HS_WELCOME, _HS_DONE = range(5)
+_HS_TLS, _HS_AUTH, _HS_DONE = range(3)
 _SSL_RETRY = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
@@ -746,14 +740,12 @@ class _Handshake:
 
     With the server's ssl_context, first the TLS handshake on a non-blocking
     ``ssl.SSLSocket``; then, with its authkey, multiprocessing's mutual
-    handshake (inside TLS when there is TLS). The authkey messages are the
-    same, in the same order, as fastnet.auth.server_authenticate's: our
-    challenge; the peer's response, then WELCOME (or FAILURE); the peer's
-    challenge, then our response; the peer's WELCOME. Frames are read
-    exactly (header, then payload), so nothing after the last handshake
-    message is consumed and the socket can go to any handler. Replies
-    produced in one wake-up go out in one send, so a pipelining client costs
-    two round trips.
+    handshake (inside TLS when there is TLS), spoken by the same
+    :class:`fastnet.handshake.Handshake` as fastnet.auth.server_authenticate.
+    Frames are read exactly (header, then payload), so nothing after the
+    last handshake message is consumed and the socket can go to any
+    handler. Replies produced in one wake-up go out in one send, so a
+    pipelining client costs two round trips.
 
     ``owner`` (the server, or a prefork worker's engine) keeps the pending
     handshakes in ``owner._handshakes`` and hears how each ended:
@@ -769,11 +761,9 @@ class _Handshake:
         self.sock = sock
         self.addr = addr
         self.fd = sock.fileno()
-        self.nonce: bytes | None = None
+        self.auth: Handshake | None = None
+        self.reader = HandshakeReader()
         self.out = bytearray()
-        self.buf = bytearray()
-        self.need = 4
-        self.header = True
         self.writing = False
         sock.setblocking(False)
         if server.ssl_context is not None:
@@ -798,9 +788,15 @@ class _Handshake:
         self._writable()
 
     def _challenge(self) -> None:
-        message, self.nonce = _auth.make_challenge(self.server.digest)
-        self.out += _frame(message)
-        self.state = _HS_RESPONSE
+        srv = self.server
+        self.auth = Handshake(srv.authkey, True, strict=srv.strict, digest=srv.digest)  # type: ignore[arg-type]
+        self._queue(self.auth.start())
+        self.state = _HS_AUTH
+
+    def _queue(self, payloads: list[bytes]) -> None:
+        for p in payloads:
+            self.out += _framing.encode_header(len(p))
+            self.out += p
 
     def _tls(self) -> bool:
         """Advance the TLS handshake; True once it is done."""
@@ -848,50 +844,23 @@ class _Handshake:
     def _read_frame(self) -> bytes | None:
         while True:
             try:
-                chunk = self.sock.recv(self.need)
+                chunk = self.sock.recv(self.reader.want())
             except _SSL_RETRY:
                 return None
             if not chunk:
-                raise AuthenticationError("connection closed during the handshake")
-            self.buf += chunk
-            self.need -= len(chunk)
-            if self.need:
-                continue
-            if self.header:
-                n = int.from_bytes(self.buf, "big", signed=True)
-                self.buf.clear()
-                if not 0 <= n <= _auth.MAX_HANDSHAKE_MESSAGE:
-                    raise AuthenticationError(f"handshake message of length {n} refused")
-                if n == 0:
-                    self.need = 4
-                    return b""
-                self.header = False
-                self.need = n
-                continue
-            frame = bytes(self.buf)
-            self.buf.clear()
-            self.header = True
-            self.need = 4
-            return frame
+                raise self.reader.eof()
+            frame = self.reader.feed(chunk)
+            if frame is not None:
+                return frame
 
     def _step(self, frame: bytes) -> None:
-        srv = self.server
-        if self.state == _HS_RESPONSE:
-            try:
-                _auth.verify_response(srv.authkey, self.nonce, frame, srv.strict)  # type: ignore[arg-type]
-            except AuthenticationError:
-                self.out += _frame(_auth.FAILURE)
-                self._flush()
-                raise
-            self.out += _frame(_auth.WELCOME)
-            self.state = _HS_CHALLENGE
-        elif self.state == _HS_CHALLENGE:
-            nonce = _auth.parse_challenge(frame)
-            self.out += _frame(_auth.create_response(srv.authkey, nonce, srv.strict))  # type: ignore[arg-type]
-            self.state = _HS_WELCOME
-        elif self.state == _HS_WELCOME:
-            if frame != _auth.WELCOME:
-                raise AuthenticationError("digest sent was rejected")
+        hs = self.auth
+        assert hs is not None
+        self._queue(hs.receive(frame))
+        if hs.error is not None:
+            self._flush()   # a FAILURE frame, so the peer learns why
+            raise hs.error
+        if hs.done:
             self.state = _HS_DONE
 
     def _flush(self) -> None:

@@ -17,19 +17,22 @@ authkey=..., ssl_context=...)`` talks to a loop server and back.
 from __future__ import annotations
 
 import collections
+import operator
+import select
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, SupportsIndex, SupportsInt
+from pickle import PickleBuffer
+from typing import TYPE_CHECKING, Any, Protocol, SupportsIndex, SupportsInt, runtime_checkable
 
-from fastnet import auth as _authmod
-from fastnet._kernels import auth as _auth
 from fastnet._kernels import framing as _framing
 from fastnet._kernels import reactor as _reactor
-from fastnet._pure.framing import Channel, COPY_THRESHOLD, _POLLIN, _header, _ssize, _view
-from fastnet.connection import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE
-from fastnet.errors import (AuthenticationError, MessageTooLarge, ProtocolError,
+from fastnet.defaults import HANDSHAKE_TIMEOUT as DEFAULT_HANDSHAKE_TIMEOUT
+from fastnet.defaults import MAX_MESSAGE_SIZE_CONNECTION as DEFAULT_MAX_MESSAGE_SIZE
+from fastnet.handshake import Handshake, HandshakeReader
+from fastnet.errors import (AuthenticationError, BufferTooShort, MessageTooLarge, ProtocolError,
                             TimeoutError as FastnetTimeout, TruncatedFrameError)
 
 if TYPE_CHECKING:
@@ -37,6 +40,8 @@ if TYPE_CHECKING:
 
 __all__ = ["TLSChannel", "TLSTransport", "server_context", "client_context"]
 
+_encode_header = _framing.encode_header
+_COPY_THRESHOLD = _framing.COPY_THRESHOLD
 _WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
@@ -44,53 +49,146 @@ def _tls_error(e: BaseException) -> AuthenticationError:
     return AuthenticationError(f"TLS error: {e}")
 
 
-class TLSChannel(Channel):
-    """A :class:`fastnet._pure.framing.Channel` over a blocking ``ssl.SSLSocket``."""
+class TLSChannel:
+    """Frames over a blocking ``ssl.SSLSocket``: the Channel API, on the active kernels' FrameDecoder.
 
-    __slots__ = ()
-    _sock: ssl.SSLSocket
+    ``TLSChannel(sock, max_size=None, bufsize=262144)``, as
+    ``fastnet._kernels.framing.Channel`` but reading and writing through
+    the SSL socket (the compiled Channel does syscalls on the descriptor,
+    which carries ciphertext). Descriptors cannot be passed over TLS.
+    """
+
+    __slots__ = ("_sock", "_decoder", "_poller")
 
     def __init__(self, sock: socket.socket, max_size: SupportsInt | None = None,
                  bufsize: SupportsIndex = 262144) -> None:
-        super().__init__(sock, max_size, bufsize)
-        # SSLSocket has no recvmsg: nothing can carry SCM_RIGHTS anyway
-        self._is_unix = False
+        if sock.fileno() < 0:
+            raise ValueError("socket is closed")
+        self._sock: ssl.SSLSocket | None = sock  # type: ignore[assignment]  # an SSLSocket, by its factory
+        self._decoder = _framing.FrameDecoder(max_size, bufsize)
+        self._poller: select.poll | None = None
+
+    @property
+    def decoder(self) -> _framing.FrameDecoder:
+        """The FrameDecoder this channel receives through."""
+        return self._decoder
+
+    @property
+    def max_size(self) -> int | None:
+        """The largest frame accepted (None: unlimited)."""
+        m = self._decoder.max_size
+        return None if m < 0 else m
+
+    def release(self) -> None:
+        """Forget the socket (it is being closed)."""
+        self._sock = None
+        self._poller = None
+
+    def _fdcheck(self) -> ssl.SSLSocket:
+        sock = self._sock
+        if sock is None:
+            raise OSError(9, "handle is closed")
+        return sock
+
+    @staticmethod
+    def _deadline(timeout: float | None) -> float:
+        if timeout is None:
+            return -1.0
+        if timeout < 0:
+            raise ValueError("timeout must be >= 0 or None")
+        return time.monotonic() + timeout
+
+    def _wait(self, deadline: float) -> bool:
+        """Wait until the socket is readable; False at the deadline."""
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self._fdcheck(), select.POLLIN)
+        left = deadline - time.monotonic()
+        return bool(self._poller.poll(max(0, int(left * 1000.0) + 1)))
 
     # -- receiving --------------------------------------------------------
 
-    def _read(self, view: memoryview, n: int, deadline: float, waitall: bool) -> int:
-        """recv_into up to n bytes (all n when waitall and no deadline, unless EOF); 0 means EOF."""
-        sock = self._sock
+    def _fill(self, deadline: float) -> None:
+        """One read into the decoder; the end of the stream raises EOFError or TruncatedFrameError."""
+        sock = self._fdcheck()
+        d = self._decoder
+        region = d.get_buffer()
         try:
             if deadline < 0:
-                got = sock.recv_into(view, n)
-                while waitall and 0 < got < n:
-                    with view[got:n] as rest:
-                        r = sock.recv_into(rest, n - got)
-                    if r == 0:
+                n = sock.recv_into(region)
+            else:
+                while True:
+                    # decrypted bytes may sit in the SSL object while the fd has nothing
+                    if not sock.pending() and not self._wait(deadline):
+                        raise FastnetTimeout("timed out waiting for data")
+                    # non-blocking for this read: a readable fd may hold only part of a
+                    # record, or a record with no application data (a TLS 1.3 ticket)
+                    sock.settimeout(0.0)
+                    try:
+                        n = sock.recv_into(region)
                         break
-                    got += r
-                return got
-            while True:
-                # decrypted bytes may sit in the SSL object while the fd has nothing
-                if not sock.pending() and not self._wait(_POLLIN, deadline):
-                    raise FastnetTimeout("timed out waiting for data")
-                # non-blocking for this read: a readable fd may hold only part of a
-                # record, or a record with no application data (a TLS 1.3 ticket)
-                sock.settimeout(0.0)
-                try:
-                    return sock.recv_into(view, n)
-                except _WANT:
-                    continue
-                finally:
-                    sock.settimeout(None)
+                    except _WANT:
+                        continue
+                    finally:
+                        sock.settimeout(None)
         except ssl.SSLError as e:
             # in TLS 1.3 a client learns only here that its certificate was refused
             raise _tls_error(e) from e
+        finally:
+            region.release()
+        d.buffer_updated(n)
+        if n == 0:
+            d.eof()     # TruncatedFrameError inside a frame
+            raise EOFError
+
+    def recv_frame(self, maxlength: SupportsInt | None = None, timeout: float | None = None) -> bytes:
+        """Receive one frame as bytes. EOFError on a clean close."""
+        deadline = self._deadline(timeout)
+        self._fdcheck()
+        d = self._decoder
+        while True:
+            f = d.next_frame(maxlength)
+            if f is not None:
+                return f
+            self._fill(deadline)
+
+    def recv_frames(self, timeout: float | None = None) -> list[bytes]:
+        """Receive every frame available now as a list, blocking for at least one."""
+        deadline = self._deadline(timeout)
+        self._fdcheck()
+        d = self._decoder
+        while True:
+            out = d.frames()
+            if out:
+                return out
+            self._fill(deadline)
+
+    def recv_frame_into(self, buf: Buffer, offset: SupportsIndex = 0) -> int:
+        """Receive one frame into buf at offset and return its length (BufferTooShort if it does not fit)."""
+        offset = operator.index(offset)
+        with PickleBuffer(buf).raw() as view:
+            if view.readonly:
+                raise BufferError("Object is not writable.")
+            if offset < 0 or offset > len(view):
+                raise ValueError("offset out of bounds")
+            f = self.recv_frame()
+            n = len(f)
+            if n > len(view) - offset:
+                raise BufferTooShort(f)
+            view[offset:offset + n] = f
+        return n
+
+    def discard_frame(self) -> None:
+        """Receive the next frame and drop it."""
+        self.recv_frame()
+
+    def has_frame(self) -> bool:
+        """True if a complete frame is buffered."""
+        return self._decoder.has_frame()
 
     def buffered(self) -> int:
         """Received bytes not yet returned, including those decrypted but still in the SSL object."""
-        n = self._decoder.buffered
+        n: int = self._decoder.buffered
         sock = self._sock
         return n + sock.pending() if sock is not None else n
 
@@ -98,8 +196,11 @@ class TLSChannel(Channel):
         """True if data (or EOF) is there to receive, waiting up to timeout."""
         sock = self._fdcheck()
         d = self._decoder
-        if d._broken is not None or d.buffered > 0 or sock.pending() > 0:  # type: ignore[attr-defined]
-            return True
+        try:
+            if d.has_frame() or d.buffered > 0 or sock.pending() > 0:
+                return True
+        except (ProtocolError, MessageTooLarge):
+            return True     # the receive that follows reports it
         # a readable fd may carry only TLS records with no data (TLS 1.3
         # session tickets), so read into the decoder to know
         try:
@@ -114,11 +215,11 @@ class TLSChannel(Channel):
 
     def _sendv_all(self, parts: list[Any]) -> None:
         """Send every part, coalescing small neighbours into one write (SSLSocket has no sendmsg)."""
-        sock = self._sock
+        sock = self._fdcheck()
         small: list[Any] = []
         try:
             for p in parts:
-                if len(p) <= COPY_THRESHOLD:
+                if len(p) <= _COPY_THRESHOLD:
                     small.append(p)
                     continue
                 if small:
@@ -132,19 +233,19 @@ class TLSChannel(Channel):
 
     def send_frame(self, buf: Buffer, offset: SupportsIndex = 0, size: SupportsIndex | None = None) -> None:
         """Send one frame holding buf[offset:offset+size] (any contiguous buffer)."""
-        offset = _ssize(offset)
+        offset = operator.index(offset)
         self._fdcheck()
-        with _view(buf) as view:
+        with PickleBuffer(buf).raw() as view:
             ln = len(view)
             if offset < 0 or offset > ln:
                 raise ValueError("offset is out of range")
-            n = ln - offset if size is None else _ssize(size)
+            n = ln - offset if size is None else operator.index(size)
             if n < 0:
                 raise ValueError("size is negative")
             if offset + n > ln:
                 raise ValueError("buffer length < offset + size")
             with view[offset:offset + n] as part:
-                self._sendv_all([_header(n), part])
+                self._sendv_all([_encode_header(n), part])
 
     def send_frames(self, buffers: Iterable[Buffer]) -> None:
         """Send every buffer in the iterable as its own frame."""
@@ -153,10 +254,10 @@ class TLSChannel(Channel):
         views: list[memoryview] = []
         try:
             for b in bufs:
-                views.append(_view(b))
+                views.append(PickleBuffer(b).raw())
             parts: list[bytes | memoryview] = []
             for v in views:
-                parts.append(_header(len(v)))
+                parts.append(_encode_header(len(v)))
                 parts.append(v)
             self._sendv_all(parts)
         finally:
@@ -170,6 +271,10 @@ class TLSChannel(Channel):
 
     def recv_frame_fds(self, maxfds: int = 253, timeout: float | None = None) -> tuple[bytes, list[int]]:
         raise ValueError("descriptors cannot be passed over TLS")
+
+    def pending_fds(self) -> int:
+        """Descriptors received and not yet claimed: none ever arrive over TLS."""
+        return 0
 
 
 def server_context(certfile: str, keyfile: str | None, cafile: str | None = None,
@@ -213,9 +318,6 @@ def client_context(cafile: str | None = None, certfile: str | None = None, keyfi
 # -- TLS on the event loop ---------------------------------------------------------
 
 _HANDSHAKE, _AUTH, _OPEN = range(3)
-# authkey handshake steps: server side as fastnet.auth.server_authenticate,
-# client side as client_authenticate
-_SRV_RESPONSE, _SRV_CHALLENGE, _SRV_WELCOME, _CLI_CHALLENGE, _CLI_WELCOME, _CLI_RESPONSE = range(6)
 
 _RETRY = (BlockingIOError, InterruptedError)
 # Ciphertext read per readiness event; one buffer per thread serves every
@@ -240,10 +342,6 @@ def _recv_view() -> memoryview:
     return v
 
 
-def _frame(payload: bytes) -> bytes:
-    return len(payload).to_bytes(4, "big") + payload
-
-
 def _as_frame(b: Buffer) -> bytes | memoryview:
     """bytes as they are; another buffer as a flat byte view of it, copied only if not contiguous."""
     if type(b) is bytes:
@@ -254,6 +352,16 @@ def _as_frame(b: Buffer) -> bytes | memoryview:
     if mv.format != "B" or mv.ndim != 1:
         mv = mv.cast("B")
     return mv
+
+
+@runtime_checkable
+class TransportRegistry(Protocol):
+    """A loop that keeps its TLS transports (fastnet's EventLoop does): it lists
+    them among its transports and closes those still open when it closes."""
+
+    def _transport_opened(self, transport: TLSTransport) -> None: ...
+
+    def _transport_closed(self, transport: TLSTransport) -> None: ...
 
 
 class TLSTransport:
@@ -329,12 +437,9 @@ class TLSTransport:
         self._tls_shut = False              # close_notify produced
         self._drain_scheduled = False
         self._timer: _reactor.TimerHandle | None = None
-        # authkey handshake state
-        self._auth_step: int | None = None
-        self._nonce: bytes | None = None
-        self._abuf = bytearray()
-        self._aneed = 4
-        self._aheader = True
+        # the authkey handshake (fastnet.handshake), inside TLS
+        self._hs: Handshake | None = None
+        self._hs_reader: HandshakeReader | None = None
         self.messages_received = self.messages_sent = 0
         self.bytes_received = self.bytes_sent = 0
         self.pauses = 0
@@ -342,9 +447,8 @@ class TLSTransport:
         sock.setblocking(False)
         self._fd = sock.fileno()
         self._update_reading()      # may refuse the descriptor (select's FD_SETSIZE): nothing to undo
-        registry = getattr(loop, "_tls_transports", None)
-        if registry is not None:
-            registry.add(self)
+        if isinstance(loop, TransportRegistry):
+            loop._transport_opened(self)
         if handshake_timeout is not None:
             self._timer = loop.call_later(handshake_timeout, self._expired)
         self._guard(self._handshake)
@@ -561,20 +665,18 @@ class TLSTransport:
                 self._ready()
             return
         self._state = _AUTH
-        if self._server_side:
-            message, self._nonce = _auth.make_challenge(self._digest)
-            self._write_plain(message)
-            self._auth_step = _SRV_RESPONSE
-        else:
-            self._auth_step = _CLI_CHALLENGE
+        self._hs = Handshake(self._authkey, self._server_side, strict=self._strict, digest=self._digest)
+        self._hs_reader = HandshakeReader()
+        self._write_plain(self._hs.start())
         self._pump()
         if not self._closed:
             self._auth_read()
 
-    def _write_plain(self, payload: bytes) -> None:
-        """Encrypt one handshake frame (sent by the next _pump)."""
-        self._sslobj.write(_frame(payload))
-        self._take_output()
+    def _write_plain(self, payloads: list[bytes]) -> None:
+        """Encrypt handshake frames (sent by the next _pump)."""
+        if payloads:
+            self._sslobj.write(b"".join([x for p in payloads for x in (_encode_header(len(p)), p)]))
+            self._take_output()
 
     def _auth_read(self) -> None:
         try:
@@ -583,7 +685,7 @@ class TLSTransport:
                 if frame is None:
                     break
                 self._auth_advance(frame)
-        except AuthenticationError as exc:
+        except (AuthenticationError, EOFError) as exc:
             self._fail(exc)
             return
         except ssl.SSLError as e:
@@ -599,79 +701,28 @@ class TLSTransport:
 
     def _auth_frame(self) -> bytes | None:
         """The next handshake frame, read exactly so what follows stays for the protocol."""
+        reader = self._hs_reader
+        assert reader is not None
         while True:
             try:
-                chunk = self._sslobj.read(self._aneed)
+                chunk = self._sslobj.read(reader.want())
             except ssl.SSLWantReadError:
                 return None
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 chunk = b""
             if not chunk:
-                raise AuthenticationError("connection closed during the handshake")
-            self._abuf += chunk
-            self._aneed -= len(chunk)
-            if self._aneed:
-                continue
-            if self._aheader:
-                n = int.from_bytes(self._abuf, "big", signed=True)
-                self._abuf.clear()
-                if not 0 <= n <= _auth.MAX_HANDSHAKE_MESSAGE:
-                    raise AuthenticationError(f"handshake message of length {n} refused")
-                if n == 0:
-                    self._aneed = 4
-                    return b""
-                self._aheader = False
-                self._aneed = n
-                continue
-            frame = bytes(self._abuf)
-            self._abuf.clear()
-            self._aheader = True
-            self._aneed = 4
-            return frame
+                raise reader.eof()
+            frame = reader.feed(chunk)
+            if frame is not None:
+                return frame
 
     def _auth_advance(self, frame: bytes) -> None:
-        step = self._auth_step
-        key = self._authkey
-        assert key is not None     # the authkey handshake runs only with a key
-        if step == _SRV_RESPONSE:
-            try:
-                _auth.verify_response(key, self._nonce, frame, self._strict)  # type: ignore[arg-type]
-            except AuthenticationError:
-                self._write_plain(_auth.FAILURE)
-                raise
-            self._write_plain(_auth.WELCOME)
-            self._auth_step = _SRV_CHALLENGE
-        elif step == _SRV_CHALLENGE:
-            nonce = _auth.parse_challenge(frame)
-            self._write_plain(_auth.create_response(key, nonce, self._strict))
-            self._auth_step = _SRV_WELCOME
-        elif step == _SRV_WELCOME:
-            if frame != _auth.WELCOME:
-                raise AuthenticationError("digest sent was rejected")
-            self._state = _OPEN
-        elif step == _CLI_CHALLENGE:
-            nonce = _auth.parse_challenge(frame)
-            if nonce in _authmod._outstanding:
-                raise AuthenticationError("peer relayed a challenge issued by this process")
-            answer = _auth.create_response(key, nonce, self._strict)
-            message, self._nonce = _auth.make_challenge(self._digest)
-            _authmod._outstanding.add(self._nonce)
-            # response and our own challenge in one flight, as client_authenticate does
-            self._write_plain(answer)
-            self._write_plain(message)
-            self._auth_step = _CLI_WELCOME
-        elif step == _CLI_WELCOME:
-            if frame != _auth.WELCOME:
-                raise AuthenticationError("digest sent was rejected")
-            self._auth_step = _CLI_RESPONSE
-        elif step == _CLI_RESPONSE:
-            try:
-                _auth.verify_response(key, self._nonce, frame, self._strict)  # type: ignore[arg-type]
-            except AuthenticationError:
-                self._write_plain(_auth.FAILURE)
-                raise
-            self._write_plain(_auth.WELCOME)
-            _authmod._outstanding.discard(self._nonce)
+        hs = self._hs
+        assert hs is not None     # the authkey handshake runs only with a key
+        self._write_plain(hs.receive(frame))
+        if hs.error is not None:
+            raise hs.error
+        if hs.done:
             self._state = _OPEN
 
     def _fail(self, exc: BaseException) -> None:
@@ -735,8 +786,8 @@ class TLSTransport:
             data = data.cast("B") if data.ndim != 1 or data.format != "B" else data
         n = len(data)
         self.messages_sent += 1
-        if n <= COPY_THRESHOLD:
-            buf = _header(n) + data
+        if n <= _COPY_THRESHOLD:
+            buf = _encode_header(n) + data
             if self._state == _OPEN and not self._wq and not self._cq:
                 self._send_now(buf)
             else:
@@ -744,7 +795,7 @@ class TLSTransport:
                 self._pump()
                 self._check_high()
             return
-        self._enqueue(_header(n))
+        self._enqueue(_encode_header(n))
         self._enqueue(data)
         if not self._cq:
             self._pump()
@@ -770,8 +821,8 @@ class TLSTransport:
             return
         self.messages_sent += len(items)
         total = sum(len(b) + (4 if len(b) <= 0x7fffffff else 12) for b in items)
-        if total <= COPY_THRESHOLD:
-            buf = b"".join([x for b in items for x in (_header(len(b)), b)])
+        if total <= _COPY_THRESHOLD:
+            buf = b"".join([x for b in items for x in (_encode_header(len(b)), b)])
             if self._state == _OPEN and not self._wq and not self._cq:
                 self._send_now(buf)
             else:
@@ -780,7 +831,7 @@ class TLSTransport:
                 self._check_high()
             return
         for b in items:
-            self._enqueue(_header(len(b)))
+            self._enqueue(_encode_header(len(b)))
             if b:
                 self._enqueue(b)
         if not self._cq:
@@ -1113,15 +1164,14 @@ class TLSTransport:
         self._wq_bytes = self._cq_bytes = 0
         self._decoder = None
         self._on_message = None  # type: ignore[assignment]
-        if not self._server_side and self._nonce is not None:
-            _authmod._outstanding.discard(self._nonce)
+        if self._hs is not None:
+            self._hs.abandon()
         try:
             self._sock.close()
         except OSError:
             pass
-        registry = getattr(loop, "_tls_transports", None)
-        if registry is not None:
-            registry.discard(self)
+        if isinstance(loop, TransportRegistry):
+            loop._transport_closed(self)
         cb = self._call_lost if self._made else self._call_fail
         if now or loop.is_closed():
             cb(exc)

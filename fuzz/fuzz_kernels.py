@@ -50,6 +50,22 @@ SAFE_CLAIM, UNALLOCATABLE = 1 << 20, 2**56
 cframing = pframing = cauth = pauth = errors = None
 
 
+def _reference():
+    """fuzz_reference.py beside this file, however this file was loaded."""
+    import importlib.util
+    mod = sys.modules.get("fuzz_reference")
+    if mod is None:
+        spec = importlib.util.spec_from_file_location(
+            "fuzz_reference", os.path.join(os.path.dirname(os.path.abspath(__file__)), "fuzz_reference.py"))
+        mod = sys.modules["fuzz_reference"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    return mod
+
+
+_ref = _reference()
+ref_parse, ref_claims, hmac_ok = _ref.ref_parse, _ref.ref_claims, _ref.hmac_ok
+
+
 def _load():
     """Import the kernels (inside atheris.instrument_imports when fuzzing)."""
     global cframing, pframing, cauth, pauth, errors
@@ -102,45 +118,6 @@ def _ensure(cond, what):
 
 
 # -- framing ---------------------------------------------------------------------------------
-
-
-def ref_parse(stream, max_size):
-    """(complete frames, error type at the first bad header or None, bytes missing), from the format alone."""
-    frames, pos = [], 0
-    while True:
-        left = len(stream) - pos
-        if left < 4:
-            return frames, None, (4 - left) if left else 0
-        n, h = struct.unpack_from("!i", stream, pos)[0], 4
-        if n == -1:
-            if left < 12:
-                return frames, None, 12 - left
-            n, h = struct.unpack_from("!Q", stream, pos + 4)[0], 12
-            if n > LLONG_MAX:
-                return frames, errors.MessageTooLarge, 0
-        elif n < 0:
-            return frames, errors.ProtocolError, 0
-        if max_size is not None and n > max_size:
-            return frames, errors.MessageTooLarge, n - min(n, left - h)
-        if left - h < n:
-            return frames, None, n - (left - h)
-        frames.append(bytes(stream[pos + h:pos + h + n]))
-        pos += h + n
-
-
-def ref_claims(stream):
-    pos, out = 0, []
-    while len(stream) - pos >= 4:
-        n, h = struct.unpack_from("!i", stream, pos)[0], 4
-        if n == -1:
-            if len(stream) - pos < 12:
-                break
-            n, h = struct.unpack_from("!Q", stream, pos + 4)[0], 12
-        elif n < 0:
-            break
-        out.append(n)
-        pos += h + n
-    return out
 
 
 class _Reader:
@@ -339,23 +316,6 @@ def check_framing(data):
 # -- the handshake -----------------------------------------------------------------------------
 
 
-def _hmac_ok(key, nonce, response, strict):
-    """What verify_response must decide, from CPython's rules alone."""
-    if len(response) in (16, 20):
-        name, mac = "md5", response
-    else:
-        for name in ("md5", "sha256", "sha384", "sha3_256", "sha3_384"):
-            prefix = b"{%s}" % name.encode()
-            if response.startswith(prefix):
-                mac = response[len(prefix):]
-                break
-        else:
-            return False
-    if strict and name == "md5":
-        return False
-    return hmac.compare_digest(hmac.digest(key, nonce, name), mac)
-
-
 def _auth(name):
     return getattr(cauth, name), getattr(pauth, name)
 
@@ -393,7 +353,7 @@ def check_handshake(data):
         _both("create_response", key, res[1], strict)
     _both("create_response", key, message, strict)
     res = _both("verify_response", key, nonce, message, strict)
-    _ensure((res[0] == "ok") == _hmac_ok(key, nonce, message, strict),
+    _ensure((res[0] == "ok") == hmac_ok(key, nonce, message, strict),
             f"verify_response {res!r} against the HMAC rules")
     if res[0] == "raise":
         _ensure(res[1] is errors.AuthenticationError, f"verify_response raised {res!r}")

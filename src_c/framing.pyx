@@ -21,18 +21,19 @@ from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, 
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 from cpython.object cimport PyObject
 from libc.string cimport memcpy, memmove, memset
-from libc.stdint cimport uint32_t, uint64_t, int32_t
 
 from fastnet.errors import (ProtocolError, MessageTooLarge, TruncatedFrameError,
                             BufferTooShort, TimeoutError as FastnetTimeout)
 
 include "sockio.pxi"
 
+# the header codec every compiled kernel shares
+from framing cimport write_header, parse_header, header_error
+
 cdef extern from "Python.h":
     # on a borrowed pointer: Cython's own Py_REFCNT(obj) counts the temporary it makes
     Py_ssize_t _refcnt "Py_REFCNT"(PyObject* o)
 
-DEF _HUGE = 0x7fffffff
 # The receive buffer doubles up to what it must hold; beyond this the
 # doubling would overflow Py_ssize_t (PY_SSIZE_T_MAX // 2).
 DEF _MAX_BUFFER = 0x3fffffffffffffff
@@ -42,28 +43,6 @@ LARGE_HEADER_SIZE = 12
 #: Frames at least this large are received straight into their own object.
 LARGE_FRAME = 65536
 DEFAULT_BUFSIZE = 262144
-
-
-cdef inline uint32_t _be32(const unsigned char* p) noexcept:
-    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | <uint32_t>p[3]
-
-
-cdef Py_ssize_t write_header(char* p, Py_ssize_t n) noexcept:
-    """Write the header for an n-byte payload at p; return its size (4 or 12)."""
-    cdef unsigned char* q = <unsigned char*>p
-    cdef uint64_t v
-    cdef int i
-    if n <= _HUGE:
-        q[0] = (n >> 24) & 0xff
-        q[1] = (n >> 16) & 0xff
-        q[2] = (n >> 8) & 0xff
-        q[3] = n & 0xff
-        return 4
-    q[0] = q[1] = q[2] = q[3] = 0xff
-    v = <uint64_t>n
-    for i in range(8):
-        q[4 + i] = (v >> (56 - 8 * i)) & 0xff
-    return 12
 
 
 def encode_header(Py_ssize_t n):
@@ -95,6 +74,22 @@ cdef _Block _new_block(Py_ssize_t size):
     return b
 
 
+cdef class _UserBuffer:
+    """A caller's writable buffer a frame is being received into (next_frame_into).
+
+    Holds the buffer export, so the memory stays put (a bytearray cannot be
+    resized) while the decoder or a get_buffer() region still points into it.
+    """
+    cdef Py_buffer view
+    cdef bint held
+    cdef object obj
+    cdef Py_ssize_t offset
+
+    def __dealloc__(self):
+        if self.held:
+            PyBuffer_Release(&self.view)
+
+
 cdef class FrameDecoder:
     """Incremental decoder of length-prefixed frames.
 
@@ -109,7 +104,8 @@ cdef class FrameDecoder:
     cdef Py_ssize_t rpos
     cdef Py_ssize_t wpos
     cdef Py_ssize_t cur          # length of the frame whose header was consumed, -1 if none
-    cdef object target           # bytes object being filled for a large frame, or None
+    cdef object target           # bytes object (or _UserBuffer) being filled for a large frame, or None
+    cdef bint user               # target is a caller's buffer (next_frame_into)
     cdef char* tptr
     cdef Py_ssize_t tpos
     cdef readonly long long max_size
@@ -127,6 +123,7 @@ cdef class FrameDecoder:
         self.wpos = 0
         self.cur = -1
         self.target = None
+        self.user = False
         self.tptr = NULL
         self.tpos = 0
         self.received = 0
@@ -161,39 +158,23 @@ cdef class FrameDecoder:
 
     cdef int _parse_header(self, long long limit) except -1:
         """Consume a header if one is complete: 1 if a frame length is known, 0 if more bytes are needed."""
-        cdef const unsigned char* p
-        cdef int32_t n32
-        cdef uint64_t n64
         cdef long long n
         cdef Py_ssize_t avail
-        cdef int i
+        cdef int h
         if self.cur >= 0:
             return 1
         avail = self.wpos - self.rpos
         if avail < 4:
             return 0
-        p = <const unsigned char*>(self.buf + self.rpos)
         self.frame_start = self.received - <unsigned long long>avail
-        n32 = <int32_t>_be32(p)
-        if n32 >= 0:
-            n = n32
-            self.frame_hdr = 4
-            self._consume(4)
-        elif n32 == -1:
-            if avail < 12:
-                return 0
-            n64 = 0
-            for i in range(8):
-                n64 = (n64 << 8) | p[4 + i]
-            if n64 > <uint64_t>0x7fffffffffffffff:
-                self.broken = MessageTooLarge(f"frame header claims {n64} bytes")
-                raise self.broken
-            n = <long long>n64
-            self.frame_hdr = 12
-            self._consume(12)
-        else:
-            self.broken = ProtocolError(f"invalid frame length {n32}")
+        h = parse_header(<const unsigned char*>(self.buf + self.rpos), avail, &n)
+        if h == 0:
+            return 0
+        if h < 0:
+            self.broken = header_error(h, n)
             raise self.broken
+        self.frame_hdr = h
+        self._consume(h)
         if self.max_size >= 0 and n > self.max_size:
             self.broken = MessageTooLarge(
                 f"frame of {n} bytes exceeds max_message_size={self.max_size}")
@@ -257,6 +238,8 @@ cdef class FrameDecoder:
             # the header was parsed earlier (has_frame, poll, a timed-out receive)
             self.broken = MessageTooLarge(f"bad message length: {self.cur} bytes exceeds maxlength={limit}")
             raise self.broken
+        if self.user:
+            self._detach()
         if self.target is not None:
             if self.tpos < self.cur:
                 return None
@@ -278,7 +261,97 @@ cdef class FrameDecoder:
             self._switch_to_target()
         return None
 
+    cdef int _detach(self) except -1:
+        """Move the part of a frame received into a caller's buffer into a bytes object of its own."""
+        cdef object t
+        try:
+            t = PyBytes_FromStringAndSize(NULL, self.cur)
+        except (MemoryError, OverflowError):
+            self.broken = MessageTooLarge(f"frame of {self.cur} bytes cannot be allocated")
+            raise self.broken from None
+        memcpy(PyBytes_AS_STRING(t), self.tptr, self.tpos)
+        self.target = t
+        self.tptr = PyBytes_AS_STRING(t)
+        self.user = False
+        return 0
+
     # -- Python API ------------------------------------------------------
+
+    def next_frame_into(self, buf, Py_ssize_t offset=0):
+        """Receive the next frame into the writable buffer ``buf`` at ``offset``.
+
+        Returns the frame's length once it is complete, else None: call
+        again, with the same buffer and offset, after each buffer_updated().
+        Once the header is parsed, what is buffered of the frame is copied
+        into ``buf`` and get_buffer() hands out the rest of it, so the
+        payload goes from the socket straight into ``buf``. A frame longer
+        than the space is received whole and raised as BufferTooShort
+        carrying it. :meth:`detach` (or any other receive) moves a frame
+        left half-received into the decoder's own memory.
+        """
+        cdef _UserBuffer ub
+        cdef Py_ssize_t n, avail
+        cdef object f
+        self._check()
+        if self.user:
+            ub = <_UserBuffer>self.target
+            if ub.obj is not buf or ub.offset != offset:
+                self._detach()
+            elif self.tpos < self.cur:
+                return None
+            else:
+                self.target = None
+                self.tptr = NULL
+                self.user = False
+                n = self.cur
+                self.cur = -1
+                return n
+        if self.target is None and not self._parse_header(-1):
+            return None
+        ub = _UserBuffer.__new__(_UserBuffer)
+        PyObject_GetBuffer(buf, &ub.view, PyBUF_WRITABLE | PyBUF_ANY_CONTIGUOUS)
+        ub.held = True
+        if offset < 0 or offset > ub.view.len:
+            raise ValueError("offset out of bounds")
+        n = self.cur
+        if n > ub.view.len - offset:
+            f = self._next(-1)
+            if f is None:
+                return None
+            raise BufferTooShort(f)
+        ub.obj = buf
+        ub.offset = offset
+        if self.target is not None:
+            memcpy(<char*>ub.view.buf + offset, self.tptr, self.tpos)
+            if self.tpos >= n:
+                self.target = None
+                self.tptr = NULL
+                self.cur = -1
+                return n
+        else:
+            avail = self.wpos - self.rpos
+            if avail >= n:
+                memcpy(<char*>ub.view.buf + offset, self.buf + self.rpos, n)
+                self.cur = -1
+                self._consume(n)
+                return n
+            memcpy(<char*>ub.view.buf + offset, self.buf + self.rpos, avail)
+            self.tpos = avail
+            self.rpos = self.wpos = 0
+        self.target = ub
+        self.tptr = <char*>ub.view.buf + offset
+        self.user = True
+        return None
+
+    def detach(self):
+        """Stop receiving into the caller's buffer of next_frame_into(); keep the frame whole.
+
+        What it holds of the frame so far is copied into the decoder's own
+        memory and the frame is returned by a later next_frame(). Does
+        nothing when no frame is being received into a caller's buffer.
+        """
+        if self.user:
+            self._detach()
 
     def feed(self, data):
         """Append bytes received from the peer (any buffer-protocol object)."""
@@ -362,10 +435,15 @@ cdef class FrameDecoder:
             self.wpos += nbytes
         self.received += nbytes
 
-    def next_frame(self):
-        """Return the next complete frame as bytes, or None if none is complete."""
+    def next_frame(self, maxlength=None):
+        """Return the next complete frame as bytes, or None if none is complete.
+
+        A frame longer than ``maxlength`` raises MessageTooLarge as soon as
+        its header is parsed, before its payload is received.
+        """
+        cdef long long limit = -1 if maxlength is None else maxlength
         self._check()
-        return self._next(-1)
+        return self._next(limit)
 
     def frames(self):
         """Return every complete frame now buffered, as a list of bytes."""
@@ -415,12 +493,9 @@ cdef class FrameDecoder:
         return self._needed()
 
     cdef long long _needed(self):
-        cdef const unsigned char* p
         cdef Py_ssize_t pos = self.rpos, left
         cdef long long n = self.cur
-        cdef int32_t n32
-        cdef uint64_t n64
-        cdef int i
+        cdef int h
         if self.target is not None:
             if self.tpos < self.cur:
                 return self.cur - self.tpos
@@ -430,25 +505,12 @@ cdef class FrameDecoder:
             if n < 0:
                 if left == 0:
                     return 0
-                if left < 4:
-                    return 4 - left
-                p = <const unsigned char*>(self.buf + pos)
-                n32 = <int32_t>_be32(p)
-                if n32 >= 0:
-                    n = n32
-                    pos += 4
-                elif n32 == -1:
-                    if left < 12:
-                        return 12 - left
-                    n64 = 0
-                    for i in range(8):
-                        n64 = (n64 << 8) | p[4 + i]
-                    if n64 > <uint64_t>0x7fffffffffffffff:
-                        return 0    # a bad header, reported when it is parsed
-                    n = <long long>n64
-                    pos += 12
-                else:
-                    return 0
+                h = parse_header(<const unsigned char*>(self.buf + pos), left, &n)
+                if h == 0:
+                    return n
+                if h < 0:
+                    return 0    # a bad header, reported when it is parsed
+                pos += h
                 left = self.wpos - pos
             if n > left:
                 return n - left

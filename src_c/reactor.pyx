@@ -40,6 +40,8 @@ from fastnet._c.framing import FrameDecoder
 
 include "sockio.pxi"
 
+from framing cimport write_header, parse_header, header_error
+
 cdef class Reactor
 cdef class FramedTransport
 
@@ -157,27 +159,6 @@ def default_backend():
 
 cdef object _closed_error():
     return RuntimeError("the event loop is closed")
-
-
-cdef inline uint32_t _be32(const unsigned char* p) noexcept:
-    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | <uint32_t>p[3]
-
-
-cdef inline Py_ssize_t _put_header(char* p, Py_ssize_t n) noexcept:
-    cdef unsigned char* q = <unsigned char*>p
-    cdef uint64_t v
-    cdef int i
-    if n <= 0x7fffffff:
-        q[0] = (n >> 24) & 0xff
-        q[1] = (n >> 16) & 0xff
-        q[2] = (n >> 8) & 0xff
-        q[3] = n & 0xff
-        return 4
-    q[0] = q[1] = q[2] = q[3] = 0xff
-    v = <uint64_t>n
-    for i in range(8):
-        q[4 + i] = (v >> (56 - 8 * i)) & 0xff
-    return 12
 
 
 cdef int _fd_of(obj) except -1:
@@ -1331,44 +1312,26 @@ cdef class FramedTransport:
 
     cdef int _process(self, char* p, Py_ssize_t n) except -1:
         """Deliver every whole frame in p[0:n]; keep the rest in the decoder."""
-        cdef Py_ssize_t off = 0, avail, hdr
+        cdef Py_ssize_t off = 0, hdr
         cdef long long length
-        cdef int32_t n32
-        cdef uint64_t n64
-        cdef const unsigned char* q
-        cdef int i
         if self._dirty:
             if self._feed(p, n) < 0:
                 return 0
             return self._drain()
+        # whole frames are cut straight out of the read buffer; only a tail
+        # goes through the decoder
         while True:
-            avail = n - off
-            if avail < 4:
+            hdr = parse_header(<const unsigned char*>(p + off), n - off, &length)
+            if hdr == 0:
                 break
-            q = <const unsigned char*>(p + off)
-            n32 = <int32_t>_be32(q)
-            if n32 >= 0:
-                length = n32
-                hdr = 4
-            elif n32 == -1:
-                if avail < 12:
-                    break
-                n64 = 0
-                for i in range(8):
-                    n64 = (n64 << 8) | q[4 + i]
-                if n64 > <uint64_t>0x7fffffffffffffff:
-                    self._finalize(MessageTooLarge(f"frame header claims {n64} bytes"))
-                    return 0
-                length = <long long>n64
-                hdr = 12
-            else:
-                self._finalize(ProtocolError(f"invalid frame length {n32}"))
+            if hdr < 0:
+                self._finalize(header_error(<int>hdr, length))
                 return 0
             if self._max_size >= 0 and length > self._max_size:
                 self._finalize(MessageTooLarge(
                     f"frame of {length} bytes exceeds max_message_size={self._max_size}"))
                 return 0
-            if avail - hdr < length:
+            if n - off - hdr < length:
                 break
             frame = PyBytes_FromStringAndSize(p + off + hdr, <Py_ssize_t>length)
             off += hdr + <Py_ssize_t>length
@@ -1472,16 +1435,27 @@ cdef class FramedTransport:
         cdef iovec* iov
         self.messages_sent += 1
         if n <= _COPY:
-            h = _put_header(loop._wbuf, n)
+            # A small frame is copied behind its header into the loop's
+            # scratch buffer: one send() and no Python object on the common
+            # path. Bytes go out in order, so with a queue we must join it.
+            h = write_header(loop._wbuf, n)
             memcpy(loop._wbuf + h, p, n)
             total = h + n
             if self._wq:
                 return self._enqueue(PyBytes_FromStringAndSize(loop._wbuf, total), 0)
+            # Try the syscall first: the socket buffer is almost always
+            # free, so most sends finish here without a writer registration
+            # (an epoll_ctl) and a later wake-up. Only the unsent tail is
+            # queued, as an object of its own: the scratch buffer is reused.
             r = self._try_send(loop._wbuf, total)
             if r >= 0 and r < total:
                 self._enqueue(PyBytes_FromStringAndSize(loop._wbuf + r, total - r), 0)
             return 0
-        h = _put_header(hdr, n)
+        # A large frame is not copied: header and payload go out as one
+        # vectored write, tried at once for the same reason as above; what
+        # the kernel did not take is queued, the payload by reference to
+        # its owner when there is one (bytes are immutable), else copied.
+        h = write_header(hdr, n)
         if not self._wq:
             iov = loop._iov
             iov[0].iov_base = hdr
@@ -1527,11 +1501,12 @@ cdef class FramedTransport:
             return
         self.messages_sent += len(items)
         if total <= _COPY:
+            # the whole batch in the scratch buffer: one send() for many frames
             w = loop._wbuf
             k = 0
             for b in items:
                 n = _qlen(b)
-                k += _put_header(w + k, n)
+                k += write_header(w + k, n)
                 memcpy(w + k, _qptr(b), n)
                 k += n
             if self._wq:
@@ -1544,7 +1519,7 @@ cdef class FramedTransport:
         # of as much as the kernel takes; the rest is queued
         pieces = []
         for b in items:
-            h = _put_header(loop._wbuf, _qlen(b))
+            h = write_header(loop._wbuf, _qlen(b))
             pieces.append(PyBytes_FromStringAndSize(loop._wbuf, h))
             pieces.append(b)
         r = 0
@@ -1567,7 +1542,14 @@ cdef class FramedTransport:
             i += 1
 
     cdef ssize_t _try_send(self, char* p, Py_ssize_t n) except -2:
-        """send() once; bytes taken, 0 on EAGAIN, -1 if the transport failed."""
+        """send() once; bytes taken, 0 on EAGAIN, -1 if the transport failed.
+
+        MSG_DONTWAIT, not the socket's mode: the descriptor may be shared
+        with code that made it blocking, and the loop must never block.
+        MSG_NOSIGNAL turns a closed peer into EPIPE for this transport
+        instead of a SIGPIPE for the process. Small sends keep the GIL: the
+        syscall is shorter than releasing and retaking it.
+        """
         cdef ssize_t r
         cdef int err
         while True:
@@ -1584,6 +1566,7 @@ cdef class FramedTransport:
             return -1
 
     cdef ssize_t _try_sendv(self, Py_ssize_t cnt) except -2:
+        """sendmsg() of the loop's iovecs once, as _try_send; large, so without the GIL."""
         cdef msghdr m
         cdef ssize_t r
         cdef int err

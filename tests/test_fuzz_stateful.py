@@ -16,9 +16,11 @@ raise it for a longer search).
 import array
 import hashlib
 import hmac
+import importlib.util
 import os
 import socket
 import struct
+import sys
 import threading
 import tracemalloc
 
@@ -33,6 +35,20 @@ import fastnet._pure.auth as pauth
 import fastnet._pure.framing as pframing
 from fastnet.errors import (AuthenticationError, BufferTooShort, FastnetError, MessageTooLarge,
                             ProtocolError, TruncatedFrameError)
+
+
+def _reference():
+    """fuzz/fuzz_reference.py: the reference parser the fuzz program checks against too."""
+    mod = sys.modules.get("fuzz_reference")
+    if mod is None:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "fuzz", "fuzz_reference.py")
+        spec = importlib.util.spec_from_file_location("fuzz_reference", path)
+        mod = sys.modules["fuzz_reference"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    return mod
+
+
+ref_parse, ref_claims, hmac_ok = _reference().ref_parse, _reference().ref_claims, _reference().hmac_ok
 
 KiB = 1 << 10
 LLONG_MAX = 2**63 - 1
@@ -92,49 +108,6 @@ def same(fns, *args):
     got = [outcome(fn, *args) for fn in fns]
     assert got[0][0] == got[1][0], f"compiled {got[0][0]!r} != pure {got[1][0]!r}"
     return got[0][0], [g[1] for g in got]
-
-
-# -- a reference parser, from the wire format alone ----------------------------------------------
-
-
-def ref_parse(stream, max_size):
-    """(complete frames, error type at the first bad header or None, bytes missing)."""
-    frames, pos = [], 0
-    while True:
-        left = len(stream) - pos
-        if left < 4:
-            return frames, None, (4 - left) if left else 0
-        n, h = struct.unpack_from("!i", stream, pos)[0], 4
-        if n == -1:
-            if left < 12:
-                return frames, None, 12 - left
-            n, h = struct.unpack_from("!Q", stream, pos + 4)[0], 12
-            if n > LLONG_MAX:
-                return frames, MessageTooLarge, 0
-        elif n < 0:
-            return frames, ProtocolError, 0
-        if max_size is not None and n > max_size:
-            return frames, MessageTooLarge, n - min(n, left - h)
-        if left - h < n:
-            return frames, None, n - (left - h)
-        frames.append(bytes(stream[pos + h:pos + h + n]))
-        pos += h + n
-
-
-def ref_claims(stream):
-    """Every frame length the stream's headers claim, in order, up to the first bad one."""
-    pos, out = 0, []
-    while len(stream) - pos >= 4:
-        n, h = struct.unpack_from("!i", stream, pos)[0], 4
-        if n == -1:
-            if len(stream) - pos < 12:
-                break
-            n, h = struct.unpack_from("!Q", stream, pos + 4)[0], 12
-        elif n < 0:
-            break
-        out.append(n)
-        pos += h + n
-    return out
 
 
 # -- what a peer may send -------------------------------------------------------------------------
@@ -406,23 +379,6 @@ DIGESTS = [None, "md5", "sha256", "sha384", "sha3_256", "sha3_384"]
 keys = st.one_of(st.sampled_from([b"", b"key", b"the right key" * 10]), st.binary(max_size=80))
 
 
-def _hmac_ok(key, nonce, response, strict):
-    """What verify_response must decide, from CPython's rules alone."""
-    if len(response) in (16, 20):
-        name, mac = "md5", response
-    else:
-        for name in ("md5", "sha256", "sha384", "sha3_256", "sha3_384"):
-            prefix = b"{%s}" % name.encode()
-            if response.startswith(prefix):
-                mac = response[len(prefix):]
-                break
-        else:
-            return False
-    if strict and name == "md5":
-        return False
-    return hmac.compare_digest(hmac.digest(key, nonce, name), mac)
-
-
 class HandshakeMachine(RuleBasedStateMachine):
     """Both roles of the challenge/response, on the compiled and the pure kernel at once.
 
@@ -486,7 +442,7 @@ class HandshakeMachine(RuleBasedStateMachine):
     def server_verifies_with_another_key(self, resp, key):
         response, nonce, right = resp
         res = self._both("verify_response", key, nonce, response, False)
-        assert (res[0] == "ok") == _hmac_ok(key, nonce, response, False)
+        assert (res[0] == "ok") == hmac_ok(key, nonce, response, False)
 
     @rule(resp=responses, data=st.data())
     def single_byte_mutation_fails(self, resp, data):
@@ -526,7 +482,7 @@ class HandshakeMachine(RuleBasedStateMachine):
         for bad in (message, nonce):
             res = self._both("verify_response", key, nonce, bad, False)
             assert res[0] == "raise" and res[1] is AuthenticationError, res
-            assert not _hmac_ok(key, nonce, bad, False)
+            assert not hmac_ok(key, nonce, bad, False)
         # and a client handed an answer where a challenge belongs
         res = self._both("parse_challenge", cauth.create_response(key, nonce))
         assert res[0] == "raise" and res[1] is AuthenticationError
@@ -554,7 +510,7 @@ class HandshakeMachine(RuleBasedStateMachine):
             self._both("create_response", key, nonce[1], strict)
         self._both("create_response", key, message, strict)
         res = self._both("verify_response", key, chal[1], message, strict)
-        assert (res[0] == "ok") == _hmac_ok(key, chal[1], message, strict), res
+        assert (res[0] == "ok") == hmac_ok(key, chal[1], message, strict), res
         if res[0] == "raise":
             assert res[1] is AuthenticationError, res
 

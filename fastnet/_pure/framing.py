@@ -69,10 +69,47 @@ def _longlong(x: Any) -> int:
     return int(x)
 
 
+# -- the frame header codec: the one copy the pure kernels share -------------
+# (the compiled kernels' is src_c/framing.pxd)
+
+_HDR_BAD_LENGTH = -1    # a negative length other than -1
+_HDR_TOO_LARGE = -2     # an 8-byte length beyond 2**63 - 1
+
+
 def _header(n: int) -> bytes:
+    """The header for an n-byte payload (n >= 0)."""
     if n <= _HUGE:
         return _pack_i32(n)
     return _LARGE_PREFIX + _U64.pack(n)
+
+
+def _parse_header(buf: Any, pos: int, avail: int) -> tuple[int, int]:
+    """Read the header at buf[pos:], of which avail bytes are present.
+
+    Returns (its size, the payload length); (0, the bytes it lacks) when it
+    is incomplete; (_HDR_BAD_LENGTH or _HDR_TOO_LARGE, the length) for a
+    header no peer may send (see _header_error).
+    """
+    if avail < 4:
+        return 0, 4 - avail
+    n = _unpack_i32(buf, pos)[0]
+    if n >= 0:
+        return 4, n
+    if n != -1:
+        return _HDR_BAD_LENGTH, n
+    if avail < 12:
+        return 0, 12 - avail
+    n = _unpack_u64(buf, pos + 4)[0]
+    if n > _LLONG_MAX:
+        return _HDR_TOO_LARGE, n
+    return 12, n
+
+
+def _header_error(code: int, n: int) -> Exception:
+    """The exception for a header _parse_header refused."""
+    if code == _HDR_TOO_LARGE:
+        return MessageTooLarge(f"frame header claims {n} bytes")
+    return ProtocolError(f"invalid frame length {n}")
 
 
 def encode_header(n: SupportsIndex) -> bytes:
@@ -116,7 +153,7 @@ class FrameDecoder:
 
     __slots__ = ("_buf", "_mv", "_cap", "_rpos", "_wpos", "_cur", "_target", "_tview",
                  "_tpos", "_max_size", "_large_threshold", "_received", "_frame_start",
-                 "_frame_hdr", "_broken")
+                 "_frame_hdr", "_broken", "_user")
 
     _target: bytearray | None
     _tview: memoryview
@@ -139,6 +176,7 @@ class FrameDecoder:
         self._target = None      # bytearray being filled for a large frame, or None
         self._tview = None  # type: ignore[assignment]  # set with _target
         self._tpos = 0
+        self._user: tuple[Any, int] | None = None   # (buf, offset) of a caller's target (next_frame_into)
         self._received = 0       # bytes taken from the stream so far
         self._frame_start = 0    # stream offset of the last parsed header
         self._frame_hdr = 0      # its header length, 4 or 12 (0 before the first)
@@ -193,22 +231,14 @@ class FrameDecoder:
         if avail < 4:
             return False
         self._frame_start = self._received - avail
-        n = _unpack_i32(self._buf, rpos)[0]
-        if n >= 0:
-            self._frame_hdr = 4
-            self._consume(4)
-        elif n == -1:
-            if avail < 12:
-                return False
-            n = _unpack_u64(self._buf, rpos + 4)[0]
-            if n > _LLONG_MAX:
-                self._broken = MessageTooLarge(f"frame header claims {n} bytes")
-                raise self._broken
-            self._frame_hdr = 12
-            self._consume(12)
-        else:
-            self._broken = ProtocolError(f"invalid frame length {n}")
+        h, n = _parse_header(self._buf, rpos, avail)
+        if h == 0:
+            return False
+        if h < 0:
+            self._broken = _header_error(h, n)
             raise self._broken
+        self._frame_hdr = h
+        self._consume(h)
         if self._max_size >= 0 and n > self._max_size:
             self._broken = MessageTooLarge(
                 f"frame of {n} bytes exceeds max_message_size={self._max_size}")
@@ -257,6 +287,20 @@ class FrameDecoder:
         self._tpos = avail
         self._rpos = self._wpos = 0
 
+    def _detach(self) -> None:
+        """Move the part of a frame received into a caller's buffer into a bytearray of its own."""
+        try:
+            t = bytearray(self._cur)
+        except (MemoryError, OverflowError):
+            self._broken = MessageTooLarge(f"frame of {self._cur} bytes cannot be allocated")
+            raise self._broken from None
+        tv = memoryview(t)
+        tv[0:self._tpos] = self._tview[0:self._tpos]
+        self._tview.release()
+        self._target = t
+        self._tview = tv
+        self._user = None
+
     def _take_target(self) -> bytes:
         t = self._target
         assert t is not None
@@ -272,6 +316,8 @@ class FrameDecoder:
             # the header was parsed earlier (has_frame, poll, a timed-out receive)
             self._broken = MessageTooLarge(f"bad message length: {cur} bytes exceeds maxlength={limit}")
             raise self._broken
+        if self._user is not None:
+            self._detach()
         if self._target is not None:
             if self._tpos < cur:
                 return None
@@ -300,9 +346,10 @@ class FrameDecoder:
                 wpos = self._wpos
                 limit = self._max_size
                 last = -1
-                while wpos - rpos >= 4:
-                    n = _unpack_i32(buf, rpos)[0]
-                    if n < 0 or n > wpos - rpos - 4 or 0 <= limit < n:
+                while True:
+                    # small complete frames only; anything else goes through _next
+                    h, n = _parse_header(buf, rpos, wpos - rpos)
+                    if h != 4 or n > wpos - rpos - 4 or 0 <= limit < n:
                         break
                     last = rpos
                     rpos += 4 + n
@@ -336,20 +383,12 @@ class FrameDecoder:
             if n < 0:
                 if left == 0:
                     return 0
-                if left < 4:
-                    return 4 - left
-                n = _unpack_i32(buf, pos)[0]
-                if n >= 0:
-                    pos += 4
-                elif n == -1:
-                    if left < 12:
-                        return 12 - left
-                    n = _unpack_u64(buf, pos + 4)[0]
-                    if n > _LLONG_MAX:
-                        return 0    # a bad header, reported when it is parsed
-                    pos += 12
-                else:
-                    return 0
+                h, n = _parse_header(buf, pos, left)
+                if h == 0:
+                    return n
+                if h < 0:
+                    return 0    # a bad header, reported when it is parsed
+                pos += h
                 left = end - pos
             if n > left:
                 return n - left
@@ -357,6 +396,82 @@ class FrameDecoder:
             n = -1
 
     # -- Python API ------------------------------------------------------
+
+    def next_frame_into(self, buf: Buffer, offset: SupportsIndex = 0) -> int | None:
+        """Receive the next frame into the writable buffer ``buf`` at ``offset``.
+
+        Returns the frame's length once it is complete, else None: call
+        again, with the same buffer and offset, after each buffer_updated().
+        Once the header is parsed, what is buffered of the frame is copied
+        into ``buf`` and get_buffer() hands out the rest of it, so the
+        payload goes from the socket straight into ``buf``. A frame longer
+        than the space is received whole and raised as BufferTooShort
+        carrying it. :meth:`detach` (or any other receive) moves a frame
+        left half-received into the decoder's own memory.
+        """
+        offset = _ssize(offset)
+        self._check()
+        if self._user is not None:
+            if self._user[0] is not buf or self._user[1] != offset:
+                self._detach()
+            elif self._tpos < self._cur:
+                return None
+            else:
+                self._tview.release()
+                self._target = self._tview = self._user = None  # type: ignore[assignment]
+                n = self._cur
+                self._cur = -1
+                return n
+        if self._target is None and not self._parse_header(-1):
+            return None
+        view = _wview(buf)
+        if offset < 0 or offset > len(view):
+            view.release()
+            raise ValueError("offset out of bounds")
+        n = self._cur
+        if n > len(view) - offset:
+            view.release()
+            f = self._next(-1)
+            if f is None:
+                return None
+            raise BufferTooShort(f)
+        tv = view[offset:offset + n]
+        view.release()
+        if self._target is not None:
+            tpos = self._tpos
+            tv[0:tpos] = self._tview[0:tpos]
+            self._tview.release()
+            if tpos >= n:
+                tv.release()
+                self._target = self._tview = None  # type: ignore[assignment]
+                self._cur = -1
+                return n
+        else:
+            rpos = self._rpos
+            avail = self._wpos - rpos
+            if avail >= n:
+                tv[0:n] = self._mv[rpos:rpos + n]
+                tv.release()
+                self._cur = -1
+                self._consume(n)
+                return n
+            tv[0:avail] = self._mv[rpos:self._wpos]
+            self._tpos = avail
+            self._rpos = self._wpos = 0
+        self._target = buf  # type: ignore[assignment]
+        self._tview = tv
+        self._user = (buf, offset)
+        return None
+
+    def detach(self) -> None:
+        """Stop receiving into the caller's buffer of next_frame_into(); keep the frame whole.
+
+        What it holds of the frame so far is copied into the decoder's own
+        memory and the frame is returned by a later next_frame(). Does
+        nothing when no frame is being received into a caller's buffer.
+        """
+        if self._user is not None:
+            self._detach()
 
     def feed(self, data: Buffer) -> None:
         """Append bytes received from the peer (any buffer-protocol object)."""
@@ -435,10 +550,15 @@ class FrameDecoder:
             self._wpos += nbytes
         self._received += nbytes
 
-    def next_frame(self) -> bytes | None:
-        """Return the next complete frame as bytes, or None if none is complete."""
+    def next_frame(self, maxlength: SupportsInt | None = None) -> bytes | None:
+        """Return the next complete frame as bytes, or None if none is complete.
+
+        A frame longer than ``maxlength`` raises MessageTooLarge as soon as
+        its header is parsed, before its payload is received.
+        """
+        limit = -1 if maxlength is None else _longlong(maxlength)
         self._check()
-        return self._next(-1)
+        return self._next(limit)
 
     def frames(self) -> list[bytes]:
         """Return every complete frame now buffered, as a list of bytes."""

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from fastnet._pure.framing import FrameDecoder
 
+from fastnet._pure.framing import _header
 from fastnet.errors import ProtocolError, MessageTooLarge, TruncatedFrameError
 
 BACKENDS = ("epoll", "poll", "select")
@@ -56,12 +57,6 @@ def default_backend() -> str:
 
 def _closed_error() -> RuntimeError:
     return RuntimeError("the event loop is closed")
-
-
-def _header(n: int) -> bytes:
-    if n <= 0x7fffffff:
-        return n.to_bytes(4, "big")
-    return b"\xff\xff\xff\xff" + n.to_bytes(8, "big")
 
 
 def _fd_of(obj: int | _socket.socket) -> int:
