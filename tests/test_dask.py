@@ -11,9 +11,11 @@ installs the built wheel into a virtualenv instead). The file runs once per
 kernel set (``FASTNET_PURE=1``).
 """
 import asyncio
+import json
 import os
 import socket
 import struct
+import subprocess
 import sys
 import tracemalloc
 
@@ -584,3 +586,81 @@ def test_frames_leave_in_one_sendmsg_unjoined(monkeypatch):
     assert any(v.nbytes == MiB and v.obj is not None and not isinstance(v.obj, bytes) for v in first)
     assert len(first) >= 4     # prelude and small frames with their headers, then header + array
 
+
+
+# -- clusters of processes ----------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JOB = os.path.join(ROOT, "tests", "dask_cluster_job.py")
+
+
+@pytest.fixture(scope="module")
+def entry_point_dir(tmp_path_factory):
+    """A dist-info directory that declares fastnet's entry points, for the worker processes' sys.path.
+
+    This is how distributed finds a backend: importlib.metadata reads it in
+    every process. (test_entry_point_of_the_built_wheel uses the real wheel.)
+    """
+    d = tmp_path_factory.mktemp("ep")
+    info = d / "fastnet_dask_entry_points-0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fastnet-dask-entry-points\nVersion: 0\n")
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        text = f.read()
+    section = text.split('[project.entry-points."distributed.comm.backends"]', 1)[1].split("\n\n", 1)[0]
+    lines = [ln.replace('"', "") for ln in section.strip().splitlines()]
+    (info / "entry_points.txt").write_text("[distributed.comm.backends]\n" + "\n".join(lines) + "\n")
+    return str(d)
+
+
+def run_job(protocol, *args, python=sys.executable, env_extra=None, pythonpath=None, cwd=None):
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(pythonpath)
+    env.update(env_extra or {})
+    proc = subprocess.run([python, JOB, protocol, *args], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def tcp_result(entry_point_dir):
+    out = run_job("tcp", pythonpath=[ROOT, entry_point_dir])
+    assert out["transfers"] > 0
+    return out["result"]
+
+
+@pytest.mark.parametrize("loop", ["tornado", "uvloop"])
+@pytest.mark.parametrize("protocol", ["fastnet", "fastnet-tls"])
+def test_local_cluster_job_same_result_as_tcp(protocol, loop, entry_point_dir, tcp_result):
+    pytest.importorskip("uvloop")
+    out = run_job(protocol, pythonpath=[ROOT, entry_point_dir],
+                  env_extra={"DASK_DISTRIBUTED__ADMIN__EVENT_LOOP": loop})
+    assert out["scheduler"].startswith(protocol + "://")
+    assert all(a.startswith(protocol + "://") for a in out["worker_addresses"])
+    assert out["loops"] == (["uvloop"] if loop == "uvloop" else ["asyncio.unix_events"])
+    assert out["transfers"] > 0                       # chunks moved between the workers
+    assert np.allclose(out["result"], tcp_result, rtol=1e-12, atol=0)
+    assert out["open_comms"] == [] and out["fd_delta"] == 0
+
+
+def test_worker_sigkilled_mid_transfer(entry_point_dir, tcp_result):
+    out = run_job("fastnet", "kill", pythonpath=[ROOT, entry_point_dir])
+    assert out["killed"] in out["worker_addresses"] and not out["done_at_kill"]
+    assert np.allclose(out["result"], tcp_result, rtol=1e-12, atol=0)
+    assert out["open_comms"] == [] and out["fd_delta"] == 0
+
+
+def test_entry_point_of_the_built_wheel(tmp_path, tcp_result):
+    """pip installs this tree into a virtualenv; there LocalCluster(protocol="fastnet") finds the backend."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    py = str(venv / "bin" / "python")
+    subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", ROOT],
+                   check=True, timeout=1200, capture_output=True)
+    out = run_job("fastnet", python=py, cwd=str(tmp_path))
+    assert out["fastnet"].startswith(str(venv))
+    assert out["scheduler"].startswith("fastnet://")
+    assert np.allclose(out["result"], tcp_result, rtol=1e-12, atol=0)
