@@ -34,7 +34,7 @@ from distributed.comm.addressing import parse_host_port, unparse_host_port
 from distributed.comm.core import (BaseListener, Comm, CommClosedError, Connector,
                                    FatalCommClosedError)
 from distributed.comm.registry import Backend
-from distributed.comm.utils import ensure_concrete_host, from_frames, to_frames
+from distributed.comm.utils import OFFLOAD_THRESHOLD, ensure_concrete_host, from_frames, to_frames
 from distributed.protocol.utils import host_array
 from distributed.system import MEMORY_LIMIT
 from distributed.utils import ensure_ip, get_ip, nbytes
@@ -94,6 +94,34 @@ def _parse_prelude(prelude: bytes, limit: int | None) -> list[int]:
     if limit is not None and total > limit:
         raise CommClosedError(f"message of {total} bytes exceeds max_message_size={limit}")
     return words
+
+
+_SCALARS = frozenset((int, float, bool, type(None)))
+
+
+def _flat_and_small(msg: Any) -> bool:
+    """True for a dict of scalars, short strings and bytes that distributed would not offload.
+
+    ``to_frames`` measures every message with dask's ``sizeof`` to decide
+    whether to serialize it on a thread; for the many small control
+    messages that costs more than serializing them. An upper bound of their
+    size is cheaper, and the answer is the same.
+    """
+    if type(msg) is not dict or len(msg) > 64 or not OFFLOAD_THRESHOLD:
+        return False
+    size = 0
+    for k, v in msg.items():
+        t = type(v)
+        if t is str or t is bytes:
+            size += len(v) * (4 if t is str else 1)
+        elif t not in _SCALARS:
+            return False
+        if type(k) is str:
+            size += 4 * len(k)
+        elif type(k) not in _SCALARS:
+            return False
+        size += 200
+    return size <= OFFLOAD_THRESHOLD
 
 
 class FastnetComm(Comm):
@@ -189,7 +217,7 @@ class FastnetComm(Comm):
             raise CommClosedError(f"in {self}: the comm is closed")
         frames = await to_frames(
             msg,
-            allow_offload=self.allow_offload,
+            allow_offload=self.allow_offload and not _flat_and_small(msg),
             serializers=serializers,
             on_error=on_error,
             context={"sender": self.local_info, "recipient": self.remote_info, **self.handshake_options},

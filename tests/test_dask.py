@@ -664,3 +664,16 @@ def test_entry_point_of_the_built_wheel(tmp_path, tcp_result):
     assert out["fastnet"].startswith(str(venv))
     assert out["scheduler"].startswith("fastnet://")
     assert np.allclose(out["result"], tcp_result, rtol=1e-12, atol=0)
+
+
+def test_small_flat_messages_skip_the_offload_measure():
+    from distributed.comm.utils import OFFLOAD_THRESHOLD
+    from distributed.sizeof import safe_sizeof
+    small = {"op": "ping", "key": "x-1234", "n": 12345, "ok": True, "none": None, "b": b"x" * 100}
+    assert fdask._flat_and_small(small)
+    assert safe_sizeof(small) <= OFFLOAD_THRESHOLD
+    assert not fdask._flat_and_small({"op": "x", "nested": {"a": 1}})
+    assert not fdask._flat_and_small(["not", "a", "dict"])
+    big = {"x": b"x" * (OFFLOAD_THRESHOLD + 1)}
+    assert not fdask._flat_and_small(big)
+    assert safe_sizeof(big) > OFFLOAD_THRESHOLD     # the answer distributed itself would give
