@@ -677,3 +677,20 @@ def test_small_flat_messages_skip_the_offload_measure():
     big = {"x": b"x" * (OFFLOAD_THRESHOLD + 1)}
     assert not fdask._flat_and_small(big)
     assert safe_sizeof(big) > OFFLOAD_THRESHOLD     # the answer distributed itself would give
+
+
+def test_bench_dask_cases_measure_both_rows():
+    """fastnet bench's dask cases run for real, tcp:// and fastnet:// in one run (no timing checked)."""
+    from fastnet import bench
+    report = bench.run(["dask-rtt", "dask-array", "dask-cluster"], families=("tcp", "unix"), rounds=1, repeat=2,
+                       warmup=0.02, sample=0.05, bulk_mib=16, timeout=300.0)
+    for case in ("dask-rtt", "dask-array", "dask-cluster"):
+        fams = report["results"][case]
+        assert list(fams) == ["tcp"]                       # a host:port scheme: no AF_UNIX rows
+        rows = fams["tcp"]
+        assert list(rows) == ["tcp", "fastnet"]
+        for key, row in rows.items():
+            assert row["na"] is None and row["median"] > 0, (case, key, row["na"])
+    assert report["results"]["dask-cluster"]["tcp"]["fastnet"]["info"]["transfers"] > 0
+    targets = {t["target"]: t for t in report["targets"] if t["case"].startswith("dask")}
+    assert len(targets) == 3 and all(t["value"] is not None for t in targets.values())
