@@ -33,6 +33,8 @@ _counter = itertools.count()
 def _family_of(family: str | int | None) -> int | None:
     if family is None:
         return None
+    if family == "AF_PIPE":
+        raise ValueError("Family AF_PIPE is not recognized.")   # the stdlib's words, off Windows
     if isinstance(family, str):
         try:
             return _FAMILIES[family]
@@ -82,6 +84,10 @@ def _parse_url(url: str) -> tuple[int, str | tuple[str, int]]:
 
 def parse_address(address: Address, family: str | int | None = None) -> tuple[int, Any]:
     """Return ``(family, sockaddr)`` for any accepted address form."""
+    if isinstance(address, str) and address.startswith("\\\\"):
+        # a Windows named pipe (\\.\pipe\name): the stdlib refuses it off
+        # Windows rather than binding a file of that name
+        _family_of("AF_PIPE")
     fam = _family_of(family)
     if isinstance(address, str) and "://" in address:
         ufam, addr = _parse_url(address)
@@ -104,7 +110,12 @@ def parse_address(address: Address, family: str | int | None = None) -> tuple[in
 
 
 def address_type(address: Address) -> str:
-    """The family name of an address, as multiprocessing.connection.address_type."""
+    """The family name of an address, as multiprocessing.connection.address_type.
+
+    ``"AF_PIPE"`` for a Windows pipe name, which no other function accepts.
+    """
+    if isinstance(address, str) and address.startswith("\\\\"):
+        return "AF_PIPE"
     fam = parse_address(address)[0]
     names: dict[int, str] = {socket.AF_INET: "AF_INET", socket.AF_INET6: "AF_INET6", socket.AF_UNIX: "AF_UNIX"}
     return names[fam]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterable
 from typing import Any, cast
 
 from fastnet.errors import (AuthenticationError, HandshakeMessageTooLarge, MessageTooLarge, ProtocolError,
@@ -32,26 +31,29 @@ __all__ = [
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
-def _quickack(conn: Any) -> None:
-    """ACK the next segment at once (Linux TCP_QUICKACK; it lasts one read).
+def _quickack_socket(conn: Any) -> socket.socket | None:
+    """The TCP socket under conn to set TCP_QUICKACK on before each read (Linux), else None.
 
     A stdlib Listener sends WELCOME and then its response as two small
     writes without TCP_NODELAY: Nagle holds the second until the first is
     ACKed, and a client that delays its ACK stalls each handshake ~40 ms.
+    TCP_QUICKACK makes the next ACK immediate; the kernel clears it again
+    on its own, hence before every read.
     """
     sock = getattr(conn, "_sock", None)
     if _QUICKACK is None or not isinstance(sock, socket.socket):
-        return
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        return None
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    return sock
+
+
+def _recv(conn: Any, deadline: float | None, quick: socket.socket | None) -> bytes:
+    if quick is not None:
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+            quick.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)  # type: ignore[arg-type]  # not None here
         except OSError:
             pass
-
-
-def _recv(conn: Any, deadline: float | None, quickack: bool) -> bytes:
-    if quickack:
-        _quickack(conn)
     timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
     try:
         recv = conn._recv_handshake
@@ -91,10 +93,10 @@ def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
 
 
-def _send_many(conn: Any, frames: Iterable[bytes]) -> None:
-    try:
-        send_many = conn.send_many
-    except AttributeError:
+def _send_many(conn: Any, frames: list[bytes]) -> None:
+    """Send the frames in one write where conn can (send_many), one alone as send_bytes."""
+    send_many = getattr(conn, "send_many", None)
+    if send_many is None or len(frames) == 1:
         for f in frames:
             conn.send_bytes(f)
     else:
@@ -113,6 +115,7 @@ def _drive(conn: Any, hs: Handshake, timeout: float | None) -> None:
     pipelining peer gets them in one write (fastnet's two round trips).
     """
     deadline = _deadline(timeout)
+    quick = None if hs.server_side else _quickack_socket(conn)
     out = hs.start()
     try:
         while True:
@@ -123,7 +126,7 @@ def _drive(conn: Any, hs: Handshake, timeout: float | None) -> None:
                 raise hs.error
             if hs.done:
                 return
-            out += hs.receive(_recv(conn, deadline, not hs.server_side))
+            out += hs.receive(_recv(conn, deadline, quick))
     finally:
         hs.abandon()
 

@@ -7,6 +7,14 @@ stdlib: arrays and buffers without copies (``send_array``/``recv_array``),
 many frames in one syscall (``send_many``/``recv_many``), timeouts on
 connect and handshake, and a limit on message size.
 
+A receive takes from the socket exactly the message it returns, as the
+stdlib does: ``select``/``poll``/``add_reader`` on ``fileno()`` stay truthful,
+a connection end shared by several processes loses nothing, and a descriptor
+sent with ``multiprocessing.reduction.send_handle`` after a message is left
+for ``recv_handle``. ``readahead=True`` (on ``Connection``, ``Client``,
+``Listener`` and ``Pipe``) reads as much as the socket has instead: fewer
+syscalls for many small messages, at the price of those three guarantees.
+
 ``recv()`` unpickles what the peer sent, exactly as multiprocessing does: on
 a connection that did not authenticate, that trusts the peer with arbitrary
 code execution. Use an ``authkey`` (or ``recv_bytes``) with untrusted peers.
@@ -21,6 +29,7 @@ import ssl
 import struct
 import time
 from collections.abc import Callable, Iterable
+from multiprocessing import reduction as _reduction, util as _util
 from multiprocessing.reduction import ForkingPickler
 from typing import TYPE_CHECKING, Any, SupportsInt
 
@@ -140,10 +149,16 @@ class Connection:
     Wraps a connected socket object (or a descriptor, which it then owns);
     an ``ssl.SSLSocket`` gets its frames inside TLS. Frames are
     multiprocessing's; see the module docstring about ``recv()``.
+
+    ``readahead=True`` lets a receive read as much as the socket has (see the
+    module docstring for what that costs); it has no effect under TLS, whose
+    records are read ahead anyway. A Connection pickles as the stdlib's does
+    (a duplicated descriptor, for a child process or over another
+    connection), unless it holds read-ahead bytes or runs TLS.
     """
 
     def __init__(self, sock: socket.socket | int, readable: bool = True, writable: bool = True, *,
-                 max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
+                 max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE, readahead: bool = False,
                  _channel_factory: Callable[[socket.socket, int | None, int], _Channel] | None = None) -> None:
         if not readable and not writable:
             raise ValueError("at least one of `readable` and `writable` must be True")
@@ -155,7 +170,11 @@ class Connection:
             # e.g. the request of a blocking handler on a TLS server: frame
             # inside TLS, never on the ciphertext under it
             _channel_factory = _tls_channel
-        self._ch: _Channel | None = (_channel_factory or _framing.Channel)(sock, max_message_size, _BUFSIZE)
+        if _channel_factory is None:
+            self._ch: _Channel | None = _framing.Channel(sock, max_message_size, _BUFSIZE, readahead=readahead)
+        else:
+            self._ch = _channel_factory(sock, max_message_size, _BUFSIZE)
+        self._readahead = bool(readahead)
         self._readable = readable
         self._writable = writable
 
@@ -184,6 +203,11 @@ class Connection:
     def max_message_size(self) -> int | None:
         """The largest message this end accepts (None: unlimited)."""
         return None if self._ch is None else self._ch.max_size
+
+    @property
+    def readahead(self) -> bool:
+        """True if receives may read beyond the message they return."""
+        return self._readahead
 
     @property
     def family(self) -> int:
@@ -415,11 +439,50 @@ class Connection:
             raise
 
     def poll(self, timeout: float | None = 0.0) -> bool:
-        """True if there is data to receive, waiting up to ``timeout`` seconds (None: forever)."""
+        """True if there is data to receive, waiting up to ``timeout`` seconds (None: forever).
+
+        A negative timeout is 0, as in the stdlib.
+        """
+        if timeout is not None and timeout < 0:
+            timeout = 0.0
         return self._receiver().poll(timeout)
 
     def _recv_handshake(self, maxlength: int, timeout: float | None) -> bytes:
         return self._receiver().recv_frame(maxlength, timeout)
+
+
+def reduce_connection(conn: Connection) -> tuple[Callable[..., Connection], tuple[Any, ...]]:
+    """Pickle a Connection as multiprocessing does: a duplicated descriptor.
+
+    Registered with ``multiprocessing.reduction``, so a Connection can be an
+    argument of a spawn or forkserver Process and be sent over a connection.
+    The copy has the same readable/writable, max_message_size and readahead.
+    Refused (ValueError) while bytes read ahead are buffered, which a copy
+    would silently lose, and for a TLS connection, whose session state
+    cannot travel.
+    """
+    ch = conn._ch
+    if ch is None:
+        raise OSError("handle is closed")
+    if isinstance(conn._sock, ssl.SSLSocket):
+        raise ValueError("a TLS connection cannot be pickled: its session state stays in this process")
+    if ch.buffered() or ch.pending_fds():
+        raise ValueError(
+            f"cannot pickle a Connection holding {ch.buffered()} bytes and {ch.pending_fds()} "
+            "descriptors received ahead of the next message: the copy would lose them "
+            "(receive them first, or use readahead=False)")
+    df = _reduction.DupFd(conn.fileno())
+    return rebuild_connection, (df, conn.readable, conn.writable, conn.max_message_size, conn.readahead)
+
+
+def rebuild_connection(df: Any, readable: bool, writable: bool, max_message_size: int | None,
+                       readahead: bool) -> Connection:
+    """Rebuild a Connection pickled by :func:`reduce_connection`."""
+    return Connection(df.detach(), readable, writable, max_message_size=max_message_size,
+                      readahead=readahead)
+
+
+_reduction.register(Connection, reduce_connection)
 
 
 class Listener:
@@ -430,7 +493,11 @@ class Listener:
     silent one cannot hold ``accept()``; ``strict=True`` refuses HMAC-MD5
     peers; ``max_message_size`` applies to accepted connections.
     ``nodelay`` (default True) sets TCP_NODELAY on accepted TCP connections;
-    ``keepalive`` (seconds) detects accepted peers that vanish; see :func:`Client`. ``ssl_context`` (an ``ssl.SSLContext``, see
+    ``keepalive`` (seconds) detects accepted peers that vanish; see :func:`Client`.
+    ``readahead`` applies to accepted connections (see :class:`Connection`).
+    An AF_UNIX socket file is removed by ``close()``, or at process exit (or
+    when the Listener is collected) if it was never closed, as in the stdlib.
+    ``ssl_context`` (an ``ssl.SSLContext``, see
     :func:`fastnet.tls.server_context`) runs TLS on accepted connections, its
     handshake bounded by ``handshake_timeout``; the authkey handshake, if
     any, then runs inside TLS.
@@ -441,7 +508,8 @@ class Listener:
                  handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
                  max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE, strict: bool = False,
                  digest: str | None = "sha256", nodelay: bool = True,
-                 ssl_context: ssl.SSLContext | None = None, keepalive: float | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, keepalive: float | None = None,
+                 readahead: bool = False) -> None:
         if authkey is not None and not isinstance(authkey, bytes):
             raise TypeError("authkey should be a byte string")
         keepalive = _keepalive_seconds(keepalive)
@@ -449,7 +517,7 @@ class Listener:
             address = arbitrary_address(family or "AF_UNIX")
         fam, addr = parse_address(address, family)
         sock = socket.socket(fam, socket.SOCK_STREAM)
-        self._unlink: str | None = None
+        self._unlink: _util.Finalize | None = None
         try:
             if fam != socket.AF_UNIX:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -458,8 +526,11 @@ class Listener:
         except BaseException:
             sock.close()
             raise
-        if fam == socket.AF_UNIX and isinstance(addr, str) and not addr.startswith("\0"):
-            self._unlink = addr
+        if fam == socket.AF_UNIX and addr[:1] not in ("\0", b"\0"):
+            # as the stdlib: the path goes at close(), or at exit (or when
+            # this Listener is collected) if it is never closed; only in
+            # the process that bound it, never in a forked child
+            self._unlink = _util.Finalize(self, _unlink_path, args=(addr,), exitpriority=0)
         self._socket: socket.socket | None = sock
         self._family = fam
         name = sock.getsockname()
@@ -475,6 +546,7 @@ class Listener:
         self._nodelay = nodelay
         self._keepalive = keepalive
         self._ssl_context = ssl_context
+        self._readahead = readahead
 
     def accept(self) -> Connection:
         """Accept a connection; run the TLS handshake with an ssl_context, then the authkey one.
@@ -497,7 +569,8 @@ class Listener:
             s = _tls_wrap(self._ssl_context, s, self._handshake_timeout, server_side=True)
             factory = _tls_channel
         try:
-            c = Connection(s, max_message_size=self._max_message_size, _channel_factory=factory)
+            c = Connection(s, max_message_size=self._max_message_size, readahead=self._readahead,
+                           _channel_factory=factory)
         except BaseException:
             s.close()
             raise
@@ -515,12 +588,9 @@ class Listener:
         sock, self._socket = self._socket, None
         if sock is not None:
             sock.close()
-            if self._unlink is not None:
-                try:
-                    os.unlink(self._unlink)
-                except FileNotFoundError:
-                    pass
-                self._unlink = None
+            unlink, self._unlink = self._unlink, None
+            if unlink is not None:
+                unlink()
 
     @property
     def address(self) -> Any:
@@ -549,6 +619,13 @@ class Listener:
 
     def __repr__(self) -> str:
         return f"<fastnet.Listener {self.url}{'' if self._socket else ' closed'}>"
+
+
+def _unlink_path(path: str | bytes) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _connect_unix(addr: str | bytes, timeout: float | None) -> socket.socket:
@@ -581,7 +658,8 @@ def _connect_unix(addr: str | bytes, timeout: float | None) -> socket.socket:
 def Client(address: Address, family: str | int | None = None, authkey: bytes | None = None, *,
            timeout: float | None = None, max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
            strict: bool = False, digest: str | None = "sha256", nodelay: bool = True,
-           ssl_context: ssl.SSLContext | None = None, keepalive: float | None = None) -> Connection:
+           ssl_context: ssl.SSLContext | None = None, keepalive: float | None = None,
+           readahead: bool = False) -> Connection:
     """Connect to a Listener (fastnet's or the stdlib's) and return a Connection.
 
     ``timeout`` bounds the connect and the handshake together. Over TCP,
@@ -590,6 +668,9 @@ def Client(address: Address, family: str | int | None = None, authkey: bytes | N
     stalls of multiprocessing's handshake). A one-way stream of many small
     ``send_bytes`` calls is cheaper with ``nodelay=False``, which lets the
     kernel coalesce them; ``send_many`` coalesces them either way.
+
+    ``readahead=True`` lets receives read beyond the message they return
+    (see :class:`Connection`).
 
     ``keepalive=seconds`` (TCP) detects a server whose host vanished without
     closing the connection: after about that long the next receive or send
@@ -628,7 +709,7 @@ def Client(address: Address, family: str | int | None = None, authkey: bytes | N
         s = _tls_wrap(ssl_context, s, left, server_hostname=host)
         factory = _tls_channel
     try:
-        c = Connection(s, max_message_size=max_message_size, _channel_factory=factory)
+        c = Connection(s, max_message_size=max_message_size, readahead=readahead, _channel_factory=factory)
     except BaseException:
         s.close()
         raise
@@ -642,17 +723,20 @@ def Client(address: Address, family: str | int | None = None, authkey: bytes | N
     return c
 
 
-def Pipe(duplex: bool = True, *,
-         max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE) -> tuple[Connection, Connection]:
-    """Return a pair of connected Connections (``(reader, writer)`` if not duplex)."""
+def Pipe(duplex: bool = True, *, max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
+         readahead: bool = False) -> tuple[Connection, Connection]:
+    """Return a pair of connected Connections (``(reader, writer)`` if not duplex).
+
+    ``readahead`` as for :class:`Connection`.
+    """
     a, b = socket.socketpair()
     if duplex:
-        return (Connection(a, max_message_size=max_message_size),
-                Connection(b, max_message_size=max_message_size))
+        return (Connection(a, max_message_size=max_message_size, readahead=readahead),
+                Connection(b, max_message_size=max_message_size, readahead=readahead))
     a.shutdown(socket.SHUT_WR)
     b.shutdown(socket.SHUT_RD)
-    return (Connection(a, writable=False, max_message_size=max_message_size),
-            Connection(b, readable=False, max_message_size=max_message_size))
+    return (Connection(a, writable=False, max_message_size=max_message_size, readahead=readahead),
+            Connection(b, readable=False, max_message_size=max_message_size, readahead=readahead))
 
 
 def wait(object_list: Iterable[Any], timeout: float | None = None) -> list[Any]:

@@ -14,7 +14,9 @@ __all__ = [
     "AuthenticationError",
     "ProtocolError",
     "TruncatedFrameError",
+    "NoDescriptorError",
     "MessageTooLarge",
+    "HandshakeMessageTooLarge",
     "BufferTooShort",
     "RemoteError",
     "MethodNotFound",
@@ -46,6 +48,14 @@ class TruncatedFrameError(ProtocolError, EOFError):
     def __init__(self, missing: int, msg: str | None = None) -> None:
         self.missing = missing
         super().__init__(msg or f"connection closed mid-frame: {missing} bytes missing")
+
+
+class NoDescriptorError(ProtocolError, RuntimeError):
+    """A descriptor was expected and the message carried none.
+
+    A ``RuntimeError`` too, as ``multiprocessing.reduction.recv_handle``
+    raises in that case.
+    """
 
 
 class MessageTooLarge(FastnetError, OSError):

@@ -17,14 +17,10 @@ authkey=..., ssl_context=...)`` talks to a loop server and back.
 from __future__ import annotations
 
 import collections
-import operator
-import select
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Callable, Iterable
-from pickle import PickleBuffer
 from typing import TYPE_CHECKING, Any, Protocol, SupportsIndex, SupportsInt, runtime_checkable
 
 from fastnet._kernels import framing as _framing
@@ -32,7 +28,7 @@ from fastnet._kernels import reactor as _reactor
 from fastnet.defaults import HANDSHAKE_TIMEOUT as DEFAULT_HANDSHAKE_TIMEOUT
 from fastnet.defaults import MAX_MESSAGE_SIZE_CONNECTION as DEFAULT_MAX_MESSAGE_SIZE
 from fastnet.handshake import Handshake, HandshakeReader
-from fastnet.errors import (AuthenticationError, BufferTooShort, MessageTooLarge, ProtocolError,
+from fastnet.errors import (AuthenticationError, MessageTooLarge, ProtocolError,
                             TimeoutError as FastnetTimeout, TruncatedFrameError)
 
 if TYPE_CHECKING:
@@ -42,239 +38,48 @@ __all__ = ["TLSChannel", "TLSTransport", "server_context", "client_context"]
 
 _encode_header = _framing.encode_header
 _COPY_THRESHOLD = _framing.COPY_THRESHOLD
-_WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 def _tls_error(e: BaseException) -> AuthenticationError:
     return AuthenticationError(f"TLS error: {e}")
 
 
-class TLSChannel:
-    """Frames over a blocking ``ssl.SSLSocket``: the Channel API, on the active kernels' FrameDecoder.
+def _tls_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a Channel method so that an ssl.SSLError surfaces as AuthenticationError."""
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except ssl.SSLError as e:
+            # in TLS 1.3 a client learns only on a receive that its certificate was refused
+            raise _tls_error(e) from e
+    call.__name__ = method.__name__
+    call.__doc__ = method.__doc__
+    return call
 
-    ``TLSChannel(sock, max_size=None, bufsize=262144)``, as
-    ``fastnet._kernels.framing.Channel`` but reading and writing through
-    the SSL socket (the compiled Channel does syscalls on the descriptor,
-    which carries ciphertext). Descriptors cannot be passed over TLS.
+
+class TLSChannel(_framing.Channel):
+    """The active kernels' Channel over a blocking ``ssl.SSLSocket``, which carries its bytes (``io``).
+
+    A TLS error is an AuthenticationError; descriptors cannot be passed over TLS.
     """
-
-    __slots__ = ("_sock", "_decoder", "_poller")
 
     def __init__(self, sock: socket.socket, max_size: SupportsInt | None = None,
                  bufsize: SupportsIndex = 262144) -> None:
-        if sock.fileno() < 0:
-            raise ValueError("socket is closed")
-        self._sock: ssl.SSLSocket | None = sock  # type: ignore[assignment]  # an SSLSocket, by its factory
-        self._decoder = _framing.FrameDecoder(max_size, bufsize)
-        self._poller: select.poll | None = None
+        super().__init__(sock, max_size, bufsize, io=sock)
 
-    @property
-    def decoder(self) -> _framing.FrameDecoder:
-        """The FrameDecoder this channel receives through."""
-        return self._decoder
-
-    @property
-    def max_size(self) -> int | None:
-        """The largest frame accepted (None: unlimited)."""
-        m = self._decoder.max_size
-        return None if m < 0 else m
-
-    def release(self) -> None:
-        """Forget the socket (it is being closed)."""
-        self._sock = None
-        self._poller = None
-
-    def _fdcheck(self) -> ssl.SSLSocket:
-        sock = self._sock
-        if sock is None:
-            raise OSError(9, "handle is closed")
-        return sock
-
-    @staticmethod
-    def _deadline(timeout: float | None) -> float:
-        if timeout is None:
-            return -1.0
-        if timeout < 0:
-            raise ValueError("timeout must be >= 0 or None")
-        return time.monotonic() + timeout
-
-    def _wait(self, deadline: float) -> bool:
-        """Wait until the socket is readable; False at the deadline."""
-        if self._poller is None:
-            self._poller = select.poll()
-            self._poller.register(self._fdcheck(), select.POLLIN)
-        left = deadline - time.monotonic()
-        return bool(self._poller.poll(max(0, int(left * 1000.0) + 1)))
-
-    # -- receiving --------------------------------------------------------
-
-    def _fill(self, deadline: float) -> None:
-        """One read into the decoder; the end of the stream raises EOFError or TruncatedFrameError."""
-        sock = self._fdcheck()
-        d = self._decoder
-        region = d.get_buffer()
-        try:
-            if deadline < 0:
-                n = sock.recv_into(region)
-            else:
-                while True:
-                    # decrypted bytes may sit in the SSL object while the fd has nothing
-                    if not sock.pending() and not self._wait(deadline):
-                        raise FastnetTimeout("timed out waiting for data")
-                    # non-blocking for this read: a readable fd may hold only part of a
-                    # record, or a record with no application data (a TLS 1.3 ticket)
-                    sock.settimeout(0.0)
-                    try:
-                        n = sock.recv_into(region)
-                        break
-                    except _WANT:
-                        continue
-                    finally:
-                        sock.settimeout(None)
-        except ssl.SSLError as e:
-            # in TLS 1.3 a client learns only here that its certificate was refused
-            raise _tls_error(e) from e
-        finally:
-            region.release()
-        d.buffer_updated(n)
-        if n == 0:
-            d.eof()     # TruncatedFrameError inside a frame
-            raise EOFError
-
-    def recv_frame(self, maxlength: SupportsInt | None = None, timeout: float | None = None) -> bytes:
-        """Receive one frame as bytes. EOFError on a clean close."""
-        deadline = self._deadline(timeout)
-        self._fdcheck()
-        d = self._decoder
-        while True:
-            f = d.next_frame(maxlength)
-            if f is not None:
-                return f
-            self._fill(deadline)
-
-    def recv_frames(self, timeout: float | None = None) -> list[bytes]:
-        """Receive every frame available now as a list, blocking for at least one."""
-        deadline = self._deadline(timeout)
-        self._fdcheck()
-        d = self._decoder
-        while True:
-            out = d.frames()
-            if out:
-                return out
-            self._fill(deadline)
-
-    def recv_frame_into(self, buf: Buffer, offset: SupportsIndex = 0) -> int:
-        """Receive one frame into buf at offset and return its length (BufferTooShort if it does not fit)."""
-        offset = operator.index(offset)
-        with PickleBuffer(buf).raw() as view:
-            if view.readonly:
-                raise BufferError("Object is not writable.")
-            if offset < 0 or offset > len(view):
-                raise ValueError("offset out of bounds")
-            f = self.recv_frame()
-            n = len(f)
-            if n > len(view) - offset:
-                raise BufferTooShort(f)
-            view[offset:offset + n] = f
-        return n
-
-    def discard_frame(self) -> None:
-        """Receive the next frame and drop it."""
-        self.recv_frame()
-
-    def has_frame(self) -> bool:
-        """True if a complete frame is buffered."""
-        return self._decoder.has_frame()
-
-    def buffered(self) -> int:
-        """Received bytes not yet returned, including those decrypted but still in the SSL object."""
-        n: int = self._decoder.buffered
-        sock = self._sock
-        return n + sock.pending() if sock is not None else n
-
-    def poll(self, timeout: float | None = 0.0) -> bool:
-        """True if data (or EOF) is there to receive, waiting up to timeout."""
-        sock = self._fdcheck()
-        d = self._decoder
-        try:
-            if d.has_frame() or d.buffered > 0 or sock.pending() > 0:
-                return True
-        except (ProtocolError, MessageTooLarge):
-            return True     # the receive that follows reports it
-        # a readable fd may carry only TLS records with no data (TLS 1.3
-        # session tickets), so read into the decoder to know
-        try:
-            self._fill(self._deadline(timeout))
-        except FastnetTimeout:
-            return False
-        except (EOFError, OSError):
-            return True     # the receive that follows reports it
-        return True
-
-    # -- sending ----------------------------------------------------------
-
-    def _sendv_all(self, parts: list[Any]) -> None:
-        """Send every part, coalescing small neighbours into one write (SSLSocket has no sendmsg)."""
-        sock = self._fdcheck()
-        small: list[Any] = []
-        try:
-            for p in parts:
-                if len(p) <= _COPY_THRESHOLD:
-                    small.append(p)
-                    continue
-                if small:
-                    sock.sendall(b"".join(small))
-                    small = []
-                sock.sendall(p)
-            if small:
-                sock.sendall(b"".join(small))
-        except ssl.SSLError as e:
-            raise _tls_error(e) from e
-
-    def send_frame(self, buf: Buffer, offset: SupportsIndex = 0, size: SupportsIndex | None = None) -> None:
-        """Send one frame holding buf[offset:offset+size] (any contiguous buffer)."""
-        offset = operator.index(offset)
-        self._fdcheck()
-        with PickleBuffer(buf).raw() as view:
-            ln = len(view)
-            if offset < 0 or offset > ln:
-                raise ValueError("offset is out of range")
-            n = ln - offset if size is None else operator.index(size)
-            if n < 0:
-                raise ValueError("size is negative")
-            if offset + n > ln:
-                raise ValueError("buffer length < offset + size")
-            with view[offset:offset + n] as part:
-                self._sendv_all([_encode_header(n), part])
-
-    def send_frames(self, buffers: Iterable[Buffer]) -> None:
-        """Send every buffer in the iterable as its own frame."""
-        bufs = list(buffers)
-        self._fdcheck()
-        views: list[memoryview] = []
-        try:
-            for b in bufs:
-                views.append(PickleBuffer(b).raw())
-            parts: list[bytes | memoryview] = []
-            for v in views:
-                parts.append(_encode_header(len(v)))
-                parts.append(v)
-            self._sendv_all(parts)
-        finally:
-            for v in views:
-                v.release()
-
-    # -- descriptors ------------------------------------------------------
+    recv_frame = _tls_errors(_framing.Channel.recv_frame)
+    recv_frames = _tls_errors(_framing.Channel.recv_frames)
+    recv_frame_into = _tls_errors(_framing.Channel.recv_frame_into)
+    discard_frame = _tls_errors(_framing.Channel.discard_frame)
+    send_frame = _tls_errors(_framing.Channel.send_frame)
+    send_frames = _tls_errors(_framing.Channel.send_frames)
+    poll = _tls_errors(_framing.Channel.poll)
 
     def send_frame_fds(self, buf: Buffer, fds: Iterable[SupportsInt]) -> None:
         raise ValueError("descriptors cannot be passed over TLS")
 
-    def recv_frame_fds(self, maxfds: int = 253, timeout: float | None = None) -> tuple[bytes, list[int]]:
+    def recv_frame_fds(self, maxfds: SupportsIndex = 253, timeout: float | None = None) -> tuple[bytes, list[int]]:
         raise ValueError("descriptors cannot be passed over TLS")
-
-    def pending_fds(self) -> int:
-        """Descriptors received and not yet claimed: none ever arrive over TLS."""
-        return 0
 
 
 def server_context(certfile: str, keyfile: str | None, cafile: str | None = None,

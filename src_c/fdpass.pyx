@@ -16,7 +16,7 @@ from cpython.list cimport PyList_New, PyList_SET_ITEM
 from cpython.ref cimport Py_INCREF
 from libc.string cimport memset
 
-from fastnet.errors import ProtocolError
+from fastnet.errors import NoDescriptorError, ProtocolError
 
 include "sockio.pxi"
 
@@ -262,5 +262,5 @@ def recv_fd(sock):
     cdef int fd = _fd_of(sock)
     _recvmsg_fds(fd, _deadline_of(sock), &b, 1, 1, fdv, &nfds)
     if nfds == 0:
-        raise ProtocolError("expected a descriptor, got plain data")
+        raise NoDescriptorError("expected a descriptor, got plain data")
     return fdv[0]

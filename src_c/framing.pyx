@@ -12,9 +12,12 @@ asyncio protocol, a TLS layer). Channel drives the same decoder with blocking
 syscalls on a socket descriptor for Connection. It owns no socket: it borrows
 the descriptor of a socket object the Connection keeps alive. Sends try the
 syscall at once with the GIL held and wait with the GIL released only on
-EAGAIN; receives read as much as the socket has into the decoder's reusable
-buffer (many frames per syscall) and receive large frames straight into their
-final object or the caller's buffer.
+EAGAIN. Receives take from the socket no more than the frame they return (a
+header, then its payload), as multiprocessing does, so select() on the
+descriptor stays truthful and a socket shared by several readers loses
+nothing; ``readahead=True`` reads as much as the socket has into the
+decoder's reusable buffer instead (many frames per syscall). Large frames are
+received straight into their final object or the caller's buffer.
 """
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE, PyBUF_ANY_CONTIGUOUS
@@ -26,6 +29,8 @@ from fastnet.errors import (ProtocolError, MessageTooLarge, TruncatedFrameError,
                             BufferTooShort, TimeoutError as FastnetTimeout)
 
 include "sockio.pxi"
+
+import sys
 
 # the header codec every compiled kernel shares
 from framing cimport write_header, parse_header, header_error
@@ -439,7 +444,8 @@ cdef class FrameDecoder:
         """Return the next complete frame as bytes, or None if none is complete.
 
         A frame longer than ``maxlength`` raises MessageTooLarge as soon as
-        its header is parsed, before its payload is received.
+        its header is parsed, before its payload is received (the asyncio
+        face's ``recv_bytes(maxlength)``, the handshake's message limit).
         """
         cdef long long limit = -1 if maxlength is None else maxlength
         self._check()
@@ -534,11 +540,33 @@ cdef Py_ssize_t _COPY_THRESHOLD = COPY_THRESHOLD
 
 cdef extern from "<sys/socket.h>" nogil:
     int _AF_UNIX "AF_UNIX"
+    int MSG_PEEK
 
 
 # Room for Linux's SCM_MAX_FD (253) descriptors in one control message.
 DEF _MAX_FDS = 253
 DEF _CTRL_SPACE = 1040
+
+
+cdef object _region(const char* p, Py_ssize_t n, bint readonly=True):
+    """A memoryview over p[0:n], valid while the caller keeps p alive."""
+    cdef _MemRegion r = _MemRegion.__new__(_MemRegion)
+    r.ptr = <char*>p
+    r.size = n
+    r.readonly = readonly
+    return memoryview(r)
+
+
+cdef object _ssl_want = None
+
+
+cdef tuple _would_block():
+    """The exceptions an io in non-blocking mode raises for 'not now' (ssl's WANT_* included)."""
+    global _ssl_want
+    if _ssl_want is None:
+        import ssl
+        _ssl_want = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+    return _ssl_want
 
 
 cdef list _scm_fds(msghdr* m):
@@ -559,11 +587,32 @@ cdef list _scm_fds(msghdr* m):
 cdef class Channel:
     """Length-prefixed frames over a connected stream socket's descriptor.
 
-    ``Channel(sock, max_size=None, bufsize=...)``. Every receive accepts an
-    optional ``timeout`` in seconds (None: block); a timeout raises
-    :class:`fastnet.TimeoutError` and leaves buffered bytes in place.
+    ``Channel(sock, max_size=None, bufsize=..., *, readahead=False, io=None)``.
+    Every receive accepts an optional ``timeout`` in seconds (None: block); a
+    timeout raises :class:`fastnet.TimeoutError` and leaves what it received
+    buffered, so the next receive resumes the frame.
+
+    By default a receive takes from the socket exactly the frame it returns;
+    ``recv_frames`` peeks at what has arrived and takes exactly the whole
+    frames in it. ``readahead=True`` reads as much as the socket has instead:
+    fewer syscalls, but select() on the descriptor no longer sees frames
+    already buffered, another process reading the same socket loses them, and
+    bytes that follow a frame (a descriptor sent by ``send_handle``) are taken.
+
+    ``io``, when given, is an object with ``recv_into(buffer, nbytes)`` and
+    ``sendall(data)`` (an ``ssl.SSLSocket`` fits, and is its own io when passed
+    as ``sock``) that carries every byte in
+    place of the socket's syscalls; ``sock`` is still what readiness is
+    waited on. An ``io`` holding bytes of its own (``pending()``, as TLS
+    decrypts whole records) makes ``readahead`` moot: the channel then reads
+    as much as it gets, and ``poll``, ``has_frame`` and ``buffered`` count
+    ``io.pending()``. With a timeout the io is set non-blocking
+    (``settimeout(0.0)``) for each read.
     """
     cdef int fd
+    cdef readonly bint readahead  # read as much as the socket has, not exactly one frame
+    cdef readonly object io       # carries the bytes instead of the syscalls, or None
+    cdef bint ahead               # readahead, or an io (whose own buffering makes exact reads moot)
     cdef readonly FrameDecoder decoder
     cdef char* sbuf
     cdef Py_ssize_t scap
@@ -575,12 +624,21 @@ cdef class Channel:
         self.sbuf = NULL
         self.scap = 0
 
-    def __init__(self, sock, max_size=None, Py_ssize_t bufsize=262144):
+    def __init__(self, sock, max_size=None, Py_ssize_t bufsize=262144, *, readahead=False, io=None):
         self.fd = sock.fileno()
         if self.fd < 0:
             raise ValueError("socket is closed")
+        ssl = sys.modules.get("ssl")
+        if io is None and ssl is not None and isinstance(sock, ssl.SSLSocket):
+            io = sock   # its bytes are only readable through it
+        if io is not None and not (hasattr(io, "recv_into") and hasattr(io, "sendall")):
+            raise TypeError("io must have recv_into(buffer, nbytes) and sendall(data)")
         self.decoder = FrameDecoder(max_size, bufsize)
-        self.is_unix = sock.family == _AF_UNIX
+        self.readahead = bool(readahead)
+        self.io = io
+        self.ahead = self.readahead or io is not None
+        # AF_UNIX without an io: recvmsg, so SCM_RIGHTS is never lost (an io has no recvmsg)
+        self.is_unix = sock.family == _AF_UNIX and io is None
         self.fd_batches = []
         self.scap = _COPY_THRESHOLD + 64
         self.sbuf = <char*>PyMem_Malloc(self.scap)
@@ -621,9 +679,18 @@ cdef class Channel:
     # -- sending ----------------------------------------------------------
 
     cdef inline int _send_all(self, const char* p, Py_ssize_t n) except -1:
+        if self.io is not None:
+            self.io.sendall(_region(p, n))
+            return 0
         return _send_all(self.fd, p, n)
 
     cdef inline int _sendv_all(self, iovec* iov, Py_ssize_t cnt) except -1:
+        cdef Py_ssize_t i
+        if self.io is not None:
+            for i in range(cnt):
+                if iov[i].iov_len:
+                    self.io.sendall(_region(<char*>iov[i].iov_base, iov[i].iov_len))
+            return 0
         return _sendv_all(self.fd, iov, cnt)
 
     cdef int _send_frame_ptr(self, const char* p, Py_ssize_t n) except -1:
@@ -727,8 +794,57 @@ cdef class Channel:
 
     # -- receiving --------------------------------------------------------
 
-    cdef inline Py_ssize_t _read(self, char* p, Py_ssize_t n, double deadline, bint waitall) except -1:
+    cdef Py_ssize_t _read(self, char* p, Py_ssize_t n, double deadline, bint waitall,
+                          bint tryfirst=False) except -1:
+        cdef ssize_t r
+        if self.io is not None:
+            return self._io_read(p, n, deadline, waitall)
+        if deadline < 0 and tryfirst:
+            # Try the syscall first with the GIL held when the bytes have
+            # almost surely arrived (a payload right after its header, frames
+            # just peeked at): a recv that succeeds at once is cheaper than
+            # releasing and retaking the GIL around one that blocks. Not for
+            # a header, which a request/reply peer is usually still waiting
+            # for: there the failed try would be a syscall more. A short
+            # count is fine: every caller loops until its frame is complete.
+            r = recv(self.fd, p, n, MSG_DONTWAIT)
+            if r >= 0:
+                return r
+            if errno != EAGAIN and errno != EWOULDBLOCK and errno != EINTR:
+                PyErr_SetFromErrno(OSError)
+                return -1
         return _recv_some(self.fd, p, n, deadline, waitall)
+
+    cdef Py_ssize_t _io_read(self, char* p, Py_ssize_t n, double deadline, bint waitall) except -1:
+        """recv_into through the io; with a deadline, wait on the socket unless the io holds bytes."""
+        cdef object io = self.io
+        cdef object view = _region(p, n, False)
+        cdef Py_ssize_t got, r
+        if deadline < 0:
+            got = io.recv_into(view, n)
+            while waitall and 0 < got < n:
+                r = io.recv_into(view[got:], n - got)
+                if r == 0:
+                    break
+                got += r
+            return got
+        want = _would_block()
+        while True:
+            if not self._io_pending() and not _wait_fd(self.fd, POLLIN, deadline):
+                raise FastnetTimeout("timed out waiting for data")
+            # non-blocking for this read: a readable socket may hold only part
+            # of what the io needs (a TLS record), or nothing for the caller
+            io.settimeout(0.0)
+            try:
+                return io.recv_into(view, n)
+            except want:
+                continue
+            finally:
+                io.settimeout(None)
+
+    cdef Py_ssize_t _io_pending(self) except -1:
+        pending = getattr(self.io, "pending", None)
+        return 0 if pending is None else pending()
 
     cdef unsigned long long _unreturned(self) noexcept:
         """Stream offset where the first frame not yet returned starts."""
@@ -737,7 +853,8 @@ cdef class Channel:
             return d.frame_start
         return d.received - <unsigned long long>(d.wpos - d.rpos)
 
-    cdef Py_ssize_t _readmsg(self, char* p, Py_ssize_t n, double deadline, bint waitall) except -1:
+    cdef Py_ssize_t _readmsg(self, char* p, Py_ssize_t n, double deadline, bint waitall,
+                             bint tryfirst=False) except -1:
         """recvmsg into p, keeping any SCM_RIGHTS descriptors with the stream range they came with."""
         cdef msghdr m
         cdef iovec iov
@@ -746,6 +863,7 @@ cdef class Channel:
         cdef int flags
         cdef list fds
         cdef FrameDecoder d = self.decoder
+        cdef bint first = deadline < 0 and tryfirst
         while True:
             iov.iov_base = p
             iov.iov_len = n
@@ -757,7 +875,9 @@ cdef class Channel:
             m.msg_controllen = _CTRL_SPACE
             m.msg_flags = 0
             flags = MSG_CMSG_CLOEXEC
-            if deadline >= 0:
+            if deadline >= 0 or first:
+                # tried first with the GIL held (see _read)
+                first = False
                 flags |= MSG_DONTWAIT
                 r = recvmsg(self.fd, &m, flags)
             else:
@@ -771,7 +891,7 @@ cdef class Channel:
                 PyErr_CheckSignals()
                 continue
             if errno == EAGAIN or errno == EWOULDBLOCK:
-                if not _wait_fd(self.fd, POLLIN, deadline):
+                if deadline >= 0 and not _wait_fd(self.fd, POLLIN, deadline):
                     raise FastnetTimeout("timed out waiting for data")
                 continue
             PyErr_SetFromErrno(OSError)
@@ -795,20 +915,32 @@ cdef class Channel:
         cdef FrameDecoder d = self.decoder
         cdef Py_ssize_t r, need
         cdef char* p
+        cdef bint waitall = True
+        # a payload has almost surely arrived with its header: try it first (see _read)
+        cdef bint tryfirst = d.target is not None or d.cur >= 0
         if d.target is not None:
             p = d.tptr + d.tpos
             need = d.cur - d.tpos
-        else:
+        elif self.ahead:
             need = d.wpos - d.rpos + 4096
             if d.cur >= 0 and d.cur > need:
                 need = d.cur
             d._reserve(need)
             p = d.buf + d.wpos
             need = d.cap - d.wpos
-        if self.is_unix:
-            r = self._readmsg(p, need, deadline, d.target is not None)
+            waitall = False
         else:
-            r = self._read(p, need, deadline, d.target is not None)
+            # exactly what the frame begun still lacks: its header, then its
+            # payload; nothing of the next frame is taken from the socket
+            need = d._needed()
+            if need <= 0:
+                need = 4
+            d._reserve(d.wpos - d.rpos + need)
+            p = d.buf + d.wpos
+        if self.is_unix:
+            r = self._readmsg(p, need, deadline, waitall, tryfirst)
+        else:
+            r = self._read(p, need, deadline, waitall, tryfirst)
         if r > 0:
             if d.target is not None:
                 d.tpos += r
@@ -854,14 +986,81 @@ cdef class Channel:
                 return f
             self._fill(deadline)
 
+    cdef Py_ssize_t _peek_whole(self, double deadline) except -1:
+        """Peek at what the socket holds; take exactly the whole frames at its head.
+
+        Returns the bytes taken into the (empty) buffer, 0 if no whole frame
+        has arrived yet. Two syscalls for any number of frames, and nothing
+        of a partial frame leaves the socket. A header the decoder would
+        refuse (negative, the 12-byte form, over max_size) ends the scan: the
+        exact path that follows receives or reports it.
+        """
+        cdef FrameDecoder d = self.decoder
+        cdef Py_ssize_t r, pos = 0, got = 0
+        cdef long long n
+        cdef int h
+        cdef char* p
+        d._reserve(d.cap)
+        p = d.buf + d.wpos
+        while True:
+            # try first with the GIL held, as _read does
+            r = recv(self.fd, p, d.cap - d.wpos, MSG_PEEK | MSG_DONTWAIT)
+            if r >= 0:
+                break
+            if errno == EINTR:
+                PyErr_CheckSignals()
+                continue
+            if errno != EAGAIN and errno != EWOULDBLOCK:
+                PyErr_SetFromErrno(OSError)
+                return -1
+            if deadline >= 0:
+                if not _wait_fd(self.fd, POLLIN, deadline):
+                    raise FastnetTimeout("timed out waiting for data")
+            else:
+                with nogil:
+                    r = recv(self.fd, p, d.cap - d.wpos, MSG_PEEK)
+                if r >= 0:
+                    break
+                if errno == EINTR:
+                    PyErr_CheckSignals()
+                elif errno != EAGAIN and errno != EWOULDBLOCK:
+                    PyErr_SetFromErrno(OSError)
+                    return -1
+        if r == 0:
+            self._eof()
+        while True:
+            h = parse_header(<const unsigned char*>(p + pos), r - pos, &n)
+            if h != 4 or (d.max_size >= 0 and n > d.max_size) or n > r - pos - 4:
+                break
+            pos += 4 + <Py_ssize_t>n
+        while got < pos:
+            # the bytes are there: these reads do not block (a reader sharing
+            # the socket must serialise with us, as with multiprocessing)
+            if self.is_unix:
+                r = self._readmsg(p + got, pos - got, -1.0, True, True)
+            else:
+                r = self._read(p + got, pos - got, -1.0, True, True)
+            if r == 0:
+                self._eof()
+            got += r
+            d.wpos += r
+            d.received += r
+        return pos
+
     def recv_frames(self, timeout=None):
-        """Receive every frame available now as a list, blocking for at least one."""
+        """Receive every frame available now as a list, blocking for at least one.
+
+        Without read-ahead: every whole frame that has arrived (peeked at,
+        then taken exactly), or else the next frame as recv_frame does.
+        """
         cdef FrameDecoder d = self.decoder
         cdef double deadline = self._deadline(timeout)
         cdef list out = []
         cdef object f
         self._fdcheck()
         d._check()
+        if not self.ahead and d.target is None and d.cur < 0 and d.wpos == d.rpos:
+            self._peek_whole(deadline)
         while True:
             f = d._next(-1)
             if f is not None:
@@ -1082,19 +1281,42 @@ cdef class Channel:
         return sum(len(b[2]) for b in self.fd_batches)
 
     def has_frame(self):
-        """True if a whole frame is already buffered (recv will not block)."""
-        return self.decoder.has_frame()
+        """True if a whole frame is already buffered (recv will not block).
+
+        Bytes an io holds (``pending()``) are taken into the buffer to tell.
+        """
+        cdef FrameDecoder d = self.decoder
+        if d.has_frame():
+            return True
+        if self.io is not None and self.fd >= 0:
+            while self._io_pending() > 0 and not d.has_frame():
+                self._fill(0.0)
+        return d.has_frame()
 
     def buffered(self):
-        """Number of received bytes not yet returned."""
+        """Number of received bytes not yet returned (with an io's pending() bytes)."""
+        if self.io is not None and self.fd >= 0:
+            return self.decoder.buffered + self._io_pending()
         return self.decoder.buffered
 
     def poll(self, timeout=0.0):
         """True if a frame is buffered or the socket has data, waiting up to timeout."""
         cdef FrameDecoder d = self.decoder
+        cdef double deadline
         self._fdcheck()
         if d.broken is not None:
             return True
         if d.buffered > 0:
             return True
-        return bool(_wait_fd(self.fd, POLLIN, self._deadline(timeout)))
+        deadline = self._deadline(timeout)
+        if self.io is None:
+            return bool(_wait_fd(self.fd, POLLIN, deadline))
+        # a readable socket may carry only bytes the io keeps to itself (TLS
+        # 1.3 session tickets): read into the buffer to know
+        try:
+            self._fill(deadline)
+        except FastnetTimeout:
+            return False
+        except (EOFError, OSError):
+            return True     # the receive that follows reports it
+        return True

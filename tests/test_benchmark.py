@@ -119,12 +119,26 @@ def test_results_md_rewrites_only_its_block_from_a_report(report, tmp_path):
     assert results_md.main(["-", str(path), "--output", str(md), "--check"]) == 0
 
 
-def _bench_echo():
+def _bench_script(name):
     spec = importlib.util.spec_from_file_location(
-        "bench_echo", os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench", "bench_echo.py"))
+        name, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench", name + ".py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _bench_echo():
+    return _bench_script("bench_echo")
+
+
+def test_bench_managers_measures_both_implementations_on_both_families():
+    bench_managers = _bench_script("bench_managers")
+    res = bench_managers.run(rounds=1, calls=20, proxies=3)
+    assert set(res) == {"TCP", "AF_UNIX"}
+    for fam in res.values():
+        for impl in ("stdlib", "fastnet"):
+            assert fam[impl]["calls"] > 0 and fam[impl]["proxies"] > 0
+    assert "new proxies/s" in bench_managers.format_table(res)
 
 
 @pytest.mark.parametrize("kind", ["fastnet", "fastnet-pure", "asyncio", "selectors"])
@@ -146,10 +160,7 @@ def test_bench_echo_server_serves_load_after_load_until_sigterm(kind):
 
 def test_bench_rpc_runs_its_sequential_and_pipelined_rows():
     # bench/bench_rpc.py shares fastnet bench's RPC rows and targets and adds its own
-    spec = importlib.util.spec_from_file_location(
-        "bench_rpc", os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench", "bench_rpc.py"))
-    bench_rpc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_rpc)
+    bench_rpc = _bench_script("bench_rpc")
     report = bench_rpc.run(["sequential", "pipelined"], quick=True, families=("tcp",),
                            repeat=1, warmup=0.02, sample=0.05)
     for case in ("sequential", "pipelined"):

@@ -374,7 +374,7 @@ def test_poll_semantics(pool):
 
 
 def test_poll_sees_frames_already_buffered():
-    a, b = Pipe()
+    a, b = Pipe(readahead=True)
     with a, b:
         b.send_many([pickle.dumps(i) for i in range(3)])
         assert rx(a) == 0
@@ -435,7 +435,7 @@ def test_wait_accepts_sockets_and_raw_fds():
 
 
 def test_wait_reports_a_connection_with_buffered_frames_at_once():
-    a, b = Pipe()
+    a, b = Pipe(readahead=True)
     other_a, other_b = Pipe()
     with a, b, other_a, other_b:
         b.send_many([pickle.dumps(("msg", i)) for i in range(5)])

@@ -849,8 +849,16 @@ def test_close_mid_frame(fr, socks, method, sent, missing):
         b.recv_frame()
 
 
-def test_poll(chans):
-    a, b = chans
+@pytest.fixture
+def ahead_chans(fr, socks):
+    """Channels that read ahead (``readahead=True``)."""
+    a, b = socks
+    return fr.Channel(a, readahead=True), fr.Channel(b, readahead=True)
+
+
+def test_poll(ahead_chans):
+    a, b = ahead_chans
+    assert b.readahead is True
     assert b.poll() is False
     t0 = time.monotonic()
     assert b.poll(0.05) is False
@@ -885,8 +893,8 @@ def test_max_size_and_maxlength(fr, socks):
         fr.Channel(a_sock, max_size=100).recv_frame()
 
 
-def test_maxlength_applies_to_a_header_already_parsed(chans):
-    a, b = chans
+def test_maxlength_applies_to_a_header_already_parsed(ahead_chans):
+    a, b = ahead_chans
     a.send_frames([b"first", b"q" * 20])
     assert b.recv_frame() == b"first"
     assert b.has_frame()     # this parses the next header

@@ -267,3 +267,13 @@ def test_eof_after_poll(pki):
                 c.recv_bytes()
             with pytest.raises(EOFError):
                 c.recv_bytes()
+
+
+def test_tls_beside_the_compiled_kernels_loads_no_pure_twin():
+    """TLS frames on the active kernels: importing it pulls in nothing of fastnet._pure."""
+    import subprocess
+    import sys
+    code = "import sys, fastnet, fastnet.tls; print(sorted(m for m in sys.modules if m.startswith('fastnet._pure')))"
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, FASTNET_PURE="0"),
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,7 +1,7 @@
 """Stub of the compiled kernel ``fastnet._c.framing`` (twin: ``fastnet._pure.framing``)."""
 import socket
 from collections.abc import Iterable
-from typing import SupportsIndex, SupportsInt
+from typing import Any, SupportsIndex, SupportsInt
 
 from typing_extensions import Buffer, Self, disjoint_base
 
@@ -51,7 +51,19 @@ class FrameDecoder:
 class Channel:
     @property
     def decoder(self) -> FrameDecoder: ...
-    def __init__(self, sock: socket.socket, max_size: SupportsInt | None = ..., bufsize: SupportsIndex = ...) -> None: ...
+    def __init__(
+        self,
+        sock: socket.socket,
+        max_size: SupportsInt | None = ...,
+        bufsize: SupportsIndex = ...,
+        *,
+        readahead: bool = ...,
+        io: Any = ...,
+    ) -> None: ...
+    @property
+    def readahead(self) -> bool: ...
+    @property
+    def io(self) -> Any: ...
     def release(self) -> None: ...
     @property
     def max_size(self) -> int | None: ...

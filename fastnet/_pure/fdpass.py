@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, SupportsInt
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-from fastnet.errors import ProtocolError, TimeoutError as FastnetTimeout
+from fastnet.errors import NoDescriptorError, ProtocolError, TimeoutError as FastnetTimeout
 
 #: Most descriptors one message may carry (Linux's SCM_MAX_FD).
 MAX_FDS = 253
@@ -184,5 +184,5 @@ def recv_fd(sock: socket.socket | int) -> int:
         if temp:
             s.detach()
     if not fds:
-        raise ProtocolError("expected a descriptor, got plain data")
+        raise NoDescriptorError("expected a descriptor, got plain data")
     return fds[0]

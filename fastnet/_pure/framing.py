@@ -9,6 +9,7 @@ their own, returned as bytes (one copy more than the compiled kernel).
 
 FrameDecoder is sans-I/O. Channel drives it with blocking calls on a socket
 object it keeps (``release()`` drops it); the socket must be in blocking mode.
+Its receives take exactly the frame they return unless ``readahead=True``.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import os
 import select
 import socket
 import struct
+import sys
 import time
 from operator import index as _index
 from collections.abc import Iterable
@@ -554,7 +556,8 @@ class FrameDecoder:
         """Return the next complete frame as bytes, or None if none is complete.
 
         A frame longer than ``maxlength`` raises MessageTooLarge as soon as
-        its header is parsed, before its payload is received.
+        its header is parsed, before its payload is received (the asyncio
+        face's ``recv_bytes(maxlength)``, the handshake's message limit).
         """
         limit = -1 if maxlength is None else _longlong(maxlength)
         self._check()
@@ -621,6 +624,7 @@ _POLLOUT = select.POLLOUT
 _NOSIGNAL = socket.MSG_NOSIGNAL
 _DONTWAIT = socket.MSG_DONTWAIT
 _WAITALL = socket.MSG_WAITALL
+_PEEK = socket.MSG_PEEK
 _monotonic = time.monotonic
 
 
@@ -629,6 +633,18 @@ _MAX_FDS = 253
 _CTRL_SPACE = socket.CMSG_SPACE(_MAX_FDS * 4)
 _CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 _close_fd = os.close
+
+
+_ssl_want: tuple[type[BaseException], ...] | None = None
+
+
+def _would_block() -> tuple[type[BaseException], ...]:
+    """The exceptions an io in non-blocking mode raises for 'not now' (ssl's WANT_* included)."""
+    global _ssl_want
+    if _ssl_want is None:
+        import ssl
+        _ssl_want = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+    return _ssl_want
 
 
 def _scm_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
@@ -642,28 +658,66 @@ def _scm_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
 class Channel:
     """Length-prefixed frames over a connected stream socket in blocking mode.
 
-    ``Channel(sock, max_size=None, bufsize=...)``. Every receive accepts an
-    optional ``timeout`` in seconds (None: block); a timeout raises
-    :class:`fastnet.TimeoutError` and leaves buffered bytes in place.
+    ``Channel(sock, max_size=None, bufsize=..., *, readahead=False, io=None)``.
+    Every receive accepts an optional ``timeout`` in seconds (None: block); a
+    timeout raises :class:`fastnet.TimeoutError` and leaves what it received
+    buffered, so the next receive resumes the frame.
+
+    By default a receive takes from the socket exactly the frame it returns;
+    ``recv_frames`` peeks at what has arrived and takes exactly the whole
+    frames in it. ``readahead=True`` reads as much as the socket has instead:
+    fewer syscalls, but select() on the descriptor no longer sees frames
+    already buffered, another process reading the same socket loses them, and
+    bytes that follow a frame (a descriptor sent by ``send_handle``) are taken.
+
+    ``io``, when given, is an object with ``recv_into(buffer, nbytes)`` and
+    ``sendall(data)`` (an ``ssl.SSLSocket`` fits, and is its own io when passed
+    as ``sock``) that carries every byte in
+    place of the socket's syscalls; ``sock`` is still what readiness is
+    waited on. An ``io`` holding bytes of its own (``pending()``, as TLS
+    decrypts whole records) makes ``readahead`` moot: the channel then reads
+    as much as it gets, and ``poll``, ``has_frame`` and ``buffered`` count
+    ``io.pending()``. With a timeout the io is set non-blocking
+    (``settimeout(0.0)``) for each read.
     """
 
-    __slots__ = ("_sock", "_decoder", "_pollers", "_is_unix", "_fd_batches")
+    __slots__ = ("_sock", "_decoder", "_pollers", "_is_unix", "_fd_batches", "_readahead", "_io", "_ahead")
     _sock: socket.socket
     _pollers: dict[int, select.poll]
     _fd_batches: list[tuple[int, int, list[int]]]
+    _io: Any
 
     def __init__(self, sock: socket.socket, max_size: SupportsInt | None = None,
-                 bufsize: SupportsIndex = 262144) -> None:
+                 bufsize: SupportsIndex = 262144, *, readahead: bool = False, io: Any = None) -> None:
         bufsize = _ssize(bufsize)
         if sock.fileno() < 0:
             raise ValueError("socket is closed")
+        ssl = sys.modules.get("ssl")
+        if io is None and ssl is not None and isinstance(sock, ssl.SSLSocket):
+            io = sock   # its bytes are only readable through it
+        if io is not None and not (hasattr(io, "recv_into") and hasattr(io, "sendall")):
+            raise TypeError("io must have recv_into(buffer, nbytes) and sendall(data)")
         self._sock = sock
         self._decoder = FrameDecoder(max_size, bufsize)
         self._pollers = {}
-        # AF_UNIX: read with recvmsg so SCM_RIGHTS is never lost
-        self._is_unix = sock.family == socket.AF_UNIX
+        self._readahead = bool(readahead)
+        self._io = io
+        # readahead, or an io (whose own buffering makes exact reads moot)
+        self._ahead = self._readahead or io is not None
+        # AF_UNIX without an io: recvmsg, so SCM_RIGHTS is never lost (an io has no recvmsg)
+        self._is_unix = sock.family == socket.AF_UNIX and io is None
         # [(start, end, fds)]: descriptors and the stream range of the read that brought them
         self._fd_batches = []
+
+    @property
+    def readahead(self) -> bool:
+        """True if receives read as much as the socket has, not exactly one frame."""
+        return self._readahead
+
+    @property
+    def io(self) -> Any:
+        """The object that carries the bytes instead of the socket's syscalls, or None."""
+        return self._io
 
     @property
     def decoder(self) -> FrameDecoder:
@@ -735,6 +789,11 @@ class Channel:
     def _sendv_all(self, parts: list[Any]) -> None:
         """sendmsg every byte of parts (bytes, bytearrays, flat byte views), resuming after partial writes."""
         sock = self._sock
+        if self._io is not None:
+            for p in parts:
+                if len(p):
+                    self._io.sendall(p)
+            return
         cnt = len(parts)
         i = 0
         made = []
@@ -783,7 +842,9 @@ class Channel:
             else:
                 part = (view if type(view) is memoryview else memoryview(view))[offset:offset + n]
             if n <= COPY_THRESHOLD:
-                if sock.gettimeout() is None:
+                if self._io is not None:
+                    self._io.sendall(_header(n) + part)
+                elif sock.gettimeout() is None:
                     sock.sendall(_header(n) + part, _NOSIGNAL)
                 else:
                     self._sendv_all([_header(n) + part])
@@ -819,7 +880,7 @@ class Channel:
                     small = []
             if small:
                 parts.append(b"".join(small))
-            if len(parts) == 1 and self._sock.gettimeout() is None:
+            if len(parts) == 1 and self._io is None and self._sock.gettimeout() is None:
                 self._sock.sendall(parts[0], _NOSIGNAL)
             else:
                 self._sendv_all(parts)
@@ -832,6 +893,8 @@ class Channel:
 
     def _read(self, view: memoryview, n: int, deadline: float, waitall: bool) -> int:
         """recv_into up to n bytes (MSG_WAITALL when waitall and no deadline); 0 means EOF."""
+        if self._io is not None:
+            return self._io_read(view, n, deadline, waitall)
         sock = self._sock
         while True:
             try:
@@ -842,6 +905,36 @@ class Channel:
                 # a deadline, or a socket made non-blocking behind our back
                 if not self._wait(_POLLIN, deadline):
                     raise FastnetTimeout("timed out waiting for data") from None
+
+    def _io_read(self, view: memoryview, n: int, deadline: float, waitall: bool) -> int:
+        """recv_into through the io; with a deadline, wait on the socket unless the io holds bytes."""
+        io = self._io
+        if deadline < 0:
+            got: int = io.recv_into(view, n)
+            while waitall and 0 < got < n:
+                with view[got:n] as rest:
+                    r = io.recv_into(rest, n - got)
+                if r == 0:
+                    break
+                got += r
+            return got
+        want = _would_block()
+        while True:
+            if not self._io_pending() and not self._wait(_POLLIN, deadline):
+                raise FastnetTimeout("timed out waiting for data")
+            # non-blocking for this read: a readable socket may hold only part
+            # of what the io needs (a TLS record), or nothing for the caller
+            io.settimeout(0.0)
+            try:
+                return int(io.recv_into(view, n))
+            except want:
+                continue
+            finally:
+                io.settimeout(None)
+
+    def _io_pending(self) -> int:
+        pending = getattr(self._io, "pending", None)
+        return 0 if pending is None else int(pending())
 
     def _unreturned(self) -> int:
         """Stream offset where the first frame not yet returned starts."""
@@ -880,15 +973,20 @@ class Channel:
         return r
 
     def _fill(self, deadline: float) -> None:
-        """One read into the decoder (buffer or large-frame target); EOF raises."""
+        """One read into the decoder (buffer or large-frame target); EOF raises.
+
+        No MSG_WAITALL here: a signal handler that raises after a partial
+        WAITALL read would lose the bytes it returned (Python runs handlers
+        between the call and the assignment of its result). Callers loop.
+        """
         d = self._decoder
         read = self._readmsg if self._is_unix else self._read
         if d._target is not None:
             tpos = d._tpos
             with d._tview[tpos:d._cur] as v:
-                r = read(v, d._cur - tpos, deadline, True)
+                r = read(v, d._cur - tpos, deadline, False)
             d._tpos = tpos + r
-        else:
+        elif self._ahead:
             need = d._wpos - d._rpos + 4096
             if d._cur > need:
                 need = d._cur
@@ -896,6 +994,17 @@ class Channel:
             wpos = d._wpos
             with d._mv[wpos:d._cap] as v:
                 r = read(v, d._cap - wpos, deadline, False)
+            d._wpos = wpos + r
+        else:
+            # exactly what the frame begun still lacks: its header, then its
+            # payload; nothing of the next frame is taken from the socket
+            need = d._needed()
+            if need <= 0:
+                need = 4
+            d._reserve(d._wpos - d._rpos + need)
+            wpos = d._wpos
+            with d._mv[wpos:wpos + need] as v:
+                r = read(v, need, deadline, False)
             d._wpos = wpos + r
         if r == 0:
             self._eof()
@@ -928,13 +1037,68 @@ class Channel:
                 return f
             self._fill(deadline)
 
+    def _peek_whole(self, deadline: float) -> int:
+        """Peek at what the socket holds; take exactly the whole frames at its head.
+
+        Returns the bytes taken into the (empty) buffer, 0 if no whole frame
+        has arrived yet. Two syscalls for any number of frames, and nothing
+        of a partial frame leaves the socket. A header the decoder would
+        refuse (negative, the 12-byte form, over max_size) ends the scan: the
+        exact path that follows receives or reports it.
+        """
+        d = self._decoder
+        sock = self._sock
+        d._reserve(d._cap)
+        wpos = d._wpos
+        free = d._cap - wpos
+        with d._mv[wpos:d._cap] as v:
+            while True:
+                try:
+                    if deadline >= 0:
+                        r = sock.recv_into(v, free, _PEEK | _DONTWAIT)
+                    else:
+                        r = sock.recv_into(v, free, _PEEK)
+                    break
+                except BlockingIOError:
+                    if not self._wait(_POLLIN, deadline):
+                        raise FastnetTimeout("timed out waiting for data") from None
+        if r == 0:
+            self._eof()
+        buf = d._buf
+        limit = d._max_size
+        pos = 0
+        while True:
+            h, n = _parse_header(buf, wpos + pos, r - pos)
+            if h != 4 or 0 <= limit < n or n > r - pos - 4:
+                break
+            pos += 4 + n
+        read = self._readmsg if self._is_unix else self._read
+        got = 0
+        while got < pos:
+            # the bytes are there: these reads do not block (a reader sharing
+            # the socket must serialise with us, as with multiprocessing)
+            with d._mv[wpos + got:wpos + pos] as v:
+                r = read(v, pos - got, -1.0, True)
+            if r == 0:
+                self._eof()
+            got += r
+            d._wpos += r
+            d._received += r
+        return pos
+
     def recv_frames(self, timeout: float | None = None) -> list[bytes]:
-        """Receive every frame available now as a list, blocking for at least one."""
+        """Receive every frame available now as a list, blocking for at least one.
+
+        Without read-ahead: every whole frame that has arrived (peeked at,
+        then taken exactly), or else the next frame as recv_frame does.
+        """
         deadline = -1.0 if timeout is None else self._deadline(timeout)
         self._fdcheck()
         d = self._decoder
         if d._broken is not None:
             raise d._broken
+        if not self._ahead and d._target is None and d._cur < 0 and d._wpos == d._rpos:
+            self._peek_whole(deadline)
         out: list[bytes] = []
         while True:
             d._drain(out)
@@ -1112,11 +1276,22 @@ class Channel:
         return sum(len(b[2]) for b in self._fd_batches)
 
     def has_frame(self) -> bool:
-        """True if a whole frame is already buffered (recv will not block)."""
-        return self._decoder.has_frame()
+        """True if a whole frame is already buffered (recv will not block).
+
+        Bytes an io holds (``pending()``) are taken into the buffer to tell.
+        """
+        d = self._decoder
+        if d.has_frame():
+            return True
+        if self._io is not None and self._sock is not None:
+            while self._io_pending() > 0 and not d.has_frame():
+                self._fill(0.0)
+        return d.has_frame()
 
     def buffered(self) -> int:
-        """Number of received bytes not yet returned."""
+        """Number of received bytes not yet returned (with an io's pending() bytes)."""
+        if self._io is not None and self._sock is not None:
+            return self._decoder.buffered + self._io_pending()
         return self._decoder.buffered
 
     def poll(self, timeout: float | None = 0.0) -> bool:
@@ -1127,4 +1302,15 @@ class Channel:
             return True
         if d.buffered > 0:
             return True
-        return self._wait(_POLLIN, self._deadline(timeout))
+        deadline = self._deadline(timeout)
+        if self._io is None:
+            return self._wait(_POLLIN, deadline)
+        # a readable socket may carry only bytes the io keeps to itself (TLS
+        # 1.3 session tickets): read into the buffer to know
+        try:
+            self._fill(deadline)
+        except FastnetTimeout:
+            return False
+        except (EOFError, OSError):
+            return True     # the receive that follows reports it
+        return True

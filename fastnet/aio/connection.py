@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import socket
 import ssl
 from collections.abc import AsyncIterator, Iterable
@@ -54,6 +55,8 @@ _BUFSIZE = 262144
 # sendmsg() takes at most IOV_MAX (1024 on Linux) buffers.
 _IOV_MAX = 1024
 _COPY_THRESHOLD = _framing.COPY_THRESHOLD
+# Small messages corked within one loop iteration go out at least this often.
+_CORK_MAX = 65536
 # With no receive waiting, a TLS connection stops reading above this much.
 _TLS_READ_LIMIT = 4 << 20
 
@@ -115,6 +118,10 @@ class AsyncConnection:
         self._queued = 0                 # bytes handed to the connection so far
         self._sent = 0                   # bytes the socket took so far
         self._writing = False
+        # small messages sent after the first in one loop iteration, sent together at its end
+        self._cork: list[bytes] = []
+        self._cork_size = 0
+        self._tick = False               # a message went out in this loop iteration
         self._send_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._error: BaseException | None = None    # why the connection failed
         self._closing = False
@@ -159,7 +166,7 @@ class AsyncConnection:
     @property
     def write_buffer_size(self) -> int:
         """Bytes queued for the peer that the socket has not taken yet."""
-        return self._queued - self._sent
+        return self._queued - self._sent + self._cork_size
 
     def _check(self) -> None:
         if self._closing:
@@ -223,16 +230,18 @@ class AsyncConnection:
         if self._waiter is not None:
             raise RuntimeError("another coroutine is already receiving on this connection")
         self._check()
+        # try the syscall first (a reply often is there already): the loop only on EAGAIN
+        try:
+            self._read()
+            if self._ready():
+                return
+        except (BlockingIOError, InterruptedError):
+            pass
         if not self._reading:
-            # try the syscall first: register with the loop only on EAGAIN
-            try:
-                self._read()
-                if self._ready():
-                    return
-            except (BlockingIOError, InterruptedError):
-                pass
             self._loop.add_reader(self._fd, self._on_readable)
             self._reading = True
+        # this coroutine yields to the loop: the next small send may go out at once
+        self._tick = False
         fut = self._waiter = self._loop.create_future()
         try:
             await fut
@@ -424,6 +433,11 @@ class AsyncConnection:
         are free once it returns.
         """
         self._check()
+        if self._cork:
+            parts = self._cork + parts
+            total += self._cork_size
+            self._cork = []
+            self._cork_size = 0
         sent = 0
         if not self._wq:
             try:
@@ -518,6 +532,34 @@ class AsyncConnection:
                 self._wq = collections.deque(p if type(p) is bytes else bytes(p) for p in self._wq)
             raise
 
+    def _send_small(self, frame: bytes) -> None:
+        """Send one small frame: at once if it is the first since this connection last waited, else corked.
+
+        A burst of small messages then costs one syscall per loop iteration
+        (or per _CORK_MAX bytes) instead of one each, while a lone message
+        (a request, a reply) never waits; a corked one waits at most until
+        the end of the current loop iteration.
+        """
+        if not self._tick:
+            self._write([frame], len(frame), False)
+            self._tick = True
+            return
+        self._check()
+        if not self._cork:
+            self._loop.call_soon(self._end_tick)
+        self._cork.append(frame)
+        self._cork_size += len(frame)
+        if self._cork_size >= _CORK_MAX:
+            self._write([], 0, False)
+
+    def _end_tick(self) -> None:
+        self._tick = False
+        if self._cork and not self._closed.done():
+            try:
+                self._write([], 0, False)
+            except (ConnectionLost, OSError):
+                pass        # the connection failed: _write aborted it, every waiter hears of it
+
     async def _after_write(self, mark: int, held: bool) -> None:
         if held:
             if self._sent < mark:
@@ -547,10 +589,15 @@ class AsyncConnection:
             elif offset + size > n:
                 raise ValueError("buffer length < offset + size")
             view = view[offset:offset + size]
+        if len(view) < _COPY_THRESHOLD:
+            self._send_small(_encode_header(len(view)) + view)
+            if self._queued - self._sent > self.high_water:
+                await self._sent_up_to(self._queued - self.low_water, False)
+            return
         parts: list[Any] = []
-        held = _frame_parts(view, parts)
-        mark = self._write(parts, sum(len(p) for p in parts), held)
-        await self._after_write(mark, held)
+        _frame_parts(view, parts)
+        mark = self._write(parts, sum(len(p) for p in parts), True)
+        await self._after_write(mark, True)
 
     async def send(self, obj: Any) -> None:
         """Send a picklable object (pickled as multiprocessing does)."""
@@ -626,6 +673,11 @@ class AsyncConnection:
         """Close the connection; queued messages are still sent (see :meth:`wait_closed`)."""
         if self._closing:
             return
+        if self._cork:
+            try:
+                self._write([], 0, False)
+            except (ConnectionLost, OSError):
+                pass
         self._closing = True
         self._stop_reading(ConnectionLost("the connection was closed"))
         if not self._wq:
@@ -652,6 +704,8 @@ class AsyncConnection:
         self._closing = True
         self._stop_reading(exc)
         self._wq.clear()
+        self._cork = []
+        self._cork_size = 0
         self._finish_close()
 
     def _finish_close(self) -> None:
@@ -764,6 +818,10 @@ class _TLSConnection(AsyncConnection):
             await fut
         finally:
             self._waiter = None
+
+    def _send_small(self, frame: bytes) -> None:
+        # the TLS transport buffers and coalesces by itself
+        self._write([frame], len(frame), False)
 
     def _write(self, parts: list[Any], total: int, held: bool) -> int:
         self._check()
@@ -883,6 +941,7 @@ async def authenticate(conn: AsyncConnection, authkey: bytes, server_side: bool,
     pipelining peer gets them in one write.
     """
     hs = Handshake(authkey, server_side, strict=strict, digest=digest)
+    quick = None if server_side else _auth._quickack_socket(conn)
     out = hs.start()
     try:
         while True:
@@ -893,8 +952,11 @@ async def authenticate(conn: AsyncConnection, authkey: bytes, server_side: bool,
                 raise hs.error
             if hs.done:
                 return
-            if not server_side:
-                _auth._quickack(conn)
+            if quick is not None:
+                try:
+                    quick.setsockopt(socket.IPPROTO_TCP, _auth._QUICKACK, 1)  # type: ignore[arg-type]
+                except OSError:
+                    pass
             try:
                 payload = await conn.recv_bytes(MAX_MESSAGE)
             except (MessageTooLarge, EOFError, ProtocolError) as exc:
@@ -904,10 +966,21 @@ async def authenticate(conn: AsyncConnection, authkey: bytes, server_side: bool,
         hs.abandon()
 
 
+def _numeric_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 async def _open_socket(fam: int, addr: Any) -> socket.socket:
     loop = asyncio.get_running_loop()
     if fam == socket.AF_UNIX:
         infos: list[Any] = [(socket.AF_UNIX, addr)]
+    elif _numeric_host(addr[0]):
+        # no lookup: asyncio's resolver would start a thread for nothing
+        infos = [(fam, addr)]
     else:
         res = await loop.getaddrinfo(addr[0], addr[1], type=socket.SOCK_STREAM)
         infos = [(r[0], r[4]) for r in res]
