@@ -121,7 +121,7 @@ def _flat_and_small(msg: Any) -> bool:
         elif type(k) not in _SCALARS:
             return False
         size += 200
-    return size <= OFFLOAD_THRESHOLD
+    return bool(size <= OFFLOAD_THRESHOLD)
 
 
 class FastnetComm(Comm):

@@ -79,7 +79,7 @@ def _comm_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> None:
 
 def _comm_client(spec: dict[str, Any], address: Any) -> Any:
     dcomm = _distributed(spec)
-    from distributed.protocol import to_serialize
+    from distributed.protocol.serialize import to_serialize
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)     # tornado, under distributed's tcp://, looks the loop up
     comm = loop.run_until_complete(dcomm.connect(address))
