@@ -6,9 +6,11 @@ is at hand) and run under distributed's ``gen_test``, whose ``clean``
 fixture fails on a comm left open or a thread left running. The cluster
 tests start ``LocalCluster(protocol="fastnet", processes=True)``: the worker
 processes find the backend through the ``distributed.comm.backends`` entry
-point, from a dist-info directory made here (tests/test_dask_cluster.py
-installs the built wheel into a virtualenv instead). The file runs once per
-kernel set (``FASTNET_PURE=1``).
+point, from a dist-info directory made here (test_entry_point_of_the_built_wheel
+installs the built wheel into a virtualenv instead). The multi-host tests put
+the scheduler and each worker in a network namespace of its own (skipped, with
+the reason, where namespaces cannot be made). The file runs once per kernel
+set (``FASTNET_PURE=1``).
 """
 import asyncio
 import json
@@ -17,6 +19,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 import tracemalloc
 
 import pytest
@@ -694,3 +697,157 @@ def test_bench_dask_cases_measure_both_rows():
     assert report["results"]["dask-cluster"]["tcp"]["fastnet"]["info"]["transfers"] > 0
     targets = {t["target"]: t for t in report["targets"] if t["case"].startswith("dask")}
     assert len(targets) == 3 and all(t["value"] is not None for t in targets.values())
+
+
+# -- more than one host: network namespaces ---------------------------------------------------
+
+NETNS_DRIVER = os.path.join(ROOT, "tests", "dask_netns_driver.py")
+
+
+def _netns_unavailable():
+    import fastnet_soak as soak     # tools/soak.py, loaded by conftest
+    return soak.netns_available()
+
+
+class DaskHosts:
+    """A scheduler host and two worker hosts: three network namespaces on one bridge.
+
+    The bridge lives in the scheduler's namespace ``s`` (10.X.Y.1); each worker
+    namespace joins it through a veth pair of its own (10.X.Y.2, 10.X.Y.3), so a
+    chunk moving between the workers crosses two veth links, as between hosts.
+    """
+
+    def __init__(self):
+        import random
+        import fastnet_soak as soak
+        self.ip = soak.ip
+        u = f"{os.getpid() % 10000}{random.randrange(100, 999)}"
+        x, y = random.randrange(16, 250), random.randrange(1, 250)
+        self.ns = {"s": f"fdks{u}", "w1": f"fdk1{u}", "w2": f"fdk2{u}"}
+        self.addr = {"s": f"10.{x}.{y}.1", "w1": f"10.{x}.{y}.2", "w2": f"10.{x}.{y}.3"}
+        self.veth = {"w1": f"dw1{u}"[:15], "w2": f"dw2{u}"[:15]}
+        self.procs = []
+        self.made = []
+        try:
+            for ns in self.ns.values():
+                self.ip("netns", "add", ns)
+                self.made.append(ns)
+            s = self.ns["s"]
+            self.ip("-n", s, "link", "add", "br0", "type", "bridge")
+            self.ip("-n", s, "addr", "add", self.addr["s"] + "/24", "dev", "br0")
+            self.ip("-n", s, "link", "set", "br0", "up")
+            self.ip("-n", s, "link", "set", "lo", "up")
+            for w in ("w1", "w2"):
+                peer = "p" + self.veth[w][1:]
+                self.ip("link", "add", peer, "netns", s, "type", "veth", "peer", "name", self.veth[w],
+                        "netns", self.ns[w])
+                self.ip("-n", s, "link", "set", peer, "master", "br0")
+                self.ip("-n", s, "link", "set", peer, "up")
+                self.ip("-n", self.ns[w], "addr", "add", self.addr[w] + "/24", "dev", self.veth[w])
+                self.ip("-n", self.ns[w], "link", "set", self.veth[w], "up")
+                self.ip("-n", self.ns[w], "link", "set", "lo", "up")
+        except BaseException:
+            self.close()
+            raise
+
+    def link(self, w, state):
+        self.ip("-n", self.ns[w], "link", "set", self.veth[w], state)
+
+    def spawn(self, where, args, env, **kw):
+        p = subprocess.Popen(["ip", "netns", "exec", self.ns[where], sys.executable, *args], env=env,
+                             stdin=subprocess.DEVNULL, **kw)
+        self.procs.append(p)
+        return p
+
+    def close(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=30)
+        for ns in self.made:
+            r = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+            for pid in r.stdout.split():
+                try:
+                    os.kill(int(pid), 9)
+                except (ProcessLookupError, ValueError):
+                    pass
+            self.ip("netns", "del", ns, check=False)
+        self.made = []
+
+
+def _tls_files(tmp_path):
+    """A CA and one certificate (no extended key usage: it serves and it connects) for every Dask process."""
+    import datetime
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from tlsutil import make_cert, name
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = make_cert("dask test CA", ca_key, name("dask test CA"), ca_key, ca=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name("dask")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=7))
+            .sign(ca_key, hashes.SHA256()))
+    paths = {n: str(tmp_path / f"{n}.pem") for n in ("ca", "cert", "key")}
+    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    return paths
+
+
+@pytest.mark.parametrize("link_down", [False, True])
+@pytest.mark.parametrize("protocol", ["fastnet", "fastnet-tls"])
+def test_scheduler_and_workers_on_three_hosts(protocol, link_down, tmp_path, entry_point_dir, tcp_result):
+    why = _netns_unavailable()
+    if why is not None:
+        pytest.skip(why)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, entry_point_dir]))
+    sched_file = str(tmp_path / "scheduler.json")
+    tls, client_tls = [], []
+    if protocol == "fastnet-tls":
+        f = _tls_files(tmp_path)
+        tls = ["--tls-ca-file", f["ca"], "--tls-cert", f["cert"], "--tls-key", f["key"]]
+        client_tls = [f["ca"], f["cert"], f["key"]]
+    hosts = DaskHosts()
+    try:
+        hosts.spawn("s", ["-m", "distributed.cli.dask_scheduler", "--protocol", protocol, "--host",
+                          hosts.addr["s"], "--port", "0", "--no-dashboard", "--scheduler-file", sched_file, *tls],
+                    env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(sched_file):
+            assert time.monotonic() < deadline, "the scheduler did not start"
+            time.sleep(0.1)
+        for w in ("w1", "w2"):
+            hosts.spawn(w, ["-m", "distributed.cli.dask_worker", "--scheduler-file", sched_file, "--host",
+                            hosts.addr[w], "--nthreads", "1", "--no-nanny", "--no-dashboard", *tls],
+                        env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        args = [NETNS_DRIVER, sched_file, *client_tls] + (["--signal"] if link_down else [])
+        driver = hosts.spawn("s", args, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if link_down:
+            line = driver.stdout.readline()
+            assert line.strip() == "TRANSFERRING", driver.stderr.read()[-3000:]
+            hosts.link("w1", "down")            # a worker's link goes in the middle of the job...
+            time.sleep(2.0)
+            hosts.link("w1", "up")              # ...and comes back
+        try:
+            stdout, stderr = driver.communicate(timeout=300)   # nothing hangs
+        except subprocess.TimeoutExpired:
+            driver.kill()
+            raise AssertionError("the job hung")
+        assert driver.returncode == 0, stderr[-3000:]
+        out = json.loads(stdout.strip().splitlines()[-1])
+    finally:
+        hosts.close()
+    assert out["scheduler"] == f"{protocol}://{hosts.addr['s']}:{out['scheduler'].rsplit(':', 1)[1]}"
+    assert sorted(a.rsplit(":", 1)[0] for a in out["workers"]) == [f"{protocol}://{hosts.addr[w]}"
+                                                                    for w in ("w1", "w2")]
+    if link_down:
+        assert not out["done_at_signal"]
+        if "error" in out:          # Dask gave up on the cut link with its own error
+            return
+    assert "error" not in out, out.get("error")
+    assert np.allclose(out["result"], tcp_result, rtol=1e-12, atol=0)
+    assert out["transfers"] > 0
