@@ -262,11 +262,9 @@ class FastnetComm(Comm):
         conn = self._conn
         if conn is None:
             return True
-        # with no read pending nobody else would notice the peer going
-        if conn.closed or (not self._reading and conn.peer_gone()):
-            self.abort()
-            return True
-        return False
+        # with no read pending nobody else would notice the peer going; what
+        # it sent before going stays readable until a read meets the end
+        return conn.closed or (not self._reading and conn.peer_gone())
 
 
 def _close_dangling(conn: aio.AsyncConnection, r: str) -> None:

@@ -295,6 +295,21 @@ def test_closed_turns_true_when_the_peer_goes_with_no_read_pending(tls, tls_args
 
 
 @gen_test()
+async def test_what_the_peer_sent_before_going_is_still_read():
+    a, b = await comm_pair("fastnet://127.0.0.1")
+    await b.write({"n": 1})
+    await b.write({"n": 2})
+    await b.close()
+    await asyncio.sleep(0.1)
+    assert await a.read() == {"n": 1}       # takes both messages off the socket
+    assert a.closed()                       # the peer is gone...
+    assert await a.read() == {"n": 2}       # ...and its last message is not lost
+    with pytest.raises(CommClosedError):
+        await a.read()
+    a.abort()
+
+
+@gen_test()
 async def test_cancelled_read_aborts_the_comm():
     a, b = await comm_pair("fastnet://127.0.0.1")
     task = asyncio.ensure_future(a.read())
