@@ -6,17 +6,32 @@ loudly instead of leaving a package that silently runs the pure twins.
 import glob
 import os
 
+import setuptools
 from setuptools import Extension, setup
 from Cython.Build import cythonize
+
+if int(setuptools.__version__.split(".")[0]) < 77:
+    # pip's isolated build gets it from build-system.requires; a direct
+    # `setup.py build_ext` uses the environment's own setuptools
+    raise SystemExit(f"fastnet needs setuptools>=77 for its license metadata (PEP 639), "
+                     f"not {setuptools.__version__}: python -m pip install 'setuptools>=77'")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def extensions():
+    sources = sorted(glob.glob(os.path.join("src_c", "*.pyx")))
+    if not sources:
+        # an sdist or checkout without the kernel sources would otherwise
+        # install a package whose import fails
+        raise SystemExit(
+            "fastnet: no kernel sources (src_c/*.pyx) next to setup.py in "
+            f"{HERE}; the source tree is incomplete, refusing to build"
+        )
     exts = []
     # auth gains nothing from static types (hashlib and hmac do its work), so it
     # is compiled from its one source, the pure twin, in Cython's pure-Python mode
-    sources = sorted(glob.glob(os.path.join("src_c", "*.pyx"))) + [os.path.join("fastnet", "_pure", "auth.py")]
+    sources.append(os.path.join("fastnet", "_pure", "auth.py"))
     for pyx in sources:
         name = os.path.splitext(os.path.basename(pyx))[0]
         exts.append(

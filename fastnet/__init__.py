@@ -4,6 +4,7 @@ A drop-in, wire-compatible replacement for ``multiprocessing.connection``
 with zero-copy arrays and compiled hot paths. ``fastnet.backend`` says which
 kernels are active: ``"cython"`` or, with ``FASTNET_PURE=1``, ``"python"``.
 """
+from fastnet._version import __version__
 from fastnet._kernels import backend
 from fastnet.errors import (
     FastnetError,
@@ -48,7 +49,6 @@ from fastnet import codecs
 from fastnet import monitor
 from fastnet.rpc import RPCServer, RPCProxy
 
-__version__ = "0.1.0"
 
 __all__ = [
     "backend",

@@ -18,6 +18,8 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from fastnet._version import __version__
+
 if TYPE_CHECKING:
     import ssl
 
@@ -232,6 +234,7 @@ def _call(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastnet", description="fast, safe message transport")
+    parser.add_argument("--version", action="version", version=f"fastnet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("bench", help="compare fastnet with the stdlib and its peers (fastnet bench --help)",
                    add_help=False)

@@ -112,6 +112,21 @@ def set_keepalive(sock: socket.socket, seconds: float) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, total * 1000)
 
 
+def _send_size(n: int, offset: int, size: int | None) -> int:
+    """The size of send_bytes' slice of an n-byte buffer, checked as multiprocessing checks it."""
+    if offset < 0:
+        raise ValueError("offset is negative")
+    if n < offset:
+        raise ValueError("buffer length < offset")
+    if size is None:
+        return n - offset
+    if size < 0:
+        raise ValueError("size is negative")
+    if offset + size > n:
+        raise ValueError("buffer length < offset + size")
+    return size
+
+
 def _tls_wrap(ctx: ssl.SSLContext, sock: socket.socket, timeout: float | None,
               server_hostname: str | None = None, server_side: bool = False) -> ssl.SSLSocket:
     """Wrap sock with ctx and finish the TLS handshake within timeout; on failure close it."""
@@ -269,18 +284,7 @@ class Connection:
         if offset == 0 and size is None:
             ch.send_frame(buf)
             return
-        n = memoryview(buf).nbytes
-        if offset < 0:
-            raise ValueError("offset is negative")
-        if n < offset:
-            raise ValueError("buffer length < offset")
-        if size is None:
-            size = n - offset
-        elif size < 0:
-            raise ValueError("size is negative")
-        elif offset + size > n:
-            raise ValueError("buffer length < offset + size")
-        ch.send_frame(buf, offset, size)
+        ch.send_frame(buf, offset, _send_size(memoryview(buf).nbytes, offset, size))
 
     def send(self, obj: Any) -> None:
         """Send a picklable object (pickled as multiprocessing does)."""

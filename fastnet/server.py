@@ -1495,7 +1495,12 @@ class BaseServer:
 
     def serve_forever(self, poll_interval: float = 0.5, *,
                       stop_signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM)) -> None:
-        """Serve until shutdown(). In the main thread, ``stop_signals`` shut down gracefully."""
+        """Serve until shutdown(). In the main thread, ``stop_signals`` shut down gracefully.
+
+        A stop signal that is ignored when serving starts (``nohup``, a
+        shell's background job) stays ignored: whoever started the process
+        asked for that. Stop such a server with another signal or shutdown().
+        """
         with self._lock:
             if self._state != "new":
                 raise RuntimeError("the server is already serving or closed")
@@ -1630,7 +1635,8 @@ class BaseServer:
         self._sig_socks = (r, w)
         self._loop.add_reader(r, self._on_stop_wake)
         for sig in sigs:
-            self._old_signals[sig] = signal.signal(sig, self._on_stop_signal)
+            if signal.getsignal(sig) is not signal.SIG_IGN:   # ignored by our starter: stays so
+                self._old_signals[sig] = signal.signal(sig, self._on_stop_signal)
 
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
         self._interrupt_blocking()

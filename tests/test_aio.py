@@ -145,6 +145,21 @@ def test_recv_bytes_into_and_buffer_too_short(run):
     run(main)
 
 
+def test_send_bytes_checks_offset_and_size_as_multiprocessing(run):
+    async def main():
+        a, b = await _socketpair_conns()
+        for offset, size in [(-1, None), (11, None), (0, -1), (5, 6)]:
+            with pytest.raises(ValueError):
+                await a.send_bytes(b"0123456789", offset, size)
+        await a.send_bytes(b"0123456789", 10)
+        await a.send_bytes(memoryview(b"0123456789"), 4, 6)
+        assert await b.recv_bytes() == b""
+        assert await b.recv_bytes() == b"456789"
+        a.close()
+        b.close()
+    run(main)
+
+
 def test_async_for_and_eof(run):
     async def main():
         a, b = await _socketpair_conns()
@@ -455,6 +470,24 @@ def test_close_cancels_handlers(run):
         with pytest.raises(EOFError):
             await c.recv_bytes()
         c.close()
+        with pytest.raises(OSError):
+            await aio.connect(srv.address)
+    run(main)
+
+
+def test_serve_forever_until_cancelled(run):
+    async def main():
+        srv = await aio.serve(("127.0.0.1", 0), echo_bytes)
+        forever = asyncio.ensure_future(srv.serve_forever())
+        async with await aio.connect(srv.address) as c:
+            await c.send_bytes(b"ping")
+            assert await c.recv_bytes() == b"ping"
+        assert srv.is_serving()
+        forever.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await forever
+        assert not srv.is_serving()
+        await srv.wait_closed()
         with pytest.raises(OSError):
             await aio.connect(srv.address)
     run(main)
@@ -796,3 +829,33 @@ def test_no_threads_and_nothing_outlives_a_loop(run):
     gc.collect()
     assert count_fds() == fds
     assert threading.active_count() == before
+
+
+def test_async_methods_run_on_the_servers_loop_which_stops_with_it():
+    srv = fastnet.RPCServer(("127.0.0.1", 0))
+    seen = []
+
+    @srv.register
+    async def where():
+        return threading.current_thread().name
+
+    @srv.register
+    async def remember(x):
+        seen.append(x)
+
+    srv.start()
+    try:
+        with fastnet.RPCProxy(srv.address) as p:
+            assert p.where() == "fastnet-rpc-asyncio"
+            p.notify("remember", 7)
+            assert p.where() == "fastnet-rpc-asyncio"
+        deadline = time.monotonic() + WAIT
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert seen == [7]
+        thread = srv._aio_thread
+        assert thread is not None and thread.is_alive()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert not thread.is_alive()

@@ -40,12 +40,19 @@ def run(script, *args, rc=0):
     return p.stdout.splitlines()
 
 
+def _default_sigint():
+    # the examples stop on SIGINT even when this run inherited it ignored
+    # (nohup, a shell's background job): at exec Python installs its handler
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Server:
     """An example running as a server process, its stdout read line by line."""
 
     def __init__(self, script, *args):
         self.proc = subprocess.Popen([sys.executable, os.path.join(EXAMPLES, script), *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
+                                     preexec_fn=_default_sigint)
         self.lines = []
         self._buf = b""
 

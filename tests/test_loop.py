@@ -534,7 +534,15 @@ def test_sigterm_to_self_runs_the_handler_on_the_loop(loop):
     assert not loop.remove_signal_handler(signal.SIGTERM)
 
 
-def test_sigint_handler_replaces_keyboardinterrupt(loop):
+@pytest.fixture
+def python_sigint():
+    """SIGINT as Python sets it up, whatever this run inherited (nohup ignores it)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def test_sigint_handler_replaces_keyboardinterrupt(loop, python_sigint):
     hits = []
     loop.add_signal_handler(signal.SIGINT, hits.append, "int")
     try:

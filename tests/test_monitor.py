@@ -409,7 +409,9 @@ def test_failing_stats_is_a_500_logged_not_printed(mon, caplog, capfd):
         assert wait_for(lambda: any(r.levelno == logging.DEBUG and "GET / " in r.getMessage()
                                     for r in caplog.records))
     assert status == 500 and b"counter file vanished" not in body
-    assert b" 400 " in reply.split(b"\r\n")[0]
+    # a request line without an HTTP version is answered the HTTP/0.9 way, on
+    # every CPython: the error page without a status line
+    assert b"<p>Error code: 400</p>" in reply and not reply.startswith(b"HTTP/")
     failed = [r for r in caplog.records if r.name == "fastnet.monitor" and r.levelno >= logging.ERROR]
     assert failed and "counter file vanished" in str(failed[0].exc_info[1])
     assert capfd.readouterr().err == ""

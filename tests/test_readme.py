@@ -30,56 +30,12 @@ def test_readme_snippet_runs(code):
     _run(code)
 
 
-def _write_pki(d):
-    """A throwaway CA, a server certificate for localhost and a client certificate, as PEM files."""
-    import datetime
-    import ipaddress
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def cert(cn, key, issuer, issuer_key, *, ca=False, sans=(), usage=None):
-        b = (x509.CertificateBuilder()
-             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-             .issuer_name(issuer).public_key(key.public_key())
-             .serial_number(x509.random_serial_number())
-             .not_valid_before(now - datetime.timedelta(days=1))
-             .not_valid_after(now + datetime.timedelta(days=1))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if ca:
-            b = b.add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False),
-                                critical=True)
-        if usage is not None:
-            b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        if sans:
-            b = b.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
-        return b.sign(issuer_key, hashes.SHA256())
-
-    def write(name, c, key=None):
-        (d / f"{name}.pem").write_bytes(c.public_bytes(serialization.Encoding.PEM))
-        if key is not None:
-            (d / f"{name}.key").write_bytes(key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption()))
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = cert("README CA", ca_key, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "README CA")]),
-              ca_key, ca=True)
-    write("ca", ca)
-    sans = (x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
-    for name, usage, names in (("server", ExtendedKeyUsageOID.SERVER_AUTH, sans),
-                               ("client", ExtendedKeyUsageOID.CLIENT_AUTH, ())):
-        key = ec.generate_private_key(ec.SECP256R1())
-        write(name, cert(name, key, ca.subject, ca_key, sans=names, usage=usage), key)
-
-
 @pytest.mark.parametrize("code", TLS_SNIPPETS, ids=[f"tls{i}" for i in range(len(TLS_SNIPPETS))])
 def test_readme_tls_snippet_runs_with_certificates(code, tmp_path, monkeypatch):
     pytest.importorskip("cryptography")
-    _write_pki(tmp_path)
+    # tests/tlsutil.py's PKI: certificates CPython 3.13's strict verification accepts
+    from tlsutil import make_pki
+    make_pki(tmp_path)
     for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key"):
         assert name in code
     monkeypatch.chdir(tmp_path)

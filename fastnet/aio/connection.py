@@ -34,7 +34,7 @@ from fastnet import auth as _auth
 from fastnet import zerocopy as _zc
 from fastnet._kernels import framing as _framing
 from fastnet.address import parse_address
-from fastnet.connection import _keepalive_seconds, _tune
+from fastnet.connection import _keepalive_seconds, _send_size, _tune
 from fastnet.defaults import MAX_MESSAGE_SIZE_CONNECTION
 from fastnet.errors import (AuthenticationError, BufferTooShort, ConnectionLost, MessageTooLarge,
                             ProtocolError, TimeoutError)
@@ -366,15 +366,15 @@ class AsyncConnection:
         else:
             limit = self._max_size
             if limit is not None and nbytes > limit:
-                exc = MessageTooLarge(f"array of {nbytes} bytes exceeds max_message_size={limit}")
-                self._abort(exc)
-                raise exc
+                too_large = MessageTooLarge(f"array of {nbytes} bytes exceeds max_message_size={limit}")
+                self._abort(too_large)
+                raise too_large
             if np is not None:
                 result = np.empty(shape, _zc.dtype_of(kind, tname), order=order)
                 target = _zc.byte_view(result)
             else:
                 target = bytearray(nbytes)
-                result = memoryview(target).cast("B").cast(tname, shape) if shape else memoryview(target)
+                result = memoryview(target).cast("B").cast(tname, shape) if shape else memoryview(target)  # type: ignore[call-overload]
         try:
             n = await self._recv_into(target, 0)
         except BufferTooShort:
@@ -578,17 +578,7 @@ class AsyncConnection:
         view = _byte_view(buf)
         n = len(view)
         if offset or size is not None:
-            if offset < 0:
-                raise ValueError("offset is negative")
-            if n < offset:
-                raise ValueError("buffer length < offset")
-            if size is None:
-                size = n - offset
-            elif size < 0:
-                raise ValueError("size is negative")
-            elif offset + size > n:
-                raise ValueError("buffer length < offset + size")
-            view = view[offset:offset + size]
+            view = view[offset:offset + _send_size(n, offset, size)]
         if len(view) < _COPY_THRESHOLD:
             self._send_small(_encode_header(len(view)) + view)
             if self._queued - self._sent > self.high_water:
@@ -736,16 +726,18 @@ class AsyncConnection:
 
     def __del__(self) -> None:
         sock = getattr(self, "_sock", None)
-        if sock is not None and sock.fileno() >= 0 and not self._loop.is_closed():
-            # never closed: the loop may still have it registered
-            try:
+        if sock is None or sock.fileno() < 0 or not hasattr(self, "_writing"):
+            return
+        # never closed: take it off the loop (if that still runs) and release the socket
+        try:
+            if not self._loop.is_closed():
                 if self._reading:
                     self._loop.remove_reader(self._fd)
                 if self._writing:
                     self._loop.remove_writer(self._fd)
-            except Exception:
-                pass
-            sock.close()
+        except Exception:
+            pass
+        sock.close()
 
 
 class _TLSConnection(AsyncConnection):
@@ -879,6 +871,8 @@ class _TLSConnection(AsyncConnection):
         t = getattr(self, "_transport", None)
         if t is not None and not t.is_closing() and not self._loop.is_closed():
             t.abort()
+        elif t is None:
+            super().__del__()
 
 
 class _TLSProtocol(asyncio.BufferedProtocol):
@@ -917,13 +911,14 @@ async def _start_tls(sock: socket.socket, ctx: ssl.SSLContext, server_side: bool
     """Run the TLS handshake on sock with the loop's TLS transport; the connection over it."""
     loop = asyncio.get_running_loop()
     conn = _TLSConnection(sock, **kw)
-    hs_timeout = {} if timeout is None else {"ssl_handshake_timeout": max(timeout, 0.001)}
+    hs_timeout = None if timeout is None else max(timeout, 0.001)
     try:
         if server_side:
-            await loop.connect_accepted_socket(lambda: _TLSProtocol(conn), sock, ssl=ctx, **hs_timeout)
+            await loop.connect_accepted_socket(lambda: _TLSProtocol(conn), sock, ssl=ctx,
+                                               ssl_handshake_timeout=hs_timeout)
         else:
             await loop.create_connection(lambda: _TLSProtocol(conn), sock=sock, ssl=ctx,
-                                         server_hostname=server_hostname, **hs_timeout)
+                                         server_hostname=server_hostname, ssl_handshake_timeout=hs_timeout)
     except (ssl.SSLError, ConnectionError) as exc:
         sock.close()
         raise AuthenticationError(f"TLS handshake failed: {exc}") from exc

@@ -16,9 +16,9 @@ from typing import Any
 
 from fastnet.aio.connection import AsyncConnection, connect
 from fastnet.codecs import DEFAULT_CODEC, Codec, get_codec
-from fastnet.errors import ConnectionLost, ProtocolError, TimeoutError
-from fastnet.rpc import (_MAX_HELLO, _NOTIFY, _REPLY, _REQUEST, DEFAULT_RPC_MAX_MESSAGE_SIZE, HELLO_CLOSED,
-                         _encode, _oob_count, _remote_exception, check_hello_reply, hello_frame)
+from fastnet.errors import ConnectionLost, TimeoutError
+from fastnet.rpc._wire import (_MAX_HELLO, _NOTIFY, _REQUEST, DEFAULT_RPC_MAX_MESSAGE_SIZE, HELLO_CLOSED, ReplyReader,
+                               _encode, _remote_exception, check_hello_reply, hello_frame)
 
 __all__ = ["RPCProxy"]
 
@@ -149,33 +149,15 @@ class RPCProxy:
         """Dispatch every reply on conn until it ends; then fail what is pending."""
         codec = self._codec
         pending = self._pending
-        parts: list[Any] | None = None
-        left = 0
+        reader = ReplyReader(codec)
         error: BaseException
         try:
             while True:
                 for f in await conn.recv_many():
-                    if parts is not None:
-                        parts.append(f)
-                        left -= 1
-                        if left:
-                            continue
-                        frames: Sequence[Any] = parts
-                        parts = None
-                    elif f[:1] == b"\xc1":
-                        n = _oob_count(f)
-                        if n < 1:
-                            raise ProtocolError("bad out-of-band marker frame from the server")
-                        parts, left = [], n + 1
+                    reply = reader.feed(f)
+                    if reply is None:
                         continue
-                    else:
-                        frames = (f,)
-                    try:
-                        kind, msgid, err, result = codec.loads(frames)
-                        if kind != _REPLY:
-                            raise ValueError(f"message kind {kind!r}")
-                    except Exception as e:
-                        raise ProtocolError(f"malformed reply from the server ({e})") from None
+                    msgid, err, result = reply
                     fut = pending.pop(msgid, None)
                     if fut is None or fut.done():
                         self.late_replies += 1

@@ -1,0 +1,210 @@
+"""The proxy's connection manager: connect, reconnect with backoff, and drop a broken connection.
+
+Every connection the proxy makes has a generation number. A call notes the
+generation it was registered and sent under, so a call meant for a
+connection that was dropped meanwhile is refused (it was never sent) rather
+than sent on the next one, where its reply could never come back.
+"""
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from fastnet.connection import Client
+from fastnet.errors import AuthenticationError, ConnectionLost, ProtocolError, TimeoutError
+from fastnet.rpc._demux import ReplyDemux
+from fastnet.rpc._wire import _MAX_HELLO, HELLO_CLOSED, check_hello_reply, hello_frame
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+    from fastnet._c.framing import Channel as _CChannel
+    from fastnet._pure.framing import Channel as _PChannel
+    from fastnet.codecs import Codec
+    from fastnet.connection import Connection
+
+# an idle connection is checked for a close by the server before it is reused
+_STALE_AFTER = 0.02
+
+
+class _NotSent(ConnectionLost):
+    """A send failed: the request did not leave whole, so it cannot have run."""
+
+
+class Connector:
+    """The connection of one proxy, made again after a drop; owns the proxy's :class:`ReplyDemux`.
+
+    ``conn``/``ch``/``gen``/``closed`` change only under ``cv`` (the lock
+    shared with the demultiplexer); a new connection's ``conn`` is set
+    last, so a thread that sees it without the lock also sees its channel
+    and generation.
+    """
+
+    def __init__(self, address: Any, family: str | int | None, authkey: bytes | None, codec: Codec,
+                 ssl_context: ssl.SSLContext | None, connect_timeout: float, max_size: int | None,
+                 strict: bool, backoff: tuple[float, float], keepalive: float | None) -> None:
+        self.address = address
+        self.family = family
+        self.authkey = authkey
+        self.codec = codec
+        self.ssl_context = ssl_context
+        self.connect_timeout = connect_timeout
+        self.max_size = max_size
+        self.strict = strict
+        self.backoff = backoff
+        self.keepalive = keepalive
+        self.conn: Connection | None = None
+        self.ch: _CChannel | _PChannel | None = None
+        self.gen = 0
+        self.closed = False
+        self.lock = lock = threading.Lock()
+        self.cv = threading.Condition(lock)
+        self.send_lock = threading.Lock()
+        self.connect_lock = threading.Lock()
+        self.replies = ReplyDemux(self, codec)
+
+    def checked(self) -> Connection:
+        """The open connection, reconnecting first if it is gone or went stale while idle."""
+        conn = self.conn
+        if conn is not None and time.monotonic() - self.replies.last_io > _STALE_AFTER:
+            self.stale()
+            conn = self.conn
+        if conn is None:
+            conn = self.ensure()
+        return conn
+
+    def ensure(self, retry: bool = True) -> Connection:
+        """The open connection, or a new one (retried with backoff for ``connect_timeout`` if ``retry``)."""
+        conn = self.conn
+        if conn is not None:
+            return conn
+        if self.closed:
+            raise ConnectionLost("the proxy is closed")
+        with self.connect_lock:
+            conn = self.conn
+            if conn is not None:
+                return conn
+            deadline = time.monotonic() + self.connect_timeout
+            delay, cap = self.backoff
+            while True:
+                try:
+                    conn = self.open(deadline)
+                    break
+                except AuthenticationError as e:
+                    # a peer that vanished mid-handshake is a connection failure, not a refusal
+                    if not isinstance(e.__cause__, (EOFError, OSError)):
+                        raise
+                    err: BaseException = e
+                except (ProtocolError, ValueError, TypeError):
+                    raise
+                except OSError as e:
+                    err = e
+                left = deadline - time.monotonic()
+                if left <= 0 or not retry:
+                    raise ConnectionLost(f"cannot connect to {self.address!r}: {err}") from err
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, cap)
+            with self.cv:
+                if self.closed:
+                    conn.close()
+                    raise ConnectionLost("the proxy is closed")
+                self.ch = conn._ch
+                self.replies.connected_locked()
+                self.gen += 1
+                self.conn = conn
+            return conn
+
+    def open(self, deadline: float) -> Connection:
+        """Connect, authenticate and exchange the RPC hello."""
+        left = max(0.001, deadline - time.monotonic())
+        # the proxy owns this socket and no one else watches it, so replies may
+        # be read ahead: one syscall per burst of replies instead of two per reply
+        conn = Client(self.address, self.family, self.authkey, timeout=left,
+                      max_message_size=self.max_size, strict=self.strict,
+                      ssl_context=self.ssl_context, keepalive=self.keepalive, readahead=True)
+        try:
+            conn.send_bytes(hello_frame(self.codec.name))
+            left = max(0.001, deadline - time.monotonic())
+            try:
+                data = conn._ch.recv_frame(_MAX_HELLO, left)  # type: ignore[union-attr]  # open
+            except EOFError:
+                raise ConnectionLost(HELLO_CLOSED) from None
+            check_hello_reply(data, self.codec.name)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def stale(self) -> None:
+        """Drop an idle connection the server closed meanwhile, so the next call reconnects first."""
+        replies = self.replies
+        if replies.pending or not replies.rlock.acquire(False):
+            return
+        conn = self.conn
+        ch = self.ch
+        try:
+            if ch is not None and ch.poll(0.0):
+                replies.late_replies += len(ch.recv_frames(0.0))
+        except TimeoutError:
+            pass
+        except (EOFError, OSError):
+            self.drop(conn, ConnectionLost("the server closed the idle connection"))
+        finally:
+            replies.release_reader()
+
+    def drop(self, conn: Connection | None, exc: BaseException) -> None:
+        """Forget a broken connection and fail every call pending on it."""
+        replies = self.replies
+        with self.cv:
+            if self.conn is not conn:
+                return
+            self.conn = None
+            self.ch = None
+            pending = replies.detach_locked()
+            self.cv.notify_all()
+        try:
+            # wakes a thread blocked reading it, which then sees end of file
+            conn._sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
+        except (OSError, AttributeError):
+            pass
+        replies.close_when_free(conn)  # type: ignore[arg-type]
+        for slot in list(pending.values()):
+            slot.fail(exc)
+
+    def lost(self, conn: Connection | None, e: BaseException) -> None:
+        """Drop ``conn`` after reading it failed with ``e``."""
+        if isinstance(e, EOFError):
+            why = "the server closed the connection"
+        else:
+            why = f"the connection failed ({type(e).__name__}: {e})"
+        self.drop(conn, ConnectionLost(f"{why}; the call may or may not have run"))
+
+    def send(self, frames: list[Buffer], gen: int) -> None:
+        """Send a message's frames on connection ``gen``; _NotSent if they did not all leave."""
+        with self.send_lock:
+            ch = self.ch
+            conn = self.conn
+            if ch is None or self.gen != gen:
+                raise ConnectionLost("the connection was lost before the call was sent")
+            try:
+                if len(frames) == 1:
+                    ch.send_frame(frames[0])
+                else:
+                    ch.send_frames(frames)
+                return
+            except OSError as e:
+                err = e
+        self.drop(conn, ConnectionLost(f"the connection to {self.address!r} was lost: {err}"))
+        raise _NotSent(f"sending the call failed: {err}") from err
+
+    def close(self) -> None:
+        """Close for good; pending calls fail with ConnectionLost."""
+        with self.cv:
+            self.closed = True
+            conn = self.conn
+            self.cv.notify_all()
+        if conn is not None:
+            self.drop(conn, ConnectionLost("the proxy was closed"))

@@ -1,0 +1,414 @@
+"""The proxy's reply demultiplexer: calls pending by message id, and whoever reads their replies.
+
+Replies come back on the one connection in any order and are matched to
+their calls by message id. There is no dedicated reading thread on the
+fast path: the calling thread that finds the reader lock free takes it
+(without blocking) and reads, handing every reply it meets to its slot;
+the others wait on the condition until their slot is filled or the reader
+lock is free for them. Futures nobody waits on (callbacks,
+``concurrent.futures.wait``) are completed by one reader thread, which
+takes over only when replies have stalled with nobody reading.
+
+Two locks:
+
+- ``lock``/``cv``: one lock shared with the :class:`Connector`, so that a
+  dropped connection and the calls pending on it are swapped out together
+  (a call registered against the old connection is seen and refused). It
+  guards the counts below and the reader thread's state; ``cv`` wakes
+  waiting callers and the parked reader thread.
+- ``rlock``: held by the one thread reading replies, never waited on
+  (``acquire(False)``): a thread that cannot take it waits on ``cv``.
+  Whoever releases it closes the connections dropped while it read.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from fastnet.errors import ConnectionLost, ProtocolError, TimeoutError
+from fastnet.rpc._wire import ReplyReader, _remote_exception
+
+if TYPE_CHECKING:
+    from fastnet.codecs import Codec
+    from fastnet.connection import Connection
+    from fastnet.rpc._connector import Connector
+
+# how long a reply-less asynchronous call waits for its caller to read before
+# the proxy's reader thread takes over, and how often a waiting caller looks
+# whether the reader left
+_BG_GRACE = 0.002
+_DRIVE_POLL = 0.05
+
+
+class _Slot:
+    """Where a synchronous call's reply lands."""
+    __slots__ = ("done", "error", "value")
+    error: BaseException | None
+    value: Any
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def set(self, error: BaseException | None, value: Any) -> None:
+        self.error = error
+        self.value = value
+        self.done = True
+
+    def fail(self, exc: BaseException) -> None:
+        self.set(exc, None)
+
+
+class _FutureSlot:
+    __slots__ = ("future", "deadline")
+
+    def __init__(self, future: concurrent.futures.Future[Any], deadline: float | None) -> None:
+        self.future = future
+        self.deadline = deadline
+
+    def set(self, error: BaseException | None, value: Any) -> None:
+        f = self.future
+        if f.done():
+            return
+        if error is None:
+            f.set_result(value)
+        else:
+            f.set_exception(error)
+
+    def fail(self, exc: BaseException) -> None:
+        self.set(exc, None)
+
+
+class ReplyDemux:
+    """The pending calls of one proxy, and the reading of their replies (see the module's text)."""
+
+    def __init__(self, link: Connector, codec: Codec) -> None:
+        self.link = link
+        self.codec = codec
+        self.lock = link.lock
+        self.cv = link.cv
+        self.rlock = threading.Lock()       # held by the one thread reading replies
+        self.ids = itertools.count(1)
+        self.pending: dict[int, _Slot | _FutureSlot] = {}
+        self.waiters = 0
+        self.async_calls = 0                # pending asynchronous calls
+        self.timed_calls = 0                # ... of which have a deadline
+        self.bg: threading.Thread | None = None
+        self.bg_parked = False
+        self.drivers = 0                    # threads waiting on an asynchronous call
+        self.to_close: list[Connection] = []    # dropped connections a reader still holds
+        self.reader = ReplyReader(codec)
+        self.last_io = 0.0
+        self.late_replies = 0
+
+    # -- the connection's turns (the connector calls these with the lock held) --
+    def connected_locked(self) -> None:
+        """A new connection: no message half read, and it counts as fresh."""
+        self.reader.reset()
+        self.last_io = time.monotonic()
+
+    def detach_locked(self) -> dict[int, _Slot | _FutureSlot]:
+        """The connection is gone: take the calls pending on it, for the caller to fail."""
+        pending = self.pending
+        self.pending = {}
+        self.async_calls = 0
+        self.timed_calls = 0
+        self.reader.reset()
+        return pending
+
+    def close_when_free(self, conn: Connection) -> None:
+        """Close a dropped connection now, or when the thread reading it leaves."""
+        if self.rlock.acquire(False):
+            try:
+                conn.close()
+            finally:
+                self.rlock.release()
+        else:
+            # the reading thread still uses its descriptor: it closes it on leaving
+            self.to_close.append(conn)
+
+    # -- registering calls ---------------------------------------------------
+    def register(self, msgid: int, slot: _Slot | _FutureSlot, gen: int) -> bool:
+        """Add a pending call; False if the connection it was meant for is gone."""
+        pending = self.pending
+        pending[msgid] = slot
+        link = self.link
+        # a drop swaps the dict: a slot that landed in the old one would never complete
+        if self.pending is pending and link.gen == gen and link.conn is not None:
+            return True
+        pending.pop(msgid, None)
+        return False
+
+    def register_async(self, msgid: int, slot: _FutureSlot, gen: int, owner: object) -> None:
+        """Add a pending asynchronous call, and make sure a reader thread can complete it.
+
+        ``owner`` (the proxy) lives as long as the reader thread: its
+        finalizer closes the connection the thread reads.
+        """
+        with self.cv:
+            if not self.register(msgid, slot, gen):
+                raise ConnectionLost("the connection was lost before the call was sent")
+            self.async_calls += 1
+            self.last_io = time.monotonic()
+            if slot.deadline is not None:
+                self.timed_calls += 1
+            if self.bg is None:
+                t = self.bg = threading.Thread(target=self.background, args=(owner,),
+                                               name="fastnet-rpc-reader", daemon=True)
+                t.start()
+            elif self.bg_parked:
+                self.cv.notify_all()
+
+    def unregister_async(self, msgid: int, slot: _FutureSlot) -> None:
+        """Take back an asynchronous call whose request could not be sent."""
+        with self.cv:
+            if self.pending.pop(msgid, None) is not None:
+                self.forget_async(slot)
+
+    def forget_async(self, slot: _FutureSlot) -> None:
+        # with the lock held
+        self.async_calls -= 1
+        if slot.deadline is not None:
+            self.timed_calls -= 1
+
+    # -- a synchronous call waits --------------------------------------------
+    def wait(self, slot: _Slot, msgid: int, deadline: float | None) -> None:
+        """Until ``slot`` is done: read replies on this thread if nobody else does, else wait."""
+        if self.rlock.acquire(False):
+            self.read_as_reader(slot, msgid, deadline)
+        else:
+            self.wait_slow(slot, msgid, deadline)
+
+    def release_reader(self) -> None:
+        while self.to_close:
+            try:
+                self.to_close.pop().close()
+            except (IndexError, OSError):
+                pass
+        self.rlock.release()
+        if self.waiters or self.async_calls:
+            with self.cv:
+                self.cv.notify_all()
+
+    def read_as_reader(self, slot: _Slot, msgid: int, deadline: float | None) -> None:
+        """Holding the reader lock: read and dispatch replies until ``slot`` is done."""
+        try:
+            link = self.link
+            ch = link.ch
+            conn = link.conn
+            if ch is None:
+                if not slot.done:
+                    slot.fail(ConnectionLost("the connection was lost"))
+                return
+            while not slot.done:
+                if deadline is None:
+                    left = None
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self.timed_out(slot, msgid)
+                        return
+                try:
+                    frames = ch.recv_frames(left)
+                except TimeoutError:
+                    continue
+                except (EOFError, OSError) as e:
+                    link.lost(conn, e)
+                    break
+                self.dispatch(frames, conn)
+            if not slot.done:
+                slot.fail(ConnectionLost("the connection was lost"))
+        finally:
+            self.release_reader()
+
+    def timed_out(self, slot: _Slot, msgid: int) -> None:
+        if self.pending.pop(msgid, None) is not None or not slot.done:
+            slot.fail(TimeoutError("RPC call timed out waiting for its reply"))
+
+    def wait_slow(self, slot: _Slot, msgid: int, deadline: float | None) -> None:
+        """Another thread reads replies: wait for ours, or for the reader lock to read ourselves."""
+        cv = self.cv
+        link = self.link
+        with cv:
+            self.waiters += 1
+            try:
+                while not slot.done:
+                    if self.rlock.acquire(False):
+                        break
+                    if link.conn is None:
+                        if not slot.done:
+                            slot.fail(ConnectionLost("the connection was lost"))
+                        return
+                    if deadline is None:
+                        cv.wait()
+                        continue
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self.timed_out(slot, msgid)
+                        return
+                    cv.wait(left)
+                else:
+                    return
+            finally:
+                self.waiters -= 1
+        self.read_as_reader(slot, msgid, deadline)
+
+    # -- a thread waits on an asynchronous call's future -----------------------
+    def drive(self, fut: concurrent.futures.Future[Any], timeout: float | None) -> None:
+        """Wait for ``fut``, reading replies on this thread whenever nobody else is."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.lock:
+            self.drivers += 1
+        try:
+            self.drive_loop(fut, deadline)
+        finally:
+            with self.lock:
+                self.drivers -= 1
+
+    def drive_loop(self, fut: concurrent.futures.Future[Any], deadline: float | None) -> None:
+        while not fut.done():
+            if self.rlock.acquire(False):
+                try:
+                    self.read_for(fut, deadline)
+                finally:
+                    self.release_reader()
+            if fut.done():
+                return
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return                  # Future.result raises the timeout
+            # someone else reads: wait for our reply, looking again now and then in
+            # case that reader leaves before it arrives
+            concurrent.futures.wait((fut,), _DRIVE_POLL if left is None else min(left, _DRIVE_POLL))
+
+    def read_for(self, fut: concurrent.futures.Future[Any], deadline: float | None) -> None:
+        link = self.link
+        ch = link.ch
+        conn = link.conn
+        if ch is None:
+            return
+        while not fut.done():
+            left = self.next_deadline()
+            if deadline is not None:
+                mine = deadline - time.monotonic()
+                if mine <= 0:
+                    return
+                left = mine if left is None else min(left, mine)
+            try:
+                frames = ch.recv_frames(left)
+            except TimeoutError:
+                with self.cv:
+                    self.expire_locked()
+                continue
+            except (EOFError, OSError) as e:
+                link.lost(conn, e)
+                return
+            self.dispatch(frames, conn)
+
+    def next_deadline(self) -> float | None:
+        if not self.timed_calls:
+            return None
+        with self.cv:
+            return self.next_deadline_locked()
+
+    # -- replies to their calls -------------------------------------------------
+    def dispatch(self, frames: list[bytes], conn: Connection | None) -> None:
+        self.last_io = time.monotonic()
+        codec = self.codec
+        pending = self.pending
+        woke = False
+        reader = self.reader
+        for f in frames:
+            try:
+                reply = reader.feed(f)
+            except ProtocolError as e:
+                self.link.lost(conn, e)
+                return
+            if reply is None:
+                continue
+            msgid, error, result = reply
+            slot = pending.pop(msgid, None)
+            if slot is None:
+                self.late_replies += 1     # its call timed out: nobody wants it
+                continue
+            if type(slot) is _FutureSlot:
+                with self.lock:
+                    self.forget_async(slot)
+            else:
+                woke = True
+            if error is None:
+                slot.set(None, result)
+            else:
+                slot.set(_remote_exception(error, codec), None)
+        if woke and self.waiters:
+            with self.cv:
+                self.cv.notify_all()
+
+    def background(self, owner: object) -> None:
+        """Reads replies for asynchronous calls nobody is waiting on (the reader thread's body)."""
+        cv = self.cv
+        link = self.link
+        rlock = self.rlock
+        while True:
+            with cv:
+                while True:
+                    if link.closed:
+                        return
+                    self.expire_locked()
+                    if not self.async_calls or link.conn is None:
+                        self.bg_parked = True
+                        cv.wait(self.next_deadline_locked())
+                        self.bg_parked = False
+                        continue
+                    # a caller that issues calls and then waits reads its replies
+                    # itself: take over only when replies have stalled a while
+                    # with nobody reading or waiting
+                    quiet = time.monotonic() - self.last_io
+                    if quiet < _BG_GRACE or self.drivers or self.waiters or rlock.locked():
+                        cv.wait(max(_BG_GRACE - quiet, _BG_GRACE / 4))
+                        continue
+                    if rlock.acquire(False):
+                        break
+                conn = link.conn
+                ch = link.ch
+            try:
+                while self.async_calls and link.conn is conn and not self.waiters and not self.drivers:
+                    left = self.next_deadline()
+                    try:
+                        frames = ch.recv_frames(left)  # type: ignore[union-attr]
+                    except TimeoutError:
+                        with cv:
+                            self.expire_locked()
+                        continue
+                    except (EOFError, OSError) as e:
+                        link.lost(conn, e)
+                        break
+                    self.dispatch(frames, conn)
+            finally:
+                self.release_reader()
+
+    # -- deadlines of asynchronous calls (with the lock held) ---------------------
+    def next_deadline_locked(self) -> float | None:
+        if not self.timed_calls:
+            return None
+        soonest = None
+        for slot in list(self.pending.values()):
+            dl: float | None = getattr(slot, "deadline", None)
+            if dl is not None and (soonest is None or dl < soonest):
+                soonest = dl
+        if soonest is None:
+            return None
+        return max(0.0, soonest - time.monotonic())
+
+    def expire_locked(self) -> None:
+        if not self.timed_calls:
+            return
+        now = time.monotonic()
+        expired = [k for k, s in list(self.pending.items())
+                   if type(s) is _FutureSlot and s.deadline is not None and s.deadline <= now]
+        for k in expired:
+            s = self.pending.pop(k)
+            self.forget_async(s)  # type: ignore[arg-type]
+            s.fail(TimeoutError("RPC call timed out waiting for its reply"))
