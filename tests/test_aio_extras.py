@@ -14,14 +14,14 @@ import fastnet.aio as aio
 from fastnet.errors import AuthenticationError, ConnectionLost
 
 from rpcutil import count_fds
+from test_aio import run  # noqa: F401  (the fixture: each test on the default loop and on uvloop)
 
 pytest.importorskip("cryptography")
 from tlsutil import client_ctx, make_pki, server_ctx  # noqa: E402
 
-uvloop = pytest.importorskip("uvloop")
+pytest.importorskip("uvloop")
 np = pytest.importorskip("numpy")
 
-WAIT = 30.0
 MiB = 1 << 20
 
 
@@ -30,16 +30,13 @@ def pki(tmp_path_factory):
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run(request):
-    factory = asyncio.new_event_loop if request.param == "asyncio" else uvloop.new_event_loop
-
-    def runner(coro_fn, *args):
-        async def bounded():
-            return await asyncio.wait_for(coro_fn(*args), WAIT)
-        with asyncio.Runner(loop_factory=factory) as r:
-            return r.run(bounded())
-    return runner
+async def _eventually(predicate):
+    """Whether predicate() turns true within a few seconds, polled on the running loop."""
+    for _ in range(500):
+        if predicate():
+            return True
+        await asyncio.sleep(0.01)
+    return predicate()
 
 
 async def _pair(ssl_server=None, ssl_client=None, **connect_kw):
@@ -109,11 +106,7 @@ def test_peer_gone_with_no_receive_waiting(run):
         # the message is still to be received: not gone yet
         assert not s.peer_gone()
         assert await s.recv_bytes() == b"last words"
-        for _ in range(200):
-            if s.peer_gone():
-                break
-            await asyncio.sleep(0.01)
-        assert s.peer_gone()
+        assert await _eventually(s.peer_gone)
         with pytest.raises(EOFError):
             await s.recv_bytes()
         s.close()
@@ -127,11 +120,7 @@ def test_peer_gone_on_reset(run):
         sock = c.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         c.abort()        # linger 0: the peer gets a RST
-        for _ in range(200):
-            if s.peer_gone():
-                break
-            await asyncio.sleep(0.01)
-        assert s.peer_gone()
+        assert await _eventually(s.peer_gone)
         s.close()
         srv.close()
     run(main)
@@ -146,11 +135,7 @@ def test_tls_peer_gone_and_server_hostname(run, pki):
         assert not s.peer_gone()
         c.close()
         await c.wait_closed()
-        for _ in range(200):
-            if s.peer_gone():
-                break
-            await asyncio.sleep(0.01)
-        assert s.peer_gone()
+        assert await _eventually(s.peer_gone)
         s.close()
         with pytest.raises(AuthenticationError):
             await aio.connect(srv.address, ssl_context=ctx, server_hostname="example.com")
