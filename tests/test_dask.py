@@ -673,11 +673,19 @@ def test_worker_sigkilled_mid_transfer(entry_point_dir, tcp_result):
 
 def test_entry_point_of_the_built_wheel(tmp_path, tcp_result):
     """pip installs this tree into a virtualenv; there LocalCluster(protocol="fastnet") finds the backend."""
+    # the wheel is built by this interpreter's build tools, then installed as a user would
+    wheels = tmp_path / "wheels"
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(wheels), ROOT], timeout=1200, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = wheels.glob("fastnet-*.whl")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
     py = str(venv / "bin" / "python")
-    subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", ROOT],
-                   check=True, timeout=1200, capture_output=True)
+    # --ignore-installed: a fastnet of the same version may be installed outside the virtualenv
+    installed = subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", str(wheel)],
+                               timeout=600, capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr[-3000:]
     out = run_job("fastnet", python=py, cwd=str(tmp_path))
     assert out["fastnet"].startswith(str(venv))
     assert out["scheduler"].startswith("fastnet://")
