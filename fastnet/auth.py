@@ -34,11 +34,12 @@ _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 def _quickack_socket(conn: Any) -> socket.socket | None:
     """The TCP socket under conn to set TCP_QUICKACK on before each read (Linux), else None.
 
-    A stdlib Listener sends WELCOME and then its response as two small
-    writes without TCP_NODELAY: Nagle holds the second until the first is
-    ACKed, and a client that delays its ACK stalls each handshake ~40 ms.
-    TCP_QUICKACK makes the next ACK immediate; the kernel clears it again
-    on its own, hence before every read.
+    A stdlib peer writes without TCP_NODELAY: a stdlib Listener sends
+    WELCOME and then its response as two small writes, a stdlib Client its
+    WELCOME and then its first message. Nagle holds the second write until
+    the first is ACKed, and a side that delays its ACK stalls the pair
+    ~40 ms per connection. TCP_QUICKACK makes the pending and the next ACK
+    immediate; the kernel clears it again on its own, hence before every read.
     """
     sock = getattr(conn, "_sock", None)
     if _QUICKACK is None or not isinstance(sock, socket.socket):
@@ -115,7 +116,7 @@ def _drive(conn: Any, hs: Handshake, timeout: float | None) -> None:
     pipelining peer gets them in one write (fastnet's two round trips).
     """
     deadline = _deadline(timeout)
-    quick = None if hs.server_side else _quickack_socket(conn)
+    quick = _quickack_socket(conn)
     out = hs.start()
     try:
         while True:

@@ -97,9 +97,18 @@ stop accepting, let connections finish what they were given and send what
 is queued, close, then join threads and processes; what is left after the
 timeout is closed or killed. ``stats()`` returns simple counters.
 
-``fork`` and ``prefork`` use ``os.fork()`` from the serving thread; children
-leave with ``os._exit`` and never touch the parent's event loop. A child
-inherits the parent's other descriptors, as with socketserver's
+``fork`` and ``prefork`` never fork from the serving process, whose loop
+thread and pools would leave a child locks no thread will release. When
+serving starts (``serve_forever()``, or ``start()`` before its thread),
+before any thread of the server exists, the server forks a fork server: a
+single-threaded copy of the process that forks every child on request
+(connections and report channels travel to it as SCM_RIGHTS), reaps them
+and reports their exits, and leaves when the server closes or its parent
+dies (if it is killed, the server shuts down). Start forking servers
+before the program starts threads of its own:
+that one fork copies the process as it is then. Children leave with
+``os._exit`` and never touch the parent's event loop. A child inherits the
+descriptors the process had when serving started, as with socketserver's
 ForkingMixIn: a process that is also a client of its own forking server
 should run those clients elsewhere.
 """
@@ -126,6 +135,7 @@ from collections.abc import Callable, Iterable, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from fastnet._forkserver import ForkServer, read_records
 from fastnet._kernels import framing as _framing
 from fastnet.address import parse_address, bind as _bind
 from fastnet import defaults as _defaults
@@ -176,7 +186,6 @@ _WORK_BATCH = 16
 # worker -> acceptor: one finished connection and its counters
 _REPORT = struct.Struct("!c4Q")
 _REPORT_TIMEOUT = 5.0
-_REAP_POLL = 0.05
 _QUICK_DEATH = 1.0
 _RESPAWN_MAX_DELAY = 5.0
 
@@ -733,6 +742,7 @@ class _Engine:
 
 _HS_TLS, _HS_AUTH, _HS_DONE = range(3)
 _SSL_RETRY = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
 class _Handshake:
@@ -765,6 +775,9 @@ class _Handshake:
         self.reader = HandshakeReader()
         self.out = bytearray()
         self.writing = False
+        # ACK each handshake message at once (see fastnet.auth._quickack_socket):
+        # a stdlib Client's first message waits on the ACK of its WELCOME
+        self.quickack = _QUICKACK is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
         sock.setblocking(False)
         if server.ssl_context is not None:
             # takes the descriptor over; on failure it closes it itself
@@ -843,6 +856,11 @@ class _Handshake:
 
     def _read_frame(self) -> bytes | None:
         while True:
+            if self.quickack:
+                try:
+                    self.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)  # type: ignore[arg-type]  # set when quickack
+                except OSError:
+                    pass
             try:
                 chunk = self.sock.recv(self.reader.want())
             except _SSL_RETRY:
@@ -937,14 +955,13 @@ class _Handshake:
 
 class _Child:
     """A forked child (fork mode) or a prefork worker, as its parent sees it."""
-    __slots__ = ("pid", "chan", "pidfd", "inflight", "assigned", "alive", "status", "started", "slot")
+    __slots__ = ("pid", "chan", "inflight", "assigned", "alive", "status", "started", "slot")
 
     def __init__(self, pid: int, chan: socket.socket) -> None:
         self.pid = pid
         self.chan = chan
         self.slot = -1          # a prefork worker's slot (see worker_started)
         self.started = time.monotonic()
-        self.pidfd = -1
         self.inflight = 0
         self.assigned = 0
         self.alive = True
@@ -1125,8 +1142,8 @@ class BaseServer:
         self._handshakes: set[_Handshake] = set()
         self._children: dict[int, _Child] = {}          # fork mode: pid -> _Child
         self._workers: list[_Child] = []           # prefork
-        self._polled: dict[int, tuple[_Child, Callable[[_Child], object]]] = {}  # when pidfd_open is missing
-        self._poll_timer: _reactor_TimerHandle | None = None
+        self._watched: dict[int, tuple[_Child, Callable[[_Child], object]]] = {}  # pid -> child, on_exit
+        self._forksrv: ForkServer | None = None
         self._in_child = False
         self._open = 0
         self._total = 0
@@ -1507,6 +1524,7 @@ class BaseServer:
             self._state = "serving"
             self._serving_thread = threading.current_thread()
         try:
+            self._start_forkserver()
             loop = EventLoop(self.backend)
             with self._lock:
                 self._loop = loop
@@ -1531,6 +1549,8 @@ class BaseServer:
 
     def start(self, timeout: float = 30.0) -> Self:
         """Serve on a background thread; returns self once serving has begun."""
+        if self._state == "new":
+            self._start_forkserver()      # before the server's thread exists
         t = threading.Thread(target=self._serve_quietly, name="fastnet-server", daemon=True)
         self._thread = t
         t.start()
@@ -1607,6 +1627,8 @@ class BaseServer:
             sock.close()
         if self._in_child:
             return
+        if self._forksrv is not None and self._state != "serving":
+            self._forksrv.close()
         if self._unlink is not None:
             try:
                 os.unlink(self._unlink)
@@ -1688,7 +1710,9 @@ class BaseServer:
                                        on_failed=self._handshake_failed)
             elif threaded:
                 self._pool = _Pool(loop, self.workers, "fastnet-server")
-        elif self.concurrency == "prefork":
+        if self._forksrv is not None:
+            loop.add_reader(self._forksrv.events, self._forkserver_exits)
+        if self.concurrency == "prefork":
             for _ in range(self.workers):
                 self._spawn_worker()
         self._resume()
@@ -1738,14 +1762,14 @@ class BaseServer:
             if pool is not None:
                 pool.stop(1.0)
             for child in list(self._children.values()) + list(self._workers):
-                self._signal(child, signal.SIGKILL)
-                self._reap(child, block=True)
-                if child.pidfd >= 0:
-                    os.close(child.pidfd)
-                    child.pidfd = -1
                 _quiet_close(child.chan)
             self._children.clear()
             self._workers = []
+            self._watched.clear()
+            if self._forksrv is not None:
+                if loop is not None and not loop.is_closed():
+                    loop.remove_reader(self._forksrv.events)
+                self._forksrv.close()    # kills and reaps what is left
             self._remove_stop_signals()
             if loop is not None and not loop.is_closed():
                 loop.close()
@@ -1838,7 +1862,8 @@ class BaseServer:
             # The handshakes run where the connection will be served: framed
             # TLS in its TLSTransport, prefork TLS in the worker, the rest here.
             if self.ssl_context is not None:
-                here = not self._framed and self.concurrency != "prefork"
+                # TLS state cannot move to another process
+                here = not self._framed and self.concurrency not in ("fork", "prefork")
             else:
                 here = self.authkey is not None
             if here:
@@ -1961,7 +1986,7 @@ class BaseServer:
                               lambda exc: self._release())
         else:
             try:
-                child = self._fork(lambda: self._child_datagram(request, addr), self._child_exited)
+                child = self._fork(("datagram", request[0], addr), self._child_exited, request[1])
             except Exception:
                 logger.exception("failed to fork for a datagram from %r", addr)
                 self._release()
@@ -1977,42 +2002,14 @@ class BaseServer:
 
     # -- processes ---------------------------------------------------------------
 
-    def _fork(self, target: Callable[..., Sequence[int] | None], on_exit: Callable[[_Child], object],
-              worker: bool = False) -> _Child:
-        """Fork a child running ``target(chan)`` (or ``target()``); returns its _Child.
+    def _start_forkserver(self) -> None:
+        """Fork the fork server (fork and prefork modes), once, before the server has threads."""
+        if (self.concurrency in ("fork", "prefork") and self._forksrv is None and not self._in_child
+                and self._state != "closed"):
+            self._forksrv = ForkServer(self._run_forked, self._forkserver_init)
 
-        The child reports its counters on a SEQPACKET channel and leaves with
-        os._exit, never returning into the parent's loop.
-        """
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
-        if pid == 0:
-            status = 1
-            try:
-                mine.close()
-                self._after_fork_child()
-                idle_before = self._idle_closed
-                counters = target(theirs) if worker else target()
-                if counters is not None:
-                    theirs.settimeout(_REPORT_TIMEOUT)
-                    for _ in range(self._idle_closed - idle_before):
-                        theirs.send(_REPORT.pack(b"I", 0, 0, 0, 0))
-                    theirs.send(_REPORT.pack(b"F" if self._child_failed else b"D", *counters))
-                status = 0
-            except BaseException:
-                try:
-                    logger.exception("server child process failed")
-                except BaseException:
-                    pass
-            finally:
-                os._exit(status)
-        theirs.close()
-        mine.setblocking(False)
-        child = _Child(pid, mine)
-        self._watch(child, on_exit)
-        return child
-
-    def _after_fork_child(self) -> None:
+    def _forkserver_init(self) -> None:
+        """In the fork server, once: what every child it forks inherits."""
         self._in_child = True
         try:
             signal.set_wakeup_fd(-1)
@@ -2020,75 +2017,88 @@ class BaseServer:
             pass
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent shuts down and tells us
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        # descriptors of the parent's that would keep its peers' connections open
-        if self.socket_type == socket.SOCK_STREAM:
-            self.socket.close()
-        for hs in self._handshakes:
-            _quiet_close(hs.sock)
-        for c in list(self._children.values()) + list(self._workers):
-            _quiet_close(c.chan)
-            if c.pidfd >= 0:
-                try:
-                    os.close(c.pidfd)
-                except OSError:
-                    pass
-        if self._sig_socks is not None:
-            for sk in self._sig_socks:
-                _quiet_close(sk)
-            self._sig_socks = None
-        self._old_signals = {}
-        self._handshakes = set()
-        self._children = {}
-        self._workers = []
-        self._polled = {}
-        self._counters = [0, 0, 0, 0]
+        # the parent accepts; a datagram server's socket comes with each request
+        self.socket.close()
+        self._counters = [0, 0, 0, 0]    # a child reports only its own
 
-    def _watch(self, child: _Child, on_exit: Callable[[_Child], object]) -> None:
+    def _fork(self, request: tuple[Any, ...], on_exit: Callable[[_Child], object],
+              sock: socket.socket | None = None) -> _Child:
+        """Have the fork server fork a child serving ``request``; returns its _Child.
+
+        ``request`` is ``("conn", addr)`` with the connection ``sock``,
+        ``("datagram", data, addr)`` with the server's ``sock``, or
+        ``("worker", slot)``. The child reports its counters on a SEQPACKET
+        channel, whose other end is the _Child's ``chan``, and leaves with
+        os._exit, never returning into the parent's loop.
+        """
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            child.pidfd = os.pidfd_open(child.pid)
-        except (AttributeError, OSError):
-            # no pidfd: poll waitpid on a timer while children exist
-            self._polled[child.pid] = (child, on_exit)
-            if self._poll_timer is None:
-                self._poll_timer = self._loop.call_later(_REAP_POLL, self._poll_children)
-            return
-        self._loop.add_reader(child.pidfd, self._pidfd_ready, child, on_exit)
+            fds = [theirs.fileno()] if sock is None else [theirs.fileno(), sock.fileno()]
+            pid = self._forksrv.fork(request, fds)  # type: ignore[union-attr]  # fork modes have one
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        mine.setblocking(False)
+        child = _Child(pid, mine)
+        self._watched[pid] = (child, on_exit)
+        return child
 
-    def _pidfd_ready(self, child: _Child, on_exit: Callable[[_Child], object]) -> None:
-        self._loop.remove_reader(child.pidfd)
-        os.close(child.pidfd)
-        child.pidfd = -1
-        self._reap(child, block=True)
-        on_exit(child)
+    def _run_forked(self, request: tuple[Any, ...], fds: list[int]) -> int:
+        """In a child of the fork server: serve ``request``, report, return the exit status."""
+        status = 1
+        try:
+            chan = socket.socket(fileno=fds[0])
+            idle_before = self._idle_closed
+            kind = request[0]
+            counters: Sequence[int] | None = None
+            if kind == "worker":
+                self._worker_main(chan, request[1])
+            elif kind == "conn":
+                counters = self._child_serve(socket.socket(fileno=fds[1]), request[1])
+            else:
+                self.socket = socket.socket(fileno=fds[1])
+                counters = self._child_datagram((request[1], self.socket), request[2])
+            if counters is not None:
+                chan.settimeout(_REPORT_TIMEOUT)
+                for _ in range(self._idle_closed - idle_before):
+                    chan.send(_REPORT.pack(b"I", 0, 0, 0, 0))
+                chan.send(_REPORT.pack(b"F" if self._child_failed else b"D", *counters))
+            status = 0
+        except BaseException:
+            try:
+                logger.exception("server child process failed")
+            except BaseException:
+                pass
+        return status
 
-    def _poll_children(self) -> None:
-        self._poll_timer = None
-        for pid, (child, on_exit) in list(self._polled.items()):
-            if self._reap(child, block=False):
-                del self._polled[pid]
+    def _forkserver_exits(self) -> None:
+        fs = self._forksrv
+        assert fs is not None
+        exits, gone = fs.exits()
+        for pid, status in exits:
+            entry = self._watched.pop(pid, None)
+            if entry is not None:
+                child, on_exit = entry
+                child.status = status
+                child.alive = False
                 on_exit(child)
-        if self._polled:
-            self._poll_timer = self._loop.call_later(_REAP_POLL, self._poll_children)
-
-    def _reap(self, child: _Child, block: bool) -> bool:
-        if child.status is not None:
-            return True
-        try:
-            pid, status = os.waitpid(child.pid, 0 if block else os.WNOHANG)
-        except ChildProcessError:
-            pid, status = child.pid, -1
-        if pid == 0:
-            return False
-        child.status = status
-        child.alive = False
-        return True
+        if gone:
+            # killed: no child can be forked or reaped any more, so the server
+            # stops, as a prefork master without its arbiter would
+            self._loop.remove_reader(fs.events)
+            logger.error("the fork server %d exited; shutting down", fs.pid)
+            self._begin_shutdown(None)
+            # nobody will report the children: write them off, closing their channels
+            watched, self._watched = self._watched, {}
+            for child, on_exit in watched.values():
+                child.alive = False
+                on_exit(child)
 
     def _signal(self, child: _Child, sig: int) -> None:
-        if child.status is None:
-            try:
-                os.kill(child.pid, sig)
-            except ProcessLookupError:
-                pass
+        if child.status is None and self._forksrv is not None:
+            self._forksrv.kill(child.pid, sig)
 
     def _read_reports(self, child: _Child) -> tuple[list[tuple[bytes, tuple[int, ...]]], bool]:
         """(reports, eof): (kind, counters) a child sent, one per finished connection.
@@ -2096,31 +2106,31 @@ class BaseServer:
         kind is b"D" for a connection served, b"F" for one that failed its handshake,
         b"I" (no counters) for a connection closed for being idle.
         """
-        reports: list[tuple[bytes, tuple[int, ...]]] = []
-        while True:
-            try:
-                data = child.chan.recv(64)
-            except (BlockingIOError, InterruptedError):
-                return reports, False
-            except OSError:
-                data = b""
-            if not data:
-                return reports, True
-            if len(data) == _REPORT.size:
-                r = _REPORT.unpack(data)
-                reports.append((r[0], r[1:]))
+        records, eof = read_records(child.chan, _REPORT)
+        return [(r[0], r[1:]) for r in records], eof
 
     # fork mode
 
     def _fork_connection(self, sock: socket.socket, addr: Any) -> None:
         try:
-            child = self._fork(lambda: self._child_serve(sock, addr), self._child_exited)
+            if isinstance(sock, ssl.SSLSocket):
+                raise TypeError("a TLS socket wrapped by get_request() cannot be served under 'fork' "
+                                "with serve_forever(): its TLS state lives in this process and the "
+                                "children are forked by the fork server; use ssl_context=")
+            child = self._fork(("conn", addr), self._child_exited, sock)
         finally:
             sock.close()   # the child has its copy
         self._children[child.pid] = child
 
     def _child_serve(self, sock: socket.socket, addr: Any) -> Sequence[int]:
         if not self._framed:
+            if self.ssl_context is not None:
+                # the handshakes run here: TLS state cannot move between processes
+                tls = self._handshake_now(sock, addr)
+                if tls is None:
+                    self._child_failed = True
+                    return self._counters
+                sock = tls
             # SIGTERM from a shutting-down parent: the handler reads end of file
             signal.signal(signal.SIGTERM, lambda s, f: _shut(sock, socket.SHUT_RD))
             self._handle_stream(sock, addr)
@@ -2156,7 +2166,7 @@ class BaseServer:
         # a replacement takes the slot of the worker it replaces
         taken = {w.slot for w in self._workers}
         slot = next(i for i in itertools.count() if i not in taken)
-        w = self._fork(lambda chan: self._worker_main(chan, slot), self._worker_exited, worker=True)
+        w = self._fork(("worker", slot), self._worker_exited)
         w.slot = slot
         self._workers.append(w)
         self._loop.add_reader(w.chan, self._worker_report, w)
@@ -2195,7 +2205,7 @@ class BaseServer:
                     self._auth_failed += 1
                 self._release(counters)
         if eof:
-            # the worker is going; its pidfd says when it is gone
+            # the worker is going; the fork server says when it is gone
             self._loop.remove_reader(w.chan)
 
     def _worker_exited(self, w: _Child) -> None:

@@ -18,6 +18,13 @@ descriptor stays truthful and a socket shared by several readers loses
 nothing; ``readahead=True`` reads as much as the socket has into the
 decoder's reusable buffer instead (many frames per syscall). Large frames are
 received straight into their final object or the caller's buffer.
+
+Two opt-ins trade resources for speed. ``coalesce`` (a byte threshold)
+queues small frames in user space and writes them in one syscall once the
+queue passes the threshold, before any receive or poll, and on ``flush()``.
+``spin`` (microseconds) makes a receive that would block poll the socket
+with non-blocking reads, the GIL released, for up to that long first: it
+burns CPU to skip the scheduler's wake-up.
 """
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE, PyBUF_ANY_CONTIGUOUS
@@ -584,6 +591,37 @@ cdef list _scm_fds(msghdr* m):
     return out
 
 
+cdef inline ssize_t _spin_recv(int fd, char* p, size_t n, int flags, double until) noexcept nogil:
+    """Non-blocking recv in a loop until data, EOF, an error or time ``until``; -1 with EAGAIN when out of time."""
+    cdef ssize_t r
+    while True:
+        r = recv(fd, p, n, flags | MSG_DONTWAIT)
+        if r >= 0 or (errno != EAGAIN and errno != EWOULDBLOCK):
+            return r
+        if _now() >= until:
+            return -1
+
+
+cdef inline ssize_t _spin_recvmsg(int fd, msghdr* m, int flags, double until) noexcept nogil:
+    """As _spin_recv, with recvmsg."""
+    cdef ssize_t r
+    cdef size_t clen = m.msg_controllen
+    while True:
+        m.msg_controllen = clen
+        m.msg_flags = 0
+        r = recvmsg(fd, m, flags | MSG_DONTWAIT)
+        if r >= 0 or (errno != EAGAIN and errno != EWOULDBLOCK):
+            return r
+        if _now() >= until:
+            return -1
+
+
+#: The coalescing threshold ``coalesce=True`` means: queued frames are
+#: written once they pass this many bytes (the measured knee of the one-way
+#: 64-byte stream; larger buffers gain little and delay the first message).
+COALESCE_THRESHOLD = 65536
+
+
 cdef class Channel:
     """Length-prefixed frames over a connected stream socket's descriptor.
 
@@ -608,6 +646,10 @@ cdef class Channel:
     as much as it gets, and ``poll``, ``has_frame`` and ``buffered`` count
     ``io.pending()``. With a timeout the io is set non-blocking
     (``settimeout(0.0)``) for each read.
+
+    ``coalesce=n`` (bytes, 0: off; see :meth:`set_coalesce`) queues small
+    frames and writes them together; ``spin=us`` busy-polls a receive that
+    would block for up to ``us`` microseconds (no effect with an ``io``).
     """
     cdef int fd
     cdef readonly bint readahead  # read as much as the socket has, not exactly one frame
@@ -618,13 +660,25 @@ cdef class Channel:
     cdef Py_ssize_t scap
     cdef bint is_unix             # AF_UNIX: read with recvmsg so SCM_RIGHTS is never lost
     cdef list fd_batches         # [(start, end, fds)]: descriptors and the stream range of the read that brought them
+    cdef char* cbuf               # frames queued by coalescing
+    cdef Py_ssize_t clen
+    cdef Py_ssize_t ccap
+    cdef Py_ssize_t climit        # coalescing threshold, 0: off
+    cdef double spin_s            # busy-poll budget of a receive, seconds
+    cdef double spin_us           # ... as given, microseconds
 
     def __cinit__(self):
         self.fd = -1
         self.sbuf = NULL
         self.scap = 0
+        self.cbuf = NULL
+        self.clen = 0
+        self.ccap = 0
+        self.climit = 0
+        self.spin_s = 0.0
 
-    def __init__(self, sock, max_size=None, Py_ssize_t bufsize=262144, *, readahead=False, io=None):
+    def __init__(self, sock, max_size=None, Py_ssize_t bufsize=262144, *, readahead=False, io=None,
+                 Py_ssize_t coalesce=0, double spin=0.0):
         self.fd = sock.fileno()
         if self.fd < 0:
             raise ValueError("socket is closed")
@@ -644,10 +698,92 @@ cdef class Channel:
         self.sbuf = <char*>PyMem_Malloc(self.scap)
         if self.sbuf == NULL:
             raise MemoryError()
+        if not spin >= 0.0:
+            raise ValueError("spin must be >= 0 microseconds")
+        self.spin_us = spin
+        self.spin_s = spin * 1e-6
+        self.set_coalesce(coalesce)
 
     def __dealloc__(self):
         if self.sbuf != NULL:
             PyMem_Free(self.sbuf)
+        PyMem_Free(self.cbuf)
+
+    property coalesce:
+        """The coalescing threshold in bytes (0: every frame is written at once)."""
+        def __get__(self):
+            return self.climit
+
+    property spin:
+        """Microseconds a receive that would block busy-polls first (0: none)."""
+        def __get__(self):
+            return self.spin_us
+
+    def set_coalesce(self, Py_ssize_t limit):
+        """Queue frames up to ``limit`` bytes before writing them (0: off, after a flush)."""
+        cdef char* p
+        if limit < 0:
+            raise ValueError("coalesce must be >= 0 bytes")
+        if limit == 0:
+            if self.clen:
+                self.flush()
+            self.climit = 0
+            return
+        if limit + _COPY_THRESHOLD + 64 > self.ccap:
+            # room for a queue just under the limit plus the largest frame copied into it
+            p = <char*>PyMem_Realloc(self.cbuf, limit + _COPY_THRESHOLD + 64)
+            if p == NULL:
+                raise MemoryError()
+            self.cbuf = p
+            self.ccap = limit + _COPY_THRESHOLD + 64
+        self.climit = limit
+        if self.clen >= limit:
+            self.flush()
+
+    def unflushed(self):
+        """Bytes of frames queued by coalescing and not yet written."""
+        return self.clen
+
+    def flush(self):
+        """Write the frames queued by coalescing, in one syscall where the socket takes them.
+
+        The queue is emptied before the write: if it fails, the error is
+        raised and the queued frames are dropped (a prefix of them may have
+        reached the peer).
+        """
+        cdef Py_ssize_t n = self.clen
+        if n == 0:
+            return
+        self.clen = 0
+        self._fdcheck()
+        self._send_all(self.cbuf, n)
+
+    cdef inline int _flush_first(self) except -1:
+        # everything queued leaves before this end waits for the peer
+        if self.clen:
+            self.flush()
+        return 0
+
+    cdef int _queue(self, const char* p, Py_ssize_t n) except -1:
+        """Append one frame to the coalescing queue; write the queue once it passes the limit."""
+        cdef iovec iov[2]
+        cdef Py_ssize_t q
+        if n > _COPY_THRESHOLD:
+            # a large payload goes without a copy, behind the queue, in one sendmsg
+            self.clen += write_header(self.cbuf + self.clen, n)
+            q = self.clen
+            self.clen = 0
+            iov[0].iov_base = self.cbuf
+            iov[0].iov_len = q
+            iov[1].iov_base = <void*>p
+            iov[1].iov_len = n
+            return self._sendv_all(iov, 2)
+        q = self.clen + write_header(self.cbuf + self.clen, n)
+        memcpy(self.cbuf + q, p, n)
+        self.clen = q + n
+        if self.clen >= self.climit:
+            self.flush()
+        return 0
 
     def release(self):
         """Forget the descriptor (its socket is being closed); close unclaimed received descriptors."""
@@ -722,7 +858,10 @@ cdef class Channel:
                 raise ValueError("size is negative")
             if offset + n > view.len:
                 raise ValueError("buffer length < offset + size")
-            self._send_frame_ptr(<char*>view.buf + offset, n)
+            if self.climit:
+                self._queue(<char*>view.buf + offset, n)
+            else:
+                self._send_frame_ptr(<char*>view.buf + offset, n)
         finally:
             PyBuffer_Release(&view)
 
@@ -737,6 +876,7 @@ cdef class Channel:
         self._fdcheck()
         if nb == 0:
             return
+        self._flush_first()
         views = <Py_buffer*>PyMem_Malloc(nb * sizeof(Py_buffer))
         iov = <iovec*>PyMem_Malloc((2 * nb + 1) * sizeof(iovec))
         if views == NULL or iov == NULL:
@@ -797,9 +937,21 @@ cdef class Channel:
     cdef Py_ssize_t _read(self, char* p, Py_ssize_t n, double deadline, bint waitall,
                           bint tryfirst=False) except -1:
         cdef ssize_t r
+        cdef double until
         if self.io is not None:
             return self._io_read(p, n, deadline, waitall)
-        if deadline < 0 and tryfirst:
+        if self.spin_s > 0.0:
+            until = _now() + self.spin_s
+            if deadline >= 0 and deadline < until:
+                until = deadline
+            with nogil:
+                r = _spin_recv(self.fd, p, n, 0, until)
+            if r >= 0:
+                return r
+            if errno != EAGAIN and errno != EWOULDBLOCK and errno != EINTR:
+                PyErr_SetFromErrno(OSError)
+                return -1
+        elif deadline < 0 and tryfirst:
             # Try the syscall first with the GIL held when the bytes have
             # almost surely arrived (a payload right after its header, frames
             # just peeked at): a recv that succeeds at once is cheaper than
@@ -864,6 +1016,8 @@ cdef class Channel:
         cdef list fds
         cdef FrameDecoder d = self.decoder
         cdef bint first = deadline < 0 and tryfirst
+        cdef bint spin = self.spin_s > 0.0
+        cdef double until
         while True:
             iov.iov_base = p
             iov.iov_len = n
@@ -875,6 +1029,20 @@ cdef class Channel:
             m.msg_controllen = _CTRL_SPACE
             m.msg_flags = 0
             flags = MSG_CMSG_CLOEXEC
+            if spin:
+                # busy-poll first (see _read), once
+                spin = False
+                until = _now() + self.spin_s
+                if deadline >= 0 and deadline < until:
+                    until = deadline
+                with nogil:
+                    r = _spin_recvmsg(self.fd, &m, flags, until)
+                if r >= 0:
+                    break
+                if errno == EAGAIN or errno == EWOULDBLOCK or errno == EINTR:
+                    continue
+                PyErr_SetFromErrno(OSError)
+                return -1
             if deadline >= 0 or first:
                 # tried first with the GIL held (see _read)
                 first = False
@@ -979,6 +1147,7 @@ cdef class Channel:
         cdef double deadline = self._deadline(timeout)
         cdef object f
         self._fdcheck()
+        self._flush_first()
         d._check()
         while True:
             f = d._next(limit)
@@ -1000,8 +1169,15 @@ cdef class Channel:
         cdef long long n
         cdef int h
         cdef char* p
+        cdef double until
         d._reserve(d.cap)
         p = d.buf + d.wpos
+        if self.spin_s > 0.0:
+            until = _now() + self.spin_s
+            if deadline >= 0 and deadline < until:
+                until = deadline
+            with nogil:
+                _spin_recv(self.fd, p, d.cap - d.wpos, MSG_PEEK, until)
         while True:
             # try first with the GIL held, as _read does
             r = recv(self.fd, p, d.cap - d.wpos, MSG_PEEK | MSG_DONTWAIT)
@@ -1058,6 +1234,7 @@ cdef class Channel:
         cdef list out = []
         cdef object f
         self._fdcheck()
+        self._flush_first()
         d._check()
         if not self.ahead and d.target is None and d.cur < 0 and d.wpos == d.rpos:
             self._peek_whole(deadline)
@@ -1083,6 +1260,7 @@ cdef class Channel:
         cdef char* p
         cdef object f
         self._fdcheck()
+        self._flush_first()
         d._check()
         if d.target is not None:
             # a large frame was started by a timed-out recv_frame: finish it there
@@ -1149,6 +1327,7 @@ cdef class Channel:
         cdef Py_ssize_t left, k, r
         cdef char tmp[65536]
         self._fdcheck()
+        self._flush_first()
         d._check()
         if d.target is not None:
             self.recv_frame()
@@ -1188,6 +1367,7 @@ cdef class Channel:
         cdef int* fdp
         cdef ssize_t r
         self._fdcheck()
+        self._flush_first()
         if not self.is_unix:
             raise ValueError("descriptors can only be passed over AF_UNIX connections")
         if nfds < 1 or nfds > _MAX_FDS:
@@ -1236,25 +1416,28 @@ cdef class Channel:
         finally:
             PyBuffer_Release(&view)
 
-    def recv_frame_fds(self, Py_ssize_t maxfds=_MAX_FDS, timeout=None):
+    def recv_frame_fds(self, Py_ssize_t maxfds=_MAX_FDS, timeout=None, maxlength=None):
         """Receive one frame and the descriptors that rode on it: ``(bytes, fds)``.
 
         Descriptors are matched to the frame they were sent with even when
         the channel has read ahead: a read that brings descriptors ends with
         the sender's message that carried them, so they belong to the last
         frame starting inside that read. More than ``maxfds`` closes them
-        all and raises ProtocolError.
+        all and raises ProtocolError; a frame over ``maxlength`` raises
+        MessageTooLarge, as recv_frame does.
         """
         cdef FrameDecoder d = self.decoder
         cdef double deadline = self._deadline(timeout)
+        cdef long long limit = -1 if maxlength is None else maxlength
         cdef object f
         cdef unsigned long long start, end
         cdef list fds = []
         cdef list keep = []
         self._fdcheck()
+        self._flush_first()
         d._check()
         while True:
-            f = d._next(-1)
+            f = d._next(limit)
             if f is not None:
                 break
             self._fill(deadline)
@@ -1304,6 +1487,7 @@ cdef class Channel:
         cdef FrameDecoder d = self.decoder
         cdef double deadline
         self._fdcheck()
+        self._flush_first()
         if d.broken is not None:
             return True
         if d.buffered > 0:

@@ -396,7 +396,9 @@ def test_prefork_worker_started_gets_a_slot_that_its_replacement_keeps(serve, tm
     os.kill(victim, signal.SIGKILL)
     assert wait_for(lambda: len(slots()) == 3)
     (new_pid, new_slot), = [(p, k) for p, k in slots().items() if p not in first]
-    assert new_slot == first[victim] and new_pid in srv.worker_pids
+    assert new_slot == first[victim]
+    # the worker may run its hook before the server has heard its pid from the fork server
+    assert wait_for(lambda: new_pid in srv.worker_pids)
     check_all_ok(run_clients(srv.address, "framed", 4, 3, together=True), 3)
 
 
@@ -414,8 +416,7 @@ def test_fork_children_are_reaped_and_bounded(serve):
     check_all_ok(results, 5)
     assert wait_for(lambda: srv.stats()["children"] == 0)
     for r in results:
-        with pytest.raises(ChildProcessError):
-            os.waitpid(r["pid"], os.WNOHANG)      # already reaped by the server
+        assert not os.path.exists(f"/proc/{r['pid']}")     # exited and already reaped
 
 
 # -- the allow-list -----------------------------------------------------------------
@@ -792,8 +793,7 @@ def test_shutdown_ends_child_processes(serve, mode, kind):
         held = json.loads(readline(proc))["held"]
         srv.shutdown(timeout=WAIT)
         for pid in set(held):
-            with pytest.raises(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)   # gone and reaped
+            assert not os.path.exists(f"/proc/{pid}")    # gone and reaped
         assert srv.worker_pids == []
         results = finish(proc, b"go\n")
     finally:

@@ -655,6 +655,12 @@ def _scm_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
     return list(fds)
 
 
+#: The coalescing threshold ``coalesce=True`` means: queued frames are
+#: written once they pass this many bytes (the measured knee of the one-way
+#: 64-byte stream; larger buffers gain little and delay the first message).
+COALESCE_THRESHOLD = 65536
+
+
 class Channel:
     """Length-prefixed frames over a connected stream socket in blocking mode.
 
@@ -679,16 +685,22 @@ class Channel:
     as much as it gets, and ``poll``, ``has_frame`` and ``buffered`` count
     ``io.pending()``. With a timeout the io is set non-blocking
     (``settimeout(0.0)``) for each read.
+
+    ``coalesce=n`` (bytes, 0: off; see :meth:`set_coalesce`) queues small
+    frames and writes them together; ``spin=us`` busy-polls a receive that
+    would block for up to ``us`` microseconds (no effect with an ``io``).
     """
 
-    __slots__ = ("_sock", "_decoder", "_pollers", "_is_unix", "_fd_batches", "_readahead", "_io", "_ahead")
+    __slots__ = ("_sock", "_decoder", "_pollers", "_is_unix", "_fd_batches", "_readahead", "_io", "_ahead",
+                 "_cbuf", "_climit", "_spin", "_spin_us")
     _sock: socket.socket
     _pollers: dict[int, select.poll]
     _fd_batches: list[tuple[int, int, list[int]]]
     _io: Any
 
     def __init__(self, sock: socket.socket, max_size: SupportsInt | None = None,
-                 bufsize: SupportsIndex = 262144, *, readahead: bool = False, io: Any = None) -> None:
+                 bufsize: SupportsIndex = 262144, *, readahead: bool = False, io: Any = None,
+                 coalesce: SupportsIndex = 0, spin: float = 0.0) -> None:
         bufsize = _ssize(bufsize)
         if sock.fileno() < 0:
             raise ValueError("socket is closed")
@@ -708,6 +720,66 @@ class Channel:
         self._is_unix = sock.family == socket.AF_UNIX and io is None
         # [(start, end, fds)]: descriptors and the stream range of the read that brought them
         self._fd_batches = []
+        spin = float(spin)
+        if not spin >= 0.0:
+            raise ValueError("spin must be >= 0 microseconds")
+        self._spin_us = spin
+        self._spin = spin * 1e-6   # busy-poll budget of a receive, seconds
+        self._cbuf = bytearray()   # frames queued by coalescing
+        self._climit = 0           # coalescing threshold, 0: off
+        self.set_coalesce(coalesce)
+
+    @property
+    def coalesce(self) -> int:
+        """The coalescing threshold in bytes (0: every frame is written at once)."""
+        return self._climit
+
+    @property
+    def spin(self) -> float:
+        """Microseconds a receive that would block busy-polls first (0: none)."""
+        return self._spin_us
+
+    def set_coalesce(self, limit: SupportsIndex) -> None:
+        """Queue frames up to ``limit`` bytes before writing them (0: off, after a flush)."""
+        limit = _ssize(limit)
+        if limit < 0:
+            raise ValueError("coalesce must be >= 0 bytes")
+        if limit == 0:
+            if self._cbuf:
+                self.flush()
+            self._climit = 0
+            return
+        self._climit = limit
+        if len(self._cbuf) >= limit:
+            self.flush()
+
+    def unflushed(self) -> int:
+        """Bytes of frames queued by coalescing and not yet written."""
+        return len(self._cbuf)
+
+    def flush(self) -> None:
+        """Write the frames queued by coalescing, in one syscall where the socket takes them.
+
+        The queue is emptied before the write: if it fails, the error is
+        raised and the queued frames are dropped (a prefix of them may have
+        reached the peer).
+        """
+        buf = self._cbuf
+        if not buf:
+            return
+        self._cbuf = bytearray()
+        self._fdcheck()
+        self._sendv_all([buf])
+
+    def _flush_first(self) -> None:
+        # everything queued leaves before this end waits for the peer
+        if self._cbuf:
+            self.flush()
+
+    def _spin_wait(self, deadline: float) -> float:
+        """The time until which a receive busy-polls (see ``spin``)."""
+        until = _monotonic() + self._spin
+        return deadline if 0 <= deadline < until else until
 
     @property
     def readahead(self) -> bool:
@@ -841,7 +913,18 @@ class Channel:
                 part = view
             else:
                 part = (view if type(view) is memoryview else memoryview(view))[offset:offset + n]
-            if n <= COPY_THRESHOLD:
+            if self._climit:
+                cb = self._cbuf
+                cb += _header(n)
+                if n > COPY_THRESHOLD:
+                    # a large payload goes without a copy, behind the queue, in one sendmsg
+                    self._cbuf = bytearray()
+                    self._sendv_all([cb, part])
+                else:
+                    cb += part
+                    if len(cb) >= self._climit:
+                        self.flush()
+            elif n <= COPY_THRESHOLD:
                 if self._io is not None:
                     self._io.sendall(_header(n) + part)
                 elif sock.gettimeout() is None:
@@ -862,6 +945,7 @@ class Channel:
         self._fdcheck()
         if not bufs:
             return
+        self._flush_first()
         views: list[bytes | memoryview] = []
         try:
             # take every buffer before anything is sent, as the compiled kernel does
@@ -896,6 +980,14 @@ class Channel:
         if self._io is not None:
             return self._io_read(view, n, deadline, waitall)
         sock = self._sock
+        if self._spin:
+            until = self._spin_wait(deadline)
+            while True:
+                try:
+                    return sock.recv_into(view, n, _DONTWAIT)
+                except BlockingIOError:
+                    if _monotonic() >= until:
+                        break
         while True:
             try:
                 if deadline >= 0:
@@ -946,8 +1038,18 @@ class Channel:
     def _readmsg(self, view: memoryview, n: int, deadline: float, waitall: bool) -> int:
         """recvmsg_into view, keeping any SCM_RIGHTS descriptors with the stream range they came with."""
         sock = self._sock
+        until = self._spin_wait(deadline) if self._spin else -1.0
         while True:
             try:
+                if until >= 0:
+                    # busy-poll first (see _read)
+                    try:
+                        r, anc, mflags, _ = sock.recvmsg_into([view[:n]], _CTRL_SPACE, _CLOEXEC | _DONTWAIT)
+                        break
+                    except BlockingIOError:
+                        if _monotonic() < until:
+                            continue
+                        until = -1.0
                 if deadline >= 0:
                     flags = _CLOEXEC | _DONTWAIT
                 else:
@@ -1028,6 +1130,7 @@ class Channel:
         limit = -1 if maxlength is None else _longlong(maxlength)
         deadline = -1.0 if timeout is None else self._deadline(timeout)
         self._fdcheck()
+        self._flush_first()
         d = self._decoder
         if d._broken is not None:
             raise d._broken
@@ -1052,6 +1155,15 @@ class Channel:
         wpos = d._wpos
         free = d._cap - wpos
         with d._mv[wpos:d._cap] as v:
+            if self._spin:
+                until = self._spin_wait(deadline)
+                while True:
+                    try:
+                        sock.recv_into(v, free, _PEEK | _DONTWAIT)
+                        break
+                    except BlockingIOError:
+                        if _monotonic() >= until:
+                            break
             while True:
                 try:
                     if deadline >= 0:
@@ -1094,6 +1206,7 @@ class Channel:
         """
         deadline = -1.0 if timeout is None else self._deadline(timeout)
         self._fdcheck()
+        self._flush_first()
         d = self._decoder
         if d._broken is not None:
             raise d._broken
@@ -1115,6 +1228,7 @@ class Channel:
         """
         offset = _ssize(offset)
         self._fdcheck()
+        self._flush_first()
         d = self._decoder
         d._check()
         if d._target is not None:
@@ -1178,6 +1292,7 @@ class Channel:
     def discard_frame(self) -> None:
         """Receive the next frame and drop it without allocating its size."""
         self._fdcheck()
+        self._flush_first()
         d = self._decoder
         d._check()
         if d._target is not None:
@@ -1211,6 +1326,7 @@ class Channel:
     def send_frame_fds(self, buf: Buffer, fds: Iterable[SupportsInt]) -> None:
         """Send one frame whose first bytes carry ``fds`` as SCM_RIGHTS (AF_UNIX only)."""
         sock = self._fdcheck()
+        self._flush_first()
         fdl = array.array("i", [int(f) for f in fds])
         if not self._is_unix:
             raise ValueError("descriptors can only be passed over AF_UNIX connections")
@@ -1231,23 +1347,26 @@ class Channel:
         elif r - len(hdr) < len(view):
             self._sendv_all([view[r - len(hdr):]])
 
-    def recv_frame_fds(self, maxfds: int = _MAX_FDS,
-                       timeout: float | None = None) -> tuple[bytes, list[int]]:
+    def recv_frame_fds(self, maxfds: int = _MAX_FDS, timeout: float | None = None,
+                       maxlength: SupportsInt | None = None) -> tuple[bytes, list[int]]:
         """Receive one frame and the descriptors that rode on it: ``(bytes, fds)``.
 
         Descriptors are matched to the frame they were sent with even when
         the channel has read ahead: a read that brings descriptors ends with
         the sender's message that carried them, so they belong to the last
         frame starting inside that read. More than ``maxfds`` closes them
-        all and raises ProtocolError.
+        all and raises ProtocolError; a frame over ``maxlength`` raises
+        MessageTooLarge, as recv_frame does.
         """
+        limit = -1 if maxlength is None else _longlong(maxlength)
         deadline = -1.0 if timeout is None else self._deadline(timeout)
         self._fdcheck()
+        self._flush_first()
         d = self._decoder
         if d._broken is not None:
             raise d._broken
         while True:
-            f = d._next(-1)
+            f = d._next(limit)
             if f is not None:
                 break
             self._fill(deadline)
@@ -1297,6 +1416,7 @@ class Channel:
     def poll(self, timeout: float | None = 0.0) -> bool:
         """True if a frame is buffered or the socket has data, waiting up to timeout."""
         self._fdcheck()
+        self._flush_first()
         d = self._decoder
         if d._broken is not None:
             return True

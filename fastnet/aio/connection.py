@@ -936,7 +936,7 @@ async def authenticate(conn: AsyncConnection, authkey: bytes, server_side: bool,
     pipelining peer gets them in one write.
     """
     hs = Handshake(authkey, server_side, strict=strict, digest=digest)
-    quick = None if server_side else _auth._quickack_socket(conn)
+    quick = _auth._quickack_socket(conn)
     out = hs.start()
     try:
         while True:

@@ -748,6 +748,8 @@ class RPCServer:
         if self._workers > 1 and self._shared is None:
             self._shared = _WorkerStats(self._methods, self._workers)
             self._server.worker_started = self._worker_started  # type: ignore[method-assign]
+        # the workers' fork server copies the process now: after the mapping, before the monitor's thread
+        self._server._start_forkserver()
 
     def _worker_started(self, slot: int) -> None:
         assert self._shared is not None

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer
 
     from fastnet._c.framing import Channel as _CChannel
-    from fastnet._pure.framing import Channel as _PChannel
+    from fastnet.tls import TLSChannel
     from fastnet.codecs import Codec
     from fastnet.connection import Connection
 
@@ -45,7 +45,8 @@ class Connector:
 
     def __init__(self, address: Any, family: str | int | None, authkey: bytes | None, codec: Codec,
                  ssl_context: ssl.SSLContext | None, connect_timeout: float, max_size: int | None,
-                 strict: bool, backoff: tuple[float, float], keepalive: float | None) -> None:
+                 strict: bool, backoff: tuple[float, float], keepalive: float | None,
+                 spin: float = 0.0) -> None:
         self.address = address
         self.family = family
         self.authkey = authkey
@@ -56,8 +57,11 @@ class Connector:
         self.strict = strict
         self.backoff = backoff
         self.keepalive = keepalive
+        if not spin >= 0:
+            raise ValueError(f"spin must be a number of microseconds >= 0, not {spin!r}")
+        self.spin = spin
         self.conn: Connection | None = None
-        self.ch: _CChannel | _PChannel | None = None
+        self.ch: _CChannel | TLSChannel | None = None
         self.gen = 0
         self.closed = False
         self.lock = lock = threading.Lock()
@@ -98,6 +102,9 @@ class Connector:
                     if not isinstance(e.__cause__, (EOFError, OSError)):
                         raise
                     err: BaseException = e
+                except EOFError as e:
+                    # the peer closed mid-handshake (or mid-frame): a connection failure
+                    err = e
                 except (ProtocolError, ValueError, TypeError):
                     raise
                 except OSError as e:
@@ -124,7 +131,8 @@ class Connector:
         # be read ahead: one syscall per burst of replies instead of two per reply
         conn = Client(self.address, self.family, self.authkey, timeout=left,
                       max_message_size=self.max_size, strict=self.strict,
-                      ssl_context=self.ssl_context, keepalive=self.keepalive, readahead=True)
+                      ssl_context=self.ssl_context, keepalive=self.keepalive, readahead=True,
+                      spin=self.spin)
         try:
             conn.send_bytes(hello_frame(self.codec.name))
             left = max(0.001, deadline - time.monotonic())
