@@ -593,18 +593,31 @@ class AsyncConnection:
         """Send a picklable object (pickled as multiprocessing does)."""
         await self.send_bytes(_dumps(obj))
 
-    async def send_many(self, buffers: Iterable[Buffer]) -> None:
-        """Send each bytes-like object in ``buffers`` as its own message, in one ``sendmsg`` where it fits."""
+    def _write_many(self, buffers: Iterable[Buffer], keep: bool) -> tuple[int, bool]:
+        """Frame and send (or queue) each buffer; (stream offset at the end, whether any is held)."""
         parts: list[Any] = []
         held = False
         for b in buffers:
             held = _frame_parts(_byte_view(b), parts) or held
-        mark = 0
+        mark = self._queued
         for i in range(0, len(parts), _IOV_MAX):
             chunk = parts[i:i + _IOV_MAX]
-            mark = self._write(chunk, sum(len(p) for p in chunk), held)
-        if parts:
-            await self._after_write(mark, held)
+            mark = self._write(chunk, sum(len(p) for p in chunk), held or keep)
+        return mark, held
+
+    async def send_many(self, buffers: Iterable[Buffer]) -> None:
+        """Send each bytes-like object in ``buffers`` as its own message, in one ``sendmsg`` where it fits."""
+        mark, held = self._write_many(buffers, False)
+        await self._after_write(mark, held)
+
+    def write_many(self, buffers: Iterable[Buffer]) -> None:
+        """Send each buffer as its own message (one ``sendmsg``) without waiting, as a transport's ``writelines``.
+
+        What the socket does not take at once stays queued by reference,
+        not copied: the buffers must not change until it is sent. There is
+        no backpressure; ``await drain()`` for it.
+        """
+        self._write_many(buffers, True)
 
     async def send_array(self, arr: Any) -> None:
         """Send a numpy array (or any buffer) with its dtype, shape and order, without copying it.
@@ -623,6 +636,28 @@ class AsyncConnection:
             await self._sent_up_to(self._queued - self.low_water, False)
 
     # -- closing -------------------------------------------------------------
+
+    def abort(self) -> None:
+        """Close now: queued messages are dropped, waiting receives and sends fail."""
+        self._abort(ConnectionLost("the connection was aborted"))
+
+    def peer_gone(self) -> bool:
+        """True once the connection is closed or the peer closed or reset its end.
+
+        Needs no receive waiting: with none, one non-blocking peek at the
+        socket tells. It stays False while a message from the peer is still
+        waiting to be received.
+        """
+        if self._closing or self._eof:
+            return True
+        if self._reading or self._sock is None:
+            return False     # the loop watches the socket for the waiting receive
+        try:
+            return not self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
 
     def close(self) -> None:
         """Close the connection; queued messages are still sent (see :meth:`wait_closed`)."""
@@ -807,6 +842,10 @@ class _TLSConnection(AsyncConnection):
         if fut is not None and not fut.done():
             fut.set_exception(exc)
 
+    def peer_gone(self) -> bool:
+        # the TLS transport keeps reading (up to its limit), so it saw any close
+        return self._closing or self._eof or self._closed.done()
+
     def _release(self) -> None:
         t = self._transport
         if t is not None:
@@ -959,7 +998,8 @@ async def _open_socket(fam: int, addr: Any) -> socket.socket:
 
 async def _connect(address: Any, authkey: bytes | None, ssl_context: ssl.SSLContext | None,
                    max_message_size: int | None, keepalive: float | None, family: str | int | None,
-                   strict: bool, digest: str | None, nodelay: bool, timeout: float | None) -> AsyncConnection:
+                   strict: bool, digest: str | None, nodelay: bool, timeout: float | None,
+                   server_hostname: str | None) -> AsyncConnection:
     fam, addr = parse_address(address, family)
     if ssl_context is not None and fam == socket.AF_UNIX and ssl_context.check_hostname:
         raise ValueError("TLS over AF_UNIX has no host name to check: "
@@ -972,7 +1012,7 @@ async def _connect(address: Any, authkey: bytes | None, ssl_context: ssl.SSLCont
         raise
     conn: AsyncConnection
     if ssl_context is not None:
-        host = None if fam == socket.AF_UNIX else addr[0]
+        host = server_hostname or (None if fam == socket.AF_UNIX else addr[0])
         conn = await _start_tls(sock, ssl_context, False, host, timeout, max_message_size=max_message_size)
     else:
         conn = AsyncConnection(sock, max_message_size=max_message_size)
@@ -988,19 +1028,21 @@ async def _connect(address: Any, authkey: bytes | None, ssl_context: ssl.SSLCont
 async def connect(address: Any, authkey: bytes | None = None, *, ssl_context: ssl.SSLContext | None = None,
                   timeout: float | None = None, max_message_size: int | None = MAX_MESSAGE_SIZE_CONNECTION,
                   keepalive: float | None = None, family: str | int | None = None, strict: bool = False,
-                  digest: str | None = DEFAULT_DIGEST, nodelay: bool = True) -> AsyncConnection:
+                  digest: str | None = DEFAULT_DIGEST, nodelay: bool = True,
+                  server_hostname: str | None = None) -> AsyncConnection:
     """Connect to a fastnet or stdlib ``multiprocessing.connection`` Listener; return an AsyncConnection.
 
     The arguments are :func:`fastnet.Client`'s: ``timeout`` bounds the
     connect, TLS and the authkey handshake together (fastnet.TimeoutError);
-    ``ssl_context`` runs TLS; ``keepalive=seconds`` detects a vanished peer
+    ``ssl_context`` runs TLS (checking the certificate against
+    ``server_hostname``, the address's host if None); ``keepalive=seconds`` detects a vanished peer
     (TCP). Must be awaited on the loop that will use the connection.
     """
     if authkey is not None and not isinstance(authkey, bytes):
         raise TypeError("authkey should be a byte string")
     keepalive = _keepalive_seconds(keepalive)
     coro = _connect(address, authkey, ssl_context, max_message_size, keepalive, family, strict, digest,
-                    nodelay, timeout)
+                    nodelay, timeout, server_hostname)
     if timeout is None:
         return await coro
     try:

@@ -38,7 +38,8 @@ class Server:
     def __init__(self, sock: socket.socket, handler: Handler, authkey: bytes | None,
                  ssl_context: ssl.SSLContext | None, allow: Any, max_connections: int,
                  handshake_timeout: float | None, max_message_size: int | None, strict: bool,
-                 digest: str | None, keepalive: float | None, unlink: str | None) -> None:
+                 digest: str | None, keepalive: float | None, unlink: str | None,
+                 close_on_return: bool = True) -> None:
         self._loop = asyncio.get_running_loop()
         self._sock = sock
         self._handler = handler
@@ -52,6 +53,7 @@ class Server:
         self._digest = digest
         self._keepalive = keepalive
         self._unlink = unlink
+        self._close_on_return = close_on_return
         self._tasks: set[asyncio.Task[None]] = set()
         self._accepting = False
         self._closed = False
@@ -137,8 +139,10 @@ class Server:
             self.failed_handshakes += 1
             logger.info("handshake with %r failed: %s: %s", addr, type(exc).__name__, exc)
             return
+        handed_over = False
         try:
             await self._handler(conn)
+            handed_over = not self._close_on_return
         except asyncio.CancelledError:
             raise
         except (EOFError, ConnectionError) as exc:
@@ -146,8 +150,9 @@ class Server:
         except Exception:
             logger.exception("handler for %r raised", addr)
         finally:
-            conn.close()
-            await conn.wait_closed()
+            if not handed_over:
+                conn.close()
+                await conn.wait_closed()
 
     async def start_serving(self) -> None:
         """Start accepting (serve() already did)."""
@@ -201,7 +206,8 @@ async def serve(address: Any, handler: Handler, authkey: bytes | None = None, *,
                 handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
                 max_message_size: int | None = MAX_MESSAGE_SIZE_CONNECTION, backlog: int = 128,
                 family: str | int | None = None, strict: bool = False,
-                digest: str | None = DEFAULT_DIGEST, keepalive: float | None = None) -> Server:
+                digest: str | None = DEFAULT_DIGEST, keepalive: float | None = None,
+                close_on_return: bool = True) -> Server:
     """Listen on ``address`` and run ``await handler(conn)`` for each connection, on the running loop.
 
     Each peer first passes ``allow`` (IP networks, as the blocking servers),
@@ -210,7 +216,10 @@ async def serve(address: Any, handler: Handler, authkey: bytes | None = None, *,
     and never reaches the handler. At most ``max_connections`` are open at
     once (the rest wait in the listen backlog). The connection is closed when
     the handler returns. A stdlib ``multiprocessing.connection.Client`` can
-    connect. Returns a :class:`Server` that is already accepting.
+    connect. With ``close_on_return=False`` the handler takes the connection
+    over: it stays open when the handler returns (not when it raises), and
+    ``close()`` no longer reaches it. Returns a :class:`Server` that is
+    already accepting.
     """
     if authkey is not None and not isinstance(authkey, bytes):
         raise TypeError("authkey should be a byte string")
@@ -228,7 +237,7 @@ async def serve(address: Any, handler: Handler, authkey: bytes | None = None, *,
         sock.setblocking(False)
         unlink = addr if fam == socket.AF_UNIX and isinstance(addr, str) and not addr.startswith("\0") else None
         server = Server(sock, handler, authkey, ssl_context, allow, max_connections, handshake_timeout,
-                        max_message_size, strict, digest, keepalive, unlink)
+                        max_message_size, strict, digest, keepalive, unlink, close_on_return)
     except BaseException:
         sock.close()
         raise

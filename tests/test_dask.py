@@ -1,0 +1,876 @@
+"""fastnet:// and fastnet-tls:// as Dask distributed comms (fastnet.dask).
+
+The comm-level tests cover the ground of distributed's own ``check_*``
+helpers (tests/test_dask_upstream.py runs those when a distributed checkout
+is at hand) and run under distributed's ``gen_test``, whose ``clean``
+fixture fails on a comm left open or a thread left running. The cluster
+tests start ``LocalCluster(protocol="fastnet", processes=True)``: the worker
+processes find the backend through the ``distributed.comm.backends`` entry
+point, from a dist-info directory made here (test_entry_point_of_the_built_wheel
+installs the built wheel into a virtualenv instead). The multi-host tests put
+the scheduler and each worker in a network namespace of its own (skipped, with
+the reason, where namespaces cannot be made). The file runs once per kernel
+set (``FASTNET_PURE=1``).
+"""
+import asyncio
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+import tracemalloc
+
+import pytest
+
+pytest.importorskip("distributed")
+np = pytest.importorskip("numpy")
+pytest.importorskip("cryptography")
+
+import dask  # noqa: E402
+from distributed.comm import CommClosedError, connect, listen, parse_address  # noqa: E402
+from distributed.comm.core import FatalCommClosedError  # noqa: E402
+from distributed.comm.registry import backends, get_backend  # noqa: E402
+from distributed.protocol import Serialized, deserialize, serialize, to_serialize  # noqa: E402
+from distributed.protocol.utils_test import get_host_array  # noqa: E402
+from distributed.utils import get_ip  # noqa: E402
+from distributed.utils_test import gen_test  # noqa: E402
+
+import fastnet.dask as fdask  # noqa: E402
+
+from rpcutil import count_fds  # noqa: E402
+from tlsutil import client_ctx, make_pki, server_ctx  # noqa: E402
+
+MiB = 1 << 20
+EXTERNAL_IP4 = get_ip()
+
+
+@pytest.fixture(autouse=True)
+def fastnet_backends(monkeypatch):
+    """The backends as the entry point gives them where fastnet is installed with it; else registered here."""
+    for scheme, cls in (("fastnet", fdask.FastnetBackend), ("fastnet-tls", fdask.FastnetTLSBackend)):
+        try:
+            backend = get_backend(scheme)
+        except ValueError:
+            backend = cls()
+        assert type(backend) is cls
+        monkeypatch.setitem(backends, scheme, backend)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def tls_args(pki):
+    """listen_args and connect_args for fastnet-tls:// (the client checks the server's certificate)."""
+    return dict(listen_args={"ssl_context": server_ctx(pki)},
+                connect_args={"ssl_context": client_ctx(pki)})
+
+
+async def comm_pair(addr, listen_args=None, connect_args=None, **kw):
+    """(connector's comm, listener's comm), handshaken; the listener is stopped."""
+    q = asyncio.Queue()
+
+    async def handler(comm):
+        await q.put(comm)
+
+    async with listen(addr, handler, **(listen_args or {}), **kw) as listener:
+        comm = await connect(listener.contact_address, **(connect_args or {}), **kw)
+    return comm, await q.get()
+
+
+def _schemes(tls_args):
+    return [("fastnet://127.0.0.1", {}), ("fastnet-tls://127.0.0.1", tls_args)]
+
+
+# -- listener and connector ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_client_server_many_clients(tls, tls_args):
+    args = tls_args if tls else {}
+    scheme = "fastnet-tls" if tls else "fastnet"
+
+    @gen_test()
+    async def main():
+        async def handler(comm):
+            try:
+                assert parse_address(comm.peer_address)[0] == scheme
+                msg = await comm.read()
+                msg["op"] = "pong"
+                await comm.write(msg)
+                assert (await comm.read())["op"] == "bye"
+            finally:
+                await comm.close()
+
+        # unknown connection arguments are ignored on both sides
+        listener = await listen(f"{scheme}://127.0.0.1", handler, xxx="bar", **args.get("listen_args", {}))
+        assert listener.listen_address == listener.contact_address
+        host, port = fdask.FastnetBackend().get_address_host_port(parse_address(listener.listen_address)[1])
+        assert host == "127.0.0.1" and port > 1023
+        got = []
+
+        async def client(key, delay=0.0):
+            comm = await connect(listener.contact_address, xxx="foo", **args.get("connect_args", {}))
+            try:
+                assert comm.peer_address == listener.contact_address
+                await comm.write({"op": "ping", "data": key})
+                await comm.write({"op": "bye"})
+                await asyncio.sleep(delay)
+                assert await comm.read() == {"op": "pong", "data": key}
+                got.append(key)
+            finally:
+                await comm.close()
+
+        await client(-1)
+        await asyncio.gather(*(client(i, 0.02) for i in range(30)))
+        assert sorted(got) == [-1, *range(30)]
+        listener.stop()
+
+    main()
+
+
+@gen_test()
+async def test_wildcard_listener_contact_address():
+    async def handler(comm):
+        await comm.close()
+
+    for addr in ("fastnet://", "fastnet://0.0.0.0", "fastnet://:0"):
+        listener = await listen(addr, handler)
+        assert parse_address(listener.listen_address)[1].startswith("0.0.0.0:")
+        host, port = fdask.FastnetBackend().get_address_host_port(parse_address(listener.contact_address)[1])
+        assert host == EXTERNAL_IP4 and port > 1023
+        comm = await connect(listener.contact_address)
+        await comm.close()
+        listener.stop()
+
+
+@gen_test()
+async def test_many_listeners_distinct_addresses():
+    async def handler(comm):
+        pass
+
+    listeners = [await listen("fastnet://127.0.0.1", handler) for _ in range(50)]
+    assert len({l.listen_address for l in listeners}) == 50
+    assert len({l.contact_address for l in listeners}) == 50
+    for l in listeners:
+        l.stop()
+
+
+@gen_test()
+async def test_stop_takes_effect_without_await_and_spares_established_comms():
+    a, b = await comm_pair("fastnet://127.0.0.1")   # comm_pair has stopped its listener
+    await a.write({"after": "stop"})
+    assert await b.read() == {"after": "stop"}
+
+    async def handler(comm):
+        await comm.close()
+
+    listener = await listen("fastnet://127.0.0.1", handler)
+    addr = listener.contact_address
+    assert listener.stop() is None
+    with pytest.raises(OSError):
+        await connect(addr, timeout=0.3)
+    await a.close()
+    await b.close()
+
+
+@gen_test()
+async def test_connect_timeout_is_an_oserror():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]           # bound, not listening: refused
+        with pytest.raises(OSError, match="Timed out"):
+            await connect(f"fastnet://127.0.0.1:{port}", timeout=0.3)
+
+
+@gen_test()
+async def test_connector_refuses_require_encryption_on_the_plain_scheme():
+    async def handler(comm):
+        await comm.close()
+
+    async with listen("fastnet://127.0.0.1", handler) as listener:
+        with pytest.raises(RuntimeError, match="encryption required"):
+            await fdask.FastnetConnector().connect(parse_address(listener.contact_address)[1],
+                                                   require_encryption=True)
+    with pytest.raises(RuntimeError, match="encryption required"):
+        fdask.FastnetBackend().get_listener("127.0.0.1", handler, True, require_encryption=True)
+
+
+@gen_test()
+async def test_cancelled_connect_closes_its_socket(pki):
+    # a peer that accepts and never answers the TLS handshake
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    try:
+        before = count_fds()
+        for _ in range(5):
+            task = asyncio.ensure_future(fdask.FastnetTLSConnector().connect(
+                "127.0.0.1:%d" % srv.getsockname()[1], ssl_context=client_ctx(pki)))
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        await asyncio.sleep(0.05)
+        assert count_fds() == before
+    finally:
+        srv.close()
+
+
+@gen_test()
+async def test_tls_certificate_rejected_is_fatal(pki):
+    async def handler(comm):
+        await comm.close()
+
+    async with listen("fastnet-tls://127.0.0.1", handler, ssl_context=server_ctx(pki)) as listener:
+        # the client trusts another CA: retrying cannot help
+        with pytest.raises(FatalCommClosedError):
+            await connect(listener.contact_address, ssl_context=client_ctx(pki, cafile="ca2"), timeout=5)
+        comm = await connect(listener.contact_address, ssl_context=client_ctx(pki))
+        await comm.close()
+
+
+# -- comms --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_comm_closed_explicit_and_implicit(tls, tls_args):
+    args = tls_args if tls else {}
+    addr = "fastnet-tls://127.0.0.1" if tls else "fastnet://127.0.0.1"
+
+    @gen_test()
+    async def main():
+        a, b = await comm_pair(addr, **args)
+        a_read, b_read = a.read(), b.read()
+        await a.close()
+        await a.close()                     # idempotent
+        assert a.closed()
+        for pending in (a_read, b_read):
+            with pytest.raises(CommClosedError):
+                await pending
+        for comm in (a, b):
+            with pytest.raises(CommClosedError):
+                await comm.read()
+            with pytest.raises(CommClosedError):
+                await comm.write({})
+        await b.close()
+
+        async def closer(comm):
+            await comm.close()
+
+        async with listen(addr, closer, **args.get("listen_args", {})) as listener:
+            comm = await connect(listener.contact_address, **args.get("connect_args", {}))
+            with pytest.raises(CommClosedError):
+                await comm.write({})
+                await comm.read()
+            comm = await connect(listener.contact_address, **args.get("connect_args", {}))
+            with pytest.raises(CommClosedError):
+                await comm.read()
+
+    main()
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_closed_turns_true_when_the_peer_goes_with_no_read_pending(tls, tls_args):
+    args = tls_args if tls else {}
+    addr = "fastnet-tls://127.0.0.1" if tls else "fastnet://127.0.0.1"
+
+    @gen_test()
+    async def main():
+        a, b = await comm_pair(addr, **args)
+        assert not a.closed() and not b.closed()
+        b.abort()
+        for _ in range(500):
+            if a.closed():
+                break
+            await asyncio.sleep(0.01)
+        assert a.closed()
+        assert "closed" in repr(a)
+
+    main()
+
+
+@gen_test()
+async def test_what_the_peer_sent_before_going_is_still_read():
+    a, b = await comm_pair("fastnet://127.0.0.1")
+    await b.write({"n": 1})
+    await b.write({"n": 2})
+    await b.close()
+    await asyncio.sleep(0.1)
+    assert await a.read() == {"n": 1}       # takes both messages off the socket
+    assert a.closed()                       # the peer is gone...
+    assert await a.read() == {"n": 2}       # ...and its last message is not lost
+    with pytest.raises(CommClosedError):
+        await a.read()
+    a.abort()
+
+
+@gen_test()
+async def test_cancelled_read_aborts_the_comm():
+    a, b = await comm_pair("fastnet://127.0.0.1")
+    task = asyncio.ensure_future(a.read())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert a.closed()
+    with pytest.raises(CommClosedError):
+        await b.read()
+    await b.close()
+
+
+@gen_test()
+async def test_repr_and_addresses(tls_args):
+    for addr, args in _schemes(tls_args):
+        a, b = await comm_pair(addr, **args)
+        scheme = parse_address(addr)[0]
+        assert a.peer_address == b.local_address
+        assert a.local_address == b.peer_address
+        assert all(parse_address(x)[0] == scheme for x in (a.local_address, a.peer_address))
+        assert "closed" not in repr(a) and "closed" not in repr(b)
+        assert a.local_address in repr(b) and b.local_address in repr(a)
+        await a.close()
+        assert "closed" in repr(a) and a.local_address in repr(a) and b.peer_address in repr(a)
+        a.abort()                            # after close: nothing happens
+        b.abort()
+        b.abort()
+        assert "closed" in repr(b)
+
+
+@gen_test()
+async def test_comm_has_no_slots_and_takes_attributes():
+    a, b = await comm_pair("fastnet://127.0.0.1")
+    assert hasattr(a, "__dict__")
+    a.name = "worker-comm"
+    a.anything_distributed_sets = 1
+    assert "worker-comm" in repr(a)
+    a.abort()
+    b.abort()
+
+
+@gen_test()
+async def test_tls_extra_info(pki, tls_args):
+    a, b = await comm_pair("fastnet-tls://127.0.0.1", **tls_args)
+    try:
+        info = a.extra_info
+        assert dict(x[0] for x in info["peercert"]["subject"])["commonName"] == "localhost"
+        name, proto, bits = info["cipher"]
+        assert "TLS" in proto and bits >= 128
+        assert b.extra_info["cipher"] == info["cipher"]
+        p, q = await comm_pair("fastnet://127.0.0.1")
+        assert p.extra_info == {} and q.extra_info == {}
+        p.abort()
+        q.abort()
+    finally:
+        a.abort()
+        b.abort()
+
+
+@gen_test()
+async def test_write_returns_the_byte_count_and_frames_arrive_writeable_in_own_buffers():
+    a, b = await comm_pair("fastnet://127.0.0.1")
+    x, y = np.arange(MiB, dtype=np.float64), np.ones(300_000, dtype=np.int32)
+    n = await a.write({"x": to_serialize(x), "y": to_serialize(y), "small": b"abc"})
+    assert n >= x.nbytes + y.nbytes
+    got = await b.read()
+    assert (got["x"] == x).all() and (got["y"] == y).all() and got["small"] == b"abc"
+    for arr in (got["x"], got["y"]):
+        assert arr.flags.writeable
+    hx, hy = get_host_array(got["x"]), get_host_array(got["y"])
+    assert hx is not hy
+    assert hx.nbytes == x.nbytes and hy.nbytes == y.nbytes
+    a.abort()
+    b.abort()
+
+
+@gen_test()
+async def test_shards_of_one_frame_land_in_one_buffer():
+    a, b = await comm_pair("fastnet://127.0.0.1")
+    a.max_shard_size = 256 * 1024          # the 4 MiB array goes as 16 shards
+    x = np.random.default_rng(0).random(MiB)           # 8 MiB
+    await a.write({"x": to_serialize(x)})
+    tracemalloc.start()
+    try:
+        got = await b.read()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (got["x"] == x).all() and got["x"].flags.writeable
+    # merged without a copy: one buffer of the array's size was allocated, not two
+    assert get_host_array(got["x"]).nbytes == x.nbytes
+    assert peak < 1.5 * x.nbytes
+    a.abort()
+    b.abort()
+
+
+@pytest.mark.parametrize("side", ["listener", "connector"])
+@pytest.mark.parametrize("flag", [False, True])
+def test_deserialize_flag(side, flag):
+    big = os.urandom(MiB) * 4
+
+    @gen_test()
+    async def main():
+        for payload in (b"abc", big):
+            msg = {"op": "update", "x": payload, "to_ser": [to_serialize(123)],
+                   "ser": Serialized(*serialize(payload))}
+            q = asyncio.Queue()
+
+            async def handler(comm):
+                try:
+                    if side == "listener":
+                        await q.put(await comm.read())
+                    else:
+                        await comm.write(msg)
+                        await comm.read()        # until the connector closes
+                except CommClosedError:
+                    pass
+                finally:
+                    await comm.close()
+
+            kw = {"deserialize": flag}
+            async with listen("fastnet://127.0.0.1", handler, **(kw if side == "listener" else {})) as listener:
+                comm = await connect(listener.contact_address, **(kw if side == "connector" else {}))
+            if side == "listener":
+                await comm.write(msg)
+                out = await q.get()
+            else:
+                out = await comm.read()
+            await comm.close()
+            assert out["op"] == "update" and out["x"] == payload
+            if flag:
+                assert list(out["to_ser"]) == [123]
+                assert bytes(out["ser"]) == payload
+            else:
+                assert isinstance(out["ser"], Serialized)
+                assert deserialize(out["ser"].header, out["ser"].frames) == payload
+                (ts,) = out["to_ser"]
+                assert deserialize(ts.header, ts.frames) == 123 if isinstance(ts, Serialized) else ts.data == 123
+
+    main()
+
+
+def _raise_eoferror():
+    raise EOFError
+
+
+class _EOFRaising:
+    def __reduce__(self):
+        return _raise_eoferror, ()
+
+
+@gen_test()
+async def test_truncated_data_aborts_the_comm():
+    a, b = await comm_pair("fastnet://127.0.0.1")
+    await a.write({"data": to_serialize(_EOFRaising())})
+    with pytest.raises(CommClosedError):
+        await b.read()
+    assert b.closed()
+    with pytest.raises(CommClosedError):
+        await a.read()
+    a.abort()
+
+
+# -- bad peers and limits -------------------------------------------------------------------------
+
+
+def _handler_recorder():
+    reached = []
+
+    async def handler(comm):
+        reached.append(comm)
+        await comm.close()
+    return reached, handler
+
+
+async def _raw_peer(listener):
+    host, port = listener.get_host_port()
+    reader, writer = await asyncio.open_connection(host, port)
+    return reader, writer
+
+
+@gen_test()
+async def test_garbage_peer_never_reaches_the_handler():
+    reached, handler = _handler_recorder()
+    async with listen("fastnet://127.0.0.1", handler) as listener:
+        before = count_fds()
+        for garbage in (b"\xff" * 64,                              # a negative length
+                        b"\x7f\xff\xff\xff" + b"x" * 100,          # a 2 GiB frame
+                        struct.pack(">i", 16) + struct.pack("<2Q", 1, 1 << 50),   # a prelude asking 1 PiB
+                        struct.pack(">i", 8) + struct.pack("<Q", 5),              # a prelude cut short
+                        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"):
+            reader, writer = await _raw_peer(listener)
+            writer.write(garbage)
+            # the listener hangs up: whatever it sent, then EOF
+            await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            await writer.wait_closed()
+        await asyncio.sleep(0.05)
+        assert count_fds() == before
+    assert reached == []
+
+
+@gen_test(config={"distributed.comm.timeouts.connect": "200ms"})
+async def test_silent_peer_never_reaches_the_handler(pki):
+    for addr, kw in (("fastnet://127.0.0.1", {}), ("fastnet-tls://127.0.0.1", {"ssl_context": server_ctx(pki)})):
+        reached, handler = _handler_recorder()
+        async with listen(addr, handler, **kw) as listener:
+            reader, writer = await _raw_peer(listener)
+            # says nothing: the listener gives up within the connect timeout
+            await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            await writer.wait_closed()
+        assert reached == []
+
+
+@gen_test()
+async def test_max_message_size_refuses_before_allocating():
+    got = asyncio.Queue()
+
+    async def handler(comm):
+        try:
+            await got.put(await comm.read())
+        except CommClosedError as exc:
+            await got.put(exc)
+
+    async with listen("fastnet://127.0.0.1", handler, max_message_size=MiB) as listener:
+        comm = await connect(listener.contact_address)
+        await comm.write({"x": to_serialize(np.zeros(MiB // 4, np.uint8))})
+        assert (await got.get())["x"].nbytes == MiB // 4
+        comm = await connect(listener.contact_address)
+        await comm.write({"x": to_serialize(np.zeros(2 * MiB, np.uint8))})
+        exc = await got.get()
+        assert isinstance(exc, CommClosedError) and "max_message_size" in str(exc)
+        with pytest.raises(CommClosedError):
+            await comm.read()
+
+
+def test_prelude_checks():
+    words = fdask._parse_prelude(struct.pack("<3Q", 2, 10, 20), 30)
+    assert words == [10, 20]
+    with pytest.raises(CommClosedError, match="max_message_size"):
+        fdask._parse_prelude(struct.pack("<3Q", 2, 10, 21), 30)
+    with pytest.raises(CommClosedError):
+        fdask._parse_prelude(struct.pack("<3Q", 5, 10, 21), None)
+    with pytest.raises(CommClosedError):
+        fdask._parse_prelude(b"\x01\x00\x00", None)
+    # the shards of one buffer are marked, others not
+    base = memoryview(bytearray(3 * 70_000))
+    prelude, total = fdask._prelude([b"hdr", base[:70_000], base[70_000:140_000], memoryview(bytes(70_000))])
+    count, *sizes = struct.unpack("<5Q", prelude)
+    assert count == 4 and total == 3 + 3 * 70_000
+    assert [s >> 63 for s in sizes] == [0, 0, 1, 0]
+
+
+def test_frames_leave_in_one_sendmsg_unjoined(monkeypatch):
+    """A message is one sendmsg call; a large frame is passed to it as the caller's buffer, not a copy."""
+    calls = []
+
+    @gen_test()
+    async def main():
+        a, b = await comm_pair("fastnet://127.0.0.1")
+        sock = a._conn.get_extra_info("socket")
+        real = sock.sendmsg
+
+        class Spy:
+            def __getattr__(self, name):
+                return getattr(sock, name)
+
+            def sendmsg(self, buffers, *args):
+                buffers = list(buffers)
+                calls.append([memoryview(x) for x in buffers])
+                return real(buffers, *args)
+
+            def send(self, data, *args):
+                calls.append([memoryview(data)])
+                return sock.send(data, *args)
+
+        a._conn._sock = Spy()
+        x = np.arange(MiB, dtype=np.uint8)
+        await a.write({"op": "x", "x": to_serialize(x)})
+        got = await b.read()
+        assert (got["x"] == x).all()
+        a.abort()
+        b.abort()
+        return x
+
+    main()
+    assert calls
+    first = calls[0]
+    # every frame of the message went in the first call; the array's bytes as the array's own memory
+    assert any(v.nbytes == MiB and v.obj is not None and not isinstance(v.obj, bytes) for v in first)
+    assert len(first) >= 4     # prelude and small frames with their headers, then header + array
+
+
+
+# -- clusters of processes ----------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JOB = os.path.join(ROOT, "tests", "dask_cluster_job.py")
+
+
+@pytest.fixture(scope="module")
+def entry_point_dir(tmp_path_factory):
+    """A dist-info directory that declares fastnet's entry points, for the worker processes' sys.path.
+
+    This is how distributed finds a backend: importlib.metadata reads it in
+    every process. (test_entry_point_of_the_built_wheel uses the real wheel.)
+    """
+    d = tmp_path_factory.mktemp("ep")
+    info = d / "fastnet_dask_entry_points-0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fastnet-dask-entry-points\nVersion: 0\n")
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        text = f.read()
+    section = text.split('[project.entry-points."distributed.comm.backends"]', 1)[1].split("\n\n", 1)[0]
+    lines = [ln.replace('"', "") for ln in section.strip().splitlines()]
+    (info / "entry_points.txt").write_text("[distributed.comm.backends]\n" + "\n".join(lines) + "\n")
+    return str(d)
+
+
+def run_job(protocol, *args, python=sys.executable, env_extra=None, pythonpath=None, cwd=None):
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(pythonpath)
+    env.update(env_extra or {})
+    proc = subprocess.run([python, JOB, protocol, *args], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def tcp_result(entry_point_dir):
+    out = run_job("tcp", pythonpath=[ROOT, entry_point_dir])
+    assert out["transfers"] > 0
+    return out["result"]
+
+
+@pytest.mark.parametrize("loop", ["tornado", "uvloop"])
+@pytest.mark.parametrize("protocol", ["fastnet", "fastnet-tls"])
+def test_local_cluster_job_same_result_as_tcp(protocol, loop, entry_point_dir, tcp_result):
+    pytest.importorskip("uvloop")
+    out = run_job(protocol, pythonpath=[ROOT, entry_point_dir],
+                  env_extra={"DASK_DISTRIBUTED__ADMIN__EVENT_LOOP": loop})
+    assert out["scheduler"].startswith(protocol + "://")
+    assert all(a.startswith(protocol + "://") for a in out["worker_addresses"])
+    assert out["loops"] == (["uvloop"] if loop == "uvloop" else ["asyncio.unix_events"])
+    assert out["transfers"] > 0                       # chunks moved between the workers
+    assert np.allclose(out["result"], tcp_result, rtol=1e-12, atol=0)
+    assert out["open_comms"] == [] and out["fd_delta"] == 0
+
+
+def test_worker_sigkilled_mid_transfer(entry_point_dir, tcp_result):
+    out = run_job("fastnet", "kill", pythonpath=[ROOT, entry_point_dir])
+    assert out["killed"] in out["worker_addresses"] and not out["done_at_kill"]
+    assert np.allclose(out["result"], tcp_result, rtol=1e-12, atol=0)
+    assert out["open_comms"] == [] and out["fd_delta"] == 0
+
+
+def test_entry_point_of_the_built_wheel(tmp_path, tcp_result):
+    """pip installs this tree into a virtualenv; there LocalCluster(protocol="fastnet") finds the backend."""
+    # the wheel is built by this interpreter's build tools, then installed as a user would
+    wheels = tmp_path / "wheels"
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(wheels), ROOT], timeout=1200, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = wheels.glob("fastnet-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    py = str(venv / "bin" / "python")
+    # --ignore-installed: a fastnet of the same version may be installed outside the virtualenv
+    installed = subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", str(wheel)],
+                               timeout=600, capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    out = run_job("fastnet", python=py, cwd=str(tmp_path))
+    assert out["fastnet"].startswith(str(venv))
+    assert out["scheduler"].startswith("fastnet://")
+    assert np.allclose(out["result"], tcp_result, rtol=1e-12, atol=0)
+
+
+def test_small_flat_messages_skip_the_offload_measure():
+    from distributed.comm.utils import OFFLOAD_THRESHOLD
+    from distributed.sizeof import safe_sizeof
+    small = {"op": "ping", "key": "x-1234", "n": 12345, "ok": True, "none": None, "b": b"x" * 100}
+    assert fdask._flat_and_small(small)
+    assert safe_sizeof(small) <= OFFLOAD_THRESHOLD
+    assert not fdask._flat_and_small({"op": "x", "nested": {"a": 1}})
+    assert not fdask._flat_and_small(["not", "a", "dict"])
+    big = {"x": b"x" * (OFFLOAD_THRESHOLD + 1)}
+    assert not fdask._flat_and_small(big)
+    assert safe_sizeof(big) > OFFLOAD_THRESHOLD     # the answer distributed itself would give
+
+
+def test_bench_dask_cases_measure_both_rows():
+    """fastnet bench's dask cases run for real, tcp:// and fastnet:// in one run (no timing checked)."""
+    from fastnet import bench
+    report = bench.run(["dask-rtt", "dask-array", "dask-cluster"], families=("tcp", "unix"), rounds=1, repeat=2,
+                       warmup=0.02, sample=0.05, bulk_mib=16, timeout=300.0)
+    for case in ("dask-rtt", "dask-array", "dask-cluster"):
+        fams = report["results"][case]
+        assert list(fams) == ["tcp"]                       # a host:port scheme: no AF_UNIX rows
+        rows = fams["tcp"]
+        assert list(rows) == ["tcp", "fastnet"]
+        for key, row in rows.items():
+            assert row["na"] is None and row["median"] > 0, (case, key, row["na"])
+    assert report["results"]["dask-cluster"]["tcp"]["fastnet"]["info"]["transfers"] > 0
+    targets = {t["target"]: t for t in report["targets"] if t["case"].startswith("dask")}
+    assert len(targets) == 3 and all(t["value"] is not None for t in targets.values())
+
+
+# -- more than one host: network namespaces ---------------------------------------------------
+
+NETNS_DRIVER = os.path.join(ROOT, "tests", "dask_netns_driver.py")
+
+
+def _netns_unavailable():
+    import fastnet_soak as soak     # tools/soak.py, loaded by conftest
+    return soak.netns_available()
+
+
+class DaskHosts:
+    """A scheduler host and two worker hosts: three network namespaces on one bridge.
+
+    The bridge lives in the scheduler's namespace ``s`` (10.X.Y.1); each worker
+    namespace joins it through a veth pair of its own (10.X.Y.2, 10.X.Y.3), so a
+    chunk moving between the workers crosses two veth links, as between hosts.
+    """
+
+    def __init__(self):
+        import random
+        import fastnet_soak as soak
+        self.ip = soak.ip
+        u = f"{os.getpid() % 10000}{random.randrange(100, 999)}"
+        x, y = random.randrange(16, 250), random.randrange(1, 250)
+        self.ns = {"s": f"fdks{u}", "w1": f"fdk1{u}", "w2": f"fdk2{u}"}
+        self.addr = {"s": f"10.{x}.{y}.1", "w1": f"10.{x}.{y}.2", "w2": f"10.{x}.{y}.3"}
+        self.veth = {"w1": f"dw1{u}"[:15], "w2": f"dw2{u}"[:15]}
+        self.procs = []
+        self.made = []
+        try:
+            for ns in self.ns.values():
+                self.ip("netns", "add", ns)
+                self.made.append(ns)
+            s = self.ns["s"]
+            self.ip("-n", s, "link", "add", "br0", "type", "bridge")
+            self.ip("-n", s, "addr", "add", self.addr["s"] + "/24", "dev", "br0")
+            self.ip("-n", s, "link", "set", "br0", "up")
+            self.ip("-n", s, "link", "set", "lo", "up")
+            for w in ("w1", "w2"):
+                peer = "p" + self.veth[w][1:]
+                self.ip("link", "add", peer, "netns", s, "type", "veth", "peer", "name", self.veth[w],
+                        "netns", self.ns[w])
+                self.ip("-n", s, "link", "set", peer, "master", "br0")
+                self.ip("-n", s, "link", "set", peer, "up")
+                self.ip("-n", self.ns[w], "addr", "add", self.addr[w] + "/24", "dev", self.veth[w])
+                self.ip("-n", self.ns[w], "link", "set", self.veth[w], "up")
+                self.ip("-n", self.ns[w], "link", "set", "lo", "up")
+        except BaseException:
+            self.close()
+            raise
+
+    def link(self, w, state):
+        self.ip("-n", self.ns[w], "link", "set", self.veth[w], state)
+
+    def spawn(self, where, args, env, **kw):
+        p = subprocess.Popen(["ip", "netns", "exec", self.ns[where], sys.executable, *args], env=env,
+                             stdin=subprocess.DEVNULL, **kw)
+        self.procs.append(p)
+        return p
+
+    def close(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=30)
+        for ns in self.made:
+            r = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+            for pid in r.stdout.split():
+                try:
+                    os.kill(int(pid), 9)
+                except (ProcessLookupError, ValueError):
+                    pass
+            self.ip("netns", "del", ns, check=False)
+        self.made = []
+
+
+def _tls_files(tmp_path):
+    """A CA and one certificate (no extended key usage: it serves and it connects) for every Dask process."""
+    import datetime
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from tlsutil import make_cert, name
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = make_cert("dask test CA", ca_key, name("dask test CA"), ca_key, ca=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name("dask")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=7))
+            .sign(ca_key, hashes.SHA256()))
+    paths = {n: str(tmp_path / f"{n}.pem") for n in ("ca", "cert", "key")}
+    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    return paths
+
+
+@pytest.mark.parametrize("link_down", [False, True])
+@pytest.mark.parametrize("protocol", ["fastnet", "fastnet-tls"])
+def test_scheduler_and_workers_on_three_hosts(protocol, link_down, tmp_path, entry_point_dir, tcp_result):
+    why = _netns_unavailable()
+    if why is not None:
+        pytest.skip(why)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, entry_point_dir]))
+    sched_file = str(tmp_path / "scheduler.json")
+    tls, client_tls = [], []
+    if protocol == "fastnet-tls":
+        f = _tls_files(tmp_path)
+        tls = ["--tls-ca-file", f["ca"], "--tls-cert", f["cert"], "--tls-key", f["key"]]
+        client_tls = [f["ca"], f["cert"], f["key"]]
+    hosts = DaskHosts()
+    try:
+        hosts.spawn("s", ["-m", "distributed.cli.dask_scheduler", "--protocol", protocol, "--host",
+                          hosts.addr["s"], "--port", "0", "--no-dashboard", "--scheduler-file", sched_file, *tls],
+                    env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(sched_file):
+            assert time.monotonic() < deadline, "the scheduler did not start"
+            time.sleep(0.1)
+        for w in ("w1", "w2"):
+            hosts.spawn(w, ["-m", "distributed.cli.dask_worker", "--scheduler-file", sched_file, "--host",
+                            hosts.addr[w], "--nthreads", "1", "--no-nanny", "--no-dashboard", *tls],
+                        env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        args = [NETNS_DRIVER, sched_file, *client_tls] + (["--signal"] if link_down else [])
+        driver = hosts.spawn("s", args, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if link_down:
+            line = driver.stdout.readline()
+            assert line.strip() == "TRANSFERRING", driver.stderr.read()[-3000:]
+            hosts.link("w1", "down")            # a worker's link goes in the middle of the job...
+            time.sleep(2.0)
+            hosts.link("w1", "up")              # ...and comes back
+        try:
+            stdout, stderr = driver.communicate(timeout=300)   # nothing hangs
+        except subprocess.TimeoutExpired:
+            driver.kill()
+            raise AssertionError("the job hung")
+        assert driver.returncode == 0, stderr[-3000:]
+        out = json.loads(stdout.strip().splitlines()[-1])
+    finally:
+        hosts.close()
+    assert out["scheduler"] == f"{protocol}://{hosts.addr['s']}:{out['scheduler'].rsplit(':', 1)[1]}"
+    assert sorted(a.rsplit(":", 1)[0] for a in out["workers"]) == [f"{protocol}://{hosts.addr[w]}"
+                                                                    for w in ("w1", "w2")]
+    if link_down:
+        assert not out["done_at_signal"]
+        if "error" in out:          # Dask gave up on the cut link with its own error
+            return
+    assert "error" not in out, out.get("error")
+    assert np.allclose(out["result"], tcp_result, rtol=1e-12, atol=0)
+    assert out["transfers"] > 0
