@@ -1,16 +1,14 @@
-"""BaseServer: socketserver's interface, the accept loop, and serving in each concurrency mode."""
+"""BaseServer: socketserver's interface and the accept loop; the concurrency
+mode's strategy (fastnet.server._strategy) serves what it accepts."""
 from __future__ import annotations
 
 import errno
 import ipaddress
-import itertools
 import os
-import pickle
 import selectors
 import signal
 import socket
 import ssl
-import struct
 import sys
 import threading
 import time
@@ -18,15 +16,15 @@ from collections.abc import Callable, Iterable, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from fastnet._forkserver import ForkServer, read_records
 from fastnet.address import parse_address, bind as _bind
 from fastnet import defaults as _defaults
-from fastnet.fdpass import recv_fds, send_fds
 from fastnet.loop import EventLoop
-from fastnet.server._engine import _Engine
+from fastnet.server._fork import _ForkStrategy
 from fastnet.server._handlers import MessageHandler
 from fastnet.server._handshake import _Handshake, _OneHandshake
-from fastnet.server._pool import _Pool, _Threads, _local
+from fastnet.server._pool import _Threads, _local
+from fastnet.server._prefork import _PreforkStrategy
+from fastnet.server._strategy import _LoopStrategy, _Strategy, _ThreadStrategy
 from fastnet.server._util import _quiet_close, _shut, _tls_goodbye, logger
 
 if TYPE_CHECKING:
@@ -34,40 +32,23 @@ if TYPE_CHECKING:
 
     from fastnet.address import Address
     from fastnet.loop import TimerHandle as _reactor_TimerHandle
+    from fastnet.server._engine import _Engine
 
-CONCURRENCY = ("loop", "thread", "fork", "prefork")
+_STRATEGIES: dict[str, type[_Strategy]] = {
+    "loop": _LoopStrategy, "thread": _ThreadStrategy, "fork": _ForkStrategy, "prefork": _PreforkStrategy,
+}
+CONCURRENCY = tuple(_STRATEGIES)
 # the public names of fastnet.defaults' server limits (see there)
 DEFAULT_MAX_CONNECTIONS = _defaults.MAX_CONNECTIONS_SERVER
 DEFAULT_MAX_MESSAGE_SIZE = _defaults.MAX_MESSAGE_SIZE_SERVER
 DEFAULT_IDLE_TIMEOUT = _defaults.IDLE_TIMEOUT_SERVER
 DEFAULT_HANDSHAKE_TIMEOUT = _defaults.HANDSHAKE_TIMEOUT
 DEFAULT_SHUTDOWN_TIMEOUT = _defaults.SHUTDOWN_TIMEOUT_SERVER
-_DEFAULT_WORKERS = {"thread": 16, "fork": 40}
 DEFAULT_WORKER_THREADS = _defaults.WORKER_THREADS_SERVER
 
 _ACCEPT_BATCH = 64
 _ACCEPT_BACKOFF = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _ACCEPT_BACKOFF_DELAY = 0.1
-# worker -> acceptor: one finished connection and its counters
-_REPORT = struct.Struct("!c4Q")
-_REPORT_TIMEOUT = 5.0
-_QUICK_DEATH = 1.0
-_RESPAWN_MAX_DELAY = 5.0
-
-
-class _Child:
-    """A forked child (fork mode) or a prefork worker, as its parent sees it."""
-    __slots__ = ("pid", "chan", "inflight", "assigned", "alive", "status", "started", "slot")
-
-    def __init__(self, pid: int, chan: socket.socket) -> None:
-        self.pid = pid
-        self.chan = chan
-        self.slot = -1          # a prefork worker's slot (see worker_started)
-        self.started = time.monotonic()
-        self.inflight = 0
-        self.assigned = 0
-        self.alive = True
-        self.status: int | None = None
 
 
 class BaseServer:
@@ -129,6 +110,7 @@ class BaseServer:
         concurrency = concurrency or type(self).concurrency
         if concurrency not in CONCURRENCY:
             raise ValueError(f"concurrency must be one of {CONCURRENCY}, not {concurrency!r}")
+        mode = _STRATEGIES[concurrency]
         if overflow not in ("wait", "refuse"):
             raise ValueError("overflow must be 'wait' or 'refuse'")
         if max_connections is None or max_connections < 1:
@@ -142,9 +124,7 @@ class BaseServer:
         if not stream:
             if self._framed:
                 raise TypeError("a MessageHandler needs a stream server (TCPServer or UnixServer)")
-            if concurrency == "prefork":
-                raise ValueError("prefork hands connections to workers; a datagram server has none "
-                                 "(use concurrency='thread' or 'fork')")
+            mode.check_datagram()
             if authkey is not None:
                 raise ValueError("authkey needs a stream server")
             if ssl_context is not None:
@@ -163,13 +143,7 @@ class BaseServer:
         self._bind_address = addr
         self.concurrency = concurrency
         if workers is None:
-            if concurrency == "prefork":
-                workers = os.cpu_count() or 2
-            elif concurrency == "fork":
-                # ForkingMixIn's bound on children, socketserver's name for it
-                workers = getattr(self, "max_children", _DEFAULT_WORKERS["fork"])
-            else:
-                workers = _DEFAULT_WORKERS.get(concurrency, 1)
+            workers = mode.default_workers(self)
         if workers < 1:
             raise ValueError("workers must be >= 1")
         self.workers = workers
@@ -186,10 +160,10 @@ class BaseServer:
         self.digest = digest
         self.backend = backend
         self._allow = self._parse_allow(allow)
-        self._limit = min(max_connections, workers) if concurrency == "fork" else max_connections
+        self._mode = mode(self)
+        self._limit = self._mode.limit()
         self._unlink: str | None = None
         self._loop = None  # type: ignore[assignment]
-        self._engine: _Engine | None = None
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._serving_thread: threading.Thread | None = None
@@ -202,22 +176,15 @@ class BaseServer:
         self._accepting = False
         self._backoff: _reactor_TimerHandle | None = None
         self._handshakes: set[_Handshake] = set()
-        self._children: dict[int, _Child] = {}          # fork mode: pid -> _Child
-        self._workers: list[_Child] = []           # prefork
-        self._watched: dict[int, tuple[_Child, Callable[[_Child], object]]] = {}  # pid -> child, on_exit
-        self._forksrv: ForkServer | None = None
         self._in_child = False
         self._open = 0
         self._total = 0
         self._refused = 0
         self._auth_failed = 0
-        self._pool: _Pool | None = None
         self._stop_requested: float | None = None
         self._sig_socks: tuple[socket.socket, socket.socket] | None = None
         self._old_signals: dict[int, Any] = {}
         self._idle_closed = 0
-        self._restarts = 0
-        self._quick_deaths = 0
         self._counters = [0, 0, 0, 0]    # messages in/out, bytes in/out of finished work
         self._child_failed = False       # a fork child's only connection failed its handshake
         self._out_lock = threading.Lock()
@@ -244,11 +211,9 @@ class BaseServer:
         """Refuse overridden hooks the concurrency mode or handler style could not honour."""
         if cls.get_request is BaseServer.get_request:
             return
-        if concurrency == "prefork":
-            raise TypeError(f"{cls.__name__} overrides get_request(), which prefork cannot honour: "
-                            "the acceptor passes bare sockets to its workers and cannot move a "
-                            "wrapped socket's state (TLS) with them; use concurrency='thread' or "
-                            "'fork', or ssl_context= instead of wrapping in get_request()")
+        mode = _STRATEGIES.get(concurrency)
+        if mode is not None:     # an unknown mode is refused when a server is made
+            mode.check_hooks(cls)
         if framed:
             raise TypeError(f"{cls.__name__} overrides get_request(), which a MessageHandler cannot "
                             "honour: its frames are read off the bare socket by the event loop; "
@@ -340,19 +305,7 @@ class BaseServer:
             self._via_loop = False
             self._dispatch(request, client_address)
             return
-        mode = self.concurrency
-        if mode == "thread":
-            t = threading.Thread(target=self._serve_request, args=(request, client_address),
-                                 name="fastnet-request", daemon=self.daemon_threads)
-            if self.block_on_close:
-                self._threads.append(t)
-            t.start()
-        elif mode in ("fork", "prefork"):
-            self._fork_request(request, client_address)
-        else:
-            self._prepare(request)
-            self.finish_request(request, client_address)
-            self.shutdown_request(request)
+        self._mode.process_request(request, client_address)
 
     def _prepare(self, request: Any) -> None:
         if self.socket_type == socket.SOCK_STREAM:
@@ -368,23 +321,6 @@ class BaseServer:
             self.handle_error(request, client_address)
         finally:
             self.shutdown_request(request)
-
-    def _fork_request(self, request: Any, client_address: Any) -> None:
-        # handle_request()'s child: socketserver's ForkingMixIn, bounded by workers
-        self._collect_children(blocking=False)
-        while len(self._forked) >= self.workers:
-            self._collect_children(blocking=True, one=True)
-        pid = os.fork()
-        if pid == 0:
-            status = 1
-            try:
-                self._in_child = True
-                self._serve_request(request, client_address)
-                status = 0
-            finally:
-                os._exit(status)
-        self._forked.add(pid)
-        self.close_request(request)
 
     def _collect_children(self, blocking: bool, one: bool = False) -> None:
         for pid in list(self._forked):
@@ -530,7 +466,7 @@ class BaseServer:
         are datagrams being handled / handled.
         """
         c = list(self._counters)
-        eng = self._engine
+        eng = self._mode.engine
         if eng is not None:
             for i, v in enumerate(eng.live()):
                 c[i] += v
@@ -545,19 +481,18 @@ class BaseServer:
             "bytes_in": c[2],
             "bytes_out": c[3],
         }
-        if self.concurrency == "prefork":
-            out["workers"] = sum(1 for w in list(self._workers) if w.alive)
-            out["worker_restarts"] = self._restarts
-        elif self.concurrency == "fork":
-            out["children"] = len(self._children)
+        self._mode.stats(out)
         return out
 
     @property
     def worker_pids(self) -> list[int]:
         """The pids of the live prefork workers (or forked children)."""
-        if self.concurrency == "prefork":
-            return [w.pid for w in list(self._workers) if w.alive]
-        return list(self._children)
+        return self._mode.worker_pids()
+
+    @property
+    def _engine(self) -> _Engine | None:
+        """The engine serving connections on the loop (loop and thread modes, once serving)."""
+        return self._mode.engine
 
     def _count_out(self, nbytes: int) -> None:
         with self._out_lock:
@@ -689,8 +624,8 @@ class BaseServer:
             sock.close()
         if self._in_child:
             return
-        if self._forksrv is not None and self._state != "serving":
-            self._forksrv.close()
+        if self._state != "serving":
+            self._mode.close()
         if self._unlink is not None:
             try:
                 os.unlink(self._unlink)
@@ -764,24 +699,12 @@ class BaseServer:
     def _begin(self) -> None:
         loop = self._loop
         self.socket.setblocking(False)
-        if self.concurrency in ("loop", "thread"):
-            threaded = self.concurrency == "thread"
-            if self.socket_type == socket.SOCK_STREAM:
-                self._engine = _Engine(self, loop, threaded, self.workers,
-                                       lambda counters: self._release(),
-                                       on_failed=self._handshake_failed)
-            elif threaded:
-                self._pool = _Pool(loop, self.workers, "fastnet-server")
-        if self._forksrv is not None:
-            loop.add_reader(self._forksrv.events, self._forkserver_exits)
-        if self.concurrency == "prefork":
-            for _ in range(self.workers):
-                self._spawn_worker()
+        self._mode.begin(loop)
         self._resume()
 
     def _done(self) -> bool:
         return self._shutting_down and (self._forced or (
-            self._open == 0 and not self._workers and not self._children and not self._handshakes))
+            self._open == 0 and not self._mode.busy() and not self._handshakes))
 
     def _begin_shutdown(self, timeout: float | None = None) -> None:
         if self._shutting_down:
@@ -799,13 +722,7 @@ class BaseServer:
             self.server_close()
         for hs in list(self._handshakes):
             hs.abort()
-        if self._engine is not None:
-            self._engine.begin_shutdown()
-        for child in list(self._children.values()):
-            self._signal(child, signal.SIGTERM)
-        for w in self._workers:
-            # end of file on its channel: the worker drains and exits
-            _shut(w.chan, socket.SHUT_WR)
+        self._mode.begin_shutdown()
         loop.call_later(timeout, self._force)
 
     def _force(self) -> None:
@@ -816,22 +733,7 @@ class BaseServer:
         try:
             for hs in list(self._handshakes):
                 hs.abort()
-            eng = self._engine
-            if eng is not None:
-                eng.abort_all()
-                eng.stop(1.0)
-            pool = getattr(self, "_pool", None)
-            if pool is not None:
-                pool.stop(1.0)
-            for child in list(self._children.values()) + list(self._workers):
-                _quiet_close(child.chan)
-            self._children.clear()
-            self._workers = []
-            self._watched.clear()
-            if self._forksrv is not None:
-                if loop is not None and not loop.is_closed():
-                    loop.remove_reader(self._forksrv.events)
-                self._forksrv.close()    # kills and reaps what is left
+            self._mode.teardown()
             self._remove_stop_signals()
             if loop is not None and not loop.is_closed():
                 loop.close()
@@ -925,7 +827,7 @@ class BaseServer:
             # TLS in its TLSTransport, prefork TLS in the worker, the rest here.
             if self.ssl_context is not None:
                 # TLS state cannot move to another process
-                here = not self._framed and self.concurrency not in ("fork", "prefork")
+                here = not self._framed and self._mode.serves_here
             else:
                 here = self.authkey is not None
             if here:
@@ -981,16 +883,10 @@ class BaseServer:
     def _dispatch(self, sock: Any, addr: Any) -> None:
         """Hand a verified (and authenticated) request to the concurrency mode."""
         if self.socket_type != socket.SOCK_STREAM:
-            self._dispatch_datagram(sock, addr)
+            self._mode.serve_datagram(sock, addr)
             return
-        mode = self.concurrency
         try:
-            if mode == "prefork":
-                self._to_worker(sock, addr)
-            elif mode == "fork":
-                self._fork_connection(sock, addr)
-            else:
-                self._engine.serve(sock, addr)  # type: ignore[union-attr]  # loop and thread modes have one
+            self._mode.serve_stream(sock, addr)
         except Exception:
             logger.exception("failed to start serving %r", addr)
             _quiet_close(sock)
@@ -1036,29 +932,6 @@ class BaseServer:
             self._open += 1
             self._process(request, addr)
 
-    def _dispatch_datagram(self, request: Any, addr: Any) -> None:
-        mode = self.concurrency
-        if mode == "loop":
-            try:
-                self._handle_datagram(request, addr)
-            finally:
-                self._release()
-        elif mode == "thread":
-            self._pool.submit(self._handle_datagram, (request, addr),  # type: ignore[union-attr]
-                              lambda exc: self._release())
-        else:
-            try:
-                child = self._fork(("datagram", request[0], addr), self._child_exited, request[1])
-            except Exception:
-                logger.exception("failed to fork for a datagram from %r", addr)
-                self._release()
-            else:
-                self._children[child.pid] = child
-
-    def _child_datagram(self, request: Any, addr: Any) -> list[int]:
-        self._handle_datagram(request, addr)
-        return self._counters
-
     def _handle_datagram(self, request: Any, addr: Any) -> None:
         self._serve_request(request, addr)
 
@@ -1066,244 +939,7 @@ class BaseServer:
 
     def _start_forkserver(self) -> None:
         """Fork the fork server (fork and prefork modes), once, before the server has threads."""
-        if (self.concurrency in ("fork", "prefork") and self._forksrv is None and not self._in_child
-                and self._state != "closed"):
-            self._forksrv = ForkServer(self._run_forked, self._forkserver_init)
-
-    def _forkserver_init(self) -> None:
-        """In the fork server, once: what every child it forks inherits."""
-        self._in_child = True
-        try:
-            signal.set_wakeup_fd(-1)
-        except (ValueError, OSError):
-            pass
-        signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent shuts down and tells us
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        # the parent accepts; a datagram server's socket comes with each request
-        self.socket.close()
-        self._counters = [0, 0, 0, 0]    # a child reports only its own
-
-    def _fork(self, request: tuple[Any, ...], on_exit: Callable[[_Child], object],
-              sock: socket.socket | None = None) -> _Child:
-        """Have the fork server fork a child serving ``request``; returns its _Child.
-
-        ``request`` is ``("conn", addr)`` with the connection ``sock``,
-        ``("datagram", data, addr)`` with the server's ``sock``, or
-        ``("worker", slot)``. The child reports its counters on a SEQPACKET
-        channel, whose other end is the _Child's ``chan``, and leaves with
-        os._exit, never returning into the parent's loop.
-        """
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            fds = [theirs.fileno()] if sock is None else [theirs.fileno(), sock.fileno()]
-            pid = self._forksrv.fork(request, fds)  # type: ignore[union-attr]  # fork modes have one
-        except BaseException:
-            mine.close()
-            raise
-        finally:
-            theirs.close()
-        mine.setblocking(False)
-        child = _Child(pid, mine)
-        self._watched[pid] = (child, on_exit)
-        return child
-
-    def _run_forked(self, request: tuple[Any, ...], fds: list[int]) -> int:
-        """In a child of the fork server: serve ``request``, report, return the exit status."""
-        status = 1
-        try:
-            chan = socket.socket(fileno=fds[0])
-            idle_before = self._idle_closed
-            kind = request[0]
-            counters: Sequence[int] | None = None
-            if kind == "worker":
-                self._worker_main(chan, request[1])
-            elif kind == "conn":
-                counters = self._child_serve(socket.socket(fileno=fds[1]), request[1])
-            else:
-                self.socket = socket.socket(fileno=fds[1])
-                counters = self._child_datagram((request[1], self.socket), request[2])
-            if counters is not None:
-                chan.settimeout(_REPORT_TIMEOUT)
-                for _ in range(self._idle_closed - idle_before):
-                    chan.send(_REPORT.pack(b"I", 0, 0, 0, 0))
-                chan.send(_REPORT.pack(b"F" if self._child_failed else b"D", *counters))
-            status = 0
-        except BaseException:
-            try:
-                logger.exception("server child process failed")
-            except BaseException:
-                pass
-        return status
-
-    def _forkserver_exits(self) -> None:
-        fs = self._forksrv
-        assert fs is not None
-        exits, gone = fs.exits()
-        for pid, status in exits:
-            entry = self._watched.pop(pid, None)
-            if entry is not None:
-                child, on_exit = entry
-                child.status = status
-                child.alive = False
-                on_exit(child)
-        if gone:
-            # killed: no child can be forked or reaped any more, so the server
-            # stops, as a prefork master without its arbiter would
-            self._loop.remove_reader(fs.events)
-            logger.error("the fork server %d exited; shutting down", fs.pid)
-            self._begin_shutdown(None)
-            # nobody will report the children: write them off, closing their channels
-            watched, self._watched = self._watched, {}
-            for child, on_exit in watched.values():
-                child.alive = False
-                on_exit(child)
-
-    def _signal(self, child: _Child, sig: int) -> None:
-        if child.status is None and self._forksrv is not None:
-            self._forksrv.kill(child.pid, sig)
-
-    def _read_reports(self, child: _Child) -> tuple[list[tuple[bytes, tuple[int, ...]]], bool]:
-        """(reports, eof): (kind, counters) a child sent, one per finished connection.
-
-        kind is b"D" for a connection served, b"F" for one that failed its handshake,
-        b"I" (no counters) for a connection closed for being idle.
-        """
-        records, eof = read_records(child.chan, _REPORT)
-        return [(r[0], r[1:]) for r in records], eof
-
-    # fork mode
-
-    def _fork_connection(self, sock: socket.socket, addr: Any) -> None:
-        try:
-            if isinstance(sock, ssl.SSLSocket):
-                raise TypeError("a TLS socket wrapped by get_request() cannot be served under 'fork' "
-                                "with serve_forever(): its TLS state lives in this process and the "
-                                "children are forked by the fork server; use ssl_context=")
-            child = self._fork(("conn", addr), self._child_exited, sock)
-        finally:
-            sock.close()   # the child has its copy
-        self._children[child.pid] = child
-
-    def _child_serve(self, sock: socket.socket, addr: Any) -> Sequence[int]:
-        if not self._framed:
-            if self.ssl_context is not None:
-                # the handshakes run here: TLS state cannot move between processes
-                tls = self._handshake_now(sock, addr)
-                if tls is None:
-                    self._child_failed = True
-                    return self._counters
-                sock = tls
-            # SIGTERM from a shutting-down parent: the handler reads end of file
-            signal.signal(signal.SIGTERM, lambda s, f: _shut(sock, socket.SHUT_RD))
-            self._handle_stream(sock, addr)
-            return self._counters
-        loop = EventLoop(self.backend)
-
-        def failed(addr: Any, exc: BaseException) -> None:
-            logger.info("handshake with %r failed: %s", addr, exc)
-            self._child_failed = True
-
-        engine = _Engine(self, loop, threaded=False, on_failed=failed)
-        loop.add_signal_handler(signal.SIGTERM, engine.begin_shutdown)
-        engine.serve(sock, addr)
-        loop.run_until(lambda: not engine.conns)
-        engine.stop(0)
-        return engine.totals
-
-    def _child_exited(self, child: _Child) -> None:
-        for kind, counters in self._read_reports(child)[0]:
-            if kind == b"I":
-                self._idle_closed += 1
-                continue
-            if kind == b"F":
-                self._auth_failed += 1
-            self._add(counters)
-        child.chan.close()
-        self._children.pop(child.pid, None)
-        self._release()
-
-    # prefork mode
-
-    def _spawn_worker(self) -> _Child:
-        # a replacement takes the slot of the worker it replaces
-        taken = {w.slot for w in self._workers}
-        slot = next(i for i in itertools.count() if i not in taken)
-        w = self._fork(("worker", slot), self._worker_exited)
-        w.slot = slot
-        self._workers.append(w)
-        self._loop.add_reader(w.chan, self._worker_report, w)
-        return w
-
-    def _respawn(self) -> None:
-        if not self._shutting_down:
-            self._spawn_worker()
-
-    def _to_worker(self, sock: socket.socket, addr: Any) -> None:
-        data = pickle.dumps(addr)
-        fd = sock.fileno()
-        for w in sorted((w for w in self._workers if w.alive), key=lambda w: (w.inflight, w.assigned)):
-            try:
-                send_fds(w.chan, [fd], data)
-            except (BlockingIOError, InterruptedError, OSError):
-                continue   # full or dead: the next least loaded takes it
-            w.inflight += 1
-            w.assigned += 1
-            sock.close()
-            return
-        logger.warning("no prefork worker could take a connection from %r", addr)
-        sock.close()
-        self._refused += 1
-        self._release()
-
-    def _worker_report(self, w: _Child) -> None:
-        reports, eof = self._read_reports(w)
-        for kind, counters in reports:
-            if kind == b"I":
-                self._idle_closed += 1
-                continue
-            if w.inflight > 0:
-                w.inflight -= 1
-                if kind == b"F":
-                    self._auth_failed += 1
-                self._release(counters)
-        if eof:
-            # the worker is going; the fork server says when it is gone
-            self._loop.remove_reader(w.chan)
-
-    def _worker_exited(self, w: _Child) -> None:
-        if w.chan.fileno() >= 0:
-            for kind, counters in self._read_reports(w)[0]:
-                if kind == b"I":
-                    self._idle_closed += 1
-                    continue
-                if w.inflight > 0:
-                    w.inflight -= 1
-                    if kind == b"F":
-                        self._auth_failed += 1
-                    self._release(counters)
-            if not self._loop.is_closed():
-                self._loop.remove_reader(w.chan)
-            w.chan.close()
-        lost, w.inflight = w.inflight, 0
-        if w in self._workers:
-            self._workers.remove(w)
-        if not self._shutting_down:
-            logger.warning("prefork worker %d exited (status %r) with %d connections; replacing it",
-                           w.pid, w.status, lost)
-            self._restarts += 1
-            # workers that die as soon as they start (a broken handler) are
-            # replaced ever more slowly instead of in a tight fork loop
-            if time.monotonic() - w.started < _QUICK_DEATH:
-                self._quick_deaths += 1
-            else:
-                self._quick_deaths = 0
-            if self._quick_deaths >= 3:
-                delay = min(_RESPAWN_MAX_DELAY, 0.1 * 2 ** (self._quick_deaths - 3))
-                self._loop.call_later(delay, self._respawn)
-            else:
-                self._spawn_worker()
-        for _ in range(lost):
-            self._release()
+        self._mode.start_forkserver()
 
     def worker_started(self, slot: int) -> None:
         """Called in each prefork worker process as it starts, before it serves.
@@ -1314,66 +950,6 @@ class BaseServer:
         up per-worker state, such as counters in memory shared with the
         parent.
         """
-
-    def _worker_main(self, chan: socket.socket, slot: int) -> None:
-        """A prefork worker: sockets arrive on ``chan``; each finished one is reported."""
-        self.worker_started(slot)
-        loop = EventLoop(self.backend)
-        chan.settimeout(_REPORT_TIMEOUT)
-
-        def report(counters: Sequence[int] | None, kind: bytes = b"D") -> None:
-            try:
-                chan.send(_REPORT.pack(kind, *(counters or (0, 0, 0, 0))))
-            except OSError:
-                pass
-
-        def failed(addr: Any, exc: BaseException) -> None:
-            logger.info("handshake with %r failed: %s", addr, exc)
-            report(None, b"F")
-
-        engine = _Engine(self, loop, threaded=not self._framed, pool_size=self.worker_threads,
-                         on_closed=report, on_failed=failed, tls_blocking=True)
-        engine.on_idle = lambda: report(None, b"I")
-        state = {"stopping": False}
-
-        def stop() -> None:
-            if state["stopping"]:
-                return
-            state["stopping"] = True
-            loop.remove_reader(chan)
-            engine.begin_shutdown()
-            loop.call_later(self.shutdown_timeout, engine.abort_all)
-
-        def incoming() -> None:
-            try:
-                data, fds = recv_fds(chan, 4, 4096)
-            except (BlockingIOError, InterruptedError):
-                return
-            except (EOFError, OSError):
-                stop()
-                return
-            try:
-                addr = pickle.loads(data)
-            except Exception:
-                addr = None
-            for fd in fds:
-                sock = socket.socket(fileno=fd)
-                if state["stopping"]:
-                    sock.close()
-                    report(None)
-                    continue
-                try:
-                    engine.serve(sock, addr)
-                except Exception:
-                    logger.exception("worker failed to serve %r", addr)
-                    _quiet_close(sock)
-                    report(None)
-
-        loop.add_reader(chan, incoming)
-        loop.add_signal_handler(signal.SIGTERM, stop)
-        loop.run_until(lambda: state["stopping"] and not engine.conns)
-        engine.stop(1.0)
-        return None
 
     def __repr__(self) -> str:
         return (f"<{type(self).__name__} {self.address!r} concurrency={self.concurrency} "
