@@ -16,6 +16,8 @@ _local = threading.local()
 
 
 class _Pool:
+    """Up to ``size`` threads, started as work arrives, that report each task's end to the loop."""
+
     def __init__(self, loop: EventLoop, size: int, name: str) -> None:
         self.loop = loop
         self.size = size
