@@ -19,6 +19,23 @@ if int(setuptools.__version__.split(".")[0]) < 77:
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def _depends(name):
+    """The files a kernel's C source is generated from besides its .pyx.
+
+    cythonize follows include and cimport when it decides to regenerate the
+    C file; as depends, setuptools' own out-of-date check of the extension
+    (which otherwise sees only its C source) covers them too.
+    """
+    if name == "auth":
+        return []
+    parts = glob.glob(os.path.join("src_c", name + "_*.pxi"))
+    shared = [os.path.join("src_c", f) for f in ("sockio.pxi", "syscalls.pxd", "framing.pxd")]
+    # the module's own declarations: Cython finds a module's .pxd by its
+    # full name, fastnet._c.<name>, hence the package path under src_c
+    own = [os.path.join("src_c", name + ".pxd"), os.path.join("src_c", "fastnet", "_c", name + ".pxd")]
+    return sorted(p for p in set(parts + shared + own) if os.path.exists(p))
+
+
 def extensions():
     sources = sorted(glob.glob(os.path.join("src_c", "*.pyx")))
     if not sources:
@@ -38,6 +55,7 @@ def extensions():
             Extension(
                 "fastnet._c." + name,
                 [pyx],
+                depends=_depends(name),
                 extra_compile_args=["-O3", "-fno-strict-aliasing"],
                 define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
             )

@@ -191,6 +191,7 @@ def stop_server(p):
     except subprocess.TimeoutExpired:
         p.kill()
         p.wait()
+    p.stdout.close()
 
 
 def run_load(port, server_pid, nconns, warmup, duration):

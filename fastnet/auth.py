@@ -62,18 +62,32 @@ def _recv(conn: Any, deadline: float | None, quick: socket.socket | None) -> byt
         return cast(bytes, conn.recv_bytes(MAX_MESSAGE))
     try:
         return cast(bytes, recv(MAX_MESSAGE, timeout))
-    except TimeoutError:
-        raise TimeoutError("authentication handshake timed out") from None
-    except MessageTooLarge as exc:
-        raise HandshakeMessageTooLarge(f"handshake message too large: {exc}") from None
-    except TruncatedFrameError as exc:
+    except (TimeoutError, MessageTooLarge, EOFError, ProtocolError) as exc:
+        cause = exc if isinstance(exc, ProtocolError) and not isinstance(exc, TruncatedFrameError) else None
+        raise handshake_failure(exc) from cause
+
+
+def handshake_failure(exc: BaseException) -> BaseException:
+    """The error a handshake raises for ``exc``, raised by a receive during it.
+
+    Any driver of :class:`~fastnet.handshake.Handshake` (this module's, the
+    asyncio face's) reports the same failures the same way.
+    """
+    if isinstance(exc, TimeoutError):
+        return TimeoutError("authentication handshake timed out")
+    if isinstance(exc, HandshakeMessageTooLarge):
+        return exc
+    if isinstance(exc, MessageTooLarge):
+        return HandshakeMessageTooLarge(f"handshake message too large: {exc}")
+    if isinstance(exc, TruncatedFrameError):
         # an OSError too, as multiprocessing's "got end of file during message"
-        raise TruncatedFrameError(exc.missing, f"connection failed during the handshake: {exc}") from None
-    except EOFError:
+        return TruncatedFrameError(exc.missing, f"connection failed during the handshake: {exc}")
+    if isinstance(exc, EOFError):
         # a clean close: EOFError, as multiprocessing
-        raise EOFError("connection failed during the handshake: closed by the peer") from None
-    except ProtocolError as exc:
-        raise AuthenticationError(f"connection failed during the handshake: {exc}") from exc
+        return EOFError("connection failed during the handshake: closed by the peer")
+    if isinstance(exc, ProtocolError):
+        return AuthenticationError(f"connection failed during the handshake: {exc}")
+    return exc
 
 
 def _deadline(timeout: float | None) -> float | None:

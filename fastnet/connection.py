@@ -15,12 +15,18 @@ for ``recv_handle``. ``readahead=True`` (on ``Connection``, ``Client``,
 ``Listener`` and ``Pipe``) reads as much as the socket has instead: fewer
 syscalls for many small messages, at the price of those three guarantees.
 
+Three more opt-ins, each off by default: ``coalesce=True`` queues small
+outgoing messages and writes them together (see :meth:`Connection.coalescing`);
+``spin=microseconds`` busy-polls a receive before it sleeps; ``shm=True``
+sends large arrays over AF_UNIX through shared memory (:mod:`fastnet.shm`).
+
 ``recv()`` unpickles what the peer sent, exactly as multiprocessing does: on
 a connection that did not authenticate, that trusts the peer with arbitrary
 code execution. Use an ``authkey`` (or ``recv_bytes``) with untrusted peers.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import select
@@ -28,12 +34,13 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from multiprocessing import reduction as _reduction, util as _util
 from multiprocessing.reduction import ForkingPickler
 from typing import TYPE_CHECKING, Any, SupportsInt
 
 from fastnet import auth as _auth
+from fastnet import shm as _shm
 from fastnet import zerocopy as _zc
 from fastnet._kernels import framing as _framing
 from fastnet.defaults import HANDSHAKE_TIMEOUT, MAX_MESSAGE_SIZE_CONNECTION
@@ -112,6 +119,42 @@ def set_keepalive(sock: socket.socket, seconds: float) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, total * 1000)
 
 
+#: The coalescing threshold in bytes that ``coalesce=True`` means.
+COALESCE_THRESHOLD: int = _framing.COALESCE_THRESHOLD
+
+
+def _coalesce_limit(coalesce: bool | int) -> int:
+    """The threshold in bytes a ``coalesce`` option means (0: off)."""
+    if coalesce is True:
+        return COALESCE_THRESHOLD
+    if coalesce is False or coalesce is None:
+        return 0
+    if not isinstance(coalesce, int) or coalesce < 0:
+        raise ValueError(f"coalesce must be True, False or a number of bytes, not {coalesce!r}")
+    return coalesce
+
+
+def _spin_us(spin: float) -> float:
+    if not spin >= 0:
+        raise ValueError(f"spin must be a number of microseconds >= 0, not {spin!r}")
+    return float(spin)
+
+
+def _send_size(n: int, offset: int, size: int | None) -> int:
+    """The size of send_bytes' slice of an n-byte buffer, checked as multiprocessing checks it."""
+    if offset < 0:
+        raise ValueError("offset is negative")
+    if n < offset:
+        raise ValueError("buffer length < offset")
+    if size is None:
+        return n - offset
+    if size < 0:
+        raise ValueError("size is negative")
+    if offset + size > n:
+        raise ValueError("buffer length < offset + size")
+    return size
+
+
 def _tls_wrap(ctx: ssl.SSLContext, sock: socket.socket, timeout: float | None,
               server_hostname: str | None = None, server_side: bool = False) -> ssl.SSLSocket:
     """Wrap sock with ctx and finish the TLS handshake within timeout; on failure close it."""
@@ -155,10 +198,18 @@ class Connection:
     records are read ahead anyway. A Connection pickles as the stdlib's does
     (a duplicated descriptor, for a child process or over another
     connection), unless it holds read-ahead bytes or runs TLS.
+
+    ``coalesce`` (True, or a threshold in bytes) queues outgoing messages:
+    see :meth:`coalescing`. ``spin`` (microseconds) makes a receive that
+    would block poll the socket without sleeping for up to that long first,
+    trading CPU for the scheduler's wake-up (no effect under TLS). ``shm=True``
+    sends arrays of at least :data:`fastnet.shm.THRESHOLD` bytes through
+    shared memory over AF_UNIX (see :meth:`send_array`).
     """
 
     def __init__(self, sock: socket.socket | int, readable: bool = True, writable: bool = True, *,
                  max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE, readahead: bool = False,
+                 coalesce: bool | int = False, spin: float = 0.0, shm: bool = False,
                  _channel_factory: Callable[[socket.socket, int | None, int], _Channel] | None = None) -> None:
         if not readable and not writable:
             raise ValueError("at least one of `readable` and `writable` must be True")
@@ -171,10 +222,13 @@ class Connection:
             # inside TLS, never on the ciphertext under it
             _channel_factory = _tls_channel
         if _channel_factory is None:
-            self._ch: _Channel | None = _framing.Channel(sock, max_message_size, _BUFSIZE, readahead=readahead)
+            self._ch: _Channel | None = _framing.Channel(sock, max_message_size, _BUFSIZE, readahead=readahead,
+                                                         spin=spin)
         else:
             self._ch = _channel_factory(sock, max_message_size, _BUFSIZE)
+        self._ch.set_coalesce(_coalesce_limit(coalesce))
         self._readahead = bool(readahead)
+        self._shm = bool(shm)
         self._readable = readable
         self._writable = writable
 
@@ -210,6 +264,16 @@ class Connection:
         return self._readahead
 
     @property
+    def coalesce(self) -> int:
+        """The coalescing threshold in bytes (0: every message is written at once)."""
+        return 0 if self._ch is None else self._ch.coalesce
+
+    @property
+    def spin(self) -> float:
+        """Microseconds a blocking receive busy-polls before it sleeps (0: none)."""
+        return 0.0 if self._ch is None else self._ch.spin
+
+    @property
     def family(self) -> int:
         """The socket family (``socket.AF_INET``, ``AF_INET6`` or ``AF_UNIX``)."""
         return self._sock.family
@@ -220,11 +284,53 @@ class Connection:
         return self._sock.fileno()
 
     def close(self) -> None:
-        """Close the connection. Closing twice is harmless."""
-        if self._ch is not None:
-            self._ch.release()
-            self._ch = None
-            self._sock.close()
+        """Close the connection, writing queued messages first. Closing twice is harmless.
+
+        If writing the queued messages fails, the connection is closed all
+        the same and the error raised.
+        """
+        ch = self._ch
+        if ch is not None:
+            try:
+                ch.flush()
+            finally:
+                self._ch = None
+                ch.release()
+                self._sock.close()
+
+    def flush(self) -> None:
+        """Write the messages queued by coalescing now (nothing to do without)."""
+        self._sender().flush()
+
+    def unflushed(self) -> int:
+        """Bytes of messages queued by coalescing and not yet written."""
+        return 0 if self._ch is None else self._ch.unflushed()
+
+    @contextlib.contextmanager
+    def coalescing(self, threshold: bool | int = True) -> Iterator[Connection]:
+        """Queue messages sent inside the block; write them together.
+
+        ``send_bytes``, ``send`` and ``send_array`` append each message to a
+        user-space buffer, written in one syscall once it passes
+        ``threshold`` bytes (True: :data:`COALESCE_THRESHOLD`), before any
+        receive or ``poll`` on this connection and ``fastnet.wait`` on it,
+        on :meth:`flush`, on :meth:`close`, and when the block ends. A
+        message has left this process once one of those writes returns;
+        until then the peer cannot see it. If a write fails (the peer
+        closed), the error is raised by the call that wrote, and every
+        message queued since the last successful write is dropped: a prefix
+        of them may have reached the peer, the rest never will. Messages
+        written before were delivered to the peer's socket as usual.
+        """
+        ch = self._sender()
+        before = ch.coalesce
+        ch.set_coalesce(_coalesce_limit(threshold) or before)
+        try:
+            yield self
+        finally:
+            if self._ch is ch:
+                ch.set_coalesce(before)
+                ch.flush()
 
     def __enter__(self) -> Connection:
         return self
@@ -235,7 +341,10 @@ class Connection:
     def __del__(self) -> None:
         # received descriptors nobody claimed are closed with the connection
         if getattr(self, "_ch", None) is not None:
-            self.close()
+            try:
+                self.close()
+            except OSError:
+                pass    # queued messages a dead peer cannot take: as a file object's finalizer
 
     def _check_closed(self) -> None:
         if self._ch is None:
@@ -269,18 +378,7 @@ class Connection:
         if offset == 0 and size is None:
             ch.send_frame(buf)
             return
-        n = memoryview(buf).nbytes
-        if offset < 0:
-            raise ValueError("offset is negative")
-        if n < offset:
-            raise ValueError("buffer length < offset")
-        if size is None:
-            size = n - offset
-        elif size < 0:
-            raise ValueError("size is negative")
-        elif offset + size > n:
-            raise ValueError("buffer length < offset + size")
-        ch.send_frame(buf, offset, size)
+        ch.send_frame(buf, offset, _send_size(memoryview(buf).nbytes, offset, size))
 
     def send(self, obj: Any) -> None:
         """Send a picklable object (pickled as multiprocessing does)."""
@@ -290,14 +388,30 @@ class Connection:
         """Send each bytes-like object in ``buffers`` as its own message, in as few syscalls as possible."""
         self._sender().send_frames(buffers)
 
-    def send_array(self, arr: Any) -> None:
+    def send_array(self, arr: Any, *, shm: bool | None = None) -> None:
         """Send a numpy array (or any buffer) with its dtype, shape and order, without copying it.
 
         A non-contiguous array is copied once into C order. A stdlib peer sees
         two messages: a small header and the raw bytes.
+
+        ``shm=True`` sends it through shared memory over AF_UNIX (one copy
+        into a pooled segment whose descriptor rides on one header frame,
+        none for an array made by :func:`fastnet.shm.empty`; the peer must
+        be fastnet); ``shm=None`` does so for arrays of at
+        least :data:`fastnet.shm.THRESHOLD` bytes when the connection was
+        made with ``shm=True``. Over TCP or TLS the ordinary frames go.
         """
+        ch = self._sender()
         header, payload = _zc.encode_array(arr)
-        self._sender().send_frames((header, payload))
+        if (shm or (shm is None and self._shm and memoryview(payload).nbytes >= _shm.THRESHOLD)) \
+                and self._passes_fds() and _shm.available():
+            _shm.send(ch, arr, header, payload)
+            return
+        ch.send_frames((header, payload))
+
+    def _passes_fds(self) -> bool:
+        # descriptors travel on a plain AF_UNIX channel, never inside TLS
+        return self._sock.family == socket.AF_UNIX and self._ch is not None and self._ch.io is None
 
     # -- receiving -----------------------------------------------------------
 
@@ -358,7 +472,17 @@ class Connection:
         """
         ch = self._receiver()
         try:
-            kind, tname, shape, order = _zc.decode_array_header(ch.recv_frame(_zc.MAX_HEADER))
+            if self._passes_fds():
+                header, fds = ch.recv_frame_fds(1, None, _zc.MAX_HEADER)
+                if _shm.is_shm_header(header):
+                    return _shm.receive(header, fds, out, ch.max_size)
+                if fds:
+                    for fd in fds:
+                        os.close(fd)
+                    raise ProtocolError("a descriptor came with an array header that carries none")
+            else:
+                header = ch.recv_frame(_zc.MAX_HEADER)
+            kind, tname, shape, order = _zc.decode_array_header(header)
             itemsize = _zc.itemsize_of(kind, tname)
             nbytes = _zc.nbytes_of(shape, itemsize)
             if out is not None:
@@ -466,6 +590,7 @@ def reduce_connection(conn: Connection) -> tuple[Callable[..., Connection], tupl
         raise OSError("handle is closed")
     if isinstance(conn._sock, ssl.SSLSocket):
         raise ValueError("a TLS connection cannot be pickled: its session state stays in this process")
+    ch.flush()  # queued messages leave before a copy of the connection exists
     if ch.buffered() or ch.pending_fds():
         raise ValueError(
             f"cannot pickle a Connection holding {ch.buffered()} bytes and {ch.pending_fds()} "
@@ -494,7 +619,8 @@ class Listener:
     peers; ``max_message_size`` applies to accepted connections.
     ``nodelay`` (default True) sets TCP_NODELAY on accepted TCP connections;
     ``keepalive`` (seconds) detects accepted peers that vanish; see :func:`Client`.
-    ``readahead`` applies to accepted connections (see :class:`Connection`).
+    ``readahead``, ``coalesce``, ``spin`` and ``shm`` apply to accepted
+    connections (see :class:`Connection`).
     An AF_UNIX socket file is removed by ``close()``, or at process exit (or
     when the Listener is collected) if it was never closed, as in the stdlib.
     ``ssl_context`` (an ``ssl.SSLContext``, see
@@ -509,7 +635,8 @@ class Listener:
                  max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE, strict: bool = False,
                  digest: str | None = "sha256", nodelay: bool = True,
                  ssl_context: ssl.SSLContext | None = None, keepalive: float | None = None,
-                 readahead: bool = False) -> None:
+                 readahead: bool = False, coalesce: bool | int = False, spin: float = 0.0,
+                 shm: bool = False) -> None:
         if authkey is not None and not isinstance(authkey, bytes):
             raise TypeError("authkey should be a byte string")
         keepalive = _keepalive_seconds(keepalive)
@@ -547,6 +674,7 @@ class Listener:
         self._keepalive = keepalive
         self._ssl_context = ssl_context
         self._readahead = readahead
+        self._coalesce, self._spin, self._shm = _coalesce_limit(coalesce), _spin_us(spin), shm
 
     def accept(self) -> Connection:
         """Accept a connection; run the TLS handshake with an ssl_context, then the authkey one.
@@ -570,7 +698,7 @@ class Listener:
             factory = _tls_channel
         try:
             c = Connection(s, max_message_size=self._max_message_size, readahead=self._readahead,
-                           _channel_factory=factory)
+                           _channel_factory=factory, coalesce=self._coalesce, spin=self._spin, shm=self._shm)
         except BaseException:
             s.close()
             raise
@@ -659,18 +787,24 @@ def Client(address: Address, family: str | int | None = None, authkey: bytes | N
            timeout: float | None = None, max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
            strict: bool = False, digest: str | None = "sha256", nodelay: bool = True,
            ssl_context: ssl.SSLContext | None = None, keepalive: float | None = None,
-           readahead: bool = False) -> Connection:
+           readahead: bool = False, coalesce: bool | int = False, spin: float = 0.0,
+           shm: bool = False) -> Connection:
     """Connect to a Listener (fastnet's or the stdlib's) and return a Connection.
 
     ``timeout`` bounds the connect and the handshake together. Over TCP,
     ``nodelay=True`` (TCP_NODELAY) sends every message at once: request/reply
     traffic never waits on Nagle's algorithm and delayed ACKs (the 40 ms
     stalls of multiprocessing's handshake). A one-way stream of many small
-    ``send_bytes`` calls is cheaper with ``nodelay=False``, which lets the
-    kernel coalesce them; ``send_many`` coalesces them either way.
+    ``send_bytes`` calls is not made faster by ``nodelay=False``: each call
+    is still one syscall, and Nagle's algorithm holds back every write made
+    while data is unacknowledged, so the sender then waits on the receiver's
+    acknowledgements. ``coalesce=True`` (see :meth:`Connection.coalescing`)
+    and ``send_many`` coalesce in user space, before the syscall.
 
     ``readahead=True`` lets receives read beyond the message they return
-    (see :class:`Connection`).
+    (see :class:`Connection`); it is the natural partner of a coalescing
+    sender, as it takes many messages per read. ``spin`` (microseconds)
+    and ``shm`` as for :class:`Connection`.
 
     ``keepalive=seconds`` (TCP) detects a server whose host vanished without
     closing the connection: after about that long the next receive or send
@@ -685,6 +819,7 @@ def Client(address: Address, family: str | int | None = None, authkey: bytes | N
     if authkey is not None and not isinstance(authkey, bytes):
         raise TypeError("authkey should be a byte string")
     keepalive = _keepalive_seconds(keepalive)
+    spin, coalesce = _spin_us(spin), _coalesce_limit(coalesce)
     fam, addr = parse_address(address, family)
     if ssl_context is not None and fam == socket.AF_UNIX and ssl_context.check_hostname:
         raise ValueError("TLS over AF_UNIX has no host name to check: "
@@ -709,7 +844,8 @@ def Client(address: Address, family: str | int | None = None, authkey: bytes | N
         s = _tls_wrap(ssl_context, s, left, server_hostname=host)
         factory = _tls_channel
     try:
-        c = Connection(s, max_message_size=max_message_size, readahead=readahead, _channel_factory=factory)
+        c = Connection(s, max_message_size=max_message_size, readahead=readahead, _channel_factory=factory,
+                       coalesce=coalesce, spin=spin, shm=shm)
     except BaseException:
         s.close()
         raise
@@ -724,19 +860,25 @@ def Client(address: Address, family: str | int | None = None, authkey: bytes | N
 
 
 def Pipe(duplex: bool = True, *, max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
-         readahead: bool = False) -> tuple[Connection, Connection]:
+         readahead: bool = False, coalesce: bool | int = False, spin: float = 0.0,
+         shm: bool = False) -> tuple[Connection, Connection]:
     """Return a pair of connected Connections (``(reader, writer)`` if not duplex).
 
-    ``readahead`` as for :class:`Connection`.
+    ``readahead``, ``coalesce``, ``spin`` and ``shm`` as for :class:`Connection`.
     """
     a, b = socket.socketpair()
-    if duplex:
-        return (Connection(a, max_message_size=max_message_size, readahead=readahead),
-                Connection(b, max_message_size=max_message_size, readahead=readahead))
-    a.shutdown(socket.SHUT_WR)
-    b.shutdown(socket.SHUT_RD)
-    return (Connection(a, writable=False, max_message_size=max_message_size, readahead=readahead),
-            Connection(b, readable=False, max_message_size=max_message_size, readahead=readahead))
+    kw: dict[str, Any] = dict(max_message_size=max_message_size, readahead=readahead, coalesce=coalesce,
+                              spin=_spin_us(spin), shm=shm)
+    try:
+        if duplex:
+            return Connection(a, **kw), Connection(b, **kw)
+        a.shutdown(socket.SHUT_WR)
+        b.shutdown(socket.SHUT_RD)
+        return Connection(a, writable=False, **kw), Connection(b, readable=False, **kw)
+    except BaseException:
+        a.close()
+        b.close()
+        raise
 
 
 def wait(object_list: Iterable[Any], timeout: float | None = None) -> list[Any]:
@@ -746,6 +888,10 @@ def wait(object_list: Iterable[Any], timeout: float | None = None) -> list[Any]:
     A Connection with a message already buffered is ready at once, though its
     socket may have nothing more to read.
     """
+    object_list = list(object_list)
+    for o in object_list:
+        if isinstance(o, Connection) and o._ch is not None:
+            o._ch.flush()   # queued messages leave before waiting on the peer
     ready = [o for o in object_list
              if isinstance(o, Connection) and o._ch is not None and o._ch.buffered() > 0]
     poller = select.poll()

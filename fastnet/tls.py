@@ -74,11 +74,13 @@ class TLSChannel(_framing.Channel):
     send_frame = _tls_errors(_framing.Channel.send_frame)
     send_frames = _tls_errors(_framing.Channel.send_frames)
     poll = _tls_errors(_framing.Channel.poll)
+    flush = _tls_errors(_framing.Channel.flush)
 
     def send_frame_fds(self, buf: Buffer, fds: Iterable[SupportsInt]) -> None:
         raise ValueError("descriptors cannot be passed over TLS")
 
-    def recv_frame_fds(self, maxfds: SupportsIndex = 253, timeout: float | None = None) -> tuple[bytes, list[int]]:
+    def recv_frame_fds(self, maxfds: SupportsIndex = 253, timeout: float | None = None,
+                       maxlength: SupportsInt | None = None) -> tuple[bytes, list[int]]:
         raise ValueError("descriptors cannot be passed over TLS")
 
 

@@ -8,7 +8,9 @@ Header layout (little-endian)::
 
 kind 0: ``type`` is a numpy dtype (``dtype.str``, or the repr of
 ``dtype.descr`` for structured dtypes); kind 1: ``type`` is a struct-module
-format of a plain buffer.
+format of a plain buffer. Version 2 (``SHM_VERSION``) is the same header for
+an array whose bytes are in the shared-memory segment riding on the frame
+(see :mod:`fastnet.shm`); no payload frame follows it.
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ recv_into = _zc.recv_into
 
 MAGIC = b"\x93FNA"
 VERSION = 1
+SHM_VERSION = 2
 #: The most dimensions an array header may declare.
 MAX_NDIM = 64
 MAX_HEADER = 8 + 8 * MAX_NDIM + 1024
@@ -114,13 +117,13 @@ def encode_array(obj: Any) -> tuple[bytes, Any]:
     return header, payload
 
 
-def decode_array_header(header: bytes) -> tuple[int, str, tuple[int, ...], str]:
-    """Parse an array header frame: ``(kind, type_name, shape, order)``."""
+def decode_array_header(header: bytes, version: int = VERSION) -> tuple[int, str, tuple[int, ...], str]:
+    """Parse an array header frame of the given version: ``(kind, type_name, shape, order)``."""
     if len(header) < _FIXED.size or header[:4] != MAGIC:
         raise ProtocolError("expected an array header frame")
-    _, version, kind, order, ndim = _FIXED.unpack_from(header)
-    if version != VERSION:
-        raise ProtocolError(f"unsupported array header version {version}")
+    _, got, kind, order, ndim = _FIXED.unpack_from(header)
+    if got != version:
+        raise ProtocolError(f"unsupported array header version {got}")
     if kind not in (0, 1) or order not in (b"C", b"F") or ndim > MAX_NDIM:
         raise ProtocolError("malformed array header")
     end = _FIXED.size + 8 * ndim

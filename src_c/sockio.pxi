@@ -4,64 +4,7 @@ from libc.errno cimport errno, EINTR, EAGAIN
 
 from fastnet.errors import TimeoutError as FastnetTimeout
 
-cdef extern from "<errno.h>":
-    int EWOULDBLOCK
-
-cdef extern from "<sys/socket.h>" nogil:
-    ctypedef unsigned int socklen_t
-    struct iovec:
-        void* iov_base
-        size_t iov_len
-    struct msghdr:
-        void* msg_name
-        socklen_t msg_namelen
-        iovec* msg_iov
-        size_t msg_iovlen
-        void* msg_control
-        size_t msg_controllen
-        int msg_flags
-    ssize_t send(int fd, const void* buf, size_t n, int flags)
-    ssize_t recv(int fd, void* buf, size_t n, int flags)
-    ssize_t sendmsg(int fd, const msghdr* msg, int flags)
-    int MSG_NOSIGNAL
-    int MSG_DONTWAIT
-    int MSG_WAITALL
-
-cdef extern from "<poll.h>" nogil:
-    struct pollfd:
-        int fd
-        short events
-        short revents
-    int poll(pollfd* fds, unsigned long nfds, int timeout)
-    short POLLIN
-    short POLLOUT
-
-cdef extern from "<time.h>" nogil:
-    struct timespec:
-        long tv_sec
-        long tv_nsec
-    int clock_gettime(int clk, timespec* ts)
-    int CLOCK_MONOTONIC
-
-# Ancillary data (SCM_RIGHTS) for the kernels that pass descriptors.
-cdef extern from "<sys/socket.h>" nogil:
-    struct cmsghdr:
-        size_t cmsg_len
-        int cmsg_level
-        int cmsg_type
-    ssize_t recvmsg(int fd, msghdr* msg, int flags)
-    size_t CMSG_SPACE(size_t n)
-    size_t CMSG_LEN(size_t n)
-    cmsghdr* CMSG_FIRSTHDR(msghdr* m)
-    cmsghdr* CMSG_NXTHDR(msghdr* m, cmsghdr* c)
-    unsigned char* CMSG_DATA(cmsghdr* c)
-    int SOL_SOCKET
-    int SCM_RIGHTS
-    int MSG_CTRUNC
-    int MSG_CMSG_CLOEXEC
-
-cdef extern from "<unistd.h>" nogil:
-    int close(int fd)
+from syscalls cimport *
 
 DEF IOV_BATCH = 512
 
@@ -109,6 +52,11 @@ cdef inline int _wait_fd(int fd, short events, double deadline) except -1:
 cdef inline int _send_all(int fd, const char* p, Py_ssize_t n) except -1:
     """Send every byte; small writes are tried with the GIL held, waits release it."""
     cdef ssize_t r
+    # A small write is tried at once, non-blocking and with the GIL held:
+    # the socket buffer almost always has room, and a send that completes
+    # is cheaper than dropping and retaking the GIL. Only on EAGAIN is the
+    # GIL released, to wait in poll(). A large write releases the GIL for
+    # the send itself, whose copy into the kernel then dominates.
     while n > 0:
         if n > 65536:
             with nogil:
@@ -137,6 +85,9 @@ cdef inline int _sendv_all(int fd, iovec* iov, Py_ssize_t cnt) except -1:
     cdef ssize_t r
     cdef size_t left
     cdef Py_ssize_t i = 0
+    # Vectored writes carry a large payload (small frames go through
+    # _send_all), so the GIL is released for the call at once; after a
+    # partial write the iovecs are advanced past the bytes the kernel took.
     while i < cnt:
         m.msg_name = NULL
         m.msg_namelen = 0

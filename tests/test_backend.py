@@ -50,11 +50,11 @@ def test_every_kernel_module_is_the_expected_implementation():
 
 
 def test_the_layers_above_use_the_selected_kernels():
-    from fastnet import connection, zerocopy, auth
+    from fastnet import connection, zerocopy, handshake
     pkg = "fastnet._pure" if EXPECT_PURE else "fastnet._c"
     assert connection._framing.__name__ == f"{pkg}.framing"
     assert zerocopy._zc.__name__ == f"{pkg}.zerocopy"
-    assert auth._auth.__name__ == f"{pkg}.auth"
+    assert handshake._auth.__name__ == f"{pkg}.auth"
     assert fastnet.send_from.__module__ == f"{pkg}.zerocopy"
     assert fastnet.recv_into.__module__ == f"{pkg}.zerocopy"
 

@@ -261,3 +261,23 @@ def test_report_names_its_reference_figures(transport):
     assert rows["mp"]["reference"] == 23.0 and rows["fastnet"]["reference"] is None
     # a table without reference figures (stream over AF_UNIX) has no such column
     assert REFERENCE_LABEL not in bench.format_report(transport[0]).split("\nstream:")[1].split("\n\n")[0]
+
+
+def test_aio_cases_measure_every_row_on_both_families():
+    report = bench.run(["aio"], bulk_mib=4, bulk_warmup=0, **SHORT)
+    for case in ("aio-pingpong", "aio-stream", "aio-bulk"):
+        fams = report["results"][case]
+        assert list(fams) == ["tcp", "unix"]
+        for rows in fams.values():
+            assert list(rows) == [i.key for i in bench.CASES[case]["impls"]]
+            for key, row in rows.items():
+                missing = {"zmq-uvloop": ("zmq", "pyzmq"), "streams-uvloop": ("uvloop", "uvloop"),
+                           "aio-uvloop": ("uvloop", "uvloop")}.get(key)
+                if missing and importlib.util.find_spec(missing[0]) is None:
+                    assert missing[1] in row["na"]
+                    continue
+                assert row["na"] is None, (case, key, row["na"])
+                assert row["median"] > 0 and row["samples"], (case, key)
+    targets = {(t["case"], t["target"]) for t in report["targets"]}
+    assert ("aio-pingpong", "fastnet.aio on uvloop within 1.3x blocking fastnet (time ratio)") in targets
+    assert ("aio-bulk", "fastnet.aio send_array >= 0.9x blocking send_array") in targets

@@ -219,6 +219,25 @@ def _children_of(pid):
     return out
 
 
+def _our_new_children():
+    """Children of this process other than those it had when the test began.
+
+    Earlier tests may leave long-lived helpers behind (multiprocessing's
+    forkserver and resource tracker live until the session ends); they are
+    not this module's business.
+    """
+    return [p for p in _children_of(os.getpid()) if p not in _HELPERS]
+
+
+_HELPERS: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _existing_children():
+    _HELPERS.clear()
+    _HELPERS.update(_children_of(os.getpid()))
+
+
 def _fds(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -271,7 +290,7 @@ def test_fork_server_leaves_with_the_server_and_leaks_nothing(mode):
         srv = TCPServer(("127.0.0.1", 0), Echo, concurrency=mode, workers=2)
         try:
             srv.start()
-            procs = _children_of(os.getpid())
+            procs = _our_new_children()
             assert len(procs) == 1, procs        # the fork server; workers are its children
             fork_server = procs[0]
             settled = (lambda: srv.stats()["children"] == 0) if mode == "fork" else (lambda: True)
@@ -287,7 +306,7 @@ def test_fork_server_leaves_with_the_server_and_leaks_nothing(mode):
             srv.shutdown(timeout=WAIT)
             srv.server_close()
         # gone and reaped as shutdown() returns: no child of ours is left, not even a zombie
-        assert _children_of(os.getpid()) == []
+        assert _our_new_children() == []
         assert _state(fork_server) is None
         assert all(_dead(p) for p in workers)
 
@@ -301,13 +320,13 @@ def test_fork_server_leaves_with_a_server_closed_without_serving():
     srv = TCPServer(("127.0.0.1", 0), Echo, concurrency="fork")
     srv.shutdown()           # before serving: closes
     srv.server_close()
-    assert _children_of(os.getpid()) == []
+    assert _our_new_children() == []
     srv = TCPServer(("127.0.0.1", 0), Echo, concurrency="prefork", workers=1)
     with srv:
         srv.start()
-        assert len(_children_of(os.getpid())) == 1
+        assert len(_our_new_children()) == 1
         _serve_some(srv, 1)
-    assert _children_of(os.getpid()) == []
+    assert _our_new_children() == []
 
 
 def test_children_see_the_server_as_it_was_when_serving_began():
@@ -337,7 +356,7 @@ def test_a_killed_fork_server_shuts_the_server_down(mode):
         serving, = set(threading.enumerate()) - before
         _serve_some(srv, 2)
         workers = srv.worker_pids
-        fork_server, = _children_of(os.getpid())
+        fork_server, = _our_new_children()
         os.kill(fork_server, signal.SIGKILL)
         # nothing can be forked any more: the server stops, and its serving thread ends
         serving.join(WAIT)
@@ -348,6 +367,6 @@ def test_a_killed_fork_server_shuts_the_server_down(mode):
     finally:
         srv.shutdown(timeout=WAIT)
         srv.server_close()
-    assert _children_of(os.getpid()) == []
+    assert _our_new_children() == []
     with pytest.raises(OSError):
         socket.create_connection(srv.address, timeout=WAIT)

@@ -1109,3 +1109,88 @@ def _send_until_closed(sock, data):
 def _raw_send_all_and_close(sock, data):
     sock.sendall(data)
     sock.shutdown(socket.SHUT_WR)
+
+
+# -- next_frame_into: a frame straight into the caller's buffer -------------
+
+def _fill_through_get_buffer(d, data, pos, step):
+    b = d.get_buffer()
+    k = min(len(b), step, len(data) - pos)
+    b[:k] = data[pos:pos + k]
+    d.buffer_updated(k)
+    return pos + k
+
+
+def test_next_frame_into_receives_into_the_callers_buffer(fr):
+    d = fr.FrameDecoder(None, 64, 1024)
+    payload = pattern(40000)
+    data = frame(payload) + frame(b"abc")
+    out = bytearray(40010)
+    d.feed(data[:100])
+    assert d.next_frame_into(out, 5) is None
+    pos = 100
+    while True:
+        region = d.get_buffer()
+        # the payload's region is the caller's buffer itself
+        assert len(region) == len(payload) - (pos - 4)
+        pos = _fill_through_get_buffer(d, data, pos, 3000)
+        n = d.next_frame_into(out, 5)
+        if n is not None:
+            break
+    assert n == len(payload) and out[5:5 + n] == payload
+    d.feed(data[pos:])
+    assert d.next_frame() == b"abc"
+
+
+def test_next_frame_into_small_and_buffered_frames(fr):
+    d = fr.FrameDecoder()
+    d.feed(frame(b"one") + frame(b"two"))
+    out = bytearray(8)
+    assert d.next_frame_into(out, 2) == 3 and out[2:5] == b"one"
+    assert d.next_frame_into(memoryview(out)[4:]) == 3 and out[4:7] == b"two"
+    assert d.next_frame_into(out) is None
+
+
+def test_next_frame_into_detach_keeps_the_frame_whole(fr):
+    d = fr.FrameDecoder(None, 64, 1024)
+    payload = pattern(20000, 3)
+    data = frame(payload) + frame(b"next")
+    out = bytearray(len(payload))
+    d.feed(data[:5000])
+    assert d.next_frame_into(out) is None
+    d.detach()
+    out[:] = bytes(len(out))       # the caller reuses its buffer: the frame is not in it any more
+    d.feed(data[5000:])
+    assert d.next_frame() == payload
+    assert d.next_frame() == b"next"
+
+
+def test_next_frame_into_another_buffer_moves_the_partial_frame(fr):
+    d = fr.FrameDecoder(None, 64, 1024)
+    payload = pattern(20000, 4)
+    data = frame(payload)
+    first, second = bytearray(len(payload)), bytearray(len(payload))
+    d.feed(data[:3000])
+    assert d.next_frame_into(first) is None
+    d.feed(data[3000:])
+    assert d.next_frame_into(second) == len(payload) and second == payload
+
+
+def test_next_frame_into_too_short_raises_with_the_whole_frame(fr):
+    d = fr.FrameDecoder(None, 64, 1024)
+    payload = pattern(5000, 5)
+    d.feed(frame(payload) + frame(b"xy"))
+    with pytest.raises(BufferTooShort) as info:
+        d.next_frame_into(bytearray(100))
+    assert info.value.args[0] == payload
+    assert d.next_frame_into(bytearray(2)) == 2
+
+
+def test_next_frame_into_refuses_read_only_and_bad_offsets(fr):
+    d = fr.FrameDecoder()
+    d.feed(frame(b"abc"))
+    with pytest.raises((BufferError, TypeError)):
+        d.next_frame_into(b"xxxxxx")
+    with pytest.raises(ValueError):
+        d.next_frame_into(bytearray(4), 5)
+    assert d.next_frame() == b"abc"

@@ -155,7 +155,7 @@ class FrameDecoder:
 
     __slots__ = ("_buf", "_mv", "_cap", "_rpos", "_wpos", "_cur", "_target", "_tview",
                  "_tpos", "_max_size", "_large_threshold", "_received", "_frame_start",
-                 "_frame_hdr", "_broken")
+                 "_frame_hdr", "_broken", "_user")
 
     _target: bytearray | None
     _tview: memoryview
@@ -178,6 +178,7 @@ class FrameDecoder:
         self._target = None      # bytearray being filled for a large frame, or None
         self._tview = None  # type: ignore[assignment]  # set with _target
         self._tpos = 0
+        self._user: tuple[Any, int] | None = None   # (buf, offset) of a caller's target (next_frame_into)
         self._received = 0       # bytes taken from the stream so far
         self._frame_start = 0    # stream offset of the last parsed header
         self._frame_hdr = 0      # its header length, 4 or 12 (0 before the first)
@@ -288,6 +289,20 @@ class FrameDecoder:
         self._tpos = avail
         self._rpos = self._wpos = 0
 
+    def _detach(self) -> None:
+        """Move the part of a frame received into a caller's buffer into a bytearray of its own."""
+        try:
+            t = bytearray(self._cur)
+        except (MemoryError, OverflowError):
+            self._broken = MessageTooLarge(f"frame of {self._cur} bytes cannot be allocated")
+            raise self._broken from None
+        tv = memoryview(t)
+        tv[0:self._tpos] = self._tview[0:self._tpos]
+        self._tview.release()
+        self._target = t
+        self._tview = tv
+        self._user = None
+
     def _take_target(self) -> bytes:
         t = self._target
         assert t is not None
@@ -303,6 +318,8 @@ class FrameDecoder:
             # the header was parsed earlier (has_frame, poll, a timed-out receive)
             self._broken = MessageTooLarge(f"bad message length: {cur} bytes exceeds maxlength={limit}")
             raise self._broken
+        if self._user is not None:
+            self._detach()
         if self._target is not None:
             if self._tpos < cur:
                 return None
@@ -382,6 +399,82 @@ class FrameDecoder:
 
     # -- Python API ------------------------------------------------------
 
+    def next_frame_into(self, buf: Buffer, offset: SupportsIndex = 0) -> int | None:
+        """Receive the next frame into the writable buffer ``buf`` at ``offset``.
+
+        Returns the frame's length once it is complete, else None: call
+        again, with the same buffer and offset, after each buffer_updated().
+        Once the header is parsed, what is buffered of the frame is copied
+        into ``buf`` and get_buffer() hands out the rest of it, so the
+        payload goes from the socket straight into ``buf``. A frame longer
+        than the space is received whole and raised as BufferTooShort
+        carrying it. :meth:`detach` (or any other receive) moves a frame
+        left half-received into the decoder's own memory.
+        """
+        offset = _ssize(offset)
+        self._check()
+        if self._user is not None:
+            if self._user[0] is not buf or self._user[1] != offset:
+                self._detach()
+            elif self._tpos < self._cur:
+                return None
+            else:
+                self._tview.release()
+                self._target = self._tview = self._user = None  # type: ignore[assignment]
+                n = self._cur
+                self._cur = -1
+                return n
+        if self._target is None and not self._parse_header(-1):
+            return None
+        view = _wview(buf)
+        if offset < 0 or offset > len(view):
+            view.release()
+            raise ValueError("offset out of bounds")
+        n = self._cur
+        if n > len(view) - offset:
+            view.release()
+            f = self._next(-1)
+            if f is None:
+                return None
+            raise BufferTooShort(f)
+        tv = view[offset:offset + n]
+        view.release()
+        if self._target is not None:
+            tpos = self._tpos
+            tv[0:tpos] = self._tview[0:tpos]
+            self._tview.release()
+            if tpos >= n:
+                tv.release()
+                self._target = self._tview = None  # type: ignore[assignment]
+                self._cur = -1
+                return n
+        else:
+            rpos = self._rpos
+            avail = self._wpos - rpos
+            if avail >= n:
+                tv[0:n] = self._mv[rpos:rpos + n]
+                tv.release()
+                self._cur = -1
+                self._consume(n)
+                return n
+            tv[0:avail] = self._mv[rpos:self._wpos]
+            self._tpos = avail
+            self._rpos = self._wpos = 0
+        self._target = buf  # type: ignore[assignment]
+        self._tview = tv
+        self._user = (buf, offset)
+        return None
+
+    def detach(self) -> None:
+        """Stop receiving into the caller's buffer of next_frame_into(); keep the frame whole.
+
+        What it holds of the frame so far is copied into the decoder's own
+        memory and the frame is returned by a later next_frame(). Does
+        nothing when no frame is being received into a caller's buffer.
+        """
+        if self._user is not None:
+            self._detach()
+
     def feed(self, data: Buffer) -> None:
         """Append bytes received from the peer (any buffer-protocol object)."""
         self._check()
@@ -459,10 +552,16 @@ class FrameDecoder:
             self._wpos += nbytes
         self._received += nbytes
 
-    def next_frame(self) -> bytes | None:
-        """Return the next complete frame as bytes, or None if none is complete."""
+    def next_frame(self, maxlength: SupportsInt | None = None) -> bytes | None:
+        """Return the next complete frame as bytes, or None if none is complete.
+
+        A frame longer than ``maxlength`` raises MessageTooLarge as soon as
+        its header is parsed, before its payload is received (the asyncio
+        face's ``recv_bytes(maxlength)``, the handshake's message limit).
+        """
+        limit = -1 if maxlength is None else _longlong(maxlength)
         self._check()
-        return self._next(-1)
+        return self._next(limit)
 
     def frames(self) -> list[bytes]:
         """Return every complete frame now buffered, as a list of bytes."""
@@ -556,6 +655,12 @@ def _scm_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
     return list(fds)
 
 
+#: The coalescing threshold ``coalesce=True`` means: queued frames are
+#: written once they pass this many bytes (the measured knee of the one-way
+#: 64-byte stream; larger buffers gain little and delay the first message).
+COALESCE_THRESHOLD = 65536
+
+
 class Channel:
     """Length-prefixed frames over a connected stream socket in blocking mode.
 
@@ -580,16 +685,22 @@ class Channel:
     as much as it gets, and ``poll``, ``has_frame`` and ``buffered`` count
     ``io.pending()``. With a timeout the io is set non-blocking
     (``settimeout(0.0)``) for each read.
+
+    ``coalesce=n`` (bytes, 0: off; see :meth:`set_coalesce`) queues small
+    frames and writes them together; ``spin=us`` busy-polls a receive that
+    would block for up to ``us`` microseconds (no effect with an ``io``).
     """
 
-    __slots__ = ("_sock", "_decoder", "_pollers", "_is_unix", "_fd_batches", "_readahead", "_io", "_ahead")
+    __slots__ = ("_sock", "_decoder", "_pollers", "_is_unix", "_fd_batches", "_readahead", "_io", "_ahead",
+                 "_cbuf", "_climit", "_spin", "_spin_us")
     _sock: socket.socket
     _pollers: dict[int, select.poll]
     _fd_batches: list[tuple[int, int, list[int]]]
     _io: Any
 
     def __init__(self, sock: socket.socket, max_size: SupportsInt | None = None,
-                 bufsize: SupportsIndex = 262144, *, readahead: bool = False, io: Any = None) -> None:
+                 bufsize: SupportsIndex = 262144, *, readahead: bool = False, io: Any = None,
+                 coalesce: SupportsIndex = 0, spin: float = 0.0) -> None:
         bufsize = _ssize(bufsize)
         if sock.fileno() < 0:
             raise ValueError("socket is closed")
@@ -609,6 +720,66 @@ class Channel:
         self._is_unix = sock.family == socket.AF_UNIX and io is None
         # [(start, end, fds)]: descriptors and the stream range of the read that brought them
         self._fd_batches = []
+        spin = float(spin)
+        if not spin >= 0.0:
+            raise ValueError("spin must be >= 0 microseconds")
+        self._spin_us = spin
+        self._spin = spin * 1e-6   # busy-poll budget of a receive, seconds
+        self._cbuf = bytearray()   # frames queued by coalescing
+        self._climit = 0           # coalescing threshold, 0: off
+        self.set_coalesce(coalesce)
+
+    @property
+    def coalesce(self) -> int:
+        """The coalescing threshold in bytes (0: every frame is written at once)."""
+        return self._climit
+
+    @property
+    def spin(self) -> float:
+        """Microseconds a receive that would block busy-polls first (0: none)."""
+        return self._spin_us
+
+    def set_coalesce(self, limit: SupportsIndex) -> None:
+        """Queue frames up to ``limit`` bytes before writing them (0: off, after a flush)."""
+        limit = _ssize(limit)
+        if limit < 0:
+            raise ValueError("coalesce must be >= 0 bytes")
+        if limit == 0:
+            if self._cbuf:
+                self.flush()
+            self._climit = 0
+            return
+        self._climit = limit
+        if len(self._cbuf) >= limit:
+            self.flush()
+
+    def unflushed(self) -> int:
+        """Bytes of frames queued by coalescing and not yet written."""
+        return len(self._cbuf)
+
+    def flush(self) -> None:
+        """Write the frames queued by coalescing, in one syscall where the socket takes them.
+
+        The queue is emptied before the write: if it fails, the error is
+        raised and the queued frames are dropped (a prefix of them may have
+        reached the peer).
+        """
+        buf = self._cbuf
+        if not buf:
+            return
+        self._cbuf = bytearray()
+        self._fdcheck()
+        self._sendv_all([buf])
+
+    def _flush_first(self) -> None:
+        # everything queued leaves before this end waits for the peer
+        if self._cbuf:
+            self.flush()
+
+    def _spin_wait(self, deadline: float) -> float:
+        """The time until which a receive busy-polls (see ``spin``)."""
+        until = _monotonic() + self._spin
+        return deadline if 0 <= deadline < until else until
 
     @property
     def readahead(self) -> bool:
@@ -742,7 +913,18 @@ class Channel:
                 part = view
             else:
                 part = (view if type(view) is memoryview else memoryview(view))[offset:offset + n]
-            if n <= COPY_THRESHOLD:
+            if self._climit:
+                cb = self._cbuf
+                cb += _header(n)
+                if n > COPY_THRESHOLD:
+                    # a large payload goes without a copy, behind the queue, in one sendmsg
+                    self._cbuf = bytearray()
+                    self._sendv_all([cb, part])
+                else:
+                    cb += part
+                    if len(cb) >= self._climit:
+                        self.flush()
+            elif n <= COPY_THRESHOLD:
                 if self._io is not None:
                     self._io.sendall(_header(n) + part)
                 elif sock.gettimeout() is None:
@@ -763,6 +945,7 @@ class Channel:
         self._fdcheck()
         if not bufs:
             return
+        self._flush_first()
         views: list[bytes | memoryview] = []
         try:
             # take every buffer before anything is sent, as the compiled kernel does
@@ -797,6 +980,14 @@ class Channel:
         if self._io is not None:
             return self._io_read(view, n, deadline, waitall)
         sock = self._sock
+        if self._spin:
+            until = self._spin_wait(deadline)
+            while True:
+                try:
+                    return sock.recv_into(view, n, _DONTWAIT)
+                except BlockingIOError:
+                    if _monotonic() >= until:
+                        break
         while True:
             try:
                 if deadline >= 0:
@@ -847,8 +1038,18 @@ class Channel:
     def _readmsg(self, view: memoryview, n: int, deadline: float, waitall: bool) -> int:
         """recvmsg_into view, keeping any SCM_RIGHTS descriptors with the stream range they came with."""
         sock = self._sock
+        until = self._spin_wait(deadline) if self._spin else -1.0
         while True:
             try:
+                if until >= 0:
+                    # busy-poll first (see _read)
+                    try:
+                        r, anc, mflags, _ = sock.recvmsg_into([view[:n]], _CTRL_SPACE, _CLOEXEC | _DONTWAIT)
+                        break
+                    except BlockingIOError:
+                        if _monotonic() < until:
+                            continue
+                        until = -1.0
                 if deadline >= 0:
                     flags = _CLOEXEC | _DONTWAIT
                 else:
@@ -929,6 +1130,7 @@ class Channel:
         limit = -1 if maxlength is None else _longlong(maxlength)
         deadline = -1.0 if timeout is None else self._deadline(timeout)
         self._fdcheck()
+        self._flush_first()
         d = self._decoder
         if d._broken is not None:
             raise d._broken
@@ -953,6 +1155,15 @@ class Channel:
         wpos = d._wpos
         free = d._cap - wpos
         with d._mv[wpos:d._cap] as v:
+            if self._spin:
+                until = self._spin_wait(deadline)
+                while True:
+                    try:
+                        sock.recv_into(v, free, _PEEK | _DONTWAIT)
+                        break
+                    except BlockingIOError:
+                        if _monotonic() >= until:
+                            break
             while True:
                 try:
                     if deadline >= 0:
@@ -995,6 +1206,7 @@ class Channel:
         """
         deadline = -1.0 if timeout is None else self._deadline(timeout)
         self._fdcheck()
+        self._flush_first()
         d = self._decoder
         if d._broken is not None:
             raise d._broken
@@ -1016,6 +1228,7 @@ class Channel:
         """
         offset = _ssize(offset)
         self._fdcheck()
+        self._flush_first()
         d = self._decoder
         d._check()
         if d._target is not None:
@@ -1079,6 +1292,7 @@ class Channel:
     def discard_frame(self) -> None:
         """Receive the next frame and drop it without allocating its size."""
         self._fdcheck()
+        self._flush_first()
         d = self._decoder
         d._check()
         if d._target is not None:
@@ -1112,6 +1326,7 @@ class Channel:
     def send_frame_fds(self, buf: Buffer, fds: Iterable[SupportsInt]) -> None:
         """Send one frame whose first bytes carry ``fds`` as SCM_RIGHTS (AF_UNIX only)."""
         sock = self._fdcheck()
+        self._flush_first()
         fdl = array.array("i", [int(f) for f in fds])
         if not self._is_unix:
             raise ValueError("descriptors can only be passed over AF_UNIX connections")
@@ -1132,23 +1347,26 @@ class Channel:
         elif r - len(hdr) < len(view):
             self._sendv_all([view[r - len(hdr):]])
 
-    def recv_frame_fds(self, maxfds: int = _MAX_FDS,
-                       timeout: float | None = None) -> tuple[bytes, list[int]]:
+    def recv_frame_fds(self, maxfds: int = _MAX_FDS, timeout: float | None = None,
+                       maxlength: SupportsInt | None = None) -> tuple[bytes, list[int]]:
         """Receive one frame and the descriptors that rode on it: ``(bytes, fds)``.
 
         Descriptors are matched to the frame they were sent with even when
         the channel has read ahead: a read that brings descriptors ends with
         the sender's message that carried them, so they belong to the last
         frame starting inside that read. More than ``maxfds`` closes them
-        all and raises ProtocolError.
+        all and raises ProtocolError; a frame over ``maxlength`` raises
+        MessageTooLarge, as recv_frame does.
         """
+        limit = -1 if maxlength is None else _longlong(maxlength)
         deadline = -1.0 if timeout is None else self._deadline(timeout)
         self._fdcheck()
+        self._flush_first()
         d = self._decoder
         if d._broken is not None:
             raise d._broken
         while True:
-            f = d._next(-1)
+            f = d._next(limit)
             if f is not None:
                 break
             self._fill(deadline)
@@ -1198,6 +1416,7 @@ class Channel:
     def poll(self, timeout: float | None = 0.0) -> bool:
         """True if a frame is buffered or the socket has data, waiting up to timeout."""
         self._fdcheck()
+        self._flush_first()
         d = self._decoder
         if d._broken is not None:
             return True

@@ -51,10 +51,17 @@ def _conn_module(spec: dict[str, Any]) -> Any:
     return _fastnet(spec)
 
 
+# Row-key words that turn on a fastnet option of the row's Listener and Client.
+_OPTIONS = {"readahead": ("readahead", True), "coalesce": ("coalesce", True), "spin": ("spin", 50.0)}
+
+
 def _conn_options(spec: dict[str, Any], mod: Any) -> dict[str, Any]:
     """Keyword options of a row's Listener and Client: ``readahead=True`` on a
-    read-ahead row (NotAvailable where fastnet's Listener or Client lacks it)."""
-    if "readahead" not in spec["impl"]:
+    read-ahead row, ``coalesce=True`` on a coalescing row, ``spin=50`` on a
+    spinning row (NotAvailable where fastnet's Listener or Client lacks it)."""
+    words = spec["impl"].split("-")
+    opts = dict(v for k, v in _OPTIONS.items() if k in words)
+    if not opts:
         return {}
     import inspect
     for api in (mod.Client, mod.Listener):
@@ -62,9 +69,10 @@ def _conn_options(spec: dict[str, Any], mod: Any) -> dict[str, Any]:
             params: Any = inspect.signature(api).parameters
         except (TypeError, ValueError):  # no signature to read: take it as absent
             params = ()
-        if "readahead" not in params:
-            raise NotAvailable(f"fastnet.{api.__name__} has no readahead option")
-    return {"readahead": True}
+        for name in opts:
+            if name not in params:
+                raise NotAvailable(f"fastnet.{api.__name__} has no {name} option")
+    return opts
 
 
 def _zmq() -> Any:

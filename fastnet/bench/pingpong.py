@@ -38,8 +38,12 @@ def _pingpong_conn_client(spec: dict[str, Any], address: Any) -> Any:
             recv()
         return time.perf_counter() - t0
 
+    cpu0, t0 = time.process_time(), time.perf_counter()
     out = _samples(step, spec, 64, 100, _us_per_op)
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
     out["info"]["backend"] = getattr(mod, "backend", None)
+    # this process's CPU for each microsecond of the run: 1.0 is a busy CPU
+    out["info"]["client_cpu_share"] = round(cpu / wall, 3)
     conn.close()
     return out
 
@@ -89,6 +93,7 @@ ROLES: dict[tuple[str, str], Any] = {
     ("pingpong", "zmq"): (_pingpong_zmq_server, _pingpong_zmq_client),
     ("pingpong", "fastnet"): (_pingpong_conn_server, _pingpong_conn_client),
     ("pingpong", "fastnet-readahead"): (_pingpong_conn_server, _pingpong_conn_client),
+    ("pingpong", "fastnet-spin"): (_pingpong_conn_server, _pingpong_conn_client),
 }
 
 CASES: dict[str, dict[str, Any]] = {
@@ -103,6 +108,9 @@ CASES: dict[str, dict[str, Any]] = {
             # the opt-in: a Connection that reads from the socket all that has
             # arrived, where the default takes only the message it returns
             Impl("fastnet-readahead", "fastnet send/recv, read-ahead", pure=False),
+            # the opt-in: both ends busy-poll a receive for up to 50 µs before
+            # they sleep, burning CPU to skip the scheduler's wake-up
+            Impl("fastnet-spin", "fastnet, spin 50 µs", pure=False),
             Impl("fastnet-pure", "fastnet (pure kernels)", role="fastnet", pure=True),
         ],
     },
@@ -113,4 +121,6 @@ TARGETS: list[tuple[Any, ...]] = [
     ("pingpong", None, "fastnet >= 3x faster than multiprocessing", ("ratio", "mp", "fastnet", ">=", 3.0)),
     ("pingpong", None, "compiled vs pure speed-up", ("report", "fastnet-pure", "fastnet")),
     ("pingpong", None, "read-ahead speed-up over the default", ("report", "fastnet", "fastnet-readahead")),
+    ("pingpong", None, "spin 50 µs within 0.5x the C floor (time ratio; processes on different CPUs: --pin split)",
+     ("ratio", "fastnet-spin", "c", "<=", 0.5)),
 ]

@@ -89,6 +89,10 @@ class _Server:
     def close(self) -> None:
         if self.proc.poll() is None:
             self.stop(grace=0)
+        else:
+            self.thread.join(timeout=5)     # the pump reads stdout to its end first
+        if not self.thread.is_alive():
+            self.proc.stdout.close()  # type: ignore[union-attr]  # stdout=PIPE
         self.errfile.close()
 
 

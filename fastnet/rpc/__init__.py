@@ -48,6 +48,7 @@ start unless ``allow_insecure_pickle=True``.
 """
 from __future__ import annotations
 
+import asyncio
 import bisect
 import concurrent.futures
 import inspect
@@ -57,6 +58,7 @@ import mmap
 import os
 import socket
 import ssl
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
@@ -113,7 +115,8 @@ class _Method:
 
     def __init__(self, func: Callable[..., Any], blocking: bool) -> None:
         self.func = func
-        self.blocking = blocking
+        # an ``async def`` runs on the server's asyncio loop, off the event loop as a blocking one does
+        self.blocking = blocking or inspect.iscoroutinefunction(func)
         self.calls = 0
         self.errors = 0
         self.lat_sum = 0.0
@@ -495,7 +498,10 @@ class RPCServer:
     Functions run on the event loop unless registered ``blocking=True`` (or
     decorated with :func:`blocking`, or ``blocking=True`` here makes that the
     default): those run on ``worker_threads`` threads so a slow call never
-    stalls the others. Other keywords (``max_connections``,
+    stalls the others. ``async def`` functions run on an asyncio event loop
+    the server keeps on a thread of its own (the loop policy's, so uvloop
+    when installed), many at once; a blocking proxy and a
+    :class:`fastnet.aio.RPCProxy` call them alike. Other keywords (``max_connections``,
     ``max_message_size``, ``idle_timeout``, ``handshake_timeout``,
     ``shutdown_timeout``, ``strict``, ``backend``, ``overflow``) are the
     :mod:`fastnet.server` limits. ``monitor=("127.0.0.1", 9100)`` serves
@@ -540,6 +546,9 @@ class RPCServer:
         self._error_base = -1     # in a prefork worker: its error counts in _shared
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_pid: int | None = None
+        self._aio_loop: asyncio.AbstractEventLoop | None = None   # runs the async def methods
+        self._aio_pid: int | None = None
+        self._aio_thread: threading.Thread | None = None
         self._monitor_address = monitor
         self._monitor: Monitor | None = None
         fam, _ = parse_address(address, family)
@@ -682,6 +691,7 @@ class RPCServer:
             if ex is not None and self._executor_pid == os.getpid():
                 ex.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+            self._stop_aio_loop()
 
     def server_close(self) -> None:
         """Close the listening socket (after shutdown)."""
@@ -748,6 +758,9 @@ class RPCServer:
     # blocking calls -----------------------------------------------------
     def _offload(self, handler: _RPCHandler, m: _Method, msgid: int | None, args: list[Any],
                  kwargs: dict[str, Any] | None) -> None:
+        if inspect.iscoroutinefunction(m.func):
+            self._await(handler, m, msgid, args, kwargs)
+            return
         ex = self._executor
         if ex is None or self._executor_pid != os.getpid():
             # a prefork worker builds its own pool: threads do not survive fork()
@@ -770,6 +783,52 @@ class RPCServer:
             except RuntimeError:
                 pass     # the loop closed under a forced shutdown
         ex.submit(run)
+
+    # async def methods ---------------------------------------------------
+    def _await(self, handler: _RPCHandler, m: _Method, msgid: int | None, args: list[Any],
+               kwargs: dict[str, Any] | None) -> None:
+        """Run an ``async def`` method on the server's asyncio loop; answer from the event loop."""
+        aloop = self._aio_loop
+        if aloop is None or self._aio_pid != os.getpid():
+            aloop = self._aio_loop = asyncio.new_event_loop()
+            self._aio_pid = os.getpid()
+            self._aio_thread = threading.Thread(target=aloop.run_forever, name="fastnet-rpc-asyncio",
+                                                daemon=True)
+            self._aio_thread.start()
+        loop = handler.transport.loop
+        t0 = time.perf_counter()
+        func = m.func
+
+        async def run() -> Any:
+            return await (func(*args, **kwargs) if kwargs else func(*args))
+
+        def done(fut: concurrent.futures.Future[Any]) -> None:
+            try:
+                value, ok = fut.result(), True
+            except BaseException as e:
+                value, ok = e, False
+            try:
+                loop.call_soon_threadsafe(handler._blocking_done, m, msgid, t0, ok, value)
+            except RuntimeError:
+                pass     # the loop closed under a forced shutdown
+        asyncio.run_coroutine_threadsafe(run(), aloop).add_done_callback(done)
+
+    def _stop_aio_loop(self) -> None:
+        aloop, thread = self._aio_loop, self._aio_thread
+        self._aio_loop = self._aio_thread = None
+        if aloop is None or thread is None or self._aio_pid != os.getpid():
+            return
+
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            asyncio.get_running_loop().stop()
+        asyncio.run_coroutine_threadsafe(cancel_all(), aloop)
+        thread.join(5.0)
+        if not thread.is_alive():
+            aloop.close()
 
     # monitoring ---------------------------------------------------------
     def _start_monitor(self) -> None:

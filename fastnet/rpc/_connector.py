@@ -7,7 +7,6 @@ than sent on the next one, where its reply could never come back.
 """
 from __future__ import annotations
 
-import json
 import socket
 import ssl
 import threading
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from fastnet.connection import Client
 from fastnet.errors import AuthenticationError, ConnectionLost, ProtocolError, TimeoutError
 from fastnet.rpc._demux import ReplyDemux
-from fastnet.rpc._wire import _MAX_HELLO, PROTOCOL_VERSION
+from fastnet.rpc._wire import _MAX_HELLO, HELLO_CLOSED, check_hello_reply, hello_frame
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -46,7 +45,8 @@ class Connector:
 
     def __init__(self, address: Any, family: str | int | None, authkey: bytes | None, codec: Codec,
                  ssl_context: ssl.SSLContext | None, connect_timeout: float, max_size: int | None,
-                 strict: bool, backoff: tuple[float, float], keepalive: float | None) -> None:
+                 strict: bool, backoff: tuple[float, float], keepalive: float | None,
+                 spin: float = 0.0) -> None:
         self.address = address
         self.family = family
         self.authkey = authkey
@@ -57,6 +57,9 @@ class Connector:
         self.strict = strict
         self.backoff = backoff
         self.keepalive = keepalive
+        if not spin >= 0:
+            raise ValueError(f"spin must be a number of microseconds >= 0, not {spin!r}")
+        self.spin = spin
         self.conn: Connection | None = None
         self.ch: _CChannel | TLSChannel | None = None
         self.gen = 0
@@ -128,28 +131,16 @@ class Connector:
         # be read ahead: one syscall per burst of replies instead of two per reply
         conn = Client(self.address, self.family, self.authkey, timeout=left,
                       max_message_size=self.max_size, strict=self.strict,
-                      ssl_context=self.ssl_context, keepalive=self.keepalive, readahead=True)
+                      ssl_context=self.ssl_context, keepalive=self.keepalive, readahead=True,
+                      spin=self.spin)
         try:
-            hello = {"fastnet-rpc": PROTOCOL_VERSION, "codec": self.codec.name}
-            conn.send_bytes(json.dumps(hello).encode())
+            conn.send_bytes(hello_frame(self.codec.name))
             left = max(0.001, deadline - time.monotonic())
             try:
                 data = conn._ch.recv_frame(_MAX_HELLO, left)  # type: ignore[union-attr]  # open
             except EOFError:
-                raise ConnectionLost("the server closed the connection during the RPC hello "
-                                    "(is it a fastnet RPCServer?)") from None
-            if bytes(data[:11]) == b"#CHALLENGE#":
-                raise AuthenticationError("the RPC server requires an authkey and none was given")
-            try:
-                reply = json.loads(bytes(data).decode("utf-8"))
-                version = reply["fastnet-rpc"]
-            except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-                raise ProtocolError("the server's hello reply is not a fastnet RPC hello") from None
-            if "error" in reply:
-                raise ProtocolError(f"the RPC server refused this client: {reply['error']}")
-            if version != PROTOCOL_VERSION or reply.get("codec") != self.codec.name:
-                raise ProtocolError(f"RPC hello mismatch: server speaks version {version} "
-                                    f"with codec {reply.get('codec')!r}")
+                raise ConnectionLost(HELLO_CLOSED) from None
+            check_hello_reply(data, self.codec.name)
         except BaseException:
             conn.close()
             raise

@@ -26,11 +26,10 @@ import concurrent.futures
 import itertools
 import threading
 import time
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from fastnet.errors import ConnectionLost, ProtocolError, TimeoutError
-from fastnet.rpc._wire import _REPLY, _oob_count, _remote_exception
+from fastnet.rpc._wire import ReplyReader, _remote_exception
 
 if TYPE_CHECKING:
     from fastnet.codecs import Codec
@@ -100,15 +99,14 @@ class ReplyDemux:
         self.bg_parked = False
         self.drivers = 0                    # threads waiting on an asynchronous call
         self.to_close: list[Connection] = []    # dropped connections a reader still holds
-        self.partial: list[Any] | None = None
-        self.partial_left = 0
+        self.reader = ReplyReader(codec)
         self.last_io = 0.0
         self.late_replies = 0
 
     # -- the connection's turns (the connector calls these with the lock held) --
     def connected_locked(self) -> None:
         """A new connection: no message half read, and it counts as fresh."""
-        self.partial = None
+        self.reader.reset()
         self.last_io = time.monotonic()
 
     def detach_locked(self) -> dict[int, _Slot | _FutureSlot]:
@@ -117,7 +115,7 @@ class ReplyDemux:
         self.pending = {}
         self.async_calls = 0
         self.timed_calls = 0
-        self.partial = None
+        self.reader.reset()
         return pending
 
     def close_when_free(self, conn: Connection) -> None:
@@ -321,32 +319,16 @@ class ReplyDemux:
         codec = self.codec
         pending = self.pending
         woke = False
+        reader = self.reader
         for f in frames:
-            part = self.partial
-            if part is not None:
-                part.append(f)
-                left = self.partial_left = self.partial_left - 1
-                if left:
-                    continue
-                self.partial = None
-                msg_frames: Sequence[Any] = part
-            elif f[:1] == b"\xc1":
-                n = _oob_count(f)
-                if n < 1:
-                    self.link.lost(conn, ProtocolError("bad out-of-band marker frame from the server"))
-                    return
-                self.partial = []
-                self.partial_left = n + 1
-                continue
-            else:
-                msg_frames = (f,)
             try:
-                kind, msgid, error, result = codec.loads(msg_frames)
-                if kind != _REPLY:
-                    raise ValueError(f"message kind {kind!r}")
-            except Exception as e:
-                self.link.lost(conn, ProtocolError(f"malformed reply from the server ({e})"))
+                reply = reader.feed(f)
+            except ProtocolError as e:
+                self.link.lost(conn, e)
                 return
+            if reply is None:
+                continue
+            msgid, error, result = reply
             slot = pending.pop(msgid, None)
             if slot is None:
                 self.late_replies += 1     # its call timed out: nobody wants it

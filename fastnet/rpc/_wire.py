@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fastnet.errors import MethodNotFound, ProtocolError, RemoteError
+import json
+
+from fastnet.errors import AuthenticationError, MethodNotFound, ProtocolError, RemoteError
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -61,3 +63,76 @@ def _remote_exception(error: Any, codec: Codec) -> BaseException:
         exc.__cause__ = remote
         return exc
     return remote
+
+
+#: Why a proxy failed when the server closed the connection during the hello.
+HELLO_CLOSED = "the server closed the connection during the RPC hello (is it a fastnet RPCServer?)"
+
+
+def hello_frame(codec_name: str) -> bytes:
+    """The client's hello frame asking for ``codec_name`` (any proxy, blocking or asyncio)."""
+    return json.dumps({"fastnet-rpc": PROTOCOL_VERSION, "codec": codec_name}).encode()
+
+
+def check_hello_reply(data: Any, codec_name: str) -> None:
+    """Raise unless ``data`` is a server's hello accepting ``codec_name``."""
+    if bytes(data[:11]) == b"#CHALLENGE#":
+        raise AuthenticationError("the RPC server requires an authkey and none was given")
+    try:
+        reply = json.loads(bytes(data).decode("utf-8"))
+        version = reply["fastnet-rpc"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise ProtocolError("the server's hello reply is not a fastnet RPC hello") from None
+    if "error" in reply:
+        raise ProtocolError(f"the RPC server refused this client: {reply['error']}")
+    if version != PROTOCOL_VERSION or reply.get("codec") != codec_name:
+        raise ProtocolError(f"RPC hello mismatch: server speaks version {version} "
+                            f"with codec {reply.get('codec')!r}")
+
+
+class ReplyReader:
+    """Replies cut from the frames a server sends: out-of-band buffers gathered, each reply decoded.
+
+    ``feed(frame)`` returns ``(msgid, error, result)`` once a reply is whole,
+    else None; a malformed frame or reply raises ProtocolError (the
+    connection is then unusable). ``reset()`` forgets a reply half read.
+    Both proxies, blocking and asyncio, read with it.
+    """
+
+    __slots__ = ("codec", "partial", "left")
+
+    def __init__(self, codec: Codec) -> None:
+        self.codec = codec
+        self.partial: list[Any] | None = None
+        self.left = 0
+
+    def reset(self) -> None:
+        """Forget a reply half read (a new connection)."""
+        self.partial = None
+
+    def feed(self, frame: Any) -> tuple[Any, Any, Any] | None:
+        """Take one frame; the reply ``(msgid, error, result)`` once it is whole."""
+        part = self.partial
+        if part is not None:
+            part.append(frame)
+            self.left -= 1
+            if self.left:
+                return None
+            self.partial = None
+            frames: Any = part
+        elif frame[:1] == b"\xc1":
+            n = _oob_count(frame)
+            if n < 1:
+                raise ProtocolError("bad out-of-band marker frame from the server")
+            self.partial = []
+            self.left = n + 1
+            return None
+        else:
+            frames = (frame,)
+        try:
+            kind, msgid, error, result = self.codec.loads(frames)
+            if kind != _REPLY:
+                raise ValueError(f"message kind {kind!r}")
+        except Exception as e:
+            raise ProtocolError(f"malformed reply from the server ({e})") from None
+        return msgid, error, result

@@ -1,0 +1,486 @@
+"""FramedTransport of the pure reactor (see reactor.py): frames over a stream socket."""
+from __future__ import annotations
+
+import collections
+import socket as _socket
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+    from fastnet._pure.framing import FrameDecoder
+    from fastnet._pure.reactor import Reactor
+
+from fastnet._pure._reactor_handles import _FdEntry, _LostCall, _new_handle
+from fastnet._pure.framing import _header
+from fastnet.errors import ProtocolError, MessageTooLarge, TruncatedFrameError
+
+#: Payloads up to this size are copied next to their header and sent with one
+#: send(); larger ones go out without a copy.
+COPY_THRESHOLD = 65536
+DEFAULT_HIGH_WATER = 1 << 20
+
+_IOV_MAX = 1024
+_DECODER_BUFSIZE = 1024
+_DIRECT_READ = 65536
+_RETRY = (BlockingIOError, InterruptedError)
+_FrameDecoder: type[FrameDecoder] | None = None
+
+
+def _decoder_class() -> type[FrameDecoder]:
+    global _FrameDecoder
+    if _FrameDecoder is None:
+        from fastnet._pure.framing import FrameDecoder
+        _FrameDecoder = FrameDecoder
+    return _FrameDecoder
+
+
+def _as_frame(b: Buffer) -> bytes | memoryview:
+    """bytes as they are; another buffer as a flat byte view of it, copied only if not contiguous."""
+    if type(b) is bytes:
+        return b
+    mv = memoryview(b)
+    if not mv.c_contiguous:
+        return mv.tobytes()
+    if mv.format != "B" or mv.ndim != 1:
+        mv = mv.cast("B")
+    return mv
+
+
+class FramedTransport:
+    """Length-prefixed frames over a non-blocking stream socket on a Reactor.
+
+    Created by ``Reactor.add_stream``. ``send_bytes`` / ``send_many`` try the
+    send syscall at once and queue only what the kernel did not take; more
+    than the high-water mark queued pauses reading until the queue drains to
+    the low-water mark. ``close()`` sends what is queued, then closes;
+    ``abort()`` closes now. ``protocol.connection_lost(exc)`` is called once,
+    with the error (a bad frame from the peer, a socket error) or None.
+    """
+
+    def __init__(self, *a: object, **k: object) -> None:
+        raise TypeError("FramedTransport is created by Reactor.add_stream")
+
+    _entry: _FdEntry
+    _on_message: Callable[[bytes], object]
+    _decoder: FrameDecoder | None
+    _wq: collections.deque[bytes | memoryview]
+
+    def _init(self, loop: Reactor, entry: _FdEntry, sock: _socket.socket, fd: int, protocol: Any,
+              on_message: Callable[[bytes], object], max_message_size: int | None) -> None:
+        self._loop = loop
+        self._entry = entry
+        self._sock = sock
+        self._fd = fd
+        self._protocol = protocol
+        self._on_message = on_message
+        self._max_size = -1 if max_message_size is None else max_message_size
+        self._decoder = None
+        self._dirty = False
+        self._wq = collections.deque()
+        self._wq_off = 0
+        self._wq_bytes = 0
+        self._user_paused = self._bp_paused = self._writing = False
+        self._closing = self._closed = self._eof = self._drain_scheduled = False
+        self._messages_received = self._messages_sent = 0
+        self._bytes_received = self._bytes_sent = 0
+        self._pauses = 0
+
+    def _want_read(self) -> bool:
+        return not (self._user_paused or self._bp_paused or self._closing or self._eof)
+
+    # -- reading ------------------------------------------------------------
+
+    def _read_ready(self) -> None:
+        d = self._decoder
+        if d is None:
+            d = self._decoder = _decoder_class()(
+                None if self._max_size < 0 else self._max_size, _DECODER_BUFSIZE)
+        try:
+            if self._dirty and d.needed >= _DIRECT_READ:
+                region = d.get_buffer()
+                n = self._sock.recv_into(region)
+                if n:
+                    d.buffer_updated(n)
+            else:
+                view = self._loop._rview
+                n = self._sock.recv_into(view)
+                if n:
+                    try:
+                        d.feed(view[:n])
+                    except (ProtocolError, MessageTooLarge) as exc:
+                        self._finalize(exc)
+                        return
+        except _RETRY:
+            return
+        except OSError as exc:
+            self._finalize(exc)
+            return
+        if n == 0:
+            self._on_eof()
+            return
+        self._bytes_received += n
+        self._dirty = True
+        self._drain()
+
+    def _drain(self) -> None:
+        d = self._decoder
+        assert d is not None
+        while self._want_read():
+            try:
+                frame = d.next_frame()
+            except (ProtocolError, MessageTooLarge) as exc:
+                self._finalize(exc)
+                return
+            if frame is None:
+                break
+            self._messages_received += 1
+            self._deliver(frame)
+        if not self._closed and d.buffered == 0 and d.needed == 0:
+            self._dirty = False
+
+    def _drain_later(self) -> None:
+        self._drain_scheduled = False
+        if self._dirty and not self._closed and self._want_read():
+            try:
+                self._drain()
+            except Exception as exc:
+                self._loop._report(exc, "exception in transport", self)
+                self._finalize(exc)
+
+    def _deliver(self, frame: bytes) -> None:
+        try:
+            self._on_message(frame)
+        except Exception as exc:
+            self._loop._report(exc, "exception in message_received", self)
+            self._finalize(exc)
+
+    def _on_eof(self) -> None:
+        self._eof = True
+        if self._dirty:
+            try:
+                assert self._decoder is not None
+                self._decoder.eof()
+            except TruncatedFrameError as exc:
+                self._finalize(exc)
+                return
+        if self._wq:
+            self._closing = True
+            self._loop._update(self._entry)
+        else:
+            self._finalize(None)
+
+    # -- writing ------------------------------------------------------------
+
+    def send_bytes(self, data: Buffer) -> None:
+        """Send one frame holding the bytes of ``data`` (any contiguous buffer)."""
+        if self._closing or self._closed:
+            raise ConnectionError("send on a closed transport")
+        if type(data) is not bytes:
+            data = memoryview(data)
+            if not data.contiguous:
+                raise BufferError("memoryview: underlying buffer is not contiguous")
+            data = data.cast("B") if data.ndim != 1 or data.format != "B" else data
+        n = len(data)
+        self._messages_sent += 1
+        if n <= COPY_THRESHOLD:
+            buf = _header(n) + data
+            if self._wq:
+                self._enqueue(buf, 0)
+                return
+            r = self._try_send(buf)
+            if 0 <= r < len(buf):
+                self._enqueue(buf[r:], 0)
+            return
+        hdr = _header(n)
+        r = 0
+        if not self._wq:
+            r = self._try_sendv([hdr, data])
+            if r < 0 or r == len(hdr) + n:
+                return
+        if r < len(hdr):
+            self._enqueue(hdr[r:], 0)
+            r = len(hdr)
+        if type(data) is bytes:
+            self._enqueue(data, r - len(hdr))
+        else:
+            self._enqueue(bytes(data[r - len(hdr):]), 0)
+
+    def send_many(self, buffers: Iterable[Buffer]) -> None:
+        """Send each buffer of ``buffers`` as its own frame, in one syscall when they fit.
+
+        Large buffers other than bytes are sent from their own memory, not
+        copied: leave them unchanged until they are sent.
+        """
+        if self._closing or self._closed:
+            raise ConnectionError("send on a closed transport")
+        items = [_as_frame(b) for b in buffers]
+        if not items:
+            return
+        self._messages_sent += len(items)
+        total = sum(len(b) + (4 if len(b) <= 0x7fffffff else 12) for b in items)
+        if total <= COPY_THRESHOLD:
+            buf = b"".join([x for b in items for x in (_header(len(b)), b)])
+            if self._wq:
+                self._enqueue(buf, 0)
+                return
+            r = self._try_send(buf)
+            if 0 <= r < len(buf):
+                self._enqueue(buf[r:], 0)
+            return
+        pieces = [x for b in items for x in (_header(len(b)), b)]
+        r = 0
+        if not self._wq:
+            r = self._try_sendv(pieces[:_IOV_MAX])
+            if r < 0:
+                return
+        i = 0
+        while i < len(pieces) and r >= len(pieces[i]):
+            r -= len(pieces[i])
+            i += 1
+        first = True
+        for p in pieces[i:]:
+            self._enqueue(p, r if first else 0)
+            first = False
+
+    def _try_send(self, buf: Buffer) -> int:
+        try:
+            r = self._sock.send(buf)
+        except _RETRY:
+            return 0
+        except OSError as exc:
+            self._finalize(exc)
+            return -1
+        self._bytes_sent += r
+        return r
+
+    def _try_sendv(self, pieces: list[Any]) -> int:
+        try:
+            r = self._sock.sendmsg(pieces)
+        except _RETRY:
+            return 0
+        except OSError as exc:
+            self._finalize(exc)
+            return -1
+        self._bytes_sent += r
+        return r
+
+    def _enqueue(self, b: bytes | memoryview, off: int) -> None:
+        if self._closed:
+            return
+        if not self._wq:
+            self._wq_off = off
+        self._wq.append(b)
+        self._wq_bytes += len(b) - off
+        if not self._writing:
+            self._writing = True
+            self._loop._update(self._entry)
+        if not self._bp_paused and self._wq_bytes > self._high:
+            self._bp_paused = True
+            self._pauses += 1
+            self._loop._update(self._entry)
+            pw = getattr(self._protocol, "pause_writing", None)
+            if pw is not None:
+                try:
+                    pw()
+                except Exception as exc:
+                    self._loop._report(exc, "exception in pause_writing", self)
+
+    def _write_ready(self) -> None:
+        loop = self._loop
+        wq = self._wq
+        if not wq:
+            self._writing = False
+            loop._update(self._entry)
+            return
+        pieces = []
+        off = self._wq_off
+        for i, b in enumerate(wq):
+            if i == _IOV_MAX:
+                break
+            pieces.append(memoryview(b)[off:] if off else b)
+            off = 0
+        r = self._try_sendv(pieces)
+        if r <= 0:
+            return
+        self._wq_bytes -= r
+        off = self._wq_off
+        while wq:
+            sz = len(wq[0]) - off
+            if r >= sz:
+                r -= sz
+                off = 0
+                wq.popleft()
+            else:
+                off += r
+                break
+        self._wq_off = off
+        if not wq:
+            self._writing = False
+            self._wq_off = 0
+            if self._closing:
+                self._finalize(None)
+                return
+            loop._update(self._entry)
+        if self._bp_paused and self._wq_bytes <= self._low:
+            self._bp_paused = False
+            loop._update(self._entry)
+            rw = getattr(self._protocol, "resume_writing", None)
+            if rw is not None:
+                try:
+                    rw()
+                except Exception as exc:
+                    loop._report(exc, "exception in resume_writing", self)
+            self._schedule_drain()
+
+    def _schedule_drain(self) -> None:
+        if self._dirty and not self._drain_scheduled and not self._closed:
+            self._drain_scheduled = True
+            self._loop._ready.append(_new_handle(self._drain_later, ()))
+
+    # -- control ------------------------------------------------------------
+
+    def pause_reading(self) -> None:
+        """Stop calling message_received until resume_reading()."""
+        if self._closed or self._user_paused:
+            return
+        self._user_paused = True
+        self._loop._update(self._entry)
+
+    def resume_reading(self) -> None:
+        """Undo pause_reading(); frames received meanwhile are delivered first."""
+        if self._closed or not self._user_paused:
+            return
+        self._user_paused = False
+        self._loop._update(self._entry)
+        self._schedule_drain()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        """Queued bytes above ``high`` pause reading; at or below ``low`` it resumes."""
+        if high is None:
+            high = DEFAULT_HIGH_WATER if low is None else max(4 * low, DEFAULT_HIGH_WATER)
+        if low is None:
+            low = high // 4
+        if not 0 <= low <= high:
+            raise ValueError(f"need 0 <= low ({low}) <= high ({high})")
+        self._high = high
+        self._low = low
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (self._low, self._high)
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes queued and not yet taken by the kernel."""
+        return self._wq_bytes
+
+    # read-only, as the compiled FramedTransport's ``readonly`` attributes
+    @property
+    def protocol(self) -> Any:
+        return self._protocol
+
+    @property
+    def messages_received(self) -> int:
+        return self._messages_received
+
+    @property
+    def messages_sent(self) -> int:
+        return self._messages_sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self._bytes_received
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._bytes_sent
+
+    @property
+    def pauses(self) -> int:
+        """Times the write queue went over the high-water mark and paused the protocol's writing."""
+        return self._pauses
+
+    @property
+    def reading_paused(self) -> bool:
+        """True while reading is paused (by pause_reading or by backpressure)."""
+        return self._user_paused or self._bp_paused
+
+    @property
+    def max_message_size(self) -> int | None:
+        return None if self._max_size < 0 else self._max_size
+
+    @property
+    def socket(self) -> _socket.socket:
+        return self._sock
+
+    @property
+    def loop(self) -> Reactor:
+        return self._loop
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def fileno(self) -> int:
+        return self._fd if not self._closed else -1
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """'peername', 'sockname' or 'socket', as asyncio transports."""
+        if name == "socket":
+            return self._sock
+        if self._closed:
+            return default
+        try:
+            if name == "peername":
+                return self._sock.getpeername()
+            if name == "sockname":
+                return self._sock.getsockname()
+        except OSError:
+            return default
+        return default
+
+    def is_closing(self) -> bool:
+        return self._closing or self._closed
+
+    def close(self) -> None:
+        """Stop reading, send what is queued, then close."""
+        if self._closing or self._closed:
+            return
+        self._closing = True
+        if not self._wq:
+            self._finalize(None)
+        else:
+            self._loop._update(self._entry)
+
+    def abort(self) -> None:
+        """Close now, dropping queued bytes."""
+        self._finalize(None)
+
+    def _finalize(self, exc: BaseException | None) -> None:
+        if self._closed:
+            return
+        loop = self._loop
+        self._closed = True
+        self._closing = True
+        self._writing = False
+        self._wq = collections.deque()
+        self._wq_bytes = 0
+        self._decoder = None
+        self._dirty = False
+        e = self._entry
+        if e is not None:
+            e.stream = None
+            if not loop._closed:
+                loop._update(e)
+            self._entry = None  # type: ignore[assignment]
+        loop._streams.discard(self)
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        self._on_message = None  # type: ignore[assignment]
+        loop._ready.append(_new_handle(_LostCall(self._protocol, exc), ()))
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("closing" if self._closing else f"fd={self._fd}")
+        return f"<FramedTransport {state} queued={self._wq_bytes}>"

@@ -1,0 +1,1009 @@
+"""AsyncConnection: fastnet's message connection on the running asyncio loop.
+
+A plain socket is driven straight from the loop's ``add_reader``/``add_writer``
+with the framing kernel: a read takes as much as the socket has into the
+decoder (many frames per read), a large frame is read straight into its final
+object (``recv_bytes``) or the caller's buffer (``recv_bytes_into``,
+``recv_array``), and a send tries the syscall at once and queues only what
+the socket did not take (``send_many`` is one ``sendmsg``). TLS runs on the
+loop's own TLS transport with an ``asyncio.BufferedProtocol`` that fills the
+same decoder.
+
+Cancellation and timeouts (``asyncio.timeout``, ``wait_for``) leave the
+connection usable: a receive keeps whatever it read of a frame in the
+connection, whole, for the next receive (a frame half received into a
+caller's buffer is moved into the connection's own memory); a send that was
+cancelled after its frame started to leave finishes sending it from a copy.
+Errors from the peer (a bad frame, a frame over ``max_message_size``, a reset)
+close the connection; a clean close by the peer is EOFError, as in
+multiprocessing.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import ipaddress
+import socket
+import ssl
+from collections.abc import AsyncIterator, Iterable
+from multiprocessing.reduction import ForkingPickler
+from pickle import PickleBuffer
+from typing import TYPE_CHECKING, Any
+
+from fastnet import auth as _auth
+from fastnet import zerocopy as _zc
+from fastnet._kernels import framing as _framing
+from fastnet.address import parse_address
+from fastnet.connection import _keepalive_seconds, _send_size, _tune
+from fastnet.defaults import MAX_MESSAGE_SIZE_CONNECTION
+from fastnet.errors import (AuthenticationError, BufferTooShort, ConnectionLost, MessageTooLarge,
+                            ProtocolError, TimeoutError)
+from fastnet.handshake import DEFAULT_DIGEST, MAX_MESSAGE, Handshake
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+__all__ = ["AsyncConnection", "connect", "authenticate", "DEFAULT_HIGH_WATER", "DEFAULT_LOW_WATER"]
+
+#: A send waits (like ``StreamWriter.drain``) once this many bytes are queued
+#: that the socket did not take...
+DEFAULT_HIGH_WATER = 1 << 20
+#: ...until no more than this many are left.
+DEFAULT_LOW_WATER = 256 << 10
+# Initial size of the receive buffer; it grows for a frame that needs more.
+_BUFSIZE = 262144
+# sendmsg() takes at most IOV_MAX (1024 on Linux) buffers.
+_IOV_MAX = 1024
+_COPY_THRESHOLD = _framing.COPY_THRESHOLD
+# Small messages corked within one loop iteration go out at least this often.
+_CORK_MAX = 65536
+# With no receive waiting, a TLS connection stops reading above this much.
+_TLS_READ_LIMIT = 4 << 20
+
+_dumps = ForkingPickler.dumps
+_loads = ForkingPickler.loads
+_encode_header = _framing.encode_header
+
+
+def _byte_view(obj: Any) -> memoryview:
+    """A flat unsigned-byte view of any C- or Fortran-contiguous buffer."""
+    v = memoryview(obj)
+    if v.ndim == 1 and v.format == "B" and v.c_contiguous:
+        return v
+    return PickleBuffer(obj).raw()
+
+
+def _frame_parts(payload: memoryview, parts: list[Any]) -> bool:
+    """Append a frame's pieces to parts; True if the payload is referenced, not copied.
+
+    Below the copy threshold header and payload become one bytes object;
+    above it they go as two buffers of one vectored write, never joined.
+    """
+    n = len(payload)
+    if n < _COPY_THRESHOLD:
+        parts.append(_encode_header(n) + payload)
+        return False
+    parts.append(_encode_header(n))
+    parts.append(payload)
+    return True
+
+
+class AsyncConnection:
+    """A framed message connection for asyncio (see :func:`fastnet.aio.connect`).
+
+    The verbs of :class:`fastnet.Connection`, awaited. One coroutine receives
+    at a time; any number may send. Usable as ``async with`` (closes on
+    exit) and ``async for obj in conn`` (``recv()`` until the peer closes).
+    """
+
+    def __init__(self, sock: socket.socket | None, *, max_message_size: int | None = MAX_MESSAGE_SIZE_CONNECTION,
+                 high_water: int = DEFAULT_HIGH_WATER, low_water: int = DEFAULT_LOW_WATER) -> None:
+        if not 0 <= low_water <= high_water:
+            raise ValueError("need 0 <= low_water <= high_water")
+        self._loop = asyncio.get_running_loop()
+        self._decoder = _framing.FrameDecoder(max_message_size, _BUFSIZE)
+        self._max_size = max_message_size
+        self._sock = sock
+        self._fd = -1 if sock is None else sock.fileno()
+        self.high_water = high_water
+        self.low_water = low_water
+        # receive side
+        self._reading = False            # the reader is registered with the loop
+        self._waiter: asyncio.Future[None] | None = None
+        self._into: tuple[Any, int] | None = None   # the caller's buffer of recv_bytes_into
+        self._limit: int | None = None   # maxlength of the waiting recv_bytes
+        self._eof = False
+        # send side: what the socket did not take, and stream offsets
+        self._wq: collections.deque[Any] = collections.deque()
+        self._queued = 0                 # bytes handed to the connection so far
+        self._sent = 0                   # bytes the socket took so far
+        self._writing = False
+        # small messages sent after the first in one loop iteration, sent together at its end
+        self._cork: list[bytes] = []
+        self._cork_size = 0
+        self._tick = False               # a message went out in this loop iteration
+        self._send_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._error: BaseException | None = None    # why the connection failed
+        self._closing = False
+        self._closed = self._loop.create_future()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closing else "open"
+        return f"<fastnet.aio.AsyncConnection fd={self._fd} {state}>"
+
+    # -- state ---------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called or the connection failed."""
+        return self._closing
+
+    @property
+    def max_message_size(self) -> int | None:
+        """The largest message received, None for no limit."""
+        return self._max_size
+
+    def fileno(self) -> int:
+        """The socket's descriptor."""
+        return self._fd
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """``peername``, ``sockname``, ``socket``; with TLS also ``peercert``, ``cipher``, ``ssl_object``."""
+        sock = self._sock
+        if sock is None:
+            return default
+        if name == "socket":
+            return sock
+        try:
+            if name == "peername":
+                return sock.getpeername()
+            if name == "sockname":
+                return sock.getsockname()
+        except OSError:
+            return default
+        return default
+
+    @property
+    def write_buffer_size(self) -> int:
+        """Bytes queued for the peer that the socket has not taken yet."""
+        return self._queued - self._sent + self._cork_size
+
+    def _check(self) -> None:
+        if self._closing:
+            if self._error is not None:
+                raise ConnectionLost(f"connection failed: {self._error}") from self._error
+            raise OSError("handle is closed")
+
+    # -- receiving -----------------------------------------------------------
+
+    def _read(self) -> None:
+        """Read what the socket has into the decoder; BlockingIOError if it had nothing."""
+        d = self._decoder
+        recv_into = self._sock.recv_into  # type: ignore[union-attr]
+        while True:
+            region = d.get_buffer()
+            n = recv_into(region)
+            if n == 0:
+                self._eof = True
+                return
+            d.buffer_updated(n)
+            # a short read emptied the socket; a whole frame is worth handing out now
+            if n < len(region) or d.has_frame():
+                return
+
+    def _ready(self) -> bool:
+        """True when the waiting receive can go on.
+
+        Until then the frame in progress is steered: into the caller's
+        buffer (recv_bytes_into) or checked against maxlength as soon as its
+        header is here, before its payload is read.
+        """
+        d = self._decoder
+        if self._eof or d.has_frame():
+            return True
+        if self._into is not None:
+            d.next_frame_into(*self._into)
+        elif self._limit is not None:
+            d.next_frame(self._limit)
+        return False
+
+    def _on_readable(self) -> None:
+        fut = self._waiter
+        if fut is None or fut.done():
+            # nobody receives: leave the data in the socket (backpressure)
+            self._loop.remove_reader(self._fd)
+            self._reading = False
+            return
+        try:
+            self._read()
+            if not self._ready():
+                return
+        except (BlockingIOError, InterruptedError):
+            return
+        except Exception as exc:
+            fut.set_exception(exc)
+            return
+        fut.set_result(None)
+
+    async def _wait(self) -> None:
+        """Wait until the decoder holds a whole frame, the peer closed, or the read failed."""
+        if self._waiter is not None:
+            raise RuntimeError("another coroutine is already receiving on this connection")
+        self._check()
+        # try the syscall first (a reply often is there already): the loop only on EAGAIN
+        try:
+            self._read()
+            if self._ready():
+                return
+        except (BlockingIOError, InterruptedError):
+            pass
+        if not self._reading:
+            self._loop.add_reader(self._fd, self._on_readable)
+            self._reading = True
+        # this coroutine yields to the loop: the next small send may go out at once
+        self._tick = False
+        fut = self._waiter = self._loop.create_future()
+        try:
+            await fut
+        finally:
+            self._waiter = None
+
+    def _recv_failed(self, exc: BaseException) -> None:
+        # a bad frame, a frame over the limit, a reset: the stream is
+        # desynchronised or gone, and only this connection goes
+        if isinstance(exc, OSError) and not self._closing:
+            self._abort(exc)
+
+    def _at_eof(self) -> None:
+        self._decoder.eof()     # TruncatedFrameError when a frame was cut short
+        raise EOFError("the peer closed the connection")
+
+    async def recv_bytes(self, maxlength: int | None = None) -> bytes:
+        """Receive one message as bytes. EOFError when the peer has closed.
+
+        A message longer than ``maxlength`` raises MessageTooLarge as soon
+        as its header arrives, and closes the connection.
+        """
+        if maxlength is not None and maxlength < 0:
+            raise ValueError("negative maxlength")
+        self._check()
+        d = self._decoder
+        try:
+            while True:
+                f = d.next_frame(maxlength)
+                if f is not None:
+                    return f
+                if self._eof:
+                    self._at_eof()
+                self._limit = maxlength
+                try:
+                    await self._wait()
+                finally:
+                    self._limit = None
+        except BaseException as exc:
+            self._recv_failed(exc)
+            raise
+
+    async def recv(self) -> Any:
+        """Receive and unpickle one object (as multiprocessing: this trusts the peer)."""
+        return _loads(await self.recv_bytes())
+
+    async def recv_many(self) -> list[bytes]:
+        """Every message received so far as a list, waiting for at least one."""
+        self._check()
+        d = self._decoder
+        try:
+            while True:
+                frames = d.frames()
+                if frames:
+                    return frames
+                if self._eof:
+                    self._at_eof()
+                await self._wait()
+        except BaseException as exc:
+            self._recv_failed(exc)
+            raise
+
+    async def recv_bytes_into(self, buf: Buffer, offset: int = 0) -> int:
+        """Receive one message into a writable buffer at byte ``offset``; return its size.
+
+        The payload of a large message goes from the socket straight into
+        ``buf``. A message that does not fit raises BufferTooShort carrying
+        it whole. Cancelled half way, the message stays in the connection for
+        the next receive (what was written into ``buf`` is not part of it).
+        """
+        if offset < 0:
+            raise ValueError("negative offset")
+        if offset > memoryview(buf).nbytes:
+            raise ValueError("offset too large")
+        self._check()
+        return await self._recv_into(buf, offset)
+
+    async def _recv_into(self, buf: Any, offset: int) -> int:
+        d = self._decoder
+        try:
+            while True:
+                n = d.next_frame_into(buf, offset)
+                if n is not None:
+                    return n
+                if self._eof:
+                    self._at_eof()
+                self._into = (buf, offset)
+                try:
+                    await self._wait()
+                except asyncio.CancelledError:
+                    d.detach()
+                    raise
+                finally:
+                    self._into = None
+        except BaseException as exc:
+            self._recv_failed(exc)
+            raise
+
+    async def recv_array(self, out: Any = None) -> Any:
+        """Receive an array sent with ``send_array`` (by any fastnet peer).
+
+        With ``out``, the payload lands straight in that preallocated array
+        after its shape and dtype are checked (a mismatch raises ValueError
+        and leaves the connection usable). Without, a new array is allocated
+        (numpy if installed, else a memoryview), bounded by max_message_size,
+        and the payload is read straight into it.
+        """
+        header = await self.recv_bytes(_zc.MAX_HEADER)
+        try:
+            kind, tname, shape, order = _zc.decode_array_header(header)
+            itemsize = _zc.itemsize_of(kind, tname)
+            nbytes = _zc.nbytes_of(shape, itemsize)
+        except ProtocolError as exc:
+            self._abort(exc)
+            raise
+        np = _zc._np
+        if out is not None:
+            target, result = self._array_target(out, kind, tname, shape, order, nbytes)
+            if target is None:
+                await self.recv_bytes()          # the payload is not wanted: drop it
+                raise result
+        else:
+            limit = self._max_size
+            if limit is not None and nbytes > limit:
+                too_large = MessageTooLarge(f"array of {nbytes} bytes exceeds max_message_size={limit}")
+                self._abort(too_large)
+                raise too_large
+            if np is not None:
+                result = np.empty(shape, _zc.dtype_of(kind, tname), order=order)
+                target = _zc.byte_view(result)
+            else:
+                target = bytearray(nbytes)
+                result = memoryview(target).cast("B").cast(tname, shape) if shape else memoryview(target)  # type: ignore[call-overload]
+        try:
+            n = await self._recv_into(target, 0)
+        except BufferTooShort:
+            exc2 = ProtocolError("array payload is larger than its header says")
+            self._abort(exc2)
+            raise exc2 from None
+        if n != nbytes:
+            exc3 = ProtocolError(f"array payload of {n} bytes, header said {nbytes}")
+            self._abort(exc3)
+            raise exc3
+        if out is not None and target is not None and result is not out:
+            out[...] = result         # a non-contiguous out: filled from the C/F-ordered copy
+            return out
+        return result
+
+    @staticmethod
+    def _array_target(out: Any, kind: int, tname: str, shape: tuple[int, ...], order: str,
+                      nbytes: int) -> tuple[Any, Any]:
+        """(buffer to receive into, array to return), or (None, the ValueError) on a mismatch."""
+        np = _zc._np
+        if np is not None and isinstance(out, np.ndarray):
+            dt = _zc.dtype_of(kind, tname)
+            if out.shape != tuple(shape) or out.dtype != dt:
+                return None, ValueError(f"out is {out.dtype}{list(out.shape)}, message is {dt}{list(shape)}")
+            if not out.flags.writeable:
+                return None, ValueError("out is read-only")
+            if out.flags.c_contiguous if order == "C" else out.flags.f_contiguous:
+                return _zc.byte_view(out), out
+            tmp = np.empty(shape, dt, order=order)
+            return _zc.byte_view(tmp), tmp
+        m = memoryview(out)
+        if m.nbytes != nbytes or (kind == 1 and m.format != tname) or tuple(m.shape) != tuple(shape):  # type: ignore[arg-type]
+            return None, ValueError(f"out does not match the message ({tname}{list(shape)})")
+        return out, out
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Any]:
+        while True:
+            try:
+                obj = await self.recv()
+            except EOFError as exc:
+                if isinstance(exc, ProtocolError):     # a truncated frame is an error
+                    raise
+                return
+            yield obj
+
+    # -- sending -------------------------------------------------------------
+
+    def _write(self, parts: list[Any], total: int, held: bool) -> int:
+        """Send parts now as far as the socket takes them and queue the rest.
+
+        Returns the stream offset at the end of these bytes. Queued pieces
+        the caller does not wait for (held=False) are copies, so its buffers
+        are free once it returns.
+        """
+        self._check()
+        if self._cork:
+            parts = self._cork + parts
+            total += self._cork_size
+            self._cork = []
+            self._cork_size = 0
+        sent = 0
+        if not self._wq:
+            try:
+                if len(parts) == 1:
+                    sent = self._sock.send(parts[0])  # type: ignore[union-attr]
+                else:
+                    sent = self._sock.sendmsg(parts)  # type: ignore[union-attr]
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._abort(exc)
+                raise ConnectionLost(f"send failed: {exc}") from exc
+            self._sent += sent
+        self._queued += total
+        if sent == total:
+            return self._queued
+        wq = self._wq
+        for p in parts:
+            n = len(p)
+            if sent >= n:
+                sent -= n
+                continue
+            if sent:
+                p = memoryview(p)[sent:]
+                sent = 0
+            if type(p) is not bytes and not held:
+                p = bytes(p)
+            wq.append(p)
+        if not self._writing:
+            self._loop.add_writer(self._fd, self._on_writable)
+            self._writing = True
+        return self._queued
+
+    def _on_writable(self) -> None:
+        wq = self._wq
+        sock = self._sock
+        assert sock is not None
+        try:
+            while wq:
+                batch = list(wq) if len(wq) <= _IOV_MAX else [wq[i] for i in range(_IOV_MAX)]
+                n = sock.sendmsg(batch)
+                self._sent += n
+                full = True
+                for p in batch:
+                    k = len(p)
+                    if n >= k:
+                        n -= k
+                        wq.popleft()
+                    else:
+                        if n:
+                            wq[0] = memoryview(p)[n:]
+                        full = False
+                        break
+                if not full:
+                    break
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            self._abort(exc)
+            return
+        if not wq:
+            self._loop.remove_writer(self._fd)
+            self._writing = False
+            if self._closing:
+                self._finish_close()
+        self._wake_senders()
+
+    def _wake_senders(self) -> None:
+        sent = self._sent
+        keep = []
+        for mark, fut in self._send_waiters:
+            if fut.done():
+                continue
+            if sent >= mark:
+                fut.set_result(None)
+            else:
+                keep.append((mark, fut))
+        self._send_waiters = keep
+
+    async def _sent_up_to(self, mark: int, held: bool) -> None:
+        """Wait until the socket took the stream up to mark.
+
+        Cancelled, a send whose buffers are still queued by reference gets
+        them copied: the frame goes out whole and the caller's memory is free.
+        """
+        fut = self._loop.create_future()
+        self._send_waiters.append((mark, fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if held and not self._closing:
+                self._wq = collections.deque(p if type(p) is bytes else bytes(p) for p in self._wq)
+            raise
+
+    def _send_small(self, frame: bytes) -> None:
+        """Send one small frame: at once if it is the first since this connection last waited, else corked.
+
+        A burst of small messages then costs one syscall per loop iteration
+        (or per _CORK_MAX bytes) instead of one each, while a lone message
+        (a request, a reply) never waits; a corked one waits at most until
+        the end of the current loop iteration.
+        """
+        if not self._tick:
+            self._write([frame], len(frame), False)
+            self._tick = True
+            return
+        self._check()
+        if not self._cork:
+            self._loop.call_soon(self._end_tick)
+        self._cork.append(frame)
+        self._cork_size += len(frame)
+        if self._cork_size >= _CORK_MAX:
+            self._write([], 0, False)
+
+    def _end_tick(self) -> None:
+        self._tick = False
+        if self._cork and not self._closed.done():
+            try:
+                self._write([], 0, False)
+            except (ConnectionLost, OSError):
+                pass        # the connection failed: _write aborted it, every waiter hears of it
+
+    async def _after_write(self, mark: int, held: bool) -> None:
+        if held:
+            if self._sent < mark:
+                await self._sent_up_to(mark, True)
+        elif self._queued - self._sent > self.high_water:
+            await self._sent_up_to(self._queued - self.low_water, False)
+
+    async def send_bytes(self, buf: Buffer, offset: int = 0, size: int | None = None) -> None:
+        """Send a bytes-like object's bytes (from ``offset``, ``size`` long) as one message.
+
+        Returns once the socket took the message, or it is copied into the
+        connection's queue (small messages) and that queue is below the high
+        water mark: ``buf`` may then be reused. A large message is never
+        copied: the call returns when the socket has taken all of it.
+        """
+        view = _byte_view(buf)
+        n = len(view)
+        if offset or size is not None:
+            view = view[offset:offset + _send_size(n, offset, size)]
+        if len(view) < _COPY_THRESHOLD:
+            self._send_small(_encode_header(len(view)) + view)
+            if self._queued - self._sent > self.high_water:
+                await self._sent_up_to(self._queued - self.low_water, False)
+            return
+        parts: list[Any] = []
+        _frame_parts(view, parts)
+        mark = self._write(parts, sum(len(p) for p in parts), True)
+        await self._after_write(mark, True)
+
+    async def send(self, obj: Any) -> None:
+        """Send a picklable object (pickled as multiprocessing does)."""
+        await self.send_bytes(_dumps(obj))
+
+    async def send_many(self, buffers: Iterable[Buffer]) -> None:
+        """Send each bytes-like object in ``buffers`` as its own message, in one ``sendmsg`` where it fits."""
+        parts: list[Any] = []
+        held = False
+        for b in buffers:
+            held = _frame_parts(_byte_view(b), parts) or held
+        mark = 0
+        for i in range(0, len(parts), _IOV_MAX):
+            chunk = parts[i:i + _IOV_MAX]
+            mark = self._write(chunk, sum(len(p) for p in chunk), held)
+        if parts:
+            await self._after_write(mark, held)
+
+    async def send_array(self, arr: Any) -> None:
+        """Send a numpy array (or any buffer) with its dtype, shape and order, without copying it.
+
+        Two messages, as :meth:`fastnet.Connection.send_array`: a small
+        header and the raw bytes; a blocking fastnet peer reads it with
+        ``recv_array``.
+        """
+        header, payload = _zc.encode_array(arr)
+        await self.send_many((header, payload))
+
+    async def drain(self) -> None:
+        """Wait until the queue of unsent bytes is down to the low water mark."""
+        self._check()
+        if self._queued - self._sent > self.low_water:
+            await self._sent_up_to(self._queued - self.low_water, False)
+
+    # -- closing -------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection; queued messages are still sent (see :meth:`wait_closed`)."""
+        if self._closing:
+            return
+        if self._cork:
+            try:
+                self._write([], 0, False)
+            except (ConnectionLost, OSError):
+                pass
+        self._closing = True
+        self._stop_reading(ConnectionLost("the connection was closed"))
+        if not self._wq:
+            self._finish_close()
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection is closed and its socket released."""
+        await asyncio.shield(self._closed)
+
+    def _stop_reading(self, exc: BaseException) -> None:
+        if self._reading:
+            self._loop.remove_reader(self._fd)
+            self._reading = False
+        fut = self._waiter
+        if fut is not None and not fut.done():
+            fut.set_exception(exc)
+
+    def _abort(self, exc: BaseException) -> None:
+        """Fail the connection now: queued data is dropped, every waiter gets the error."""
+        if self._closed.done():
+            return
+        if self._error is None:
+            self._error = exc
+        self._closing = True
+        self._stop_reading(exc)
+        self._wq.clear()
+        self._cork = []
+        self._cork_size = 0
+        self._finish_close()
+
+    def _finish_close(self) -> None:
+        if self._writing:
+            self._loop.remove_writer(self._fd)
+            self._writing = False
+        err = self._error
+        for _, fut in self._send_waiters:
+            if not fut.done():
+                fut.set_exception(ConnectionLost(f"connection failed: {err}") if err is not None
+                                  else ConnectionLost("the connection was closed"))
+        self._send_waiters = []
+        self._release()
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def _release(self) -> None:
+        sock = self._sock
+        if sock is not None:
+            sock.close()
+
+    async def __aenter__(self) -> AsyncConnection:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+    def __del__(self) -> None:
+        sock = getattr(self, "_sock", None)
+        if sock is None or sock.fileno() < 0 or not hasattr(self, "_writing"):
+            return
+        # never closed: take it off the loop (if that still runs) and release the socket
+        try:
+            if not self._loop.is_closed():
+                if self._reading:
+                    self._loop.remove_reader(self._fd)
+                if self._writing:
+                    self._loop.remove_writer(self._fd)
+        except Exception:
+            pass
+        sock.close()
+
+
+class _TLSConnection(AsyncConnection):
+    """An AsyncConnection over the loop's TLS transport (a BufferedProtocol feeds the decoder)."""
+
+    def __init__(self, sock: socket.socket, **kw: Any) -> None:
+        super().__init__(sock, **kw)
+        self._transport: asyncio.Transport | None = None
+        self._paused = False                   # the transport asked us to stop writing
+        self._read_paused = False
+        self._resumed: asyncio.Future[None] | None = None
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        t = self._transport
+        if t is None:
+            return super().get_extra_info(name, default)
+        return t.get_extra_info(name, default)
+
+    # the protocol's side -----------------------------------------------------
+    def _data_arrived(self) -> None:
+        fut = self._waiter
+        if fut is None or fut.done():
+            if self._decoder.buffered > _TLS_READ_LIMIT and not self._read_paused and self._transport:
+                self._transport.pause_reading()
+                self._read_paused = True
+            return
+        try:
+            if not self._ready():
+                return
+        except Exception as exc:
+            fut.set_exception(exc)
+            return
+        fut.set_result(None)
+
+    def _lost(self, exc: BaseException | None) -> None:
+        # the transport is gone: a clean close leaves what was received readable
+        self._eof = True
+        if exc is not None:
+            if self._error is None:
+                self._error = exc
+            self._closing = True
+        fut = self._waiter
+        if fut is not None and not fut.done():
+            if exc is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(ConnectionLost(f"connection failed: {exc}"))
+        self._resume_writing()
+        self._finish_close()
+
+    def _resume_writing(self) -> None:
+        self._paused = False
+        r = self._resumed
+        self._resumed = None
+        if r is not None and not r.done():
+            r.set_result(None)
+
+    # the connection's side ---------------------------------------------------
+    async def _wait(self) -> None:
+        if self._waiter is not None:
+            raise RuntimeError("another coroutine is already receiving on this connection")
+        if self._error is not None or self._transport is None:
+            self._check()
+            raise ConnectionLost("the connection was closed")
+        if self._read_paused:
+            self._read_paused = False
+            self._transport.resume_reading()
+        fut = self._waiter = self._loop.create_future()
+        try:
+            await fut
+        finally:
+            self._waiter = None
+
+    def _send_small(self, frame: bytes) -> None:
+        # the TLS transport buffers and coalesces by itself
+        self._write([frame], len(frame), False)
+
+    def _write(self, parts: list[Any], total: int, held: bool) -> int:
+        self._check()
+        t = self._transport
+        if t is None or t.is_closing():
+            raise ConnectionLost("the connection was closed")
+        # the TLS transport may keep what it is given until it is encrypted: give it copies
+        t.writelines([p if type(p) is bytes else bytes(p) for p in parts])
+        self._queued += total
+        self._sent += total
+        return self._queued
+
+    async def _after_write(self, mark: int, held: bool) -> None:
+        while self._paused:
+            if self._resumed is None:
+                self._resumed = self._loop.create_future()
+            await asyncio.shield(self._resumed)
+            self._check()
+
+    async def drain(self) -> None:
+        self._check()
+        await self._after_write(0, False)
+
+    def _stop_reading(self, exc: BaseException) -> None:
+        fut = self._waiter
+        if fut is not None and not fut.done():
+            fut.set_exception(exc)
+
+    def _release(self) -> None:
+        t = self._transport
+        if t is not None:
+            if self._error is not None:
+                t.abort()
+            else:
+                t.close()
+        elif self._sock is not None:
+            self._sock.close()
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._stop_reading(ConnectionLost("the connection was closed"))
+        t = self._transport
+        if t is None or self._closed.done():
+            self._finish_close()
+        else:
+            t.close()       # flushes what is queued; connection_lost finishes the close
+
+    def __del__(self) -> None:
+        t = getattr(self, "_transport", None)
+        if t is not None and not t.is_closing() and not self._loop.is_closed():
+            t.abort()
+        elif t is None:
+            super().__del__()
+
+
+class _TLSProtocol(asyncio.BufferedProtocol):
+    """Feeds the loop's TLS transport's plaintext into the connection's frame decoder."""
+
+    def __init__(self, conn: _TLSConnection) -> None:
+        self.conn = conn
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.conn._transport = transport  # type: ignore[assignment]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.conn._decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.conn._decoder.buffer_updated(nbytes)
+        self.conn._data_arrived()
+
+    def eof_received(self) -> bool:
+        self.conn._eof = True
+        self.conn._data_arrived()
+        return False
+
+    def pause_writing(self) -> None:
+        self.conn._paused = True
+
+    def resume_writing(self) -> None:
+        self.conn._resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn._lost(exc)
+
+
+async def _start_tls(sock: socket.socket, ctx: ssl.SSLContext, server_side: bool, server_hostname: str | None,
+                     timeout: float | None, **kw: Any) -> _TLSConnection:
+    """Run the TLS handshake on sock with the loop's TLS transport; the connection over it."""
+    loop = asyncio.get_running_loop()
+    conn = _TLSConnection(sock, **kw)
+    hs_timeout = None if timeout is None else max(timeout, 0.001)
+    try:
+        if server_side:
+            await loop.connect_accepted_socket(lambda: _TLSProtocol(conn), sock, ssl=ctx,
+                                               ssl_handshake_timeout=hs_timeout)
+        else:
+            await loop.create_connection(lambda: _TLSProtocol(conn), sock=sock, ssl=ctx,
+                                         server_hostname=server_hostname, ssl_handshake_timeout=hs_timeout)
+    except (ssl.SSLError, ConnectionError) as exc:
+        sock.close()
+        raise AuthenticationError(f"TLS handshake failed: {exc}") from exc
+    except BaseException:
+        sock.close()
+        raise
+    return conn
+
+
+async def authenticate(conn: AsyncConnection, authkey: bytes, server_side: bool, *, strict: bool = False,
+                       digest: str | None = DEFAULT_DIGEST) -> None:
+    """Run the mutual authkey handshake over conn (either role), as ``fastnet.auth`` does on a blocking one.
+
+    Replies wait while the peer's next frame is already received, so a
+    pipelining peer gets them in one write.
+    """
+    hs = Handshake(authkey, server_side, strict=strict, digest=digest)
+    quick = _auth._quickack_socket(conn)
+    out = hs.start()
+    try:
+        while True:
+            if out and (hs.finished or not conn._decoder.has_frame()):
+                await conn.send_many(out)
+                out = []
+            if hs.error is not None:
+                raise hs.error
+            if hs.done:
+                return
+            if quick is not None:
+                try:
+                    quick.setsockopt(socket.IPPROTO_TCP, _auth._QUICKACK, 1)  # type: ignore[arg-type]
+                except OSError:
+                    pass
+            try:
+                payload = await conn.recv_bytes(MAX_MESSAGE)
+            except (MessageTooLarge, EOFError, ProtocolError) as exc:
+                raise _auth.handshake_failure(exc) from None
+            out += hs.receive(payload)
+    finally:
+        hs.abandon()
+
+
+def _numeric_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def _open_socket(fam: int, addr: Any) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    if fam == socket.AF_UNIX:
+        infos: list[Any] = [(socket.AF_UNIX, addr)]
+    elif _numeric_host(addr[0]):
+        # no lookup: asyncio's resolver would start a thread for nothing
+        infos = [(fam, addr)]
+    else:
+        res = await loop.getaddrinfo(addr[0], addr[1], type=socket.SOCK_STREAM)
+        infos = [(r[0], r[4]) for r in res]
+    last: BaseException | None = None
+    for family, sa in infos:
+        s = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            s.setblocking(False)
+            await loop.sock_connect(s, sa)
+            return s
+        except OSError as exc:
+            s.close()
+            last = exc
+        except BaseException:
+            s.close()
+            raise
+    assert last is not None
+    raise last
+
+
+async def _connect(address: Any, authkey: bytes | None, ssl_context: ssl.SSLContext | None,
+                   max_message_size: int | None, keepalive: float | None, family: str | int | None,
+                   strict: bool, digest: str | None, nodelay: bool, timeout: float | None) -> AsyncConnection:
+    fam, addr = parse_address(address, family)
+    if ssl_context is not None and fam == socket.AF_UNIX and ssl_context.check_hostname:
+        raise ValueError("TLS over AF_UNIX has no host name to check: "
+                         "use an ssl_context with check_hostname=False")
+    sock = await _open_socket(fam, addr)
+    try:
+        _tune(sock, nodelay, keepalive)
+    except BaseException:
+        sock.close()
+        raise
+    conn: AsyncConnection
+    if ssl_context is not None:
+        host = None if fam == socket.AF_UNIX else addr[0]
+        conn = await _start_tls(sock, ssl_context, False, host, timeout, max_message_size=max_message_size)
+    else:
+        conn = AsyncConnection(sock, max_message_size=max_message_size)
+    if authkey is not None:
+        try:
+            await authenticate(conn, authkey, False, strict=strict, digest=digest)
+        except BaseException:
+            conn._abort(ConnectionLost("authentication failed"))
+            raise
+    return conn
+
+
+async def connect(address: Any, authkey: bytes | None = None, *, ssl_context: ssl.SSLContext | None = None,
+                  timeout: float | None = None, max_message_size: int | None = MAX_MESSAGE_SIZE_CONNECTION,
+                  keepalive: float | None = None, family: str | int | None = None, strict: bool = False,
+                  digest: str | None = DEFAULT_DIGEST, nodelay: bool = True) -> AsyncConnection:
+    """Connect to a fastnet or stdlib ``multiprocessing.connection`` Listener; return an AsyncConnection.
+
+    The arguments are :func:`fastnet.Client`'s: ``timeout`` bounds the
+    connect, TLS and the authkey handshake together (fastnet.TimeoutError);
+    ``ssl_context`` runs TLS; ``keepalive=seconds`` detects a vanished peer
+    (TCP). Must be awaited on the loop that will use the connection.
+    """
+    if authkey is not None and not isinstance(authkey, bytes):
+        raise TypeError("authkey should be a byte string")
+    keepalive = _keepalive_seconds(keepalive)
+    coro = _connect(address, authkey, ssl_context, max_message_size, keepalive, family, strict, digest,
+                    nodelay, timeout)
+    if timeout is None:
+        return await coro
+    try:
+        return await asyncio.wait_for(coro, timeout)
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"connecting to {address!r} timed out") from None
