@@ -746,7 +746,7 @@ def test_rpc_server_restarted_while_clients_run(hosts, tmp_path):
 # -- idle and half-open peers -----------------------------------------------------------
 
 IDLE = 1.0
-# the documented bound (server.py: two sweeps, every idle_timeout/2, without traffic)
+# the documented bound (server/_engine.py: two sweeps, every idle_timeout/2, without traffic)
 IDLE_BOUND = IDLE + IDLE / 2
 SLACK = 1.0           # scheduling and polling slack on a loaded 2-core machine
 
