@@ -605,7 +605,7 @@ def test_pool_threads_survive_systemexit_and_keyboardinterrupt(kind, monkeypatch
                     concurrency="thread", workers=2, shutdown_timeout=600)
     srv.start()
     try:
-        for word in [b"exit", b"interrupt"] * 3:
+        for i, word in enumerate([b"exit", b"interrupt"] * 3):
             if kind == "stream":
                 with socket.create_connection(srv.address, timeout=WAIT) as s:
                     s.sendall(word + b"\n")
@@ -616,6 +616,9 @@ def test_pool_threads_survive_systemexit_and_keyboardinterrupt(kind, monkeypatch
                     assert c.poll(WAIT)
                     with pytest.raises(EOFError):
                         c.recv_bytes()
+            # the peer may see the close before the thread reports: wait for
+            # each report, so the next word cannot overtake it
+            assert wait_for(lambda: len(died) == i + 1)
         assert wait_for(lambda: len(died) == 6)
         assert died == [SystemExit, KeyboardInterrupt] * 3
         pool = srv._engine.pool
