@@ -269,7 +269,7 @@ def _zmq_asyncio() -> Any:
 
 
 def _stream_zmq_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> None:
-    import zmq
+    zmq = _zmq()
     expected = stream_payload(spec["size"])
 
     async def main() -> None:
@@ -295,7 +295,7 @@ def _stream_zmq_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> No
 
 
 def _stream_zmq_client(spec: dict[str, Any], address: Any) -> Any:
-    import zmq
+    zmq = _zmq()
 
     async def main() -> Any:
         ctx = _zmq_asyncio().Context()
