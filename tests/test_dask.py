@@ -19,6 +19,7 @@ import socket
 import struct
 import subprocess
 import sys
+import sysconfig
 import time
 import tracemalloc
 
@@ -683,6 +684,14 @@ def test_entry_point_of_the_built_wheel(tmp_path, tcp_result):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
     py = str(venv / "bin" / "python")
+    # when this interpreter is itself a venv, --system-site-packages reaches only the base
+    # interpreter's packages: distributed and dask are visible through this one's, after
+    # the new venv's own (where the wheel's fastnet goes)
+    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+    ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    with open(os.path.join(site, "outer-site-packages.pth"), "w") as f:
+        f.write("\n".join(sorted(ours)) + "\n")
     # --ignore-installed: a fastnet of the same version may be installed outside the virtualenv
     installed = subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", str(wheel)],
                                timeout=600, capture_output=True, text=True)
