@@ -274,6 +274,11 @@ class Connection:
         return 0.0 if self._ch is None else self._ch.spin
 
     @property
+    def shm(self) -> bool:
+        """True if large arrays go through shared memory by default (see :meth:`send_array`)."""
+        return self._shm
+
+    @property
     def family(self) -> int:
         """The socket family (``socket.AF_INET``, ``AF_INET6`` or ``AF_UNIX``)."""
         return self._sock.family
@@ -580,8 +585,8 @@ def reduce_connection(conn: Connection) -> tuple[Callable[..., Connection], tupl
 
     Registered with ``multiprocessing.reduction``, so a Connection can be an
     argument of a spawn or forkserver Process and be sent over a connection.
-    The copy has the same readable/writable, max_message_size and readahead.
-    Refused (ValueError) while bytes read ahead are buffered, which a copy
+    The copy has the same readable/writable, max_message_size, readahead,
+    coalesce, spin and shm options; queued messages are flushed first. Refused (ValueError) while bytes read ahead are buffered, which a copy
     would silently lose, and for a TLS connection, whose session state
     cannot travel.
     """
@@ -597,14 +602,15 @@ def reduce_connection(conn: Connection) -> tuple[Callable[..., Connection], tupl
             "descriptors received ahead of the next message: the copy would lose them "
             "(receive them first, or use readahead=False)")
     df = _reduction.DupFd(conn.fileno())
-    return rebuild_connection, (df, conn.readable, conn.writable, conn.max_message_size, conn.readahead)
+    return rebuild_connection, (df, conn.readable, conn.writable, conn.max_message_size, conn.readahead,
+                                conn.coalesce, conn.spin, conn.shm)
 
 
 def rebuild_connection(df: Any, readable: bool, writable: bool, max_message_size: int | None,
-                       readahead: bool) -> Connection:
+                       readahead: bool, coalesce: int = 0, spin: float = 0.0, shm: bool = False) -> Connection:
     """Rebuild a Connection pickled by :func:`reduce_connection`."""
     return Connection(df.detach(), readable, writable, max_message_size=max_message_size,
-                      readahead=readahead)
+                      readahead=readahead, coalesce=coalesce, spin=spin, shm=shm)
 
 
 _reduction.register(Connection, reduce_connection)

@@ -614,3 +614,16 @@ def test_channel_io_hook_over_a_real_tls_pair(fr, tmp_path):
         assert c.io is tc and c.readahead is False
         c.send_frame(b"via sock")
         assert b.recv_frame(timeout=T) == b"via sock"
+
+
+def test_a_duplicate_keeps_the_opt_ins_and_gets_the_queued_messages_first():
+    a, b = Pipe(coalesce=4096, spin=20, shm=True)
+    with a, b:
+        a.send("queued")            # held back by coalescing
+        dup = pickle.loads(reduction.ForkingPickler.dumps(a))
+        with dup:
+            assert (dup.coalesce, dup.spin, dup.shm) == (4096, 20.0, True)
+            dup.send("from the copy")
+            dup.flush()
+            assert b.recv() == "queued"          # flushed before the copy existed
+            assert b.recv() == "from the copy"
