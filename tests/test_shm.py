@@ -318,3 +318,38 @@ def test_forked_child_does_not_reuse_the_parents_segments():
         assert os.read(r, 10) == b"0"
         os.close(r)
         os.close(w)
+
+
+_WITHOUT_PROC = r"""
+import os, sys
+import numpy as np
+from fastnet import Pipe, shm
+assert not os.path.exists("/proc/self/fd")
+a, b = Pipe()
+with a, b:
+    a.send_array(np.full(1 << 18, 1.0), shm=True)
+    held = b.recv_array()
+    a.send_array(np.full(1 << 18, 2.0), shm=True)
+    second = b.recv_array()
+    del second
+    a.send_array(np.full(1 << 18, 3.0), shm=True)
+    third = b.recv_array()
+    # without /proc the sender cannot tell when a receiver is done with a
+    # segment, so it never reuses one: what a receiver holds is never overwritten
+    assert (held == 1.0).all() and (third == 3.0).all()
+    assert shm.pool.segments == 0
+print("ok")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/unshare"),
+                    reason="needs root and unshare(1) to hide /proc in a mount namespace")
+def test_without_proc_segments_work_and_are_never_reused():
+    import subprocess
+    import sys
+    out = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         'umount -l /proc && exec "$0" -c "$1"', sys.executable, _WITHOUT_PROC],
+        capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
