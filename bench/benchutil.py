@@ -1,8 +1,10 @@
-"""Helpers shared by the bench/ suites: fastnet bench's modules and client-side bits."""
+"""Helpers shared by the bench/ suites and scripts: fastnet bench's modules and client-side bits.
+
+The scripts (and their child processes) import it too, so it needs only the
+standard library at import time; pytest is imported where a test skips.
+"""
 import importlib.util
 import os
-
-import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -24,6 +26,7 @@ runner, common, stream, handshake, rpc = (load(name) for name in ("runner", "com
 
 def connection_module(impl):
     """multiprocessing.connection or fastnet; skips when fastnet is unusable."""
+    import pytest
     if impl == "multiprocessing":
         import multiprocessing.connection as mpc
         return mpc
@@ -39,6 +42,7 @@ def connection_module(impl):
 
 def require(conn, *names):
     """Skip the benchmark when ``conn`` lacks a method it needs."""
+    import pytest
     for name in names:
         if not hasattr(conn, name):
             pytest.skip(f"{type(conn).__name__}.{name} is missing")
