@@ -522,18 +522,9 @@ class _ChannelIO:
         all and raises ProtocolError; a frame over ``maxlength`` raises
         MessageTooLarge, as recv_frame does.
         """
-        limit = -1 if maxlength is None else _longlong(maxlength)
-        deadline = -1.0 if timeout is None else self._deadline(timeout)
-        self._fdcheck()
-        self._flush_first()
+        # this class's receive, not a subclass's wrapper of it
+        f = _ChannelIO.recv_frame(self, maxlength, timeout)
         d = self._decoder
-        if d._broken is not None:
-            raise d._broken
-        while True:
-            f = d._next(limit)
-            if f is not None:
-                break
-            self._fill(deadline)
         start = d._frame_start
         end = start + d._frame_hdr + len(f)
         fds = []

@@ -229,17 +229,21 @@ class FrameDecoder:
             self._mv = memoryview(nb)
             self._cap = ncap
 
-    def _switch_to_target(self) -> None:
-        """Move the buffered part of a large frame into its own bytearray."""
-        rpos = self._rpos
-        avail = self._wpos - rpos
+    def _new_target(self) -> tuple[bytearray, memoryview]:
+        """A bytearray for the whole current frame, and its view."""
         try:
             t = bytearray(self._cur)
         except (MemoryError, OverflowError):
             # only a header claiming more than this process can hold gets here
             self._broken = MessageTooLarge(f"frame of {self._cur} bytes cannot be allocated")
             raise self._broken from None
-        tv = memoryview(t)
+        return t, memoryview(t)
+
+    def _switch_to_target(self) -> None:
+        """Move the buffered part of a large frame into its own bytearray."""
+        rpos = self._rpos
+        avail = self._wpos - rpos
+        t, tv = self._new_target()
         tv[0:avail] = self._mv[rpos:self._wpos]
         self._target = t
         self._tview = tv
@@ -248,12 +252,7 @@ class FrameDecoder:
 
     def _detach(self) -> None:
         """Move the part of a frame received into a caller's buffer into a bytearray of its own."""
-        try:
-            t = bytearray(self._cur)
-        except (MemoryError, OverflowError):
-            self._broken = MessageTooLarge(f"frame of {self._cur} bytes cannot be allocated")
-            raise self._broken from None
-        tv = memoryview(t)
+        t, tv = self._new_target()
         tv[0:self._tpos] = self._tview[0:self._tpos]
         self._tview.release()
         self._target = t
