@@ -515,7 +515,7 @@ class BaseServer:
                 stop = self._stop_requested
             if threading.current_thread() is threading.main_thread() and stop_signals:
                 self._stop_signals = _StopSignals(loop, stop_signals, self._interrupt_blocking,
-                                                  self._on_stop_signal)
+                                                  self._on_stop_wake)
             if type(self).service_actions not in (BaseServer.service_actions, *_DEFERRING) and poll_interval:
                 self._schedule_service(poll_interval)
             self._begin()
@@ -632,7 +632,7 @@ class BaseServer:
             for c in list(eng.conns):
                 c.shutdown()
 
-    def _on_stop_signal(self) -> None:
+    def _on_stop_wake(self) -> None:
         if self._shutting_down:
             self._force()        # a second signal: stop waiting for connections
         else:
