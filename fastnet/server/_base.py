@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import errno
 import os
-import selectors
 import signal
 import socket
 import ssl
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -20,10 +18,11 @@ from fastnet.loop import EventLoop
 from fastnet.server._allow import allowed, parse_allow
 from fastnet.server._fork import _ForkStrategy
 from fastnet.server._handlers import MessageHandler
-from fastnet.server._handshake import _Handshake, _OneHandshake
+from fastnet.server._handshake import _Handshake
 from fastnet.server._pool import _Threads, _local
 from fastnet.server._prefork import _PreforkStrategy
 from fastnet.server._signals import _StopSignals
+from fastnet.server._single import take_request, wait_for_request
 from fastnet.server._strategy import _LoopStrategy, _Strategy, _ThreadStrategy
 from fastnet.server._util import _DEFERRING, _quiet_close, _shut, _tls_goodbye, logger
 
@@ -335,40 +334,10 @@ class BaseServer:
                             "is served by serve_forever() or start()")
         if self._state == "serving":
             raise RuntimeError("handle_request() on a server that is serving")
-        timeout = self.socket.gettimeout()
-        if timeout is None:
-            timeout = self.timeout
-        elif self.timeout is not None:
-            timeout = min(timeout, self.timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        sel = selectors.PollSelector() if hasattr(selectors, "PollSelector") else selectors.SelectSelector()
-        with sel:
-            sel.register(self.socket, selectors.EVENT_READ)
-            while True:
-                if sel.select(timeout):
-                    self._handle_request_noblock()
-                    return
-                if deadline is not None:
-                    timeout = deadline - time.monotonic()
-                    if timeout < 0:
-                        self.handle_timeout()
-                        return
+        wait_for_request(self)
 
     def _handle_request_noblock(self) -> None:
-        try:
-            request, client_address = self.get_request()
-        except OSError:
-            return
-        if isinstance(client_address, bytes):
-            client_address = client_address.decode("utf-8", "surrogateescape")
-        if not (self._allowed(client_address) and self.verify_request(request, client_address)):
-            self._refuse(request, client_address)
-            return
-        if self.socket_type == socket.SOCK_STREAM and (self.authkey is not None or self.ssl_context is not None):
-            request = self._handshake_now(request, client_address)
-            if request is None:
-                return
-        self._process_request(request, client_address)
+        take_request(self)
 
     def _process_request(self, request: Any, client_address: Any) -> None:
         """process_request() with socketserver's handling of what it raises."""
@@ -380,21 +349,6 @@ class BaseServer:
         except BaseException:
             self.shutdown_request(request)
             raise
-
-    def _handshake_now(self, sock: socket.socket, addr: Any) -> socket.socket | None:
-        """Run one connection's handshakes to the end on a loop of their own (handle_request)."""
-        box = _OneHandshake()
-        loop = EventLoop(self.backend)
-        try:
-            _Handshake(self, loop, sock, addr, owner=box)
-            loop.run_until(lambda: box.done)
-        finally:
-            loop.close()
-        if box.sock is None:
-            self._auth_failed += 1
-            logger.info("handshake with %r failed: %s", addr, box.error)
-            return None
-        return box.sock
 
     def handle_timeout(self) -> None:
         """Called when handle_request() waited ``timeout`` seconds for nothing.
