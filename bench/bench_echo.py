@@ -23,10 +23,11 @@ import signal
 import statistics
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+import benchutil  # noqa: E402  (fastnet bench's modules by path, and the shared client side)
 
 PAYLOAD = 64
 SERVERS = ("fastnet", "fastnet-pure", "uvloop", "asyncio", "selectors")
@@ -53,16 +54,7 @@ SERVER_IMPL = {"fastnet": "fastnet", "fastnet-pure": "fastnet", "uvloop": "uvloo
                "asyncio": "asyncio", "selectors": "selectors"}
 
 
-def _echo_case():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "_fastnet_bench_load", os.path.join(ROOT, "fastnet", "bench", "_load.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.load("echo")
-
-
-echo_case = _echo_case()
+echo_case = benchutil.load("echo")
 _raise_nofile = echo_case._raise_nofile
 
 def _pin(which):
@@ -96,13 +88,7 @@ def _cpu_seconds(pid):
 def _load(port, server_pid, nconns, warmup, duration):
     """Keep nconns connections in 64-byte ping-pong; print one JSON line of results."""
     import asyncio
-    try:
-        import uvloop
-        loop = uvloop.new_event_loop()
-        driver = "uvloop"
-    except ImportError:
-        loop = asyncio.new_event_loop()
-        driver = "asyncio"
+    loop, driver = benchutil.new_loop()
     asyncio.set_event_loop(loop)
     _pin("load")
     _raise_nofile(nconns + 100)
@@ -138,23 +124,10 @@ def _load(port, server_pid, nconns, warmup, duration):
                 errors[0] += 1
 
     async def main():
-        conns = []
-        batch = 500
-        for i in range(0, nconns, batch):
-            res = await asyncio.gather(*[loop.create_connection(Ping, "127.0.0.1", port)
-                                         for _ in range(min(batch, nconns - i))])
-            conns.extend(p for _, p in res)
-        for p in conns:
-            p.start()
-        await asyncio.sleep(warmup)
-        c0, t0, s0 = count[0], time.monotonic(), _cpu_seconds(server_pid)
-        await asyncio.sleep(duration)
-        c1, t1, s1 = count[0], time.monotonic(), _cpu_seconds(server_pid)
-        for p in conns:
-            p.t.close()
-        await asyncio.sleep(0.05)
+        n, seconds, s0, s1 = await benchutil.closed_loop(Ping, port, nconns, 500, warmup, duration, count,
+                                                         lambda: _cpu_seconds(server_pid))
         user, system = s1[0] - s0[0], s1[1] - s0[1]
-        return {"round_trips": c1 - c0, "seconds": t1 - t0, "server_cpu": user + system,
+        return {"round_trips": n, "seconds": seconds, "server_cpu": user + system,
                 "server_user": user, "server_sys": system, "errors": errors[0], "driver": driver}
 
     print(json.dumps(loop.run_until_complete(main())), flush=True)
@@ -163,19 +136,9 @@ def _load(port, server_pid, nconns, warmup, duration):
 
 # -- orchestration -----------------------------------------------------------------
 
-def _server_env(kind):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    if kind == "fastnet-pure":
-        env["FASTNET_PURE"] = "1"
-    else:
-        env.pop("FASTNET_PURE", None)
-    return env
-
-
 def start_server(kind):
     p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", kind],
-                         stdout=subprocess.PIPE, env=_server_env(kind), text=True)
+                         stdout=subprocess.PIPE, env=benchutil.child_env(pure=kind == "fastnet-pure"), text=True)
     line = p.stdout.readline()
     if not line.strip().isdigit():
         p.kill()

@@ -36,7 +36,9 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+import benchutil  # noqa: E402  (the client side shared by the bench/ scripts)
 
 METHODS = ("reduction", "socket", "fastnet", "fastnet-pure", "connection")
 LABELS = {
@@ -120,16 +122,6 @@ def _child(role, method, fd, n, rounds):
 # -- the parent ---------------------------------------------------------------
 
 
-def _env(method):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    if method == "fastnet-pure":
-        env["FASTNET_PURE"] = "1"
-    else:
-        env.pop("FASTNET_PURE", None)
-    return env
-
-
 class _Row:
     """The two child processes of one method, kept for every round."""
 
@@ -142,7 +134,7 @@ class _Row:
                 cmd = [sys.executable, os.path.abspath(__file__), "--child", role, method,
                        str(s.fileno()), str(n), str(rounds)]
                 self.procs.append(subprocess.Popen(
-                    cmd, env=_env(method), pass_fds=[s.fileno()], stdin=subprocess.PIPE,
+                    cmd, env=benchutil.child_env(pure=method == "fastnet-pure"), pass_fds=[s.fileno()], stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         finally:
             a.close()

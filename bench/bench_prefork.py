@@ -27,6 +27,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+import benchutil  # noqa: E402  (the client side shared by the bench/ scripts)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 REQUEST = 4096
 
@@ -77,13 +80,7 @@ def _cpu_seconds(pids):
 def load(port, pids, nconns, warmup, duration, rounds):
     """Keep nconns connections in request/reply; print one JSON line of results."""
     import asyncio
-    try:
-        import uvloop
-        loop = uvloop.new_event_loop()
-        driver = "uvloop"
-    except ImportError:
-        loop = asyncio.new_event_loop()
-        driver = "asyncio"
+    loop, driver = benchutil.new_loop()
     asyncio.set_event_loop(loop)
     payload = os.urandom(REQUEST)
     request = len(payload).to_bytes(4, "big") + payload
@@ -122,21 +119,9 @@ def load(port, pids, nconns, warmup, duration, rounds):
                 errors[0] += 1
 
     async def main():
-        conns = []
-        for i in range(0, nconns, 200):
-            res = await asyncio.gather(*[loop.create_connection(Client, "127.0.0.1", port)
-                                         for _ in range(min(200, nconns - i))])
-            conns.extend(p for _, p in res)
-        for p in conns:
-            p.start()
-        await asyncio.sleep(warmup)
-        c0, t0, s0 = count[0], time.monotonic(), _cpu_seconds(pids)
-        await asyncio.sleep(duration)
-        c1, t1, s1 = count[0], time.monotonic(), _cpu_seconds(pids)
-        for p in conns:
-            p.t.close()
-        await asyncio.sleep(0.05)
-        return {"requests": c1 - c0, "seconds": t1 - t0, "server_cpu": s1 - s0,
+        n, seconds, s0, s1 = await benchutil.closed_loop(Client, port, nconns, 200, warmup, duration, count,
+                                                         lambda: _cpu_seconds(pids))
+        return {"requests": n, "seconds": seconds, "server_cpu": s1 - s0,
                 "errors": errors[0], "driver": driver}
 
     print(json.dumps(loop.run_until_complete(main())), flush=True)
@@ -145,20 +130,14 @@ def load(port, pids, nconns, warmup, duration, rounds):
 
 # -- orchestration ----------------------------------------------------------------------
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def measure(workers, conns, rounds, warmup, duration):
     p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", str(workers), str(rounds)],
-                         stdout=subprocess.PIPE, env=_env(), text=True)
+                         stdout=subprocess.PIPE, env=benchutil.child_env(), text=True)
     try:
         info = json.loads(p.stdout.readline())
         cmd = [sys.executable, os.path.abspath(__file__), "--load", str(info["port"]),
                ",".join(map(str, info["pids"])), str(conns), str(warmup), str(duration), str(rounds)]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=_env(),
+        out = subprocess.run(cmd, capture_output=True, text=True, env=benchutil.child_env(),
                              timeout=120 + warmup + duration)
         if out.returncode != 0:
             raise RuntimeError(f"load process failed: {out.stderr.strip()[-2000:]}")

@@ -50,7 +50,6 @@ renders it.
 """
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import statistics
@@ -61,22 +60,12 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
 
+from benchutil import load as _load  # noqa: E402  (by path: the anchor rows run even when fastnet fails to import)
 
-def _bench_loader():
-    # by path, not as fastnet.bench: the anchor rows must run even when
-    # the fastnet package fails to import
-    path = os.path.join(ROOT, "fastnet", "bench", "_load.py")
-    spec = importlib.util.spec_from_file_location("_fastnet_bench_load", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.load
-
-
-_load = _bench_loader()
-bench_report, bulk_case, cases, child, common, rpc_case, runner = (
-    _load(name) for name in ("report", "bulk", "cases", "child", "common", "rpc", "runner"))
+bench_report, bulk_case, cases, child, common, pingpong_case, rpc_case, runner = (
+    _load(name) for name in ("report", "bulk", "cases", "child", "common", "pingpong", "rpc", "runner"))
 Impl = common.Impl
 NotAvailable = common.NotAvailable
 
@@ -270,32 +259,13 @@ def _tls_rpc_client(spec, address):
 def _tls_pingpong_server(spec, ready):
     fastnet = common._fastnet(spec)
     ctx = _tls_server_context(spec, fastnet)
-    conn = common._accept_one(spec, fastnet, ready, ssl_context=ctx)
-    send, recv = conn.send_bytes, conn.recv_bytes
-    try:
-        while True:
-            send(recv())
-    except EOFError:
-        pass
-    conn.close()
+    pingpong_case._echo_until_eof(common._accept_one(spec, fastnet, ready, ssl_context=ctx))
 
 
 def _tls_pingpong_client(spec, address):
     fastnet = common._fastnet(spec)
     conn = fastnet.Client(common._addr(address), ssl_context=_tls_client_context(spec))
-    payload = b"p" * spec["size"]
-    send, recv = conn.send_bytes, conn.recv_bytes
-    send(payload)
-    if recv() != payload:
-        raise ValueError("echo mismatch")
-
-    def step(k):
-        t0 = time.perf_counter()
-        for _ in range(k):
-            send(payload)
-            recv()
-        return time.perf_counter() - t0
-
+    step = pingpong_case._round_trips(conn.send_bytes, conn.recv_bytes, spec["size"])
     out = common._samples(step, spec, 64, 100, common._per_second)
     out["info"]["backend"] = fastnet.backend
     conn.close()
@@ -409,7 +379,6 @@ def make_cert(d):
         from cryptography.hazmat.primitives.asymmetric import ec
         from cryptography.x509.oid import NameOID
     except ImportError:
-        sys.path.insert(0, HERE)
         from bench_tls import make_cert as openssl_cert
         return openssl_cert(d)
     import ipaddress
@@ -545,35 +514,11 @@ def _machine():
     return m
 
 
-def _value(rows, key):
-    return rows.get(key, {}).get("median")
-
-
-def _ratio(rows, num, den):
-    a, b = _value(rows, num), _value(rows, den)
-    return a / b if a is not None and b else None
-
-
 def _targets(report):
     out = []
     for case, text, rule in TARGETS:
         for family, rows in report["results"].get(case, {}).items():
-            if rule[0] == "value":
-                _, key, op, bound = rule
-                value = _value(rows, key)
-            elif rule[0] == "ratio":
-                _, num, den, op, bound = rule
-                value = _ratio(rows, num, den)
-            else:
-                _, num, den = rule
-                op = bound = None
-                value = _ratio(rows, num, den)
-            if value is None:
-                status = "n/a"
-            elif op is None:
-                status = "reported"
-            else:
-                status = "met" if (value <= bound if op == "<=" else value >= bound) else "NOT met"
+            value, status = bench_report.evaluate(rule, rows)
             out.append({"case": case, "family": family, "target": text, "value": value,
                         "status": status})
     return out
@@ -582,24 +527,15 @@ def _targets(report):
 def format_table(report):
     """The report as text tables: medians, ratio columns (value / that row's value), spread."""
     cfg = report["config"]
-    m = report["machine"]
-    vers = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
-    lines = [
-        f"fastnet RPC bench  {report['date']}  ({'quick' if cfg['quick'] else 'full'} profile, "
-        f"{report['elapsed_s']:g} s)",
-        f"machine: {m['cpu']}, {m['cpus']} CPUs, {m['platform']}; {vers}",
-        f"each row: median of {cfg['rounds']} fresh process pair(s) x {cfg['repeat']} samples; "
-        f"CPU placement: {bench_report._PIN_TEXT[cfg['pin']]}; ratio columns: value / that row's value; "
-        f"iqr: interquartile range of the samples / median",
-    ]
+    lines = bench_report.preamble(report, "fastnet RPC bench", "ratio columns: value / that row's value; "
+                                  "iqr: interquartile range of the samples / median")
     notes = []
     for case, fams in report["results"].items():
         spec = CASES[case]
         cols = spec["columns"]
-        short = {i.key: i.key for i in spec["impls"]}
         title = spec["title"].format(window=cfg["window"], mib=cfg["array_mib"])
         lines += ["", f"{case}: {title}  [{spec['unit']}, higher is better]"]
-        lines.append(f"{'':8s} {'':33s} {'median':>9s}" + "".join(f" {'/' + short[c]:>10s}" for c in cols)
+        lines.append(f"{'':8s} {'':33s} {'median':>9s}" + "".join(f" {'/' + c:>10s}" for c in cols)
                      + f" {'iqr':>5s}" + (f" {cases.REFERENCE_LABEL:>9s}" if case == "sequential" else ""))
         for family, rows in fams.items():
             first = True
@@ -610,13 +546,7 @@ def format_table(report):
                     notes.append(f"{case} {FAMILIES[family]} {row['label']}: {row['na']}")
                     cells += f"{'n/a [' + str(len(notes)) + ']':>9s}"
                 else:
-                    cells += f"{bench_report._fmt(row['median']):>9s}"
-                    for c in cols:
-                        r = _ratio(rows, key, c)
-                        cells += f" {('%.2f' % r) if r is not None else '-':>10s}"
-                    cells += f" {('%.0f%%' % (100 * row['spread'])) if row['spread'] is not None else '-':>5s}"
-                    if row["reference"] is not None:
-                        cells += f" {bench_report._fmt(row['reference']):>9s}"
+                    cells += bench_report.figures(rows, key, cols, width=10, spread=True)
                 lines.append(cells.rstrip())
     if "sequential" in report["results"]:
         lines += ["", *textwrap.wrap(cases.REFERENCE_NOTE, 100)]
@@ -627,9 +557,7 @@ def format_table(report):
             shown = "n/a" if v is None else (bench_report._fmt(v) if v >= 100 else f"{v:.2f}")
             lines.append(f"  {t['case']:10s} {FAMILIES[t['family']]:7s} {t['target']:44s} "
                          f"{shown:>8s}  {t['status']}")
-    if notes:
-        lines += ["", "n/a:"] + [f"  [{n}] {text}" for n, text in enumerate(notes, 1)]
-    return "\n".join(lines)
+    return "\n".join(lines + bench_report.footnotes(notes))
 
 
 def main(argv=None):

@@ -1,8 +1,11 @@
-"""Helpers shared by the bench/ suites: fastnet bench's modules and client-side bits."""
+"""Helpers shared by the bench/ suites and scripts: fastnet bench's modules and client-side bits.
+
+The scripts (and their child processes) import it too, so it needs only the
+standard library at import time; pytest is imported where a test skips.
+"""
 import importlib.util
 import os
-
-import pytest
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -22,8 +25,59 @@ load = _bench_loader()
 runner, common, stream, handshake, rpc = (load(name) for name in ("runner", "common", "stream", "handshake", "rpc"))
 
 
+def child_env(pure=None):
+    """The environment of a benchmark child: this checkout's fastnet first on the
+    path; ``pure`` True or False sets or clears FASTNET_PURE (None: inherited)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    if pure:
+        env["FASTNET_PURE"] = "1"
+    elif pure is not None:
+        env.pop("FASTNET_PURE", None)
+    return env
+
+
+def new_loop():
+    """A new event loop, uvloop's when it is installed: ``(loop, "uvloop" or "asyncio")``."""
+    import asyncio
+    try:
+        import uvloop
+        return uvloop.new_event_loop(), "uvloop"
+    except ImportError:
+        return asyncio.new_event_loop(), "asyncio"
+
+
+async def closed_loop(protocol, port, nconns, batch, warmup, duration, count, cpu):
+    """Drive ``nconns`` connections of ``protocol`` to 127.0.0.1:``port`` in closed loop.
+
+    Connects ``batch`` at a time, calls each protocol's ``start()``, waits
+    ``warmup`` seconds, then measures ``duration`` seconds. ``count[0]`` is
+    the replies the protocols have counted, ``cpu()`` the server's CPU so
+    far. Returns ``(replies, seconds, cpu() before, cpu() after)`` and
+    closes the connections (each protocol's transport is ``p.t``).
+    """
+    import asyncio
+    loop = asyncio.get_running_loop()
+    conns = []
+    for i in range(0, nconns, batch):
+        res = await asyncio.gather(*[loop.create_connection(protocol, "127.0.0.1", port)
+                                     for _ in range(min(batch, nconns - i))])
+        conns.extend(p for _, p in res)
+    for p in conns:
+        p.start()
+    await asyncio.sleep(warmup)
+    c0, t0, s0 = count[0], time.monotonic(), cpu()
+    await asyncio.sleep(duration)
+    c1, t1, s1 = count[0], time.monotonic(), cpu()
+    for p in conns:
+        p.t.close()
+    await asyncio.sleep(0.05)
+    return c1 - c0, t1 - t0, s0, s1
+
+
 def connection_module(impl):
     """multiprocessing.connection or fastnet; skips when fastnet is unusable."""
+    import pytest
     if impl == "multiprocessing":
         import multiprocessing.connection as mpc
         return mpc
@@ -39,6 +93,7 @@ def connection_module(impl):
 
 def require(conn, *names):
     """Skip the benchmark when ``conn`` lacks a method it needs."""
+    import pytest
     for name in names:
         if not hasattr(conn, name):
             pytest.skip(f"{type(conn).__name__}.{name} is missing")

@@ -48,58 +48,34 @@ def _aio(spec: dict[str, Any]) -> Any:
     return fastnet.aio
 
 
-async def _accept_aio(spec: dict[str, Any], ready: Callable[[Any], None]) -> Any:
-    """Serve one connection; return it once it is there (the server stops listening)."""
-    import asyncio
-    aio = _aio(spec)
-    got: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    done = asyncio.Event()
-
-    async def handler(conn: Any) -> None:
-        got.set_result(conn)
-        await done.wait()
-
-    server = await aio.serve(_listen_address(spec), handler)
-    ready(server.address)
-    conn = await got
-    return conn, server, done
-
-
-# -- pingpong ------------------------------------------------------------------
-
-def _pingpong_aio_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> None:
+def _aio_server(spec: dict[str, Any], ready: Callable[[Any], None], body: Any) -> None:
+    """Serve one fastnet.aio connection on the row's loop: ``await body(conn)``, then close."""
     async def main() -> None:
-        conn, server, done = await _accept_aio(spec, ready)
-        send, recv = conn.send_bytes, conn.recv_bytes
-        try:
-            while True:
-                await send(await recv())
-        except EOFError:
-            pass
+        import asyncio
+        aio = _aio(spec)
+        got: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        done = asyncio.Event()
+
+        async def handler(conn: Any) -> None:
+            got.set_result(conn)
+            await done.wait()
+
+        server = await aio.serve(_listen_address(spec), handler)
+        ready(server.address)
+        await body(await got)
         done.set()
         server.close()
         await server.wait_closed()
     _run(spec, main)
 
 
-def _pingpong_aio_client(spec: dict[str, Any], address: Any) -> Any:
+def _aio_client(spec: dict[str, Any], address: Any, body: Any) -> Any:
+    """Connect with fastnet.aio on the row's loop; return ``await body(conn)``, closing after."""
     aio = _aio(spec)
 
     async def main() -> Any:
         conn = await aio.connect(_addr(address))
-        payload = b"p" * spec["size"]
-        send, recv = conn.send_bytes, conn.recv_bytes
-        await send(payload)
-        if await recv() != payload:
-            raise ValueError("echo mismatch")
-
-        async def step(k: int) -> float:
-            t0 = time.perf_counter()
-            for _ in range(k):
-                await send(payload)
-                await recv()
-            return time.perf_counter() - t0
-        out = await _async_samples(step, spec, 64, 100, _us_per_op)
+        out = await body(conn)
         conn.close()
         await conn.wait_closed()
         return out
@@ -117,13 +93,62 @@ async def _async_samples(step: Any, spec: dict[str, Any], start: int, minimum: i
     return {"samples": [per(await step(n), n) for _ in range(spec["repeat"])], "info": {"iterations": n}}
 
 
+# -- pingpong ------------------------------------------------------------------
+
+def _pingpong_aio_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> None:
+    async def echo(conn: Any) -> None:
+        send, recv = conn.send_bytes, conn.recv_bytes
+        try:
+            while True:
+                await send(await recv())
+        except EOFError:
+            pass
+    _aio_server(spec, ready, echo)
+
+
+def _pingpong_aio_client(spec: dict[str, Any], address: Any) -> Any:
+    async def pingpong(conn: Any) -> Any:
+        # pingpong._round_trips, awaited
+        payload = b"p" * spec["size"]
+        send, recv = conn.send_bytes, conn.recv_bytes
+        await send(payload)
+        if await recv() != payload:
+            raise ValueError("echo mismatch")
+
+        async def step(k: int) -> float:
+            t0 = time.perf_counter()
+            for _ in range(k):
+                await send(payload)
+                await recv()
+            return time.perf_counter() - t0
+        return await _async_samples(step, spec, 64, 100, _us_per_op)
+    return _aio_client(spec, address, pingpong)
+
+
 # -- stream ----------------------------------------------------------------------
+
+def _stream_burst(send: Any, recv: Any, spec: dict[str, Any]) -> Any:
+    """The stream case's timed step over awaitable ``send(data)``/``recv()``:
+    b"N<n>", b"G", n messages, b"D"; returns the seconds the n messages took."""
+    payload = stream_payload(spec["size"])
+
+    async def burst(n: int) -> float:
+        await send(b"N%d" % n)
+        if await recv() != b"G":
+            raise ValueError("stream: bad go")
+        t0 = time.perf_counter()
+        for _ in range(n):
+            await send(payload)
+        if await recv() != b"D":
+            raise ValueError("stream: bad done")
+        return time.perf_counter() - t0
+    return burst
+
 
 def _stream_aio_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> None:
     expected = stream_payload(spec["size"])
 
-    async def main() -> None:
-        conn, server, done = await _accept_aio(spec, ready)
+    async def receive(conn: Any) -> None:
         while True:
             try:
                 ctrl = await conn.recv_bytes()
@@ -141,36 +166,16 @@ def _stream_aio_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> No
                         raise ValueError("stream: bad message")
                 got += len(frames)
             await conn.send_bytes(b"D")
-        done.set()
-        server.close()
-        await server.wait_closed()
-    _run(spec, main)
+    _aio_server(spec, ready, receive)
 
 
 def _stream_aio_client(spec: dict[str, Any], address: Any) -> Any:
-    aio = _aio(spec)
-
-    async def main() -> Any:
-        conn = await aio.connect(_addr(address))
-        payload = stream_payload(spec["size"])
-        send, recv = conn.send_bytes, conn.recv_bytes
-
-        async def burst(n: int) -> float:
-            await send(b"N%d" % n)
-            if await recv() != b"G":
-                raise ValueError("stream: bad go")
-            t0 = time.perf_counter()
-            for _ in range(n):
-                await send(payload)
-            if await recv() != b"D":
-                raise ValueError("stream: bad done")
-            return time.perf_counter() - t0
-        out = await _async_samples(burst, spec, 1000, 2000, _per_second)
+    async def stream(conn: Any) -> Any:
+        send = conn.send_bytes
+        out = await _async_samples(_stream_burst(send, conn.recv_bytes, spec), spec, 1000, 2000, _per_second)
         await send(b"N0")
-        conn.close()
-        await conn.wait_closed()
         return out
-    return _run(spec, main)
+    return _aio_client(spec, address, stream)
 
 
 # asyncio streams with the usual framing: readexactly(4), then readexactly(n)
@@ -241,22 +246,15 @@ async def _streams_open(spec: dict[str, Any], address: Any) -> Any:
 def _stream_streams_client(spec: dict[str, Any], address: Any) -> Any:
     async def main() -> Any:
         reader, writer = await _streams_open(spec, address)
-        payload = stream_payload(spec["size"])
 
-        async def burst(n: int) -> float:
-            _write_frame(writer, b"N%d" % n)
-            if await _read_frame(reader) != b"G":
-                raise ValueError("stream: bad go")
-            t0 = time.perf_counter()
-            for _ in range(n):
-                _write_frame(writer, payload)
-                await writer.drain()
-            if await _read_frame(reader) != b"D":
-                raise ValueError("stream: bad done")
-            return time.perf_counter() - t0
-        out = await _async_samples(burst, spec, 1000, 2000, _per_second)
-        _write_frame(writer, b"N0")
-        await writer.drain()
+        async def send(data: bytes) -> None:
+            _write_frame(writer, data)
+            await writer.drain()
+
+        def recv() -> Any:
+            return _read_frame(reader)
+        out = await _async_samples(_stream_burst(send, recv, spec), spec, 1000, 2000, _per_second)
+        await send(b"N0")
         writer.close()
         return out
     return _run(spec, main)
@@ -301,19 +299,7 @@ def _stream_zmq_client(spec: dict[str, Any], address: Any) -> Any:
         ctx = _zmq_asyncio().Context()
         pair = ctx.socket(zmq.PAIR)
         pair.connect(address)
-        payload = stream_payload(spec["size"])
-
-        async def burst(n: int) -> float:
-            await pair.send(b"N%d" % n)
-            if await pair.recv() != b"G":
-                raise ValueError("stream: bad go")
-            t0 = time.perf_counter()
-            for _ in range(n):
-                await pair.send(payload)
-            if await pair.recv() != b"D":
-                raise ValueError("stream: bad done")
-            return time.perf_counter() - t0
-        out = await _async_samples(burst, spec, 1000, 2000, _per_second)
+        out = await _async_samples(_stream_burst(pair.send, pair.recv, spec), spec, 1000, 2000, _per_second)
         await pair.send(b"N0")
         pair.close(linger=1000)
         ctx.term()
@@ -328,8 +314,7 @@ def _bulk_aio_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> None
     nelem = spec["nbytes"] // 8
     out = np.empty(nelem, dtype=np.float64)
 
-    async def main() -> None:
-        conn, server, done = await _accept_aio(spec, ready)
+    async def receive(conn: Any) -> None:
         while True:
             try:
                 ctrl = await conn.recv_bytes()
@@ -342,20 +327,14 @@ def _bulk_aio_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> None
             await conn.recv_array(out=out)
             await conn.send_bytes(b"A")
             _check_array(np, out, nelem)
-        done.set()
-        server.close()
-        await server.wait_closed()
-    _run(spec, main)
+    _aio_server(spec, ready, receive)
 
 
 def _bulk_aio_client(spec: dict[str, Any], address: Any) -> Any:
     np = _numpy()
-    aio = _aio(spec)
     arr = np.arange(spec["nbytes"] // 8, dtype=np.float64)
 
-    async def main() -> Any:
-        conn = await aio.connect(_addr(address))
-
+    async def bulk(conn: Any) -> Any:
         async def transfer() -> float:
             await conn.send_bytes(b"B")
             if await conn.recv_bytes() != b"G":
@@ -370,10 +349,8 @@ def _bulk_aio_client(spec: dict[str, Any], address: Any) -> Any:
         out = {"samples": [arr.nbytes / await transfer() / 1e9 for _ in range(spec["repeat"])],
                "info": {"bytes": arr.nbytes}}
         await conn.send_bytes(b"S")
-        conn.close()
-        await conn.wait_closed()
         return out
-    return _run(spec, main)
+    return _aio_client(spec, address, bulk)
 
 
 # (case, impl) -> (server, client) for the Python children.

@@ -10,9 +10,8 @@ from .common import (Impl, _accept_one, _addr, _conn_module, _conn_options, _sam
                      _zmq_close)
 
 
-def _pingpong_conn_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> None:
-    mod = _conn_module(spec)
-    conn = _accept_one(spec, mod, ready, **_conn_options(spec, mod))
+def _echo_until_eof(conn: Any) -> None:
+    """Send every message back until the peer closes, then close."""
     send, recv = conn.send_bytes, conn.recv_bytes
     try:
         while True:
@@ -22,22 +21,31 @@ def _pingpong_conn_server(spec: dict[str, Any], ready: Callable[[Any], None]) ->
     conn.close()
 
 
-def _pingpong_conn_client(spec: dict[str, Any], address: Any) -> Any:
+def _pingpong_conn_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> None:
     mod = _conn_module(spec)
-    conn = mod.Client(_addr(address), **_conn_options(spec, mod))
-    payload = b"p" * spec["size"]
-    send, recv = conn.send_bytes, conn.recv_bytes
+    _echo_until_eof(_accept_one(spec, mod, ready, **_conn_options(spec, mod)))
+
+
+def _round_trips(send: Callable[[bytes], Any], recv: Callable[[], bytes], size: int) -> Callable[[int], float]:
+    """Check one echo of a ``size``-byte payload; return the timed step: ``k`` round trips, in seconds."""
+    payload = b"p" * size
     send(payload)
     if recv() != payload:
         raise ValueError("echo mismatch")
 
-    def step(k: Any) -> Any:
+    def step(k: int) -> float:
         t0 = time.perf_counter()
         for _ in range(k):
             send(payload)
             recv()
         return time.perf_counter() - t0
+    return step
 
+
+def _pingpong_conn_client(spec: dict[str, Any], address: Any) -> Any:
+    mod = _conn_module(spec)
+    conn = mod.Client(_addr(address), **_conn_options(spec, mod))
+    step = _round_trips(conn.send_bytes, conn.recv_bytes, spec["size"])
     cpu0, t0 = time.process_time(), time.perf_counter()
     out = _samples(step, spec, 64, 100, _us_per_op)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
@@ -67,20 +75,8 @@ def _pingpong_zmq_client(spec: dict[str, Any], address: Any) -> Any:
     ctx = zmq.Context()
     req = ctx.socket(zmq.REQ)
     req.connect(address)
-    payload = b"p" * spec["size"]
     send, recv = req.send, req.recv
-    send(payload)
-    if recv() != payload:
-        raise ValueError("echo mismatch")
-
-    def step(k: Any) -> Any:
-        t0 = time.perf_counter()
-        for _ in range(k):
-            send(payload)
-            recv()
-        return time.perf_counter() - t0
-
-    out = _samples(step, spec, 64, 100, _us_per_op)
+    out = _samples(_round_trips(send, recv, spec["size"]), spec, 64, 100, _us_per_op)
     send(b"STOP")
     recv()
     _zmq_close(ctx, req)

@@ -17,7 +17,7 @@ def _ratio(rows: Any, num: Any, den: Any) -> Any:
 
 
 def _targets(report: dict[str, Any], cases: Any, families: Any) -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     for case, only_family, text, rule in TARGETS:
         if case not in cases:
             continue
@@ -28,27 +28,34 @@ def _targets(report: dict[str, Any], cases: Any, families: Any) -> list[dict[str
             if any(rows.get(k, {}).get("na") in (NOT_RUN_ANCHORS, NOT_RUN_QUICK)
                    for k in rule[1:] if isinstance(k, str) and k in rows):
                 continue
-            entry: dict[str, Any] = {"case": case, "family": family, "target": text}
-            if rule[0] == "value":
-                _, impl, op, bound = rule
-                value = rows.get(impl, {}).get("median")
-            elif rule[0] == "ratio":
-                _, num, den, op, bound = rule
-                value = _ratio(rows, num, den)
-            else:
-                _, num, den = rule
-                op = bound = None
-                value = _ratio(rows, num, den)
-            entry["value"] = value
-            if value is None:
-                entry["status"] = "n/a"
-            elif op is None:
-                entry["status"] = "reported"
-            else:
-                met = value <= bound if op == "<=" else value >= bound
-                entry["status"] = "met" if met else "NOT met"
-            out.append(entry)
+            value, status = evaluate(rule, rows)
+            out.append({"case": case, "family": family, "target": text, "value": value, "status": status})
     return out
+
+
+def evaluate(rule: tuple[Any, ...], rows: Any) -> tuple[Any, str]:
+    """A target's rule applied to one family's rows: ``(value, status)``.
+
+    ``("ratio", num, den, op, bound)`` is median(num) / median(den) held
+    against the bound, ``("value", impl, op, bound)`` a median, and
+    ``("report", num, den)`` a ratio reported without a bound.
+    """
+    if rule[0] == "value":
+        _, impl, op, bound = rule
+        value = rows.get(impl, {}).get("median")
+    elif rule[0] == "ratio":
+        _, num, den, op, bound = rule
+        value = _ratio(rows, num, den)
+    else:
+        _, num, den = rule
+        op = bound = None
+        value = _ratio(rows, num, den)
+    if value is None:
+        return value, "n/a"
+    if op is None:
+        return value, "reported"
+    met = value <= bound if op == "<=" else value >= bound
+    return value, "met" if met else "NOT met"
 
 
 def _fmt(v: Any) -> str:
@@ -69,15 +76,7 @@ def _fmt(v: Any) -> str:
 def format_report(report: dict[str, Any]) -> str:
     """Render the report dict as text tables."""
     cfg = report["config"]
-    m = report["machine"]
-    vers = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
-    lines = [
-        f"fastnet bench  {report['date']}  ({'quick' if cfg['quick'] else 'full'} profile, "
-        f"{report['elapsed_s']:g} s)",
-        f"machine: {m['cpu']}, {m['cpus']} CPUs, {m['platform']}; {vers}",
-        f"each row: median of {cfg['rounds']} fresh process pair(s) x {cfg['repeat']} samples; "
-        f"CPU placement: {_PIN_TEXT[cfg['pin']]}; ratio columns are value / that row's value",
-    ]
+    lines = preamble(report, "fastnet bench", "ratio columns are value / that row's value")
     notes = []
     referenced = False
     for case, fams in report["results"].items():
@@ -110,12 +109,7 @@ def format_report(report: dict[str, Any]) -> str:
                     notes.append(f"{case} {FAMILIES[family]} {impl.label}: {row['na']}")
                     cells += f"{'n/a [' + str(len(notes)) + ']':>9s}"
                 else:
-                    cells += f"{_fmt(row['median']):>9s}"
-                    for a in anchors:
-                        r = _ratio(rows, impl.key, a.key)
-                        cells += f" {('%.2f' % r) if r is not None else '-':>9s}"
-                    if row.get("reference") is not None:
-                        cells += f" {_fmt(row['reference']):>9s}"
+                    cells += figures(rows, impl.key, [a.key for a in anchors])
                 lines.append(cells.rstrip())
     if referenced:
         lines += ["", *textwrap.wrap(REFERENCE_NOTE, 100)]
@@ -126,10 +120,44 @@ def format_report(report: dict[str, Any]) -> str:
             value = "n/a" if t["value"] is None else f"{t['value']:.2f}"
             lines.append(f"  {t['case']:9s} {FAMILIES[t['family']]:7s} {t['target']:46s} "
                          f"{value:>9s}  {t['status']}")
-    if notes:
-        lines += ["", "n/a:"]
-        lines += [f"  [{n}] {text}" for n, text in enumerate(notes, 1)]
+    lines += footnotes(notes)
     return "\n".join(lines)
+
+
+def preamble(report: dict[str, Any], name: str, columns: str) -> list[str]:
+    """A report's first lines: what ran, when, where and how (``columns`` explains the ratio columns)."""
+    cfg = report["config"]
+    m = report["machine"]
+    vers = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    return [
+        f"{name}  {report['date']}  ({'quick' if cfg['quick'] else 'full'} profile, "
+        f"{report['elapsed_s']:g} s)",
+        f"machine: {m['cpu']}, {m['cpus']} CPUs, {m['platform']}; {vers}",
+        f"each row: median of {cfg['rounds']} fresh process pair(s) x {cfg['repeat']} samples; "
+        f"CPU placement: {_PIN_TEXT[cfg['pin']]}; {columns}",
+    ]
+
+
+def figures(rows: Any, key: str, columns: list[str], width: int = 9, spread: bool = False) -> str:
+    """A measured row's cells: its median, its ratio to each of ``columns`` (``width`` wide),
+    with ``spread`` its interquartile range over the median, and its reference figure if any."""
+    row = rows[key]
+    cells = f"{_fmt(row['median']):>9s}"
+    for c in columns:
+        r = _ratio(rows, key, c)
+        cells += f" {('%.2f' % r) if r is not None else '-':>{width}s}"
+    if spread:
+        cells += f" {('%.0f%%' % (100 * row['spread'])) if row['spread'] is not None else '-':>5s}"
+    if row.get("reference") is not None:
+        cells += f" {_fmt(row['reference']):>9s}"
+    return cells
+
+
+def footnotes(notes: list[str]) -> list[str]:
+    """The numbered n/a reasons that close a report (none: no lines)."""
+    if not notes:
+        return []
+    return ["", "n/a:"] + [f"  [{n}] {text}" for n, text in enumerate(notes, 1)]
 
 
 _PIN_TEXT = {"none": "scheduler's choice", "same": "both processes on one CPU",

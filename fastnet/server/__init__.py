@@ -152,7 +152,7 @@ from fastnet.server._mixins import (
 from fastnet.server._util import logger
 
 # The internals keep the names they had when this package was one module.
-from fastnet.server._base import _own_or_stdlib
+from fastnet.server._mixins import _own_or_stdlib
 from fastnet.server._fork import _Child
 from fastnet.server._engine import _Blocking, _Engine, _FramedConn
 from fastnet.server._handshake import _Handshake, _OneHandshake

@@ -3,29 +3,28 @@ mode's strategy (fastnet.server._strategy) serves what it accepts."""
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
-import selectors
 import signal
 import socket
 import ssl
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from fastnet.address import parse_address, bind as _bind
 from fastnet import defaults as _defaults
 from fastnet.loop import EventLoop
+from fastnet.server._allow import allowed, parse_allow
 from fastnet.server._fork import _ForkStrategy
 from fastnet.server._handlers import MessageHandler
-from fastnet.server._handshake import _Handshake, _OneHandshake
+from fastnet.server._handshake import _Handshake
 from fastnet.server._pool import _Threads, _local
 from fastnet.server._prefork import _PreforkStrategy
+from fastnet.server._signals import _StopSignals
+from fastnet.server._single import take_request, wait_for_request
 from fastnet.server._strategy import _LoopStrategy, _Strategy, _ThreadStrategy
-from fastnet.server._util import _quiet_close, _shut, _tls_goodbye, logger
+from fastnet.server._util import _DEFERRING, _quiet_close, _shut, _tls_goodbye, logger
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -182,8 +181,7 @@ class BaseServer:
         self._refused = 0
         self._auth_failed = 0
         self._stop_requested: float | None = None
-        self._sig_socks: tuple[socket.socket, socket.socket] | None = None
-        self._old_signals: dict[int, Any] = {}
+        self._stop_signals: _StopSignals | None = None
         self._idle_closed = 0
         self._counters = [0, 0, 0, 0]    # messages in/out, bytes in/out of finished work
         self._child_failed = False       # a fork child's only connection failed its handshake
@@ -232,18 +230,6 @@ class BaseServer:
 
     def _check_family(self, fam: int) -> None:
         pass
-
-    @staticmethod
-    def _parse_allow(allow: Any) -> dict[int, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] | None:
-        if allow is None:
-            return None
-        if isinstance(allow, (str, ipaddress.IPv4Network, ipaddress.IPv6Network)):
-            allow = [allow]
-        nets: dict[int, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = {4: [], 6: []}
-        for item in allow:
-            net = ipaddress.ip_network(item, strict=False)
-            nets[net.version].append(net)
-        return nets
 
     def server_bind(self) -> None:
         """Bind the socket (SO_REUSEADDR when ``allow_reuse_address``)."""
@@ -348,40 +334,10 @@ class BaseServer:
                             "is served by serve_forever() or start()")
         if self._state == "serving":
             raise RuntimeError("handle_request() on a server that is serving")
-        timeout = self.socket.gettimeout()
-        if timeout is None:
-            timeout = self.timeout
-        elif self.timeout is not None:
-            timeout = min(timeout, self.timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        sel = selectors.PollSelector() if hasattr(selectors, "PollSelector") else selectors.SelectSelector()
-        with sel:
-            sel.register(self.socket, selectors.EVENT_READ)
-            while True:
-                if sel.select(timeout):
-                    self._handle_request_noblock()
-                    return
-                if deadline is not None:
-                    timeout = deadline - time.monotonic()
-                    if timeout < 0:
-                        self.handle_timeout()
-                        return
+        wait_for_request(self)
 
     def _handle_request_noblock(self) -> None:
-        try:
-            request, client_address = self.get_request()
-        except OSError:
-            return
-        if isinstance(client_address, bytes):
-            client_address = client_address.decode("utf-8", "surrogateescape")
-        if not (self._allowed(client_address) and self.verify_request(request, client_address)):
-            self._refuse(request, client_address)
-            return
-        if self.socket_type == socket.SOCK_STREAM and (self.authkey is not None or self.ssl_context is not None):
-            request = self._handshake_now(request, client_address)
-            if request is None:
-                return
-        self._process_request(request, client_address)
+        take_request(self)
 
     def _process_request(self, request: Any, client_address: Any) -> None:
         """process_request() with socketserver's handling of what it raises."""
@@ -393,21 +349,6 @@ class BaseServer:
         except BaseException:
             self.shutdown_request(request)
             raise
-
-    def _handshake_now(self, sock: socket.socket, addr: Any) -> socket.socket | None:
-        """Run one connection's handshakes to the end on a loop of their own (handle_request)."""
-        box = _OneHandshake()
-        loop = EventLoop(self.backend)
-        try:
-            _Handshake(self, loop, sock, addr, owner=box)
-            loop.run_until(lambda: box.done)
-        finally:
-            loop.close()
-        if box.sock is None:
-            self._auth_failed += 1
-            logger.info("handshake with %r failed: %s", addr, box.error)
-            return None
-        return box.sock
 
     def handle_timeout(self) -> None:
         """Called when handle_request() waited ``timeout`` seconds for nothing.
@@ -527,7 +468,8 @@ class BaseServer:
                 self._loop = loop
                 stop = self._stop_requested
             if threading.current_thread() is threading.main_thread() and stop_signals:
-                self._install_stop_signals(stop_signals)
+                self._stop_signals = _StopSignals(loop, stop_signals, self._interrupt_blocking,
+                                                  self._on_stop_wake)
             if type(self).service_actions not in (BaseServer.service_actions, *_DEFERRING) and poll_interval:
                 self._schedule_service(poll_interval)
             self._begin()
@@ -644,46 +586,16 @@ class BaseServer:
             for c in list(eng.conns):
                 c.shutdown()
 
-    def _install_stop_signals(self, sigs: Iterable[int]) -> None:
-        # Our own handlers rather than the loop's: a signal must also reach a
-        # blocking handler running on this (main) thread. The handler takes
-        # no locks; it wakes the loop through a socket of its own.
-        r, w = socket.socketpair()
-        r.setblocking(False)
-        w.setblocking(False)
-        self._sig_socks = (r, w)
-        self._loop.add_reader(r, self._on_stop_wake)
-        for sig in sigs:
-            if signal.getsignal(sig) is not signal.SIG_IGN:   # ignored by our starter: stays so
-                self._old_signals[sig] = signal.signal(sig, self._on_stop_signal)
-
-    def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._interrupt_blocking()
-        try:
-            self._sig_socks[1].send(b"s")  # type: ignore[index]  # errors caught
-        except (OSError, AttributeError, TypeError):
-            pass
-
     def _on_stop_wake(self) -> None:
-        try:
-            self._sig_socks[0].recv(64)  # type: ignore[index]
-        except OSError:
-            pass
         if self._shutting_down:
             self._force()        # a second signal: stop waiting for connections
         else:
             self._begin_shutdown(None)
 
     def _remove_stop_signals(self) -> None:
-        for sig, old in self._old_signals.items():
-            signal.signal(sig, old if old is not None else signal.SIG_DFL)
-        self._old_signals = {}
-        if self._sig_socks is not None:
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.remove_reader(self._sig_socks[0])
-            for sk in self._sig_socks:
-                sk.close()
-            self._sig_socks = None
+        if self._stop_signals is not None:
+            self._stop_signals.remove()
+            self._stop_signals = None
 
     def _schedule_service(self, interval: float) -> None:
         def tick() -> None:
@@ -769,76 +681,92 @@ class BaseServer:
         if not self._accepting and self._open < self._limit:
             self._resume()
 
+    # fastnet.aio's server screens its peers with these two as well
+    _parse_allow = staticmethod(parse_allow)
+
     def _allowed(self, addr: Any) -> bool:
-        nets = self._allow
-        if nets is None:
-            return True
-        try:
-            ip = ipaddress.ip_address(addr[0].split("%", 1)[0])
-        except (ValueError, TypeError, IndexError):
-            return False
-        if ip.version == 6 and ip.ipv4_mapped is not None:
-            if any(ip.ipv4_mapped in n for n in nets[4]):
-                return True
-        return any(ip in n for n in nets[ip.version])
+        return allowed(self._allow, addr)
 
     def _on_accept(self) -> None:
         accept = self.socket.accept if type(self).get_request is BaseServer.get_request else self.get_request
+        self._take_requests(accept, True)
+
+    def _take_requests(self, receive: Callable[[], tuple[Any, Any]], stream: bool) -> None:
+        """Take up to _ACCEPT_BATCH ready requests (connections or datagrams):
+        refuse or verify each, then start serving it."""
         for _ in range(_ACCEPT_BATCH):
-            if self._shutting_down or self._stop_requested is not None:
+            if self._shutting_down or (stream and self._stop_requested is not None):
                 return
-            if self._open >= self._limit and self.overflow == "wait":
+            if self._open >= self._limit and (self.overflow == "wait" or not stream):
                 self._pause()
                 return
             try:
-                sock, addr = accept()
+                request, addr = receive()
             except (BlockingIOError, InterruptedError):
                 return
-            except ConnectionAbortedError:
-                continue
             except OSError as exc:
-                if exc.errno in _ACCEPT_BACKOFF:
-                    logger.warning("accept() failed (%s): pausing for %.1f s", exc, _ACCEPT_BACKOFF_DELAY)
-                    self._pause()
-                    self._backoff = self._loop.call_later(_ACCEPT_BACKOFF_DELAY, self._resume)
+                if not stream:
+                    # e.g. ECONNREFUSED left by an ICMP error for an earlier reply
+                    logger.debug("recvfrom failed: %s", exc)
+                elif self._accept_failed(exc):
                     return
-                if accept is self.socket.accept:
-                    raise
-                # an overriding get_request() failed on this connection (a TLS
-                # handshake, say): socketserver drops the request and goes on
-                logger.info("get_request() failed: %s", exc)
                 continue
             if isinstance(addr, bytes):
                 addr = addr.decode("utf-8", "surrogateescape")
             if self._open >= self._limit or not self._allowed(addr):
-                self._refuse(sock, addr)
+                self._refuse(request, addr)
                 continue
             try:
-                ok = self.verify_request(sock, addr)
+                ok = self.verify_request(request, addr)
             except Exception:
                 logger.exception("exception in verify_request for %r", addr)
                 ok = False
             if not ok:
-                self._refuse(sock, addr)
+                self._refuse(request, addr)
                 continue
             self._open += 1
             self._total += 1
-            # The handshakes run where the connection will be served: framed
-            # TLS in its TLSTransport, prefork TLS in the worker, the rest here.
-            if self.ssl_context is not None:
-                # TLS state cannot move to another process
-                here = not self._framed and self._mode.serves_here
+            if stream:
+                self._accepted(request, addr)
             else:
-                here = self.authkey is not None
-            if here:
-                try:
-                    _Handshake(self, self._loop, sock, addr)
-                except Exception:
-                    logger.exception("failed to start a handshake with %r", addr)
-                    _quiet_close(sock)
-                    self._release()
-            else:
-                self._process(sock, addr)
+                self._counters[0] += 1
+                self._counters[2] += len(request[0])
+                self._process(request, addr)
+
+    def _accept_failed(self, exc: OSError) -> bool:
+        """Deal with a failed accept() (or get_request()); True stops this batch."""
+        if isinstance(exc, ConnectionAbortedError):
+            return False
+        if exc.errno in _ACCEPT_BACKOFF:
+            logger.warning("accept() failed (%s): pausing for %.1f s", exc, _ACCEPT_BACKOFF_DELAY)
+            self._pause()
+            self._backoff = self._loop.call_later(_ACCEPT_BACKOFF_DELAY, self._resume)
+            return True
+        # an overriding get_request() failed on this connection (a TLS
+        # handshake, say): socketserver drops the request and goes on
+        logger.info("get_request() failed: %s", exc)
+        return False
+
+    def _accepted(self, sock: socket.socket, addr: Any) -> None:
+        """Start serving a verified connection, after its handshakes where they run here.
+
+        The handshakes run where the connection will be served: framed TLS
+        in its TLSTransport, prefork TLS in the worker, the rest here.
+        """
+        if self.ssl_context is not None:
+            # TLS state cannot move to another process
+            here = not self._framed and self._mode.serves_here
+        else:
+            here = self.authkey is not None
+        if here:
+            try:
+                _Handshake(self, self._loop, sock, addr)
+            except Exception:
+                logger.exception("failed to start a handshake with %r", addr)
+                _quiet_close(sock)
+                self._release()
+        else:
+            self._process(sock, addr)
 
     def _refuse(self, request: Any, addr: Any) -> None:
         """A refused request ends, as any other, in shutdown_request()."""
@@ -899,38 +827,7 @@ class BaseServer:
     # -- datagrams --------------------------------------------------------------
 
     def _on_datagram(self) -> None:
-        for _ in range(_ACCEPT_BATCH):
-            if self._shutting_down:
-                return
-            if self._open >= self._limit:
-                self._pause()
-                return
-            try:
-                request, addr = self.get_request()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                # e.g. ECONNREFUSED left by an ICMP error for an earlier reply
-                logger.debug("recvfrom failed: %s", exc)
-                continue
-            if isinstance(addr, bytes):
-                addr = addr.decode("utf-8", "surrogateescape")
-            if not self._allowed(addr):
-                self._refuse(request, addr)
-                continue
-            try:
-                ok = self.verify_request(request, addr)
-            except Exception:
-                logger.exception("exception in verify_request for %r", addr)
-                ok = False
-            if not ok:
-                self._refuse(request, addr)
-                continue
-            self._total += 1
-            self._counters[0] += 1
-            self._counters[2] += len(request[0])
-            self._open += 1
-            self._process(request, addr)
+        self._take_requests(self.get_request, False)
 
     def _handle_datagram(self, request: Any, addr: Any) -> None:
         self._serve_request(request, addr)
@@ -1005,24 +902,3 @@ class UnixDatagramServer(BaseServer):
     address_family = socket.AF_UNIX
     socket_type = socket.SOCK_DGRAM
     max_packet_size = 65536
-
-
-def _own_or_stdlib(mixin: type, name: str) -> Callable[..., Any]:
-    """A mixin method: on fastnet's servers, the server's own (past ``mixin``
-    in the MRO); on a stdlib socketserver server, ``mixin``'s."""
-    stdlib = getattr(mixin, name)
-
-    def method(self: Any, *args: Any) -> Any:
-        if isinstance(self, BaseServer):
-            return getattr(super(mixin, self), name)(*args)
-        return stdlib(self, *args)
-
-    method.__name__ = name
-    method.__doc__ = stdlib.__doc__
-    _DEFERRING.add(method)
-    return method
-
-
-# the methods _own_or_stdlib made: on fastnet's servers they only pass the
-# call on, so ForkingMixIn's service_actions() gives serving nothing to do
-_DEFERRING: set[Callable[..., Any]] = set()

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from fastnet._forkserver import ForkServer, read_records
 from fastnet.loop import EventLoop
 from fastnet.server._engine import _Engine
+from fastnet.server._single import handshake_now
 from fastnet.server._strategy import _Strategy
 from fastnet.server._util import _quiet_close, _shut, logger
 
@@ -261,7 +262,7 @@ class _ForkStrategy(_Forking):
         if not srv._framed:
             if srv.ssl_context is not None:
                 # the handshakes run here: TLS state cannot move between processes
-                tls = srv._handshake_now(sock, addr)
+                tls = handshake_now(srv, sock, addr)
                 if tls is None:
                     srv._child_failed = True
                     return srv._counters

@@ -2,9 +2,27 @@
 from __future__ import annotations
 
 import socketserver
+from collections.abc import Callable
 from typing import Any
 
-from fastnet.server._base import TCPServer, UDPServer, UnixDatagramServer, UnixServer, _own_or_stdlib
+from fastnet.server._base import BaseServer, TCPServer, UDPServer, UnixDatagramServer, UnixServer
+from fastnet.server._util import _DEFERRING
+
+
+def _own_or_stdlib(mixin: type, name: str) -> Callable[..., Any]:
+    """A mixin method: on fastnet's servers, the server's own (past ``mixin``
+    in the MRO); on a stdlib socketserver server, ``mixin``'s."""
+    stdlib = getattr(mixin, name)
+
+    def method(self: Any, *args: Any) -> Any:
+        if isinstance(self, BaseServer):
+            return getattr(super(mixin, self), name)(*args)
+        return stdlib(self, *args)
+
+    method.__name__ = name
+    method.__doc__ = stdlib.__doc__
+    _DEFERRING.add(method)
+    return method
 
 
 class ThreadingMixIn(socketserver.ThreadingMixIn):

@@ -4,8 +4,15 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+from collections.abc import Callable
+from typing import Any
 
 logger = logging.getLogger("fastnet.server")
+
+# the methods fastnet.server._mixins._own_or_stdlib made: on fastnet's servers
+# they only pass the call on, so ForkingMixIn's service_actions() gives
+# serving nothing to do
+_DEFERRING: set[Callable[..., Any]] = set()
 
 
 def _quiet_close(sock: socket.socket) -> None:
