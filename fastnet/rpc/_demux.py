@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from fastnet.codecs import Codec
     from fastnet.connection import Connection
     from fastnet.rpc._connector import Connector
+    from fastnet.rpc.proxy import _CallFuture
 
 # how long a reply-less asynchronous call waits for its caller to read before
 # the proxy's reader thread takes over, and how often a waiting caller looks
@@ -64,18 +65,12 @@ class _Slot:
 class _FutureSlot:
     __slots__ = ("future", "deadline")
 
-    def __init__(self, future: concurrent.futures.Future[Any], deadline: float | None) -> None:
+    def __init__(self, future: _CallFuture, deadline: float | None) -> None:
         self.future = future
         self.deadline = deadline
 
     def set(self, error: BaseException | None, value: Any) -> None:
-        f = self.future
-        if f.done():
-            return
-        if error is None:
-            f.set_result(value)
-        else:
-            f.set_exception(error)
+        self.future._complete(error, value)
 
     def fail(self, exc: BaseException) -> None:
         self.set(exc, None)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import ssl
+import threading
 import time
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, RUNNING
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +19,7 @@ from fastnet.codecs import DEFAULT_CODEC, get_codec
 from fastnet.errors import ConnectionLost
 from fastnet.rpc._connector import Connector, _NotSent
 from fastnet.rpc._demux import ReplyDemux, _FutureSlot, _Slot
-from fastnet.rpc._wire import _NOTIFY, _REQUEST, DEFAULT_RPC_MAX_MESSAGE_SIZE, _encode
+from fastnet.rpc._wire import DEFAULT_RPC_MAX_MESSAGE_SIZE
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -30,8 +32,17 @@ __all__ = ["RPCProxy"]
 _BATCH_MAX = 256
 
 
+_DONE = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
+# guards the making of a future's condition against its completion without one
+_cond_lock = threading.Lock()
+
+
 class _CallFuture(concurrent.futures.Future[Any]):
-    """The future of an asynchronous call.
+    """The future of an asynchronous call: a ``concurrent.futures.Future`` made cheap.
+
+    It makes its condition only when something waits through it (another
+    thread's ``result``, ``concurrent.futures.wait``, a callback); a call
+    whose reply arrives before anyone waits completes without one.
 
     Waiting on it (``result``/``exception``) reads replies on the waiting
     thread when no other thread is reading, so a caller that issues many
@@ -40,20 +51,65 @@ class _CallFuture(concurrent.futures.Future[Any]):
     the proxy's reader thread.
     """
 
+    # Future.__init__ is not called: it would make the condition at once
     def __init__(self, proxy: RPCProxy) -> None:
-        super().__init__()
+        self._state = RUNNING
+        self._result: Any = None
+        self._exception: BaseException | None = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Any] = []
+        self._cond: threading.Condition | None = None
         # the proxy, not only its demultiplexer: a pending future keeps the
         # proxy (whose finalizer closes the connection) alive
         self._proxy = proxy
 
+    @property  # type: ignore[override]
+    def _condition(self) -> threading.Condition:
+        c = self._cond
+        if c is None:
+            with _cond_lock:
+                c = self._cond
+                if c is None:
+                    c = self._cond = threading.Condition()
+        return c
+
+    def _complete(self, error: BaseException | None, value: Any) -> None:
+        """Set the outcome once; a later one (after a timeout, say) is ignored."""
+        if self._cond is None:
+            with _cond_lock:
+                if self._cond is None:
+                    # nobody waits, and nobody can start to before this is set
+                    if self._state not in _DONE:
+                        self._result = value
+                        self._exception = error
+                        self._state = FINISHED
+                    return
+        with self._condition:
+            if self._state in _DONE:
+                return
+        try:
+            if error is None:
+                super().set_result(value)
+            else:
+                super().set_exception(error)
+        except concurrent.futures.InvalidStateError:
+            pass    # completed meanwhile by another thread
+
+    def done(self) -> bool:
+        return self._state in _DONE
+
     def result(self, timeout: float | None = None) -> Any:
-        if not self.done():
-            self._proxy._replies.drive(self, timeout)
+        if self._state is FINISHED:
+            if self._exception is not None:
+                raise self._exception
+            return self._result
+        self._proxy._replies.drive(self, timeout)
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        if not self.done():
-            self._proxy._replies.drive(self, timeout)
+        if self._state is FINISHED:
+            return self._exception
+        self._proxy._replies.drive(self, timeout)
         return super().exception(timeout)
 
 
@@ -117,7 +173,7 @@ class _Batch:
     def __init__(self, proxy: RPCProxy, timeout: float | None) -> None:
         self._proxy = proxy
         self._timeout = timeout
-        self._frames: list[Buffer] = []
+        self._msgs: list[bytes | list[Buffer]] = []
         self._count = 0
 
     def call_async(self, method: str, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
@@ -129,21 +185,21 @@ class _Batch:
 
     def notify(self, method: str, /, *args: Any, **kwargs: Any) -> None:
         """Queue a one-way call."""
-        self._frames.extend(_encode(self._proxy._codec, [_NOTIFY, method, list(args), kwargs or None]))
+        self._msgs.append(self._proxy._link.wire.notification(method, args, kwargs))
         self._count += 1
         if self._count >= _BATCH_MAX:
             self.flush()
 
     def flush(self) -> None:
         """Send what is queued now."""
-        frames = self._frames
-        if not frames:
+        msgs = self._msgs
+        if not msgs:
             return
-        self._frames = []
+        self._msgs = []
         self._count = 0
         link = self._proxy._link
         link.checked()
-        link.send(frames, link.gen)
+        link.send_many(msgs, link.gen)
 
     def __enter__(self) -> _Batch:
         return self
@@ -242,10 +298,10 @@ class RPCProxy:
 
     def notify(self, method: str, /, *args: Any, **kwargs: Any) -> None:
         """Send a one-way call: no reply, no result, errors stay on the server."""
-        frames = _encode(self._codec, [_NOTIFY, method, list(args), kwargs or None])
         link = self._link
+        msg = link.wire.notification(method, args, kwargs)
         link.checked()
-        link.send(frames, link.gen)
+        link.send(msg, link.gen)
 
     @property
     def codec(self) -> str:
@@ -320,13 +376,12 @@ class RPCProxy:
         link.checked()
         gen = link.gen
         msgid = next(replies.ids)
-        frames = _encode(self._codec, [_REQUEST, msgid, method,
-                                       args if type(args) is list else list(args), kwargs or None])
+        msg = link.wire.request(msgid, method, args, kwargs)
         slot = _Slot()
         if not replies.register(msgid, slot, gen):
             raise ConnectionLost("the connection was lost before the call was sent")
         try:
-            link.send(frames, gen)
+            link.send(msg, gen)
         except BaseException:
             replies.pending.pop(msgid, None)
             raise
@@ -344,9 +399,8 @@ class RPCProxy:
         link.checked()
         gen = link.gen
         msgid = next(replies.ids)
-        frames = _encode(self._codec, [_REQUEST, msgid, method, list(args), kwargs or None])
+        msg = link.wire.request(msgid, method, args, kwargs)
         fut = _CallFuture(self)
-        fut.set_running_or_notify_cancel()
         deadline = None if timeout is None else time.monotonic() + timeout
         slot = _FutureSlot(fut, deadline)
         # the reader thread keeps this proxy alive while it runs, as it reads the
@@ -354,15 +408,14 @@ class RPCProxy:
         replies.register_async(msgid, slot, gen, self)
         if batch is not None:
             # a batch from before a reconnect fails at flush: its slots went with the old connection
-            batch._frames.extend(frames)
+            batch._msgs.append(msg)
             batch._count += 1
             return fut
         try:
-            link.send(frames, gen)
+            link.send(msg, gen)
         except BaseException as e:
             replies.unregister_async(msgid, slot)
             if isinstance(e, _NotSent) and not retried:
                 return self._call_async(method, args, kwargs, timeout, None, True)
-            if not fut.done():
-                fut.set_exception(e)
+            fut._complete(e, None)
         return fut
