@@ -234,13 +234,12 @@ cdef class Wire:
         """``(msgid, error, result)`` of a whole reply; ProtocolError if it is not one."""
         try:
             msg = self.loads(frames)
-            if type(msg) is list and len(<list>msg) == 4:
-                kind = (<list>msg)[0]
-            else:
-                kind, _, _, _ = msg
+            if type(msg) is not list:
                 msg = list(msg)
-            if kind != _REPLY:
-                raise ValueError(f"message kind {kind!r}")
+            if len(<list>msg) != 4:
+                raise ValueError(f"{len(<list>msg)} fields, not 4")
+            if (<list>msg)[0] != _REPLY:
+                raise ValueError(f"message kind {(<list>msg)[0]!r}")
         except Exception as e:
             raise ProtocolError(f"malformed reply from the server ({e})") from None
         return (<list>msg)[1], (<list>msg)[2], (<list>msg)[3]

@@ -111,7 +111,7 @@ class Wire:
             kwargs = None
         if self.msgpack and type(msgid) is int and 0 <= msgid <= _U64_MAX and type(method) is str:
             pack = _msgpack_pack()
-            body = (b"\x95\x00" + _msgpack_uint(msgid) + _msgpack_str(method) + pack(args)
+            body: bytes = (b"\x95\x00" + _msgpack_uint(msgid) + _msgpack_str(method) + pack(args)
                     + (b"\xc0" if kwargs is None else pack(kwargs)))
             if len(body) <= _SMALL_MAX:
                 return encode_header(len(body)) + body
@@ -127,7 +127,7 @@ class Wire:
             kwargs = None
         if self.msgpack and type(method) is str:
             pack = _msgpack_pack()
-            body = (b"\x94\x02" + _msgpack_str(method) + pack(args)
+            body: bytes = (b"\x94\x02" + _msgpack_str(method) + pack(args)
                     + (b"\xc0" if kwargs is None else pack(kwargs)))
             if len(body) <= _SMALL_MAX:
                 return encode_header(len(body)) + body
@@ -148,12 +148,15 @@ class Wire:
         """``(msgid, error, result)`` of a whole reply; ProtocolError if it is not one."""
         try:
             msg = self.codec.loads(frames)
-            kind, msgid, error, result = msg
-            if kind != _REPLY:
-                raise ValueError(f"message kind {kind!r}")
+            if type(msg) is not list:
+                msg = list(msg)
+            if len(msg) != 4:
+                raise ValueError(f"{len(msg)} fields, not 4")
+            if msg[0] != _REPLY:
+                raise ValueError(f"message kind {msg[0]!r}")
         except Exception as e:
             raise ProtocolError(f"malformed reply from the server ({e})") from None
-        return msgid, error, result
+        return msg[1], msg[2], msg[3]
 
     def serve(self, handler: Any, frames: Sequence[Buffer], methods: dict[str, Any]) -> None:
         """Decode a request, run its method and queue the reply on ``handler``.

@@ -126,8 +126,8 @@ class Connector:
                     conn.close()
                     raise ConnectionLost("the proxy is closed")
                 ch = self.ch = conn._ch
-                self.raw = conn._sock if (type(ch) is framing.Channel and ch.io is None  # type: ignore[union-attr]
-                                          and not ch.coalesce) else None  # type: ignore[union-attr]
+                self.raw = conn._sock if (type(ch) is framing.Channel and ch.io is None
+                                          and not ch.coalesce) else None
                 self.replies.connected_locked()
                 self.gen += 1
                 self.conn = conn
@@ -211,7 +211,7 @@ class Connector:
             if ch is None or self.gen != gen:
                 raise ConnectionLost("the connection was lost before the call was sent")
             try:
-                if type(msg) is bytes:
+                if isinstance(msg, bytes):
                     raw = self.raw
                     if raw is not None:
                         send_framed(raw, msg)
@@ -241,7 +241,7 @@ class Connector:
                 else:
                     frames: list[Buffer] = []
                     for m in msgs:
-                        if type(m) is bytes:
+                        if isinstance(m, bytes):
                             frames.append(memoryview(m)[HEADER_SIZE:])
                         else:
                             frames.extend(m)

@@ -63,8 +63,8 @@ class _CallFuture(concurrent.futures.Future[Any]):
         # proxy (whose finalizer closes the connection) alive
         self._proxy = proxy
 
-    @property  # type: ignore[override]
-    def _condition(self) -> threading.Condition:
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
         c = self._cond
         if c is None:
             with _cond_lock:
