@@ -8,6 +8,7 @@ framing.pxd, the one frame codec of the compiled kernels.
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.object cimport PyObject_Call
 from libc.string cimport memcpy
 from libc.stdint cimport uint64_t
 
@@ -161,14 +162,27 @@ cdef class Wire:
     cdef readonly object codec
     cdef readonly bint msgpack
     cdef object dumps
-    cdef object loads
+    cdef object _loads
+    cdef object unpackb          # the built-in msgpack codec: msgpack.unpackb and its keywords
+    cdef dict unpack_kw
 
     def __init__(self, codec):
         self.codec = codec
         self.dumps = codec.dumps
-        self.loads = codec.loads
+        self._loads = codec.loads
         # only the built-in msgpack codec's bytes are known well enough to write by hand
         self.msgpack = codec.name == "msgpack" and codec.builtin
+
+    cdef object loads(self, frames):
+        if self.msgpack and len(frames) == 1:
+            if self.unpackb is None:
+                # msgpack imported at the first message, as the codec does
+                from fastnet import codecs
+                self.unpackb = codecs._msgpack_unpackb()
+                # the keywords of the codec's loads, called without its Python frame
+                self.unpack_kw = dict(raw=False, strict_map_key=False, ext_hook=codecs._msgpack_ext_hook)
+            return PyObject_Call(self.unpackb, (frames[0],), self.unpack_kw)
+        return self._loads(frames)
 
     def request(self, msgid, method, args, kwargs):
         """``[0, msgid, method, args, kwargs or None]``: framed bytes, or a list of unframed frames."""

@@ -228,6 +228,7 @@ class _RPCHandler(_server.MessageHandler):
 
     def setup(self) -> None:
         self.rpc: RPCServer = self.server.rpc
+        self.methods = self.rpc._methods
         self.codec: Any = None     # a Codec once the hello is accepted, _CLOSED when closing
         self.wire: Any = _CLOSED_WIRE   # the codec's messages (fastnet._kernels.rpcwire.Wire)
         self.oob = -1          # buffers still expected for the current message, or -1
@@ -270,7 +271,8 @@ class _RPCHandler(_server.MessageHandler):
         elif self.codec is None:
             self._hello(data)
         else:
-            self._request((data,))
+            # the kernel answers a well-formed call of a method run on the loop; the rest comes back
+            self.wire.serve(self, (data,), self.methods)
 
     # hello -------------------------------------------------------------
     def _hello(self, data: bytes) -> None:
@@ -329,8 +331,7 @@ class _RPCHandler(_server.MessageHandler):
 
     # requests ----------------------------------------------------------
     def _request(self, frames: Sequence[Any]) -> None:
-        # the kernel answers a well-formed call of a method run on the loop; the rest comes back
-        self.wire.serve(self, frames, self.rpc._methods)
+        self.wire.serve(self, frames, self.methods)
 
     def _undecodable(self, e: Exception) -> None:
         self._protocol_error(f"undecodable message ({type(e).__name__}: {e})")

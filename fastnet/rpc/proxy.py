@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import ssl
-import threading
 import time
-from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, RUNNING
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from fastnet.codecs import DEFAULT_CODEC, get_codec
 from fastnet.errors import ConnectionLost
 from fastnet.rpc._connector import Connector, _NotSent
-from fastnet.rpc._demux import ReplyDemux, _FutureSlot, _Slot
+from fastnet.rpc._demux import ReplyDemux, _CallFuture, _Slot
 from fastnet.rpc._wire import DEFAULT_RPC_MAX_MESSAGE_SIZE
 
 if TYPE_CHECKING:
@@ -30,87 +28,6 @@ if TYPE_CHECKING:
 __all__ = ["RPCProxy"]
 
 _BATCH_MAX = 256
-
-
-_DONE = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
-# guards the making of a future's condition against its completion without one
-_cond_lock = threading.Lock()
-
-
-class _CallFuture(concurrent.futures.Future[Any]):
-    """The future of an asynchronous call: a ``concurrent.futures.Future`` made cheap.
-
-    It makes its condition only when something waits through it (another
-    thread's ``result``, ``concurrent.futures.wait``, a callback); a call
-    whose reply arrives before anyone waits completes without one.
-
-    Waiting on it (``result``/``exception``) reads replies on the waiting
-    thread when no other thread is reading, so a caller that issues many
-    calls and then collects them never hands work to another thread. Futures
-    nobody waits on (callbacks, ``concurrent.futures.wait``) complete through
-    the proxy's reader thread.
-    """
-
-    # Future.__init__ is not called: it would make the condition at once
-    def __init__(self, proxy: RPCProxy) -> None:
-        self._state = RUNNING
-        self._result: Any = None
-        self._exception: BaseException | None = None
-        self._waiters: list[Any] = []
-        self._done_callbacks: list[Any] = []
-        self._cond: threading.Condition | None = None
-        # the proxy, not only its demultiplexer: a pending future keeps the
-        # proxy (whose finalizer closes the connection) alive
-        self._proxy = proxy
-
-    @property
-    def _condition(self) -> threading.Condition:  # type: ignore[override]
-        c = self._cond
-        if c is None:
-            with _cond_lock:
-                c = self._cond
-                if c is None:
-                    c = self._cond = threading.Condition()
-        return c
-
-    def _complete(self, error: BaseException | None, value: Any) -> None:
-        """Set the outcome once; a later one (after a timeout, say) is ignored."""
-        if self._cond is None:
-            with _cond_lock:
-                if self._cond is None:
-                    # nobody waits, and nobody can start to before this is set
-                    if self._state not in _DONE:
-                        self._result = value
-                        self._exception = error
-                        self._state = FINISHED
-                    return
-        with self._condition:
-            if self._state in _DONE:
-                return
-        try:
-            if error is None:
-                super().set_result(value)
-            else:
-                super().set_exception(error)
-        except concurrent.futures.InvalidStateError:
-            pass    # completed meanwhile by another thread
-
-    def done(self) -> bool:
-        return self._state in _DONE
-
-    def result(self, timeout: float | None = None) -> Any:
-        if self._state is FINISHED:
-            if self._exception is not None:
-                raise self._exception
-            return self._result
-        self._proxy._replies.drive(self, timeout)
-        return super().result(timeout)
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        if self._state is FINISHED:
-            return self._exception
-        self._proxy._replies.drive(self, timeout)
-        return super().exception(timeout)
 
 
 class _BoundMethod:
@@ -400,12 +317,10 @@ class RPCProxy:
         gen = link.gen
         msgid = next(replies.ids)
         msg = link.wire.request(msgid, method, args, kwargs)
-        fut = _CallFuture(self)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        slot = _FutureSlot(fut, deadline)
+        fut = _CallFuture(self, None if timeout is None else time.monotonic() + timeout)
         # the reader thread keeps this proxy alive while it runs, as it reads the
         # connection the proxy's finalizer closes
-        replies.register_async(msgid, slot, gen, self)
+        replies.register_async(msgid, fut, gen, self)
         if batch is not None:
             # a batch from before a reconnect fails at flush: its slots went with the old connection
             batch._msgs.append(msg)
@@ -414,7 +329,7 @@ class RPCProxy:
         try:
             link.send(msg, gen)
         except BaseException as e:
-            replies.unregister_async(msgid, slot)
+            replies.unregister_async(msgid, fut)
             if isinstance(e, _NotSent) and not retried:
                 return self._call_async(method, args, kwargs, timeout, None, True)
             fut._complete(e, None)
