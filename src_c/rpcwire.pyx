@@ -47,46 +47,38 @@ cdef object _msgpack_pack():
         return _codecs._packers.pack
 
 
+cdef inline Py_ssize_t _put_be(unsigned char* p, unsigned char tag, uint64_t n, int k) noexcept:
+    # a type byte, then n in k big-endian bytes
+    cdef int i
+    p[0] = tag
+    for i in range(k):
+        p[1 + i] = (n >> (8 * (k - 1 - i))) & 0xff
+    return 1 + k
+
+
 cdef inline Py_ssize_t _put_uint(unsigned char* p, uint64_t n) noexcept:
     # the smallest form, as msgpack's packer chooses for a non-negative int
-    cdef int i, k
     if n < 0x80:
         p[0] = <unsigned char>n
         return 1
     if n <= 0xff:
-        p[0] = 0xcc
-        k = 1
-    elif n <= 0xffff:
-        p[0] = 0xcd
-        k = 2
-    elif n <= 0xffffffff:
-        p[0] = 0xce
-        k = 4
-    else:
-        p[0] = 0xcf
-        k = 8
-    for i in range(k):
-        p[1 + i] = (n >> (8 * (k - 1 - i))) & 0xff
-    return 1 + k
+        return _put_be(p, 0xcc, n, 1)
+    if n <= 0xffff:
+        return _put_be(p, 0xcd, n, 2)
+    if n <= 0xffffffff:
+        return _put_be(p, 0xce, n, 4)
+    return _put_be(p, 0xcf, n, 8)
 
 
 cdef inline Py_ssize_t _put_str_header(unsigned char* p, Py_ssize_t n) noexcept:
-    cdef int i, k
     if n < 32:
         p[0] = 0xa0 | <unsigned char>n
         return 1
     if n <= 0xff:
-        p[0] = 0xd9
-        k = 1
-    elif n <= 0xffff:
-        p[0] = 0xda
-        k = 2
-    else:
-        p[0] = 0xdb
-        k = 4
-    for i in range(k):
-        p[1 + i] = (n >> (8 * (k - 1 - i))) & 0xff
-    return 1 + k
+        return _put_be(p, 0xd9, n, 1)
+    if n <= 0xffff:
+        return _put_be(p, 0xda, n, 2)
+    return _put_be(p, 0xdb, n, 4)
 
 
 cdef inline bint _is_u64(object n):
@@ -186,33 +178,28 @@ cdef class Wire:
 
     def request(self, msgid, method, args, kwargs):
         """``[0, msgid, method, args, kwargs or None]``: framed bytes, or a list of unframed frames."""
-        cdef const char* name
-        cdef Py_ssize_t nlen
-        if type(args) is not list and type(args) is not tuple:
-            args = list(args)
-        if not kwargs:
-            kwargs = None
-        if self.msgpack and _is_u64(msgid) and type(method) is str:
-            name = PyUnicode_AsUTF8AndSize(method, &nlen)
-            pack = _msgpack_pack()
-            return _envelope(0x95, _REQUEST, msgid, name, nlen, pack(args),
-                             None if kwargs is None else pack(kwargs))
-        return _framed(self.dumps([_REQUEST, msgid, method, list(args), kwargs]))
+        return self._call(_REQUEST, msgid, method, args, kwargs)
 
     def notification(self, method, args, kwargs):
         """``[2, method, args, kwargs or None]``: framed bytes, or a list of unframed frames."""
+        return self._call(_NOTIFY, None, method, args, kwargs)
+
+    cdef object _call(self, int kind, object msgid, object method, object args, object kwargs):
+        # a request (kind 0, with its id) or a notification (kind 2, no id)
         cdef const char* name
         cdef Py_ssize_t nlen
         if type(args) is not list and type(args) is not tuple:
             args = list(args)
         if not kwargs:
             kwargs = None
-        if self.msgpack and type(method) is str:
+        if self.msgpack and type(method) is str and (kind == _NOTIFY or _is_u64(msgid)):
             name = PyUnicode_AsUTF8AndSize(method, &nlen)
             pack = _msgpack_pack()
-            return _envelope(0x94, _NOTIFY, None, name, nlen, pack(args),
+            return _envelope(0x95 if kind == _REQUEST else 0x94, kind, msgid, name, nlen, pack(args),
                              None if kwargs is None else pack(kwargs))
-        return _framed(self.dumps([_NOTIFY, method, list(args), kwargs]))
+        if kind == _REQUEST:
+            return _framed(self.dumps([kind, msgid, method, list(args), kwargs]))
+        return _framed(self.dumps([kind, method, list(args), kwargs]))
 
     def reply(self, msgid, result):
         """``[1, msgid, None, result]`` as unframed frames (the marker frame first if out of band)."""

@@ -105,34 +105,32 @@ class Wire:
     def request(self, msgid: int, method: str, args: Sequence[Any],
                 kwargs: dict[str, Any] | None) -> bytes | list[Buffer]:
         """``[0, msgid, method, args, kwargs or None]``: framed bytes, or a list of unframed frames."""
-        if type(args) is not list and type(args) is not tuple:
-            args = list(args)
-        if not kwargs:
-            kwargs = None
-        if self.msgpack and type(msgid) is int and 0 <= msgid <= _U64_MAX and type(method) is str:
-            pack = _msgpack_pack()
-            body: bytes = (b"\x95\x00" + _msgpack_uint(msgid) + _msgpack_str(method) + pack(args)
-                    + (b"\xc0" if kwargs is None else pack(kwargs)))
-            if len(body) <= _SMALL_MAX:
-                return encode_header(len(body)) + body
-            return [body]
-        return _framed(self.codec.dumps([_REQUEST, msgid, method, list(args), kwargs]))
+        return self._call(_REQUEST, msgid, method, args, kwargs)
 
     def notification(self, method: str, args: Sequence[Any],
                      kwargs: dict[str, Any] | None) -> bytes | list[Buffer]:
         """``[2, method, args, kwargs or None]``: framed bytes, or a list of unframed frames."""
+        return self._call(_NOTIFY, None, method, args, kwargs)
+
+    def _call(self, kind: int, msgid: Any, method: str, args: Sequence[Any],
+              kwargs: dict[str, Any] | None) -> bytes | list[Buffer]:
+        # a request (kind 0, with its id) or a notification (kind 2, no id)
         if type(args) is not list and type(args) is not tuple:
             args = list(args)
         if not kwargs:
             kwargs = None
-        if self.msgpack and type(method) is str:
+        if self.msgpack and type(method) is str and (
+                kind == _NOTIFY or (type(msgid) is int and 0 <= msgid <= _U64_MAX)):
             pack = _msgpack_pack()
-            body: bytes = (b"\x94\x02" + _msgpack_str(method) + pack(args)
-                    + (b"\xc0" if kwargs is None else pack(kwargs)))
+            head = b"\x95\x00" + _msgpack_uint(msgid) if kind == _REQUEST else b"\x94\x02"
+            body: bytes = (head + _msgpack_str(method) + pack(args)
+                           + (b"\xc0" if kwargs is None else pack(kwargs)))
             if len(body) <= _SMALL_MAX:
                 return encode_header(len(body)) + body
             return [body]
-        return _framed(self.codec.dumps([_NOTIFY, method, list(args), kwargs]))
+        if kind == _REQUEST:
+            return _framed(self.codec.dumps([kind, msgid, method, list(args), kwargs]))
+        return _framed(self.codec.dumps([kind, method, list(args), kwargs]))
 
     def reply(self, msgid: Any, result: Any) -> list[Buffer]:
         """``[1, msgid, None, result]`` as unframed frames (the marker frame first if out of band)."""

@@ -11,6 +11,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from fastnet._kernels import framing, rpcwire
@@ -201,42 +202,30 @@ class Connector:
         self.drop(conn, ConnectionLost(f"{why}; the call may or may not have run"))
 
     def send(self, msg: bytes | list[Buffer], gen: int) -> None:
-        """Send one message of :class:`~fastnet._pure.rpcwire.Wire` on connection ``gen``.
+        """Send one message of :class:`~fastnet._pure.rpcwire.Wire` on connection ``gen``."""
+        self.send_many((msg,), gen)
 
-        _NotSent if it did not leave whole.
+    def send_many(self, msgs: Sequence[bytes | list[Buffer]], gen: int) -> None:
+        """Send messages of :class:`~fastnet._pure.rpcwire.Wire` on connection ``gen``, in one write if they fit.
+
+        _NotSent if they did not all leave.
         """
         with self.send_lock:
             ch = self.ch
             conn = self.conn
             if ch is None or self.gen != gen:
                 raise ConnectionLost("the connection was lost before the call was sent")
+            raw = self.raw
             try:
-                if isinstance(msg, bytes):
-                    raw = self.raw
-                    if raw is not None:
+                if len(msgs) == 1:
+                    msg = msgs[0]
+                    if not isinstance(msg, bytes):
+                        ch.send_frames(msg)
+                    elif raw is not None:
                         send_framed(raw, msg)
                     else:
                         ch.send_frame(msg, HEADER_SIZE)
-                elif len(msg) == 1:
-                    ch.send_frame(msg[0])
-                else:
-                    ch.send_frames(msg)
-                return
-            except OSError as e:
-                err = e
-        self.drop(conn, ConnectionLost(f"the connection to {self.address!r} was lost: {err}"))
-        raise _NotSent(f"sending the call failed: {err}") from err
-
-    def send_many(self, msgs: list[bytes | list[Buffer]], gen: int) -> None:
-        """Send several messages of :class:`~fastnet._pure.rpcwire.Wire` together, in one write if they fit."""
-        with self.send_lock:
-            ch = self.ch
-            conn = self.conn
-            if ch is None or self.gen != gen:
-                raise ConnectionLost("the connection was lost before the call was sent")
-            try:
-                raw = self.raw
-                if raw is not None and all(type(m) is bytes for m in msgs):
+                elif raw is not None and all(type(m) is bytes for m in msgs):
                     send_framed(raw, b"".join(msgs))  # type: ignore[arg-type]
                 else:
                     frames: list[Buffer] = []
