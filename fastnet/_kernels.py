@@ -11,7 +11,7 @@ import os
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-KERNELS = ("framing", "zerocopy", "auth", "fdpass", "reactor")
+KERNELS = ("framing", "zerocopy", "auth", "fdpass", "reactor", "rpcwire")
 
 PURE = os.environ.get("FASTNET_PURE", "").strip().lower() not in ("", "0", "false", "no")
 
@@ -39,12 +39,13 @@ def _load(name: str) -> ModuleType:
 if TYPE_CHECKING:
     # mypy sees the compiled kernels' stubs (fastnet/_c/*.pyi); the pure twins
     # in fastnet._pure have the same API
-    from fastnet._c import auth, fdpass, framing, reactor, zerocopy
+    from fastnet._c import auth, fdpass, framing, reactor, rpcwire, zerocopy
 else:
     framing = _load("framing")
     zerocopy = _load("zerocopy")
     auth = _load("auth")
     fdpass = _load("fdpass")
     reactor = _load("reactor")
+    rpcwire = _load("rpcwire")
 
-__all__ = ["backend", "framing", "zerocopy", "auth", "fdpass", "reactor", "KERNELS", "PURE"]
+__all__ = ["backend", "framing", "zerocopy", "auth", "fdpass", "reactor", "rpcwire", "KERNELS", "PURE"]

@@ -21,7 +21,7 @@ import types
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KERNELS = ("framing", "zerocopy", "auth", "fdpass", "reactor")
+KERNELS = ("framing", "zerocopy", "auth", "fdpass", "reactor", "rpcwire")
 KERNEL_SETS = {"c": "fastnet._c", "pure": "fastnet._pure"}
 # Decided from the environment alone, as tests/test_backend.py does: without
 # FASTNET_PURE the compiled set is what users get, and it must be there.

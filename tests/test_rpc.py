@@ -1100,6 +1100,82 @@ def test_idle_connection_closed_by_the_server_reconnects_transparently(serve, pr
 # -- threads -------------------------------------------------------------------------------------
 
 
+class Turns:
+    """A blocking method whose calls return in a set order, not the order they arrived in.
+
+    ``take(i)`` waits until ``i`` is next in ``order`` and returns ``[i, i * i]``;
+    with as many worker threads as calls, the replies leave in ``order``.
+    """
+
+    def __init__(self, order):
+        self.order = list(order)
+        self.next = 0
+        self.cv = threading.Condition()
+
+    def take(self, i):
+        with self.cv:
+            if not self.cv.wait_for(lambda: self.order[self.next] == i, WAIT):
+                raise RuntimeError(f"call {i} never got its turn")
+            self.next += 1
+            self.cv.notify_all()
+        return [i, i * i]
+
+
+def _turns(srv, n, seed):
+    import random
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    turns = Turns(order)
+    srv.register_function(turns.take, "take", blocking=True)
+    return turns
+
+
+@pytest.mark.parametrize("codec", ["msgpack", "json", "pickle"])
+@pytest.mark.parametrize("how", ["call_async", "batch"])
+def test_pipelined_replies_in_shuffled_order_reach_their_calls(serve, proxies, address, codec, how):
+    n = 64
+    srv = serve(address, codec=codec, authkey=KEY, worker_threads=n)
+    _turns(srv, n, seed=n + len(codec))
+    srv.start()
+    p = proxies(srv.address, codec=codec, authkey=KEY)
+    if how == "batch":
+        with p.batch() as b:
+            futures = [b.call_async("take", i) for i in range(n)]
+    else:
+        futures = [p.call_async("take", i) for i in range(n)]
+    assert [f.result(WAIT) for f in futures] == [[i, i * i] for i in range(n)]
+    assert p.pending == 0 and p.late_replies == 0
+
+
+def test_64_threads_get_their_own_replies_when_the_server_answers_out_of_order(serve, proxies, address):
+    n = 64
+    srv = serve(address, worker_threads=n)
+    turns = _turns(srv, n, seed=7)
+    srv.start()
+    p = proxies(srv.address)
+    got = {}
+    errors = []
+    start = threading.Barrier(n, timeout=WAIT)
+
+    def work(i):
+        try:
+            start.wait()
+            got[i] = p.take(i) if i % 2 else p.call_async("take", i).result(WAIT)
+        except BaseException as e:
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT * 2)
+    assert not errors, errors[:5]
+    assert got == {i: [i, i * i] for i in range(n)}
+    assert turns.next == n
+    assert p.pending == 0 and p.late_replies == 0
+
+
+
 @pytest.mark.parametrize("nthreads", [16, 64])
 def test_threads_sharing_one_proxy(serve, proxies, address, nthreads):
     srv = serve(address).start()

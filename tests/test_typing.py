@@ -16,7 +16,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-KERNELS = ("framing", "zerocopy", "auth", "fdpass", "reactor")
+KERNELS = ("framing", "zerocopy", "auth", "fdpass", "reactor", "rpcwire")
 TIMEOUT = 600
 
 

@@ -70,7 +70,8 @@ from fastnet.connection import DEFAULT_HANDSHAKE_TIMEOUT
 from fastnet.errors import FastnetError, MethodNotFound, ProtocolError, RemoteError
 from fastnet import server as _server
 from fastnet.rpc import _wire
-from fastnet.rpc._wire import _MAX_HELLO, _NOTIFY, _OOB, _REPLY, _REQUEST, _encode, _oob_count, _type_name
+from fastnet._kernels import rpcwire
+from fastnet.rpc._wire import _MAX_HELLO, _NOTIFY, _OOB, _REQUEST, _oob_count, _type_name
 from fastnet.rpc.proxy import RPCProxy
 
 if TYPE_CHECKING:
@@ -227,7 +228,9 @@ class _RPCHandler(_server.MessageHandler):
 
     def setup(self) -> None:
         self.rpc: RPCServer = self.server.rpc
+        self.methods = self.rpc._methods
         self.codec: Any = None     # a Codec once the hello is accepted, _CLOSED when closing
+        self.wire: Any = _CLOSED_WIRE   # the codec's messages (fastnet._kernels.rpcwire.Wire)
         self.oob = -1          # buffers still expected for the current message, or -1
         self.parts: list[Any] | None = None
         self.out: list[Buffer] = []
@@ -268,7 +271,8 @@ class _RPCHandler(_server.MessageHandler):
         elif self.codec is None:
             self._hello(data)
         else:
-            self._request((data,))
+            # the kernel answers a well-formed call of a method run on the loop; the rest comes back
+            self.wire.serve(self, (data,), self.methods)
 
     # hello -------------------------------------------------------------
     def _hello(self, data: bytes) -> None:
@@ -298,7 +302,7 @@ class _RPCHandler(_server.MessageHandler):
                          "(an authkey or a verified TLS client certificate)", "codec")
             return
         self.codec = codec
-        self.encode = codec.dumps
+        self.wire = rpcwire.Wire(codec)
         self.reply(json.dumps({"fastnet-rpc": PROTOCOL_VERSION, "codec": name}).encode())
 
     def _authenticated(self) -> bool:
@@ -322,15 +326,22 @@ class _RPCHandler(_server.MessageHandler):
         logger.warning("closing RPC connection from %r: %s", self.client_address, why)
         self.rpc._count_error("protocol")
         self.codec = _CLOSED
+        self.wire = _CLOSED_WIRE
         self.close()
 
     # requests ----------------------------------------------------------
     def _request(self, frames: Sequence[Any]) -> None:
-        try:
-            msg = self.codec.loads(frames)
-        except Exception as e:
-            self._protocol_error(f"undecodable message ({type(e).__name__}: {e})")
-            return
+        self.wire.serve(self, frames, self.methods)
+
+    def _undecodable(self, e: Exception) -> None:
+        self._protocol_error(f"undecodable message ({type(e).__name__}: {e})")
+
+    def _unencodable(self, msgid: int, e: Exception) -> None:
+        self._send_error(msgid, type(e).__name__,
+                         f"the result could not be encoded with {self.codec.name}: {e}")
+
+    def _message(self, msg: Any) -> None:
+        """A decoded message the kernel left to this handler (see :meth:`rpcwire.Wire.serve`)."""
         try:
             kind, msgid, method, args, kwargs = msg
             if kind != _REQUEST:
@@ -366,13 +377,7 @@ class _RPCHandler(_server.MessageHandler):
             self._send_exc(msgid, e)
             return
         m.record(time.perf_counter() - t0, False)
-        try:
-            frames = _encode(self.codec, [_REPLY, msgid, None, result])
-        except Exception as e:
-            self._send_error(msgid, type(e).__name__,
-                             f"the result could not be encoded with {self.codec.name}: {e}")
-            return
-        self._queue(frames)
+        self._send_result(msgid, result)
 
     def _notification(self, msg: Any) -> None:
         try:
@@ -406,10 +411,9 @@ class _RPCHandler(_server.MessageHandler):
 
     def _send_result(self, msgid: int, result: Any) -> None:
         try:
-            frames = _encode(self.codec, [_REPLY, msgid, None, result])
+            frames = self.wire.reply(msgid, result)
         except Exception as e:
-            self._send_error(msgid, type(e).__name__,
-                             f"the result could not be encoded with {self.codec.name}: {e}")
+            self._unencodable(msgid, e)
             return
         self._queue(frames)
 
@@ -423,7 +427,7 @@ class _RPCHandler(_server.MessageHandler):
                 # would break the whole connection
                 exc.__traceback__ = None
                 self.codec.loads(self.codec.dumps(exc))
-                frames = _encode(self.codec, [_REPLY, msgid, err + [exc], None])
+                frames = self.wire.error_reply(msgid, err + [exc])
             except Exception:
                 pass
             else:
@@ -432,7 +436,7 @@ class _RPCHandler(_server.MessageHandler):
         self._send_error(msgid, err[0], err[1], tb)
 
     def _send_error(self, msgid: int, type_name: str, message: str, tb: str = "") -> None:
-        self._queue(_encode(self.codec, [_REPLY, msgid, [type_name, message, tb], None]))
+        self._queue(self.wire.error_reply(msgid, [type_name, message, tb]))
 
     def _queue(self, frames: Iterable[Buffer]) -> None:
         # replies made while one read is dispatched leave together, in one syscall
@@ -478,13 +482,19 @@ class _Closed:
     """Stands in for the codec of a connection being closed: drops what still arrives."""
     name = "closed"
     requires_auth = False
+    builtin = False
 
     @staticmethod
     def loads(frames: Sequence[Buffer]) -> Any:
         raise ProtocolError("connection is closing")
 
+    @staticmethod
+    def dumps(obj: Any) -> list[Buffer]:
+        raise ProtocolError("connection is closing")
+
 
 _CLOSED = _Closed()
+_CLOSED_WIRE = rpcwire.Wire(_CLOSED)  # type: ignore[arg-type]
 
 
 class RPCServer:

@@ -11,8 +11,10 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from fastnet._kernels import framing, rpcwire
 from fastnet.connection import Client
 from fastnet.errors import AuthenticationError, ConnectionLost, ProtocolError, TimeoutError
 from fastnet.rpc._demux import ReplyDemux
@@ -25,6 +27,9 @@ if TYPE_CHECKING:
     from fastnet.tls import TLSChannel
     from fastnet.codecs import Codec
     from fastnet.connection import Connection
+
+send_framed = rpcwire.send_framed
+HEADER_SIZE = framing.HEADER_SIZE
 
 # an idle connection is checked for a close by the server before it is reused
 _STALE_AFTER = 0.02
@@ -62,6 +67,9 @@ class Connector:
         self.spin = spin
         self.conn: Connection | None = None
         self.ch: _CChannel | TLSChannel | None = None
+        # the socket of a plain channel (no TLS, no coalescing): framed messages go straight to it
+        self.raw: socket.socket | None = None
+        self.wire = rpcwire.Wire(codec)
         self.gen = 0
         self.closed = False
         self.lock = lock = threading.Lock()
@@ -118,7 +126,9 @@ class Connector:
                 if self.closed:
                     conn.close()
                     raise ConnectionLost("the proxy is closed")
-                self.ch = conn._ch
+                ch = self.ch = conn._ch
+                self.raw = conn._sock if (type(ch) is framing.Channel and ch.io is None
+                                          and not ch.coalesce) else None
                 self.replies.connected_locked()
                 self.gen += 1
                 self.conn = conn
@@ -171,6 +181,7 @@ class Connector:
                 return
             self.conn = None
             self.ch = None
+            self.raw = None
             pending = replies.detach_locked()
             self.cv.notify_all()
         try:
@@ -190,17 +201,39 @@ class Connector:
             why = f"the connection failed ({type(e).__name__}: {e})"
         self.drop(conn, ConnectionLost(f"{why}; the call may or may not have run"))
 
-    def send(self, frames: list[Buffer], gen: int) -> None:
-        """Send a message's frames on connection ``gen``; _NotSent if they did not all leave."""
+    def send(self, msg: bytes | list[Buffer], gen: int) -> None:
+        """Send one message of :class:`~fastnet._pure.rpcwire.Wire` on connection ``gen``."""
+        self.send_many((msg,), gen)
+
+    def send_many(self, msgs: Sequence[bytes | list[Buffer]], gen: int) -> None:
+        """Send messages of :class:`~fastnet._pure.rpcwire.Wire` on connection ``gen``, in one write if they fit.
+
+        _NotSent if they did not all leave.
+        """
         with self.send_lock:
             ch = self.ch
             conn = self.conn
             if ch is None or self.gen != gen:
                 raise ConnectionLost("the connection was lost before the call was sent")
+            raw = self.raw
             try:
-                if len(frames) == 1:
-                    ch.send_frame(frames[0])
+                if len(msgs) == 1:
+                    msg = msgs[0]
+                    if not isinstance(msg, bytes):
+                        ch.send_frames(msg)
+                    elif raw is not None:
+                        send_framed(raw, msg)
+                    else:
+                        ch.send_frame(msg, HEADER_SIZE)
+                elif raw is not None and all(type(m) is bytes for m in msgs):
+                    send_framed(raw, b"".join(msgs))  # type: ignore[arg-type]
                 else:
+                    frames: list[Buffer] = []
+                    for m in msgs:
+                        if isinstance(m, bytes):
+                            frames.append(memoryview(m)[HEADER_SIZE:])
+                        else:
+                            frames.extend(m)
                     ch.send_frames(frames)
                 return
             except OSError as e:

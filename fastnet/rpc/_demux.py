@@ -26,6 +26,7 @@ import concurrent.futures
 import itertools
 import threading
 import time
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, RUNNING
 from typing import TYPE_CHECKING, Any
 
 from fastnet.errors import ConnectionLost, ProtocolError, TimeoutError
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from fastnet.codecs import Codec
     from fastnet.connection import Connection
     from fastnet.rpc._connector import Connector
+    from fastnet.rpc.proxy import RPCProxy
 
 # how long a reply-less asynchronous call waits for its caller to read before
 # the proxy's reader thread takes over, and how often a waiting caller looks
@@ -61,24 +63,92 @@ class _Slot:
         self.set(exc, None)
 
 
-class _FutureSlot:
-    __slots__ = ("future", "deadline")
+_DONE = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
+# guards the making of a future's condition against its completion without one
+_cond_lock = threading.Lock()
 
-    def __init__(self, future: concurrent.futures.Future[Any], deadline: float | None) -> None:
-        self.future = future
-        self.deadline = deadline
 
-    def set(self, error: BaseException | None, value: Any) -> None:
-        f = self.future
-        if f.done():
-            return
-        if error is None:
-            f.set_result(value)
-        else:
-            f.set_exception(error)
+class _CallFuture(concurrent.futures.Future[Any]):
+    """The future of an asynchronous call: a ``concurrent.futures.Future`` made cheap.
+
+    It makes its condition only when something waits through it (another
+    thread's ``result``, ``concurrent.futures.wait``, a callback); a call
+    whose reply arrives before anyone waits completes without one.
+
+    Waiting on it (``result``/``exception``) reads replies on the waiting
+    thread when no other thread is reading, so a caller that issues many
+    calls and then collects them never hands work to another thread. Futures
+    nobody waits on (callbacks, ``concurrent.futures.wait``) complete through
+    the proxy's reader thread.
+    """
+
+    # Future.__init__ is not called: it would make the condition at once
+    def __init__(self, proxy: RPCProxy, deadline: float | None) -> None:
+        self._state = RUNNING
+        self._result: Any = None
+        self._exception: BaseException | None = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Any] = []
+        self._cond: threading.Condition | None = None
+        # the proxy, not only its demultiplexer: a pending future keeps the
+        # proxy (whose finalizer closes the connection) alive
+        self._proxy = proxy
+        self._deadline = deadline
+
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        c = self._cond
+        if c is None:
+            with _cond_lock:
+                c = self._cond
+                if c is None:
+                    c = self._cond = threading.Condition()
+        return c
+
+    def _complete(self, error: BaseException | None, value: Any) -> None:
+        """Set the outcome once; a later one (after a timeout, say) is ignored."""
+        if self._cond is None:
+            with _cond_lock:
+                if self._cond is None:
+                    # nobody waits, and nobody can start to before this is set
+                    if self._state not in _DONE:
+                        self._result = value
+                        self._exception = error
+                        self._state = FINISHED
+                    return
+        with self._condition:
+            if self._state in _DONE:
+                return
+        try:
+            if error is None:
+                super().set_result(value)
+            else:
+                super().set_exception(error)
+        except concurrent.futures.InvalidStateError:
+            pass    # completed meanwhile by another thread
+
+    # as a pending call's slot in the demultiplexer
+    set = _complete
 
     def fail(self, exc: BaseException) -> None:
-        self.set(exc, None)
+        self._complete(exc, None)
+
+    def done(self) -> bool:
+        return self._state in _DONE
+
+    def result(self, timeout: float | None = None) -> Any:
+        if self._state is FINISHED:
+            if self._exception is not None:
+                raise self._exception
+            return self._result
+        self._proxy._replies.drive(self, timeout)
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._state is FINISHED:
+            return self._exception
+        self._proxy._replies.drive(self, timeout)
+        return super().exception(timeout)
 
 
 class ReplyDemux:
@@ -91,7 +161,7 @@ class ReplyDemux:
         self.cv = link.cv
         self.rlock = threading.Lock()       # held by the one thread reading replies
         self.ids = itertools.count(1)
-        self.pending: dict[int, _Slot | _FutureSlot] = {}
+        self.pending: dict[int, _Slot | _CallFuture] = {}
         self.waiters = 0
         self.async_calls = 0                # pending asynchronous calls
         self.timed_calls = 0                # ... of which have a deadline
@@ -109,7 +179,7 @@ class ReplyDemux:
         self.reader.reset()
         self.last_io = time.monotonic()
 
-    def detach_locked(self) -> dict[int, _Slot | _FutureSlot]:
+    def detach_locked(self) -> dict[int, _Slot | _CallFuture]:
         """The connection is gone: take the calls pending on it, for the caller to fail."""
         pending = self.pending
         self.pending = {}
@@ -130,7 +200,7 @@ class ReplyDemux:
             self.to_close.append(conn)
 
     # -- registering calls ---------------------------------------------------
-    def register(self, msgid: int, slot: _Slot | _FutureSlot, gen: int) -> bool:
+    def register(self, msgid: int, slot: _Slot | _CallFuture, gen: int) -> bool:
         """Add a pending call; False if the connection it was meant for is gone."""
         pending = self.pending
         pending[msgid] = slot
@@ -141,7 +211,7 @@ class ReplyDemux:
         pending.pop(msgid, None)
         return False
 
-    def register_async(self, msgid: int, slot: _FutureSlot, gen: int, owner: object) -> None:
+    def register_async(self, msgid: int, slot: _CallFuture, gen: int, owner: object) -> None:
         """Add a pending asynchronous call, and make sure a reader thread can complete it.
 
         ``owner`` (the proxy) lives as long as the reader thread: its
@@ -152,7 +222,7 @@ class ReplyDemux:
                 raise ConnectionLost("the connection was lost before the call was sent")
             self.async_calls += 1
             self.last_io = time.monotonic()
-            if slot.deadline is not None:
+            if slot._deadline is not None:
                 self.timed_calls += 1
             if self.bg is None:
                 t = self.bg = threading.Thread(target=self.background, args=(owner,),
@@ -161,16 +231,16 @@ class ReplyDemux:
             elif self.bg_parked:
                 self.cv.notify_all()
 
-    def unregister_async(self, msgid: int, slot: _FutureSlot) -> None:
+    def unregister_async(self, msgid: int, slot: _CallFuture) -> None:
         """Take back an asynchronous call whose request could not be sent."""
         with self.cv:
             if self.pending.pop(msgid, None) is not None:
                 self.forget_async(slot)
 
-    def forget_async(self, slot: _FutureSlot) -> None:
+    def forget_async(self, slot: _CallFuture) -> None:
         # with the lock held
         self.async_calls -= 1
-        if slot.deadline is not None:
+        if slot._deadline is not None:
             self.timed_calls -= 1
 
     # -- a synchronous call waits --------------------------------------------
@@ -320,28 +390,40 @@ class ReplyDemux:
         pending = self.pending
         woke = False
         reader = self.reader
-        for f in frames:
-            try:
-                reply = reader.feed(f)
-            except ProtocolError as e:
-                self.link.lost(conn, e)
-                return
-            if reply is None:
-                continue
-            msgid, error, result = reply
-            slot = pending.pop(msgid, None)
-            if slot is None:
-                self.late_replies += 1     # its call timed out: nobody wants it
-                continue
-            if type(slot) is _FutureSlot:
+        read_reply = reader.wire.read_reply
+        done_async = done_timed = 0
+        try:
+            for f in frames:
+                try:
+                    if reader.partial is None and f[:1] != b"\xc1":
+                        reply: tuple[Any, Any, Any] | None = read_reply((f,))   # a whole reply in one frame
+                    else:
+                        reply = reader.feed(f)
+                    if reply is None:
+                        continue
+                except ProtocolError as e:
+                    self.link.lost(conn, e)
+                    return
+                msgid, error, result = reply
+                slot = pending.pop(msgid, None)
+                if slot is None:
+                    self.late_replies += 1     # its call timed out: nobody wants it
+                    continue
+                if type(slot) is _CallFuture:
+                    done_async += 1
+                    if slot._deadline is not None:
+                        done_timed += 1
+                else:
+                    woke = True
+                if error is None:
+                    slot.set(None, result)
+                else:
+                    slot.set(_remote_exception(error, codec), None)
+        finally:
+            if done_async:
                 with self.lock:
-                    self.forget_async(slot)
-            else:
-                woke = True
-            if error is None:
-                slot.set(None, result)
-            else:
-                slot.set(_remote_exception(error, codec), None)
+                    self.async_calls -= done_async
+                    self.timed_calls -= done_timed
         if woke and self.waiters:
             with self.cv:
                 self.cv.notify_all()
@@ -395,7 +477,7 @@ class ReplyDemux:
             return None
         soonest = None
         for slot in list(self.pending.values()):
-            dl: float | None = getattr(slot, "deadline", None)
+            dl: float | None = getattr(slot, "_deadline", None)
             if dl is not None and (soonest is None or dl < soonest):
                 soonest = dl
         if soonest is None:
@@ -407,7 +489,7 @@ class ReplyDemux:
             return
         now = time.monotonic()
         expired = [k for k, s in list(self.pending.items())
-                   if type(s) is _FutureSlot and s.deadline is not None and s.deadline <= now]
+                   if type(s) is _CallFuture and s._deadline is not None and s._deadline <= now]
         for k in expired:
             s = self.pending.pop(k)
             self.forget_async(s)  # type: ignore[arg-type]

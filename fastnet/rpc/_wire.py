@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import json
 
+from fastnet._kernels import rpcwire
 from fastnet.errors import AuthenticationError, MethodNotFound, ProtocolError, RemoteError
 
 if TYPE_CHECKING:
@@ -99,10 +100,11 @@ class ReplyReader:
     Both proxies, blocking and asyncio, read with it.
     """
 
-    __slots__ = ("codec", "partial", "left")
+    __slots__ = ("codec", "wire", "partial", "left")
 
     def __init__(self, codec: Codec) -> None:
         self.codec = codec
+        self.wire = rpcwire.Wire(codec)
         self.partial: list[Any] | None = None
         self.left = 0
 
@@ -129,10 +131,4 @@ class ReplyReader:
             return None
         else:
             frames = (frame,)
-        try:
-            kind, msgid, error, result = self.codec.loads(frames)
-            if kind != _REPLY:
-                raise ValueError(f"message kind {kind!r}")
-        except Exception as e:
-            raise ProtocolError(f"malformed reply from the server ({e})") from None
-        return msgid, error, result
+        return self.wire.read_reply(frames)

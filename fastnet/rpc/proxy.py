@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 from fastnet.codecs import DEFAULT_CODEC, get_codec
 from fastnet.errors import ConnectionLost
 from fastnet.rpc._connector import Connector, _NotSent
-from fastnet.rpc._demux import ReplyDemux, _FutureSlot, _Slot
-from fastnet.rpc._wire import _NOTIFY, _REQUEST, DEFAULT_RPC_MAX_MESSAGE_SIZE, _encode
+from fastnet.rpc._demux import ReplyDemux, _CallFuture, _Slot
+from fastnet.rpc._wire import DEFAULT_RPC_MAX_MESSAGE_SIZE
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -28,33 +28,6 @@ if TYPE_CHECKING:
 __all__ = ["RPCProxy"]
 
 _BATCH_MAX = 256
-
-
-class _CallFuture(concurrent.futures.Future[Any]):
-    """The future of an asynchronous call.
-
-    Waiting on it (``result``/``exception``) reads replies on the waiting
-    thread when no other thread is reading, so a caller that issues many
-    calls and then collects them never hands work to another thread. Futures
-    nobody waits on (callbacks, ``concurrent.futures.wait``) complete through
-    the proxy's reader thread.
-    """
-
-    def __init__(self, proxy: RPCProxy) -> None:
-        super().__init__()
-        # the proxy, not only its demultiplexer: a pending future keeps the
-        # proxy (whose finalizer closes the connection) alive
-        self._proxy = proxy
-
-    def result(self, timeout: float | None = None) -> Any:
-        if not self.done():
-            self._proxy._replies.drive(self, timeout)
-        return super().result(timeout)
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        if not self.done():
-            self._proxy._replies.drive(self, timeout)
-        return super().exception(timeout)
 
 
 class _BoundMethod:
@@ -117,7 +90,7 @@ class _Batch:
     def __init__(self, proxy: RPCProxy, timeout: float | None) -> None:
         self._proxy = proxy
         self._timeout = timeout
-        self._frames: list[Buffer] = []
+        self._msgs: list[bytes | list[Buffer]] = []
         self._count = 0
 
     def call_async(self, method: str, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
@@ -129,21 +102,21 @@ class _Batch:
 
     def notify(self, method: str, /, *args: Any, **kwargs: Any) -> None:
         """Queue a one-way call."""
-        self._frames.extend(_encode(self._proxy._codec, [_NOTIFY, method, list(args), kwargs or None]))
+        self._msgs.append(self._proxy._link.wire.notification(method, args, kwargs))
         self._count += 1
         if self._count >= _BATCH_MAX:
             self.flush()
 
     def flush(self) -> None:
         """Send what is queued now."""
-        frames = self._frames
-        if not frames:
+        msgs = self._msgs
+        if not msgs:
             return
-        self._frames = []
+        self._msgs = []
         self._count = 0
         link = self._proxy._link
         link.checked()
-        link.send(frames, link.gen)
+        link.send_many(msgs, link.gen)
 
     def __enter__(self) -> _Batch:
         return self
@@ -242,10 +215,10 @@ class RPCProxy:
 
     def notify(self, method: str, /, *args: Any, **kwargs: Any) -> None:
         """Send a one-way call: no reply, no result, errors stay on the server."""
-        frames = _encode(self._codec, [_NOTIFY, method, list(args), kwargs or None])
         link = self._link
+        msg = link.wire.notification(method, args, kwargs)
         link.checked()
-        link.send(frames, link.gen)
+        link.send(msg, link.gen)
 
     @property
     def codec(self) -> str:
@@ -320,13 +293,12 @@ class RPCProxy:
         link.checked()
         gen = link.gen
         msgid = next(replies.ids)
-        frames = _encode(self._codec, [_REQUEST, msgid, method,
-                                       args if type(args) is list else list(args), kwargs or None])
+        msg = link.wire.request(msgid, method, args, kwargs)
         slot = _Slot()
         if not replies.register(msgid, slot, gen):
             raise ConnectionLost("the connection was lost before the call was sent")
         try:
-            link.send(frames, gen)
+            link.send(msg, gen)
         except BaseException:
             replies.pending.pop(msgid, None)
             raise
@@ -344,25 +316,21 @@ class RPCProxy:
         link.checked()
         gen = link.gen
         msgid = next(replies.ids)
-        frames = _encode(self._codec, [_REQUEST, msgid, method, list(args), kwargs or None])
-        fut = _CallFuture(self)
-        fut.set_running_or_notify_cancel()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        slot = _FutureSlot(fut, deadline)
+        msg = link.wire.request(msgid, method, args, kwargs)
+        fut = _CallFuture(self, None if timeout is None else time.monotonic() + timeout)
         # the reader thread keeps this proxy alive while it runs, as it reads the
         # connection the proxy's finalizer closes
-        replies.register_async(msgid, slot, gen, self)
+        replies.register_async(msgid, fut, gen, self)
         if batch is not None:
             # a batch from before a reconnect fails at flush: its slots went with the old connection
-            batch._frames.extend(frames)
+            batch._msgs.append(msg)
             batch._count += 1
             return fut
         try:
-            link.send(frames, gen)
+            link.send(msg, gen)
         except BaseException as e:
-            replies.unregister_async(msgid, slot)
+            replies.unregister_async(msgid, fut)
             if isinstance(e, _NotSent) and not retried:
                 return self._call_async(method, args, kwargs, timeout, None, True)
-            if not fut.done():
-                fut.set_exception(e)
+            fut._complete(e, None)
         return fut
