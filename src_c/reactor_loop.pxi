@@ -464,14 +464,9 @@ cdef class Reactor:
         if e.reader is not None or e.writer is not None or e.stream is not None or e.wake:
             raise ValueError(f"descriptor {fd} is already watched by this loop")
         t = FramedTransport.__new__(FramedTransport)
-        t._loop = self
-        t._sock = sock
-        t._fd = fd
-        t.protocol = protocol
+        t._setup(self, sock, fd, protocol, max_message_size, high_water, low_water)
         t._on_message = on_message
-        t._max_size = -1 if max_message_size is None else max_message_size
         t._wq = []
-        t.set_write_buffer_limits(high_water, low_water)
         t._entry = e
         e.stream = t
         self._streams.add(t)

@@ -28,7 +28,7 @@ cdef object _as_frame(object b):
     return mv
 
 
-cdef class FramedTransport:
+cdef class FramedTransport(TransportBase):
     """Length-prefixed frames over a non-blocking stream socket on a Reactor.
 
     Created by ``Reactor.add_stream``. ``send_bytes`` / ``send_many`` try the
@@ -86,7 +86,7 @@ cdef class FramedTransport:
         # what already arrived is shorter than releasing and retaking it.
         n = _sys_recv(self._fd, loop._rbuf, loop._rbufsize)
         if n > 0:
-            self.bytes_received += n
+            self._bytes_received += n
             self._process(loop._rbuf, n)
             return 1 if n == loop._rbufsize else 0
         if n == 0:
@@ -118,7 +118,7 @@ cdef class FramedTransport:
         finally:
             PyBuffer_Release(&view)
         if n > 0:
-            self.bytes_received += n
+            self._bytes_received += n
             self._decoder.buffer_updated(n)
             self._drain()
             return 1 if n == want else 0
@@ -157,7 +157,7 @@ cdef class FramedTransport:
                 break
             frame = PyBytes_FromStringAndSize(p + off + hdr, <Py_ssize_t>length)
             off += hdr + <Py_ssize_t>length
-            self.messages_received += 1
+            self._messages_received += 1
             self._deliver(frame)
             if not self._want_read():
                 break
@@ -195,7 +195,7 @@ cdef class FramedTransport:
                 return 0
             if frame is None:
                 break
-            self.messages_received += 1
+            self._messages_received += 1
             self._deliver(frame)
         if not self._closed and d.buffered == 0 and d.needed == 0:
             self._dirty = False
@@ -255,7 +255,7 @@ cdef class FramedTransport:
         cdef Py_ssize_t h, total
         cdef ssize_t r
         cdef iovec* iov
-        self.messages_sent += 1
+        self._messages_sent += 1
         if n <= _COPY:
             # A small frame is copied behind its header into the loop's
             # scratch buffer: one send() and no Python object on the common
@@ -321,7 +321,7 @@ cdef class FramedTransport:
             total += n + (4 if n <= 0x7fffffff else 12)
         if not items:
             return
-        self.messages_sent += len(items)
+        self._messages_sent += len(items)
         if total <= _COPY:
             # the whole batch in the scratch buffer: one send() for many frames
             w = loop._wbuf
@@ -381,7 +381,7 @@ cdef class FramedTransport:
         while True:
             r = _sys_send(self._fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT)
             if r >= 0:
-                self.bytes_sent += r
+                self._bytes_sent += r
                 return r
             err = errno
             if err == EINTR:
@@ -407,7 +407,7 @@ cdef class FramedTransport:
             with nogil:
                 r = _sys_sendmsg(self._fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT)
             if r >= 0:
-                self.bytes_sent += r
+                self._bytes_sent += r
                 return r
             err = errno
             if err == EINTR:
@@ -430,16 +430,9 @@ cdef class FramedTransport:
         if not self._writing:
             self._writing = True
             self._loop._update(self._entry)
+        # tested here first: the common case pays no call
         if not self._bp_paused and self._wq_bytes > self._high:
-            self._bp_paused = True
-            self.pauses += 1
-            self._loop._update(self._entry)
-            pw = getattr(self.protocol, "pause_writing", None)
-            if pw is not None:
-                try:
-                    pw()
-                except Exception as exc:
-                    self._loop._report(exc, "exception in pause_writing", self)
+            self._check_high()
         return 0
 
     cdef int _write_ready(self) except -1:
@@ -483,7 +476,7 @@ cdef class FramedTransport:
             del wq[:i]
             self._wq_off = off
             if self._bp_paused and self._wq_bytes <= self._low:
-                self._resume_from_backpressure()
+                self._check_low()
                 if self._closed:
                     return 0
             if not took_all:
@@ -497,122 +490,28 @@ cdef class FramedTransport:
             loop._update(self._entry)
         return 0
 
-    cdef int _resume_from_backpressure(self) except -1:
-        cdef Reactor loop = self._loop
-        self._bp_paused = False
-        loop._update(self._entry)
-        rw = getattr(self.protocol, "resume_writing", None)
-        if rw is not None:
-            try:
-                rw()
-            except Exception as exc:
-                loop._report(exc, "exception in resume_writing", self)
-        self._schedule_drain()
-        return 0
-
-    cdef int _schedule_drain(self) except -1:
+    cpdef _schedule_drain(self):
         if self._dirty and not self._drain_scheduled and not self._closed:
             self._drain_scheduled = True
             self._loop._ready.append(_new_handle(self._drain_later, ()))
-        return 0
+
+    cpdef _reading_changed(self):
+        self._loop._update(self._entry)
 
     # -- control ------------------------------------------------------------
 
-    def pause_reading(self):
-        """Stop calling message_received until resume_reading()."""
-        if self._closed or self._user_paused:
-            return
-        self._user_paused = True
-        self._loop._update(self._entry)
-
-    def resume_reading(self):
-        """Undo pause_reading(); frames received meanwhile are delivered first."""
-        if self._closed or not self._user_paused:
-            return
-        self._user_paused = False
-        self._loop._update(self._entry)
-        self._schedule_drain()
-
-    def set_write_buffer_limits(self, high=None, low=None):
-        """Queued bytes above ``high`` pause reading; at or below ``low`` it resumes."""
-        if high is None:
-            high = DEFAULT_HIGH_WATER if low is None else max(4 * low, DEFAULT_HIGH_WATER)
-        if low is None:
-            low = high // 4
-        if not 0 <= low <= high:
-            raise ValueError(f"need 0 <= low ({low}) <= high ({high})")
-        self._high = high
-        self._low = low
-
-    def get_write_buffer_limits(self):
-        return (self._low, self._high)
-
-    def get_write_buffer_size(self):
-        """Bytes queued and not yet taken by the kernel."""
-        return self._wq_bytes
-
-    @property
-    def reading_paused(self):
-        """True while reading is paused (by pause_reading or by backpressure)."""
-        return self._user_paused or self._bp_paused
-
-    @property
-    def max_message_size(self):
-        return None if self._max_size < 0 else self._max_size
-
-    @property
-    def socket(self):
-        return self._sock
-
-    @property
-    def loop(self):
-        return self._loop
-
-    def fileno(self):
-        return self._fd if not self._closed else -1
-
-    def get_extra_info(self, name, default=None):
-        """'peername', 'sockname' or 'socket', as asyncio transports."""
-        if name == "socket":
-            return self._sock
-        if self._closed:
-            return default
-        try:
-            if name == "peername":
-                return self._sock.getpeername()
-            if name == "sockname":
-                return self._sock.getsockname()
-        except OSError:
-            return default
-        return default
-
-    def is_closing(self):
-        return self._closing or self._closed
-
-    @property
-    def closed(self):
-        return self._closed
-
-    def close(self):
-        """Stop reading, send what is queued, then close."""
-        if self._closing or self._closed:
-            return
-        self._closing = True
+    cpdef _flush_then_close(self):
         if not self._wq:
             self._finalize(None)
         else:
             self._loop._update(self._entry)
 
-    def abort(self):
-        """Close now, dropping queued bytes."""
-        self._finalize(None)
-
-    cdef int _finalize(self, exc) except -1:
+    cpdef _finalize(self, exc):
         cdef Reactor loop = self._loop
         cdef _FdEntry e = self._entry
         cdef _LostCall lost
         if self._closed:
-            return 0
+            return
         self._closed = True
         self._closing = True
         self._writing = False
@@ -635,7 +534,6 @@ cdef class FramedTransport:
         lost.protocol = self.protocol
         lost.exc = exc
         loop._ready.append(_new_handle(lost, ()))
-        return 0
 
     def __repr__(self):
         state = "closed" if self._closed else ("closing" if self._closing else f"fd={self._fd}")
