@@ -201,6 +201,18 @@ class TLSTransport(_reactor.TransportBase):
     "compression".
     """
 
+    # Slotted, and the base is too: an instance of a Python subclass of the
+    # compiled TransportBase gets its __dict__ without CPython 3.11's inline
+    # values (Cython's tp_new is not object's), and the specializing
+    # interpreter then specializes no attribute access on it at all.
+    # __dict__ and __weakref__ keep what a plain class allows.
+    __slots__ = ("_authkey", "_cq", "_cq_off", "_decoder", "_digest", "_drain_scheduled",
+                 "_handshake_timeout", "_hs", "_hs_reader", "_incoming", "_made", "_on_fail",
+                 "_on_message", "_on_ready", "_outgoing", "_reading", "_server_side", "_sock_eof",
+                 "_sslobj", "_state", "_strict", "_timer", "_tls_eof", "_tls_shut", "_wq", "_wq_off",
+                 "_writing", "messages_received", "messages_sent", "bytes_received", "bytes_sent",
+                 "__dict__", "__weakref__")
+
     def __init__(self, loop: _reactor.Reactor, sock: socket.socket, protocol: Any, ssl_context: ssl.SSLContext, *,
                  server_side: bool = False, server_hostname: str | None = None,
                  authkey: bytes | None = None, handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
@@ -236,7 +248,6 @@ class TLSTransport(_reactor.TransportBase):
         self._cq: collections.deque[bytes] = collections.deque()      # ciphertext not yet taken by the kernel
         self._cq_off = 0
         self._reading = self._writing = False
-        self._eof = False                   # the peer ended its stream (at the TLS level)
         self._sock_eof = False              # recv() returned 0
         self._tls_eof = False
         self._tls_shut = False              # close_notify produced
@@ -245,6 +256,8 @@ class TLSTransport(_reactor.TransportBase):
         # the authkey handshake (fastnet.handshake), inside TLS
         self._hs: Handshake | None = None
         self._hs_reader: HandshakeReader | None = None
+        self.messages_received = self.messages_sent = 0
+        self.bytes_received = self.bytes_sent = 0
         sock.setblocking(False)
         self._reading_changed()      # may refuse the descriptor (select's FD_SETSIZE): nothing to undo
         if isinstance(loop, TransportRegistry):
@@ -265,11 +278,8 @@ class TLSTransport(_reactor.TransportBase):
             self._report(exc, "exception in TLS transport")
             self._finalize(exc)
 
-    def _want_read(self) -> bool:
-        return not (self.reading_paused or self._closing or self._eof)
-
     def _reading_changed(self) -> None:
-        want = not (self._closed or self._sock_eof) and (self._state != _OPEN or self._want_read())
+        want = not (self._closed or self._sock_eof) and (self._state != _OPEN or self._reading_wanted)
         if want != self._reading:
             if want:
                 self._loop.add_reader(self._fd, self._on_readable)
@@ -329,14 +339,14 @@ class TLSTransport(_reactor.TransportBase):
     def _read_app(self) -> None:
         d = self._decoder
         assert d is not None
-        while self._want_read():
+        while self._reading_wanted:
             try:
                 frame = d.next_frame()
             except (ProtocolError, MessageTooLarge) as exc:
                 self._finalize(exc)
                 return
             if frame is not None:
-                self._messages_received += 1
+                self.messages_received += 1
                 self._deliver(frame)
                 continue
             r = self._decrypt(d)
@@ -395,7 +405,7 @@ class TLSTransport(_reactor.TransportBase):
             region.release()
         if got:
             d.buffer_updated(got)
-            self._bytes_received += got
+            self.bytes_received += got
         if err is not None:
             tls_exc = _tls_error(err)
             tls_exc.__cause__ = err
@@ -428,7 +438,7 @@ class TLSTransport(_reactor.TransportBase):
 
     def _drain_later(self) -> None:
         self._drain_scheduled = False
-        if not self._closed and self._state == _OPEN and self._want_read():
+        if not self._closed and self._state == _OPEN and self._reading_wanted:
             self._guard(self._read_app)
             if not self._closed:
                 self._reading_changed()
@@ -579,7 +589,7 @@ class TLSTransport(_reactor.TransportBase):
                 raise BufferError("memoryview: underlying buffer is not contiguous")
             data = data.cast("B") if data.ndim != 1 or data.format != "B" else data
         n = len(data)
-        self._messages_sent += 1
+        self.messages_sent += 1
         if n <= _COPY_THRESHOLD:
             buf = _encode_header(n) + data
             if self._state == _OPEN and not self._wq and not self._cq:
@@ -613,7 +623,7 @@ class TLSTransport(_reactor.TransportBase):
         items = [_as_frame(b) for b in buffers]
         if not items:
             return
-        self._messages_sent += len(items)
+        self.messages_sent += len(items)
         total = sum(len(b) + (4 if len(b) <= 0x7fffffff else 12) for b in items)
         if total <= _COPY_THRESHOLD:
             buf = b"".join([x for b in items for x in (_encode_header(len(b)), b)])
@@ -641,7 +651,7 @@ class TLSTransport(_reactor.TransportBase):
             exc.__cause__ = e
             self._finalize(exc)
             return
-        self._bytes_sent += len(buf)
+        self.bytes_sent += len(buf)
         out = self._outgoing.read()
         try:
             r = self._sock.send(out)
@@ -757,7 +767,7 @@ class TLSTransport(_reactor.TransportBase):
             self._finalize(exc)
             return False
         n = len(piece)
-        self._bytes_sent += n
+        self.bytes_sent += n
         self._wq_bytes -= n
         self._take_output()
         return True

@@ -125,23 +125,15 @@ cdef class TransportBase:
         """True while reading is paused (by pause_reading or by backpressure)."""
         return self._user_paused or self._bp_paused
 
+    cdef inline bint _want_read(self) noexcept:
+        return not (self._user_paused or self._bp_paused or self._closing or self._eof)
+
+    @property
+    def _reading_wanted(self):
+        """_want_read for Python subclasses: one attribute, not four, on their read path."""
+        return self._want_read()
+
     # -- state ------------------------------------------------------------------
-
-    @property
-    def messages_received(self):
-        return self._messages_received
-
-    @property
-    def messages_sent(self):
-        return self._messages_sent
-
-    @property
-    def bytes_received(self):
-        return self._bytes_received
-
-    @property
-    def bytes_sent(self):
-        return self._bytes_sent
 
     @property
     def pauses(self):

@@ -42,9 +42,6 @@ cdef class FramedTransport(TransportBase):
     def __init__(self, *a, **k):
         raise TypeError("FramedTransport is created by Reactor.add_stream")
 
-    cdef inline bint _want_read(self) noexcept:
-        return not (self._user_paused or self._bp_paused or self._closing or self._eof)
-
     # -- reading ------------------------------------------------------------
 
     cdef int _read_ready(self, bint hup) except -1:
@@ -86,7 +83,7 @@ cdef class FramedTransport(TransportBase):
         # what already arrived is shorter than releasing and retaking it.
         n = _sys_recv(self._fd, loop._rbuf, loop._rbufsize)
         if n > 0:
-            self._bytes_received += n
+            self.bytes_received += n
             self._process(loop._rbuf, n)
             return 1 if n == loop._rbufsize else 0
         if n == 0:
@@ -118,7 +115,7 @@ cdef class FramedTransport(TransportBase):
         finally:
             PyBuffer_Release(&view)
         if n > 0:
-            self._bytes_received += n
+            self.bytes_received += n
             self._decoder.buffer_updated(n)
             self._drain()
             return 1 if n == want else 0
@@ -157,7 +154,7 @@ cdef class FramedTransport(TransportBase):
                 break
             frame = PyBytes_FromStringAndSize(p + off + hdr, <Py_ssize_t>length)
             off += hdr + <Py_ssize_t>length
-            self._messages_received += 1
+            self.messages_received += 1
             self._deliver(frame)
             if not self._want_read():
                 break
@@ -195,7 +192,7 @@ cdef class FramedTransport(TransportBase):
                 return 0
             if frame is None:
                 break
-            self._messages_received += 1
+            self.messages_received += 1
             self._deliver(frame)
         if not self._closed and d.buffered == 0 and d.needed == 0:
             self._dirty = False
@@ -255,7 +252,7 @@ cdef class FramedTransport(TransportBase):
         cdef Py_ssize_t h, total
         cdef ssize_t r
         cdef iovec* iov
-        self._messages_sent += 1
+        self.messages_sent += 1
         if n <= _COPY:
             # A small frame is copied behind its header into the loop's
             # scratch buffer: one send() and no Python object on the common
@@ -321,7 +318,7 @@ cdef class FramedTransport(TransportBase):
             total += n + (4 if n <= 0x7fffffff else 12)
         if not items:
             return
-        self._messages_sent += len(items)
+        self.messages_sent += len(items)
         if total <= _COPY:
             # the whole batch in the scratch buffer: one send() for many frames
             w = loop._wbuf
@@ -381,7 +378,7 @@ cdef class FramedTransport(TransportBase):
         while True:
             r = _sys_send(self._fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT)
             if r >= 0:
-                self._bytes_sent += r
+                self.bytes_sent += r
                 return r
             err = errno
             if err == EINTR:
@@ -407,7 +404,7 @@ cdef class FramedTransport(TransportBase):
             with nogil:
                 r = _sys_sendmsg(self._fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT)
             if r >= 0:
-                self._bytes_sent += r
+                self.bytes_sent += r
                 return r
             err = errno
             if err == EINTR:

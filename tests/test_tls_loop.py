@@ -440,8 +440,7 @@ def test_tls_and_plain_transports_share_one_flow_control_base():
     assert issubclass(TLSTransport, base) and issubclass(FramedTransport, base)
     # neither keeps a copy of its own: flow control, state and closing are the base's
     for name in ("pause_reading", "resume_reading", "reading_paused", "set_write_buffer_limits",
-                 "get_write_buffer_limits", "get_write_buffer_size", "pauses", "messages_sent",
-                 "bytes_received", "closed", "is_closing", "close", "abort", "fileno", "socket",
+                 "get_write_buffer_limits", "get_write_buffer_size", "pauses", "closed", "is_closing", "close", "abort", "fileno", "socket",
                  "loop", "max_message_size", "protocol"):
         assert hasattr(base, name)
         assert name not in vars(TLSTransport) and name not in vars(FramedTransport), name

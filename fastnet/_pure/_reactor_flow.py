@@ -25,6 +25,10 @@ class TransportBase:
     ``Reactor.add_stream`` and ``fastnet.tls.TLSTransport``.
     """
 
+    # the compiled base's fields: a subclass's __slots__ work alike on both kernel sets
+    __slots__ = ("_loop", "_sock", "_fd", "_protocol", "_max_size", "_high", "_low", "_wq_bytes",
+                 "_user_paused", "_bp_paused", "_closing", "_closed", "_eof", "_pauses")
+
     def __init__(self, *a: object, **k: object) -> None:
         raise TypeError("TransportBase is the base of the loop's transports, not one itself")
 
@@ -39,8 +43,7 @@ class TransportBase:
         self._wq_bytes = 0
         self._user_paused = self._bp_paused = False
         self._closing = self._closed = False
-        self._messages_received = self._messages_sent = 0
-        self._bytes_received = self._bytes_sent = 0
+        self._eof = False           # the peer ended its stream
         self._pauses = 0
         self.set_write_buffer_limits(high_water, low_water)
 
@@ -134,28 +137,20 @@ class TransportBase:
         """True while reading is paused (by pause_reading or by backpressure)."""
         return self._user_paused or self._bp_paused
 
+    def _want_read(self) -> bool:
+        return not (self._user_paused or self._bp_paused or self._closing or self._eof)
+
+    @property
+    def _reading_wanted(self) -> bool:
+        """_want_read for Python subclasses (a property, as the compiled base's)."""
+        return self._want_read()
+
     # -- state ----------------------------------------------------------------
     # read-only, as the compiled TransportBase's readonly attributes
 
     @property
     def protocol(self) -> Any:
         return self._protocol
-
-    @property
-    def messages_received(self) -> int:
-        return self._messages_received
-
-    @property
-    def messages_sent(self) -> int:
-        return self._messages_sent
-
-    @property
-    def bytes_received(self) -> int:
-        return self._bytes_received
-
-    @property
-    def bytes_sent(self) -> int:
-        return self._bytes_sent
 
     @property
     def pauses(self) -> int:

@@ -73,10 +73,9 @@ class FramedTransport(TransportBase):
         self._dirty = False
         self._wq = collections.deque()
         self._wq_off = 0
-        self._writing = self._eof = self._drain_scheduled = False
-
-    def _want_read(self) -> bool:
-        return not (self._user_paused or self._bp_paused or self._closing or self._eof)
+        self._writing = self._drain_scheduled = False
+        self._messages_received = self._messages_sent = 0
+        self._bytes_received = self._bytes_sent = 0
 
     # -- reading ------------------------------------------------------------
 
@@ -308,6 +307,23 @@ class FramedTransport(TransportBase):
         if self._dirty and not self._drain_scheduled and not self._closed:
             self._drain_scheduled = True
             self._loop._ready.append(_new_handle(self._drain_later, ()))
+
+    # read-only, as the compiled FramedTransport's readonly attributes
+    @property
+    def messages_received(self) -> int:
+        return self._messages_received
+
+    @property
+    def messages_sent(self) -> int:
+        return self._messages_sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self._bytes_received
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._bytes_sent
 
     def _reading_changed(self) -> None:
         self._loop._update(self._entry)

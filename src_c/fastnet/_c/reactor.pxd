@@ -187,12 +187,10 @@ cdef class TransportBase:
     cdef bint _bp_paused
     cdef public bint _closing
     cdef public bint _closed
-    cdef public unsigned long long _messages_received
-    cdef public unsigned long long _messages_sent
-    cdef public unsigned long long _bytes_received
-    cdef public unsigned long long _bytes_sent
+    cdef public bint _eof          # the peer ended its stream
     cdef unsigned long long _pauses
 
+    cdef inline bint _want_read(self) noexcept
     cpdef _check_high(self)
     cpdef _check_low(self)
     cpdef _reading_changed(self)
@@ -209,10 +207,12 @@ cdef class FramedTransport(TransportBase):
     cdef list _wq
     cdef Py_ssize_t _wq_off
     cdef bint _writing
-    cdef bint _eof
     cdef bint _drain_scheduled
+    cdef readonly unsigned long long messages_received
+    cdef readonly unsigned long long messages_sent
+    cdef readonly unsigned long long bytes_received
+    cdef readonly unsigned long long bytes_sent
 
-    cdef inline bint _want_read(self) noexcept
     cdef int _read_ready(self, bint hup) except -1
     cdef int _read_once(self) except -1
     cdef int _read_direct(self) except -1
