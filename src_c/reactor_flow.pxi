@@ -125,13 +125,10 @@ cdef class TransportBase:
         """True while reading is paused (by pause_reading or by backpressure)."""
         return self._user_paused or self._bp_paused
 
-    cdef inline bint _want_read(self) noexcept:
-        return not (self._user_paused or self._bp_paused or self._closing or self._eof)
-
     @property
     def _reading_wanted(self):
-        """_want_read for Python subclasses: one attribute, not four, on their read path."""
-        return self._want_read()
+        """Whether the transport reads now, for Python subclasses: one attribute, not four, on their read path."""
+        return _want_read(self)
 
     # -- state ------------------------------------------------------------------
 

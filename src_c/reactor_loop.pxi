@@ -116,7 +116,7 @@ cdef class Reactor:
         """Hand the entry's interest to the backend if it changed."""
         cdef int want = 0
         cdef FramedTransport s = e.stream
-        if e.wake or e.reader is not None or (s is not None and s._want_read()):
+        if e.wake or e.reader is not None or (s is not None and _want_read(s)):
             want |= _READ
         if e.writer is not None or (s is not None and s._writing):
             want |= _WRITE
@@ -421,7 +421,7 @@ cdef class Reactor:
         s = e.stream
         if s is not None:
             try:
-                if m & _READ and s._want_read():
+                if m & _READ and _want_read(s):
                     s._read_ready(m & _HUP)
                 if m & _WRITE and s._writing and not s._closed:
                     s._write_ready()

@@ -56,7 +56,7 @@ cdef class FramedTransport(TransportBase):
                 r = self._read_direct()
             else:
                 r = self._read_once()
-            if r == 2 or (r == 0 and not hup) or self._closed or not self._want_read():
+            if r == 2 or (r == 0 and not hup) or self._closed or not _want_read(self):
                 return 0
             rounds += 1
             if rounds == 16:
@@ -65,7 +65,7 @@ cdef class FramedTransport(TransportBase):
                 return 0
 
     def _read_later(self, hup):
-        if not self._closed and self._want_read():
+        if not self._closed and _want_read(self):
             try:
                 self._read_ready(hup)
             except Exception as exc:
@@ -156,7 +156,7 @@ cdef class FramedTransport(TransportBase):
             off += hdr + <Py_ssize_t>length
             self.messages_received += 1
             self._deliver(frame)
-            if not self._want_read():
+            if not _want_read(self):
                 break
         if off < n and not self._closed:
             self._feed(p + off, n - off)
@@ -184,7 +184,7 @@ cdef class FramedTransport(TransportBase):
     cdef int _drain(self) except -1:
         """Deliver the decoder's whole frames while reading is wanted."""
         d = self._decoder
-        while self._want_read():
+        while _want_read(self):
             try:
                 frame = d.next_frame()
             except (ProtocolError, MessageTooLarge) as exc:
@@ -200,7 +200,7 @@ cdef class FramedTransport(TransportBase):
 
     def _drain_later(self):
         self._drain_scheduled = False
-        if self._dirty and not self._closed and self._want_read():
+        if self._dirty and not self._closed and _want_read(self):
             try:
                 self._drain()
             except Exception as exc:

@@ -190,13 +190,19 @@ cdef class TransportBase:
     cdef public bint _eof          # the peer ended its stream
     cdef unsigned long long _pauses
 
-    cdef inline bint _want_read(self) noexcept
     cpdef _check_high(self)
     cpdef _check_low(self)
     cpdef _reading_changed(self)
     cpdef _schedule_drain(self)
     cpdef _flush_then_close(self)
     cpdef _finalize(self, exc)
+
+
+# A function, not a method: FramedTransport's read path and the reactor call
+# it per event and per frame, and Cython calls a base class's method through
+# the vtable, not inlined.
+cdef inline bint _want_read(TransportBase t) noexcept:
+    return not (t._user_paused or t._bp_paused or t._closing or t._eof)
 
 
 cdef class FramedTransport(TransportBase):
