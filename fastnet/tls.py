@@ -171,7 +171,7 @@ class TransportRegistry(Protocol):
     def _transport_closed(self, transport: TLSTransport) -> None: ...
 
 
-class TLSTransport:
+class TLSTransport(_reactor.TransportBase):
     """Framed messages over TLS on an event loop, without ever blocking it.
 
     ``TLSTransport(loop, sock, protocol, ssl_context, *, server_side=False,
@@ -190,12 +190,29 @@ class TLSTransport:
     an AuthenticationError (a refused certificate or key, any TLS error),
     a TimeoutError, or None when ``close()``/``abort()`` ended the handshake.
 
-    Once open it behaves as :class:`fastnet.loop.FramedTransport`: the same
-    methods, counters (``bytes_*`` count plaintext frame bytes, headers
-    included) and callbacks, and ``close()`` sends what is queued and a TLS
-    close_notify before closing. ``get_extra_info`` also knows "peercert",
-    "cipher", "ssl_object", "sslcontext" and "compression".
+    Once open it behaves as :class:`fastnet.loop.FramedTransport`, whose
+    base (the active kernels' ``TransportBase``) it shares: the same
+    methods, flow control, counters (``bytes_*`` count plaintext frame
+    bytes, headers included) and callbacks. The write buffer's size counts
+    plaintext not yet encrypted and ciphertext not yet sent. ``close()``
+    sends what is queued and a TLS close_notify before closing; during the
+    handshakes it closes at once (``on_fail(None)``). ``get_extra_info``
+    also knows "peercert", "cipher", "ssl_object", "sslcontext" and
+    "compression".
     """
+
+    # Slotted, as TransportBase is (C fields compiled, __slots__ pure): an
+    # instance of a Python subclass of the compiled base would get its
+    # __dict__ without CPython 3.11's inline values (Cython's tp_new is not
+    # object's), and the specializing interpreter then specializes no
+    # attribute access on it at all (measured: each about 4x slower).
+    # __dict__ and __weakref__ keep what a plain class allows.
+    __slots__ = ("_authkey", "_cq", "_cq_off", "_decoder", "_digest", "_drain_scheduled",
+                 "_handshake_timeout", "_hs", "_hs_reader", "_incoming", "_made", "_on_fail",
+                 "_on_message", "_on_ready", "_outgoing", "_reading", "_server_side", "_sock_eof",
+                 "_sslobj", "_state", "_strict", "_timer", "_tls_eof", "_tls_shut", "_wq", "_wq_off",
+                 "_writing", "messages_received", "messages_sent", "bytes_received", "bytes_sent",
+                 "__dict__", "__weakref__")
 
     def __init__(self, loop: _reactor.Reactor, sock: socket.socket, protocol: Any, ssl_context: ssl.SSLContext, *,
                  server_side: bool = False, server_hostname: str | None = None,
@@ -215,9 +232,7 @@ class TLSTransport:
         self._outgoing = ssl.MemoryBIO()
         self._sslobj = ssl_context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
                                             server_hostname=server_hostname)
-        self._loop = loop
-        self._sock = sock
-        self.protocol = protocol
+        self._setup(loop, sock, sock.fileno(), protocol, max_message_size, high_water, low_water)
         self._server_side = server_side
         self._authkey = authkey
         self._strict = strict
@@ -225,20 +240,15 @@ class TLSTransport:
         self._handshake_timeout = handshake_timeout
         self._on_fail = on_fail
         self._on_ready = on_ready
-        self._max_size = max_message_size
         self._state = _HANDSHAKE
         self._made = False
         self._decoder: _framing.FrameDecoder | None = None
+        # _wq_bytes (TransportBase's) counts the bytes of both queues
         self._wq: collections.deque[bytes | memoryview] = collections.deque()      # plaintext not yet encrypted
         self._wq_off = 0
-        self._wq_bytes = 0
         self._cq: collections.deque[bytes] = collections.deque()      # ciphertext not yet taken by the kernel
         self._cq_off = 0
-        self._cq_bytes = 0
         self._reading = self._writing = False
-        self._user_paused = self._bp_paused = False
-        self._closing = self._closed = False
-        self._eof = False                   # the peer ended its stream (at the TLS level)
         self._sock_eof = False              # recv() returned 0
         self._tls_eof = False
         self._tls_shut = False              # close_notify produced
@@ -249,11 +259,8 @@ class TLSTransport:
         self._hs_reader: HandshakeReader | None = None
         self.messages_received = self.messages_sent = 0
         self.bytes_received = self.bytes_sent = 0
-        self.pauses = 0
-        self.set_write_buffer_limits(high_water, low_water)
         sock.setblocking(False)
-        self._fd = sock.fileno()
-        self._update_reading()      # may refuse the descriptor (select's FD_SETSIZE): nothing to undo
+        self._reading_changed()      # may refuse the descriptor (select's FD_SETSIZE): nothing to undo
         if isinstance(loop, TransportRegistry):
             loop._transport_opened(self)
         if handshake_timeout is not None:
@@ -272,17 +279,8 @@ class TLSTransport:
             self._report(exc, "exception in TLS transport")
             self._finalize(exc)
 
-    def _report(self, exc: BaseException, message: str) -> None:
-        try:
-            self._loop.call_exception_handler({"message": message, "exception": exc, "object": self})
-        except Exception:
-            pass
-
-    def _want_read(self) -> bool:
-        return not (self._user_paused or self._bp_paused or self._closing or self._eof)
-
-    def _update_reading(self) -> None:
-        want = not (self._closed or self._sock_eof) and (self._state != _OPEN or self._want_read())
+    def _reading_changed(self) -> None:
+        want = not (self._closed or self._sock_eof) and (self._state != _OPEN or self._reading_wanted)
         if want != self._reading:
             if want:
                 self._loop.add_reader(self._fd, self._on_readable)
@@ -305,7 +303,7 @@ class TLSTransport:
             if not self._cq:
                 self._cq_off = 0
             self._cq.append(data)
-            self._cq_bytes += len(data)
+            self._wq_bytes += len(data)
 
     # -- reading ------------------------------------------------------------
 
@@ -325,7 +323,7 @@ class TLSTransport:
         else:
             self._incoming.write_eof()
             self._sock_eof = True
-            self._update_reading()
+            self._reading_changed()
         try:
             if self._state == _OPEN:
                 self._read_app()
@@ -342,7 +340,7 @@ class TLSTransport:
     def _read_app(self) -> None:
         d = self._decoder
         assert d is not None
-        while self._want_read():
+        while self._reading_wanted:
             try:
                 frame = d.next_frame()
             except (ProtocolError, MessageTooLarge) as exc:
@@ -436,15 +434,15 @@ class TLSTransport:
         # answer with our close_notify once what is queued is sent (a peer
         # in SSLSocket.unwrap() waits for it); _pump then closes
         self._closing = True
-        self._update_reading()
+        self._reading_changed()
         self._pump()
 
     def _drain_later(self) -> None:
         self._drain_scheduled = False
-        if not self._closed and self._state == _OPEN and self._want_read():
+        if not self._closed and self._state == _OPEN and self._reading_wanted:
             self._guard(self._read_app)
             if not self._closed:
-                self._update_reading()
+                self._reading_changed()
 
     def _schedule_drain(self) -> None:
         if not self._drain_scheduled and not self._closed and self._state == _OPEN:
@@ -557,7 +555,7 @@ class TLSTransport:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._decoder = _framing.FrameDecoder(self._max_size, _DECODER_BUFSIZE)
+        self._decoder = _framing.FrameDecoder(self.max_message_size, _DECODER_BUFSIZE)
         self._made = True
         made = getattr(self.protocol, "connection_made", None)
         if made is not None:
@@ -576,7 +574,7 @@ class TLSTransport:
             return
         self._pump()
         if not self._closed:
-            self._update_reading()
+            self._reading_changed()
             # application data that came behind the handshake
             self._read_app()
 
@@ -666,7 +664,7 @@ class TLSTransport:
         if r < len(out):
             self._cq.append(out)
             self._cq_off = r
-            self._cq_bytes += len(out) - r
+            self._wq_bytes += len(out) - r
             self._set_writing(True)
             self._check_high()
 
@@ -675,30 +673,6 @@ class TLSTransport:
             self._wq_off = 0
         self._wq.append(b)
         self._wq_bytes += len(b)
-
-    def _check_high(self) -> None:
-        if not self._bp_paused and not self._closed and self.get_write_buffer_size() > self._high:
-            self._bp_paused = True
-            self.pauses += 1
-            self._update_reading()
-            pw = getattr(self.protocol, "pause_writing", None)
-            if pw is not None:
-                try:
-                    pw()
-                except Exception as exc:
-                    self._report(exc, "exception in pause_writing")
-
-    def _check_low(self) -> None:
-        if self._bp_paused and not self._closed and self.get_write_buffer_size() <= self._low:
-            self._bp_paused = False
-            self._update_reading()
-            rw = getattr(self.protocol, "resume_writing", None)
-            if rw is not None:
-                try:
-                    rw()
-                except Exception as exc:
-                    self._report(exc, "exception in resume_writing")
-            self._schedule_drain()
 
     def _on_writable(self) -> None:
         if not self._closed:
@@ -766,7 +740,7 @@ class TLSTransport:
             # once everything is sent, a peer gone before our close_notify is no error
             self._finalize(None if self._tls_shut else exc)
             return False
-        self._cq_bytes -= r
+        self._wq_bytes -= r
         while cq:
             size = len(cq[0]) - off
             if r >= size:
@@ -830,60 +804,6 @@ class TLSTransport:
 
     # -- control ------------------------------------------------------------
 
-    def pause_reading(self) -> None:
-        """Stop calling message_received until resume_reading()."""
-        if self._closed or self._user_paused:
-            return
-        self._user_paused = True
-        self._update_reading()
-
-    def resume_reading(self) -> None:
-        """Undo pause_reading(); frames received meanwhile are delivered first."""
-        if self._closed or not self._user_paused:
-            return
-        self._user_paused = False
-        self._update_reading()
-        self._schedule_drain()
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        """Queued bytes above ``high`` pause reading; at or below ``low`` it resumes."""
-        if high is None:
-            high = _reactor.DEFAULT_HIGH_WATER if low is None else max(4 * low, _reactor.DEFAULT_HIGH_WATER)
-        if low is None:
-            low = high // 4
-        if not 0 <= low <= high:
-            raise ValueError(f"need 0 <= low ({low}) <= high ({high})")
-        self._high = high
-        self._low = low
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return (self._low, self._high)
-
-    def get_write_buffer_size(self) -> int:
-        """Bytes queued and not yet taken by the kernel (plaintext not yet encrypted, plus ciphertext)."""
-        return self._wq_bytes + self._cq_bytes
-
-    @property
-    def reading_paused(self) -> bool:
-        """True while reading is paused (by pause_reading or by backpressure)."""
-        return self._user_paused or self._bp_paused
-
-    @property
-    def max_message_size(self) -> int | None:
-        return self._max_size
-
-    @property
-    def socket(self) -> socket.socket:
-        return self._sock
-
-    @property
-    def loop(self) -> _reactor.Reactor:
-        return self._loop
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     @property
     def ssl_object(self) -> ssl.SSLObject:
         """The ``ssl.SSLObject`` of this connection."""
@@ -894,14 +814,9 @@ class TLSTransport:
         """True once the handshakes are over and connection_made was called."""
         return self._made
 
-    def fileno(self) -> int:
-        return self._fd if not self._closed else -1
-
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         """As asyncio's SSL transports: 'peercert', 'cipher', 'compression', 'ssl_object',
         'sslcontext', and 'peername', 'sockname', 'socket'."""
-        if name == "socket":
-            return self._sock
         if name == "ssl_object":
             return self._sslobj
         if name == "sslcontext":
@@ -914,37 +829,16 @@ class TLSTransport:
             except (ValueError, ssl.SSLError):
                 return default
             return default if value is None else value
-        if self._closed:
-            return default
-        try:
-            if name == "peername":
-                return self._sock.getpeername()
-            if name == "sockname":
-                return self._sock.getsockname()
-        except OSError:
-            return default
-        return default
+        return super().get_extra_info(name, default)
 
-    def is_closing(self) -> bool:
-        return self._closing or self._closed
-
-    def close(self) -> None:
-        """Stop reading, send what is queued and a close_notify, then close.
-
-        During the handshakes it closes at once (``on_fail(None)``).
-        """
-        if self._closing or self._closed:
-            return
-        self._closing = True
+    def _flush_then_close(self) -> None:
+        """Send what is queued and a close_notify (_pump), then close; during the
+        handshakes, close at once."""
         if not self._made:
             self._finalize(None)
             return
-        self._update_reading()
+        self._reading_changed()
         self._guard(self._pump)
-
-    def abort(self) -> None:
-        """Close now, dropping queued bytes."""
-        self._finalize(None)
 
     def _finalize(self, exc: BaseException | None, now: bool = False) -> None:
         if self._closed:
@@ -968,7 +862,7 @@ class TLSTransport:
         self._reading = self._writing = False
         self._wq.clear()
         self._cq.clear()
-        self._wq_bytes = self._cq_bytes = 0
+        self._wq_bytes = 0
         self._decoder = None
         self._on_message = None  # type: ignore[assignment]
         if self._hs is not None:

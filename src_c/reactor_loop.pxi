@@ -116,7 +116,7 @@ cdef class Reactor:
         """Hand the entry's interest to the backend if it changed."""
         cdef int want = 0
         cdef FramedTransport s = e.stream
-        if e.wake or e.reader is not None or (s is not None and s._want_read()):
+        if e.wake or e.reader is not None or (s is not None and _want_read(s)):
             want |= _READ
         if e.writer is not None or (s is not None and s._writing):
             want |= _WRITE
@@ -421,7 +421,7 @@ cdef class Reactor:
         s = e.stream
         if s is not None:
             try:
-                if m & _READ and s._want_read():
+                if m & _READ and _want_read(s):
                     s._read_ready(m & _HUP)
                 if m & _WRITE and s._writing and not s._closed:
                     s._write_ready()
@@ -464,14 +464,9 @@ cdef class Reactor:
         if e.reader is not None or e.writer is not None or e.stream is not None or e.wake:
             raise ValueError(f"descriptor {fd} is already watched by this loop")
         t = FramedTransport.__new__(FramedTransport)
-        t._loop = self
-        t._sock = sock
-        t._fd = fd
-        t.protocol = protocol
+        t._setup(self, sock, fd, protocol, max_message_size, high_water, low_water)
         t._on_message = on_message
-        t._max_size = -1 if max_message_size is None else max_message_size
         t._wq = []
-        t.set_write_buffer_limits(high_water, low_water)
         t._entry = e
         e.stream = t
         self._streams.add(t)

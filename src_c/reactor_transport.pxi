@@ -28,7 +28,7 @@ cdef object _as_frame(object b):
     return mv
 
 
-cdef class FramedTransport:
+cdef class FramedTransport(TransportBase):
     """Length-prefixed frames over a non-blocking stream socket on a Reactor.
 
     Created by ``Reactor.add_stream``. ``send_bytes`` / ``send_many`` try the
@@ -41,9 +41,6 @@ cdef class FramedTransport:
 
     def __init__(self, *a, **k):
         raise TypeError("FramedTransport is created by Reactor.add_stream")
-
-    cdef inline bint _want_read(self) noexcept:
-        return not (self._user_paused or self._bp_paused or self._closing or self._eof)
 
     # -- reading ------------------------------------------------------------
 
@@ -59,7 +56,7 @@ cdef class FramedTransport:
                 r = self._read_direct()
             else:
                 r = self._read_once()
-            if r == 2 or (r == 0 and not hup) or self._closed or not self._want_read():
+            if r == 2 or (r == 0 and not hup) or self._closed or not _want_read(self):
                 return 0
             rounds += 1
             if rounds == 16:
@@ -68,7 +65,7 @@ cdef class FramedTransport:
                 return 0
 
     def _read_later(self, hup):
-        if not self._closed and self._want_read():
+        if not self._closed and _want_read(self):
             try:
                 self._read_ready(hup)
             except Exception as exc:
@@ -159,7 +156,7 @@ cdef class FramedTransport:
             off += hdr + <Py_ssize_t>length
             self.messages_received += 1
             self._deliver(frame)
-            if not self._want_read():
+            if not _want_read(self):
                 break
         if off < n and not self._closed:
             self._feed(p + off, n - off)
@@ -187,7 +184,7 @@ cdef class FramedTransport:
     cdef int _drain(self) except -1:
         """Deliver the decoder's whole frames while reading is wanted."""
         d = self._decoder
-        while self._want_read():
+        while _want_read(self):
             try:
                 frame = d.next_frame()
             except (ProtocolError, MessageTooLarge) as exc:
@@ -203,7 +200,7 @@ cdef class FramedTransport:
 
     def _drain_later(self):
         self._drain_scheduled = False
-        if self._dirty and not self._closed and self._want_read():
+        if self._dirty and not self._closed and _want_read(self):
             try:
                 self._drain()
             except Exception as exc:
@@ -430,16 +427,9 @@ cdef class FramedTransport:
         if not self._writing:
             self._writing = True
             self._loop._update(self._entry)
+        # tested here first: the common case pays no call
         if not self._bp_paused and self._wq_bytes > self._high:
-            self._bp_paused = True
-            self.pauses += 1
-            self._loop._update(self._entry)
-            pw = getattr(self.protocol, "pause_writing", None)
-            if pw is not None:
-                try:
-                    pw()
-                except Exception as exc:
-                    self._loop._report(exc, "exception in pause_writing", self)
+            self._check_high()
         return 0
 
     cdef int _write_ready(self) except -1:
@@ -483,7 +473,7 @@ cdef class FramedTransport:
             del wq[:i]
             self._wq_off = off
             if self._bp_paused and self._wq_bytes <= self._low:
-                self._resume_from_backpressure()
+                self._check_low()
                 if self._closed:
                     return 0
             if not took_all:
@@ -497,122 +487,28 @@ cdef class FramedTransport:
             loop._update(self._entry)
         return 0
 
-    cdef int _resume_from_backpressure(self) except -1:
-        cdef Reactor loop = self._loop
-        self._bp_paused = False
-        loop._update(self._entry)
-        rw = getattr(self.protocol, "resume_writing", None)
-        if rw is not None:
-            try:
-                rw()
-            except Exception as exc:
-                loop._report(exc, "exception in resume_writing", self)
-        self._schedule_drain()
-        return 0
-
-    cdef int _schedule_drain(self) except -1:
+    cpdef _schedule_drain(self):
         if self._dirty and not self._drain_scheduled and not self._closed:
             self._drain_scheduled = True
             self._loop._ready.append(_new_handle(self._drain_later, ()))
-        return 0
+
+    cpdef _reading_changed(self):
+        self._loop._update(self._entry)
 
     # -- control ------------------------------------------------------------
 
-    def pause_reading(self):
-        """Stop calling message_received until resume_reading()."""
-        if self._closed or self._user_paused:
-            return
-        self._user_paused = True
-        self._loop._update(self._entry)
-
-    def resume_reading(self):
-        """Undo pause_reading(); frames received meanwhile are delivered first."""
-        if self._closed or not self._user_paused:
-            return
-        self._user_paused = False
-        self._loop._update(self._entry)
-        self._schedule_drain()
-
-    def set_write_buffer_limits(self, high=None, low=None):
-        """Queued bytes above ``high`` pause reading; at or below ``low`` it resumes."""
-        if high is None:
-            high = DEFAULT_HIGH_WATER if low is None else max(4 * low, DEFAULT_HIGH_WATER)
-        if low is None:
-            low = high // 4
-        if not 0 <= low <= high:
-            raise ValueError(f"need 0 <= low ({low}) <= high ({high})")
-        self._high = high
-        self._low = low
-
-    def get_write_buffer_limits(self):
-        return (self._low, self._high)
-
-    def get_write_buffer_size(self):
-        """Bytes queued and not yet taken by the kernel."""
-        return self._wq_bytes
-
-    @property
-    def reading_paused(self):
-        """True while reading is paused (by pause_reading or by backpressure)."""
-        return self._user_paused or self._bp_paused
-
-    @property
-    def max_message_size(self):
-        return None if self._max_size < 0 else self._max_size
-
-    @property
-    def socket(self):
-        return self._sock
-
-    @property
-    def loop(self):
-        return self._loop
-
-    def fileno(self):
-        return self._fd if not self._closed else -1
-
-    def get_extra_info(self, name, default=None):
-        """'peername', 'sockname' or 'socket', as asyncio transports."""
-        if name == "socket":
-            return self._sock
-        if self._closed:
-            return default
-        try:
-            if name == "peername":
-                return self._sock.getpeername()
-            if name == "sockname":
-                return self._sock.getsockname()
-        except OSError:
-            return default
-        return default
-
-    def is_closing(self):
-        return self._closing or self._closed
-
-    @property
-    def closed(self):
-        return self._closed
-
-    def close(self):
-        """Stop reading, send what is queued, then close."""
-        if self._closing or self._closed:
-            return
-        self._closing = True
+    cpdef _flush_then_close(self):
         if not self._wq:
             self._finalize(None)
         else:
             self._loop._update(self._entry)
 
-    def abort(self):
-        """Close now, dropping queued bytes."""
-        self._finalize(None)
-
-    cdef int _finalize(self, exc) except -1:
+    cpdef _finalize(self, exc):
         cdef Reactor loop = self._loop
         cdef _FdEntry e = self._entry
         cdef _LostCall lost
         if self._closed:
-            return 0
+            return
         self._closed = True
         self._closing = True
         self._writing = False
@@ -635,7 +531,6 @@ cdef class FramedTransport:
         lost.protocol = self.protocol
         lost.exc = exc
         loop._ready.append(_new_handle(lost, ()))
-        return 0
 
     def __repr__(self):
         state = "closed" if self._closed else ("closing" if self._closing else f"fd={self._fd}")

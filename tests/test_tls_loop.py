@@ -15,8 +15,9 @@ import pytest
 pytest.importorskip("cryptography.x509")
 
 import fastnet  # noqa: E402
+from fastnet import _kernels  # noqa: E402
 from fastnet.errors import AuthenticationError, MessageTooLarge  # noqa: E402
-from fastnet.loop import BACKENDS, EventLoop, Protocol  # noqa: E402
+from fastnet.loop import BACKENDS, EventLoop, FramedTransport, Protocol  # noqa: E402
 from fastnet.tls import TLSTransport  # noqa: E402
 from tlsutil import client_ctx, make_pki, server_ctx  # noqa: E402
 
@@ -432,6 +433,82 @@ def test_backpressure_pause_and_resume_writing(loop, pki):
     assert all(m == b"z" * 65536 for m in rec.messages)
     t.close()
     server.close()
+
+
+def test_tls_and_plain_transports_share_one_flow_control_base():
+    base = _kernels.reactor.TransportBase
+    assert issubclass(TLSTransport, base) and issubclass(FramedTransport, base)
+    # neither keeps a copy of its own: flow control, state and closing are the base's
+    for name in ("pause_reading", "resume_reading", "reading_paused", "set_write_buffer_limits",
+                 "get_write_buffer_limits", "get_write_buffer_size", "pauses", "closed", "is_closing", "close", "abort", "fileno", "socket",
+                 "loop", "max_message_size", "protocol"):
+        assert hasattr(base, name)
+        assert name not in vars(TLSTransport) and name not in vars(FramedTransport), name
+
+
+HIGH, LOW = 256 << 10, 64 << 10
+
+
+class FloodOnGo(Recorder):
+    """Floods its peer on b"go"; logs what the transport says at each flow-control callback."""
+
+    def __init__(self):
+        super().__init__()
+        self.log = []
+
+    def message_received(self, data):
+        self.messages.append(data)
+        if data == b"go":
+            # more than the kernel's socket buffers hold between the two ends
+            for _ in range(512):
+                self.transport.send_bytes(b"z" * 65536)
+
+    def _note(self, what):
+        t = self.transport
+        self.log.append((what, t.get_write_buffer_size(), t.reading_paused, t.pauses))
+
+    def pause_writing(self):
+        self._note("pause")
+
+    def resume_writing(self):
+        self._note("resume")
+
+
+def _flood_against_a_slow_reader(loop, pki, tls):
+    """A server floods a client that does not read, then does: what the server's side went through."""
+    servers = Servers(FloodOnGo)
+    server = loop.create_server(("127.0.0.1", 0), servers, ssl_context=server_ctx(pki) if tls else None,
+                                high_water=HIGH, low_water=LOW)
+    t, rec = connect(loop, server.address, pki, ssl_context=client_ctx(pki) if tls else None)
+    t.pause_reading()
+    t.send_bytes(b"go")
+    assert loop.run_until(lambda: servers.made and servers.made[0].log, WAIT)
+    srv = servers.made[0]
+    st = srv.transport
+    assert isinstance(st, TLSTransport) == tls
+    # over the high-water mark the server stops reading: a frame sent now waits
+    t.send_bytes(b"meanwhile")
+    assert loop.run_until(lambda: t.get_write_buffer_size() == 0, WAIT)
+    loop.run_until(0.2)
+    assert srv.messages == [b"go"]
+    t.resume_reading()
+    assert loop.run_until(lambda: len(rec.messages) == 512 and len(srv.messages) == 2, WAIT)
+    assert loop.run_until(lambda: st.get_write_buffer_size() == 0, WAIT)
+    assert all(m == b"z" * 65536 for m in rec.messages)
+    seen = [(what, size > HIGH if what == "pause" else size <= LOW, paused, pauses)
+            for what, size, paused, pauses in srv.log]
+    end = (st.pauses, st.reading_paused, srv.messages)
+    t.close()
+    server.close()
+    return seen, end
+
+
+def test_tls_write_buffer_limits_pause_and_resume_as_plain(loop, pki):
+    plain = _flood_against_a_slow_reader(loop, pki, tls=False)
+    # one pause over the high mark with reading stopped, one resume at the low mark with reading on
+    assert plain == ([("pause", True, True, 1), ("resume", True, False, 1)],
+                     (1, False, [b"go", b"meanwhile"]))
+    assert _flood_against_a_slow_reader(loop, pki, tls=True) == plain
 
 
 def test_pause_reading_keeps_decrypted_frames_for_later(loop, pki):

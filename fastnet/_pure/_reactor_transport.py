@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import collections
-import socket as _socket
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -10,8 +9,8 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer
 
     from fastnet._pure.framing import FrameDecoder
-    from fastnet._pure.reactor import Reactor
 
+from fastnet._pure._reactor_flow import TransportBase
 from fastnet._pure._reactor_handles import _FdEntry, _LostCall, _new_handle
 from fastnet._pure.framing import _header
 from fastnet.errors import ProtocolError, MessageTooLarge, TruncatedFrameError
@@ -19,7 +18,6 @@ from fastnet.errors import ProtocolError, MessageTooLarge, TruncatedFrameError
 #: Payloads up to this size are copied next to their header and sent with one
 #: send(); larger ones go out without a copy.
 COPY_THRESHOLD = 65536
-DEFAULT_HIGH_WATER = 1 << 20
 
 _IOV_MAX = 1024
 _DECODER_BUFSIZE = 1024
@@ -48,7 +46,7 @@ def _as_frame(b: Buffer) -> bytes | memoryview:
     return mv
 
 
-class FramedTransport:
+class FramedTransport(TransportBase):
     """Length-prefixed frames over a non-blocking stream socket on a Reactor.
 
     Created by ``Reactor.add_stream``. ``send_bytes`` / ``send_many`` try the
@@ -67,28 +65,17 @@ class FramedTransport:
     _decoder: FrameDecoder | None
     _wq: collections.deque[bytes | memoryview]
 
-    def _init(self, loop: Reactor, entry: _FdEntry, sock: _socket.socket, fd: int, protocol: Any,
-              on_message: Callable[[bytes], object], max_message_size: int | None) -> None:
-        self._loop = loop
+    def _init(self, entry: _FdEntry, on_message: Callable[[bytes], object]) -> None:
+        """What this transport adds to TransportBase._setup."""
         self._entry = entry
-        self._sock = sock
-        self._fd = fd
-        self._protocol = protocol
         self._on_message = on_message
-        self._max_size = -1 if max_message_size is None else max_message_size
         self._decoder = None
         self._dirty = False
         self._wq = collections.deque()
         self._wq_off = 0
-        self._wq_bytes = 0
-        self._user_paused = self._bp_paused = self._writing = False
-        self._closing = self._closed = self._eof = self._drain_scheduled = False
+        self._writing = self._drain_scheduled = False
         self._messages_received = self._messages_sent = 0
         self._bytes_received = self._bytes_sent = 0
-        self._pauses = 0
-
-    def _want_read(self) -> bool:
-        return not (self._user_paused or self._bp_paused or self._closing or self._eof)
 
     # -- reading ------------------------------------------------------------
 
@@ -276,16 +263,7 @@ class FramedTransport:
         if not self._writing:
             self._writing = True
             self._loop._update(self._entry)
-        if not self._bp_paused and self._wq_bytes > self._high:
-            self._bp_paused = True
-            self._pauses += 1
-            self._loop._update(self._entry)
-            pw = getattr(self._protocol, "pause_writing", None)
-            if pw is not None:
-                try:
-                    pw()
-                except Exception as exc:
-                    self._loop._report(exc, "exception in pause_writing", self)
+        self._check_high()
 
     def _write_ready(self) -> None:
         loop = self._loop
@@ -323,62 +301,14 @@ class FramedTransport:
                 self._finalize(None)
                 return
             loop._update(self._entry)
-        if self._bp_paused and self._wq_bytes <= self._low:
-            self._bp_paused = False
-            loop._update(self._entry)
-            rw = getattr(self._protocol, "resume_writing", None)
-            if rw is not None:
-                try:
-                    rw()
-                except Exception as exc:
-                    loop._report(exc, "exception in resume_writing", self)
-            self._schedule_drain()
+        self._check_low()
 
     def _schedule_drain(self) -> None:
         if self._dirty and not self._drain_scheduled and not self._closed:
             self._drain_scheduled = True
             self._loop._ready.append(_new_handle(self._drain_later, ()))
 
-    # -- control ------------------------------------------------------------
-
-    def pause_reading(self) -> None:
-        """Stop calling message_received until resume_reading()."""
-        if self._closed or self._user_paused:
-            return
-        self._user_paused = True
-        self._loop._update(self._entry)
-
-    def resume_reading(self) -> None:
-        """Undo pause_reading(); frames received meanwhile are delivered first."""
-        if self._closed or not self._user_paused:
-            return
-        self._user_paused = False
-        self._loop._update(self._entry)
-        self._schedule_drain()
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        """Queued bytes above ``high`` pause reading; at or below ``low`` it resumes."""
-        if high is None:
-            high = DEFAULT_HIGH_WATER if low is None else max(4 * low, DEFAULT_HIGH_WATER)
-        if low is None:
-            low = high // 4
-        if not 0 <= low <= high:
-            raise ValueError(f"need 0 <= low ({low}) <= high ({high})")
-        self._high = high
-        self._low = low
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return (self._low, self._high)
-
-    def get_write_buffer_size(self) -> int:
-        """Bytes queued and not yet taken by the kernel."""
-        return self._wq_bytes
-
-    # read-only, as the compiled FramedTransport's ``readonly`` attributes
-    @property
-    def protocol(self) -> Any:
-        return self._protocol
-
+    # read-only, as the compiled FramedTransport's readonly attributes
     @property
     def messages_received(self) -> int:
         return self._messages_received
@@ -395,66 +325,16 @@ class FramedTransport:
     def bytes_sent(self) -> int:
         return self._bytes_sent
 
-    @property
-    def pauses(self) -> int:
-        """Times the write queue went over the high-water mark and paused the protocol's writing."""
-        return self._pauses
+    def _reading_changed(self) -> None:
+        self._loop._update(self._entry)
 
-    @property
-    def reading_paused(self) -> bool:
-        """True while reading is paused (by pause_reading or by backpressure)."""
-        return self._user_paused or self._bp_paused
+    # -- control ------------------------------------------------------------
 
-    @property
-    def max_message_size(self) -> int | None:
-        return None if self._max_size < 0 else self._max_size
-
-    @property
-    def socket(self) -> _socket.socket:
-        return self._sock
-
-    @property
-    def loop(self) -> Reactor:
-        return self._loop
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def fileno(self) -> int:
-        return self._fd if not self._closed else -1
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        """'peername', 'sockname' or 'socket', as asyncio transports."""
-        if name == "socket":
-            return self._sock
-        if self._closed:
-            return default
-        try:
-            if name == "peername":
-                return self._sock.getpeername()
-            if name == "sockname":
-                return self._sock.getsockname()
-        except OSError:
-            return default
-        return default
-
-    def is_closing(self) -> bool:
-        return self._closing or self._closed
-
-    def close(self) -> None:
-        """Stop reading, send what is queued, then close."""
-        if self._closing or self._closed:
-            return
-        self._closing = True
+    def _flush_then_close(self) -> None:
         if not self._wq:
             self._finalize(None)
         else:
             self._loop._update(self._entry)
-
-    def abort(self) -> None:
-        """Close now, dropping queued bytes."""
-        self._finalize(None)
 
     def _finalize(self, exc: BaseException | None) -> None:
         if self._closed:

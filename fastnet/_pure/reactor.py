@@ -23,8 +23,9 @@ from typing import Any
 # file per piece; this module is the one users and stubs see.
 from fastnet._pure._reactor_handles import Handle as Handle, TimerHandle as TimerHandle
 from fastnet._pure._reactor_handles import _FdEntry, _LostCall, _new_handle
+from fastnet._pure._reactor_flow import DEFAULT_HIGH_WATER as DEFAULT_HIGH_WATER
+from fastnet._pure._reactor_flow import TransportBase as TransportBase
 from fastnet._pure._reactor_transport import (COPY_THRESHOLD as COPY_THRESHOLD,
-                                             DEFAULT_HIGH_WATER as DEFAULT_HIGH_WATER,
                                              FramedTransport as FramedTransport)
 
 BACKENDS = ("epoll", "poll", "select")
@@ -587,8 +588,8 @@ class Reactor:
         if e.reader is not None or e.writer is not None or e.stream is not None or e.wake:
             raise ValueError(f"descriptor {fd} is already watched by this loop")
         t = FramedTransport.__new__(FramedTransport)
-        t._init(self, e, sock, fd, protocol, on_message, max_message_size)
-        t.set_write_buffer_limits(high_water, low_water)
+        t._setup(self, sock, fd, protocol, max_message_size, high_water, low_water)
+        t._init(e, on_message)
         e.stream = t
         self._streams.add(t)
         made = getattr(protocol, "connection_made", None)

@@ -169,35 +169,56 @@ cdef class _LostCall:
     cdef object exc
 
 
-cdef class FramedTransport:
-    cdef Reactor _loop
-    cdef _FdEntry _entry
-    cdef int _fd
-    cdef object _sock
+# What every transport on a Reactor shares, FramedTransport and
+# fastnet.tls.TLSTransport (a Python subclass) alike: the socket, the
+# protocol, the write-buffer water marks and the pause flags, the counters.
+# The attributes a Python subclass writes are public; those it only reads
+# are readonly; the rest are for C alone.
+cdef class TransportBase:
+    cdef readonly Reactor _loop
+    cdef readonly object _sock
+    cdef readonly int _fd
     cdef readonly object protocol
+    cdef long long _max_size
+    cdef Py_ssize_t _high
+    cdef Py_ssize_t _low
+    cdef public Py_ssize_t _wq_bytes
+    cdef bint _user_paused
+    cdef bint _bp_paused
+    cdef public bint _closing
+    cdef public bint _closed
+    cdef public bint _eof          # the peer ended its stream
+    cdef unsigned long long _pauses
+
+    cpdef _check_high(self)
+    cpdef _check_low(self)
+    cpdef _reading_changed(self)
+    cpdef _schedule_drain(self)
+    cpdef _flush_then_close(self)
+    cpdef _finalize(self, exc)
+
+
+# A function, not a method: FramedTransport's read path and the reactor call
+# it per event and per frame, and Cython calls a base class's method through
+# the vtable, not inlined.
+cdef inline bint _want_read(TransportBase t) noexcept:
+    return not (t._user_paused or t._bp_paused or t._closing or t._eof)
+
+
+cdef class FramedTransport(TransportBase):
+    cdef _FdEntry _entry
     cdef object _on_message
     cdef object _decoder
     cdef bint _dirty
-    cdef long long _max_size
     cdef list _wq
     cdef Py_ssize_t _wq_off
-    cdef Py_ssize_t _wq_bytes
-    cdef Py_ssize_t _high
-    cdef Py_ssize_t _low
-    cdef bint _user_paused
-    cdef bint _bp_paused
     cdef bint _writing
-    cdef bint _closing
-    cdef bint _closed
-    cdef bint _eof
     cdef bint _drain_scheduled
     cdef readonly unsigned long long messages_received
     cdef readonly unsigned long long messages_sent
     cdef readonly unsigned long long bytes_received
     cdef readonly unsigned long long bytes_sent
-    cdef readonly unsigned long long pauses
 
-    cdef inline bint _want_read(self) noexcept
     cdef int _read_ready(self, bint hup) except -1
     cdef int _read_once(self) except -1
     cdef int _read_direct(self) except -1
@@ -211,6 +232,7 @@ cdef class FramedTransport:
     cdef ssize_t _try_sendv(self, Py_ssize_t cnt) except -2
     cdef int _enqueue(self, object b, Py_ssize_t off) except -1
     cdef int _write_ready(self) except -1
-    cdef int _resume_from_backpressure(self) except -1
-    cdef int _schedule_drain(self) except -1
-    cdef int _finalize(self, exc) except -1
+    cpdef _reading_changed(self)
+    cpdef _schedule_drain(self)
+    cpdef _flush_then_close(self)
+    cpdef _finalize(self, exc)
