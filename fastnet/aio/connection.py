@@ -170,36 +170,37 @@ class AsyncConnection:
 
     # -- receiving -----------------------------------------------------------
 
-    def _read(self) -> None:
-        """Read what the socket has into the decoder; BlockingIOError if it had nothing."""
+    def _fill(self, limit: int | None, into: tuple[Any, int] | None) -> bool:
+        """Read what the socket has into the decoder; True when the receive can go on.
+
+        BlockingIOError when the socket had nothing. Until a frame is whole
+        the one in progress is steered as it arrives (see _steer).
+        """
         d = self._decoder
         recv_into = self._sock.recv_into  # type: ignore[union-attr]
         while True:
             region = d.get_buffer()
             n = recv_into(region)
-            if n == 0:
+            if not n:
                 self._eof = True
-                return
+                return True
             d.buffer_updated(n)
-            # a short read emptied the socket; a whole frame is worth handing out now
-            if n < len(region) or d.has_frame():
-                return
+            if d.has_frame():
+                return True
+            self._steer(limit, into)
+            if n < len(region):
+                return False     # a short read emptied the socket
 
-    def _ready(self) -> bool:
-        """True when the waiting receive can go on.
+    def _steer(self, limit: int | None, into: tuple[Any, int] | None) -> None:
+        """Steer the frame in progress as soon as its header is here, before its payload is read.
 
-        Until then the frame in progress is steered: into the caller's
-        buffer (recv_bytes_into) or checked against maxlength as soon as its
-        header is here, before its payload is read.
+        Into the caller's buffer (``into``, recv_bytes_into), or checked
+        against ``limit`` (recv_bytes' maxlength).
         """
-        d = self._decoder
-        if self._eof or d.has_frame():
-            return True
-        if self._into is not None:
-            d.next_frame_into(*self._into)
-        elif self._limit is not None:
-            d.next_frame(self._limit)
-        return False
+        if into is not None:
+            self._decoder.next_frame_into(*into)
+        elif limit is not None:
+            self._decoder.next_frame(limit)
 
     def _on_readable(self) -> None:
         fut = self._waiter
@@ -208,10 +209,19 @@ class AsyncConnection:
             self._loop.remove_reader(self._fd)
             self._reading = False
             return
+        d = self._decoder
         try:
-            self._read()
-            if not self._ready():
-                return
+            # the common case (a whole small frame in one read) inline, else _fill
+            region = d.get_buffer()
+            n = self._sock.recv_into(region)  # type: ignore[union-attr]
+            if not n:
+                self._eof = True
+            else:
+                d.buffer_updated(n)
+                if not d.has_frame():
+                    self._steer(self._limit, self._into)
+                    if n < len(region) or not self._fill(self._limit, self._into):
+                        return
         except (BlockingIOError, InterruptedError):
             return
         except Exception as exc:
@@ -219,28 +229,41 @@ class AsyncConnection:
             return
         fut.set_result(None)
 
-    async def _wait(self) -> None:
-        """Wait until the decoder holds a whole frame, the peer closed, or the read failed."""
+    def _arm(self, limit: int | None, into: tuple[Any, int] | None) -> asyncio.Future[None] | None:
+        """Start waiting for more of the stream: None if the receive can go on now, else the future to await.
+
+        The future resolves once the decoder holds a whole frame, the peer
+        closed, or the read failed; the receive that awaits it clears the
+        waiter, ``_limit`` and ``_into`` after (see _disarm).
+        """
         if self._waiter is not None:
             raise RuntimeError("another coroutine is already receiving on this connection")
-        self._check()
-        # try the syscall first (a reply often is there already): the loop only on EAGAIN
-        try:
-            self._read()
-            if self._ready():
-                return
-        except (BlockingIOError, InterruptedError):
-            pass
+        if self._closing:
+            self._check()
+        if not self._tick:
+            # try the socket first (streamed data often is there already); not
+            # right after a send, whose answer cannot be here yet
+            try:
+                if self._fill(limit, into):
+                    return None
+            except (BlockingIOError, InterruptedError):
+                pass
+        elif self._cork:
+            self._write([], 0, False)       # about to wait: what is corked goes now
         if not self._reading:
             self._loop.add_reader(self._fd, self._on_readable)
             self._reading = True
-        # this coroutine yields to the loop: the next small send may go out at once
+        # the receive yields to the loop: the next small send may go out at once
         self._tick = False
+        self._limit = limit
+        self._into = into
         fut = self._waiter = self._loop.create_future()
-        try:
-            await fut
-        finally:
-            self._waiter = None
+        return fut
+
+    def _disarm(self) -> None:
+        self._waiter = None
+        self._into = None
+        self._limit = None
 
     def _recv_failed(self, exc: BaseException) -> None:
         # a bad frame, a frame over the limit, a reset: the stream is
@@ -260,7 +283,8 @@ class AsyncConnection:
         """
         if maxlength is not None and maxlength < 0:
             raise ValueError("negative maxlength")
-        self._check()
+        if self._closing:
+            self._check()
         d = self._decoder
         try:
             while True:
@@ -269,11 +293,12 @@ class AsyncConnection:
                     return f
                 if self._eof:
                     self._at_eof()
-                self._limit = maxlength
-                try:
-                    await self._wait()
-                finally:
-                    self._limit = None
+                fut = self._arm(maxlength, None)
+                if fut is not None:
+                    try:
+                        await fut
+                    finally:
+                        self._disarm()
         except BaseException as exc:
             self._recv_failed(exc)
             raise
@@ -293,7 +318,12 @@ class AsyncConnection:
                     return frames
                 if self._eof:
                     self._at_eof()
-                await self._wait()
+                fut = self._arm(None, None)
+                if fut is not None:
+                    try:
+                        await fut
+                    finally:
+                        self._disarm()
         except BaseException as exc:
             self._recv_failed(exc)
             raise
@@ -322,14 +352,15 @@ class AsyncConnection:
                     return n
                 if self._eof:
                     self._at_eof()
-                self._into = (buf, offset)
-                try:
-                    await self._wait()
-                except asyncio.CancelledError:
-                    d.detach()
-                    raise
-                finally:
-                    self._into = None
+                fut = self._arm(None, (buf, offset))
+                if fut is not None:
+                    try:
+                        await fut
+                    except asyncio.CancelledError:
+                        d.detach()
+                        raise
+                    finally:
+                        self._disarm()
         except BaseException as exc:
             self._recv_failed(exc)
             raise
@@ -426,7 +457,8 @@ class AsyncConnection:
         the caller does not wait for (held=False) are copies, so its buffers
         are free once it returns.
         """
-        self._check()
+        if self._closing:
+            self._check()
         if self._cork:
             parts = self._cork + parts
             total += self._cork_size
@@ -569,12 +601,15 @@ class AsyncConnection:
         water mark: ``buf`` may then be reused. A large message is never
         copied: the call returns when the socket has taken all of it.
         """
-        view = _byte_view(buf)
+        if type(buf) is bytes and not offset and size is None:
+            view: Any = buf
+        else:
+            view = _byte_view(buf)
+            if offset or size is not None:
+                view = view[offset:offset + _send_size(len(view), offset, size)]
         n = len(view)
-        if offset or size is not None:
-            view = view[offset:offset + _send_size(n, offset, size)]
-        if len(view) < _COPY_THRESHOLD:
-            self._send_small(_encode_header(len(view)) + view)
+        if n < _COPY_THRESHOLD:
+            self._send_small(_encode_header(n) + view)
             if self._queued - self._sent > self.high_water:
                 await self._sent_up_to(self._queued - self.low_water, False)
             return
@@ -759,7 +794,8 @@ class _TLSConnection(AsyncConnection):
                 self._read_paused = True
             return
         try:
-            if not self._ready():
+            if not (self._eof or self._decoder.has_frame()):
+                self._steer(self._limit, self._into)
                 return
         except Exception as exc:
             fut.set_exception(exc)
@@ -790,7 +826,7 @@ class _TLSConnection(AsyncConnection):
             r.set_result(None)
 
     # the connection's side ---------------------------------------------------
-    async def _wait(self) -> None:
+    def _arm(self, limit: int | None, into: tuple[Any, int] | None) -> asyncio.Future[None] | None:
         if self._waiter is not None:
             raise RuntimeError("another coroutine is already receiving on this connection")
         if self._error is not None or self._transport is None:
@@ -799,11 +835,10 @@ class _TLSConnection(AsyncConnection):
         if self._read_paused:
             self._read_paused = False
             self._transport.resume_reading()
+        self._limit = limit
+        self._into = into
         fut = self._waiter = self._loop.create_future()
-        try:
-            await fut
-        finally:
-            self._waiter = None
+        return fut
 
     def _send_small(self, frame: bytes) -> None:
         # the TLS transport buffers and coalesces by itself
