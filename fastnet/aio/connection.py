@@ -49,6 +49,8 @@ _BUFSIZE = 262144
 # sendmsg() takes at most IOV_MAX (1024 on Linux) buffers.
 _IOV_MAX = 1024
 _COPY_THRESHOLD = _framing.COPY_THRESHOLD
+# A readable event goes on reading a large frame after a short read, up to this much.
+_READ_BURST = 8 << 20
 # Small messages corked within one loop iteration go out at least this often.
 _CORK_MAX = 65536
 # With no receive waiting, a TLS connection stops reading above this much.
@@ -174,10 +176,15 @@ class AsyncConnection:
         """Read what the socket has into the decoder; True when the receive can go on.
 
         BlockingIOError when the socket had nothing. Until a frame is whole
-        the one in progress is steered as it arrives (see _steer).
+        the one in progress is steered as it arrives (see _steer). A short
+        read ends it, except in a large frame: the sender is most likely
+        refilling the socket, so reading on until EAGAIN (up to _READ_BURST)
+        saves loop wake-ups, each of which costs both ends a trip through
+        their loops.
         """
         d = self._decoder
         recv_into = self._sock.recv_into  # type: ignore[union-attr]
+        got = 0
         while True:
             region = d.get_buffer()
             n = recv_into(region)
@@ -188,8 +195,9 @@ class AsyncConnection:
             if d.has_frame():
                 return True
             self._steer(limit, into)
-            if n < len(region):
-                return False     # a short read emptied the socket
+            got += n
+            if n < len(region) and (got >= _READ_BURST or d.needed < _COPY_THRESHOLD):
+                return False
 
     def _steer(self, limit: int | None, into: tuple[Any, int] | None) -> None:
         """Steer the frame in progress as soon as its header is here, before its payload is read.
@@ -209,19 +217,9 @@ class AsyncConnection:
             self._loop.remove_reader(self._fd)
             self._reading = False
             return
-        d = self._decoder
         try:
-            # the common case (a whole small frame in one read) inline, else _fill
-            region = d.get_buffer()
-            n = self._sock.recv_into(region)  # type: ignore[union-attr]
-            if not n:
-                self._eof = True
-            else:
-                d.buffer_updated(n)
-                if not d.has_frame():
-                    self._steer(self._limit, self._into)
-                    if n < len(region) or not self._fill(self._limit, self._into):
-                        return
+            if not self._fill(self._limit, self._into):
+                return
         except (BlockingIOError, InterruptedError):
             return
         except Exception as exc:
