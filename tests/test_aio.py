@@ -339,6 +339,61 @@ def test_a_lone_message_leaves_at_once_and_a_burst_is_coalesced(run):
     run(main)
 
 
+def test_a_corked_message_leaves_when_a_receive_starts_waiting(run):
+    """A request sent behind another in one loop iteration is not held back while its reply is awaited."""
+    async def main():
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        conn = aio.AsyncConnection(a)
+        await conn.send_bytes(b"one")
+        await conn.send_bytes(b"two")           # the second in this loop iteration: corked
+        waiting = conn.recv_bytes()
+        waiting.send(None)                      # the receive runs up to its wait on the loop
+        enc = _framing.encode_header
+        assert b.recv(100) == enc(3) + b"one" + enc(3) + b"two"
+        waiting.close()
+        b.send(enc(5) + b"reply")
+        assert await conn.recv_bytes() == b"reply"
+        conn.close()
+        b.close()
+    run(main)
+
+
+def test_a_large_frame_trickling_in_arrives_whole(run):
+    """Short reads and empty sockets in the middle of large frames, into every kind of receive."""
+    async def main():
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        conn = aio.AsyncConnection(b)
+        arr = np.arange(3 * MiB // 8, dtype=np.float64)
+        header, _ = fastnet.zerocopy.encode_array(arr)
+        big = pattern(3 * MiB + 7, 3)
+        enc = _framing.encode_header
+        wire = (enc(len(big)) + big + enc(len(header)) + header + enc(arr.nbytes) + arr.tobytes()
+                + enc(len(big)) + big)
+        loop = asyncio.get_running_loop()
+
+        async def trickle():
+            pos, step = 0, 1
+            while pos < len(wire):
+                await loop.sock_sendall(a, wire[pos:pos + step])
+                pos += step
+                step = step * 7 % 300007 + 1
+                await asyncio.sleep(0)
+        sender = asyncio.ensure_future(trickle())
+        assert await conn.recv_bytes() == big
+        out = np.zeros_like(arr)
+        assert (await conn.recv_array(out=out) is out) and (out == arr).all()
+        buf = bytearray(len(big) + 10)
+        assert await conn.recv_bytes_into(buf, 3) == len(big) and buf[3:3 + len(big)] == big
+        await sender
+        a.close()
+        conn.close()
+    run(main)
+
+
 def test_one_receiver_at_a_time(run):
     async def main():
         a, b = await _socketpair_conns()

@@ -18,7 +18,8 @@ frames and authkey handshake), so either end may be a blocking fastnet peer
 or a stdlib one. Everything runs on the loop that awaited it (the default
 loop or uvloop): no threads, nothing kept beyond that loop.
 """
-from fastnet.aio.connection import DEFAULT_HIGH_WATER, DEFAULT_LOW_WATER, AsyncConnection, connect
+from fastnet.aio.connection import DEFAULT_HIGH_WATER, DEFAULT_LOW_WATER, AsyncConnection
+from fastnet.aio.opening import connect
 from fastnet.aio.server import Server, serve
 from fastnet.aio.rpc import RPCProxy
 

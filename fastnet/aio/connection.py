@@ -22,28 +22,22 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ipaddress
 import socket
-import ssl
 from collections.abc import AsyncIterator, Iterable
 from multiprocessing.reduction import ForkingPickler
 from pickle import PickleBuffer
 from typing import TYPE_CHECKING, Any
 
-from fastnet import auth as _auth
 from fastnet import zerocopy as _zc
 from fastnet._kernels import framing as _framing
-from fastnet.address import parse_address
-from fastnet.connection import _keepalive_seconds, _send_size, _tune
+from fastnet.connection import _send_size
 from fastnet.defaults import MAX_MESSAGE_SIZE_CONNECTION
-from fastnet.errors import (AuthenticationError, BufferTooShort, ConnectionLost, MessageTooLarge,
-                            ProtocolError, TimeoutError)
-from fastnet.handshake import DEFAULT_DIGEST, MAX_MESSAGE, Handshake
+from fastnet.errors import BufferTooShort, ConnectionLost, MessageTooLarge, ProtocolError
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["AsyncConnection", "connect", "authenticate", "DEFAULT_HIGH_WATER", "DEFAULT_LOW_WATER"]
+__all__ = ["AsyncConnection", "DEFAULT_HIGH_WATER", "DEFAULT_LOW_WATER"]
 
 #: A send waits (like ``StreamWriter.drain``) once this many bytes are queued
 #: that the socket did not take...
@@ -55,6 +49,8 @@ _BUFSIZE = 262144
 # sendmsg() takes at most IOV_MAX (1024 on Linux) buffers.
 _IOV_MAX = 1024
 _COPY_THRESHOLD = _framing.COPY_THRESHOLD
+# A readable event goes on reading a large frame after a short read, up to this much.
+_READ_BURST = 8 << 20
 # Small messages corked within one loop iteration go out at least this often.
 _CORK_MAX = 65536
 # With no receive waiting, a TLS connection stops reading above this much.
@@ -176,36 +172,43 @@ class AsyncConnection:
 
     # -- receiving -----------------------------------------------------------
 
-    def _read(self) -> None:
-        """Read what the socket has into the decoder; BlockingIOError if it had nothing."""
+    def _fill(self, limit: int | None, into: tuple[Any, int] | None) -> bool:
+        """Read what the socket has into the decoder; True when the receive can go on.
+
+        BlockingIOError when the socket had nothing. Until a frame is whole
+        the one in progress is steered as it arrives (see _steer). A short
+        read ends it, except in a large frame: the sender is most likely
+        refilling the socket, so reading on until EAGAIN (up to _READ_BURST)
+        saves loop wake-ups, each of which costs both ends a trip through
+        their loops.
+        """
         d = self._decoder
         recv_into = self._sock.recv_into  # type: ignore[union-attr]
+        got = 0
         while True:
             region = d.get_buffer()
             n = recv_into(region)
-            if n == 0:
+            if not n:
                 self._eof = True
-                return
+                return True
             d.buffer_updated(n)
-            # a short read emptied the socket; a whole frame is worth handing out now
-            if n < len(region) or d.has_frame():
-                return
+            if d.has_frame():
+                return True
+            self._steer(limit, into)
+            got += n
+            if n < len(region) and (got >= _READ_BURST or d.needed < _COPY_THRESHOLD):
+                return False
 
-    def _ready(self) -> bool:
-        """True when the waiting receive can go on.
+    def _steer(self, limit: int | None, into: tuple[Any, int] | None) -> None:
+        """Steer the frame in progress as soon as its header is here, before its payload is read.
 
-        Until then the frame in progress is steered: into the caller's
-        buffer (recv_bytes_into) or checked against maxlength as soon as its
-        header is here, before its payload is read.
+        Into the caller's buffer (``into``, recv_bytes_into), or checked
+        against ``limit`` (recv_bytes' maxlength).
         """
-        d = self._decoder
-        if self._eof or d.has_frame():
-            return True
-        if self._into is not None:
-            d.next_frame_into(*self._into)
-        elif self._limit is not None:
-            d.next_frame(self._limit)
-        return False
+        if into is not None:
+            self._decoder.next_frame_into(*into)
+        elif limit is not None:
+            self._decoder.next_frame(limit)
 
     def _on_readable(self) -> None:
         fut = self._waiter
@@ -215,8 +218,7 @@ class AsyncConnection:
             self._reading = False
             return
         try:
-            self._read()
-            if not self._ready():
+            if not self._fill(self._limit, self._into):
                 return
         except (BlockingIOError, InterruptedError):
             return
@@ -225,28 +227,41 @@ class AsyncConnection:
             return
         fut.set_result(None)
 
-    async def _wait(self) -> None:
-        """Wait until the decoder holds a whole frame, the peer closed, or the read failed."""
+    def _arm(self, limit: int | None, into: tuple[Any, int] | None) -> asyncio.Future[None] | None:
+        """Start waiting for more of the stream: None if the receive can go on now, else the future to await.
+
+        The future resolves once the decoder holds a whole frame, the peer
+        closed, or the read failed; the receive that awaits it clears the
+        waiter, ``_limit`` and ``_into`` after (see _disarm).
+        """
         if self._waiter is not None:
             raise RuntimeError("another coroutine is already receiving on this connection")
-        self._check()
-        # try the syscall first (a reply often is there already): the loop only on EAGAIN
-        try:
-            self._read()
-            if self._ready():
-                return
-        except (BlockingIOError, InterruptedError):
-            pass
+        if self._closing:
+            self._check()
+        if not self._tick:
+            # try the socket first (streamed data often is there already); not
+            # right after a send, whose answer cannot be here yet
+            try:
+                if self._fill(limit, into):
+                    return None
+            except (BlockingIOError, InterruptedError):
+                pass
+        elif self._cork:
+            self._write([], 0, False)       # about to wait: what is corked goes now
         if not self._reading:
             self._loop.add_reader(self._fd, self._on_readable)
             self._reading = True
-        # this coroutine yields to the loop: the next small send may go out at once
+        # the receive yields to the loop: the next small send may go out at once
         self._tick = False
+        self._limit = limit
+        self._into = into
         fut = self._waiter = self._loop.create_future()
-        try:
-            await fut
-        finally:
-            self._waiter = None
+        return fut
+
+    def _disarm(self) -> None:
+        self._waiter = None
+        self._into = None
+        self._limit = None
 
     def _recv_failed(self, exc: BaseException) -> None:
         # a bad frame, a frame over the limit, a reset: the stream is
@@ -266,7 +281,8 @@ class AsyncConnection:
         """
         if maxlength is not None and maxlength < 0:
             raise ValueError("negative maxlength")
-        self._check()
+        if self._closing:
+            self._check()
         d = self._decoder
         try:
             while True:
@@ -275,11 +291,12 @@ class AsyncConnection:
                     return f
                 if self._eof:
                     self._at_eof()
-                self._limit = maxlength
-                try:
-                    await self._wait()
-                finally:
-                    self._limit = None
+                fut = self._arm(maxlength, None)
+                if fut is not None:
+                    try:
+                        await fut
+                    finally:
+                        self._disarm()
         except BaseException as exc:
             self._recv_failed(exc)
             raise
@@ -299,7 +316,12 @@ class AsyncConnection:
                     return frames
                 if self._eof:
                     self._at_eof()
-                await self._wait()
+                fut = self._arm(None, None)
+                if fut is not None:
+                    try:
+                        await fut
+                    finally:
+                        self._disarm()
         except BaseException as exc:
             self._recv_failed(exc)
             raise
@@ -328,14 +350,15 @@ class AsyncConnection:
                     return n
                 if self._eof:
                     self._at_eof()
-                self._into = (buf, offset)
-                try:
-                    await self._wait()
-                except asyncio.CancelledError:
-                    d.detach()
-                    raise
-                finally:
-                    self._into = None
+                fut = self._arm(None, (buf, offset))
+                if fut is not None:
+                    try:
+                        await fut
+                    except asyncio.CancelledError:
+                        d.detach()
+                        raise
+                    finally:
+                        self._disarm()
         except BaseException as exc:
             self._recv_failed(exc)
             raise
@@ -432,7 +455,8 @@ class AsyncConnection:
         the caller does not wait for (held=False) are copies, so its buffers
         are free once it returns.
         """
-        self._check()
+        if self._closing:
+            self._check()
         if self._cork:
             parts = self._cork + parts
             total += self._cork_size
@@ -575,12 +599,15 @@ class AsyncConnection:
         water mark: ``buf`` may then be reused. A large message is never
         copied: the call returns when the socket has taken all of it.
         """
-        view = _byte_view(buf)
+        if type(buf) is bytes and not offset and size is None:
+            view: Any = buf
+        else:
+            view = _byte_view(buf)
+            if offset or size is not None:
+                view = view[offset:offset + _send_size(len(view), offset, size)]
         n = len(view)
-        if offset or size is not None:
-            view = view[offset:offset + _send_size(n, offset, size)]
-        if len(view) < _COPY_THRESHOLD:
-            self._send_small(_encode_header(len(view)) + view)
+        if n < _COPY_THRESHOLD:
+            self._send_small(_encode_header(n) + view)
             if self._queued - self._sent > self.high_water:
                 await self._sent_up_to(self._queued - self.low_water, False)
             return
@@ -765,7 +792,8 @@ class _TLSConnection(AsyncConnection):
                 self._read_paused = True
             return
         try:
-            if not self._ready():
+            if not (self._eof or self._decoder.has_frame()):
+                self._steer(self._limit, self._into)
                 return
         except Exception as exc:
             fut.set_exception(exc)
@@ -796,7 +824,7 @@ class _TLSConnection(AsyncConnection):
             r.set_result(None)
 
     # the connection's side ---------------------------------------------------
-    async def _wait(self) -> None:
+    def _arm(self, limit: int | None, into: tuple[Any, int] | None) -> asyncio.Future[None] | None:
         if self._waiter is not None:
             raise RuntimeError("another coroutine is already receiving on this connection")
         if self._error is not None or self._transport is None:
@@ -805,11 +833,10 @@ class _TLSConnection(AsyncConnection):
         if self._read_paused:
             self._read_paused = False
             self._transport.resume_reading()
+        self._limit = limit
+        self._into = into
         fut = self._waiter = self._loop.create_future()
-        try:
-            await fut
-        finally:
-            self._waiter = None
+        return fut
 
     def _send_small(self, frame: bytes) -> None:
         # the TLS transport buffers and coalesces by itself
@@ -904,148 +931,3 @@ class _TLSProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.conn._lost(exc)
-
-
-async def _start_tls(sock: socket.socket, ctx: ssl.SSLContext, server_side: bool, server_hostname: str | None,
-                     timeout: float | None, **kw: Any) -> _TLSConnection:
-    """Run the TLS handshake on sock with the loop's TLS transport; the connection over it."""
-    loop = asyncio.get_running_loop()
-    conn = _TLSConnection(sock, **kw)
-    hs_timeout = None if timeout is None else max(timeout, 0.001)
-    try:
-        if server_side:
-            await loop.connect_accepted_socket(lambda: _TLSProtocol(conn), sock, ssl=ctx,
-                                               ssl_handshake_timeout=hs_timeout)
-        else:
-            await loop.create_connection(lambda: _TLSProtocol(conn), sock=sock, ssl=ctx,
-                                         server_hostname=server_hostname, ssl_handshake_timeout=hs_timeout)
-    except (ssl.SSLError, ConnectionError) as exc:
-        sock.close()
-        raise AuthenticationError(f"TLS handshake failed: {exc}") from exc
-    except BaseException:
-        sock.close()
-        raise
-    return conn
-
-
-async def authenticate(conn: AsyncConnection, authkey: bytes, server_side: bool, *, strict: bool = False,
-                       digest: str | None = DEFAULT_DIGEST) -> None:
-    """Run the mutual authkey handshake over conn (either role), as ``fastnet.auth`` does on a blocking one.
-
-    Replies wait while the peer's next frame is already received, so a
-    pipelining peer gets them in one write.
-    """
-    hs = Handshake(authkey, server_side, strict=strict, digest=digest)
-    quick = _auth._quickack_socket(conn)
-    out = hs.start()
-    try:
-        while True:
-            if out and (hs.finished or not conn._decoder.has_frame()):
-                await conn.send_many(out)
-                out = []
-            if hs.error is not None:
-                raise hs.error
-            if hs.done:
-                return
-            if quick is not None:
-                try:
-                    quick.setsockopt(socket.IPPROTO_TCP, _auth._QUICKACK, 1)  # type: ignore[arg-type]
-                except OSError:
-                    pass
-            try:
-                payload = await conn.recv_bytes(MAX_MESSAGE)
-            except (MessageTooLarge, EOFError, ProtocolError) as exc:
-                raise _auth.handshake_failure(exc) from None
-            out += hs.receive(payload)
-    finally:
-        hs.abandon()
-
-
-def _numeric_host(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-async def _open_socket(fam: int, addr: Any) -> socket.socket:
-    loop = asyncio.get_running_loop()
-    if fam == socket.AF_UNIX:
-        infos: list[Any] = [(socket.AF_UNIX, addr)]
-    elif _numeric_host(addr[0]):
-        # no lookup: asyncio's resolver would start a thread for nothing
-        infos = [(fam, addr)]
-    else:
-        res = await loop.getaddrinfo(addr[0], addr[1], type=socket.SOCK_STREAM)
-        infos = [(r[0], r[4]) for r in res]
-    last: BaseException | None = None
-    for family, sa in infos:
-        s = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            s.setblocking(False)
-            await loop.sock_connect(s, sa)
-            return s
-        except OSError as exc:
-            s.close()
-            last = exc
-        except BaseException:
-            s.close()
-            raise
-    assert last is not None
-    raise last
-
-
-async def _connect(address: Any, authkey: bytes | None, ssl_context: ssl.SSLContext | None,
-                   max_message_size: int | None, keepalive: float | None, family: str | int | None,
-                   strict: bool, digest: str | None, nodelay: bool, timeout: float | None,
-                   server_hostname: str | None) -> AsyncConnection:
-    fam, addr = parse_address(address, family)
-    if ssl_context is not None and fam == socket.AF_UNIX and ssl_context.check_hostname:
-        raise ValueError("TLS over AF_UNIX has no host name to check: "
-                         "use an ssl_context with check_hostname=False")
-    sock = await _open_socket(fam, addr)
-    try:
-        _tune(sock, nodelay, keepalive)
-    except BaseException:
-        sock.close()
-        raise
-    conn: AsyncConnection
-    if ssl_context is not None:
-        host = server_hostname or (None if fam == socket.AF_UNIX else addr[0])
-        conn = await _start_tls(sock, ssl_context, False, host, timeout, max_message_size=max_message_size)
-    else:
-        conn = AsyncConnection(sock, max_message_size=max_message_size)
-    if authkey is not None:
-        try:
-            await authenticate(conn, authkey, False, strict=strict, digest=digest)
-        except BaseException:
-            conn._abort(ConnectionLost("authentication failed"))
-            raise
-    return conn
-
-
-async def connect(address: Any, authkey: bytes | None = None, *, ssl_context: ssl.SSLContext | None = None,
-                  timeout: float | None = None, max_message_size: int | None = MAX_MESSAGE_SIZE_CONNECTION,
-                  keepalive: float | None = None, family: str | int | None = None, strict: bool = False,
-                  digest: str | None = DEFAULT_DIGEST, nodelay: bool = True,
-                  server_hostname: str | None = None) -> AsyncConnection:
-    """Connect to a fastnet or stdlib ``multiprocessing.connection`` Listener; return an AsyncConnection.
-
-    The arguments are :func:`fastnet.Client`'s: ``timeout`` bounds the
-    connect, TLS and the authkey handshake together (fastnet.TimeoutError);
-    ``ssl_context`` runs TLS (checking the certificate against
-    ``server_hostname``, the address's host if None); ``keepalive=seconds`` detects a vanished peer
-    (TCP). Must be awaited on the loop that will use the connection.
-    """
-    if authkey is not None and not isinstance(authkey, bytes):
-        raise TypeError("authkey should be a byte string")
-    keepalive = _keepalive_seconds(keepalive)
-    coro = _connect(address, authkey, ssl_context, max_message_size, keepalive, family, strict, digest,
-                    nodelay, timeout, server_hostname)
-    if timeout is None:
-        return await coro
-    try:
-        return await asyncio.wait_for(coro, timeout)
-    except asyncio.TimeoutError:
-        raise TimeoutError(f"connecting to {address!r} timed out") from None

@@ -14,7 +14,8 @@ import ssl
 from collections.abc import Sequence
 from typing import Any
 
-from fastnet.aio.connection import AsyncConnection, connect
+from fastnet.aio.connection import AsyncConnection
+from fastnet.aio.opening import connect
 from fastnet.codecs import DEFAULT_CODEC, Codec, get_codec
 from fastnet.errors import ConnectionLost, TimeoutError
 from fastnet.rpc._wire import (_MAX_HELLO, _NOTIFY, _REQUEST, DEFAULT_RPC_MAX_MESSAGE_SIZE, HELLO_CLOSED, ReplyReader,

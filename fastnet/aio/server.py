@@ -11,7 +11,8 @@ from typing import Any
 
 from fastnet import server as _server
 from fastnet.address import bind, parse_address
-from fastnet.aio.connection import AsyncConnection, _start_tls, authenticate
+from fastnet.aio.connection import AsyncConnection
+from fastnet.aio.opening import _start_tls, authenticate
 from fastnet.connection import _tune
 from fastnet.defaults import HANDSHAKE_TIMEOUT, MAX_CONNECTIONS_SERVER, MAX_MESSAGE_SIZE_CONNECTION
 from fastnet.errors import ConnectionLost
