@@ -16,12 +16,20 @@ from typing import Any
 
 from fastnet.aio.connection import AsyncConnection
 from fastnet.aio.opening import connect
+from fastnet._kernels import framing, rpcwire
 from fastnet.codecs import DEFAULT_CODEC, Codec, get_codec
 from fastnet.errors import ConnectionLost, TimeoutError
-from fastnet.rpc._wire import (_MAX_HELLO, _NOTIFY, _REQUEST, DEFAULT_RPC_MAX_MESSAGE_SIZE, HELLO_CLOSED, ReplyReader,
-                               _encode, _remote_exception, check_hello_reply, hello_frame)
+from fastnet.rpc._wire import (_MAX_HELLO, DEFAULT_RPC_MAX_MESSAGE_SIZE, HELLO_CLOSED, ReplyReader,
+                               _remote_exception, check_hello_reply, hello_frame)
 
 __all__ = ["RPCProxy"]
+
+
+def _payloads(msg: bytes | list[Any]) -> list[Any]:
+    # the kernel frames a small message itself; the connection frames again
+    if isinstance(msg, bytes):
+        return [memoryview(msg)[framing.HEADER_SIZE:]]
+    return msg
 
 
 class _Method:
@@ -65,6 +73,7 @@ class RPCProxy:
         self._address = address
         self._authkey = authkey
         self._codec = codec if isinstance(codec, Codec) else get_codec(codec)
+        self._wire = rpcwire.Wire(self._codec)
         self._ssl_context = ssl_context
         self._timeout = timeout
         self._connect_timeout = connect_timeout
@@ -192,7 +201,7 @@ class RPCProxy:
         """Call ``method`` with explicit ``args``, ``kwargs`` and ``timeout`` (None: the proxy's)."""
         conn = await self._ensure()
         msgid = next(self._ids)
-        frames = _encode(self._codec, [_REQUEST, msgid, method, list(args), kwargs or None])
+        frames = _payloads(self._wire.request(msgid, method, args, kwargs))
         fut = asyncio.get_running_loop().create_future()
         self._pending[msgid] = fut
         try:
@@ -211,7 +220,7 @@ class RPCProxy:
     async def notify(self, method: str, /, *args: Any, **kwargs: Any) -> None:
         """Send a one-way call: no reply, no result, errors stay on the server."""
         conn = await self._ensure()
-        await conn.send_many(_encode(self._codec, [_NOTIFY, method, list(args), kwargs or None]))
+        await conn.send_many(_payloads(self._wire.notification(method, args, kwargs)))
 
     # closing -------------------------------------------------------------
     async def close(self) -> None:

@@ -14,8 +14,6 @@ from fastnet._kernels import rpcwire
 from fastnet.errors import AuthenticationError, MethodNotFound, ProtocolError, RemoteError
 
 if TYPE_CHECKING:
-    from typing_extensions import Buffer
-
     from fastnet.codecs import Codec
 
 # public: fastnet.rpc exports and documents them
@@ -25,17 +23,6 @@ DEFAULT_RPC_MAX_MESSAGE_SIZE = 256 << 20
 _REQUEST, _REPLY, _NOTIFY = 0, 1, 2
 _OOB = 0xC1
 _MAX_HELLO = 4096
-
-
-def _oob_marker(n: int) -> bytes:
-    return b"\xc1" + n.to_bytes(4, "big")
-
-
-def _encode(codec: Codec, msg: Any) -> list[Buffer]:
-    frames = codec.dumps(msg)
-    if len(frames) == 1:
-        return frames
-    return [_oob_marker(len(frames) - 1)] + frames
 
 
 def _oob_count(frame: Any) -> int:
