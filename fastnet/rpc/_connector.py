@@ -210,6 +210,16 @@ class Connector:
 
     def send(self, msg: bytes | list[Buffer], gen: int, hold: bool = False) -> None:
         """Send one message of :class:`~fastnet._pure.rpcwire.Wire` on connection ``gen`` (see :meth:`send_many`)."""
+        if hold and self.climit and type(msg) is bytes:
+            # the common case of coalescing: one more request joins the queue
+            with self.send_lock:
+                n = self.qbytes + len(msg)
+                if n < self.climit and self.ch is not None and self.gen == gen and (
+                        self.qgen == gen or not self.queue):
+                    self.queue.append(msg)
+                    self.qbytes = n
+                    self.qgen = gen
+                    return
         self.send_many((msg,), gen, hold)
 
     def send_many(self, msgs: Sequence[bytes | list[Buffer]], gen: int, hold: bool = False) -> None:
