@@ -97,6 +97,32 @@ def test_futures_waited_on_by_concurrent_futures_wait_complete(server, proxies):
     assert ev.wait(WAIT) and got == [2]
 
 
+def test_waiting_through_concurrent_futures_while_the_reader_thread_reads(serve, address, proxies):
+    srv = serve.keep(build(address))
+    entered, release = threading.Event(), threading.Event()
+
+    def gate():
+        entered.set()
+        return release.wait(WAIT)
+
+    srv.register_function(gate, "gate", blocking=True)
+    srv.start()
+    p = proxies(srv.address, coalesce=True)
+    held = p.call_async("gate")
+    p.flush()
+    assert entered.wait(WAIT)
+    # nobody waits on ``held``: the proxy's reader thread takes over reading
+    # for it, and must still write the next requests when they start to be
+    # waited on
+    assert wait_for(p._replies.rlock.locked)
+    later = [p.call_async("add", i, 1) for i in range(5)]
+    done, not_done = concurrent.futures.wait(later, WAIT)
+    assert not not_done and [f.result() for f in later] == [1, 2, 3, 4, 5]
+    assert not held.done()
+    release.set()
+    assert held.result() is True
+
+
 def test_a_synchronous_call_writes_the_queue_first(server, proxies):
     p = proxies(server.address, coalesce=True)
     futs = [p.call_async("count", f"a{i}") for i in range(10)]

@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 # whether the reader left
 _BG_GRACE = 0.002
 _DRIVE_POLL = 0.05
+# how often the reader thread, reading with coalescing on, looks whether a
+# queued request is waited for through its future's condition
+_QUEUE_LOOK = 0.01
 
 
 class _Slot:
@@ -490,8 +493,13 @@ class ReplyDemux:
                     pass        # the drop failed the pending calls
                 continue
             try:
-                while self.async_calls and link.conn is conn and not self.waiters and not self.drivers:
+                while (self.async_calls and link.conn is conn and not self.waiters and not self.drivers
+                       and not self.flush_wanted):
                     left = self.next_deadline()
+                    if link.climit:
+                        # look now and then whether a future with a queued request
+                        # started to be waited on
+                        left = _QUEUE_LOOK if left is None else min(left, _QUEUE_LOOK)
                     try:
                         frames = ch.recv_frames(left)  # type: ignore[union-attr]
                     except TimeoutError:

@@ -154,17 +154,11 @@ class RPCProxy:
 
     ``coalesce=True`` (or a threshold in bytes; True: 64 KiB) queues the
     requests of :meth:`call_async` and :meth:`notify` and writes them
-    together, in one syscall: when the queue passes the threshold, when a
-    future's ``result()`` or ``exception()`` waits, with a synchronous call
-    or a batch (queue first, keeping the order), on :meth:`flush` and on
-    :meth:`close`. A request has *left* when that write returns. Futures
-    waited on otherwise (``concurrent.futures.wait``, callbacks) have their
-    requests written by the proxy's reader thread once nothing else has
-    been sent or received for a few milliseconds. If the write fails, the
-    connection is dropped: the queued calls fail with ConnectionLost (a
-    prefix of them may have run), queued notifications are lost, and the
-    call that wrote raises it (``flush()`` and ``close()`` raise
-    ConnectionLost; ``close()`` closes even then).
+    together, in one syscall, when a reply is waited for, with a
+    synchronous call or a batch, on :meth:`flush` and :meth:`close`, or
+    when the queue passes the threshold. If that write fails, the calls
+    pending on the connection fail with ConnectionLost and queued
+    notifications are lost (see "Coalescing requests" in the RPC docs).
     """
 
     # every attribute lives in the instance's __dict__ (see __setattr__)
