@@ -156,8 +156,15 @@ def rpc_submit(proxy: Any, impl: Any) -> Any:
 
 
 def _rpc_fastnet_pipelined_client(spec: dict[str, Any], address: Any) -> Any:
-    proxy = rpc_proxy(spec, address)
     impl = spec["impl"]
+    kw: dict[str, Any] = {}
+    if "coalesce" in impl.split("-"):
+        # requests queued and written together, when a reply is waited for
+        import inspect
+        if "coalesce" not in inspect.signature(_fastnet(spec).RPCProxy).parameters:
+            raise NotAvailable("fastnet.RPCProxy has no coalesce option")
+        kw["coalesce"] = True
+    proxy = rpc_proxy(spec, address, **kw)
     if impl.startswith("fastnet-batch") or impl.startswith("fastnet-pbatch"):
         out = rpc_batches(rpc_submit(proxy, impl), spec)
     else:
@@ -448,6 +455,8 @@ ROLES: dict[tuple[str, str], Any] = {
     ("rpc-pipe", "fastnet"): (rpc_server, _rpc_fastnet_pipelined_client),
     ("rpc-pipe", "fastnet-batch"): (rpc_server, _rpc_fastnet_pipelined_client),
     ("rpc-pipe", "fastnet-pbatch"): (rpc_server, _rpc_fastnet_pipelined_client),
+    ("rpc-pipe", "fastnet-coalesce"): (rpc_server, _rpc_fastnet_pipelined_client),
+    ("rpc-pipe", "fastnet-batch-coalesce"): (rpc_server, _rpc_fastnet_pipelined_client),
 }
 
 CASES: dict[str, dict[str, Any]] = {
@@ -479,6 +488,8 @@ CASES: dict[str, dict[str, Any]] = {
             Impl("fastnet", "fastnet call_async, window", pure=False),
             Impl("fastnet-batch", "fastnet call_async, batches", pure=False),
             Impl("fastnet-pbatch", "fastnet proxy.batch(), batches", pure=False),
+            Impl("fastnet-coalesce", "fastnet call_async, coalescing", pure=False),
+            Impl("fastnet-batch-coalesce", "fastnet coalescing, batches", pure=False),
         ],
     },
 }
@@ -490,4 +501,6 @@ TARGETS: list[tuple[Any, ...]] = [
     ("rpc-pipe", None, "window of 64 >= 150k calls/s", ("value", "fastnet", ">=", 150e3)),
     ("rpc-pipe", None, "batches of 64 >= 150k calls/s", ("value", "fastnet-batch", ">=", 150e3)),
     ("rpc-pipe", None, "proxy.batch() of 64 >= 150k calls/s", ("value", "fastnet-pbatch", ">=", 150e3)),
+    ("rpc-pipe", None, "call_async with coalescing, window of 64 >= 150k calls/s",
+     ("value", "fastnet-coalesce", ">=", 150e3)),
 ]

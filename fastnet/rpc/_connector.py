@@ -51,7 +51,7 @@ class Connector:
     def __init__(self, address: Any, family: str | int | None, authkey: bytes | None, codec: Codec,
                  ssl_context: ssl.SSLContext | None, connect_timeout: float, max_size: int | None,
                  strict: bool, backoff: tuple[float, float], keepalive: float | None,
-                 spin: float = 0.0) -> None:
+                 spin: float = 0.0, coalesce: int = 0) -> None:
         self.address = address
         self.family = family
         self.authkey = authkey
@@ -65,6 +65,13 @@ class Connector:
         if not spin >= 0:
             raise ValueError(f"spin must be a number of microseconds >= 0, not {spin!r}")
         self.spin = spin
+        # coalescing (0: off): requests held back until they pass this many bytes or
+        # someone waits; the queue and its generation change only under send_lock
+        self.climit = coalesce
+        self.queue: list[bytes | list[Buffer]] = []
+        self.qbytes = 0
+        self.qgen = 0
+        self.writing = False    # a thread holding send_lock is writing (the queue taken with it)
         self.conn: Connection | None = None
         self.ch: _CChannel | TLSChannel | None = None
         # the socket of a plain channel (no TLS, no coalescing): framed messages go straight to it
@@ -201,51 +208,138 @@ class Connector:
             why = f"the connection failed ({type(e).__name__}: {e})"
         self.drop(conn, ConnectionLost(f"{why}; the call may or may not have run"))
 
-    def send(self, msg: bytes | list[Buffer], gen: int) -> None:
-        """Send one message of :class:`~fastnet._pure.rpcwire.Wire` on connection ``gen``."""
-        self.send_many((msg,), gen)
+    def send(self, msg: bytes | list[Buffer], gen: int, hold: bool = False) -> None:
+        """Send one message of :class:`~fastnet._pure.rpcwire.Wire` on connection ``gen`` (see :meth:`send_many`)."""
+        if hold and self.climit and type(msg) is bytes:
+            # the common case of coalescing: one more request joins the queue
+            with self.send_lock:
+                n = self.qbytes + len(msg)
+                if n < self.climit and self.ch is not None and self.gen == gen and (
+                        self.qgen == gen or not self.queue):
+                    self.queue.append(msg)
+                    self.qbytes = n
+                    self.qgen = gen
+                    return
+        self.send_many((msg,), gen, hold)
 
-    def send_many(self, msgs: Sequence[bytes | list[Buffer]], gen: int) -> None:
+    def send_many(self, msgs: Sequence[bytes | list[Buffer]], gen: int, hold: bool = False) -> None:
         """Send messages of :class:`~fastnet._pure.rpcwire.Wire` on connection ``gen``, in one write if they fit.
 
-        _NotSent if they did not all leave.
+        The coalescing queue goes first, in the same write. ``hold`` (with
+        coalescing on) queues them instead, writing the queue only once it
+        passes the threshold. _NotSent if the last of them did not leave.
         """
         with self.send_lock:
             ch = self.ch
             conn = self.conn
             if ch is None or self.gen != gen:
                 raise ConnectionLost("the connection was lost before the call was sent")
-            raw = self.raw
-            try:
-                if len(msgs) == 1:
-                    msg = msgs[0]
-                    if not isinstance(msg, bytes):
-                        ch.send_frames(msg)
-                    elif raw is not None:
-                        send_framed(raw, msg)
-                    else:
-                        ch.send_frame(msg, HEADER_SIZE)
-                elif raw is not None and all(type(m) is bytes for m in msgs):
-                    send_framed(raw, b"".join(msgs))  # type: ignore[arg-type]
+            q = self.queue
+            if q:
+                if self.qgen != gen:
+                    # queued for a connection since dropped: its calls failed with it
+                    q = self.queue = []
+                    self.qbytes = 0
                 else:
-                    frames: list[Buffer] = []
-                    for m in msgs:
-                        if isinstance(m, bytes):
-                            frames.append(memoryview(m)[HEADER_SIZE:])
-                        else:
-                            frames.extend(m)
-                    ch.send_frames(frames)
+                    msgs = q + list(msgs)
+            if hold and self.climit:
+                n = self.qbytes
+                for m in msgs[len(q):]:
+                    # a message with out-of-band buffers is large: it leaves at once
+                    n += len(m) if type(m) is bytes else self.climit
+                if n < self.climit:
+                    if q:
+                        self.queue = msgs  # type: ignore[assignment]
+                    else:
+                        self.queue = list(msgs)
+                    self.qbytes = n
+                    self.qgen = gen
+                    return
+            if q:
+                self.queue = []
+            self.qbytes = 0
+            try:
+                self.write(ch, msgs)
                 return
             except OSError as e:
                 err = e
         self.drop(conn, ConnectionLost(f"the connection to {self.address!r} was lost: {err}"))
         raise _NotSent(f"sending the call failed: {err}") from err
 
+    def flush(self, wait: bool = True) -> bool:
+        """Write the coalescing queue now; False if ``wait`` is false and another thread holds the send lock.
+
+        ConnectionLost if the write failed: the connection is dropped and the
+        calls pending on it, the queued ones among them, fail with it.
+        """
+        if not self.queue:
+            return True
+        if not self.send_lock.acquire(wait):
+            return False
+        try:
+            msgs = self.queue
+            ch = self.ch
+            conn = self.conn
+            self.queue = []
+            self.qbytes = 0
+            if not msgs or ch is None or self.gen != self.qgen:
+                return True     # nothing, or queued for a connection since dropped (its calls failed with it)
+            try:
+                self.write(ch, msgs)
+                return True
+            except OSError as e:
+                err = e
+        finally:
+            self.send_lock.release()
+        exc = ConnectionLost(f"the connection to {self.address!r} was lost while writing queued calls: {err}; "
+                             "they may or may not have run")
+        self.drop(conn, exc)
+        raise exc from err
+
+    def write(self, ch: _CChannel | TLSChannel, msgs: Sequence[bytes | list[Buffer]]) -> None:
+        # with send_lock held
+        self.writing = True
+        try:
+            self.write_locked(ch, msgs)
+        finally:
+            self.writing = False
+
+    def write_locked(self, ch: _CChannel | TLSChannel, msgs: Sequence[bytes | list[Buffer]]) -> None:
+        raw = self.raw
+        if len(msgs) == 1:
+            msg = msgs[0]
+            if not isinstance(msg, bytes):
+                ch.send_frames(msg)
+            elif raw is not None:
+                send_framed(raw, msg)
+            else:
+                ch.send_frame(msg, HEADER_SIZE)
+        elif raw is not None and all(type(m) is bytes for m in msgs):
+            send_framed(raw, b"".join(msgs))  # type: ignore[arg-type]
+        else:
+            frames: list[Buffer] = []
+            for m in msgs:
+                if isinstance(m, bytes):
+                    frames.append(memoryview(m)[HEADER_SIZE:])
+                else:
+                    frames.extend(m)
+            ch.send_frames(frames)
+
     def close(self) -> None:
-        """Close for good; pending calls fail with ConnectionLost."""
+        """Write the coalescing queue, then close for good; pending calls fail with ConnectionLost.
+
+        A failed write is raised once the proxy is closed.
+        """
+        err: ConnectionLost | None = None
+        try:
+            self.flush()
+        except ConnectionLost as e:
+            err = e
         with self.cv:
             self.closed = True
             conn = self.conn
             self.cv.notify_all()
         if conn is not None:
             self.drop(conn, ConnectionLost("the proxy was closed"))
+        if err is not None:
+            raise err

@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 # whether the reader left
 _BG_GRACE = 0.002
 _DRIVE_POLL = 0.05
+# how often the reader thread, reading with coalescing on, looks whether a
+# queued request is waited for through its future's condition
+_QUEUE_LOOK = 0.01
 
 
 class _Slot:
@@ -103,6 +106,10 @@ class _CallFuture(concurrent.futures.Future[Any]):
                 c = self._cond
                 if c is None:
                     c = self._cond = threading.Condition()
+            # something waits through the condition (concurrent.futures.wait, a
+            # callback): the reader thread writes the coalescing queue for it
+            if self._proxy._link.queue:
+                self._proxy._replies.flush_wanted = True
         return c
 
     def _complete(self, error: BaseException | None, value: Any) -> None:
@@ -141,14 +148,25 @@ class _CallFuture(concurrent.futures.Future[Any]):
             if self._exception is not None:
                 raise self._exception
             return self._result
+        self._flush()
         self._proxy._replies.drive(self, timeout)
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if self._state is FINISHED:
             return self._exception
+        self._flush()
         self._proxy._replies.drive(self, timeout)
         return super().exception(timeout)
+
+    def _flush(self) -> None:
+        # a coalesced request must leave before its reply is waited for
+        link = self._proxy._link
+        if link.queue:
+            try:
+                link.flush()
+            except ConnectionLost:
+                pass        # the drop failed the pending calls, this one among them
 
 
 class ReplyDemux:
@@ -172,6 +190,7 @@ class ReplyDemux:
         self.reader = ReplyReader(codec)
         self.last_io = 0.0
         self.late_replies = 0
+        self.flush_wanted = False           # a future waited on through its condition
 
     # -- the connection's turns (the connector calls these with the lock held) --
     def connected_locked(self) -> None:
@@ -434,6 +453,7 @@ class ReplyDemux:
         link = self.link
         rlock = self.rlock
         while True:
+            stalled_queue = False
             with cv:
                 while True:
                     if link.closed:
@@ -447,6 +467,12 @@ class ReplyDemux:
                     # a caller that issues calls and then waits reads its replies
                     # itself: take over only when replies have stalled a while
                     # with nobody reading or waiting
+                    if self.flush_wanted:
+                        # coalesced requests waited for otherwise than by result():
+                        # write them, holding no lock a reader needs
+                        self.flush_wanted = False
+                        stalled_queue = True
+                        break
                     quiet = time.monotonic() - self.last_io
                     if quiet < _BG_GRACE or self.drivers or self.waiters or rlock.locked():
                         cv.wait(max(_BG_GRACE - quiet, _BG_GRACE / 4))
@@ -455,9 +481,25 @@ class ReplyDemux:
                         break
                 conn = link.conn
                 ch = link.ch
+            if stalled_queue:
+                try:
+                    if not link.flush(wait=False) and not link.writing:
+                        # another thread is queueing, briefly: try again. (A thread
+                        # writing took the queue with it; waiting for it could
+                        # block on a server that waits for its replies to be read.)
+                        self.flush_wanted = True
+                        time.sleep(_BG_GRACE / 4)
+                except ConnectionLost:
+                    pass        # the drop failed the pending calls
+                continue
             try:
-                while self.async_calls and link.conn is conn and not self.waiters and not self.drivers:
+                while (self.async_calls and link.conn is conn and not self.waiters and not self.drivers
+                       and not self.flush_wanted):
                     left = self.next_deadline()
+                    if link.climit:
+                        # look now and then whether a future with a queued request
+                        # started to be waited on
+                        left = _QUEUE_LOOK if left is None else min(left, _QUEUE_LOOK)
                     try:
                         frames = ch.recv_frames(left)  # type: ignore[union-attr]
                     except TimeoutError:

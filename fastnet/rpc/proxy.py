@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from fastnet.codecs import DEFAULT_CODEC, get_codec
+from fastnet.connection import _coalesce_limit
 from fastnet.errors import ConnectionLost
 from fastnet.rpc._connector import Connector, _NotSent
 from fastnet.rpc._demux import ReplyDemux, _CallFuture, _Slot
@@ -150,6 +151,14 @@ class RPCProxy:
     either way. ``spin`` (microseconds) makes a call waiting for its reply
     poll the socket without sleeping for up to that long before it blocks:
     lower latency across CPUs for CPU burnt (see :class:`fastnet.Connection`).
+
+    ``coalesce=True`` (or a threshold in bytes; True: 64 KiB) queues the
+    requests of :meth:`call_async` and :meth:`notify` and writes them
+    together, in one syscall, when a reply is waited for, with a
+    synchronous call or a batch, on :meth:`flush` and :meth:`close`, or
+    when the queue passes the threshold. If that write fails, the calls
+    pending on the connection fail with ConnectionLost and queued
+    notifications are lost (see "Coalescing requests" in the RPC docs).
     """
 
     # every attribute lives in the instance's __dict__ (see __setattr__)
@@ -163,12 +172,13 @@ class RPCProxy:
                  connect_timeout: float = 10.0, family: str | int | None = None,
                  max_message_size: int | None = DEFAULT_RPC_MAX_MESSAGE_SIZE,
                  strict: bool = False, backoff: tuple[float, float] = (0.02, 1.0), lazy: bool = False,
-                 keepalive: float | None = None, spin: float = 0.0) -> None:
+                 keepalive: float | None = None, spin: float = 0.0, coalesce: bool | int = False) -> None:
         d = self.__dict__
         d["_codec"] = the_codec = get_codec(codec)
         d["_timeout"] = timeout
         d["_link"] = link = Connector(address, family, authkey, the_codec, ssl_context, connect_timeout,
-                                      max_message_size, strict, backoff, keepalive, spin)
+                                      max_message_size, strict, backoff, keepalive, spin,
+                                      _coalesce_limit(coalesce))
         d["_replies"] = link.replies
         if not lazy:
             link.ensure(retry=False)
@@ -218,7 +228,16 @@ class RPCProxy:
         link = self._link
         msg = link.wire.notification(method, args, kwargs)
         link.checked()
-        link.send(msg, link.gen)
+        link.send(msg, link.gen, True)
+
+    def flush(self) -> None:
+        """Write the requests queued by coalescing now (ConnectionLost if that fails)."""
+        self._link.flush()
+
+    @property
+    def coalesce(self) -> int:
+        """The coalescing threshold in bytes (0: every request is written at once)."""
+        return self._link.climit
 
     @property
     def codec(self) -> str:
@@ -246,7 +265,7 @@ class RPCProxy:
         return self._link.conn
 
     def close(self) -> None:
-        """Close the connection; pending calls fail with ConnectionLost."""
+        """Write queued requests and close the connection; pending calls fail with ConnectionLost."""
         self._link.close()
 
     def __enter__(self) -> RPCProxy:
@@ -327,7 +346,7 @@ class RPCProxy:
             batch._count += 1
             return fut
         try:
-            link.send(msg, gen)
+            link.send(msg, gen, True)
         except BaseException as e:
             replies.unregister_async(msgid, fut)
             if isinstance(e, _NotSent) and not retried:
