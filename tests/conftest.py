@@ -7,7 +7,8 @@
   every thread's stack and exits when one of its tests runs longer than that.
 * ``serve``: servers started for a test and stopped after it.
 * ``import fastnet_soak`` loads ``tools/soak.py`` (server hosts, checked
-  workloads, figures) once for every module that needs it.
+  workloads, figures) once for every module that needs it; ``hosts`` makes
+  its server hosts and kills them after the test.
 """
 import faulthandler
 import importlib
@@ -110,3 +111,19 @@ class _SoakFinder(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path.append(_SoakFinder())
+
+
+@pytest.fixture
+def hosts():
+    """Factory of tools/soak.py ServerHosts (server processes), every one killed at teardown."""
+    import fastnet_soak as soak
+    made = []
+
+    def make(cfg, **kw):
+        h = soak.ServerHost(cfg, **kw)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.close()

@@ -48,20 +48,6 @@ CLEAN_END = ("EOFError", "ConnectionResetError", "BrokenPipeError", "ConnectionA
 
 # -- helpers ----------------------------------------------------------------------------
 
-@pytest.fixture
-def hosts():
-    """Factory of ServerHosts, every one killed at teardown."""
-    made = []
-
-    def make(cfg, **kw):
-        h = soak.ServerHost(cfg, **kw)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.close()
-
 
 def env():
     e = dict(os.environ)

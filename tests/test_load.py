@@ -32,20 +32,6 @@ KEY = "load-key"
 
 
 @pytest.fixture
-def hosts():
-    made = []
-
-    def make(cfg, **kw):
-        h = soak.ServerHost(cfg, **kw)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.close()
-
-
-@pytest.fixture
 def procs():
     made = []
 

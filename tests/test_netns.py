@@ -45,20 +45,6 @@ def net():
     assert pair.a not in leftover and pair.b not in leftover
 
 
-@pytest.fixture
-def hosts():
-    made = []
-
-    def make(cfg, **kw):
-        h = soak.ServerHost(cfg, **kw)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.close()
-
-
 def run_for(seconds, *workloads):
     time.sleep(seconds)
     for w in workloads:
