@@ -13,12 +13,14 @@ multiprocessing does; wrong bytes raise AuthenticationError, and a
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 from typing import Any, cast
 
 from fastnet.errors import (AuthenticationError, HandshakeMessageTooLarge, MessageTooLarge, ProtocolError,
                             TimeoutError, TruncatedFrameError)
-from fastnet.handshake import DEFAULT_DIGEST, MAX_MESSAGE, Handshake
+from fastnet.handshake import DEFAULT_DIGEST, MAX_MESSAGE, Handshake, take_frames
+from fastnet.handshake import quickack as quickack, quickack_socket as quickack_socket  # the drivers' one copy
 
 __all__ = [
     "deliver_challenge",
@@ -28,33 +30,9 @@ __all__ = [
     "DEFAULT_DIGEST",
 ]
 
-_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
-
-def _quickack_socket(conn: Any) -> socket.socket | None:
-    """The TCP socket under conn to set TCP_QUICKACK on before each read (Linux), else None.
-
-    A stdlib peer writes without TCP_NODELAY: a stdlib Listener sends
-    WELCOME and then its response as two small writes, a stdlib Client its
-    WELCOME and then its first message. Nagle holds the second write until
-    the first is ACKed, and a side that delays its ACK stalls the pair
-    ~40 ms per connection. TCP_QUICKACK makes the pending and the next ACK
-    immediate; the kernel clears it again on its own, hence before every read.
-    """
-    sock = getattr(conn, "_sock", None)
-    if _QUICKACK is None or not isinstance(sock, socket.socket):
-        return None
-    if sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return None
-    return sock
-
-
-def _recv(conn: Any, deadline: float | None, quick: socket.socket | None) -> bytes:
-    if quick is not None:
-        try:
-            quick.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)  # type: ignore[arg-type]  # not None here
-        except OSError:
-            pass
+def _recv(conn: Any, deadline: float | None) -> bytes:
+    """The payload of the peer's next frame, read exactly (conn's own receive)."""
     timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
     try:
         recv = conn._recv_handshake
@@ -65,6 +43,20 @@ def _recv(conn: Any, deadline: float | None, quick: socket.socket | None) -> byt
     except (TimeoutError, MessageTooLarge, EOFError, ProtocolError) as exc:
         cause = exc if isinstance(exc, ProtocolError) and not isinstance(exc, TruncatedFrameError) else None
         raise handshake_failure(exc) from cause
+
+
+def _peekable(conn: Any) -> tuple[socket.socket, Any] | None:
+    """conn's plain socket and channel when frames can be peeked at and taken off it directly, else None.
+
+    That is a fastnet Connection reading exactly over a socket without TLS:
+    its channel holds nothing (no read-ahead), so every byte the handshake
+    takes comes off the socket, and nothing else does.
+    """
+    sock, ch = getattr(conn, "_sock", None), getattr(conn, "_ch", None)
+    if (ch is None or not isinstance(sock, socket.socket) or isinstance(sock, ssl.SSLSocket)
+            or ch.io is not None or ch.readahead):
+        return None
+    return sock, ch
 
 
 def handshake_failure(exc: BaseException) -> BaseException:
@@ -104,9 +96,25 @@ def _send_many(conn: Any, frames: list[bytes]) -> None:
         send_many(frames)
 
 
-def _has_frame(conn: Any) -> bool:
+def _frames(conn: Any, peek: tuple[socket.socket, Any] | None, hs: Handshake,
+            deadline: float | None) -> list[bytes]:
+    """The peer's next frames: all that have arrived, up to the handshake's last, or else the next one."""
+    if peek is not None:
+        sock, ch = peek
+        if deadline is None:
+            frames = take_frames(sock, hs.expecting, wait=True)
+        elif ch.poll(max(0.0, deadline - time.monotonic())):
+            frames = take_frames(sock, hs.expecting)
+        else:
+            frames = []
+        if frames:
+            return frames
+        # nothing yet in time (the exact read reports it), or part of a frame: read it exactly
+    frames = [_recv(conn, deadline)]
     ch = getattr(conn, "_ch", None)
-    return ch is not None and ch.has_frame()
+    while ch is not None and len(frames) < hs.expecting and ch.has_frame():
+        frames.append(_recv(conn, deadline))    # read ahead already (TLS, readahead=True)
+    return frames
 
 
 def _drive(conn: Any, hs: Handshake, timeout: float | None) -> None:
@@ -116,18 +124,25 @@ def _drive(conn: Any, hs: Handshake, timeout: float | None) -> None:
     pipelining peer gets them in one write (fastnet's two round trips).
     """
     deadline = _deadline(timeout)
-    quick = _quickack_socket(conn)
+    quick = quickack_socket(conn)
+    peek = _peekable(conn)
     out = hs.start()
+    frames: list[bytes] = []
     try:
         while True:
-            if out and (hs.finished or not _has_frame(conn)):
+            if out and (hs.finished or not frames):
                 _send_many(conn, out)
                 out = []
             if hs.error is not None:
                 raise hs.error
             if hs.done:
                 return
-            out += hs.receive(_recv(conn, deadline, quick))
+            if not frames:
+                frames = _frames(conn, peek, hs, deadline)
+            reply = hs.receive(frames.pop(0))
+            if not reply and not frames and hs.error is None:
+                quickack(quick)     # no reply carries the ACK of this frame
+            out += reply
     finally:
         hs.abandon()
 

@@ -49,12 +49,16 @@ only after its peer has proved the key.
 """
 from __future__ import annotations
 
+import socket
+from typing import Any
+
 from fastnet._kernels import auth as _auth
 from fastnet._kernels import framing as _framing
 from fastnet.errors import (AuthenticationError, HandshakeMessageTooLarge, MessageTooLarge, ProtocolError,
                             TruncatedFrameError)
 
-__all__ = ["Handshake", "HandshakeReader", "DEFAULT_DIGEST", "MAX_MESSAGE"]
+__all__ = ["Handshake", "HandshakeReader", "take_frames", "quickack_socket", "quickack", "DEFAULT_DIGEST",
+           "MAX_MESSAGE"]
 
 DEFAULT_DIGEST = "sha256"
 #: Handshake messages are refused above this size, as CPython does.
@@ -103,6 +107,11 @@ class Handshake:
     def finished(self) -> bool:
         """True once there is a verdict (done or error)."""
         return self.done or self.error is not None
+
+    @property
+    def expecting(self) -> int:
+        """How many more frames the peer has to send: the most a driver may read ahead."""
+        return len(self._expect)
 
     def start(self) -> list[bytes]:
         """The frames to send before anything is received: the server's challenge."""
@@ -195,3 +204,75 @@ class HandshakeReader:
         except TruncatedFrameError as exc:
             return TruncatedFrameError(exc.missing, f"connection failed during the handshake: {exc}")
         return EOFError("connection failed during the handshake: closed by the peer")
+
+
+_HEADER = _framing.HEADER_SIZE
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+
+
+def take_frames(sock: socket.socket, most: int, wait: bool = False) -> list[bytes]:
+    """The payloads of up to ``most`` whole frames already arrived on sock, taken from it exactly.
+
+    One peek and one read for any number of frames (a pipelining peer's
+    replies arrive together), where reading exactly frame by frame costs a
+    header read and a payload read each. Nothing past the last whole frame
+    taken leaves the socket: neither the part of a frame still arriving nor
+    a message the peer sent behind its last handshake frame. Returns []
+    when no whole frame is there yet, at end of stream, or at a header over
+    :data:`MAX_MESSAGE` (an exact read then waits, reports or refuses).
+    ``wait=True`` waits for the first bytes (a blocking sock, no deadline).
+    sock is a plain socket (not TLS) with nothing of it buffered elsewhere.
+    """
+    try:
+        data = sock.recv(most * (_HEADER + MAX_MESSAGE), socket.MSG_PEEK if wait else _PEEK)
+    except (BlockingIOError, InterruptedError):
+        return []
+    frames: list[bytes] = []
+    n, pos = len(data), 0
+    while len(frames) < most and pos + _HEADER <= n:
+        size = int.from_bytes(data[pos:pos + _HEADER], "big")
+        end = pos + _HEADER + size
+        if size > MAX_MESSAGE or end > n:
+            break
+        frames.append(data[pos + _HEADER:end])
+        pos = end
+    while pos:
+        # the bytes are there: this read does not wait
+        got = len(sock.recv(pos, socket.MSG_WAITALL))
+        if not got:
+            raise EOFError("connection failed during the handshake: closed by the peer")
+        pos -= got
+    return frames
+
+
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+
+
+def quickack_socket(obj: Any) -> socket.socket | None:
+    """The TCP socket under obj (a socket, or a connection's ``_sock``) that :func:`quickack` applies to, else None."""
+    sock = obj if isinstance(obj, socket.socket) else getattr(obj, "_sock", None)
+    if _QUICKACK is None or not isinstance(sock, socket.socket):
+        return None
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    return sock
+
+
+def quickack(sock: socket.socket | None) -> None:
+    """ACK what the peer sent at once, and its next segment too (TCP_QUICKACK, Linux).
+
+    A driver calls it when a frame it received leaves it nothing to send
+    (the peer's WELCOME), so no reply carries the ACK. A stdlib peer writes without TCP_NODELAY: a stdlib Listener sends
+    WELCOME and then its response as two small writes, a stdlib Client its
+    WELCOME and then its first message. Nagle holds the second write until
+    the first is ACKed, and a side that delays its ACK (it has nothing to
+    answer the WELCOME with) stalls the pair ~40 ms per connection. Every
+    other handshake frame is answered at once, its ACK riding on the answer.
+    ``None``
+    (not TCP, or no TCP_QUICKACK) does nothing.
+    """
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)  # type: ignore[arg-type]  # not None with a sock
+        except OSError:
+            pass
