@@ -20,7 +20,7 @@ from typing import Any, cast
 from fastnet.errors import (AuthenticationError, HandshakeMessageTooLarge, MessageTooLarge, ProtocolError,
                             TimeoutError, TruncatedFrameError)
 from fastnet.handshake import DEFAULT_DIGEST, MAX_MESSAGE, Handshake, take_frames
-from fastnet.handshake import quickack as quickack, quickack_socket as quickack_socket  # the drivers' one copy
+from fastnet.handshake import quickack as quickack  # the drivers' one copy
 
 __all__ = [
     "deliver_challenge",
@@ -124,7 +124,6 @@ def _drive(conn: Any, hs: Handshake, timeout: float | None) -> None:
     pipelining peer gets them in one write (fastnet's two round trips).
     """
     deadline = _deadline(timeout)
-    quick = quickack_socket(conn)
     peek = _peekable(conn)
     out = hs.start()
     frames: list[bytes] = []
@@ -141,7 +140,7 @@ def _drive(conn: Any, hs: Handshake, timeout: float | None) -> None:
                 frames = _frames(conn, peek, hs, deadline)
             reply = hs.receive(frames.pop(0))
             if not reply and not frames and hs.error is None:
-                quickack(quick)     # no reply carries the ACK of this frame
+                quickack(conn)      # no reply carries the ACK of this frame
             out += reply
     finally:
         hs.abandon()

@@ -57,8 +57,7 @@ from fastnet._kernels import framing as _framing
 from fastnet.errors import (AuthenticationError, HandshakeMessageTooLarge, MessageTooLarge, ProtocolError,
                             TruncatedFrameError)
 
-__all__ = ["Handshake", "HandshakeReader", "take_frames", "quickack_socket", "quickack", "DEFAULT_DIGEST",
-           "MAX_MESSAGE"]
+__all__ = ["Handshake", "HandshakeReader", "take_frames", "quickack", "DEFAULT_DIGEST", "MAX_MESSAGE"]
 
 DEFAULT_DIGEST = "sha256"
 #: Handshake messages are refused above this size, as CPython does.
@@ -246,33 +245,25 @@ def take_frames(sock: socket.socket, most: int, wait: bool = False) -> list[byte
 
 
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+_TCP = (socket.AF_INET, socket.AF_INET6)
 
 
-def quickack_socket(obj: Any) -> socket.socket | None:
-    """The TCP socket under obj (a socket, or a connection's ``_sock``) that :func:`quickack` applies to, else None."""
-    sock = obj if isinstance(obj, socket.socket) else getattr(obj, "_sock", None)
-    if _QUICKACK is None or not isinstance(sock, socket.socket):
-        return None
-    if sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return None
-    return sock
-
-
-def quickack(sock: socket.socket | None) -> None:
-    """ACK what the peer sent at once, and its next segment too (TCP_QUICKACK, Linux).
+def quickack(conn: Any) -> None:
+    """ACK what the peer sent at once (TCP_QUICKACK, Linux) on conn, a socket or a connection's ``_sock``.
 
     A driver calls it when a frame it received leaves it nothing to send
-    (the peer's WELCOME), so no reply carries the ACK. A stdlib peer writes without TCP_NODELAY: a stdlib Listener sends
-    WELCOME and then its response as two small writes, a stdlib Client its
-    WELCOME and then its first message. Nagle holds the second write until
-    the first is ACKed, and a side that delays its ACK (it has nothing to
-    answer the WELCOME with) stalls the pair ~40 ms per connection. Every
-    other handshake frame is answered at once, its ACK riding on the answer.
-    ``None``
-    (not TCP, or no TCP_QUICKACK) does nothing.
+    (the peer's WELCOME), so no reply carries the ACK. A stdlib peer writes
+    without TCP_NODELAY: a stdlib Listener sends WELCOME and then its
+    response as two small writes, a stdlib Client its WELCOME and then its
+    first message. Nagle holds the second write until the first is ACKed,
+    and a side that delays its ACK stalls the pair ~40 ms per connection.
+    Every other handshake frame is answered at once, its ACK riding on the
+    answer. Nothing happens off TCP or without TCP_QUICKACK.
     """
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)  # type: ignore[arg-type]  # not None with a sock
-        except OSError:
-            pass
+    sock = conn if isinstance(conn, socket.socket) else getattr(conn, "_sock", None)
+    if _QUICKACK is None or not isinstance(sock, socket.socket) or sock.family not in _TCP:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+    except OSError:
+        pass

@@ -936,7 +936,6 @@ async def authenticate(conn: AsyncConnection, authkey: bytes, server_side: bool,
     pipelining peer gets them in one write.
     """
     hs = Handshake(authkey, server_side, strict=strict, digest=digest)
-    quick = _auth.quickack_socket(conn)
     out = hs.start()
     try:
         while True:
@@ -953,7 +952,7 @@ async def authenticate(conn: AsyncConnection, authkey: bytes, server_side: bool,
                 raise _auth.handshake_failure(exc) from None
             reply = hs.receive(payload)
             if not reply and hs.error is None and not conn._decoder.has_frame():
-                _auth.quickack(quick)   # no reply carries the ACK of this frame
+                _auth.quickack(conn)    # no reply carries the ACK of this frame
             out += reply
     finally:
         hs.abandon()

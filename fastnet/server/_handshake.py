@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastnet._kernels import framing as _framing
 from fastnet.errors import AuthenticationError, ProtocolError, TimeoutError
-from fastnet.handshake import Handshake, HandshakeReader, quickack, quickack_socket
+from fastnet.handshake import Handshake, HandshakeReader, quickack
 from fastnet.server._util import _quiet_close
 
 if TYPE_CHECKING:
@@ -58,8 +58,6 @@ class _Handshake:
             self.state = _HS_TLS
         else:
             self._challenge()
-        # a stdlib Client's first message waits on the ACK of its WELCOME
-        self.quick = quickack_socket(self.sock)
         try:
             self.timer: _reactor_TimerHandle | None = loop.call_later(server.handshake_timeout,  # type: ignore[arg-type]
                                                                       self._expired)
@@ -145,7 +143,7 @@ class _Handshake:
         assert hs is not None
         reply = hs.receive(frame)
         if not reply and hs.error is None:
-            quickack(self.quick)    # no reply carries the ACK of this frame
+            quickack(self.sock)     # no reply carries the ACK of this frame
         self._queue(reply)
         if hs.error is not None:
             self._flush()   # a FAILURE frame, so the peer learns why
