@@ -8,14 +8,14 @@ socket, so the bytes arrive exactly as the test writes them.
 """
 import os
 import socket
-import struct
 import threading
 import time
 
 import pytest
 
 from fastnet.connection import Client, Listener
-from fastnet.handshake import Handshake
+from fastnet._kernels import framing
+from fastnet.handshake import Handshake, HandshakeReader
 
 KEY = b"exact key"
 FIRST = b"the first message, right behind the handshake"
@@ -23,21 +23,18 @@ T = 10.0
 
 
 def frame(payload):
-    return struct.pack("!i", len(payload)) + payload
-
-
-def read_exactly(sock, n):
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        assert chunk, "peer closed"
-        buf += chunk
-    return buf
+    return framing.encode_header(len(payload)) + payload
 
 
 def read_frame(sock):
-    (n,) = struct.unpack("!i", read_exactly(sock, 4))
-    return read_exactly(sock, n)
+    """The payload of the next frame on a raw socket, read exactly."""
+    reader = HandshakeReader()
+    while True:
+        chunk = sock.recv(reader.want())
+        assert chunk, "peer closed"
+        payload = reader.feed(chunk)
+        if payload is not None:
+            return payload
 
 
 def still_in_socket(conn, data):
