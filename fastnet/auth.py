@@ -12,14 +12,12 @@ multiprocessing does; wrong bytes raise AuthenticationError, and a
 """
 from __future__ import annotations
 
-import socket
-import ssl
 import time
 from typing import Any, cast
 
 from fastnet.errors import (AuthenticationError, HandshakeMessageTooLarge, MessageTooLarge, ProtocolError,
                             TimeoutError, TruncatedFrameError)
-from fastnet.handshake import DEFAULT_DIGEST, MAX_MESSAGE, Handshake, take_frames
+from fastnet.handshake import DEFAULT_DIGEST, MAX_MESSAGE, Handshake
 from fastnet.handshake import quickack as quickack  # the drivers' one copy
 
 __all__ = [
@@ -30,9 +28,7 @@ __all__ = [
     "DEFAULT_DIGEST",
 ]
 
-
 def _recv(conn: Any, deadline: float | None) -> bytes:
-    """The payload of the peer's next frame, read exactly (conn's own receive)."""
     timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
     try:
         recv = conn._recv_handshake
@@ -43,20 +39,6 @@ def _recv(conn: Any, deadline: float | None) -> bytes:
     except (TimeoutError, MessageTooLarge, EOFError, ProtocolError) as exc:
         cause = exc if isinstance(exc, ProtocolError) and not isinstance(exc, TruncatedFrameError) else None
         raise handshake_failure(exc) from cause
-
-
-def _peekable(conn: Any) -> tuple[socket.socket, Any] | None:
-    """conn's plain socket and channel when frames can be peeked at and taken off it directly, else None.
-
-    That is a fastnet Connection reading exactly over a socket without TLS:
-    its channel holds nothing (no read-ahead), so every byte the handshake
-    takes comes off the socket, and nothing else does.
-    """
-    sock, ch = getattr(conn, "_sock", None), getattr(conn, "_ch", None)
-    if (ch is None or not isinstance(sock, socket.socket) or isinstance(sock, ssl.SSLSocket)
-            or ch.io is not None or ch.readahead):
-        return None
-    return sock, ch
 
 
 def handshake_failure(exc: BaseException) -> BaseException:
@@ -96,25 +78,9 @@ def _send_many(conn: Any, frames: list[bytes]) -> None:
         send_many(frames)
 
 
-def _frames(conn: Any, peek: tuple[socket.socket, Any] | None, hs: Handshake,
-            deadline: float | None) -> list[bytes]:
-    """The peer's next frames: all that have arrived, up to the handshake's last, or else the next one."""
-    if peek is not None:
-        sock, ch = peek
-        if deadline is None:
-            frames = take_frames(sock, hs.expecting, wait=True)
-        elif ch.poll(max(0.0, deadline - time.monotonic())):
-            frames = take_frames(sock, hs.expecting)
-        else:
-            frames = []
-        if frames:
-            return frames
-        # nothing yet in time (the exact read reports it), or part of a frame: read it exactly
-    frames = [_recv(conn, deadline)]
+def _has_frame(conn: Any) -> bool:
     ch = getattr(conn, "_ch", None)
-    while ch is not None and len(frames) < hs.expecting and ch.has_frame():
-        frames.append(_recv(conn, deadline))    # read ahead already (TLS, readahead=True)
-    return frames
+    return ch is not None and ch.has_frame()
 
 
 def _drive(conn: Any, hs: Handshake, timeout: float | None) -> None:
@@ -124,22 +90,18 @@ def _drive(conn: Any, hs: Handshake, timeout: float | None) -> None:
     pipelining peer gets them in one write (fastnet's two round trips).
     """
     deadline = _deadline(timeout)
-    peek = _peekable(conn)
     out = hs.start()
-    frames: list[bytes] = []
     try:
         while True:
-            if out and (hs.finished or not frames):
+            if out and (hs.finished or not _has_frame(conn)):
                 _send_many(conn, out)
                 out = []
             if hs.error is not None:
                 raise hs.error
             if hs.done:
                 return
-            if not frames:
-                frames = _frames(conn, peek, hs, deadline)
-            reply = hs.receive(frames.pop(0))
-            if not reply and not frames and hs.error is None:
+            reply = hs.receive(_recv(conn, deadline))
+            if not reply and hs.error is None and not _has_frame(conn):
                 quickack(conn)      # no reply carries the ACK of this frame
             out += reply
     finally:

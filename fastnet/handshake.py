@@ -49,6 +49,7 @@ only after its peer has proved the key.
 """
 from __future__ import annotations
 
+import _socket
 import socket
 from typing import Any
 
@@ -57,7 +58,7 @@ from fastnet._kernels import framing as _framing
 from fastnet.errors import (AuthenticationError, HandshakeMessageTooLarge, MessageTooLarge, ProtocolError,
                             TruncatedFrameError)
 
-__all__ = ["Handshake", "HandshakeReader", "take_frames", "quickack", "DEFAULT_DIGEST", "MAX_MESSAGE"]
+__all__ = ["Handshake", "HandshakeReader", "quickack", "DEFAULT_DIGEST", "MAX_MESSAGE"]
 
 DEFAULT_DIGEST = "sha256"
 #: Handshake messages are refused above this size, as CPython does.
@@ -106,11 +107,6 @@ class Handshake:
     def finished(self) -> bool:
         """True once there is a verdict (done or error)."""
         return self.done or self.error is not None
-
-    @property
-    def expecting(self) -> int:
-        """How many more frames the peer has to send: the most a driver may read ahead."""
-        return len(self._expect)
 
     def start(self) -> list[bytes]:
         """The frames to send before anything is received: the server's challenge."""
@@ -205,47 +201,10 @@ class HandshakeReader:
         return EOFError("connection failed during the handshake: closed by the peer")
 
 
-_HEADER = _framing.HEADER_SIZE
-_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
-
-
-def take_frames(sock: socket.socket, most: int, wait: bool = False) -> list[bytes]:
-    """The payloads of up to ``most`` whole frames already arrived on sock, taken from it exactly.
-
-    One peek and one read for any number of frames (a pipelining peer's
-    replies arrive together), where reading exactly frame by frame costs a
-    header read and a payload read each. Nothing past the last whole frame
-    taken leaves the socket: neither the part of a frame still arriving nor
-    a message the peer sent behind its last handshake frame. Returns []
-    when no whole frame is there yet, at end of stream, or at a header over
-    :data:`MAX_MESSAGE` (an exact read then waits, reports or refuses).
-    ``wait=True`` waits for the first bytes (a blocking sock, no deadline).
-    sock is a plain socket (not TLS) with nothing of it buffered elsewhere.
-    """
-    try:
-        data = sock.recv(most * (_HEADER + MAX_MESSAGE), socket.MSG_PEEK if wait else _PEEK)
-    except (BlockingIOError, InterruptedError):
-        return []
-    frames: list[bytes] = []
-    n, pos = len(data), 0
-    while len(frames) < most and pos + _HEADER <= n:
-        size = int.from_bytes(data[pos:pos + _HEADER], "big")
-        end = pos + _HEADER + size
-        if size > MAX_MESSAGE or end > n:
-            break
-        frames.append(data[pos + _HEADER:end])
-        pos = end
-    while pos:
-        # the bytes are there: this read does not wait
-        got = len(sock.recv(pos, socket.MSG_WAITALL))
-        if not got:
-            raise EOFError("connection failed during the handshake: closed by the peer")
-        pos -= got
-    return frames
-
-
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
-_TCP = (socket.AF_INET, socket.AF_INET6)
+_TCP = (int(socket.AF_INET), int(socket.AF_INET6))
+# the family as a plain int: socket.socket.family makes an enum member each time
+_family = _socket.socket.family.__get__
 
 
 def quickack(conn: Any) -> None:
@@ -261,7 +220,7 @@ def quickack(conn: Any) -> None:
     answer. Nothing happens off TCP or without TCP_QUICKACK.
     """
     sock = conn if isinstance(conn, socket.socket) else getattr(conn, "_sock", None)
-    if _QUICKACK is None or not isinstance(sock, socket.socket) or sock.family not in _TCP:
+    if _QUICKACK is None or not isinstance(sock, socket.socket) or _family(sock) not in _TCP:
         return
     try:
         sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
