@@ -78,22 +78,27 @@ def _send_many(conn: Any, frames: list[bytes]) -> None:
         send_many(frames)
 
 
-def _has_frame(conn: Any) -> bool:
+def _more(conn: Any) -> bool:
+    """True if the peer's next frame is already here, received or waiting in the socket.
+
+    A pipelining peer's next frame arrives with the one just read: the
+    replies then wait for it and go out together, in one write.
+    """
     ch = getattr(conn, "_ch", None)
-    return ch is not None and ch.has_frame()
+    return ch is not None and (ch.has_frame() or ch.poll(0.0))
 
 
 def _drive(conn: Any, hs: Handshake, timeout: float | None) -> None:
     """Run hs over conn until its verdict: return when done, raise its error.
 
-    Replies wait while the peer's next frame is already received, so a
-    pipelining peer gets them in one write (fastnet's two round trips).
+    Replies wait while the peer's next frame is already here (see _more), so
+    a pipelining peer gets them in one write (fastnet's two round trips).
     """
     deadline = _deadline(timeout)
     out = hs.start()
     try:
         while True:
-            if out and (hs.finished or not _has_frame(conn)):
+            if out and (hs.finished or not _more(conn)):
                 _send_many(conn, out)
                 out = []
             if hs.error is not None:
@@ -101,7 +106,7 @@ def _drive(conn: Any, hs: Handshake, timeout: float | None) -> None:
             if hs.done:
                 return
             reply = hs.receive(_recv(conn, deadline))
-            if not reply and hs.error is None and not _has_frame(conn):
+            if not reply and hs.error is None and not _more(conn):
                 quickack(conn)      # no reply carries the ACK of this frame
             out += reply
     finally:
