@@ -88,6 +88,11 @@ def _more(conn: Any) -> bool:
     return ch is not None and (ch.has_frame() or ch.poll(0.0))
 
 
+def _has_frame(conn: Any) -> bool:
+    ch = getattr(conn, "_ch", None)
+    return ch is not None and ch.has_frame()
+
+
 def _drive(conn: Any, hs: Handshake, timeout: float | None) -> None:
     """Run hs over conn until its verdict: return when done, raise its error.
 
@@ -106,7 +111,7 @@ def _drive(conn: Any, hs: Handshake, timeout: float | None) -> None:
             if hs.done:
                 return
             reply = hs.receive(_recv(conn, deadline))
-            if not reply and hs.error is None and not _more(conn):
+            if not reply and hs.error is None and not _has_frame(conn):
                 quickack(conn)      # no reply carries the ACK of this frame
             out += reply
     finally:
