@@ -18,7 +18,7 @@ from typing import Any, cast
 from fastnet.errors import (AuthenticationError, HandshakeMessageTooLarge, MessageTooLarge, ProtocolError,
                             TimeoutError, TruncatedFrameError)
 from fastnet.handshake import DEFAULT_DIGEST, MAX_MESSAGE, Handshake
-from fastnet.handshake import quickack as quickack  # the drivers' one copy
+from fastnet.handshake import quickack as quickack  # re-exported for the asyncio driver
 
 __all__ = [
     "deliver_challenge",
