@@ -12,13 +12,13 @@ multiprocessing does; wrong bytes raise AuthenticationError, and a
 """
 from __future__ import annotations
 
-import socket
 import time
 from typing import Any, cast
 
 from fastnet.errors import (AuthenticationError, HandshakeMessageTooLarge, MessageTooLarge, ProtocolError,
                             TimeoutError, TruncatedFrameError)
 from fastnet.handshake import DEFAULT_DIGEST, MAX_MESSAGE, Handshake
+from fastnet.handshake import quickack as quickack  # re-exported for the asyncio driver
 
 __all__ = [
     "deliver_challenge",
@@ -28,33 +28,7 @@ __all__ = [
     "DEFAULT_DIGEST",
 ]
 
-_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
-
-
-def _quickack_socket(conn: Any) -> socket.socket | None:
-    """The TCP socket under conn to set TCP_QUICKACK on before each read (Linux), else None.
-
-    A stdlib peer writes without TCP_NODELAY: a stdlib Listener sends
-    WELCOME and then its response as two small writes, a stdlib Client its
-    WELCOME and then its first message. Nagle holds the second write until
-    the first is ACKed, and a side that delays its ACK stalls the pair
-    ~40 ms per connection. TCP_QUICKACK makes the pending and the next ACK
-    immediate; the kernel clears it again on its own, hence before every read.
-    """
-    sock = getattr(conn, "_sock", None)
-    if _QUICKACK is None or not isinstance(sock, socket.socket):
-        return None
-    if sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return None
-    return sock
-
-
-def _recv(conn: Any, deadline: float | None, quick: socket.socket | None) -> bytes:
-    if quick is not None:
-        try:
-            quick.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)  # type: ignore[arg-type]  # not None here
-        except OSError:
-            pass
+def _recv(conn: Any, deadline: float | None) -> bytes:
     timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
     try:
         recv = conn._recv_handshake
@@ -104,6 +78,16 @@ def _send_many(conn: Any, frames: list[bytes]) -> None:
         send_many(frames)
 
 
+def _more(conn: Any) -> bool:
+    """True if the peer's next frame is already here, received or waiting in the socket.
+
+    A pipelining peer's next frame arrives with the one just read: the
+    replies then wait for it and go out together, in one write.
+    """
+    ch = getattr(conn, "_ch", None)
+    return ch is not None and (ch.has_frame() or ch.poll(0.0))
+
+
 def _has_frame(conn: Any) -> bool:
     ch = getattr(conn, "_ch", None)
     return ch is not None and ch.has_frame()
@@ -112,22 +96,24 @@ def _has_frame(conn: Any) -> bool:
 def _drive(conn: Any, hs: Handshake, timeout: float | None) -> None:
     """Run hs over conn until its verdict: return when done, raise its error.
 
-    Replies wait while the peer's next frame is already received, so a
-    pipelining peer gets them in one write (fastnet's two round trips).
+    Replies wait while the peer's next frame is already here (see _more), so
+    a pipelining peer gets them in one write (fastnet's two round trips).
     """
     deadline = _deadline(timeout)
-    quick = _quickack_socket(conn)
     out = hs.start()
     try:
         while True:
-            if out and (hs.finished or not _has_frame(conn)):
+            if out and (hs.finished or not _more(conn)):
                 _send_many(conn, out)
                 out = []
             if hs.error is not None:
                 raise hs.error
             if hs.done:
                 return
-            out += hs.receive(_recv(conn, deadline, quick))
+            reply = hs.receive(_recv(conn, deadline))
+            if not reply and hs.error is None and not _has_frame(conn):
+                quickack(conn)      # no reply carries the ACK of this frame
+            out += reply
     finally:
         hs.abandon()
 

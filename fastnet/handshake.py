@@ -49,12 +49,16 @@ only after its peer has proved the key.
 """
 from __future__ import annotations
 
+import _socket
+import socket
+from typing import Any
+
 from fastnet._kernels import auth as _auth
 from fastnet._kernels import framing as _framing
 from fastnet.errors import (AuthenticationError, HandshakeMessageTooLarge, MessageTooLarge, ProtocolError,
                             TruncatedFrameError)
 
-__all__ = ["Handshake", "HandshakeReader", "DEFAULT_DIGEST", "MAX_MESSAGE"]
+__all__ = ["Handshake", "HandshakeReader", "quickack", "DEFAULT_DIGEST", "MAX_MESSAGE"]
 
 DEFAULT_DIGEST = "sha256"
 #: Handshake messages are refused above this size, as CPython does.
@@ -195,3 +199,30 @@ class HandshakeReader:
         except TruncatedFrameError as exc:
             return TruncatedFrameError(exc.missing, f"connection failed during the handshake: {exc}")
         return EOFError("connection failed during the handshake: closed by the peer")
+
+
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+_TCP = (int(socket.AF_INET), int(socket.AF_INET6))
+# the family as a plain int: socket.socket.family makes an enum member each time
+_family = _socket.socket.family.__get__
+
+
+def quickack(conn: Any) -> None:
+    """ACK what the peer sent at once (TCP_QUICKACK, Linux) on conn, a socket or a connection's ``_sock``.
+
+    A driver calls it when a frame it received leaves it nothing to send
+    (the peer's WELCOME), so no reply carries the ACK. A stdlib peer writes
+    without TCP_NODELAY: a stdlib Listener sends WELCOME and then its
+    response as two small writes, a stdlib Client its WELCOME and then its
+    first message. Nagle holds the second write until the first is ACKed,
+    and a side that delays its ACK stalls the pair ~40 ms per connection.
+    Every other handshake frame is answered at once, its ACK riding on the
+    answer. Nothing happens off TCP or without TCP_QUICKACK.
+    """
+    sock = conn if isinstance(conn, socket.socket) else getattr(conn, "_sock", None)
+    if _QUICKACK is None or not isinstance(sock, socket.socket) or _family(sock) not in _TCP:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+    except OSError:
+        pass

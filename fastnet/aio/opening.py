@@ -48,7 +48,6 @@ async def authenticate(conn: AsyncConnection, authkey: bytes, server_side: bool,
     pipelining peer gets them in one write.
     """
     hs = Handshake(authkey, server_side, strict=strict, digest=digest)
-    quick = _auth._quickack_socket(conn)
     out = hs.start()
     try:
         while True:
@@ -59,16 +58,14 @@ async def authenticate(conn: AsyncConnection, authkey: bytes, server_side: bool,
                 raise hs.error
             if hs.done:
                 return
-            if quick is not None:
-                try:
-                    quick.setsockopt(socket.IPPROTO_TCP, _auth._QUICKACK, 1)  # type: ignore[arg-type]
-                except OSError:
-                    pass
             try:
                 payload = await conn.recv_bytes(MAX_MESSAGE)
             except (MessageTooLarge, EOFError, ProtocolError) as exc:
                 raise _auth.handshake_failure(exc) from None
-            out += hs.receive(payload)
+            reply = hs.receive(payload)
+            if not reply and hs.error is None and not conn._decoder.has_frame():
+                _auth.quickack(conn)    # no reply carries the ACK of this frame
+            out += reply
     finally:
         hs.abandon()
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastnet._kernels import framing as _framing
 from fastnet.errors import AuthenticationError, ProtocolError, TimeoutError
-from fastnet.handshake import Handshake, HandshakeReader
+from fastnet.handshake import Handshake, HandshakeReader, quickack
 from fastnet.server._util import _quiet_close
 
 if TYPE_CHECKING:
@@ -18,7 +18,6 @@ if TYPE_CHECKING:
 
 _HS_TLS, _HS_AUTH, _HS_DONE = range(3)
 _SSL_RETRY = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
-_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
 class _Handshake:
@@ -51,9 +50,6 @@ class _Handshake:
         self.reader = HandshakeReader()
         self.out = bytearray()
         self.writing = False
-        # ACK each handshake message at once (see fastnet.auth._quickack_socket):
-        # a stdlib Client's first message waits on the ACK of its WELCOME
-        self.quickack = _QUICKACK is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
         sock.setblocking(False)
         if server.ssl_context is not None:
             # takes the descriptor over; on failure it closes it itself
@@ -132,11 +128,6 @@ class _Handshake:
 
     def _read_frame(self) -> bytes | None:
         while True:
-            if self.quickack:
-                try:
-                    self.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)  # type: ignore[arg-type]  # set when quickack
-                except OSError:
-                    pass
             try:
                 chunk = self.sock.recv(self.reader.want())
             except _SSL_RETRY:
@@ -150,7 +141,10 @@ class _Handshake:
     def _step(self, frame: bytes) -> None:
         hs = self.auth
         assert hs is not None
-        self._queue(hs.receive(frame))
+        reply = hs.receive(frame)
+        if not reply and hs.error is None:
+            quickack(self.sock)     # no reply carries the ACK of this frame
+        self._queue(reply)
         if hs.error is not None:
             self._flush()   # a FAILURE frame, so the peer learns why
             raise hs.error
