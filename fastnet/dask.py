@@ -433,7 +433,7 @@ class FastnetConnector(_Scheme, Connector):
         for name in _same_host_candidates(self.prefix, host, port):
             try:
                 conn = await aio.connect(name, ssl_context=ctx, max_message_size=max_size,
-                                         server_hostname=connection_args.get("server_hostname"))
+                                         server_hostname=connection_args.get("server_hostname") or host)
             except Exception as exc:     # no such name (the usual case), or it failed: the next, then TCP
                 logger.debug("same-host connect to %r: %s: %s", name[1:], type(exc).__name__, exc)
                 continue
