@@ -29,10 +29,9 @@ found only where the TCP address is this host's; anything else, and any
 failure on the way, goes over TCP as before. Addresses stay
 ``fastnet://host:port`` URIs (the connector's own end, which has no TCP
 port on this path, reads ``host:0``), TLS, Dask's handshake,
-``max_message_size`` and every comm semantic are those of TCP. Set the
-Dask config key ``distributed.comm.fastnet.same-host`` to False
-(``DASK_DISTRIBUTED__COMM__FASTNET__SAME_HOST=False``) to keep every comm
-on TCP.
+``max_message_size`` and every comm semantic are those of TCP. The Dask
+config key ``distributed.comm.fastnet.same-host`` (:data:`SAME_HOST_CONFIG`)
+turns the path off.
 """
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ import struct
 import subprocess
 import sys
 import sysconfig
+import textwrap
 import time
 import tracemalloc
 
@@ -1151,3 +1152,28 @@ def test_connector_in_another_network_namespace_goes_over_tcp(entry_point_dir):
     assert out[w1][:2] == ["w1", "AF_INET"] and out[w1][2].startswith(f"fastnet://{w2}:")
     assert out["127.0.0.1"] == ["w2", "AF_UNIX", "fastnet://127.0.0.1:0"]
     assert out[w2] == ["w2", "AF_UNIX", f"fastnet://{w2}:0"]
+
+
+def test_docs_build_without_distributed(tmp_path):
+    """The documentation builds with warnings as errors where distributed is missing; its Dask page says so."""
+    pytest.importorskip("sphinx")
+    blocked = textwrap.dedent("""
+        import sys
+        from importlib.abc import MetaPathFinder
+
+        class Missing(MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("distributed", "dask"):
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+        sys.meta_path.insert(0, Missing())
+        from sphinx.cmd.build import main
+        sys.exit(main(sys.argv[1:]))
+    """)
+    out = tmp_path / "html"
+    proc = subprocess.run([sys.executable, "-c", blocked, "-W", "--keep-going", "-q", "-b", "html",
+                           "-d", str(tmp_path / "doctrees"), os.path.join(ROOT, "docs"), str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"the docs build failed:\n{proc.stderr}\n{proc.stdout}"
+    page = (out / "api" / "dask.html").read_text()
+    assert "fastnet[dask]" in page and 'id="fastnet.dask.FastnetBackend"' not in page
