@@ -42,8 +42,8 @@ import os
 import socket
 import ssl
 import struct
-import weakref
 import sys
+import weakref
 from typing import Any
 
 import dask
