@@ -341,6 +341,9 @@ def _close_dangling(conn: aio.AsyncConnection, r: str) -> None:
             conn.abort()
         except RuntimeError:      # its loop is gone: release the socket alone
             sock = conn.get_extra_info("socket")
+            # a TLS connection's transport hands out asyncio's TransportSocket, which
+            # cannot close: the socket is the one it wraps
+            sock = getattr(sock, "_sock", sock)
             if sock is not None:
                 sock.close()
 

@@ -13,6 +13,7 @@ the reason, where namespaces cannot be made). The file runs once per kernel
 set (``FASTNET_PURE=1``).
 """
 import asyncio
+import gc
 import json
 import os
 import socket
@@ -341,6 +342,24 @@ async def test_repr_and_addresses(tls_args):
         b.abort()
         b.abort()
         assert "closed" in repr(b)
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_comm_dropped_after_its_loop_closed_releases_its_socket(tls, pki, monkeypatch):
+    args = _same_host_tls(pki) if tls else {}
+    kept = []
+
+    async def main():
+        kept.extend(await comm_pair(f"{'fastnet-tls' if tls else 'fastnet'}://127.0.0.1", **args))
+
+    asyncio.run(main())
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    before = count_fds()
+    del kept[:]
+    gc.collect()
+    assert unraisable == []
+    assert count_fds() == before - 2
 
 
 @gen_test()

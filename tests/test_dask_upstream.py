@@ -66,10 +66,14 @@ def fastnet_backends(monkeypatch):
 
 
 @pytest.fixture(autouse=True, params=["same-host", "tcp"])
-def path(request):
+def path(request, monkeypatch):
     """Every helper runs on both paths: processes of one host over AF_UNIX (the default), and all over TCP."""
+    import copy
+
     import dask
+    # gen_test's clean() resets Dask's config to the one distributed's test utilities saved
     with dask.config.set({fdask.SAME_HOST_CONFIG: request.param == "same-host"}):
+        monkeypatch.setattr(utils_test, "original_config", copy.deepcopy(dask.config.config))
         yield request.param
 
 
