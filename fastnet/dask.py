@@ -17,14 +17,32 @@ anything, then receives every frame of 64 KiB or more straight from the
 socket into a writeable buffer of its own (the shards of one split frame into
 one buffer, so Dask merges them without a copy); smaller frames come out of
 the connection's read buffer.
+
+Same host
+---------
+Processes on one host (a ``LocalCluster``, the many workers of one big
+node) skip the TCP stack: each listener also listens on a Linux
+abstract-namespace ``AF_UNIX`` socket named after its TCP address, and a
+connector whose target has such a name in its network namespace connects
+there instead. Abstract names belong to a network namespace, so a name is
+found only where the TCP address is this host's; anything else, and any
+failure on the way, goes over TCP as before. Addresses stay
+``fastnet://host:port`` URIs (the connector's own end, which has no TCP
+port on this path, reads ``host:0``), TLS, Dask's handshake,
+``max_message_size`` and every comm semantic are those of TCP. The Dask
+config key ``distributed.comm.fastnet.same-host`` (:data:`SAME_HOST_CONFIG`)
+turns the path off.
 """
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import os
 import socket
 import ssl
 import struct
+import sys
 import weakref
 from typing import Any
 
@@ -44,7 +62,7 @@ from fastnet.errors import AuthenticationError
 
 __all__ = ["FastnetBackend", "FastnetTLSBackend", "FastnetComm", "FastnetTLSComm",
            "FastnetConnector", "FastnetTLSConnector", "FastnetListener", "FastnetTLSListener",
-           "DEFAULT_MAX_MESSAGE_SIZE"]
+           "DEFAULT_MAX_MESSAGE_SIZE", "SAME_HOST_CONFIG", "same_host_enabled", "same_host_name"]
 
 logger = logging.getLogger("fastnet.dask")
 
@@ -62,6 +80,55 @@ MAX_FRAMES = 1 << 20
 _U64 = struct.Struct("<Q")
 _JOINED = 1 << 63
 _SIZE_MASK = _JOINED - 1
+
+#: The Dask config key that turns the same-host path on (the default) or off.
+SAME_HOST_CONFIG = "distributed.comm.fastnet.same-host"
+_UCRED = struct.Struct("3i")
+_MAX_HOST = 64            # the longest IP literal a same-host preamble may carry
+
+
+def same_host_enabled() -> bool:
+    """Whether comms between two processes of one host go over AF_UNIX (Dask config, default True)."""
+    if not sys.platform.startswith("linux"):
+        return False       # abstract AF_UNIX names are Linux's
+    value = dask.config.get(SAME_HOST_CONFIG, True)
+    if isinstance(value, str):
+        return value.strip().lower() not in ("0", "false", "no", "off", "")
+    return bool(value)
+
+
+def same_host_name(prefix: str, host: str, port: int) -> str:
+    """The abstract AF_UNIX name of the listener on ``host:port`` for scheme ``prefix``."""
+    return f"\0fastnet.dask {prefix[:-3]} {unparse_host_port(host, port)}"
+
+
+def _is_local_ip(ip: str) -> bool:
+    """True when a packet to ``ip`` would stay on this host (its route's source is ``ip`` itself)."""
+    fam = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        with socket.socket(fam, socket.SOCK_DGRAM) as s:
+            s.connect((ip, 9))          # a route lookup; nothing is sent
+            return bool(s.getsockname()[0] == ip)
+    except OSError:
+        return False
+
+
+def _same_host_candidates(prefix: str, host: str, port: int) -> list[str]:
+    """The abstract names that may serve ``host:port`` on this host, most specific first.
+
+    A listener bound to the wildcard address serves every local address,
+    so its name is tried only when ``host`` is one of this host's.
+    """
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return []           # a host name: TCP resolves it
+    names = [same_host_name(prefix, str(ip), port)]
+    if not ip.is_unspecified and _is_local_ip(str(ip)):
+        if ip.version == 4:
+            names.append(same_host_name(prefix, "0.0.0.0", port))
+        names.append(same_host_name(prefix, "::", port))
+    return names
 
 
 def _prelude(frames: list[Any]) -> tuple[bytes, int]:
@@ -274,6 +341,9 @@ def _close_dangling(conn: aio.AsyncConnection, r: str) -> None:
             conn.abort()
         except RuntimeError:      # its loop is gone: release the socket alone
             sock = conn.get_extra_info("socket")
+            # a TLS connection's transport hands out asyncio's TransportSocket, which
+            # cannot close: the socket is the one it wraps
+            sock = getattr(sock, "_sock", sock)
             if sock is not None:
                 sock.close()
 
@@ -314,14 +384,19 @@ class _Scheme:
     def _ssl(self, connection_args: dict[str, Any]) -> ssl.SSLContext | None:
         return _tls_context(connection_args) if self.encrypted else None
 
-    def _comm(self, conn: aio.AsyncConnection, deserialize: bool, max_size: int | None) -> FastnetComm:
-        """A comm over conn with its two ends' addresses as URIs (OSError once the socket is gone)."""
+    def _comm(self, conn: aio.AsyncConnection, deserialize: bool, max_size: int | None,
+              ends: tuple[str, str] | None = None) -> FastnetComm:
+        """A comm over conn with its two ends' addresses as URIs (OSError once the socket is gone).
+
+        ``ends`` gives (local, peer) as host:port where the socket has no IP
+        address of its own (the same-host path).
+        """
         sock = conn.get_extra_info("socket")
         if conn.closed or sock is None:
             raise CommClosedError("the connection closed before it could be used")
-        local = self.prefix + unparse_host_port(*sock.getsockname()[:2])
-        peer = self.prefix + unparse_host_port(*sock.getpeername()[:2])
-        return self.comm_class(conn, local, peer, deserialize, max_size)
+        if ends is None:
+            ends = unparse_host_port(*sock.getsockname()[:2]), unparse_host_port(*sock.getpeername()[:2])
+        return self.comm_class(conn, self.prefix + ends[0], self.prefix + ends[1], deserialize, max_size)
 
 
 class FastnetConnector(_Scheme, Connector):
@@ -332,6 +407,11 @@ class FastnetConnector(_Scheme, Connector):
         host, port = parse_host_port(address)
         ctx = self._ssl(connection_args)
         max_size = _max_message_size(connection_args)
+        # a TLS context that checks host names cannot check one over AF_UNIX: TCP
+        if same_host_enabled() and (ctx is None or not ctx.check_hostname):
+            comm = await self._connect_same_host(host, port, ctx, max_size, deserialize, connection_args)
+            if comm is not None:
+                return comm
         try:
             conn = await aio.connect((host, port), ssl_context=ctx, max_message_size=max_size,
                                      server_hostname=connection_args.get("server_hostname"))
@@ -348,6 +428,37 @@ class FastnetConnector(_Scheme, Connector):
         except BaseException:
             conn.abort()
             raise
+
+    async def _connect_same_host(self, host: str, port: int, ctx: ssl.SSLContext | None, max_size: int | None,
+                                 deserialize: bool, connection_args: dict[str, Any]) -> FastnetComm | None:
+        """A comm over the listener's AF_UNIX name when it is on this host; None to go over TCP."""
+        for name in _same_host_candidates(self.prefix, host, port):
+            try:
+                conn = await aio.connect(name, ssl_context=ctx, max_message_size=max_size,
+                                         server_hostname=connection_args.get("server_hostname") or host)
+            except Exception as exc:     # no such name (the usual case), or it failed: the next, then TCP
+                logger.debug("same-host connect to %r: %s: %s", name[1:], type(exc).__name__, exc)
+                continue
+            try:
+                # anyone on the host can bind an abstract name: only a listener of our
+                # own user (or root) stands in for the one that owns the TCP port
+                sock = conn.get_extra_info("socket")
+                uid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[1]
+                if uid not in (os.getuid(), 0):
+                    logger.warning("%r is held by uid %d: connecting over TCP", name[1:], uid)
+                    conn.abort()
+                    continue
+                # the listener learns which of its addresses the connector meant
+                conn.write_many([host.encode()])
+                ends = unparse_host_port(host, 0), unparse_host_port(host, port)
+                return self._comm(conn, deserialize, max_size, ends)
+            except Exception as exc:
+                conn.abort()
+                logger.debug("same-host comm over %r failed: %s: %s", name[1:], type(exc).__name__, exc)
+            except BaseException:
+                conn.abort()
+                raise
+        return None
 
 
 class FastnetTLSConnector(FastnetConnector):
@@ -373,6 +484,7 @@ class FastnetListener(_Scheme, BaseListener):
         self._ssl_context = self._ssl(connection_args)
         self._max_size = _max_message_size(connection_args)
         self._server: aio.Server | None = None
+        self._local_server: aio.Server | None = None
         self._bound: tuple[str, int] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -381,43 +493,77 @@ class FastnetListener(_Scheme, BaseListener):
         hs_timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), default="seconds")
         # a wildcard host binds IPv4's, as distributed's TCP listener prefers
         host = self.ip or "0.0.0.0"
-        self._server = await aio.serve((host, self.port), self._accepted, ssl_context=self._ssl_context,
-                                       max_message_size=self._max_size, backlog=backlog,
-                                       handshake_timeout=hs_timeout, max_connections=1 << 16,
-                                       close_on_return=False)
+        kw: dict[str, Any] = dict(ssl_context=self._ssl_context, max_message_size=self._max_size, backlog=backlog,
+                                  handshake_timeout=hs_timeout, max_connections=1 << 16, close_on_return=False)
+        self._server = await aio.serve((host, self.port), self._accepted, **kw)
         self._bound = self._server.address[:2]
+        if same_host_enabled():
+            # bound after the TCP port: the port is ours, so is the name derived from it
+            name = same_host_name(self.prefix, *self._bound)
+            try:
+                self._local_server = await aio.serve(name, self._accepted_same_host, **kw)
+            except OSError as exc:
+                logger.warning("no same-host path for %s (%r: %s): its comms go over TCP",
+                               self.listen_address, name[1:], exc)
 
     def stop(self) -> None:
         """Stop accepting (takes effect at once); established comms stay open."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
+        for server in (self._server, self._local_server):
+            if server is not None:
+                server.close()
+        self._server = self._local_server = None
 
     async def _accepted(self, conn: aio.AsyncConnection) -> None:
         # the comm outlives the accept: its handshake and handler run in a task of their own
+        self._handle(conn, None)
+
+    async def _accepted_same_host(self, conn: aio.AsyncConnection) -> None:
+        self._handle(conn, self._bound)
+
+    def _handle(self, conn: aio.AsyncConnection, same_host: tuple[str, int] | None) -> None:
         if self._server is None:
             conn.abort()
             return
-        try:
-            comm = self._comm(conn, self.deserialize, self._max_size)
-        except OSError:
-            conn.abort()
-            return
-        comm.allow_offload = self.allow_offload
-        task = asyncio.get_running_loop().create_task(self._handshake_then_handle(comm))
+        task = asyncio.get_running_loop().create_task(self._handshake_then_handle(conn, same_host))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _handshake_then_handle(self, comm: FastnetComm) -> None:
+    async def _same_host_ends(self, conn: aio.AsyncConnection, bound: tuple[str, int]) -> tuple[str, str]:
+        """(local, peer) of a same-host comm, from the IP its connector meant (its first frame)."""
+        raw = await conn.recv_bytes(_MAX_HOST)
+        try:
+            ip = ipaddress.ip_address(raw.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            raise CommClosedError(f"bad same-host preamble {raw[:_MAX_HOST]!r}") from None
+        if not ipaddress.ip_address(bound[0]).is_unspecified and ip != ipaddress.ip_address(bound[0]):
+            raise CommClosedError(f"same-host connector meant {ip}, this listener is on {bound[0]}")
+        return unparse_host_port(str(ip), bound[1]), unparse_host_port(str(ip), 0)
+
+    async def _handshake_then_handle(self, conn: aio.AsyncConnection, same_host: tuple[str, int] | None) -> None:
         timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), default="seconds")
+
+        async def handshake() -> FastnetComm:
+            ends = None if same_host is None else await self._same_host_ends(conn, same_host)
+            comm = self._comm(conn, self.deserialize, self._max_size, ends)
+            comm.allow_offload = self.allow_offload
+            try:
+                await self.on_connection(comm)
+            except BaseException:
+                comm.abort()
+                raise
+            return comm
+
         try:
             # a silent or garbage-speaking peer never reaches the handler
-            await asyncio.wait_for(self.on_connection(comm), timeout)
+            comm = await asyncio.wait_for(handshake(), timeout)
         except (asyncio.TimeoutError, Exception) as exc:
             logger.info("connection from %s closed before the handshake completed: %s: %s",
-                        comm.peer_address, type(exc).__name__, exc)
-            comm.abort()
+                        "this host" if same_host else conn.get_extra_info("peername"), type(exc).__name__, exc)
+            conn.abort()
             return
+        except BaseException:
+            conn.abort()
+            raise
         await self.comm_handler(comm)
 
     def get_host_port(self) -> tuple[str, int]:

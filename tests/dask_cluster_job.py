@@ -27,6 +27,13 @@ def fds():
     return len(os.listdir("/proc/self/fd"))
 
 
+def comm_families():
+    """The socket families of this process's open fastnet comms (the workers keep theirs pooled)."""
+    socks = [c._conn.get_extra_info("socket") for c in list(Comm._instances)
+             if not c.closed() and getattr(c, "_conn", None) is not None]
+    return {s.family.name for s in socks if s is not None}
+
+
 def main(protocol, kill):
     run(protocol, False)      # warm up: what distributed creates once per process is not a leak
     return run(protocol, kill)
@@ -65,6 +72,7 @@ def run(protocol, kill):
         else:
             result = y.compute()
         out["transfers"] = sum(client.run(lambda dask_worker: dask_worker.transfer_outgoing_count_total).values())
+        out["families"] = sorted(set().union(*client.run(comm_families).values()))
         out["result"] = [float(v) for v in result]
     gc.collect()
     out["open_comms"] = [repr(c) for c in Comm._instances if not c.closed()]

@@ -13,6 +13,7 @@ the reason, where namespaces cannot be made). The file runs once per kernel
 set (``FASTNET_PURE=1``).
 """
 import asyncio
+import gc
 import json
 import os
 import socket
@@ -20,6 +21,7 @@ import struct
 import subprocess
 import sys
 import sysconfig
+import textwrap
 import time
 import tracemalloc
 
@@ -342,6 +344,24 @@ async def test_repr_and_addresses(tls_args):
         assert "closed" in repr(b)
 
 
+@pytest.mark.parametrize("tls", [False, True])
+def test_comm_dropped_after_its_loop_closed_releases_its_socket(tls, pki, monkeypatch):
+    args = _same_host_tls(pki) if tls else {}
+    kept = []
+
+    async def main():
+        kept.extend(await comm_pair(f"{'fastnet-tls' if tls else 'fastnet'}://127.0.0.1", **args))
+
+    asyncio.run(main())
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    before = count_fds()
+    del kept[:]
+    gc.collect()
+    assert unraisable == []
+    assert count_fds() == before - 2
+
+
 @gen_test()
 async def test_comm_has_no_slots_and_takes_attributes():
     a, b = await comm_pair("fastnet://127.0.0.1")
@@ -607,6 +627,211 @@ def test_frames_leave_in_one_sendmsg_unjoined(monkeypatch):
 
 
 
+# -- the same-host path ---------------------------------------------------------------------------
+
+
+def family(comm):
+    return comm._conn.get_extra_info("socket").family
+
+
+def _same_host_tls(pki):
+    """Contexts as Dask's Security makes them: the chain is checked, the host name is not."""
+    ctx = client_ctx(pki)
+    ctx.check_hostname = False
+    return dict(listen_args={"ssl_context": server_ctx(pki)}, connect_args={"ssl_context": ctx})
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_same_host_path_keeps_addresses_and_comm_semantics(tls, pki):
+    args = _same_host_tls(pki) if tls else {}
+    scheme = "fastnet-tls" if tls else "fastnet"
+
+    @gen_test()
+    async def main():
+        q = asyncio.Queue()
+
+        async def handler(comm):
+            await q.put(comm)
+
+        async with listen(f"{scheme}://127.0.0.1", handler, **args.get("listen_args", {})) as listener:
+            a = await connect(listener.contact_address, **args.get("connect_args", {}))
+            b = await q.get()
+            assert family(a) == family(b) == socket.AF_UNIX
+            # host:port URIs as over TCP; the connector's end has no TCP port
+            assert a.peer_address == b.local_address == listener.contact_address
+            assert a.local_address == b.peer_address == f"{scheme}://127.0.0.1:0"
+            if tls:
+                assert a.extra_info["cipher"] == b.extra_info["cipher"]
+                assert dict(x[0] for x in a.extra_info["peercert"]["subject"])["commonName"] == "localhost"
+            x = np.arange(MiB, dtype=np.float64)
+            n = await a.write({"x": to_serialize(x), "small": b"abc"})
+            assert n >= x.nbytes
+            got = await b.read()
+            assert (got["x"] == x).all() and got["x"].flags.writeable and got["small"] == b"abc"
+            await b.write({"op": "pong"})
+            assert await a.read() == {"op": "pong"}
+            b.abort()
+            for _ in range(500):
+                if a.closed():
+                    break
+                await asyncio.sleep(0.01)
+            assert a.closed()
+            with pytest.raises(CommClosedError):
+                await a.read()
+            await a.close()
+
+    main()
+
+
+@gen_test()
+async def test_same_host_max_message_size_refuses_before_allocating():
+    got = asyncio.Queue()
+
+    async def handler(comm):
+        try:
+            await got.put(await comm.read())
+        except CommClosedError as exc:
+            await got.put(exc)
+
+    async with listen("fastnet://127.0.0.1", handler, max_message_size=MiB) as listener:
+        comm = await connect(listener.contact_address)
+        assert family(comm) == socket.AF_UNIX
+        await comm.write({"x": to_serialize(np.zeros(2 * MiB, np.uint8))})
+        exc = await got.get()
+        assert isinstance(exc, CommClosedError) and "max_message_size" in str(exc)
+        with pytest.raises(CommClosedError):
+            await comm.read()
+
+
+@gen_test()
+async def test_same_host_off_keeps_every_comm_on_tcp():
+    async def handler(comm):
+        await comm.close()
+
+    with dask.config.set({fdask.SAME_HOST_CONFIG: False}):
+        assert not fdask.same_host_enabled()
+        async with listen("fastnet://127.0.0.1", handler) as listener:
+            host, port = listener.get_host_port()
+            # the listener bound no name
+            with socket.socket(socket.AF_UNIX) as s, pytest.raises(ConnectionRefusedError):
+                s.connect(fdask.same_host_name("fastnet://", host, port))
+            comm = await connect(listener.contact_address)
+            assert family(comm) == socket.AF_INET
+            comm.abort()
+    async with listen("fastnet://127.0.0.1", handler) as listener:
+        with dask.config.set({fdask.SAME_HOST_CONFIG: "False"}):    # as the environment variable gives it
+            comm = await connect(listener.contact_address)
+        assert family(comm) == socket.AF_INET
+        comm.abort()
+
+
+@gen_test()
+async def test_connector_falls_back_to_tcp_when_the_name_is_absent_or_dead():
+    q = asyncio.Queue()
+
+    async def handler(comm):
+        await q.put(comm)
+
+    with dask.config.set({fdask.SAME_HOST_CONFIG: False}):
+        listener = await listen("fastnet://127.0.0.1", handler)      # no name bound
+    try:
+        comm = await connect(listener.contact_address)
+        assert family(comm) == socket.AF_INET
+        await comm.write({"op": "ping"})
+        peer = await q.get()
+        assert await peer.read() == {"op": "ping"}
+        comm.abort()
+        peer.abort()
+        # a name bound by a socket that does not listen: refused, so TCP
+        with socket.socket(socket.AF_UNIX) as squatter:
+            squatter.bind(fdask.same_host_name("fastnet://", *listener.get_host_port()))
+            comm = await connect(listener.contact_address)
+            assert family(comm) == socket.AF_INET
+            comm.abort()
+            (await q.get()).abort()
+    finally:
+        listener.stop()
+
+
+@gen_test()
+async def test_tls_context_that_checks_host_names_goes_over_tcp(tls_args):
+    q = asyncio.Queue()
+
+    async def handler(comm):
+        await q.put(comm)
+
+    async with listen("fastnet-tls://127.0.0.1", handler, **tls_args["listen_args"]) as listener:
+        assert tls_args["connect_args"]["ssl_context"].check_hostname
+        comm = await connect(listener.contact_address, **tls_args["connect_args"])
+        assert family(comm) == socket.AF_INET
+        comm.abort()
+        (await q.get()).abort()
+
+
+@gen_test()
+async def test_wildcard_listener_serves_each_local_address_over_the_same_host_path():
+    q = asyncio.Queue()
+
+    async def handler(comm):
+        await q.put(comm)
+
+    async with listen("fastnet://0.0.0.0", handler) as listener:
+        port = listener.get_host_port()[1]
+        for host in (EXTERNAL_IP4, "127.0.0.1"):
+            comm = await connect(f"fastnet://{host}:{port}")
+            peer = await q.get()
+            assert family(comm) == socket.AF_UNIX
+            # the listener's end reads the address the connector meant, as over TCP
+            assert peer.local_address == comm.peer_address == f"fastnet://{host}:{port}"
+            assert comm.local_address == peer.peer_address == f"fastnet://{host}:0"
+            comm.abort()
+            peer.abort()
+        # a host name is left to TCP, which resolves it
+        comm = await connect(f"fastnet://localhost:{port}")
+        assert family(comm) == socket.AF_INET
+        comm.abort()
+        (await q.get()).abort()
+
+
+def _frame(payload):
+    return struct.pack(">i", len(payload)) + payload
+
+
+@gen_test(config={"distributed.comm.timeouts.connect": "300ms"})
+async def test_bad_same_host_peer_never_reaches_the_handler():
+    reached, handler = _handler_recorder()
+    async with listen("fastnet://127.0.0.1", handler) as listener:
+        name = fdask.same_host_name("fastnet://", *listener.get_host_port())
+        before = count_fds()
+        for first in (_frame(b"not an address"),
+                      _frame(b"10.9.9.9"),                  # not the address this listener is on
+                      _frame(b"1" * 100),                    # longer than any IP
+                      b"\x7f\xff\xff\xff",                   # a 2 GiB frame
+                      b""):                                  # silence
+            reader, writer = await asyncio.open_unix_connection(name)
+            writer.write(first)
+            await asyncio.wait_for(reader.read(), 10)        # the listener hangs up
+            writer.close()
+            await writer.wait_closed()
+        await asyncio.sleep(0.05)
+        assert count_fds() == before
+        comm = await connect(listener.contact_address)       # and still serves a good one
+        assert family(comm) == socket.AF_UNIX
+        await comm.close()
+    assert len(reached) == 1
+
+
+def test_same_host_names_only_for_ip_literals_and_local_wildcards():
+    names = fdask._same_host_candidates("fastnet://", "127.0.0.1", 8786)
+    assert names == [fdask.same_host_name("fastnet://", h, 8786) for h in ("127.0.0.1", "0.0.0.0", "::")]
+    assert all(n.startswith("\0") and "://" not in n for n in names)
+    assert fdask._same_host_candidates("fastnet://", "localhost", 8786) == []
+    # an address that is not this host's never reaches a wildcard listener here
+    assert fdask._same_host_candidates("fastnet://", "192.0.2.7", 8786) == [
+        fdask.same_host_name("fastnet://", "192.0.2.7", 8786)]
+    assert fdask.same_host_name("fastnet-tls://", "127.0.0.1", 1) != fdask.same_host_name("fastnet://", "127.0.0.1", 1)
+
+
 # -- clusters of processes ----------------------------------------------------------------------
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -651,22 +876,28 @@ def tcp_result(entry_point_dir):
     return out["result"]
 
 
-@pytest.mark.parametrize("loop", ["tornado", "uvloop"])
+@pytest.mark.parametrize("loop,same_host", [("tornado", True), ("uvloop", True), ("tornado", False)])
 @pytest.mark.parametrize("protocol", ["fastnet", "fastnet-tls"])
-def test_local_cluster_job_same_result_as_tcp(protocol, loop, entry_point_dir, tcp_result):
+def test_local_cluster_job_same_result_as_tcp(protocol, loop, same_host, entry_point_dir, tcp_result):
+    """The job on both paths: worker to worker over AF_UNIX (the default on one host), or all over TCP."""
     pytest.importorskip("uvloop")
     out = run_job(protocol, pythonpath=[ROOT, entry_point_dir],
-                  env_extra={"DASK_DISTRIBUTED__ADMIN__EVENT_LOOP": loop})
+                  env_extra={"DASK_DISTRIBUTED__ADMIN__EVENT_LOOP": loop,
+                             "DASK_DISTRIBUTED__COMM__FASTNET__SAME_HOST": str(same_host)})
     assert out["scheduler"].startswith(protocol + "://")
     assert all(a.startswith(protocol + "://") for a in out["worker_addresses"])
     assert out["loops"] == (["uvloop"] if loop == "uvloop" else ["asyncio.unix_events"])
     assert out["transfers"] > 0                       # chunks moved between the workers
+    # the workers' comms (to the scheduler, to each other) took the path asked for
+    assert out["families"] == (["AF_UNIX"] if same_host else ["AF_INET"])
     assert np.allclose(out["result"], tcp_result, rtol=1e-12, atol=0)
     assert out["open_comms"] == [] and out["fd_delta"] == 0
 
 
-def test_worker_sigkilled_mid_transfer(entry_point_dir, tcp_result):
-    out = run_job("fastnet", "kill", pythonpath=[ROOT, entry_point_dir])
+@pytest.mark.parametrize("same_host", [True, False])
+def test_worker_sigkilled_mid_transfer(same_host, entry_point_dir, tcp_result):
+    out = run_job("fastnet", "kill", pythonpath=[ROOT, entry_point_dir],
+                  env_extra={"DASK_DISTRIBUTED__COMM__FASTNET__SAME_HOST": str(same_host)})
     assert out["killed"] in out["worker_addresses"] and not out["done_at_kill"]
     assert np.allclose(out["result"], tcp_result, rtol=1e-12, atol=0)
     assert out["open_comms"] == [] and out["fd_delta"] == 0
@@ -722,14 +953,16 @@ def test_bench_dask_cases_measure_both_rows():
                        warmup=0.02, sample=0.05, bulk_mib=16, timeout=300.0)
     for case in ("dask-rtt", "dask-array", "dask-cluster"):
         fams = report["results"][case]
-        assert list(fams) == ["tcp"]                       # a host:port scheme: no AF_UNIX rows
+        assert list(fams) == ["tcp"]                       # a host:port scheme: no unix family rows
         rows = fams["tcp"]
-        assert list(rows) == ["tcp", "fastnet"]
+        assert list(rows) == ["tcp", "fastnet", "fastnet-host"]     # fastnet over TCP and on its same-host path
         for key, row in rows.items():
             assert row["na"] is None and row["median"] > 0, (case, key, row["na"])
-    assert report["results"]["dask-cluster"]["tcp"]["fastnet"]["info"]["transfers"] > 0
+    for key in ("tcp", "fastnet", "fastnet-host"):
+        info = report["results"]["dask-cluster"]["tcp"][key]["info"]
+        assert info["transfers"] > 0 and info["moved_mib"] > 0, (key, info)
     targets = {t["target"]: t for t in report["targets"] if t["case"].startswith("dask")}
-    assert len(targets) == 3 and all(t["value"] is not None for t in targets.values())
+    assert len(targets) == 5 and all(t["value"] is not None for t in targets.values())
 
 
 # -- more than one host: network namespaces ---------------------------------------------------
@@ -884,3 +1117,82 @@ def test_scheduler_and_workers_on_three_hosts(protocol, link_down, tmp_path, ent
     assert "error" not in out, out.get("error")
     assert np.allclose(out["result"], tcp_result, rtol=1e-12, atol=0)
     assert out["transfers"] > 0
+
+
+SAME_PORT_PROBE = r"""
+import asyncio, json, sys
+from distributed.comm import connect, listen
+name, port, targets = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+
+async def main():
+    async def handler(comm):
+        await comm.write({"listener": name})
+        await comm.close()
+
+    async with listen(f"fastnet://0.0.0.0:{port}", handler):
+        print("READY", flush=True)
+        if not targets:
+            await asyncio.Event().wait()
+        out = {}
+        for host in targets:
+            comm = await connect(f"fastnet://{host}:{port}", timeout=20)
+            msg = await comm.read()
+            out[host] = [msg["listener"], comm._conn.get_extra_info("socket").family.name, comm.local_address]
+            await comm.close()
+        print(json.dumps(out), flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_connector_in_another_network_namespace_goes_over_tcp(entry_point_dir):
+    """Two hosts with a wildcard listener on the same port each: a remote address reaches the remote one, over TCP."""
+    why = _netns_unavailable()
+    if why is not None:
+        pytest.skip(why)
+    import random
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, entry_point_dir]))
+    port = random.randrange(20000, 30000)
+    hosts = DaskHosts()
+    try:
+        remote = hosts.spawn("w1", ["-c", SAME_PORT_PROBE, "w1", str(port)], env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        assert remote.stdout.readline().strip() == "READY", remote.stderr.read()[-3000:]
+        w1, w2 = hosts.addr["w1"], hosts.addr["w2"]
+        local = hosts.spawn("w2", ["-c", SAME_PORT_PROBE, "w2", str(port), w1, "127.0.0.1", w2], env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout, stderr = local.communicate(timeout=120)
+        assert local.returncode == 0, stderr[-3000:]
+        lines = stdout.strip().splitlines()
+        assert lines[0] == "READY"
+        out = json.loads(lines[-1])
+    finally:
+        hosts.close()
+    assert out[w1][:2] == ["w1", "AF_INET"] and out[w1][2].startswith(f"fastnet://{w2}:")
+    assert out["127.0.0.1"] == ["w2", "AF_UNIX", "fastnet://127.0.0.1:0"]
+    assert out[w2] == ["w2", "AF_UNIX", f"fastnet://{w2}:0"]
+
+
+def test_docs_build_without_distributed(tmp_path):
+    """The documentation builds with warnings as errors where distributed is missing; its Dask page says so."""
+    pytest.importorskip("sphinx")
+    blocked = textwrap.dedent("""
+        import sys
+        from importlib.abc import MetaPathFinder
+
+        class Missing(MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("distributed", "dask"):
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+        sys.meta_path.insert(0, Missing())
+        from sphinx.cmd.build import main
+        sys.exit(main(sys.argv[1:]))
+    """)
+    out = tmp_path / "html"
+    proc = subprocess.run([sys.executable, "-c", blocked, "-W", "--keep-going", "-q", "-b", "html",
+                           "-d", str(tmp_path / "doctrees"), os.path.join(ROOT, "docs"), str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"the docs build failed:\n{proc.stderr}\n{proc.stdout}"
+    page = (out / "api" / "dask.html").read_text()
+    assert "fastnet[dask]" in page and 'id="fastnet.dask.FastnetBackend"' not in page

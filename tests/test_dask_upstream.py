@@ -65,6 +65,26 @@ def fastnet_backends(monkeypatch):
         monkeypatch.setitem(backends, scheme, backend)
 
 
+@pytest.fixture(autouse=True, params=["same-host", "tcp"])
+def path(request, monkeypatch):
+    """Every helper runs on both paths: processes of one host over AF_UNIX (the default), and all over TCP."""
+    import copy
+
+    import dask
+    # gen_test's clean() resets Dask's config to the one distributed's test utilities saved
+    with dask.config.set({fdask.SAME_HOST_CONFIG: request.param == "same-host"}):
+        monkeypatch.setattr(utils_test, "original_config", copy.deepcopy(dask.config.config))
+        yield request.param
+
+
+def _on_path(path, *comms):
+    """The comms went the path the test asked for (the TLS helpers' contexts check no host name)."""
+    import socket
+    want = socket.AF_UNIX if path == "same-host" else socket.AF_INET
+    for comm in comms:
+        assert comm._conn.get_extra_info("socket").family == want
+
+
 def test_installed_version_matches_checkout():
     """The helpers are the installed distributed's own: same tag."""
     import subprocess
@@ -157,14 +177,16 @@ async def test_tls_repr():
 
 
 @gen_test()
-async def test_addresses():
+async def test_addresses(path):
     a, b = await tc.get_comm_pair("fastnet://")
+    _on_path(path, a, b)
     await tc.check_addresses(a, b)
 
 
 @gen_test()
-async def test_tls_addresses():
+async def test_tls_addresses(path):
     a, b = await tc.get_comm_pair("fastnet-tls://", **FASTNET_TLS)
+    _on_path(path, a, b)
     await tc.check_addresses(a, b)
 
 
