@@ -28,17 +28,19 @@ if TYPE_CHECKING:
 _IOV_BATCH = 512
 _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
-_NOSIGNAL = socket.MSG_NOSIGNAL
-_DONTWAIT = socket.MSG_DONTWAIT
-_WAITALL = socket.MSG_WAITALL
-_PEEK = socket.MSG_PEEK
+# plain ints: or-ing the socket module's IntFlag members costs a few enum calls per receive
+_NOSIGNAL = int(socket.MSG_NOSIGNAL)
+_DONTWAIT = int(socket.MSG_DONTWAIT)
+_WAITALL = int(socket.MSG_WAITALL)
+_PEEK = int(socket.MSG_PEEK)
 _monotonic = time.monotonic
 
 
 # Room for Linux's SCM_MAX_FD (253) descriptors in one control message.
 _MAX_FDS = 253
 _CTRL_SPACE = socket.CMSG_SPACE(_MAX_FDS * 4)
-_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+_CTRUNC = int(socket.MSG_CTRUNC)
 _close_fd = os.close
 
 
@@ -329,7 +331,7 @@ class _ChannelIO:
         if anc:
             fds = _scm_fds(anc)
             d = self._decoder
-            if mflags & socket.MSG_CTRUNC:
+            if mflags & _CTRUNC:
                 for f in fds:
                     _close_fd(f)
                 d._broken = ProtocolError(

@@ -26,10 +26,10 @@ MAX_FDS = 253
 _INT = array.array("i").itemsize
 _SOL_SOCKET = socket.SOL_SOCKET
 _SCM_RIGHTS = socket.SCM_RIGHTS
-_NOSIGNAL = socket.MSG_NOSIGNAL
-_DONTWAIT = socket.MSG_DONTWAIT
-_CLOEXEC = socket.MSG_CMSG_CLOEXEC
-_CTRUNC = socket.MSG_CTRUNC
+_NOSIGNAL = int(socket.MSG_NOSIGNAL)
+_DONTWAIT = int(socket.MSG_DONTWAIT)
+_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_CTRUNC = int(socket.MSG_CTRUNC)
 _CTRL = [socket.CMSG_SPACE(n * _INT) for n in range(MAX_FDS + 1)]
 
 

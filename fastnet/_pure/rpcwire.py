@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 _REQUEST, _REPLY, _NOTIFY = 0, 1, 2
 _SMALL_MAX = 0x7FFFFFFF         # the largest payload a 4-byte header carries
 _U64_MAX = 0xFFFFFFFFFFFFFFFF
-_NOSIGNAL = socket.MSG_NOSIGNAL
+_NOSIGNAL = int(socket.MSG_NOSIGNAL)
 _perf_counter = time.perf_counter
 
 
