@@ -28,11 +28,9 @@ __all__ = [
     "DEFAULT_DIGEST",
 ]
 
-def _recv(conn: Any, deadline: float | None) -> bytes:
+def _recv(conn: Any, recv: Any, deadline: float | None) -> bytes:
     timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-    try:
-        recv = conn._recv_handshake
-    except AttributeError:
+    if recv is None:
         return cast(bytes, conn.recv_bytes(MAX_MESSAGE))
     try:
         return cast(bytes, recv(MAX_MESSAGE, timeout))
@@ -68,51 +66,41 @@ def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
 
 
-def _send_many(conn: Any, frames: list[bytes]) -> None:
-    """Send the frames in one write where conn can (send_many), one alone as send_bytes."""
-    send_many = getattr(conn, "send_many", None)
-    if send_many is None or len(frames) == 1:
-        for f in frames:
-            conn.send_bytes(f)
-    else:
-        send_many(frames)
-
-
-def _more(conn: Any) -> bool:
-    """True if the peer's next frame is already here, received or waiting in the socket.
-
-    A pipelining peer's next frame arrives with the one just read: the
-    replies then wait for it and go out together, in one write.
-    """
-    ch = getattr(conn, "_ch", None)
-    return ch is not None and (ch.has_frame() or ch.poll(0.0))
-
-
-def _has_frame(conn: Any) -> bool:
-    ch = getattr(conn, "_ch", None)
-    return ch is not None and ch.has_frame()
-
-
 def _drive(conn: Any, hs: Handshake, timeout: float | None) -> None:
     """Run hs over conn until its verdict: return when done, raise its error.
 
-    Replies wait while the peer's next frame is already here (see _more), so
-    a pipelining peer gets them in one write (fastnet's two round trips).
+    conn is a fastnet Connection, or anything with send_bytes/recv_bytes (a
+    stdlib one). Replies wait while the peer's next frame is already here,
+    received or in the socket, and then go out together in one write
+    (fastnet's two round trips). Only a frame the peer may pipeline
+    (Handshake.next_pipelined) is looked for: the others cannot be sent
+    before this side's replies.
     """
     deadline = _deadline(timeout)
+    ch = getattr(conn, "_ch", None)
+    recv = getattr(conn, "_recv_handshake", None)
+    send_many = getattr(conn, "send_many", None)
     out = hs.start()
     try:
         while True:
-            if out and (hs.finished or not _more(conn)):
-                _send_many(conn, out)
+            if out and (hs.finished or ch is None or not hs.next_pipelined
+                        or not (ch.has_frame() or ch.poll(0.0))):
+                if send_many is not None and len(out) > 1:
+                    send_many(out)
+                else:
+                    for f in out:
+                        conn.send_bytes(f)
                 out = []
             if hs.error is not None:
                 raise hs.error
             if hs.done:
                 return
-            reply = hs.receive(_recv(conn, deadline))
-            if not reply and hs.error is None and not _has_frame(conn):
-                quickack(conn)      # no reply carries the ACK of this frame
+            reply = hs.receive(_recv(conn, recv, deadline))
+            if not reply and hs.error is None and (ch is None or not (ch.has_frame() or ch.poll(0.0))):
+                # no reply carries the ACK of this frame, and the peer's next
+                # write may be waiting for it (see quickack); one already
+                # here was not held back
+                quickack(conn)
             out += reply
     finally:
         hs.abandon()

@@ -85,7 +85,8 @@ class Handshake:
     calls ``abandon()``.
     """
 
-    __slots__ = ("authkey", "server_side", "strict", "digest", "done", "error", "_expect", "_nonce")
+    __slots__ = ("authkey", "server_side", "strict", "digest", "done", "error", "finished", "next_pipelined",
+                 "_expect", "_nonce")
 
     def __init__(self, authkey: bytes, server_side: bool, *, strict: bool = False,
                  digest: str | None = DEFAULT_DIGEST, mutual: bool = True) -> None:
@@ -97,16 +98,18 @@ class Handshake:
         self.digest = digest
         self.done = False
         self.error: AuthenticationError | None = None
+        #: True once there is a verdict (done or error).
+        self.finished = False
         self._nonce: bytes | None = None
         if server_side:
             self._expect = [_RESPONSE, _CHALLENGE, _WELCOME] if mutual else [_RESPONSE]
         else:
             self._expect = [_CHALLENGE, _WELCOME, _RESPONSE] if mutual else [_CHALLENGE, _WELCOME]
-
-    @property
-    def finished(self) -> bool:
-        """True once there is a verdict (done or error)."""
-        return self.done or self.error is not None
+        #: True if the peer's next frame may be on its way already, sent
+        #: without waiting for this side's replies: a fastnet client sends its
+        #: challenge right behind its response. A driver holding replies then
+        #: looks for that frame first, and answers both in one write.
+        self.next_pipelined = False
 
     def start(self) -> list[bytes]:
         """The frames to send before anything is received: the server's challenge."""
@@ -116,7 +119,9 @@ class Handshake:
         """Take the payload of the peer's next frame; return the payloads to send."""
         if self.finished:
             raise RuntimeError("the handshake is over")
-        step = self._expect.pop(0)
+        expect = self._expect
+        step = expect.pop(0)
+        self.next_pipelined = self.server_side and bool(expect) and expect[0] == _CHALLENGE
         out: list[bytes] = []
         try:
             if step == _RESPONSE:
@@ -158,6 +163,7 @@ class Handshake:
             self.done = True
         else:
             self.error = error
+        self.finished = True
         if self._nonce is not None:
             _outstanding.discard(self._nonce)
 
