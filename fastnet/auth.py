@@ -103,7 +103,8 @@ def _drive(conn: Any, hs: Handshake, timeout: float | None) -> None:
                 quickack(conn)
             out += reply
     finally:
-        hs.abandon()
+        if not hs.finished:
+            hs.abandon()
 
 
 def deliver_challenge(conn: Any, authkey: bytes, digest_name: str | None = DEFAULT_DIGEST, *,

@@ -226,7 +226,8 @@ class Connection:
                                                          spin=spin)
         else:
             self._ch = _channel_factory(sock, max_message_size, _BUFSIZE)
-        self._ch.set_coalesce(_coalesce_limit(coalesce))
+        if coalesce or not isinstance(coalesce, int):    # False and 0 are off; anything else is checked
+            self._ch.set_coalesce(_coalesce_limit(coalesce))
         self._readahead = bool(readahead)
         self._shm = bool(shm)
         self._readable = readable

@@ -108,6 +108,7 @@ CASES: dict[str, dict[str, Any]] = {
             # they sleep, burning CPU to skip the scheduler's wake-up
             Impl("fastnet-spin", "fastnet, spin 50 µs", pure=False),
             Impl("fastnet-pure", "fastnet (pure kernels)", role="fastnet", pure=True),
+            Impl("fastnet-readahead-pure", "fastnet read-ahead (pure)", role="fastnet-readahead", pure=True),
         ],
     },
 }

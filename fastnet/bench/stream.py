@@ -186,6 +186,8 @@ CASES: dict[str, dict[str, Any]] = {
             Impl("fastnet-coalesce", "fastnet send_bytes, coalescing", pure=False),
             Impl("fastnet-coalesce-readahead", "fastnet send_bytes, coalescing + read-ahead", pure=False),
             Impl("fastnet-pure", "fastnet send_bytes (pure)", role="fastnet", pure=True),
+            Impl("fastnet-readahead-pure", "fastnet send_bytes, read-ahead (pure)", role="fastnet-readahead",
+                 pure=True),
             Impl("fastnet-batch-pure", "fastnet send_many (pure)", role="fastnet-batch", pure=True),
         ],
     },
