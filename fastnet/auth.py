@@ -19,6 +19,7 @@ from fastnet.errors import (AuthenticationError, HandshakeMessageTooLarge, Messa
                             TimeoutError, TruncatedFrameError)
 from fastnet.handshake import DEFAULT_DIGEST, MAX_MESSAGE, Handshake
 from fastnet.handshake import quickack as quickack  # re-exported for the asyncio driver
+from fastnet.handshake import quickack_socket
 
 __all__ = [
     "deliver_challenge",
@@ -80,6 +81,7 @@ def _drive(conn: Any, hs: Handshake, timeout: float | None) -> None:
     ch = getattr(conn, "_ch", None)
     recv = getattr(conn, "_recv_handshake", None)
     send_many = getattr(conn, "send_many", None)
+    ack = quickack_socket(conn)
     out = hs.start()
     try:
         while True:
@@ -96,11 +98,12 @@ def _drive(conn: Any, hs: Handshake, timeout: float | None) -> None:
             if hs.done:
                 return
             reply = hs.receive(_recv(conn, recv, deadline))
-            if not reply and hs.error is None and (ch is None or not (ch.has_frame() or ch.poll(0.0))):
+            if (ack is not None and not reply and hs.error is None
+                    and (ch is None or not (ch.has_frame() or ch.poll(0.0)))):
                 # no reply carries the ACK of this frame, and the peer's next
                 # write may be waiting for it (see quickack); one already
                 # here was not held back
-                quickack(conn)
+                quickack(ack)
             out += reply
     finally:
         if not hs.finished:

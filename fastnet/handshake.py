@@ -58,7 +58,7 @@ from fastnet._kernels import framing as _framing
 from fastnet.errors import (AuthenticationError, HandshakeMessageTooLarge, MessageTooLarge, ProtocolError,
                             TruncatedFrameError)
 
-__all__ = ["Handshake", "HandshakeReader", "quickack", "DEFAULT_DIGEST", "MAX_MESSAGE"]
+__all__ = ["Handshake", "HandshakeReader", "quickack", "quickack_socket", "DEFAULT_DIGEST", "MAX_MESSAGE"]
 
 DEFAULT_DIGEST = "sha256"
 #: Handshake messages are refused above this size, as CPython does.
@@ -225,10 +225,17 @@ def quickack(conn: Any) -> None:
     Every other handshake frame is answered at once, its ACK riding on the
     answer. Nothing happens off TCP or without TCP_QUICKACK.
     """
+    sock = quickack_socket(conn)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)  # type: ignore[arg-type]
+        except OSError:
+            pass
+
+
+def quickack_socket(conn: Any) -> socket.socket | None:
+    """The socket :func:`quickack` acts on for conn, or None where it does nothing (not TCP)."""
     sock = conn if isinstance(conn, socket.socket) else getattr(conn, "_sock", None)
     if _QUICKACK is None or not isinstance(sock, socket.socket) or _family(sock) not in _TCP:
-        return
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-    except OSError:
-        pass
+        return None
+    return sock
