@@ -13,7 +13,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -78,11 +77,39 @@ async def echo_bytes(conn):
         await conn.send_many(frames)
 
 
-async def _socketpair_conns(**kw):
-    a, b = socket.socketpair()
-    for s in (a, b):
+async def _raw_and_conn(**kw):
+    """A non-blocking socket and an AsyncConnection on the other end of a socketpair."""
+    raw, other = socket.socketpair()
+    for s in (raw, other):
         s.setblocking(False)
-    return aio.AsyncConnection(a, **kw), aio.AsyncConnection(b, **kw)
+    return raw, aio.AsyncConnection(other, **kw)
+
+
+async def _socketpair_conns(**kw):
+    a, b = await _raw_and_conn(**kw)
+    return aio.AsyncConnection(a, **kw), b
+
+
+async def _cancel_mid_frame(raw, conn, receive, wire, cut, expected, reused=None):
+    """Send ``wire[:cut]`` from ``raw``, cancel ``receive()`` while it waits for the rest,
+    send the rest: ``conn`` then receives the messages ``expected``, whole.
+
+    ``reused`` is the buffer the cancelled receive was given: the caller
+    overwrites it at once, and the message must not change with it.
+    """
+    loop = asyncio.get_running_loop()
+    first_part = asyncio.ensure_future(loop.sock_sendall(raw, wire[:cut]))
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await receive()
+    if reused is not None:
+        m = memoryview(reused).cast("B")
+        m[:] = b"\xa5" * m.nbytes
+    rest = asyncio.ensure_future(loop.sock_sendall(raw, wire[cut:]))
+    for msg in expected:
+        assert await conn.recv_bytes() == msg
+    await first_part
+    await rest
 
 
 # -- aio to aio ------------------------------------------------------------------
@@ -232,49 +259,32 @@ def test_array_larger_than_max_message_size_is_refused(run):
 def test_cancelled_recv_loses_no_frame(run):
     """A receive cancelled mid-frame leaves the frame whole for the next receive."""
     async def main():
-        a, b = socket.socketpair()
-        a.setblocking(False)
-        b.setblocking(False)
-        conn = aio.AsyncConnection(b)
+        raw, conn = await _raw_and_conn()
         big = pattern(3 * MiB, 5)
         wire = _framing.encode_header(len(big)) + big + _framing.encode_header(2) + b"ok"
-        loop = asyncio.get_running_loop()
-        for recv in (conn.recv_bytes, lambda: conn.recv_bytes_into(bytearray(len(big))),
-                     conn.recv_many):
-            first_part = asyncio.ensure_future(loop.sock_sendall(a, wire[:MiB]))
-            with pytest.raises(TimeoutError):
-                async with asyncio.timeout(0.2):
-                    await recv()
-            rest = asyncio.ensure_future(loop.sock_sendall(a, wire[MiB:]))
-            assert await conn.recv_bytes() == big
-            assert await conn.recv_bytes() == b"ok"
-            await first_part
-            await rest
-        a.close()
+        buf = bytearray(len(big))
+        for recv, reused in [(conn.recv_bytes, None), (lambda: conn.recv_bytes_into(buf), buf),
+                             (conn.recv_many, None)]:
+            await _cancel_mid_frame(raw, conn, recv, wire, MiB, [big, b"ok"], reused)
+        raw.close()
         conn.close()
     run(main)
 
 
 def test_cancelled_recv_array_into_out_keeps_the_payload(run):
     async def main():
-        a, b = await _socketpair_conns()
+        raw, conn = await _raw_and_conn()
         arr = np.arange(MiB, dtype=np.int64)
         header, _ = fastnet.zerocopy.encode_array(arr)
-        raw = arr.tobytes()
-        a_sock = a._sock
-        loop = asyncio.get_running_loop()
-        await a.send_bytes(header)
-        first_part = asyncio.ensure_future(loop.sock_sendall(a_sock, _framing.encode_header(len(raw)) + raw[:MiB]))
+        payload = arr.tobytes()
+        enc = _framing.encode_header
+        wire = enc(len(header)) + header + enc(len(payload)) + payload
         out = np.zeros_like(arr)
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.2):
-                await b.recv_array(out=out)
-        rest = asyncio.ensure_future(loop.sock_sendall(a_sock, raw[MiB:]))
-        assert await b.recv_bytes() == raw
-        await first_part
-        await rest
-        a.close()
-        b.close()
+        # cut a MiB into the payload
+        await _cancel_mid_frame(raw, conn, lambda: conn.recv_array(out=out), wire,
+                                len(wire) - len(payload) + MiB, [payload], out)
+        raw.close()
+        conn.close()
     run(main)
 
 
@@ -314,13 +324,10 @@ def test_backpressure_and_a_cancelled_send_goes_out_whole(run):
 
 def test_a_lone_message_leaves_at_once_and_a_burst_is_coalesced(run):
     async def main():
-        a, b = socket.socketpair()
-        a.setblocking(False)
-        b.setblocking(False)
-        conn = aio.AsyncConnection(a)
+        raw, conn = await _raw_and_conn()
         await conn.send_bytes(b"first")
         # in the socket before the sender yielded to the loop
-        assert b.recv(100) == _framing.encode_header(5) + b"first"
+        assert raw.recv(100) == _framing.encode_header(5) + b"first"
         for i in range(1000):
             await conn.send_bytes(b"m%d" % i)
         await asyncio.sleep(0)          # the end of this loop iteration sends the rest
@@ -328,45 +335,39 @@ def test_a_lone_message_leaves_at_once_and_a_burst_is_coalesced(run):
         while len(data) < sum(4 + len(b"m%d" % i) for i in range(1000)):
             await asyncio.sleep(0.001)
             try:
-                data += b.recv(1 << 20)
+                data += raw.recv(1 << 20)
             except BlockingIOError:
                 pass
         d = _framing.FrameDecoder()
         d.feed(data)
         assert d.frames() == [b"m%d" % i for i in range(1000)]
         conn.close()
-        b.close()
+        raw.close()
     run(main)
 
 
 def test_a_corked_message_leaves_when_a_receive_starts_waiting(run):
     """A request sent behind another in one loop iteration is not held back while its reply is awaited."""
     async def main():
-        a, b = socket.socketpair()
-        a.setblocking(False)
-        b.setblocking(False)
-        conn = aio.AsyncConnection(a)
+        raw, conn = await _raw_and_conn()
         await conn.send_bytes(b"one")
         await conn.send_bytes(b"two")           # the second in this loop iteration: corked
         waiting = conn.recv_bytes()
         waiting.send(None)                      # the receive runs up to its wait on the loop
         enc = _framing.encode_header
-        assert b.recv(100) == enc(3) + b"one" + enc(3) + b"two"
+        assert raw.recv(100) == enc(3) + b"one" + enc(3) + b"two"
         waiting.close()
-        b.send(enc(5) + b"reply")
+        raw.send(enc(5) + b"reply")
         assert await conn.recv_bytes() == b"reply"
         conn.close()
-        b.close()
+        raw.close()
     run(main)
 
 
 def test_a_large_frame_trickling_in_arrives_whole(run):
     """Short reads and empty sockets in the middle of large frames, into every kind of receive."""
     async def main():
-        a, b = socket.socketpair()
-        a.setblocking(False)
-        b.setblocking(False)
-        conn = aio.AsyncConnection(b)
+        raw, conn = await _raw_and_conn()
         arr = np.arange(3 * MiB // 8, dtype=np.float64)
         header, _ = fastnet.zerocopy.encode_array(arr)
         big = pattern(3 * MiB + 7, 3)
@@ -378,7 +379,7 @@ def test_a_large_frame_trickling_in_arrives_whole(run):
         async def trickle():
             pos, step = 0, 1
             while pos < len(wire):
-                await loop.sock_sendall(a, wire[pos:pos + step])
+                await loop.sock_sendall(raw, wire[pos:pos + step])
                 pos += step
                 step = step * 7 % 300007 + 1
                 await asyncio.sleep(0)
@@ -389,7 +390,7 @@ def test_a_large_frame_trickling_in_arrives_whole(run):
         buf = bytearray(len(big) + 10)
         assert await conn.recv_bytes_into(buf, 3) == len(big) and buf[3:3 + len(big)] == big
         await sender
-        a.close()
+        raw.close()
         conn.close()
     run(main)
 

@@ -273,6 +273,26 @@ class AsyncConnection:
         self._decoder.eof()     # TruncatedFrameError when a frame was cut short
         raise EOFError("the peer closed the connection")
 
+    async def _wait_data(self, limit: int | None, into: tuple[Any, int] | None) -> None:
+        """Wait until more of the stream is here for a receive whose frame is not whole yet.
+
+        EOFError (or TruncatedFrameError) once the peer has closed. A receive
+        into a buffer that is cancelled takes the decoder off that buffer, so
+        the message stays whole for the next receive.
+        """
+        if self._eof:
+            self._at_eof()
+        fut = self._arm(limit, into)
+        if fut is not None:
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if into is not None:
+                    self._decoder.detach()
+                raise
+            finally:
+                self._disarm()
+
     async def recv_bytes(self, maxlength: int | None = None) -> bytes:
         """Receive one message as bytes. EOFError when the peer has closed.
 
@@ -289,14 +309,7 @@ class AsyncConnection:
                 f = d.next_frame(maxlength)
                 if f is not None:
                     return f
-                if self._eof:
-                    self._at_eof()
-                fut = self._arm(maxlength, None)
-                if fut is not None:
-                    try:
-                        await fut
-                    finally:
-                        self._disarm()
+                await self._wait_data(maxlength, None)
         except BaseException as exc:
             self._recv_failed(exc)
             raise
@@ -314,14 +327,7 @@ class AsyncConnection:
                 frames = d.frames()
                 if frames:
                     return frames
-                if self._eof:
-                    self._at_eof()
-                fut = self._arm(None, None)
-                if fut is not None:
-                    try:
-                        await fut
-                    finally:
-                        self._disarm()
+                await self._wait_data(None, None)
         except BaseException as exc:
             self._recv_failed(exc)
             raise
@@ -348,17 +354,7 @@ class AsyncConnection:
                 n = d.next_frame_into(buf, offset)
                 if n is not None:
                     return n
-                if self._eof:
-                    self._at_eof()
-                fut = self._arm(None, (buf, offset))
-                if fut is not None:
-                    try:
-                        await fut
-                    except asyncio.CancelledError:
-                        d.detach()
-                        raise
-                    finally:
-                        self._disarm()
+                await self._wait_data(None, (buf, offset))
         except BaseException as exc:
             self._recv_failed(exc)
             raise
