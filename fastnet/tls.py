@@ -149,18 +149,6 @@ def _recv_view() -> memoryview:
     return v
 
 
-def _as_frame(b: Buffer) -> bytes | memoryview:
-    """bytes as they are; another buffer as a flat byte view of it, copied only if not contiguous."""
-    if type(b) is bytes:
-        return b
-    mv = memoryview(b)
-    if not mv.c_contiguous:
-        return mv.tobytes()
-    if mv.format != "B" or mv.ndim != 1:
-        mv = mv.cast("B")
-    return mv
-
-
 @runtime_checkable
 class TransportRegistry(Protocol):
     """A loop that keeps its TLS transports (fastnet's EventLoop does): it lists
@@ -621,7 +609,7 @@ class TLSTransport(_reactor.TransportBase):
         """
         if self._closing or self._closed:
             raise ConnectionError("send on a closed transport")
-        items = [_as_frame(b) for b in buffers]
+        items = [_reactor.as_frame(b) for b in buffers]
         if not items:
             return
         self.messages_sent += len(items)

@@ -15,8 +15,11 @@ cdef inline Py_ssize_t _qlen(object o):
     return PyMemoryView_GET_BUFFER(o).len
 
 
-cdef object _as_frame(object b):
-    """bytes as they are; another buffer as a flat byte view of it, copied only if not contiguous."""
+cpdef object as_frame(object b):
+    """bytes as they are; another buffer as a flat byte view of it, copied only if not contiguous.
+
+    What a transport queues for a frame's payload (the TLS transport too).
+    """
     cdef object mv
     if PyBytes_CheckExact(b):
         return b
@@ -312,7 +315,7 @@ cdef class FramedTransport(TransportBase):
         if self._closing or self._closed:
             raise ConnectionError("send on a closed transport")
         for b in buffers:
-            b = _as_frame(b)
+            b = as_frame(b)
             items.append(b)
             n = _qlen(b)
             total += n + (4 if n <= 0x7fffffff else 12)

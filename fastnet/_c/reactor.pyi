@@ -12,6 +12,7 @@ DEFAULT_HIGH_WATER: int
 RECV_BUFSIZE: int
 
 def default_backend() -> str: ...
+def as_frame(b: Buffer) -> bytes | memoryview: ...
 
 @disjoint_base
 class Handle:

@@ -34,8 +34,11 @@ def _decoder_class() -> type[FrameDecoder]:
     return _FrameDecoder
 
 
-def _as_frame(b: Buffer) -> bytes | memoryview:
-    """bytes as they are; another buffer as a flat byte view of it, copied only if not contiguous."""
+def as_frame(b: Buffer) -> bytes | memoryview:
+    """bytes as they are; another buffer as a flat byte view of it, copied only if not contiguous.
+
+    What a transport queues for a frame's payload (the TLS transport too).
+    """
     if type(b) is bytes:
         return b
     mv = memoryview(b)
@@ -202,7 +205,7 @@ class FramedTransport(TransportBase):
         """
         if self._closing or self._closed:
             raise ConnectionError("send on a closed transport")
-        items = [_as_frame(b) for b in buffers]
+        items = [as_frame(b) for b in buffers]
         if not items:
             return
         self._messages_sent += len(items)

@@ -26,7 +26,7 @@ from fastnet._pure._reactor_handles import _FdEntry, _LostCall, _new_handle
 from fastnet._pure._reactor_flow import DEFAULT_HIGH_WATER as DEFAULT_HIGH_WATER
 from fastnet._pure._reactor_flow import TransportBase as TransportBase
 from fastnet._pure._reactor_transport import (COPY_THRESHOLD as COPY_THRESHOLD,
-                                             FramedTransport as FramedTransport)
+                                             FramedTransport as FramedTransport, as_frame as as_frame)
 
 BACKENDS = ("epoll", "poll", "select")
 SELECT_FD_LIMIT = 1024
