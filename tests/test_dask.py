@@ -73,67 +73,90 @@ def tls_args(pki):
                 connect_args={"ssl_context": client_ctx(pki)})
 
 
-async def comm_pair(addr, listen_args=None, connect_args=None, **kw):
-    """(connector's comm, listener's comm), handshaken; the listener is stopped."""
+def comm_queue():
+    """(queue, handler): the handler puts each comm its listener accepts on the queue, open."""
     q = asyncio.Queue()
 
     async def handler(comm):
         await q.put(comm)
+    return q, handler
 
+
+async def comm_pair(addr, listen_args=None, connect_args=None, **kw):
+    """(connector's comm, listener's comm), handshaken; the listener is stopped."""
+    q, handler = comm_queue()
     async with listen(addr, handler, **(listen_args or {}), **kw) as listener:
         comm = await connect(listener.contact_address, **(connect_args or {}), **kw)
     return comm, await q.get()
 
 
+def _scheme(tls, tls_args):
+    """(scheme, dict of listen_args and connect_args) for a test parametrised on ``tls``."""
+    return ("fastnet-tls", tls_args) if tls else ("fastnet", {})
+
+
 def _schemes(tls_args):
-    return [("fastnet://127.0.0.1", {}), ("fastnet-tls://127.0.0.1", tls_args)]
+    return [(f"{scheme}://127.0.0.1", args) for scheme, args in (_scheme(False, tls_args), _scheme(True, tls_args))]
+
+
+async def cancel_soon(task):
+    """Cancel ``task`` once it is under way; awaiting it raises CancelledError."""
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def until_closed(comm):
+    """Wait (at most 5 s) for ``comm`` to see its peer gone; it must."""
+    for _ in range(500):
+        if comm.closed():
+            break
+        await asyncio.sleep(0.01)
+    assert comm.closed()
 
 
 # -- listener and connector ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("tls", [False, True])
-def test_client_server_many_clients(tls, tls_args):
-    args = tls_args if tls else {}
-    scheme = "fastnet-tls" if tls else "fastnet"
+@gen_test()
+async def test_client_server_many_clients(tls, tls_args):
+    scheme, args = _scheme(tls, tls_args)
 
-    @gen_test()
-    async def main():
-        async def handler(comm):
-            try:
-                assert parse_address(comm.peer_address)[0] == scheme
-                msg = await comm.read()
-                msg["op"] = "pong"
-                await comm.write(msg)
-                assert (await comm.read())["op"] == "bye"
-            finally:
-                await comm.close()
+    async def handler(comm):
+        try:
+            assert parse_address(comm.peer_address)[0] == scheme
+            msg = await comm.read()
+            msg["op"] = "pong"
+            await comm.write(msg)
+            assert (await comm.read())["op"] == "bye"
+        finally:
+            await comm.close()
 
-        # unknown connection arguments are ignored on both sides
-        listener = await listen(f"{scheme}://127.0.0.1", handler, xxx="bar", **args.get("listen_args", {}))
-        assert listener.listen_address == listener.contact_address
-        host, port = fdask.FastnetBackend().get_address_host_port(parse_address(listener.listen_address)[1])
-        assert host == "127.0.0.1" and port > 1023
-        got = []
+    # unknown connection arguments are ignored on both sides
+    listener = await listen(f"{scheme}://127.0.0.1", handler, xxx="bar", **args.get("listen_args", {}))
+    assert listener.listen_address == listener.contact_address
+    host, port = fdask.FastnetBackend().get_address_host_port(parse_address(listener.listen_address)[1])
+    assert host == "127.0.0.1" and port > 1023
+    got = []
 
-        async def client(key, delay=0.0):
-            comm = await connect(listener.contact_address, xxx="foo", **args.get("connect_args", {}))
-            try:
-                assert comm.peer_address == listener.contact_address
-                await comm.write({"op": "ping", "data": key})
-                await comm.write({"op": "bye"})
-                await asyncio.sleep(delay)
-                assert await comm.read() == {"op": "pong", "data": key}
-                got.append(key)
-            finally:
-                await comm.close()
+    async def client(key, delay=0.0):
+        comm = await connect(listener.contact_address, xxx="foo", **args.get("connect_args", {}))
+        try:
+            assert comm.peer_address == listener.contact_address
+            await comm.write({"op": "ping", "data": key})
+            await comm.write({"op": "bye"})
+            await asyncio.sleep(delay)
+            assert await comm.read() == {"op": "pong", "data": key}
+            got.append(key)
+        finally:
+            await comm.close()
 
-        await client(-1)
-        await asyncio.gather(*(client(i, 0.02) for i in range(30)))
-        assert sorted(got) == [-1, *range(30)]
-        listener.stop()
-
-    main()
+    await client(-1)
+    await asyncio.gather(*(client(i, 0.02) for i in range(30)))
+    assert sorted(got) == [-1, *range(30)]
+    listener.stop()
 
 
 @gen_test()
@@ -212,12 +235,8 @@ async def test_cancelled_connect_closes_its_socket(pki):
     try:
         before = count_fds()
         for _ in range(5):
-            task = asyncio.ensure_future(fdask.FastnetTLSConnector().connect(
-                "127.0.0.1:%d" % srv.getsockname()[1], ssl_context=client_ctx(pki)))
-            await asyncio.sleep(0.05)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+            await cancel_soon(asyncio.ensure_future(fdask.FastnetTLSConnector().connect(
+                "127.0.0.1:%d" % srv.getsockname()[1], ssl_context=client_ctx(pki))))
         await asyncio.sleep(0.05)
         assert count_fds() == before
     finally:
@@ -241,60 +260,47 @@ async def test_tls_certificate_rejected_is_fatal(pki):
 
 
 @pytest.mark.parametrize("tls", [False, True])
-def test_comm_closed_explicit_and_implicit(tls, tls_args):
-    args = tls_args if tls else {}
-    addr = "fastnet-tls://127.0.0.1" if tls else "fastnet://127.0.0.1"
+@gen_test()
+async def test_comm_closed_explicit_and_implicit(tls, tls_args):
+    scheme, args = _scheme(tls, tls_args)
+    addr = f"{scheme}://127.0.0.1"
+    a, b = await comm_pair(addr, **args)
+    a_read, b_read = a.read(), b.read()
+    await a.close()
+    await a.close()                     # idempotent
+    assert a.closed()
+    for pending in (a_read, b_read):
+        with pytest.raises(CommClosedError):
+            await pending
+    for comm in (a, b):
+        with pytest.raises(CommClosedError):
+            await comm.read()
+        with pytest.raises(CommClosedError):
+            await comm.write({})
+    await b.close()
 
-    @gen_test()
-    async def main():
-        a, b = await comm_pair(addr, **args)
-        a_read, b_read = a.read(), b.read()
-        await a.close()
-        await a.close()                     # idempotent
-        assert a.closed()
-        for pending in (a_read, b_read):
-            with pytest.raises(CommClosedError):
-                await pending
-        for comm in (a, b):
-            with pytest.raises(CommClosedError):
-                await comm.read()
-            with pytest.raises(CommClosedError):
-                await comm.write({})
-        await b.close()
+    async def closer(comm):
+        await comm.close()
 
-        async def closer(comm):
-            await comm.close()
-
-        async with listen(addr, closer, **args.get("listen_args", {})) as listener:
-            comm = await connect(listener.contact_address, **args.get("connect_args", {}))
-            with pytest.raises(CommClosedError):
-                await comm.write({})
-                await comm.read()
-            comm = await connect(listener.contact_address, **args.get("connect_args", {}))
-            with pytest.raises(CommClosedError):
-                await comm.read()
-
-    main()
+    async with listen(addr, closer, **args.get("listen_args", {})) as listener:
+        comm = await connect(listener.contact_address, **args.get("connect_args", {}))
+        with pytest.raises(CommClosedError):
+            await comm.write({})
+            await comm.read()
+        comm = await connect(listener.contact_address, **args.get("connect_args", {}))
+        with pytest.raises(CommClosedError):
+            await comm.read()
 
 
 @pytest.mark.parametrize("tls", [False, True])
-def test_closed_turns_true_when_the_peer_goes_with_no_read_pending(tls, tls_args):
-    args = tls_args if tls else {}
-    addr = "fastnet-tls://127.0.0.1" if tls else "fastnet://127.0.0.1"
-
-    @gen_test()
-    async def main():
-        a, b = await comm_pair(addr, **args)
-        assert not a.closed() and not b.closed()
-        b.abort()
-        for _ in range(500):
-            if a.closed():
-                break
-            await asyncio.sleep(0.01)
-        assert a.closed()
-        assert "closed" in repr(a)
-
-    main()
+@gen_test()
+async def test_closed_turns_true_when_the_peer_goes_with_no_read_pending(tls, tls_args):
+    scheme, args = _scheme(tls, tls_args)
+    a, b = await comm_pair(f"{scheme}://127.0.0.1", **args)
+    assert not a.closed() and not b.closed()
+    b.abort()
+    await until_closed(a)
+    assert "closed" in repr(a)
 
 
 @gen_test()
@@ -315,11 +321,7 @@ async def test_what_the_peer_sent_before_going_is_still_read():
 @gen_test()
 async def test_cancelled_read_aborts_the_comm():
     a, b = await comm_pair("fastnet://127.0.0.1")
-    task = asyncio.ensure_future(a.read())
-    await asyncio.sleep(0.05)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_soon(asyncio.ensure_future(a.read()))
     assert a.closed()
     with pytest.raises(CommClosedError):
         await b.read()
@@ -346,11 +348,11 @@ async def test_repr_and_addresses(tls_args):
 
 @pytest.mark.parametrize("tls", [False, True])
 def test_comm_dropped_after_its_loop_closed_releases_its_socket(tls, pki, monkeypatch):
-    args = _same_host_tls(pki) if tls else {}
+    scheme, args = _scheme(tls, _same_host_tls(pki))
     kept = []
 
     async def main():
-        kept.extend(await comm_pair(f"{'fastnet-tls' if tls else 'fastnet'}://127.0.0.1", **args))
+        kept.extend(await comm_pair(f"{scheme}://127.0.0.1", **args))
 
     asyncio.run(main())
     unraisable = []
@@ -430,48 +432,44 @@ async def test_shards_of_one_frame_land_in_one_buffer():
 
 @pytest.mark.parametrize("side", ["listener", "connector"])
 @pytest.mark.parametrize("flag", [False, True])
-def test_deserialize_flag(side, flag):
+@gen_test()
+async def test_deserialize_flag(side, flag):
     big = os.urandom(MiB) * 4
+    for payload in (b"abc", big):
+        msg = {"op": "update", "x": payload, "to_ser": [to_serialize(123)],
+               "ser": Serialized(*serialize(payload))}
+        q = asyncio.Queue()
 
-    @gen_test()
-    async def main():
-        for payload in (b"abc", big):
-            msg = {"op": "update", "x": payload, "to_ser": [to_serialize(123)],
-                   "ser": Serialized(*serialize(payload))}
-            q = asyncio.Queue()
+        async def handler(comm):
+            try:
+                if side == "listener":
+                    await q.put(await comm.read())
+                else:
+                    await comm.write(msg)
+                    await comm.read()        # until the connector closes
+            except CommClosedError:
+                pass
+            finally:
+                await comm.close()
 
-            async def handler(comm):
-                try:
-                    if side == "listener":
-                        await q.put(await comm.read())
-                    else:
-                        await comm.write(msg)
-                        await comm.read()        # until the connector closes
-                except CommClosedError:
-                    pass
-                finally:
-                    await comm.close()
-
-            kw = {"deserialize": flag}
-            async with listen("fastnet://127.0.0.1", handler, **(kw if side == "listener" else {})) as listener:
-                comm = await connect(listener.contact_address, **(kw if side == "connector" else {}))
-            if side == "listener":
-                await comm.write(msg)
-                out = await q.get()
-            else:
-                out = await comm.read()
-            await comm.close()
-            assert out["op"] == "update" and out["x"] == payload
-            if flag:
-                assert list(out["to_ser"]) == [123]
-                assert bytes(out["ser"]) == payload
-            else:
-                assert isinstance(out["ser"], Serialized)
-                assert deserialize(out["ser"].header, out["ser"].frames) == payload
-                (ts,) = out["to_ser"]
-                assert deserialize(ts.header, ts.frames) == 123 if isinstance(ts, Serialized) else ts.data == 123
-
-    main()
+        kw = {"deserialize": flag}
+        async with listen("fastnet://127.0.0.1", handler, **(kw if side == "listener" else {})) as listener:
+            comm = await connect(listener.contact_address, **(kw if side == "connector" else {}))
+        if side == "listener":
+            await comm.write(msg)
+            out = await q.get()
+        else:
+            out = await comm.read()
+        await comm.close()
+        assert out["op"] == "update" and out["x"] == payload
+        if flag:
+            assert list(out["to_ser"]) == [123]
+            assert bytes(out["ser"]) == payload
+        else:
+            assert isinstance(out["ser"], Serialized)
+            assert deserialize(out["ser"].header, out["ser"].frames) == payload
+            (ts,) = out["to_ser"]
+            assert deserialize(ts.header, ts.frames) == 123 if isinstance(ts, Serialized) else ts.data == 123
 
 
 def _raise_eoferror():
@@ -513,24 +511,37 @@ async def _raw_peer(listener):
     return reader, writer
 
 
+async def until_hung_up(reader, writer):
+    """Read what the listener sends until it hangs up (within 10 s), then close our end."""
+    await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    await writer.wait_closed()
+
+
+async def hangs_up_on_each(open_peer, payloads):
+    """Each payload goes first on a new raw connection (``await open_peer()``); the listener hangs up on every one.
+
+    No descriptor is left open by any of them.
+    """
+    before = count_fds()
+    for payload in payloads:
+        reader, writer = await open_peer()
+        writer.write(payload)
+        await until_hung_up(reader, writer)
+    await asyncio.sleep(0.05)
+    assert count_fds() == before
+
+
 @gen_test()
 async def test_garbage_peer_never_reaches_the_handler():
     reached, handler = _handler_recorder()
     async with listen("fastnet://127.0.0.1", handler) as listener:
-        before = count_fds()
-        for garbage in (b"\xff" * 64,                              # a negative length
-                        b"\x7f\xff\xff\xff" + b"x" * 100,          # a 2 GiB frame
-                        struct.pack(">i", 16) + struct.pack("<2Q", 1, 1 << 50),   # a prelude asking 1 PiB
-                        struct.pack(">i", 8) + struct.pack("<Q", 5),              # a prelude cut short
-                        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"):
-            reader, writer = await _raw_peer(listener)
-            writer.write(garbage)
-            # the listener hangs up: whatever it sent, then EOF
-            await asyncio.wait_for(reader.read(), 10)
-            writer.close()
-            await writer.wait_closed()
-        await asyncio.sleep(0.05)
-        assert count_fds() == before
+        await hangs_up_on_each(lambda: _raw_peer(listener), (
+            b"\xff" * 64,                                              # a negative length
+            b"\x7f\xff\xff\xff" + b"x" * 100,                          # a 2 GiB frame
+            struct.pack(">i", 16) + struct.pack("<2Q", 1, 1 << 50),     # a prelude asking 1 PiB
+            struct.pack(">i", 8) + struct.pack("<Q", 5),                # a prelude cut short
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
     assert reached == []
 
 
@@ -540,15 +551,18 @@ async def test_silent_peer_never_reaches_the_handler(pki):
         reached, handler = _handler_recorder()
         async with listen(addr, handler, **kw) as listener:
             reader, writer = await _raw_peer(listener)
-            # says nothing: the listener gives up within the connect timeout
-            await asyncio.wait_for(reader.read(), 10)
-            writer.close()
-            await writer.wait_closed()
+            await until_hung_up(reader, writer)     # says nothing: the listener gives up within the connect timeout
         assert reached == []
 
 
-@gen_test()
-async def test_max_message_size_refuses_before_allocating():
+async def check_max_message_size(first_fits=False, family_of_comm=None):
+    """A listener with max_message_size=MiB refuses a 2 MiB message before allocating for it.
+
+    The comm that sends it is closed on both sides with an error naming the
+    limit. With ``first_fits`` another comm first sends a 256 KiB message,
+    which is read whole; with ``family_of_comm`` the refused comm must be on
+    that socket family.
+    """
     got = asyncio.Queue()
 
     async def handler(comm):
@@ -558,15 +572,23 @@ async def test_max_message_size_refuses_before_allocating():
             await got.put(exc)
 
     async with listen("fastnet://127.0.0.1", handler, max_message_size=MiB) as listener:
+        if first_fits:
+            comm = await connect(listener.contact_address)
+            await comm.write({"x": to_serialize(np.zeros(MiB // 4, np.uint8))})
+            assert (await got.get())["x"].nbytes == MiB // 4
         comm = await connect(listener.contact_address)
-        await comm.write({"x": to_serialize(np.zeros(MiB // 4, np.uint8))})
-        assert (await got.get())["x"].nbytes == MiB // 4
-        comm = await connect(listener.contact_address)
+        if family_of_comm is not None:
+            assert family(comm) == family_of_comm
         await comm.write({"x": to_serialize(np.zeros(2 * MiB, np.uint8))})
         exc = await got.get()
         assert isinstance(exc, CommClosedError) and "max_message_size" in str(exc)
         with pytest.raises(CommClosedError):
             await comm.read()
+
+
+@gen_test()
+async def test_max_message_size_refuses_before_allocating():
+    await check_max_message_size(first_fits=True)
 
 
 def test_prelude_checks():
@@ -642,65 +664,37 @@ def _same_host_tls(pki):
 
 
 @pytest.mark.parametrize("tls", [False, True])
-def test_same_host_path_keeps_addresses_and_comm_semantics(tls, pki):
-    args = _same_host_tls(pki) if tls else {}
-    scheme = "fastnet-tls" if tls else "fastnet"
-
-    @gen_test()
-    async def main():
-        q = asyncio.Queue()
-
-        async def handler(comm):
-            await q.put(comm)
-
-        async with listen(f"{scheme}://127.0.0.1", handler, **args.get("listen_args", {})) as listener:
-            a = await connect(listener.contact_address, **args.get("connect_args", {}))
-            b = await q.get()
-            assert family(a) == family(b) == socket.AF_UNIX
-            # host:port URIs as over TCP; the connector's end has no TCP port
-            assert a.peer_address == b.local_address == listener.contact_address
-            assert a.local_address == b.peer_address == f"{scheme}://127.0.0.1:0"
-            if tls:
-                assert a.extra_info["cipher"] == b.extra_info["cipher"]
-                assert dict(x[0] for x in a.extra_info["peercert"]["subject"])["commonName"] == "localhost"
-            x = np.arange(MiB, dtype=np.float64)
-            n = await a.write({"x": to_serialize(x), "small": b"abc"})
-            assert n >= x.nbytes
-            got = await b.read()
-            assert (got["x"] == x).all() and got["x"].flags.writeable and got["small"] == b"abc"
-            await b.write({"op": "pong"})
-            assert await a.read() == {"op": "pong"}
-            b.abort()
-            for _ in range(500):
-                if a.closed():
-                    break
-                await asyncio.sleep(0.01)
-            assert a.closed()
-            with pytest.raises(CommClosedError):
-                await a.read()
-            await a.close()
-
-    main()
+@gen_test()
+async def test_same_host_path_keeps_addresses_and_comm_semantics(tls, pki):
+    scheme, args = _scheme(tls, _same_host_tls(pki))
+    q, handler = comm_queue()
+    async with listen(f"{scheme}://127.0.0.1", handler, **args.get("listen_args", {})) as listener:
+        a = await connect(listener.contact_address, **args.get("connect_args", {}))
+        b = await q.get()
+        assert family(a) == family(b) == socket.AF_UNIX
+        # host:port URIs as over TCP; the connector's end has no TCP port
+        assert a.peer_address == b.local_address == listener.contact_address
+        assert a.local_address == b.peer_address == f"{scheme}://127.0.0.1:0"
+        if tls:
+            assert a.extra_info["cipher"] == b.extra_info["cipher"]
+            assert dict(x[0] for x in a.extra_info["peercert"]["subject"])["commonName"] == "localhost"
+        x = np.arange(MiB, dtype=np.float64)
+        n = await a.write({"x": to_serialize(x), "small": b"abc"})
+        assert n >= x.nbytes
+        got = await b.read()
+        assert (got["x"] == x).all() and got["x"].flags.writeable and got["small"] == b"abc"
+        await b.write({"op": "pong"})
+        assert await a.read() == {"op": "pong"}
+        b.abort()
+        await until_closed(a)
+        with pytest.raises(CommClosedError):
+            await a.read()
+        await a.close()
 
 
 @gen_test()
 async def test_same_host_max_message_size_refuses_before_allocating():
-    got = asyncio.Queue()
-
-    async def handler(comm):
-        try:
-            await got.put(await comm.read())
-        except CommClosedError as exc:
-            await got.put(exc)
-
-    async with listen("fastnet://127.0.0.1", handler, max_message_size=MiB) as listener:
-        comm = await connect(listener.contact_address)
-        assert family(comm) == socket.AF_UNIX
-        await comm.write({"x": to_serialize(np.zeros(2 * MiB, np.uint8))})
-        exc = await got.get()
-        assert isinstance(exc, CommClosedError) and "max_message_size" in str(exc)
-        with pytest.raises(CommClosedError):
-            await comm.read()
+    await check_max_message_size(family_of_comm=socket.AF_UNIX)
 
 
 @gen_test()
@@ -727,11 +721,7 @@ async def test_same_host_off_keeps_every_comm_on_tcp():
 
 @gen_test()
 async def test_connector_falls_back_to_tcp_when_the_name_is_absent_or_dead():
-    q = asyncio.Queue()
-
-    async def handler(comm):
-        await q.put(comm)
-
+    q, handler = comm_queue()
     with dask.config.set({fdask.SAME_HOST_CONFIG: False}):
         listener = await listen("fastnet://127.0.0.1", handler)      # no name bound
     try:
@@ -755,11 +745,7 @@ async def test_connector_falls_back_to_tcp_when_the_name_is_absent_or_dead():
 
 @gen_test()
 async def test_tls_context_that_checks_host_names_goes_over_tcp(tls_args):
-    q = asyncio.Queue()
-
-    async def handler(comm):
-        await q.put(comm)
-
+    q, handler = comm_queue()
     async with listen("fastnet-tls://127.0.0.1", handler, **tls_args["listen_args"]) as listener:
         assert tls_args["connect_args"]["ssl_context"].check_hostname
         comm = await connect(listener.contact_address, **tls_args["connect_args"])
@@ -770,11 +756,7 @@ async def test_tls_context_that_checks_host_names_goes_over_tcp(tls_args):
 
 @gen_test()
 async def test_wildcard_listener_serves_each_local_address_over_the_same_host_path():
-    q = asyncio.Queue()
-
-    async def handler(comm):
-        await q.put(comm)
-
+    q, handler = comm_queue()
     async with listen("fastnet://0.0.0.0", handler) as listener:
         port = listener.get_host_port()[1]
         for host in (EXTERNAL_IP4, "127.0.0.1"):
@@ -802,19 +784,12 @@ async def test_bad_same_host_peer_never_reaches_the_handler():
     reached, handler = _handler_recorder()
     async with listen("fastnet://127.0.0.1", handler) as listener:
         name = fdask.same_host_name("fastnet://", *listener.get_host_port())
-        before = count_fds()
-        for first in (_frame(b"not an address"),
-                      _frame(b"10.9.9.9"),                  # not the address this listener is on
-                      _frame(b"1" * 100),                    # longer than any IP
-                      b"\x7f\xff\xff\xff",                   # a 2 GiB frame
-                      b""):                                  # silence
-            reader, writer = await asyncio.open_unix_connection(name)
-            writer.write(first)
-            await asyncio.wait_for(reader.read(), 10)        # the listener hangs up
-            writer.close()
-            await writer.wait_closed()
-        await asyncio.sleep(0.05)
-        assert count_fds() == before
+        await hangs_up_on_each(lambda: asyncio.open_unix_connection(name), (
+            _frame(b"not an address"),
+            _frame(b"10.9.9.9"),                    # not the address this listener is on
+            _frame(b"1" * 100),                      # longer than any IP
+            b"\x7f\xff\xff\xff",                     # a 2 GiB frame
+            b""))                                    # silence
         comm = await connect(listener.contact_address)       # and still serves a good one
         assert family(comm) == socket.AF_UNIX
         await comm.close()
@@ -876,31 +851,44 @@ def tcp_result(entry_point_dir):
     return out["result"]
 
 
+def same_result_as_tcp(out, tcp_result):
+    """Whether a job's result is the tcp:// run's (to the last bits a float sum may differ in)."""
+    return np.allclose(out["result"], tcp_result, rtol=1e-12, atol=0)
+
+
+def run_local_job(protocol, *args, entry_point_dir, tcp_result, same_host, **env_extra):
+    """run_job with the entry points on sys.path and the same-host path on or off.
+
+    The result must be the tcp:// run's, and the job must leave no comm and no
+    descriptor open.
+    """
+    out = run_job(protocol, *args, pythonpath=[ROOT, entry_point_dir],
+                  env_extra={"DASK_DISTRIBUTED__COMM__FASTNET__SAME_HOST": str(same_host), **env_extra})
+    assert same_result_as_tcp(out, tcp_result)
+    assert out["open_comms"] == [] and out["fd_delta"] == 0
+    return out
+
+
 @pytest.mark.parametrize("loop,same_host", [("tornado", True), ("uvloop", True), ("tornado", False)])
 @pytest.mark.parametrize("protocol", ["fastnet", "fastnet-tls"])
 def test_local_cluster_job_same_result_as_tcp(protocol, loop, same_host, entry_point_dir, tcp_result):
     """The job on both paths: worker to worker over AF_UNIX (the default on one host), or all over TCP."""
     pytest.importorskip("uvloop")
-    out = run_job(protocol, pythonpath=[ROOT, entry_point_dir],
-                  env_extra={"DASK_DISTRIBUTED__ADMIN__EVENT_LOOP": loop,
-                             "DASK_DISTRIBUTED__COMM__FASTNET__SAME_HOST": str(same_host)})
+    out = run_local_job(protocol, entry_point_dir=entry_point_dir, tcp_result=tcp_result, same_host=same_host,
+                        DASK_DISTRIBUTED__ADMIN__EVENT_LOOP=loop)
     assert out["scheduler"].startswith(protocol + "://")
     assert all(a.startswith(protocol + "://") for a in out["worker_addresses"])
     assert out["loops"] == (["uvloop"] if loop == "uvloop" else ["asyncio.unix_events"])
     assert out["transfers"] > 0                       # chunks moved between the workers
     # the workers' comms (to the scheduler, to each other) took the path asked for
     assert out["families"] == (["AF_UNIX"] if same_host else ["AF_INET"])
-    assert np.allclose(out["result"], tcp_result, rtol=1e-12, atol=0)
-    assert out["open_comms"] == [] and out["fd_delta"] == 0
 
 
 @pytest.mark.parametrize("same_host", [True, False])
 def test_worker_sigkilled_mid_transfer(same_host, entry_point_dir, tcp_result):
-    out = run_job("fastnet", "kill", pythonpath=[ROOT, entry_point_dir],
-                  env_extra={"DASK_DISTRIBUTED__COMM__FASTNET__SAME_HOST": str(same_host)})
+    out = run_local_job("fastnet", "kill", entry_point_dir=entry_point_dir, tcp_result=tcp_result,
+                        same_host=same_host)
     assert out["killed"] in out["worker_addresses"] and not out["done_at_kill"]
-    assert np.allclose(out["result"], tcp_result, rtol=1e-12, atol=0)
-    assert out["open_comms"] == [] and out["fd_delta"] == 0
 
 
 def test_entry_point_of_the_built_wheel(tmp_path, tcp_result):
@@ -930,7 +918,7 @@ def test_entry_point_of_the_built_wheel(tmp_path, tcp_result):
     out = run_job("fastnet", python=py, cwd=str(tmp_path))
     assert out["fastnet"].startswith(str(venv))
     assert out["scheduler"].startswith("fastnet://")
-    assert np.allclose(out["result"], tcp_result, rtol=1e-12, atol=0)
+    assert same_result_as_tcp(out, tcp_result)
 
 
 def test_small_flat_messages_skip_the_offload_measure():
@@ -970,9 +958,6 @@ def test_bench_dask_cases_measure_both_rows():
 NETNS_DRIVER = os.path.join(ROOT, "tests", "dask_netns_driver.py")
 
 
-def _netns_unavailable():
-    import fastnet_soak as soak     # tools/soak.py, loaded by conftest
-    return soak.netns_available()
 
 
 class DaskHosts:
@@ -983,10 +968,11 @@ class DaskHosts:
     chunk moving between the workers crosses two veth links, as between hosts.
     """
 
-    def __init__(self):
+    def __init__(self, env):
         import random
         import fastnet_soak as soak
         self.ip = soak.ip
+        self.env = env
         u = f"{os.getpid() % 10000}{random.randrange(100, 999)}"
         x, y = random.randrange(16, 250), random.randrange(1, 250)
         self.ns = {"s": f"fdks{u}", "w1": f"fdk1{u}", "w2": f"fdk2{u}"}
@@ -1019,8 +1005,8 @@ class DaskHosts:
     def link(self, w, state):
         self.ip("-n", self.ns[w], "link", "set", self.veth[w], state)
 
-    def spawn(self, where, args, env, **kw):
-        p = subprocess.Popen(["ip", "netns", "exec", self.ns[where], sys.executable, *args], env=env,
+    def spawn(self, where, args, **kw):
+        p = subprocess.Popen(["ip", "netns", "exec", self.ns[where], sys.executable, *args], env=self.env,
                              stdin=subprocess.DEVNULL, **kw)
         self.procs.append(p)
         return p
@@ -1039,6 +1025,21 @@ class DaskHosts:
                     pass
             self.ip("netns", "del", ns, check=False)
         self.made = []
+
+
+@pytest.fixture
+def dask_hosts(entry_point_dir):
+    """DaskHosts whose processes find fastnet and its entry points, taken down after the test.
+
+    The test is skipped, with the reason, where network namespaces cannot be made.
+    """
+    import fastnet_soak as soak     # tools/soak.py, loaded by conftest
+    why = soak.netns_available()
+    if why is not None:
+        pytest.skip(why)
+    hosts = DaskHosts(dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, entry_point_dir])))
+    yield hosts
+    hosts.close()
 
 
 def _tls_files(tmp_path):
@@ -1066,47 +1067,40 @@ def _tls_files(tmp_path):
 
 @pytest.mark.parametrize("link_down", [False, True])
 @pytest.mark.parametrize("protocol", ["fastnet", "fastnet-tls"])
-def test_scheduler_and_workers_on_three_hosts(protocol, link_down, tmp_path, entry_point_dir, tcp_result):
-    why = _netns_unavailable()
-    if why is not None:
-        pytest.skip(why)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, entry_point_dir]))
+def test_scheduler_and_workers_on_three_hosts(protocol, link_down, tmp_path, tcp_result, dask_hosts):
+    hosts = dask_hosts
     sched_file = str(tmp_path / "scheduler.json")
     tls, client_tls = [], []
     if protocol == "fastnet-tls":
         f = _tls_files(tmp_path)
         tls = ["--tls-ca-file", f["ca"], "--tls-cert", f["cert"], "--tls-key", f["key"]]
         client_tls = [f["ca"], f["cert"], f["key"]]
-    hosts = DaskHosts()
+    hosts.spawn("s", ["-m", "distributed.cli.dask_scheduler", "--protocol", protocol, "--host",
+                      hosts.addr["s"], "--port", "0", "--no-dashboard", "--scheduler-file", sched_file, *tls],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(sched_file):
+        assert time.monotonic() < deadline, "the scheduler did not start"
+        time.sleep(0.1)
+    for w in ("w1", "w2"):
+        hosts.spawn(w, ["-m", "distributed.cli.dask_worker", "--scheduler-file", sched_file, "--host",
+                        hosts.addr[w], "--nthreads", "1", "--no-nanny", "--no-dashboard", *tls],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [NETNS_DRIVER, sched_file, *client_tls] + (["--signal"] if link_down else [])
+    driver = hosts.spawn("s", args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if link_down:
+        line = driver.stdout.readline()
+        assert line.strip() == "TRANSFERRING", driver.stderr.read()[-3000:]
+        hosts.link("w1", "down")            # a worker's link goes in the middle of the job...
+        time.sleep(2.0)
+        hosts.link("w1", "up")              # ...and comes back
     try:
-        hosts.spawn("s", ["-m", "distributed.cli.dask_scheduler", "--protocol", protocol, "--host",
-                          hosts.addr["s"], "--port", "0", "--no-dashboard", "--scheduler-file", sched_file, *tls],
-                    env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while not os.path.exists(sched_file):
-            assert time.monotonic() < deadline, "the scheduler did not start"
-            time.sleep(0.1)
-        for w in ("w1", "w2"):
-            hosts.spawn(w, ["-m", "distributed.cli.dask_worker", "--scheduler-file", sched_file, "--host",
-                            hosts.addr[w], "--nthreads", "1", "--no-nanny", "--no-dashboard", *tls],
-                        env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        args = [NETNS_DRIVER, sched_file, *client_tls] + (["--signal"] if link_down else [])
-        driver = hosts.spawn("s", args, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        if link_down:
-            line = driver.stdout.readline()
-            assert line.strip() == "TRANSFERRING", driver.stderr.read()[-3000:]
-            hosts.link("w1", "down")            # a worker's link goes in the middle of the job...
-            time.sleep(2.0)
-            hosts.link("w1", "up")              # ...and comes back
-        try:
-            stdout, stderr = driver.communicate(timeout=300)   # nothing hangs
-        except subprocess.TimeoutExpired:
-            driver.kill()
-            raise AssertionError("the job hung")
-        assert driver.returncode == 0, stderr[-3000:]
-        out = json.loads(stdout.strip().splitlines()[-1])
-    finally:
-        hosts.close()
+        stdout, stderr = driver.communicate(timeout=300)   # nothing hangs
+    except subprocess.TimeoutExpired:
+        driver.kill()
+        raise AssertionError("the job hung")
+    assert driver.returncode == 0, stderr[-3000:]
+    out = json.loads(stdout.strip().splitlines()[-1])
     assert out["scheduler"] == f"{protocol}://{hosts.addr['s']}:{out['scheduler'].rsplit(':', 1)[1]}"
     assert sorted(a.rsplit(":", 1)[0] for a in out["workers"]) == [f"{protocol}://{hosts.addr[w]}"
                                                                     for w in ("w1", "w2")]
@@ -1115,7 +1109,7 @@ def test_scheduler_and_workers_on_three_hosts(protocol, link_down, tmp_path, ent
         if "error" in out:          # Dask gave up on the cut link with its own error
             return
     assert "error" not in out, out.get("error")
-    assert np.allclose(out["result"], tcp_result, rtol=1e-12, atol=0)
+    assert same_result_as_tcp(out, tcp_result)
     assert out["transfers"] > 0
 
 
@@ -1145,29 +1139,22 @@ asyncio.run(main())
 """
 
 
-def test_connector_in_another_network_namespace_goes_over_tcp(entry_point_dir):
+def test_connector_in_another_network_namespace_goes_over_tcp(dask_hosts):
     """Two hosts with a wildcard listener on the same port each: a remote address reaches the remote one, over TCP."""
-    why = _netns_unavailable()
-    if why is not None:
-        pytest.skip(why)
     import random
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, entry_point_dir]))
+    hosts = dask_hosts
     port = random.randrange(20000, 30000)
-    hosts = DaskHosts()
-    try:
-        remote = hosts.spawn("w1", ["-c", SAME_PORT_PROBE, "w1", str(port)], env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-        assert remote.stdout.readline().strip() == "READY", remote.stderr.read()[-3000:]
-        w1, w2 = hosts.addr["w1"], hosts.addr["w2"]
-        local = hosts.spawn("w2", ["-c", SAME_PORT_PROBE, "w2", str(port), w1, "127.0.0.1", w2], env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        stdout, stderr = local.communicate(timeout=120)
-        assert local.returncode == 0, stderr[-3000:]
-        lines = stdout.strip().splitlines()
-        assert lines[0] == "READY"
-        out = json.loads(lines[-1])
-    finally:
-        hosts.close()
+    remote = hosts.spawn("w1", ["-c", SAME_PORT_PROBE, "w1", str(port)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert remote.stdout.readline().strip() == "READY", remote.stderr.read()[-3000:]
+    w1, w2 = hosts.addr["w1"], hosts.addr["w2"]
+    local = hosts.spawn("w2", ["-c", SAME_PORT_PROBE, "w2", str(port), w1, "127.0.0.1", w2],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = local.communicate(timeout=120)
+    assert local.returncode == 0, stderr[-3000:]
+    lines = stdout.strip().splitlines()
+    assert lines[0] == "READY"
+    out = json.loads(lines[-1])
     assert out[w1][:2] == ["w1", "AF_INET"] and out[w1][2].startswith(f"fastnet://{w2}:")
     assert out["127.0.0.1"] == ["w2", "AF_UNIX", "fastnet://127.0.0.1:0"]
     assert out[w2] == ["w2", "AF_UNIX", f"fastnet://{w2}:0"]
