@@ -29,12 +29,12 @@ __all__ = [
     "DEFAULT_DIGEST",
 ]
 
-def _recv(conn: Any, recv: Any, deadline: float | None) -> bytes:
+def _recv(conn: Any, recv: Any, deadline: float | None, frames: int) -> bytes:
     timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
     if recv is None:
         return cast(bytes, conn.recv_bytes(MAX_MESSAGE))
     try:
-        return cast(bytes, recv(MAX_MESSAGE, timeout))
+        return cast(bytes, recv(MAX_MESSAGE, timeout, frames))
     except (TimeoutError, MessageTooLarge, EOFError, ProtocolError) as exc:
         cause = exc if isinstance(exc, ProtocolError) and not isinstance(exc, TruncatedFrameError) else None
         raise handshake_failure(exc) from cause
@@ -71,11 +71,12 @@ def _drive(conn: Any, hs: Handshake, timeout: float | None) -> None:
     """Run hs over conn until its verdict: return when done, raise its error.
 
     conn is a fastnet Connection, or anything with send_bytes/recv_bytes (a
-    stdlib one). Replies wait while the peer's next frame is already here,
-    received or in the socket, and then go out together in one write
-    (fastnet's two round trips). Only a frame the peer may pipeline
-    (Handshake.next_pipelined) is looked for: the others cannot be sent
-    before this side's replies.
+    stdlib one). A receive takes with its frame those that arrived behind
+    it, up to the handshake's last (Handshake.frames_left), so a pipelining
+    peer's frames come in together; replies then wait while the peer's next
+    frame is already here, and go out together in one write (fastnet's two
+    round trips). Only a frame the peer may pipeline (Handshake.next_pipelined)
+    is waited for so: the others cannot be sent before this side's replies.
     """
     deadline = _deadline(timeout)
     ch = getattr(conn, "_ch", None)
@@ -85,8 +86,7 @@ def _drive(conn: Any, hs: Handshake, timeout: float | None) -> None:
     out = hs.start()
     try:
         while True:
-            if out and (hs.finished or ch is None or not hs.next_pipelined
-                        or not (ch.has_frame() or ch.poll(0.0))):
+            if out and (hs.finished or ch is None or not hs.next_pipelined or not ch.has_frame()):
                 if send_many is not None and len(out) > 1:
                     send_many(out)
                 else:
@@ -97,7 +97,7 @@ def _drive(conn: Any, hs: Handshake, timeout: float | None) -> None:
                 raise hs.error
             if hs.done:
                 return
-            reply = hs.receive(_recv(conn, recv, deadline))
+            reply = hs.receive(_recv(conn, recv, deadline, hs.frames_left))
             if (ack is not None and not reply and hs.error is None
                     and (ch is None or not (ch.has_frame() or ch.poll(0.0)))):
                 # no reply carries the ACK of this frame, and the peer's next

@@ -577,8 +577,10 @@ class Connection:
             timeout = 0.0
         return self._receiver().poll(timeout)
 
-    def _recv_handshake(self, maxlength: int, timeout: float | None) -> bytes:
-        return self._receiver().recv_frame(maxlength, timeout)
+    def _recv_handshake(self, maxlength: int, timeout: float | None, frames: int) -> bytes:
+        # frames: how many the peer may send before it waits for us; taking
+        # them together is exact all the same (nothing past the handshake)
+        return self._receiver().recv_frame_peeking(frames, maxlength, timeout)
 
 
 def reduce_connection(conn: Connection) -> tuple[Callable[..., Connection], tuple[Any, ...]]:

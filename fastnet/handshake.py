@@ -111,6 +111,15 @@ class Handshake:
         #: looks for that frame first, and answers both in one write.
         self.next_pipelined = False
 
+    @property
+    def frames_left(self) -> int:
+        """How many frames the peer has still to send in this handshake.
+
+        A driver may take that many from the stream at once: whatever
+        follows them is not the handshake's.
+        """
+        return len(self._expect)
+
     def start(self) -> list[bytes]:
         """The frames to send before anything is received: the server's challenge."""
         return [self._challenge()] if self.server_side else []

@@ -68,6 +68,7 @@ class TLSChannel(_framing.Channel):
         super().__init__(sock, max_size, bufsize, io=sock)
 
     recv_frame = _tls_errors(_framing.Channel.recv_frame)
+    recv_frame_peeking = _tls_errors(_framing.Channel.recv_frame_peeking)
     recv_frames = _tls_errors(_framing.Channel.recv_frames)
     recv_frame_into = _tls_errors(_framing.Channel.recv_frame_into)
     discard_frame = _tls_errors(_framing.Channel.discard_frame)

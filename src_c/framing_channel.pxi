@@ -611,12 +611,13 @@ cdef class Channel:
 
     def recv_frame(self, maxlength=None, timeout=None):
         """Receive one frame as bytes. EOFError on a clean close."""
-        cdef FrameDecoder d = self.decoder
-        cdef long long limit = -1 if maxlength is None else maxlength
-        cdef double deadline = self._deadline(timeout)
-        cdef object f
         self._fdcheck()
         self._flush_first()
+        return self._recv_frame(-1 if maxlength is None else maxlength, self._deadline(timeout))
+
+    cdef object _recv_frame(self, long long limit, double deadline):
+        cdef FrameDecoder d = self.decoder
+        cdef object f
         d._check()
         while True:
             f = d._next(limit)
@@ -624,14 +625,33 @@ cdef class Channel:
                 return f
             self._fill(deadline)
 
-    cdef Py_ssize_t _peek_whole(self, double deadline) except -1:
+    def recv_frame_peeking(self, Py_ssize_t frames, maxlength=None, timeout=None):
+        """recv_frame, taking with it the whole frames that have arrived behind it, ``frames`` in all at most.
+
+        For a caller that knows how many frames the peer has left to send
+        before it waits for an answer (the authkey handshake): its pipelined
+        frames come in one receive (peeked at, then taken exactly), and
+        nothing past them leaves the socket. Later receives return them.
+        """
+        cdef FrameDecoder d = self.decoder
+        cdef long long limit = -1 if maxlength is None else maxlength
+        cdef double deadline = self._deadline(timeout)
+        self._fdcheck()
+        self._flush_first()
+        d._check()
+        if frames > 1 and not self.ahead and d.target is None and d.cur < 0 and d.wpos == d.rpos:
+            self._peek_whole(deadline, frames, limit)
+        return self._recv_frame(limit, deadline)
+
+    cdef Py_ssize_t _peek_whole(self, double deadline, Py_ssize_t frames=-1, long long limit=-1) except -1:
         """Peek at what the socket holds; take exactly the whole frames at its head.
 
         Returns the bytes taken into the (empty) buffer, 0 if no whole frame
-        has arrived yet. Two syscalls for any number of frames, and nothing
-        of a partial frame leaves the socket. A header the decoder would
-        refuse (negative, the 12-byte form, over max_size) ends the scan: the
-        exact path that follows receives or reports it.
+        has arrived yet. Two syscalls for any number of frames (at most
+        ``frames`` of them, if >= 0), and nothing of a partial frame leaves
+        the socket. A header the decoder would refuse (negative, the 12-byte
+        form, over max_size or ``limit``) ends the scan: the exact path that
+        follows receives or reports it.
         """
         cdef FrameDecoder d = self.decoder
         cdef Py_ssize_t r, pos = 0, got = 0
@@ -673,11 +693,13 @@ cdef class Channel:
                     return -1
         if r == 0:
             self._eof()
-        while True:
+        while frames != 0:
             h = parse_header(<const unsigned char*>(p + pos), r - pos, &n)
-            if h != 4 or (d.max_size >= 0 and n > d.max_size) or n > r - pos - 4:
+            if (h != 4 or (d.max_size >= 0 and n > d.max_size) or (limit >= 0 and n > limit)
+                    or n > r - pos - 4):
                 break
             pos += 4 + <Py_ssize_t>n
+            frames -= 1
         while got < pos:
             # the bytes are there: these reads do not block (a reader sharing
             # the socket must serialise with us, as with multiprocessing)

@@ -714,6 +714,33 @@ def test_recv_frames_returns_everything_buffered(chans):
     assert b.recv_frames() == [b"1", b"2", b"3"]
 
 
+def test_recv_frame_peeking_takes_at_most_the_frames_asked_for(chans, socks, raw):
+    # three whole frames and the start of a fourth: asked for two, the
+    # channel takes exactly two; the rest stays in the socket for another reader
+    a, b = chans
+    raw(frame(b"one") + frame(b"two") + frame(b"three") + frame(b"four")[:5])
+    time.sleep(0.02)
+    assert b.recv_frame_peeking(2, 100, 5.0) == b"one"
+    assert b.has_frame()
+    rest = socks[1].recv(64, socket.MSG_PEEK)
+    assert rest == frame(b"three") + frame(b"four")[:5]
+    assert b.recv_frame_peeking(3) == b"two"     # buffered: nothing more is taken
+    assert socks[1].recv(64, socket.MSG_PEEK) == rest
+    assert b.recv_frame_peeking(2) == b"three"
+    raw(frame(b"four")[5:])
+    assert b.recv_frame_peeking(2, None, 5.0) == b"four"
+
+
+def test_recv_frame_peeking_leaves_a_frame_over_maxlength_in_the_socket(chans, raw):
+    a, b = chans
+    raw(frame(b"ok") + frame(b"x" * 300))
+    time.sleep(0.02)
+    assert b.recv_frame_peeking(2, 256, 5.0) == b"ok"
+    assert not b.has_frame()
+    with pytest.raises(MessageTooLarge):     # refused by its header, its payload never read
+        b.recv_frame_peeking(1, 256, 5.0)
+
+
 def test_recv_frame_into(chans):
     a, b = chans
     a.send_frame(b"payload")

@@ -400,6 +400,9 @@ class _ChannelIO:
         deadline = -1.0 if timeout is None else self._deadline(timeout)
         self._fdcheck()
         self._flush_first()
+        return self._recv_frame(limit, deadline)
+
+    def _recv_frame(self, limit: int, deadline: float) -> bytes:
         d = self._decoder
         if d._broken is not None:
             raise d._broken

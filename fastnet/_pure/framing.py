@@ -727,14 +727,15 @@ class Channel(_ChannelIO):
                 if type(v) is memoryview:
                     v.release()
 
-    def _peek_whole(self, deadline: float) -> int:
+    def _peek_whole(self, deadline: float, frames: int = -1, limit: int = -1) -> int:
         """Peek at what the socket holds; take exactly the whole frames at its head.
 
         Returns the bytes taken into the (empty) buffer, 0 if no whole frame
-        has arrived yet. Two syscalls for any number of frames, and nothing
-        of a partial frame leaves the socket. A header the decoder would
-        refuse (negative, the 12-byte form, over max_size) ends the scan: the
-        exact path that follows receives or reports it.
+        has arrived yet. Two syscalls for any number of frames (at most
+        ``frames`` of them, if >= 0), and nothing of a partial frame leaves
+        the socket. A header the decoder would refuse (negative, the 12-byte
+        form, over max_size or ``limit``) ends the scan: the exact path that
+        follows receives or reports it.
         """
         d = self._decoder
         sock = self._sock
@@ -764,13 +765,14 @@ class Channel(_ChannelIO):
         if r == 0:
             self._eof()
         buf = d._buf
-        limit = d._max_size
+        max_size = d._max_size
         pos = 0
-        while True:
+        while frames != 0:
             h, n = _parse_header(buf, wpos + pos, r - pos)
-            if h != 4 or 0 <= limit < n or n > r - pos - 4:
+            if h != 4 or 0 <= max_size < n or 0 <= limit < n or n > r - pos - 4:
                 break
             pos += 4 + n
+            frames -= 1
         read = self._readmsg if self._is_unix else self._read
         got = 0
         while got < pos:
@@ -784,6 +786,26 @@ class Channel(_ChannelIO):
             d._wpos += r
             d._received += r
         return pos
+
+    def recv_frame_peeking(self, frames: int, maxlength: SupportsInt | None = None,
+                           timeout: float | None = None) -> bytes:
+        """recv_frame, taking with it the whole frames that have arrived behind it, ``frames`` in all at most.
+
+        For a caller that knows how many frames the peer has left to send
+        before it waits for an answer (the authkey handshake): its pipelined
+        frames come in one receive (peeked at, then taken exactly), and
+        nothing past them leaves the socket. Later receives return them.
+        """
+        limit = -1 if maxlength is None else _longlong(maxlength)
+        deadline = -1.0 if timeout is None else self._deadline(timeout)
+        self._fdcheck()
+        self._flush_first()
+        d = self._decoder
+        if d._broken is not None:
+            raise d._broken
+        if frames > 1 and not self._ahead and d._target is None and d._cur < 0 and d._wpos == d._rpos:
+            self._peek_whole(deadline, frames, limit)
+        return self._recv_frame(limit, deadline)
 
     def recv_frames(self, timeout: float | None = None) -> list[bytes]:
         """Receive every frame available now as a list, blocking for at least one.
