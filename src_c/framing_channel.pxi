@@ -639,11 +639,13 @@ cdef class Channel:
         self._fdcheck()
         self._flush_first()
         d._check()
-        if frames > 1 and not self.ahead and d.target is None and d.cur < 0 and d.wpos == d.rpos:
-            self._peek_whole(deadline, frames, limit)
+        if frames > 0 and not self.ahead and d.target is None and d.cur < 0 and d.wpos == d.rpos:
+            # the peer is usually still to answer: wait, then peek (no try first)
+            self._peek_whole(deadline, frames, limit, False)
         return self._recv_frame(limit, deadline)
 
-    cdef Py_ssize_t _peek_whole(self, double deadline, Py_ssize_t frames=-1, long long limit=-1) except -1:
+    cdef Py_ssize_t _peek_whole(self, double deadline, Py_ssize_t frames=-1, long long limit=-1,
+                                bint tryfirst=True) except -1:
         """Peek at what the socket holds; take exactly the whole frames at its head.
 
         Returns the bytes taken into the (empty) buffer, 0 if no whole frame
@@ -668,16 +670,18 @@ cdef class Channel:
             with nogil:
                 _spin_recv(self.fd, p, d.cap - d.wpos, MSG_PEEK, until)
         while True:
-            # try first with the GIL held, as _read does
-            r = recv(self.fd, p, d.cap - d.wpos, MSG_PEEK | MSG_DONTWAIT)
-            if r >= 0:
-                break
-            if errno == EINTR:
-                PyErr_CheckSignals()
-                continue
-            if errno != EAGAIN and errno != EWOULDBLOCK:
-                PyErr_SetFromErrno(OSError)
-                return -1
+            if tryfirst:
+                # try first with the GIL held, as _read does
+                r = recv(self.fd, p, d.cap - d.wpos, MSG_PEEK | MSG_DONTWAIT)
+                if r >= 0:
+                    break
+                if errno == EINTR:
+                    PyErr_CheckSignals()
+                    continue
+                if errno != EAGAIN and errno != EWOULDBLOCK:
+                    PyErr_SetFromErrno(OSError)
+                    return -1
+            tryfirst = True
             if deadline >= 0:
                 if not _wait_fd(self.fd, POLLIN, deadline):
                     raise FastnetTimeout("timed out waiting for data")

@@ -727,7 +727,7 @@ class Channel(_ChannelIO):
                 if type(v) is memoryview:
                     v.release()
 
-    def _peek_whole(self, deadline: float, frames: int = -1, limit: int = -1) -> int:
+    def _peek_whole(self, deadline: float, frames: int = -1, limit: int = -1, tryfirst: bool = True) -> int:
         """Peek at what the socket holds; take exactly the whole frames at its head.
 
         Returns the bytes taken into the (empty) buffer, 0 if no whole frame
@@ -752,6 +752,8 @@ class Channel(_ChannelIO):
                     except BlockingIOError:
                         if _monotonic() >= until:
                             break
+            if not tryfirst and deadline >= 0 and not self._wait(_POLLIN, deadline):
+                raise FastnetTimeout("timed out waiting for data")
             while True:
                 try:
                     if deadline >= 0:
@@ -803,8 +805,9 @@ class Channel(_ChannelIO):
         d = self._decoder
         if d._broken is not None:
             raise d._broken
-        if frames > 1 and not self._ahead and d._target is None and d._cur < 0 and d._wpos == d._rpos:
-            self._peek_whole(deadline, frames, limit)
+        if frames > 0 and not self._ahead and d._target is None and d._cur < 0 and d._wpos == d._rpos:
+            # the peer is usually still to answer: wait, then peek (no try first)
+            self._peek_whole(deadline, frames, limit, False)
         return self._recv_frame(limit, deadline)
 
     def recv_frames(self, timeout: float | None = None) -> list[bytes]:
