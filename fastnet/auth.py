@@ -13,7 +13,7 @@ multiprocessing does; wrong bytes raise AuthenticationError, and a
 from __future__ import annotations
 
 import time
-from typing import Any, cast
+from typing import Any
 
 from fastnet.errors import (AuthenticationError, HandshakeMessageTooLarge, MessageTooLarge, ProtocolError,
                             TimeoutError, TruncatedFrameError)
@@ -30,11 +30,13 @@ __all__ = [
 ]
 
 def _recv(conn: Any, recv: Any, deadline: float | None, frames: int) -> bytes:
-    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+    data: bytes
     if recv is None:
-        return cast(bytes, conn.recv_bytes(MAX_MESSAGE))
+        data = conn.recv_bytes(MAX_MESSAGE)
+        return data
     try:
-        return cast(bytes, recv(MAX_MESSAGE, timeout, frames))
+        data = recv(MAX_MESSAGE, None if deadline is None else max(0.0, deadline - time.monotonic()), frames)
+        return data
     except (TimeoutError, MessageTooLarge, EOFError, ProtocolError) as exc:
         cause = exc if isinstance(exc, ProtocolError) and not isinstance(exc, TruncatedFrameError) else None
         raise handshake_failure(exc) from cause
@@ -63,10 +65,6 @@ def handshake_failure(exc: BaseException) -> BaseException:
     return exc
 
 
-def _deadline(timeout: float | None) -> float | None:
-    return None if timeout is None else time.monotonic() + timeout
-
-
 def _drive(conn: Any, hs: Handshake, timeout: float | None) -> None:
     """Run hs over conn until its verdict: return when done, raise its error.
 
@@ -78,36 +76,50 @@ def _drive(conn: Any, hs: Handshake, timeout: float | None) -> None:
     round trips). Only a frame the peer may pipeline (Handshake.next_pipelined)
     is waited for so: the others cannot be sent before this side's replies.
     """
-    deadline = _deadline(timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
     ch = getattr(conn, "_ch", None)
     recv = getattr(conn, "_recv_handshake", None)
-    send_many = getattr(conn, "send_many", None)
-    ack = quickack_socket(conn)
     out = hs.start()
     try:
         while True:
             if out and (hs.finished or ch is None or not hs.next_pipelined or not ch.has_frame()):
-                if send_many is not None and len(out) > 1:
-                    send_many(out)
-                else:
-                    for f in out:
-                        conn.send_bytes(f)
+                _send(conn, out)
                 out = []
-            if hs.error is not None:
-                raise hs.error
-            if hs.done:
+            if hs.finished:
+                if hs.error is not None:
+                    raise hs.error
                 return
             reply = hs.receive(_recv(conn, recv, deadline, hs.frames_left))
-            if (ack is not None and not reply and hs.error is None
-                    and (ch is None or not (ch.has_frame() or ch.poll(0.0)))):
-                # no reply carries the ACK of this frame, and the peer's next
-                # write may be waiting for it (see quickack); one already
-                # here was not held back
-                quickack(ack)
+            if not reply and hs.error is None and (ch is None or not ch.has_frame()):
+                _ack(conn, ch)
             out += reply
     finally:
         if not hs.finished:
             hs.abandon()
+
+
+def _send(conn: Any, frames: list[bytes]) -> None:
+    """The frames in one write where conn can (send_many), one alone as send_bytes."""
+    if len(frames) == 1:
+        conn.send_bytes(frames[0])
+    else:
+        send_many = getattr(conn, "send_many", None)
+        if send_many is not None:
+            send_many(frames)
+        else:
+            for f in frames:
+                conn.send_bytes(f)
+
+
+def _ack(conn: Any, ch: Any) -> None:
+    """ACK at once a frame no reply carries the ACK of, on TCP, unless the peer's next frame is here.
+
+    The peer's next write may be waiting for that ACK (see quickack); one
+    already here was not held back.
+    """
+    sock = quickack_socket(conn)
+    if sock is not None and (ch is None or not ch.poll(0.0)):
+        quickack(sock)
 
 
 def deliver_challenge(conn: Any, authkey: bytes, digest_name: str | None = DEFAULT_DIGEST, *,

@@ -64,6 +64,14 @@ DEFAULT_DIGEST = "sha256"
 #: Handshake messages are refused above this size, as CPython does.
 MAX_MESSAGE: int = _auth.MAX_HANDSHAKE_MESSAGE
 
+# the kernel's functions and messages, bound once: the machine runs per connection
+_make_challenge = _auth.make_challenge
+_parse_challenge = _auth.parse_challenge
+_create_response = _auth.create_response
+_verify_response = _auth.verify_response
+_WELCOME_MSG = _auth.WELCOME
+_FAILURE_MSG = _auth.FAILURE
+
 # What the machine waits for next.
 _CHALLENGE, _RESPONSE, _WELCOME = "challenge", "response", "welcome"
 
@@ -86,7 +94,7 @@ class Handshake:
     """
 
     __slots__ = ("authkey", "server_side", "strict", "digest", "done", "error", "finished", "next_pipelined",
-                 "_expect", "_nonce")
+                 "frames_left", "_expect", "_nonce")
 
     def __init__(self, authkey: bytes, server_side: bool, *, strict: bool = False,
                  digest: str | None = DEFAULT_DIGEST, mutual: bool = True) -> None:
@@ -110,15 +118,10 @@ class Handshake:
         #: challenge right behind its response. A driver holding replies then
         #: looks for that frame first, and answers both in one write.
         self.next_pipelined = False
-
-    @property
-    def frames_left(self) -> int:
-        """How many frames the peer has still to send in this handshake.
-
-        A driver may take that many from the stream at once: whatever
-        follows them is not the handshake's.
-        """
-        return len(self._expect)
+        #: How many frames the peer has still to send in this handshake. A
+        #: driver may take that many from the stream at once: whatever
+        #: follows them is not the handshake's.
+        self.frames_left = len(self._expect)
 
     def start(self) -> list[bytes]:
         """The frames to send before anything is received: the server's challenge."""
@@ -130,29 +133,33 @@ class Handshake:
             raise RuntimeError("the handshake is over")
         expect = self._expect
         step = expect.pop(0)
-        self.next_pipelined = self.server_side and bool(expect) and expect[0] == _CHALLENGE
-        out: list[bytes] = []
-        try:
-            if step == _RESPONSE:
-                try:
-                    _auth.verify_response(self.authkey, self._nonce, payload, self.strict)  # type: ignore[arg-type]
-                except AuthenticationError:
-                    out.append(_auth.FAILURE)
-                    raise
-                out.append(_auth.WELCOME)
-            elif step == _CHALLENGE:
-                nonce = _auth.parse_challenge(payload)
-                if not self.server_side and nonce in _outstanding:
-                    raise AuthenticationError("peer relayed a challenge issued by this process")
-                out.append(_auth.create_response(self.authkey, nonce, self.strict))
-                if not self.server_side and _RESPONSE in self._expect:
-                    out.append(self._challenge())     # pipelined behind the response
-            elif payload != _auth.WELCOME:
-                raise AuthenticationError("digest sent was rejected")
-        except AuthenticationError as exc:
-            self._end(exc)
-            return out
-        if not self._expect:
+        left = self.frames_left = len(expect)
+        self.next_pipelined = left != 0 and self.server_side and expect[0] == _CHALLENGE
+        out: list[bytes]
+        if step == _RESPONSE:
+            try:
+                _verify_response(self.authkey, self._nonce, payload, self.strict)  # type: ignore[arg-type]
+            except AuthenticationError as exc:
+                self._end(exc)
+                return [_FAILURE_MSG]
+            out = [_WELCOME_MSG]
+        else:
+            try:
+                if step == _CHALLENGE:
+                    nonce = _parse_challenge(payload)
+                    if not self.server_side and nonce in _outstanding:
+                        raise AuthenticationError("peer relayed a challenge issued by this process")
+                    out = [_create_response(self.authkey, nonce, self.strict)]
+                    if not self.server_side and _RESPONSE in expect:
+                        out.append(self._challenge())     # pipelined behind the response
+                elif payload != _WELCOME_MSG:
+                    raise AuthenticationError("digest sent was rejected")
+                else:
+                    out = []
+            except AuthenticationError as exc:
+                self._end(exc)
+                return []
+        if not left:
             self._end(None)
         return out
 
@@ -162,7 +169,7 @@ class Handshake:
             self._end(AuthenticationError("handshake abandoned"))
 
     def _challenge(self) -> bytes:
-        message, self._nonce = _auth.make_challenge(self.digest)
+        message, self._nonce = _make_challenge(self.digest)
         if not self.server_side:
             _outstanding.add(self._nonce)
         return message
