@@ -633,16 +633,21 @@ cdef class Channel:
         frames come in one receive (peeked at, then taken exactly), and
         nothing past them leaves the socket. Later receives return them.
         """
-        cdef FrameDecoder d = self.decoder
         cdef long long limit = -1 if maxlength is None else maxlength
+        # the peer is usually still to answer: wait, then peek (no try first)
+        return self._recv_frame(limit, self._peek_first(timeout, frames, limit, False))
+
+    cdef double _peek_first(self, timeout, Py_ssize_t frames=-1, long long limit=-1,
+                            bint tryfirst=True) except? -2.0:
+        """Start a receive that peeks (see _peek_whole) when nothing is buffered; its deadline."""
+        cdef FrameDecoder d = self.decoder
         cdef double deadline = self._deadline(timeout)
         self._fdcheck()
         self._flush_first()
         d._check()
-        if frames > 0 and not self.ahead and d.target is None and d.cur < 0 and d.wpos == d.rpos:
-            # the peer is usually still to answer: wait, then peek (no try first)
-            self._peek_whole(deadline, frames, limit, False)
-        return self._recv_frame(limit, deadline)
+        if frames != 0 and not self.ahead and d.target is None and d.cur < 0 and d.wpos == d.rpos:
+            self._peek_whole(deadline, frames, limit, tryfirst)
+        return deadline
 
     cdef Py_ssize_t _peek_whole(self, double deadline, Py_ssize_t frames=-1, long long limit=-1,
                                 bint tryfirst=True) except -1:
@@ -725,14 +730,9 @@ cdef class Channel:
         then taken exactly), or else the next frame as recv_frame does.
         """
         cdef FrameDecoder d = self.decoder
-        cdef double deadline = self._deadline(timeout)
+        cdef double deadline = self._peek_first(timeout)
         cdef list out = []
         cdef object f
-        self._fdcheck()
-        self._flush_first()
-        d._check()
-        if not self.ahead and d.target is None and d.cur < 0 and d.wpos == d.rpos:
-            self._peek_whole(deadline)
         while True:
             f = d._next(-1)
             if f is not None:

@@ -789,6 +789,18 @@ class Channel(_ChannelIO):
             d._received += r
         return pos
 
+    def _peek_first(self, timeout: float | None, frames: int = -1, limit: int = -1, tryfirst: bool = True) -> float:
+        """Start a receive that peeks (see _peek_whole) when nothing is buffered; its deadline."""
+        deadline = -1.0 if timeout is None else self._deadline(timeout)
+        self._fdcheck()
+        self._flush_first()
+        d = self._decoder
+        if d._broken is not None:
+            raise d._broken
+        if frames != 0 and not self._ahead and d._target is None and d._cur < 0 and d._wpos == d._rpos:
+            self._peek_whole(deadline, frames, limit, tryfirst)
+        return deadline
+
     def recv_frame_peeking(self, frames: int, maxlength: SupportsInt | None = None,
                            timeout: float | None = None) -> bytes:
         """recv_frame, taking with it the whole frames that have arrived behind it, ``frames`` in all at most.
@@ -799,16 +811,8 @@ class Channel(_ChannelIO):
         nothing past them leaves the socket. Later receives return them.
         """
         limit = -1 if maxlength is None else _longlong(maxlength)
-        deadline = -1.0 if timeout is None else self._deadline(timeout)
-        self._fdcheck()
-        self._flush_first()
-        d = self._decoder
-        if d._broken is not None:
-            raise d._broken
-        if frames > 0 and not self._ahead and d._target is None and d._cur < 0 and d._wpos == d._rpos:
-            # the peer is usually still to answer: wait, then peek (no try first)
-            self._peek_whole(deadline, frames, limit, False)
-        return self._recv_frame(limit, deadline)
+        # the peer is usually still to answer: wait, then peek (no try first)
+        return self._recv_frame(limit, self._peek_first(timeout, frames, limit, False))
 
     def recv_frames(self, timeout: float | None = None) -> list[bytes]:
         """Receive every frame available now as a list, blocking for at least one.
@@ -816,14 +820,8 @@ class Channel(_ChannelIO):
         Without read-ahead: every whole frame that has arrived (peeked at,
         then taken exactly), or else the next frame as recv_frame does.
         """
-        deadline = -1.0 if timeout is None else self._deadline(timeout)
-        self._fdcheck()
-        self._flush_first()
+        deadline = self._peek_first(timeout)
         d = self._decoder
-        if d._broken is not None:
-            raise d._broken
-        if not self._ahead and d._target is None and d._cur < 0 and d._wpos == d._rpos:
-            self._peek_whole(deadline)
         out: list[bytes] = []
         while True:
             d._drain(out)
