@@ -218,7 +218,8 @@ def test_readahead_rows_measure_where_fastnet_offers_the_option(transport):
     missing = next((f"fastnet.{api.__name__} has no readahead option" for api in (fastnet.Client, fastnet.Listener)
                     if "readahead" not in inspect.signature(api).parameters), None)
     offers = missing is None
-    for case, keys in (("pingpong", ["fastnet-readahead"]), ("stream", ["fastnet-readahead", "fastnet-batch-readahead"])):
+    for case, keys in (("pingpong", ["fastnet-readahead", "fastnet-readahead-pure"]),
+                       ("stream", ["fastnet-readahead", "fastnet-batch-readahead", "fastnet-readahead-pure"])):
         rows = report["results"][case]["unix"]
         for key in keys:
             if offers:
@@ -240,7 +241,7 @@ def test_handshake_measures_every_client_listener_pair(transport):
     report = transport[1]
     for family in ("tcp", "unix"):
         rows = report["results"]["handshake"][family]
-        assert list(rows) == ["mp", "fastnet", "fastnet-client", "fastnet-listener"]
+        assert list(rows) == ["mp", "fastnet", "fastnet-readahead", "fastnet-client", "fastnet-listener"]
         for key, row in rows.items():
             assert row["na"] is None and row["median"] > 0, (family, key, row["na"])
         assert rows["fastnet-client"]["label"] == "fastnet Client, stdlib Listener"
@@ -248,6 +249,7 @@ def test_handshake_measures_every_client_listener_pair(transport):
     texts = {(t["family"], t["target"]) for t in report["targets"] if t["status"] == "reported"}
     assert ("tcp", "stdlib Listener: fastnet vs stdlib Client") in texts
     assert ("unix", "stdlib Client: fastnet vs stdlib Listener") in texts
+    assert {("tcp", "read-ahead speed-up over the default"), ("unix", "read-ahead speed-up over the default")} <= texts
 
 
 def test_report_names_its_reference_figures(transport):
