@@ -27,7 +27,8 @@ def _depends(name):
     (which otherwise sees only its C source) covers them too.
     """
     if name == "auth":
-        return []
+        # compiled from fastnet/_pure/auth.py; this declares its cdef class
+        return [os.path.join("src_c", "fastnet", "_c", "auth.pxd")]
     parts = glob.glob(os.path.join("src_c", name + "_*.pxi"))
     shared = [os.path.join("src_c", f) for f in ("sockio.pxi", "syscalls.pxd", "framing.pxd")]
     # the module's own declarations: Cython finds a module's .pxd by its
@@ -46,8 +47,9 @@ def extensions():
             f"{HERE}; the source tree is incomplete, refusing to build"
         )
     exts = []
-    # auth gains nothing from static types (hashlib and hmac do its work), so it
-    # is compiled from its one source, the pure twin, in Cython's pure-Python mode
+    # auth is compiled from its one source, the pure twin, in Cython's
+    # pure-Python mode: hashlib and hmac do the work of its functions, and an
+    # augmenting .pxd (src_c/fastnet/_c/auth.pxd) types its handshake machine
     sources.append(os.path.join("fastnet", "_pure", "auth.py"))
     for pyx in sources:
         name = os.path.splitext(os.path.basename(pyx))[0]

@@ -9,43 +9,9 @@ servers' on-loop handshake, the TLS transport and the asyncio face.
 the framing kernel's decoder, reading exactly, so that nothing after the
 last handshake message is consumed.
 
-The protocol (CPython's multiprocessing.connection, byte for byte)::
-
-    Each direction is one challenge: the challenger sends
-
-        #CHALLENGE# {digest} <40 random bytes>           (CPython 3.12+)
-        #CHALLENGE# <20 random bytes>                    (legacy, < 3.12)
-
-    the answerer sends, for the nonce (all after #CHALLENGE#),
-
-        {digest} HMAC(authkey, nonce, digest)            (3.12+)
-        HMAC-MD5(authkey, nonce), raw 16 bytes           (legacy, or a legacy
-                                                          peer's answer to a
-                                                          prefixed challenge)
-
-    and the challenger replies #WELCOME# if the MAC is right, else
-    #FAILURE# and closes. Every message is one frame of at most 256 bytes.
-
-    Listener.accept (server)            Client (client)
-        challenge              ---->
-                               <----    response
-        WELCOME / FAILURE      ---->
-                               <----    challenge
-        response               ---->
-                               <----    WELCOME / FAILURE
-
-fastnet pipelines the same frames in the same order: its client sends its
-challenge right behind its response, and its server sends WELCOME and its
-response in one write when that challenge is already there. A stdlib peer
-reads the same bytes; fastnet to fastnet costs two round trips, not four.
-
-The MAC covers the whole nonce, digest prefix included, so a peer cannot
-downgrade the digest. ``strict=True`` refuses HMAC-MD5 in either direction
-(CPython accepts it). Relay protection: a nonce a client of this process
-issued and has not yet seen answered is refused when a server hands it to
-another of our clients as its challenge (a relaying server wants the answer
-it lacks). A server's own nonces need no such record, since a server answers
-only after its peer has proved the key.
+The protocol, CPython's multiprocessing.connection byte for byte, is written
+down beside the machine, in the auth kernel (``fastnet/_pure/auth.py``, the
+one source of both kernel sets; compiled, the machine is a cdef class).
 """
 from __future__ import annotations
 
@@ -64,124 +30,10 @@ DEFAULT_DIGEST = "sha256"
 #: Handshake messages are refused above this size, as CPython does.
 MAX_MESSAGE: int = _auth.MAX_HANDSHAKE_MESSAGE
 
-# the kernel's functions and messages, bound once: the machine runs per connection
-_make_challenge = _auth.make_challenge
-_parse_challenge = _auth.parse_challenge
-_create_response = _auth.create_response
-_verify_response = _auth.verify_response
-_WELCOME_MSG = _auth.WELCOME
-_FAILURE_MSG = _auth.FAILURE
-
-# What the machine waits for next.
-_CHALLENGE, _RESPONSE, _WELCOME = "challenge", "response", "welcome"
-
-# Nonces clients of this process issued and have not yet seen answered.
-_outstanding: set[bytes] = set()
-
-
-class Handshake:
-    """The authkey handshake of one side of one connection, without I/O.
-
-    ``Handshake(authkey, server_side, *, strict=False, digest="sha256",
-    mutual=True)``. ``start()`` returns the frames (payloads) to send first,
-    ``receive(payload)`` those a peer's frame calls for. Afterwards ``done``
-    is True once the peer is authenticated, or ``error`` holds the exception
-    the handshake failed with (send what was returned, then raise it). With
-    ``mutual=False`` a server only challenges (deliver_challenge) and a
-    client only answers (answer_challenge). ``digest=None`` challenges in
-    the legacy MD5 form. A driver that gives up (timeout, closed socket)
-    calls ``abandon()``.
-    """
-
-    __slots__ = ("authkey", "server_side", "strict", "digest", "done", "error", "finished", "next_pipelined",
-                 "frames_left", "_expect", "_nonce")
-
-    def __init__(self, authkey: bytes, server_side: bool, *, strict: bool = False,
-                 digest: str | None = DEFAULT_DIGEST, mutual: bool = True) -> None:
-        if not isinstance(authkey, bytes):
-            raise ValueError(f"Authkey must be bytes, not {type(authkey)!s}")
-        self.authkey = authkey
-        self.server_side = server_side
-        self.strict = strict
-        self.digest = digest
-        self.done = False
-        self.error: AuthenticationError | None = None
-        #: True once there is a verdict (done or error).
-        self.finished = False
-        self._nonce: bytes | None = None
-        if server_side:
-            self._expect = [_RESPONSE, _CHALLENGE, _WELCOME] if mutual else [_RESPONSE]
-        else:
-            self._expect = [_CHALLENGE, _WELCOME, _RESPONSE] if mutual else [_CHALLENGE, _WELCOME]
-        #: True if the peer's next frame may be on its way already, sent
-        #: without waiting for this side's replies: a fastnet client sends its
-        #: challenge right behind its response. A driver holding replies then
-        #: looks for that frame first, and answers both in one write.
-        self.next_pipelined = False
-        #: How many frames the peer has still to send in this handshake. A
-        #: driver may take that many from the stream at once: whatever
-        #: follows them is not the handshake's.
-        self.frames_left = len(self._expect)
-
-    def start(self) -> list[bytes]:
-        """The frames to send before anything is received: the server's challenge."""
-        return [self._challenge()] if self.server_side else []
-
-    def receive(self, payload: bytes) -> list[bytes]:
-        """Take the payload of the peer's next frame; return the payloads to send."""
-        if self.finished:
-            raise RuntimeError("the handshake is over")
-        expect = self._expect
-        step = expect.pop(0)
-        left = self.frames_left = len(expect)
-        self.next_pipelined = left != 0 and self.server_side and expect[0] == _CHALLENGE
-        out: list[bytes]
-        if step == _RESPONSE:
-            try:
-                _verify_response(self.authkey, self._nonce, payload, self.strict)  # type: ignore[arg-type]
-            except AuthenticationError as exc:
-                self._end(exc)
-                return [_FAILURE_MSG]
-            out = [_WELCOME_MSG]
-        else:
-            try:
-                if step == _CHALLENGE:
-                    nonce = _parse_challenge(payload)
-                    if not self.server_side and nonce in _outstanding:
-                        raise AuthenticationError("peer relayed a challenge issued by this process")
-                    out = [_create_response(self.authkey, nonce, self.strict)]
-                    if not self.server_side and _RESPONSE in expect:
-                        out.append(self._challenge())     # pipelined behind the response
-                elif payload != _WELCOME_MSG:
-                    raise AuthenticationError("digest sent was rejected")
-                else:
-                    out = []
-            except AuthenticationError as exc:
-                self._end(exc)
-                return []
-        if not left:
-            self._end(None)
-        return out
-
-    def abandon(self) -> None:
-        """Forget this handshake's nonce: the driver gave up on it."""
-        if not self.finished:
-            self._end(AuthenticationError("handshake abandoned"))
-
-    def _challenge(self) -> bytes:
-        message, self._nonce = _make_challenge(self.digest)
-        if not self.server_side:
-            _outstanding.add(self._nonce)
-        return message
-
-    def _end(self, error: AuthenticationError | None) -> None:
-        if error is None:
-            self.done = True
-        else:
-            self.error = error
-        self.finished = True
-        if self._nonce is not None:
-            _outstanding.discard(self._nonce)
+#: The authkey handshake machine of the active kernel set.
+Handshake = _auth.Handshake
+# nonces clients of this process issued and have not yet seen answered
+_outstanding = _auth._outstanding
 
 
 class HandshakeReader:
