@@ -941,7 +941,9 @@ def test_backpressure_pauses_reading_and_resumes(loop):
     wt = threading.Thread(target=writer)
     wt.start()
     try:
-        assert loop.run_until(lambda: protos and protos[0].transport.reading_paused, WAIT)
+        paused = loop.run_until(lambda: protos and protos[0].transport.reading_paused, WAIT)
+        assert paused, ("reading never paused", len(protos), sent.is_set(),
+                        protos and (protos[0].count, protos[0].max_queued, protos[0].transport.get_write_buffer_size()))
         p = protos[0]
         t = p.transport
         # the peer reads nothing: the loop stays paused with a bounded queue
