@@ -578,8 +578,8 @@ class Connection:
         return self._receiver().poll(timeout)
 
     def _recv_handshake(self, maxlength: int, timeout: float | None, frames: int) -> bytes:
-        # frames: how many the peer may send before it waits for us; taking
-        # them together is exact all the same (nothing past the handshake)
+        # frames: how many the peer has left to send in the handshake; taking
+        # those that arrived together is exact all the same (nothing past it)
         return self._receiver().recv_frame_peeking(frames, maxlength, timeout)
 
 

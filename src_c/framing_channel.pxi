@@ -629,9 +629,9 @@ cdef class Channel:
         """recv_frame, taking with it the whole frames that have arrived behind it, ``frames`` in all at most.
 
         For a caller that knows how many frames the peer has left to send
-        before it waits for an answer (the authkey handshake): its pipelined
-        frames come in one receive (peeked at, then taken exactly), and
-        nothing past them leaves the socket. Later receives return them.
+        in an exchange (the authkey handshake): the ones it pipelined come
+        in one receive (peeked at, then taken exactly), and nothing past the
+        exchange leaves the socket. Later receives return them.
         """
         cdef long long limit = -1 if maxlength is None else maxlength
         # the peer is usually still to answer: wait, then peek (no try first)
