@@ -12,12 +12,10 @@ multiprocessing does; wrong bytes raise AuthenticationError, and a
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from fastnet.errors import (AuthenticationError, HandshakeMessageTooLarge, MessageTooLarge, ProtocolError,
-                            TimeoutError, TruncatedFrameError)
-from fastnet.handshake import DEFAULT_DIGEST, MAX_MESSAGE, Handshake
+from fastnet._kernels import auth as _auth
+from fastnet.handshake import DEFAULT_DIGEST, Handshake
 from fastnet.handshake import quickack as quickack  # re-exported for the asyncio driver
 from fastnet.handshake import quickack_socket
 
@@ -29,97 +27,46 @@ __all__ = [
     "DEFAULT_DIGEST",
 ]
 
-def _recv(conn: Any, recv: Any, deadline: float | None, frames: int) -> bytes:
-    data: bytes
-    if recv is None:
-        data = conn.recv_bytes(MAX_MESSAGE)
-        return data
-    try:
-        data = recv(MAX_MESSAGE, None if deadline is None else max(0.0, deadline - time.monotonic()), frames)
-        return data
-    except (TimeoutError, MessageTooLarge, EOFError, ProtocolError) as exc:
-        cause = exc if isinstance(exc, ProtocolError) and not isinstance(exc, TruncatedFrameError) else None
-        raise handshake_failure(exc) from cause
-
-
-def handshake_failure(exc: BaseException) -> BaseException:
-    """The error a handshake raises for ``exc``, raised by a receive during it.
-
-    Any driver of :class:`~fastnet.handshake.Handshake` (this module's, the
-    asyncio face's) reports the same failures the same way.
-    """
-    if isinstance(exc, TimeoutError):
-        return TimeoutError("authentication handshake timed out")
-    if isinstance(exc, HandshakeMessageTooLarge):
-        return exc
-    if isinstance(exc, MessageTooLarge):
-        return HandshakeMessageTooLarge(f"handshake message too large: {exc}")
-    if isinstance(exc, TruncatedFrameError):
-        # an OSError too, as multiprocessing's "got end of file during message"
-        return TruncatedFrameError(exc.missing, f"connection failed during the handshake: {exc}")
-    if isinstance(exc, EOFError):
-        # a clean close: EOFError, as multiprocessing
-        return EOFError("connection failed during the handshake: closed by the peer")
-    if isinstance(exc, ProtocolError):
-        return AuthenticationError(f"connection failed during the handshake: {exc}")
-    return exc
+#: The error a handshake raises for an exception a receive raised during it.
+handshake_failure = _auth.handshake_failure
 
 
 def _drive(conn: Any, hs: Handshake, timeout: float | None) -> None:
-    """Run hs over conn until its verdict: return when done, raise its error.
+    """Run hs over conn until its verdict (Handshake.run): return when done, raise its error.
 
-    conn is a fastnet Connection, or anything with send_bytes/recv_bytes (a
-    stdlib one). A receive takes with its frame those that arrived behind
-    it, up to the handshake's last (Handshake.frames_left), so a pipelining
-    peer's frames come in together; replies then wait while the peer's next
-    frame is already here, and go out together in one write (fastnet's two
-    round trips). Only a frame the peer may pipeline (Handshake.next_pipelined)
-    is waited for so: the others cannot be sent before this side's replies.
+    conn is a fastnet Connection, whose channel the machine drives directly,
+    or anything with send_bytes/recv_bytes (a stdlib one, or a one-way
+    fastnet Connection, whose verbs raise as they would for the user).
     """
-    deadline = None if timeout is None else time.monotonic() + timeout
     ch = getattr(conn, "_ch", None)
-    recv = getattr(conn, "_recv_handshake", None)
-    out = hs.start()
-    try:
-        while True:
-            if out and (hs.finished or ch is None or not hs.next_pipelined or not ch.has_frame()):
-                _send(conn, out)
-                out = []
-            if hs.finished:
-                if hs.error is not None:
-                    raise hs.error
-                return
-            reply = hs.receive(_recv(conn, recv, deadline, hs.frames_left))
-            if not reply and hs.error is None and (ch is None or not ch.has_frame()):
-                _ack(conn, ch)
-            out += reply
-    finally:
-        if not hs.finished:
-            hs.abandon()
+    if ch is not None and conn._readable and conn._writable:
+        hs.run(ch.send_frame, ch.send_frames, ch.recv_frame_peeking, ch.has_frame, _acker(conn, ch), timeout)
+        return
+    recv_bytes = conn.recv_bytes
+
+    def recv(frames: int, maxlength: int, timeout: float | None) -> bytes:
+        data: bytes = recv_bytes(maxlength)
+        return data
+    hs.run(conn.send_bytes, getattr(conn, "send_many", None), recv, None, _acker(conn, None), timeout)
 
 
-def _send(conn: Any, frames: list[bytes]) -> None:
-    """The frames in one write where conn can (send_many), one alone as send_bytes."""
-    if len(frames) == 1:
-        conn.send_bytes(frames[0])
-    else:
-        send_many = getattr(conn, "send_many", None)
-        if send_many is not None:
-            send_many(frames)
-        else:
-            for f in frames:
-                conn.send_bytes(f)
-
-
-def _ack(conn: Any, ch: Any) -> None:
-    """ACK at once a frame no reply carries the ACK of, on TCP, unless the peer's next frame is here.
+def _acker(conn: Any, ch: Any) -> Any:
+    """ACK at once, on TCP, a frame no reply carries the ACK of, unless the peer's next frame is here.
 
     The peer's next write may be waiting for that ACK (see quickack); one
-    already here was not held back.
+    already here was not held back. None off TCP.
     """
     sock = quickack_socket(conn)
-    if sock is not None and (ch is None or not ch.poll(0.0)):
-        quickack(sock)
+    if sock is None:
+        return None
+    if ch is None:
+        return lambda: quickack(sock)
+    poll = ch.poll
+
+    def ack() -> None:
+        if not poll(0.0):
+            quickack(sock)
+    return ack
 
 
 def deliver_challenge(conn: Any, authkey: bytes, digest_name: str | None = DEFAULT_DIGEST, *,

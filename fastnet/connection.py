@@ -34,6 +34,7 @@ import socket
 import ssl
 import struct
 import time
+from _socket import inet_pton as _inet_pton
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing import reduction as _reduction, util as _util
 from multiprocessing.reduction import ForkingPickler
@@ -577,11 +578,6 @@ class Connection:
             timeout = 0.0
         return self._receiver().poll(timeout)
 
-    def _recv_handshake(self, maxlength: int, timeout: float | None, frames: int) -> bytes:
-        # frames: how many the peer has left to send in the handshake; taking
-        # those that arrived together is exact all the same (nothing past it)
-        return self._receiver().recv_frame_peeking(frames, maxlength, timeout)
-
 
 def reduce_connection(conn: Connection) -> tuple[Callable[..., Connection], tuple[Any, ...]]:
     """Pickle a Connection as multiprocessing does: a duplicated descriptor.
@@ -693,7 +689,7 @@ class Listener:
         """
         if self._socket is None:
             raise OSError("listener is closed")
-        s, self._last_accepted = self._socket.accept()
+        s, self._last_accepted = _accept(self._socket, self._family)
         if isinstance(self._last_accepted, bytes):
             self._last_accepted = self._last_accepted.decode("utf-8", "surrogateescape")
         try:
@@ -763,6 +759,36 @@ def _unlink_path(path: str | bytes) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _accept(lsock: socket.socket, fam: int) -> tuple[socket.socket, Any]:
+    """``lsock.accept()``, without making enum members of the family and type for every connection."""
+    fd, addr = lsock._accept()  # type: ignore[attr-defined]
+    s = socket.socket(fam, socket.SOCK_STREAM, 0, fd)
+    if socket.getdefaulttimeout() is None and lsock.gettimeout():
+        s.setblocking(True)     # as socket.accept: a timeout on the listener is not inherited
+    return s, addr
+
+
+def _connect_tcp(addr: tuple[Any, ...], timeout: float | None) -> socket.socket:
+    """``socket.create_connection(addr[:2], timeout)``; a numeric IPv4 host is connected to directly.
+
+    create_connection resolves even a literal address through getaddrinfo,
+    whose IDNA encoding of the host costs more than the rest of a connect.
+    """
+    host = addr[0]
+    try:
+        _inet_pton(socket.AF_INET, host)
+    except (OSError, TypeError):
+        return socket.create_connection(addr[:2], timeout)
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.settimeout(timeout)
+        s.connect((host, addr[1]))
+    except BaseException:
+        s.close()
+        raise
+    return s
 
 
 def _connect_unix(addr: str | bytes, timeout: float | None) -> socket.socket:
@@ -838,7 +864,7 @@ def Client(address: Address, family: str | int | None = None, authkey: bytes | N
         if fam == socket.AF_UNIX:
             s = _connect_unix(addr, timeout)
         else:
-            s = socket.create_connection(addr[:2], timeout)
+            s = _connect_tcp(addr, timeout)
     except socket.timeout:
         raise TimeoutError(f"connecting to {address!r} timed out") from None
     try:

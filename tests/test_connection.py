@@ -237,12 +237,32 @@ def test_tcp_nodelay_on_both_ends(pool):
             assert nodelay(s) != 0
 
 
-def test_connect_refused_is_an_oserror():
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_connect_refused_is_an_oserror(host):
+    # a literal host is connected to directly, a name through getaddrinfo: the same error
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        address = probe.getsockname()  # bound, not listening
+        port = probe.getsockname()[1]  # bound, not listening
         with pytest.raises(ConnectionRefusedError):
-            Client(address, timeout=T)
+            Client((host, port), timeout=T)
+
+
+@pytest.mark.parametrize("timeout", [None, T])
+def test_sockets_of_client_and_accept_are_the_stdlibs(timeout):
+    # Client(host literal) and accept() make their sockets without the stdlib's
+    # helpers: what a user sees of them is what socket.create_connection and
+    # socket.accept would give
+    with Listener(("127.0.0.1", 0)) as l:
+        for host in ("127.0.0.1", "localhost"):
+            with Client((host, l.address[1]), timeout=timeout) as c, accept(l) as s:
+                for conn in (c, s):
+                    sock = socket.socket(fileno=os.dup(conn.fileno()))
+                    with sock:
+                        assert sock.family == socket.AF_INET and sock.type == socket.SOCK_STREAM
+                        assert os.get_blocking(conn.fileno())
+                        assert os.get_inheritable(conn.fileno()) is False
+                assert l.last_accepted == sockname(c)
+                roundtrip(c, s)
 
 
 # -- state, context managers, fileno -------------------------------------------

@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import hmac
 import os
+from time import monotonic
+from typing import Any
 
-from fastnet.errors import AuthenticationError
+from fastnet.errors import (AuthenticationError, HandshakeMessageTooLarge, MessageTooLarge, ProtocolError,
+                            TimeoutError, TruncatedFrameError)
 
 CHALLENGE = b"#CHALLENGE#"
 WELCOME = b"#WELCOME#"
@@ -105,6 +108,29 @@ def verify_response(authkey: bytes, nonce: bytes, response: bytes, strict: bool 
         raise AuthenticationError(f"expected {name!r} of length {len(expected)}, got {len(mac)}")
     if not hmac.compare_digest(expected, mac):
         raise AuthenticationError("digest received was wrong")
+
+
+def handshake_failure(exc: BaseException) -> BaseException:
+    """The error a handshake raises for ``exc``, raised by a receive during it.
+
+    Every driver of :class:`Handshake` (``Handshake.run``, the asyncio
+    face's) reports the same failures the same way.
+    """
+    if isinstance(exc, TimeoutError):
+        return TimeoutError("authentication handshake timed out")
+    if isinstance(exc, HandshakeMessageTooLarge):
+        return exc
+    if isinstance(exc, MessageTooLarge):
+        return HandshakeMessageTooLarge(f"handshake message too large: {exc}")
+    if isinstance(exc, TruncatedFrameError):
+        # an OSError too, as multiprocessing's "got end of file during message"
+        return TruncatedFrameError(exc.missing, f"connection failed during the handshake: {exc}")
+    if isinstance(exc, EOFError):
+        # a clean close: EOFError, as multiprocessing
+        return EOFError("connection failed during the handshake: closed by the peer")
+    if isinstance(exc, ProtocolError):
+        return AuthenticationError(f"connection failed during the handshake: {exc}")
+    return exc
 
 
 # The handshake machine. Compiled, it is a cdef class (src_c/fastnet/_c/auth.pxd
@@ -235,6 +261,54 @@ class Handshake:
         if not left:
             self._end(None)
         return out
+
+    def run(self, send: Any, send_many: Any, recv: Any, has_frame: Any, ack: Any, timeout: float | None) -> None:
+        """Drive the machine over blocking I/O until its verdict: return when done, raise its error.
+
+        ``send(frame)`` writes one frame and ``send_many(frames)`` several in
+        one write (or None). ``recv(frames, maxlength, timeout)`` returns the
+        peer's next frame, taking with it up to ``frames`` whole frames that
+        arrived behind it (``frames_left``: nothing after the handshake).
+        ``has_frame()`` says a frame is already taken (None if the reader
+        takes one at a time); ``ack()`` ACKs the peer's last frame at once
+        (None off TCP; see ``fastnet.handshake.quickack``). ``timeout``
+        bounds the whole exchange; a receive's failure raises as
+        :func:`handshake_failure` says.
+
+        Replies wait while the peer's next frame is here already, and go in
+        one write: fastnet to fastnet, that is two round trips. Only a frame
+        the peer may pipeline (``next_pipelined``) is looked for so: the
+        others cannot be sent before this side's replies.
+        """
+        deadline = None if timeout is None else monotonic() + timeout
+        out = self.start()
+        try:
+            while True:
+                if out and (self.finished or has_frame is None or not self.next_pipelined or not has_frame()):
+                    if send_many is None or len(out) == 1:
+                        for frame in out:
+                            send(frame)
+                    else:
+                        send_many(out)
+                    out = []
+                if self.finished:
+                    if self.error is not None:
+                        raise self.error
+                    return
+                try:
+                    payload = recv(self.frames_left, MAX_HANDSHAKE_MESSAGE,
+                                   None if deadline is None else max(0.0, deadline - monotonic()))
+                except (TimeoutError, MessageTooLarge, EOFError, ProtocolError) as exc:
+                    if isinstance(exc, ProtocolError) and not isinstance(exc, TruncatedFrameError):
+                        raise handshake_failure(exc) from exc
+                    raise handshake_failure(exc) from None
+                reply = self.receive(payload)
+                if not reply and ack is not None and self.error is None and (has_frame is None or not has_frame()):
+                    ack()
+                out += reply
+        finally:
+            if not self.finished:
+                self.abandon()
 
     def abandon(self) -> None:
         """Forget this handshake's nonce: the driver gave up on it."""
