@@ -55,14 +55,15 @@ from distributed.comm.registry import Backend
 from distributed.comm.utils import OFFLOAD_THRESHOLD, ensure_concrete_host, from_frames, to_frames
 from distributed.protocol.utils import host_array
 from distributed.system import MEMORY_LIMIT
-from distributed.utils import ensure_ip, get_ip, nbytes
+from distributed.utils import ensure_ip, get_ip, nbytes, offload
 
-from fastnet import aio
+from fastnet import aio, shm
 from fastnet.errors import AuthenticationError
 
 __all__ = ["FastnetBackend", "FastnetTLSBackend", "FastnetComm", "FastnetTLSComm",
            "FastnetConnector", "FastnetTLSConnector", "FastnetListener", "FastnetTLSListener",
-           "DEFAULT_MAX_MESSAGE_SIZE", "SAME_HOST_CONFIG", "same_host_enabled", "same_host_name"]
+           "DEFAULT_MAX_MESSAGE_SIZE", "SAME_HOST_CONFIG", "same_host_enabled", "same_host_name",
+           "SHARED_MEMORY_CONFIG", "SHARED_MEMORY_THRESHOLD", "shared_memory_enabled"]
 
 logger = logging.getLogger("fastnet.dask")
 
@@ -76,25 +77,45 @@ OWN_BUFFER_THRESHOLD = 64 * 1024
 # The most frames one message may have (bounds the prelude a peer can send).
 MAX_FRAMES = 1 << 20
 # Prelude: little-endian u64 frame count, then one u64 per frame: its size,
-# with _JOINED set when the frame continues the previous frame's buffer.
+# with _JOINED set when the frame continues the previous frame's buffer, and
+# _SEGMENT when the frame (with the _JOINED ones after it) is in the next
+# shared-memory segment the message carries instead of in the stream.
 _U64 = struct.Struct("<Q")
 _JOINED = 1 << 63
-_SIZE_MASK = _JOINED - 1
+_SEGMENT = 1 << 62
+_SIZE_MASK = _SEGMENT - 1
 
 #: The Dask config key that turns the same-host path on (the default) or off.
 SAME_HOST_CONFIG = "distributed.comm.fastnet.same-host"
 _UCRED = struct.Struct("3i")
 _MAX_HOST = 64            # the longest IP literal a same-host preamble may carry
+#: The Dask config key that lets a plain same-host comm send large frames
+#: through shared memory (the default) or not.
+SHARED_MEMORY_CONFIG = "distributed.comm.fastnet.shared-memory"
+#: Own-buffer frames (a frame with its shards) of at least this many bytes go
+#: through shared memory on a plain same-host comm.
+SHARED_MEMORY_THRESHOLD = shm.THRESHOLD
+# The most segments one message carries (one sendmsg's descriptors); further frames go in the stream.
+_MAX_SEGMENTS = 253
+
+
+def _config_flag(key: str) -> bool:
+    value = dask.config.get(key, True)
+    if isinstance(value, str):
+        return value.strip().lower() not in ("0", "false", "no", "off", "")
+    return bool(value)
 
 
 def same_host_enabled() -> bool:
     """Whether comms between two processes of one host go over AF_UNIX (Dask config, default True)."""
     if not sys.platform.startswith("linux"):
         return False       # abstract AF_UNIX names are Linux's
-    value = dask.config.get(SAME_HOST_CONFIG, True)
-    if isinstance(value, str):
-        return value.strip().lower() not in ("0", "false", "no", "off", "")
-    return bool(value)
+    return _config_flag(SAME_HOST_CONFIG)
+
+
+def shared_memory_enabled() -> bool:
+    """Whether plain same-host comms send large frames as shared-memory segments (Dask config, default True)."""
+    return shm.available() and _config_flag(SHARED_MEMORY_CONFIG)
 
 
 def same_host_name(prefix: str, host: str, port: int) -> str:
@@ -131,8 +152,12 @@ def _same_host_candidates(prefix: str, host: str, port: int) -> list[str]:
     return names
 
 
-def _prelude(frames: list[Any]) -> tuple[bytes, int]:
-    """The prelude frame of a message and the message's size in bytes."""
+def _prelude(frames: list[Any], segments: bool = False) -> tuple[bytes, int, list[tuple[int, int]]]:
+    """The prelude frame of a message, the message's size in bytes, and the runs of frames to send in segments.
+
+    A run (start, end) is a frame and the shards joined to it; with
+    ``segments``, each run of at least SHARED_MEMORY_THRESHOLD bytes is one.
+    """
     words = [len(frames)]
     total = 0
     prev_obj: Any = None
@@ -146,7 +171,32 @@ def _prelude(frames: list[Any]) -> tuple[bytes, int]:
         else:
             words.append(n)
         prev_obj = obj if n >= OWN_BUFFER_THRESHOLD else None
-    return struct.pack(f"<{len(words)}Q", *words), total
+    runs: list[tuple[int, int]] = []
+    if segments:
+        count = len(frames)
+        i = 0
+        while i < count and len(runs) < _MAX_SEGMENTS:
+            j = i + 1
+            while j < count and words[j + 1] & _JOINED:
+                j += 1
+            if sum(w & _SIZE_MASK for w in words[i + 1:j + 1]) >= SHARED_MEMORY_THRESHOLD:
+                words[i + 1] |= _SEGMENT
+                runs.append((i, j))
+            i = j
+    return struct.pack(f"<{len(words)}Q", *words), total, runs
+
+
+def _pack(frames: list[Any], runs: list[tuple[int, int]]) -> list[Any]:
+    """One pool segment per run, holding its frames' bytes one after another."""
+    segs: list[Any] = []
+    try:
+        for i, j in runs:
+            segs.append(shm.pack(frames[i:j]))
+    except BaseException:
+        for seg in segs:
+            shm.pool.release(seg)
+        raise
+    return segs
 
 
 def _parse_prelude(prelude: bytes, limit: int | None) -> list[int]:
@@ -157,6 +207,8 @@ def _parse_prelude(prelude: bytes, limit: int | None) -> list[int]:
     if count != len(prelude) // 8 - 1:
         raise CommClosedError(f"message prelude says {count} frames and holds {len(prelude) // 8 - 1}")
     words = list(struct.unpack_from(f"<{count}Q", prelude, 8))
+    if any(w & _JOINED and w & _SEGMENT for w in words):
+        raise CommClosedError("bad message prelude: a joined frame cannot start a run")
     total = sum(w & _SIZE_MASK for w in words)
     if limit is not None and total > limit:
         raise CommClosedError(f"message of {total} bytes exceeds max_message_size={limit}")
@@ -204,6 +256,8 @@ class FastnetComm(Comm):
         self._peer_addr = peer_addr
         self._max_size = max_message_size
         self._reading = False
+        self._segments_in = False     # the connection takes descriptors: segments may arrive
+        self._segments_out = False    # large frames leave as segments
         self._extra: dict[str, Any] = {}
         self._read_extra(conn)
         # a comm dropped without close() must not leave its socket open
@@ -212,6 +266,15 @@ class FastnetComm(Comm):
 
     def _read_extra(self, conn: aio.AsyncConnection) -> None:
         pass
+
+    def _use_segments(self, send: bool) -> None:
+        """Take the peer's shared-memory segments, and send large frames as segments if ``send``."""
+        assert self._conn is not None
+        # a bound on descriptors waiting: the prelude of every message with segments is
+        # received soon after them, and the most that message claims is _MAX_SEGMENTS
+        self._conn.accept_fds(4 * _MAX_SEGMENTS)
+        self._segments_in = True
+        self._segments_out = send
 
     @property
     def local_address(self) -> str:
@@ -230,12 +293,37 @@ class FastnetComm(Comm):
         if conn is None:
             raise CommClosedError(f"in {self}: the comm is closed")
         self._reading = True
+        fds: list[int] = []
         try:
             words = _parse_prelude(await conn.recv_bytes(8 * (MAX_FRAMES + 1)), self._max_size)
+            nseg = sum(1 for w in words if w & _SEGMENT)
+            if nseg:
+                if not self._segments_in:
+                    raise CommClosedError(f"a message with {nseg} shared-memory segments on a comm that takes none")
+                # they came with (or before) the prelude: the sender passed them on its first byte
+                fds = conn.take_fds(nseg)
             frames: list[Any] = []
             i, count = 0, len(words)
             while i < count:
                 n = words[i] & _SIZE_MASK
+                if words[i] & _SEGMENT:
+                    j = i + 1
+                    while j < count and words[j] & _JOINED:
+                        j += 1
+                    sizes = [w & _SIZE_MASK for w in words[i:j]]
+                    fd = fds.pop(0)
+                    try:
+                        view = memoryview(shm.map_segment(fd, sum(sizes)))
+                    except OSError as exc:
+                        raise CommClosedError(f"in {self}: {exc}") from None
+                    finally:
+                        os.close(fd)
+                    off = 0
+                    for n in sizes:
+                        frames.append(view[off:off + n])
+                        off += n
+                    i = j
+                    continue
                 if n < OWN_BUFFER_THRESHOLD:
                     f = await conn.recv_bytes(n)
                     if len(f) != n:
@@ -259,6 +347,7 @@ class FastnetComm(Comm):
                     off += n
                 i = j
         except (EOFError, OSError) as exc:
+            _close_all(fds)
             # a clean close, a reset, a bad frame, a frame over the limit
             self.abort()
             if isinstance(exc, CommClosedError):
@@ -266,6 +355,7 @@ class FastnetComm(Comm):
             raise CommClosedError(f"in {self}: {type(exc).__name__}: {exc}") from exc
         except BaseException:
             # cancelled or failed half way through a message: the stream is out of step
+            _close_all(fds)
             self.abort()
             raise
         finally:
@@ -290,7 +380,9 @@ class FastnetComm(Comm):
             context={"sender": self.local_info, "recipient": self.remote_info, **self.handshake_options},
             frame_split_size=self.max_shard_size,
         )
-        prelude, total = _prelude(frames)
+        prelude, total, runs = _prelude(frames, self._segments_out)
+        if runs:
+            return await self._write_segments(conn, frames, prelude, total, runs)
         try:
             # queued by reference as distributed's TCP comm does: the frames are
             # this message's own, and a writer waiting for its reader to drain
@@ -303,6 +395,45 @@ class FastnetComm(Comm):
             # what already left is unknown: the comm cannot be used again
             self.abort()
             raise
+        return total + len(prelude)
+
+    async def _write_segments(self, conn: aio.AsyncConnection, frames: list[Any], prelude: bytes, total: int,
+                              runs: list[tuple[int, int]]) -> int:
+        """Send a message whose runs of frames go as shared-memory segments, the rest in the stream."""
+        if self.allow_offload:
+            # the copy releases the GIL: the loop runs on meanwhile
+            task = asyncio.ensure_future(offload(_pack, frames, runs))
+            try:
+                segs = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                # the copy finishes on its thread: its segments go back to the pool then
+                task.add_done_callback(_release_packed)
+                self.abort()
+                raise
+            except BaseException:
+                self.abort()
+                raise
+        else:
+            segs = _pack(frames, runs)
+        in_segments = set()
+        for i, j in runs:
+            in_segments.update(range(i, j))
+        fds: list[int] = []
+        try:
+            for seg in segs:
+                fds.append(seg.handover())
+            # the connection passes the descriptors, or copies of them, with the prelude's first byte
+            conn.write_many([prelude, *(f for k, f in enumerate(frames) if k not in in_segments)], fds=fds)
+        except OSError as exc:
+            self.abort()
+            raise CommClosedError(f"in {self}: {type(exc).__name__}: {exc}") from exc
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            _close_all(fds)
+            for seg in segs:
+                shm.pool.release(seg)
         return total + len(prelude)
 
     async def close(self) -> None:
@@ -332,6 +463,18 @@ class FastnetComm(Comm):
         # with no read pending nobody else would notice the peer going; what
         # it sent before going stays readable until a read meets the end
         return conn.closed or (not self._reading and conn.peer_gone())
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+    fds.clear()
+
+
+def _release_packed(task: asyncio.Future[list[Any]]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        for seg in task.result():
+            shm.pool.release(seg)
 
 
 def _close_dangling(conn: aio.AsyncConnection, r: str) -> None:
@@ -396,7 +539,11 @@ class _Scheme:
             raise CommClosedError("the connection closed before it could be used")
         if ends is None:
             ends = unparse_host_port(*sock.getsockname()[:2]), unparse_host_port(*sock.getpeername()[:2])
-        return self.comm_class(conn, self.prefix + ends[0], self.prefix + ends[1], deserialize, max_size)
+        comm = self.comm_class(conn, self.prefix + ends[0], self.prefix + ends[1], deserialize, max_size)
+        if sock.family == socket.AF_UNIX and not self.encrypted:
+            # TLS keeps every byte inside the encryption: segments are for plain comms
+            comm._use_segments(shared_memory_enabled())
+        return comm
 
 
 class FastnetConnector(_Scheme, Connector):
