@@ -393,7 +393,11 @@ async def test_tls_extra_info(pki, tls_args):
         b.abort()
 
 
-@gen_test()
+# the stream's own buffers: shared-memory segments have tests of their own below
+NO_SEGMENTS = {fdask.SHARED_MEMORY_CONFIG: False}
+
+
+@gen_test(config=NO_SEGMENTS)
 async def test_write_returns_the_byte_count_and_frames_arrive_writeable_in_own_buffers():
     a, b = await comm_pair("fastnet://127.0.0.1")
     x, y = np.arange(MiB, dtype=np.float64), np.ones(300_000, dtype=np.int32)
@@ -410,7 +414,7 @@ async def test_write_returns_the_byte_count_and_frames_arrive_writeable_in_own_b
     b.abort()
 
 
-@gen_test()
+@gen_test(config=NO_SEGMENTS)
 async def test_shards_of_one_frame_land_in_one_buffer():
     a, b = await comm_pair("fastnet://127.0.0.1")
     a.max_shard_size = 256 * 1024          # the 4 MiB array goes as 16 shards
@@ -602,7 +606,8 @@ def test_prelude_checks():
         fdask._parse_prelude(b"\x01\x00\x00", None)
     # the shards of one buffer are marked, others not
     base = memoryview(bytearray(3 * 70_000))
-    prelude, total = fdask._prelude([b"hdr", base[:70_000], base[70_000:140_000], memoryview(bytes(70_000))])
+    prelude, total, runs = fdask._prelude([b"hdr", base[:70_000], base[70_000:140_000], memoryview(bytes(70_000))])
+    assert runs == []
     count, *sizes = struct.unpack("<5Q", prelude)
     assert count == 4 and total == 3 + 3 * 70_000
     assert [s >> 63 for s in sizes] == [0, 0, 1, 0]
@@ -612,7 +617,7 @@ def test_frames_leave_in_one_sendmsg_unjoined(monkeypatch):
     """A message is one sendmsg call; a large frame is passed to it as the caller's buffer, not a copy."""
     calls = []
 
-    @gen_test()
+    @gen_test(config=NO_SEGMENTS)
     async def main():
         a, b = await comm_pair("fastnet://127.0.0.1")
         sock = a._conn.get_extra_info("socket")
