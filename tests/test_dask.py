@@ -1139,10 +1139,11 @@ def test_bench_dask_cases_measure_both_rows():
         fams = report["results"][case]
         assert list(fams) == ["tcp"]                       # a host:port scheme: no unix family rows
         rows = fams["tcp"]
-        assert list(rows) == ["tcp", "fastnet", "fastnet-host"]     # fastnet over TCP and on its same-host path
+        # fastnet over TCP, on its same-host path, and there with shared memory where arrays move
+        assert list(rows) == ["tcp", "fastnet", "fastnet-host"] + (["fastnet-shm"] if case != "dask-rtt" else [])
         for key, row in rows.items():
             assert row["na"] is None and row["median"] > 0, (case, key, row["na"])
-    for key in ("tcp", "fastnet", "fastnet-host"):
+    for key in ("tcp", "fastnet", "fastnet-host", "fastnet-shm"):
         info = report["results"]["dask-cluster"]["tcp"][key]["info"]
         assert info["transfers"] > 0 and info["moved_mib"] > 0, (key, info)
     targets = {t["target"]: t for t in report["targets"] if t["case"].startswith("dask")}
