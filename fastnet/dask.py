@@ -32,6 +32,33 @@ port on this path, reads ``host:0``), TLS, Dask's handshake,
 ``max_message_size`` and every comm semantic are those of TCP. The Dask
 config key ``distributed.comm.fastnet.same-host`` (:data:`SAME_HOST_CONFIG`)
 turns the path off.
+
+Shared memory
+-------------
+On a plain (not TLS) same-host comm a large frame does not cross the socket
+at all. The sender copies each frame of at least
+:data:`SHARED_MEMORY_THRESHOLD` bytes (a frame with the shards cut from the
+same buffer counts as one) into a ``memfd`` segment of :mod:`fastnet.shm`'s
+pool, once, and passes the segment's descriptor with the message's first
+byte (SCM_RIGHTS, at most 253 segments a message; further frames go in the
+stream); the prelude marks those frames, which have no bytes in the stream.
+The receiver takes the descriptors in arrival order, accepts each only if it
+is a memfd sealed against shrinking, as large as its frames, and the message
+within ``max_message_size`` (else the comm closes with an error saying
+which, and only that comm), maps it, and hands Dask writeable views of the
+mapping: numpy arrays are deserialized over the shared memory with no
+further copy, and the shards of one array are merged without one. The
+mapping lives as long as the objects viewing it, each run of frames in a
+mapping of its own; the sender's pool reuses a segment only after the
+receiver's last mapping of it is gone (:mod:`fastnet.shm`'s ownership
+protocol), and nothing outlives the two processes, whichever is killed.
+Copies of more than distributed's offload threshold run on its offload
+thread. Below Python 3.13 each mapping holds a descriptor of its own while
+it lives. ``distributed.comm.fastnet.shared-memory``
+(:data:`SHARED_MEMORY_CONFIG`) set false makes a process send every frame
+through the socket; a comm receives segments whatever its own setting.
+TLS comms never pass segments: the bytes would bypass the encryption, so
+every byte stays in the TLS stream, on the socket path.
 """
 from __future__ import annotations
 
@@ -382,13 +409,19 @@ class FastnetComm(Comm):
             frame_split_size=self.max_shard_size,
         )
         prelude, total, runs = _prelude(frames, self._segments_out)
-        if runs:
-            return await self._write_segments(conn, frames, prelude, total, runs)
+        segs = await self._pack(frames, runs) if runs else []
+        fds: list[int] = []
         try:
+            if segs:
+                in_segments = {k for i, j in runs for k in range(i, j)}
+                frames = [f for k, f in enumerate(frames) if k not in in_segments]
+                for seg in segs:
+                    fds.append(seg.handover())
             # queued by reference as distributed's TCP comm does: the frames are
             # this message's own, and a writer waiting for its reader to drain
-            # the socket would deadlock a task that writes then reads
-            conn.write_many([prelude, *frames])
+            # the socket would deadlock a task that writes then reads; the
+            # descriptors (or the connection's copies) leave with the prelude's first byte
+            conn.write_many([prelude, *frames], fds=fds)
         except OSError as exc:
             self.abort()
             raise CommClosedError(f"in {self}: {type(exc).__name__}: {exc}") from exc
@@ -396,47 +429,34 @@ class FastnetComm(Comm):
             # what already left is unknown: the comm cannot be used again
             self.abort()
             raise
-        return total + len(prelude)
-
-    async def _write_segments(self, conn: aio.AsyncConnection, frames: list[Any], prelude: bytes, total: int,
-                              runs: list[tuple[int, int]]) -> int:
-        """Send a message whose runs of frames go as shared-memory segments, the rest in the stream."""
-        if self.allow_offload and sum(nbytes(frames[k]) for i, j in runs for k in range(i, j)) > OFFLOAD_THRESHOLD:
-            # a long copy goes to a thread, as distributed's serialization does (it releases
-            # the GIL): the loop runs on meanwhile; a short one costs less than the handoff
-            task = asyncio.ensure_future(offload(_pack, frames, runs))
-            try:
-                segs = await asyncio.shield(task)
-            except asyncio.CancelledError:
-                # the copy finishes on its thread: its segments go back to the pool then
-                task.add_done_callback(_release_packed)
-                self.abort()
-                raise
-            except BaseException:
-                self.abort()
-                raise
-        else:
-            segs = _pack(frames, runs)
-        in_segments = set()
-        for i, j in runs:
-            in_segments.update(range(i, j))
-        fds: list[int] = []
-        try:
-            for seg in segs:
-                fds.append(seg.handover())
-            # the connection passes the descriptors, or copies of them, with the prelude's first byte
-            conn.write_many([prelude, *(f for k, f in enumerate(frames) if k not in in_segments)], fds=fds)
-        except OSError as exc:
-            self.abort()
-            raise CommClosedError(f"in {self}: {type(exc).__name__}: {exc}") from exc
-        except BaseException:
-            self.abort()
-            raise
         finally:
             _close_all(fds)
             for seg in segs:
                 shm.pool.release(seg)
         return total + len(prelude)
+
+    async def _pack(self, frames: list[Any], runs: list[tuple[int, int]]) -> list[Any]:
+        """The runs of frames copied into shared-memory segments (the comm aborts if that fails)."""
+        try:
+            if not self.allow_offload or sum(nbytes(frames[k]) for i, j in runs
+                                             for k in range(i, j)) <= OFFLOAD_THRESHOLD:
+                # a short copy costs less than a handoff to a thread
+                return _pack(frames, runs)
+            # a long one goes to a thread, as distributed's serialization does (the
+            # copy releases the GIL): the loop runs on meanwhile
+            task = asyncio.ensure_future(offload(_pack, frames, runs))
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                # the copy finishes on its thread: its segments go back to the pool then
+                task.add_done_callback(_release_packed)
+                raise
+        except OSError as exc:
+            self.abort()
+            raise CommClosedError(f"in {self}: shared memory: {type(exc).__name__}: {exc}") from exc
+        except BaseException:
+            self.abort()
+            raise
 
     async def close(self) -> None:
         """Flush what is queued, then close (idempotent)."""
