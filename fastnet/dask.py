@@ -125,6 +125,9 @@ SHARED_MEMORY_CONFIG = "distributed.comm.fastnet.shared-memory"
 SHARED_MEMORY_THRESHOLD = shm.THRESHOLD
 # The most segments one message carries (one sendmsg's descriptors); further frames go in the stream.
 _MAX_SEGMENTS = 253
+# The most received descriptors a comm queues: the prelude of a message with segments
+# is received right after them, and the most one message claims is _MAX_SEGMENTS.
+_MAX_QUEUED_FDS = 4 * _MAX_SEGMENTS
 
 
 def _config_flag(key: str) -> bool:
@@ -298,9 +301,7 @@ class FastnetComm(Comm):
     def _use_segments(self, send: bool) -> None:
         """Take the peer's shared-memory segments, and send large frames as segments if ``send``."""
         assert self._conn is not None
-        # a bound on descriptors waiting: the prelude of every message with segments is
-        # received soon after them, and the most that message claims is _MAX_SEGMENTS
-        self._conn.accept_fds(4 * _MAX_SEGMENTS)
+        self._conn.accept_fds(_MAX_QUEUED_FDS)
         self._segments_in = True
         self._segments_out = send
 
@@ -699,6 +700,9 @@ class FastnetListener(_Scheme, BaseListener):
 
     async def _same_host_ends(self, conn: aio.AsyncConnection, bound: tuple[str, int]) -> tuple[str, str]:
         """(local, peer) of a same-host comm, from the IP its connector meant (its first frame)."""
+        if not self.encrypted:
+            # before anything is read: no descriptor the connector sends is dropped
+            conn.accept_fds(_MAX_QUEUED_FDS)
         raw = await conn.recv_bytes(_MAX_HOST)
         try:
             ip = ipaddress.ip_address(raw.decode("ascii"))

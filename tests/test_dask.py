@@ -943,6 +943,20 @@ async def test_bad_segment_from_the_peer_closes_only_its_comm(bad, error):
     other_peer.abort()
 
 
+@pytest.mark.parametrize("tls", [False, True])
+@gen_test()
+async def test_segment_frames_on_a_comm_that_takes_none_close_it(tls, pki):
+    scheme, args = _scheme(tls, _same_host_tls(pki))
+    with dask.config.set({fdask.SAME_HOST_CONFIG: tls}):      # TCP, or the same-host path with TLS
+        a, b = await comm_pair(f"{scheme}://127.0.0.1", **args)
+    assert family(b) == (socket.AF_UNIX if tls else socket.AF_INET)
+    a._conn.write_many([struct.pack("<2Q", 1, MiB | fdask._SEGMENT)])
+    with pytest.raises(CommClosedError, match="on a comm that takes none"):
+        await b.read()
+    assert b.closed()
+    a.abort()
+
+
 SIGKILLED_SENDER = r"""
 import asyncio, os, signal, struct, sys
 import numpy as np
