@@ -245,6 +245,7 @@ class AsyncConnection:
         """
         if not self._fd_passing or self._sock is None or self._sock.family != socket.AF_UNIX:
             raise ValueError("descriptors can only be passed over plain AF_UNIX connections")
+        self._check()
         if max_queued < 1:
             raise ValueError("max_queued must be at least 1")
         self._max_fds = max_queued
