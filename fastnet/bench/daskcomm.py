@@ -18,8 +18,8 @@ kernels, every comm over TCP: ``distributed.comm.fastnet.same-host`` off),
 ``fastnet-host`` (the same-host path: both ends on this host talk over an
 abstract AF_UNIX socket, every byte through it:
 ``distributed.comm.fastnet.shared-memory`` off) and, in the cases that move
-arrays, ``fastnet-shm`` (the same-host path with large frames passed as
-shared-memory segments, the default). Run only where distributed is installed.
+arrays, ``fastnet-shm``, labelled "fastnet:// shared memory" (the same-host
+path with large frames passed as shared-memory segments, the default). Run only where distributed is installed.
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def _impls(shm: bool = False) -> list[Impl]:
     impls = [Impl("tcp", "distributed tcp://", anchor=True), Impl("fastnet", "fastnet:// over TCP", pure=False),
              Impl("fastnet-host", "fastnet:// same host", pure=False)]
     if shm:
-        impls.append(Impl("fastnet-shm", "fastnet:// same host, shared memory", pure=False))
+        impls.append(Impl("fastnet-shm", "fastnet:// shared memory", pure=False))
     return impls
 
 
