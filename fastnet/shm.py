@@ -56,7 +56,7 @@ from typing import Any
 from fastnet import zerocopy as _zc
 from fastnet.errors import MessageTooLarge, ProtocolError
 
-__all__ = ["THRESHOLD", "POOL_BYTES", "available", "empty", "SegmentPool", "pool"]
+__all__ = ["THRESHOLD", "POOL_BYTES", "available", "empty", "SegmentPool", "pool", "pack", "map_segment"]
 
 #: With ``shm=True`` on a connection, arrays of at least this many bytes go
 #: through shared memory (below it, mapping a segment costs more than the
@@ -262,23 +262,46 @@ def send(ch: Any, arr: Any, header: bytes, payload: Any) -> None:
     m = memoryview(payload)
     # a Fortran-ordered plain buffer has no flat byte view: its bytes in memory order
     src = m.cast("B") if m.c_contiguous else memoryview(m.tobytes("A"))
-    n = src.nbytes
-    seg = pool.acquire(n)
     try:
-        np = _zc._np
-        if np is not None and n:
-            # numpy copies with the GIL released; a memoryview assignment holds it
-            np.copyto(np.frombuffer(seg.map, np.uint8, n), np.frombuffer(src, np.uint8))
-        else:
-            seg.map[:n] = src
+        seg = pack([src])
+    finally:
+        src.release()
+    try:
         fd = seg.handover()
         try:
             ch.send_frame_fds(shm_header(header), [fd])
         finally:
             os.close(fd)
     finally:
-        src.release()
         pool.release(seg)
+
+
+def pack(buffers: list[Any]) -> _Segment:
+    """A segment out of the pool holding the bytes of ``buffers`` (C-contiguous) one after another.
+
+    Send ``seg.handover()`` (close that descriptor after sending), then
+    ``pool.release(seg)``: the ownership protocol of the module docstring.
+    """
+    views = [memoryview(b).cast("B") for b in buffers]
+    seg = pool.acquire(sum(v.nbytes for v in views))
+    try:
+        np = _zc._np
+        off = 0
+        for v in views:
+            n = v.nbytes
+            if np is not None and n:
+                # numpy copies with the GIL released; a memoryview assignment holds it
+                np.copyto(np.frombuffer(seg.map, np.uint8, n, off), np.frombuffer(v, np.uint8))
+            else:
+                seg.map[off:off + n] = v
+            off += n
+    except BaseException:
+        pool.release(seg)
+        raise
+    finally:
+        for v in views:
+            v.release()
+    return seg
 
 
 def _check_segment(fd: int, nbytes: int) -> None:
@@ -293,6 +316,23 @@ def _check_segment(fd: int, nbytes: int) -> None:
         raise ProtocolError(f"the shared-memory segment holds {st.st_size} bytes, the array needs {nbytes}")
 
 
+def map_segment(fd: int, nbytes: int) -> Any:
+    """A writeable mapping of the first ``nbytes`` of a received segment (an empty bytearray for 0).
+
+    ProtocolError unless ``fd`` is a memfd sealed against shrinking and at
+    least ``nbytes`` long. The caller still owns ``fd``; the mapping lives
+    as long as the objects that view it.
+    """
+    _check_segment(fd, nbytes)
+    if nbytes == 0:
+        return bytearray()
+    try:
+        return mmap.mmap(fd, nbytes, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                         mmap.PROT_READ | mmap.PROT_WRITE, **_MMAP_KW)
+    except OSError as exc:
+        raise ProtocolError(f"cannot map the shared-memory segment: {exc}") from None
+
+
 def receive(header: bytes, fds: list[int], out: Any, max_size: int | None) -> Any:
     """Map the segment of a shared-memory array header; return an array over it, or copy it into ``out``.
 
@@ -305,15 +345,7 @@ def receive(header: bytes, fds: list[int], out: Any, max_size: int | None) -> An
         nbytes = _zc.nbytes_of(shape, _zc.itemsize_of(kind, tname))
         if max_size is not None and nbytes > max_size:
             raise MessageTooLarge(f"array of {nbytes} bytes exceeds max_message_size={max_size}")
-        _check_segment(fds[0], nbytes)
-        if nbytes == 0:
-            mm: Any = bytearray()
-        else:
-            try:
-                mm = mmap.mmap(fds[0], nbytes, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-                               mmap.PROT_READ | mmap.PROT_WRITE, **_MMAP_KW)
-            except OSError as exc:
-                raise ProtocolError(f"cannot map the shared-memory segment: {exc}") from None
+        mm = map_segment(fds[0], nbytes)
     finally:
         for fd in fds:
             os.close(fd)

@@ -915,3 +915,165 @@ def test_async_methods_run_on_the_servers_loop_which_stops_with_it():
         srv.shutdown()
         srv.server_close()
     assert not thread.is_alive()
+
+
+# -- descriptor passing (AF_UNIX) -------------------------------------------------------------
+
+
+def _pipe_fds(k):
+    """k pipes: (read ends, write ends)."""
+    pipes = [os.pipe() for _ in range(k)]
+    return [r for r, _ in pipes], [w for _, w in pipes]
+
+
+def _close(fds):
+    for f in fds:
+        os.close(f)
+
+
+def test_descriptors_ride_on_messages_and_arrive_in_order(run):
+    async def main():
+        before = count_fds()
+        a, b = await _socketpair_conns()
+        b.accept_fds()
+        rs, ws = _pipe_fds(3)
+        await a.send_many([b"one", b"two"], fds=ws[:2])
+        a.write_many([b"three"], fds=ws[2:])
+        _close(ws)              # the caller's own: the connection needs them no longer
+        assert await b.recv_bytes() == b"one"
+        assert await b.recv_bytes() == b"two"
+        assert await b.recv_bytes() == b"three"
+        assert b.pending_fds == 3
+        got = b.take_fds(2) + b.take_fds(1)
+        assert b.pending_fds == 0
+        for i, (r, w) in enumerate(zip(rs, got)):
+            os.write(w, b"%d" % i)          # the write end of the same pipe, in send order
+            assert os.read(r, 8) == b"%d" % i
+        _close(got + rs)
+        await a.send_many([b"none"])
+        assert await b.recv_bytes() == b"none"
+        with pytest.raises(ProtocolError, match="1 descriptors expected, 0 arrived"):
+            b.take_fds(1)
+        assert b.closed               # the peer's messages said more than it sent
+        a.close()
+        await a.wait_closed()
+        assert count_fds() == before
+    run(main)
+
+
+def test_descriptors_queued_behind_unsent_bytes_leave_with_their_message(run):
+    async def main():
+        before = count_fds()
+        a, b = await _socketpair_conns()
+        b.accept_fds()
+        big = pattern(8 * MiB)
+        a.write_many([big])                     # more than the socket takes: the rest is queued
+        assert a.write_buffer_size > 0
+        rs, ws = _pipe_fds(4)
+        a.write_many([b"x"], fds=ws[:1])
+        a.write_many([b"y"], fds=ws[1:3])
+        a.write_many([b"z"], fds=ws[3:])
+        _close(ws)                              # the connection keeps copies until they leave
+        assert await b.recv_bytes() == big
+        for m in (b"x", b"y", b"z"):
+            assert await b.recv_bytes() == m
+        got = b.take_fds(4)
+        for i, (r, w) in enumerate(zip(rs, got)):
+            os.write(w, b"%d" % i)
+            assert os.read(r, 8) == b"%d" % i
+        _close(got + rs)
+        a.close()
+        b.close()
+        await a.wait_closed()
+        assert count_fds() == before
+    run(main)
+
+
+def test_descriptors_left_queued_or_unsent_close_with_the_connection(run):
+    async def main():
+        before = count_fds()
+        a, b = await _socketpair_conns()
+        b.accept_fds()
+        a.write_many([pattern(8 * MiB)])
+        rs, ws = _pipe_fds(2)
+        a.write_many([b"x"], fds=ws)            # still queued behind the big message
+        a.write_many([b"y"], fds=rs)            # ... and so are these
+        _close(rs + ws)
+        assert len(await b.recv_bytes()) == 8 * MiB
+        assert await b.recv_bytes() == b"x"
+        assert b.pending_fds >= 2
+        a.abort()
+        b.abort()
+        assert count_fds() == before
+    run(main)
+
+
+def test_descriptors_beyond_the_queue_bound_close_the_connection(run):
+    async def main():
+        before = count_fds()
+        a, b = await _socketpair_conns()
+        b.accept_fds(max_queued=2)
+        rs, ws = _pipe_fds(3)
+        await a.send_many([b"x"], fds=ws)
+        _close(ws)
+        with pytest.raises(ProtocolError, match="at most 2"):
+            await b.recv_bytes()
+        assert b.closed
+        _close(rs)
+        a.abort()
+        assert count_fds() == before
+    run(main)
+
+
+def test_a_truncated_control_message_closes_the_connection(run):
+    import resource
+
+    async def main():
+        a, b = await _socketpair_conns()
+        b.accept_fds()
+        rs, ws = _pipe_fds(8)
+        await a.send_many([b"x"], fds=ws)
+        _close(ws)
+        # every descriptor number up to the highest taken, so the limit below leaves room for two
+        top = max(int(x) for x in os.listdir("/proc/self/fd"))
+        fillers = []
+        while not fillers or fillers[-1] < top:
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        before = count_fds()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        # room for fewer descriptors than were sent: the kernel truncates the control message
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(fillers) + 3, hard))
+        try:
+            with pytest.raises(ProtocolError, match="control message truncated"):
+                await b.recv_bytes()
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert b.closed
+        assert count_fds() == before - 1       # b's socket; none of what arrived
+        _close(rs + fillers)
+        a.abort()
+    run(main)
+
+
+def test_descriptors_need_a_plain_af_unix_connection(run):
+    async def main():
+        a, b = await _socketpair_conns()
+        with pytest.raises(ValueError, match="accept_fds"):
+            b.take_fds(1)
+        with pytest.raises(ValueError, match="between 1 and 253"):
+            a.write_many([b"x"], fds=[0] * 254)
+        with pytest.raises(ValueError, match="at least one message"):
+            await a.send_many([], fds=[0])
+        a.abort()
+        b.abort()
+        server = await aio.serve(("127.0.0.1", 0), echo_bytes)
+        try:
+            c = await aio.connect(server.address)
+            with pytest.raises(ValueError, match="AF_UNIX"):
+                c.accept_fds()
+            with pytest.raises(ValueError, match="AF_UNIX"):
+                await c.send_many([b"x"], fds=[0])
+            c.abort()
+        finally:
+            server.close()
+    run(main)

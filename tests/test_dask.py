@@ -13,8 +13,10 @@ the reason, where namespaces cannot be made). The file runs once per kernel
 set (``FASTNET_PURE=1``).
 """
 import asyncio
+import fcntl
 import gc
 import json
+import mmap
 import os
 import socket
 import struct
@@ -393,7 +395,11 @@ async def test_tls_extra_info(pki, tls_args):
         b.abort()
 
 
-@gen_test()
+# the stream's own buffers: shared-memory segments have tests of their own below
+NO_SEGMENTS = {fdask.SHARED_MEMORY_CONFIG: False}
+
+
+@gen_test(config=NO_SEGMENTS)
 async def test_write_returns_the_byte_count_and_frames_arrive_writeable_in_own_buffers():
     a, b = await comm_pair("fastnet://127.0.0.1")
     x, y = np.arange(MiB, dtype=np.float64), np.ones(300_000, dtype=np.int32)
@@ -410,7 +416,7 @@ async def test_write_returns_the_byte_count_and_frames_arrive_writeable_in_own_b
     b.abort()
 
 
-@gen_test()
+@gen_test(config=NO_SEGMENTS)
 async def test_shards_of_one_frame_land_in_one_buffer():
     a, b = await comm_pair("fastnet://127.0.0.1")
     a.max_shard_size = 256 * 1024          # the 4 MiB array goes as 16 shards
@@ -602,7 +608,8 @@ def test_prelude_checks():
         fdask._parse_prelude(b"\x01\x00\x00", None)
     # the shards of one buffer are marked, others not
     base = memoryview(bytearray(3 * 70_000))
-    prelude, total = fdask._prelude([b"hdr", base[:70_000], base[70_000:140_000], memoryview(bytes(70_000))])
+    prelude, total, runs = fdask._prelude([b"hdr", base[:70_000], base[70_000:140_000], memoryview(bytes(70_000))])
+    assert runs == []
     count, *sizes = struct.unpack("<5Q", prelude)
     assert count == 4 and total == 3 + 3 * 70_000
     assert [s >> 63 for s in sizes] == [0, 0, 1, 0]
@@ -612,7 +619,7 @@ def test_frames_leave_in_one_sendmsg_unjoined(monkeypatch):
     """A message is one sendmsg call; a large frame is passed to it as the caller's buffer, not a copy."""
     calls = []
 
-    @gen_test()
+    @gen_test(config=NO_SEGMENTS)
     async def main():
         a, b = await comm_pair("fastnet://127.0.0.1")
         sock = a._conn.get_extra_info("socket")
@@ -807,6 +814,209 @@ def test_same_host_names_only_for_ip_literals_and_local_wildcards():
     assert fdask.same_host_name("fastnet-tls://", "127.0.0.1", 1) != fdask.same_host_name("fastnet://", "127.0.0.1", 1)
 
 
+# -- shared-memory segments on the same-host path ------------------------------------------------
+
+
+def in_segment(arr):
+    """True if ``arr`` views a mapped shared-memory segment (an mmap), not a buffer of its own."""
+    o = arr
+    while True:
+        if isinstance(o, mmap.mmap):
+            return True
+        if isinstance(o, memoryview):
+            o = o.obj
+        elif isinstance(o, np.ndarray) and o.base is not None:
+            o = o.base
+        else:
+            return False
+
+
+def segment_mappings():
+    """How many mappings of fastnet's memfd segments this process has."""
+    with open("/proc/self/maps") as f:
+        return sum("memfd:fastnet-shm" in line for line in f)
+
+
+@gen_test()
+async def test_large_frames_cross_in_shared_memory_writeable_and_alive_as_long_as_their_arrays():
+    a, b = await comm_pair("fastnet://127.0.0.1")
+    assert family(a) == family(b) == socket.AF_UNIX
+    x = np.random.default_rng(1).random(4 * MiB)              # 32 MiB
+    y = np.arange(MiB // 2, dtype=np.int16)                     # 1 MiB: at the threshold
+    small = np.arange(1000)
+    await a.write({"x": to_serialize(x), "y": to_serialize(y), "small": to_serialize(small)})
+    got = await b.read()
+    assert (got["x"] == x).all() and (got["y"] == y).all() and (got["small"] == small).all()
+    assert in_segment(got["x"]) and in_segment(got["y"]) and not in_segment(got["small"])
+    assert got["x"].flags.writeable and got["y"].flags.writeable
+    got["x"][:] = 0.5                                            # the receiver's own memory now
+    assert (x != 0.5).all()
+    # the other way, with the array in shards: one segment, merged without a copy
+    b.max_shard_size = 4 * MiB
+    await b.write({"back": to_serialize(x)})
+    back = (await a.read())["back"]
+    assert (back == x).all() and in_segment(back) and back.flags.writeable
+    # the mappings outlive the comms, and go with the arrays
+    a.abort()
+    b.abort()
+    held = segment_mappings()
+    assert (got["x"] == 0.5).all() and (back == x).all()
+    del got, back
+    gc.collect()
+    assert segment_mappings() < held
+
+
+@gen_test(config=NO_SEGMENTS)
+async def test_shared_memory_off_sends_every_frame_in_the_stream():
+    assert not fdask.shared_memory_enabled()
+    a, b = await comm_pair("fastnet://127.0.0.1")
+    assert family(a) == socket.AF_UNIX
+    x = np.arange(2 * MiB, dtype=np.float64)
+    await a.write({"x": to_serialize(x)})
+    got = (await b.read())["x"]
+    assert (got == x).all() and not in_segment(got) and get_host_array(got).nbytes == x.nbytes
+    a.abort()
+    b.abort()
+
+
+@gen_test()
+async def test_tls_same_host_comms_keep_every_frame_in_the_stream(pki):
+    args = _same_host_tls(pki)
+    a, b = await comm_pair("fastnet-tls://127.0.0.1", **args)
+    assert family(a) == socket.AF_UNIX
+    x = np.arange(2 * MiB, dtype=np.float64)
+    await a.write({"x": to_serialize(x)})
+    got = (await b.read())["x"]
+    assert (got == x).all() and not in_segment(got)
+    a.abort()
+    b.abort()
+
+
+def _memfd(size, seal=True):
+    fd = os.memfd_create("test", os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if seal else 0))
+    os.ftruncate(fd, size)
+    if seal:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    return fd
+
+
+@pytest.mark.parametrize("bad,error", [
+    ("pipe", "not a memfd segment"),
+    ("unsealed", "not sealed against shrinking"),
+    ("too small", "holds 4096 bytes, the array needs 1048576"),
+    ("too large", "exceeds max_message_size=1048576"),
+    ("missing", "1 descriptors expected, 0 arrived"),
+])
+@gen_test()
+async def test_bad_segment_from_the_peer_closes_only_its_comm(bad, error):
+    q, handler = comm_queue()
+    async with listen("fastnet://127.0.0.1", handler, max_message_size=MiB) as listener:
+        a = await connect(listener.contact_address)
+        b = await q.get()
+        other = await connect(listener.contact_address)
+        other_peer = await q.get()
+    before = count_fds()
+    size = 2 * MiB if bad == "too large" else MiB
+    fds = []
+    if bad == "pipe":
+        r, w = os.pipe()
+        fds, extra = [r], [w]
+    else:
+        fds, extra = [_memfd(size if bad != "too small" else 4096, seal=bad != "unsealed")], []
+    if bad == "missing":
+        fds, extra = [], fds
+    # a fastnet peer would never send this: the prelude marks a segment, the descriptor is wrong
+    a._conn.write_many([struct.pack("<2Q", 1, size | fdask._SEGMENT)], fds=fds)
+    for fd in fds + extra:
+        os.close(fd)
+    with pytest.raises(CommClosedError, match=error):
+        await b.read()
+    assert b.closed()
+    await until_closed(a)
+    a.abort()
+    assert count_fds() == before - 2            # the two ends of the bad comm; no descriptor left
+    # the other comm of the same listener goes on
+    x = np.arange(MiB // 16, dtype=np.float64)
+    await other.write({"x": to_serialize(x)})
+    assert (await other_peer.read())["x"].sum() == x.sum()
+    other.abort()
+    other_peer.abort()
+
+
+@pytest.mark.parametrize("tls", [False, True])
+@gen_test()
+async def test_segment_frames_on_a_comm_that_takes_none_close_it(tls, pki):
+    scheme, args = _scheme(tls, _same_host_tls(pki))
+    with dask.config.set({fdask.SAME_HOST_CONFIG: tls}):      # TCP, or the same-host path with TLS
+        a, b = await comm_pair(f"{scheme}://127.0.0.1", **args)
+    assert family(b) == (socket.AF_UNIX if tls else socket.AF_INET)
+    a._conn.write_many([struct.pack("<2Q", 1, MiB | fdask._SEGMENT)])
+    with pytest.raises(CommClosedError, match="on a comm that takes none"):
+        await b.read()
+    assert b.closed()
+    a.abort()
+
+
+SIGKILLED_SENDER = r"""
+import asyncio, os, signal, struct, sys
+import numpy as np
+from distributed.comm import connect
+from distributed.comm.registry import backends
+from distributed.protocol import to_serialize
+import fastnet.dask as fdask
+from fastnet import shm
+
+backends["fastnet"] = fdask.FastnetBackend()
+
+async def main():
+    comm = await connect(sys.argv[1])
+    await comm.write({"x": to_serialize(np.arange(4 << 20, dtype=np.float64))})
+    # the next message: a segment in flight, then a frame the stream never finishes
+    seg = shm.pack([np.ones(1 << 20, np.uint8)])
+    fd = seg.handover()
+    comm._conn.write_many([struct.pack("<3Q", 2, (1 << 20) | fdask._SEGMENT, 1 << 20), b"cut" * 1000],
+                          fds=[fd])
+    await comm.write({"x": to_serialize(np.arange(4 << 20, dtype=np.float64))})
+    await asyncio.sleep(0.2)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main())
+"""
+
+
+@gen_test(timeout=60)
+async def test_sigkilled_sender_mid_stream_leaves_nothing_behind():
+    q, handler = comm_queue()
+    before, mapped, memfds = count_fds(), segment_mappings(), memfd_fds()
+    async with listen("fastnet://127.0.0.1", handler) as listener:
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", SIGKILLED_SENDER, listener.contact_address)
+        b = await q.get()
+    assert family(b) == socket.AF_UNIX
+    x = (await b.read())["x"]
+    assert in_segment(x) and (x == np.arange(4 << 20, dtype=np.float64)).all()
+    assert await proc.wait() == -9
+    with pytest.raises(CommClosedError):
+        await b.read()           # the dead sender's half message
+    assert b.closed()
+    # the received array outlives its sender
+    assert (x == np.arange(4 << 20, dtype=np.float64)).all()
+    del x
+    assert count_fds() == before and segment_mappings() == mapped
+    assert memfd_fds() == memfds            # this process's own pool, if an earlier test filled it
+
+
+def memfd_fds():
+    """The descriptors of memfds this process holds."""
+    out = set()
+    for f in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{f}").startswith("/memfd:"):
+                out.add(f)
+        except OSError:
+            pass
+    return out
+
+
 # -- clusters of processes ----------------------------------------------------------------------
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -943,10 +1153,11 @@ def test_bench_dask_cases_measure_both_rows():
         fams = report["results"][case]
         assert list(fams) == ["tcp"]                       # a host:port scheme: no unix family rows
         rows = fams["tcp"]
-        assert list(rows) == ["tcp", "fastnet", "fastnet-host"]     # fastnet over TCP and on its same-host path
+        # fastnet over TCP, on its same-host path, and there with shared memory where arrays move
+        assert list(rows) == ["tcp", "fastnet", "fastnet-host"] + (["fastnet-shm"] if case != "dask-rtt" else [])
         for key, row in rows.items():
             assert row["na"] is None and row["median"] > 0, (case, key, row["na"])
-    for key in ("tcp", "fastnet", "fastnet-host"):
+    for key in ("tcp", "fastnet", "fastnet-host", "fastnet-shm"):
         info = report["results"]["dask-cluster"]["tcp"][key]["info"]
         assert info["transfers"] > 0 and info["moved_mib"] > 0, (key, info)
     targets = {t["target"]: t for t in report["targets"] if t["case"].startswith("dask")}

@@ -20,16 +20,19 @@ multiprocessing.
 """
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
+import os
 import socket
 from collections.abc import AsyncIterator, Iterable
 from multiprocessing.reduction import ForkingPickler
 from pickle import PickleBuffer
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, SupportsInt
 
 from fastnet import zerocopy as _zc
 from fastnet._kernels import framing as _framing
+from fastnet._pure._framing_channel import _CLOEXEC, _CTRL_SPACE, _CTRUNC, _MAX_FDS, _scm_fds
 from fastnet.connection import _send_size
 from fastnet.defaults import MAX_MESSAGE_SIZE_CONNECTION
 from fastnet.errors import BufferTooShort, ConnectionLost, MessageTooLarge, ProtocolError
@@ -37,7 +40,7 @@ from fastnet.errors import BufferTooShort, ConnectionLost, MessageTooLarge, Prot
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["AsyncConnection", "DEFAULT_HIGH_WATER", "DEFAULT_LOW_WATER"]
+__all__ = ["AsyncConnection", "DEFAULT_HIGH_WATER", "DEFAULT_LOW_WATER", "DEFAULT_MAX_QUEUED_FDS"]
 
 #: A send waits (like ``StreamWriter.drain``) once this many bytes are queued
 #: that the socket did not take...
@@ -55,6 +58,8 @@ _READ_BURST = 8 << 20
 _CORK_MAX = 65536
 # With no receive waiting, a TLS connection stops reading above this much.
 _TLS_READ_LIMIT = 4 << 20
+#: Received descriptors a connection queues (see AsyncConnection.accept_fds) unless told otherwise.
+DEFAULT_MAX_QUEUED_FDS = 1024
 
 _dumps = ForkingPickler.dumps
 _loads = ForkingPickler.loads
@@ -67,6 +72,10 @@ def _byte_view(obj: Any) -> memoryview:
     if v.ndim == 1 and v.format == "B" and v.c_contiguous:
         return v
     return PickleBuffer(obj).raw()
+
+
+def _scm_rights(fds: list[int]) -> list[Any]:
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
 
 
 def _frame_parts(payload: memoryview, parts: list[Any]) -> bool:
@@ -90,7 +99,11 @@ class AsyncConnection:
     The verbs of :class:`fastnet.Connection`, awaited. One coroutine receives
     at a time; any number may send. Usable as ``async with`` (closes on
     exit) and ``async for obj in conn`` (``recv()`` until the peer closes).
+    Over plain AF_UNIX, messages may carry descriptors (``fds=`` of
+    :meth:`send_many`, :meth:`accept_fds`, :meth:`take_fds`).
     """
+
+    _fd_passing = True
 
     def __init__(self, sock: socket.socket | None, *, max_message_size: int | None = MAX_MESSAGE_SIZE_CONNECTION,
                  high_water: int = DEFAULT_HIGH_WATER, low_water: int = DEFAULT_LOW_WATER) -> None:
@@ -122,6 +135,11 @@ class AsyncConnection:
         self._error: BaseException | None = None    # why the connection failed
         self._closing = False
         self._closed = self._loop.create_future()
+        # descriptor passing (AF_UNIX): received ones not yet taken, in arrival order (None: not
+        # accepted), and the stream offsets queued ones must leave at, with our copies of them
+        self._fdq: collections.deque[int] | None = None
+        self._max_fds = 0
+        self._wfds: collections.deque[tuple[int, list[int]]] = collections.deque()
 
     def __repr__(self) -> str:
         state = "closed" if self._closing else "open"
@@ -183,7 +201,7 @@ class AsyncConnection:
         their loops.
         """
         d = self._decoder
-        recv_into = self._sock.recv_into  # type: ignore[union-attr]
+        recv_into = self._sock.recv_into if self._fdq is None else self._recv_fds_into  # type: ignore[union-attr]
         got = 0
         while True:
             region = d.get_buffer()
@@ -198,6 +216,73 @@ class AsyncConnection:
             got += n
             if n < len(region) and (got >= _READ_BURST or d.needed < _COPY_THRESHOLD):
                 return False
+
+    def _recv_fds_into(self, region: memoryview) -> int:
+        """recv_into that queues the SCM_RIGHTS descriptors arriving with the bytes."""
+        n, anc, flags, _ = self._sock.recvmsg_into([region], _CTRL_SPACE, _CLOEXEC)  # type: ignore[union-attr]
+        fds = _scm_fds(anc) if anc else []
+        q = self._fdq
+        assert q is not None
+        if flags & _CTRUNC or len(q) + len(fds) > self._max_fds:
+            for f in fds:
+                os.close(f)
+            if flags & _CTRUNC:
+                raise ProtocolError(f"control message truncated: the {len(fds)} descriptors that arrived were closed")
+            raise ProtocolError(f"{len(q) + len(fds)} received descriptors would be queued, "
+                                f"at most {self._max_fds} may be; closed the {len(fds)} that arrived")
+        q.extend(fds)
+        return n
+
+    def accept_fds(self, max_queued: int = DEFAULT_MAX_QUEUED_FDS) -> None:
+        """Receive descriptors the peer passes (``fds=`` of its sends) from now on; AF_UNIX only.
+
+        They queue in arrival order for :meth:`take_fds`, close-on-exec: a
+        descriptor is here once a message sent with it, or any later one,
+        has been received. More than ``max_queued`` waiting, or a truncated
+        control message, is a ProtocolError that closes the connection
+        (closing the descriptors). Without this call the kernel drops any
+        descriptor sent. Descriptors still queued are closed with the connection.
+        """
+        if not self._fd_passing or self._sock is None or self._sock.family != socket.AF_UNIX:
+            raise ValueError("descriptors can only be passed over plain AF_UNIX connections")
+        self._check()
+        if max_queued < 1:
+            raise ValueError("max_queued must be at least 1")
+        self._max_fds = max_queued
+        if self._fdq is None:
+            self._fdq = collections.deque()
+
+    @property
+    def pending_fds(self) -> int:
+        """Received descriptors not yet taken."""
+        return 0 if self._fdq is None else len(self._fdq)
+
+    def take_fds(self, n: int) -> list[int]:
+        """The ``n`` oldest received descriptors not yet taken; the caller owns (and closes) them.
+
+        Fewer than ``n`` here means the peer did not send what its messages
+        said: ProtocolError, and the connection closes.
+        """
+        if self._closing:
+            self._check()
+        q = self._fdq
+        if q is None:
+            raise ValueError("accept_fds() was not called")
+        if len(q) < n:
+            exc = ProtocolError(f"{n} descriptors expected, {len(q)} arrived")
+            self._abort(exc)
+            raise exc
+        return [q.popleft() for _ in range(n)]
+
+    def _close_fds(self) -> None:
+        wfds, self._wfds = self._wfds, collections.deque()
+        q, self._fdq = self._fdq, None
+        for _, fds in wfds:
+            for f in fds:
+                os.close(f)
+        if q:
+            for f in q:
+                os.close(f)
 
     def _steer(self, limit: int | None, into: tuple[Any, int] | None) -> None:
         """Steer the frame in progress as soon as its header is here, before its payload is read.
@@ -444,12 +529,13 @@ class AsyncConnection:
 
     # -- sending -------------------------------------------------------------
 
-    def _write(self, parts: list[Any], total: int, held: bool) -> int:
+    def _write(self, parts: list[Any], total: int, held: bool, fds: list[int] | None = None) -> int:
         """Send parts now as far as the socket takes them and queue the rest.
 
         Returns the stream offset at the end of these bytes. Queued pieces
         the caller does not wait for (held=False) are copies, so its buffers
-        are free once it returns.
+        are free once it returns. ``fds`` ride on the first byte (copies of
+        them wait with it if it is queued).
         """
         if self._closing:
             self._check()
@@ -461,7 +547,9 @@ class AsyncConnection:
         sent = 0
         if not self._wq:
             try:
-                if len(parts) == 1:
+                if fds:
+                    sent = self._sock.sendmsg(parts, _scm_rights(fds))  # type: ignore[union-attr]
+                elif len(parts) == 1:
                     sent = self._sock.send(parts[0])  # type: ignore[union-attr]
                 else:
                     sent = self._sock.sendmsg(parts)  # type: ignore[union-attr]
@@ -471,6 +559,9 @@ class AsyncConnection:
                 self._abort(exc)
                 raise ConnectionLost(f"send failed: {exc}") from exc
             self._sent += sent
+        if fds and not sent:
+            # they leave with the byte at this offset, when the queue gets there
+            self._wfds.append((self._queued, [os.dup(f) for f in fds]))
         self._queued += total
         if sent == total:
             return self._queued
@@ -497,8 +588,15 @@ class AsyncConnection:
         assert sock is not None
         try:
             while wq:
-                batch = list(wq) if len(wq) <= _IOV_MAX else [wq[i] for i in range(_IOV_MAX)]
-                n = sock.sendmsg(batch)
+                if self._wfds:
+                    batch, anc = self._fd_batch()
+                    n = sock.sendmsg(batch, anc) if anc else sock.sendmsg(batch)
+                    if anc and n:
+                        for f in self._wfds.popleft()[1]:
+                            os.close(f)
+                else:
+                    batch = list(wq) if len(wq) <= _IOV_MAX else [wq[i] for i in range(_IOV_MAX)]
+                    n = sock.sendmsg(batch)
                 self._sent += n
                 full = True
                 for p in batch:
@@ -524,6 +622,28 @@ class AsyncConnection:
             if self._closing:
                 self._finish_close()
         self._wake_senders()
+
+    def _fd_batch(self) -> tuple[list[Any], list[Any]]:
+        """The queued pieces one sendmsg may take with descriptors waiting: (pieces, ancillary data).
+
+        A sendmsg carries the descriptors due at its first byte, and ends
+        where the next ones are due.
+        """
+        wq = self._wq
+        pos = self._sent
+        due, fds = self._wfds[0]
+        anc: list[Any] = []
+        if due == pos:
+            anc = _scm_rights(fds)
+            due = self._wfds[1][0] if len(self._wfds) > 1 else -1
+        batch = []
+        for i in range(min(len(wq), _IOV_MAX)):
+            if pos == due:
+                break
+            p = wq[i]
+            batch.append(p)
+            pos += len(p)
+        return batch, anc
 
     def _wake_senders(self) -> None:
         sent = self._sent
@@ -616,31 +736,42 @@ class AsyncConnection:
         """Send a picklable object (pickled as multiprocessing does)."""
         await self.send_bytes(_dumps(obj))
 
-    def _write_many(self, buffers: Iterable[Buffer], keep: bool) -> tuple[int, bool]:
+    def _write_many(self, buffers: Iterable[Buffer], keep: bool, fds: Iterable[SupportsInt] = ()) -> tuple[int, bool]:
         """Frame and send (or queue) each buffer; (stream offset at the end, whether any is held)."""
         parts: list[Any] = []
         held = False
         for b in buffers:
             held = _frame_parts(_byte_view(b), parts) or held
+        fdl = [int(f) for f in fds] or None
+        if fdl is not None:
+            if not self._fd_passing or self._sock is None or self._sock.family != socket.AF_UNIX:
+                raise ValueError("descriptors can only be passed over plain AF_UNIX connections")
+            if len(fdl) > _MAX_FDS or not parts:
+                raise ValueError(f"send between 1 and {_MAX_FDS} descriptors, with at least one message")
         mark = self._queued
         for i in range(0, len(parts), _IOV_MAX):
             chunk = parts[i:i + _IOV_MAX]
-            mark = self._write(chunk, sum(len(p) for p in chunk), held or keep)
+            mark = self._write(chunk, sum(len(p) for p in chunk), held or keep, fdl if i == 0 else None)
         return mark, held
 
-    async def send_many(self, buffers: Iterable[Buffer]) -> None:
-        """Send each bytes-like object in ``buffers`` as its own message, in one ``sendmsg`` where it fits."""
-        mark, held = self._write_many(buffers, False)
+    async def send_many(self, buffers: Iterable[Buffer], *, fds: Iterable[SupportsInt] = ()) -> None:
+        """Send each bytes-like object in ``buffers`` as its own message, in one ``sendmsg`` where it fits.
+
+        ``fds`` (AF_UNIX, at most 253) ride on the first message as
+        SCM_RIGHTS; the caller keeps its own and may close them on return.
+        The peer receives them with :meth:`take_fds`.
+        """
+        mark, held = self._write_many(buffers, False, fds)
         await self._after_write(mark, held)
 
-    def write_many(self, buffers: Iterable[Buffer]) -> None:
+    def write_many(self, buffers: Iterable[Buffer], *, fds: Iterable[SupportsInt] = ()) -> None:
         """Send each buffer as its own message (one ``sendmsg``) without waiting, as a transport's ``writelines``.
 
         What the socket does not take at once stays queued by reference,
         not copied: the buffers must not change until it is sent. There is
-        no backpressure; ``await drain()`` for it.
+        no backpressure; ``await drain()`` for it. ``fds`` as for :meth:`send_many`.
         """
-        self._write_many(buffers, True)
+        self._write_many(buffers, True, fds)
 
     async def send_array(self, arr: Any) -> None:
         """Send a numpy array (or any buffer) with its dtype, shape and order, without copying it.
@@ -725,6 +856,7 @@ class AsyncConnection:
         if self._writing:
             self._loop.remove_writer(self._fd)
             self._writing = False
+        self._close_fds()
         err = self._error
         for _, fut in self._send_waiters:
             if not fut.done():
@@ -752,6 +884,8 @@ class AsyncConnection:
         if sock is None or sock.fileno() < 0 or not hasattr(self, "_writing"):
             return
         # never closed: take it off the loop (if that still runs) and release the socket
+        if hasattr(self, "_wfds"):
+            self._close_fds()
         try:
             if not self._loop.is_closed():
                 if self._reading:
@@ -765,6 +899,8 @@ class AsyncConnection:
 
 class _TLSConnection(AsyncConnection):
     """An AsyncConnection over the loop's TLS transport (a BufferedProtocol feeds the decoder)."""
+
+    _fd_passing = False         # descriptors would bypass the encryption
 
     def __init__(self, sock: socket.socket, **kw: Any) -> None:
         super().__init__(sock, **kw)
@@ -838,7 +974,7 @@ class _TLSConnection(AsyncConnection):
         # the TLS transport buffers and coalesces by itself
         self._write([frame], len(frame), False)
 
-    def _write(self, parts: list[Any], total: int, held: bool) -> int:
+    def _write(self, parts: list[Any], total: int, held: bool, fds: list[int] | None = None) -> int:
         self._check()
         t = self._transport
         if t is None or t.is_closing():

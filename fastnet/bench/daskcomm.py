@@ -14,9 +14,12 @@
   contiguous add and sum cost far less than moving a chunk; seconds.
 
 Rows: ``tcp`` (distributed's TCP comm, the anchor), ``fastnet`` (compiled
-kernels, every comm over TCP: ``distributed.comm.fastnet.same-host`` off)
-and ``fastnet-host`` (the same-host path: both ends on this host talk over
-an abstract AF_UNIX socket). Run only where distributed is installed.
+kernels, every comm over TCP: ``distributed.comm.fastnet.same-host`` off),
+``fastnet-host`` (the same-host path: both ends on this host talk over an
+abstract AF_UNIX socket, every byte through it:
+``distributed.comm.fastnet.shared-memory`` off) and, in the cases that move
+arrays, ``fastnet-shm``, labelled "fastnet:// shared memory" (the same-host
+path with large frames passed as shared-memory segments, the default). Run only where distributed is installed.
 """
 
 from __future__ import annotations
@@ -46,9 +49,12 @@ def _distributed(spec: dict[str, Any]) -> Any:
     scheme = _scheme(spec)
     if scheme != "tcp":
         # the row's path, in this process and (through the environment) in the cluster's workers
-        same_host = spec["impl"] == "fastnet-host"
+        same_host = spec["impl"] in ("fastnet-host", "fastnet-shm")
+        segments = spec["impl"] == "fastnet-shm"
         os.environ["DASK_DISTRIBUTED__COMM__FASTNET__SAME_HOST"] = str(same_host)
-        dask.config.set({"distributed.comm.fastnet.same-host": same_host})
+        os.environ["DASK_DISTRIBUTED__COMM__FASTNET__SHARED_MEMORY"] = str(segments)
+        dask.config.set({"distributed.comm.fastnet.same-host": same_host,
+                         "distributed.comm.fastnet.shared-memory": segments})
         try:
             get_backend(scheme)
         except ValueError:
@@ -184,14 +190,18 @@ def _cluster_client(spec: dict[str, Any], address: Any) -> Any:
 
 ROLES: dict[tuple[str, str], Any] = {
     **{(case, impl): (_comm_server, _comm_client) for case in ("dask-rtt", "dask-array")
-       for impl in ("tcp", "fastnet", "fastnet-host")},
-    **{("dask-cluster", impl): (_cluster_server, _cluster_client) for impl in ("tcp", "fastnet", "fastnet-host")},
+       for impl in ("tcp", "fastnet", "fastnet-host", "fastnet-shm")},
+    **{("dask-cluster", impl): (_cluster_server, _cluster_client)
+       for impl in ("tcp", "fastnet", "fastnet-host", "fastnet-shm")},
 }
 
 
-def _impls() -> list[Impl]:
-    return [Impl("tcp", "distributed tcp://", anchor=True), Impl("fastnet", "fastnet:// over TCP", pure=False),
-            Impl("fastnet-host", "fastnet:// same host", pure=False)]
+def _impls(shm: bool = False) -> list[Impl]:
+    impls = [Impl("tcp", "distributed tcp://", anchor=True), Impl("fastnet", "fastnet:// over TCP", pure=False),
+             Impl("fastnet-host", "fastnet:// same host", pure=False)]
+    if shm:
+        impls.append(Impl("fastnet-shm", "fastnet:// shared memory", pure=False))
+    return impls
 
 
 CASES: dict[str, dict[str, Any]] = {
@@ -201,18 +211,18 @@ CASES: dict[str, dict[str, Any]] = {
     },
     "dask-array": {
         "title": "dask-array: float64 array between Dask comms across processes",
-        "unit": "GB/s", "json_unit": "GB/s", "better": "higher", "impls": _impls(), "families": ("tcp",),
+        "unit": "GB/s", "json_unit": "GB/s", "better": "higher", "impls": _impls(shm=True), "families": ("tcp",),
     },
     "dask-cluster": {
         "title": "dask-cluster: LocalCluster (2 worker processes) job moving arrays, wall time",
-        "unit": "s", "json_unit": "s", "better": "lower", "impls": _impls(), "families": ("tcp",),
+        "unit": "s", "json_unit": "s", "better": "lower", "impls": _impls(shm=True), "families": ("tcp",),
     },
 }
 
 TARGETS: list[tuple[Any, ...]] = [
     ("dask-rtt", None, "fastnet:// <= 0.5x tcp:// (time ratio)", ("ratio", "fastnet", "tcp", "<=", 0.5)),
     ("dask-array", None, "fastnet:// >= 1.1x tcp:// over the socket", ("ratio", "fastnet", "tcp", ">=", 1.1)),
-    ("dask-array", None, "fastnet:// >= 2x tcp:// on one host", ("ratio", "fastnet-host", "tcp", ">=", 2.0)),
+    ("dask-array", None, "fastnet:// >= 2x tcp:// on one host", ("ratio", "fastnet-shm", "tcp", ">=", 2.0)),
     ("dask-cluster", None, "fastnet:// <= 0.8x tcp:// wall time", ("ratio", "fastnet", "tcp", "<=", 0.8)),
     ("dask-cluster", None, "fastnet:// same host <= 0.8x tcp:// wall time",
      ("ratio", "fastnet-host", "tcp", "<=", 0.8)),
