@@ -53,8 +53,8 @@ mapping of its own; the sender's pool reuses a segment only after the
 receiver's last mapping of it is gone (:mod:`fastnet.shm`'s ownership
 protocol), and nothing outlives the two processes, whichever is killed.
 Copies of more than distributed's offload threshold run on its offload
-thread. Below Python 3.13 each mapping holds a descriptor of its own while
-it lives. ``distributed.comm.fastnet.shared-memory``
+thread. A mapping holds no descriptor, so a worker may keep any number of
+received chunks. ``distributed.comm.fastnet.shared-memory``
 (:data:`SHARED_MEMORY_CONFIG`) set false makes a process send every frame
 through the socket; a comm receives segments whatever its own setting.
 TLS comms never pass segments: the bytes would bypass the encryption, so

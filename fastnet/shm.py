@@ -31,8 +31,10 @@ The receiver accepts a descriptor only if it is a memfd sealed against
 shrinking (so a mapping can never fault with SIGBUS), at least as large as
 the array, and the array within ``max_message_size``; anything else raises
 ProtocolError or MessageTooLarge, closes the descriptor and that connection.
-A received array keeps one descriptor open (Python's ``mmap`` holds its own)
-until it is collected, except on Python 3.13+.
+A received array keeps no descriptor open, so a process may hold any number
+of them (before Python 3.13, whose ``mmap`` would keep a duplicate of each,
+the segment is mapped through libc with ctypes; without numpy or ctypes, one
+descriptor stays open per array until it is collected).
 
 No copy at all: an array made by :func:`empty` lives in a segment from the
 start, and sending it (``shm=True``) passes that segment as it is. The two
@@ -327,10 +329,68 @@ def map_segment(fd: int, nbytes: int) -> Any:
     if nbytes == 0:
         return bytearray()
     try:
-        return mmap.mmap(fd, nbytes, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-                         mmap.PROT_READ | mmap.PROT_WRITE, **_MMAP_KW)
+        if _MMAP_KW or _zc._np is None or _libc_map() is None:
+            return mmap.mmap(fd, nbytes, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                             mmap.PROT_READ | mmap.PROT_WRITE, **_MMAP_KW)
+        return _zc._np.asarray(_Mapping(fd, nbytes))
     except OSError as exc:
         raise ProtocolError(f"cannot map the shared-memory segment: {exc}") from None
+
+
+_libc: Any = None
+
+
+def _libc_map() -> Any:
+    """libc's (mmap, munmap) through ctypes, or None where ctypes cannot reach them."""
+    global _libc
+    if _libc is None:
+        try:
+            import ctypes
+            lib = ctypes.CDLL(None, use_errno=True)
+            m, u = lib.mmap, lib.munmap
+            m.restype = ctypes.c_void_p
+            m.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+            u.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            _libc = (m, u, ctypes.get_errno, ctypes.c_void_p(-1).value)
+        except (ImportError, OSError, AttributeError):
+            _libc = False
+    return _libc or None
+
+
+class _Mapping:
+    """A read-write shared mapping of a received segment that keeps no descriptor open.
+
+    Before Python 3.13 an ``mmap.mmap`` holds a duplicate of its descriptor
+    for as long as it lives, so a process keeping many received segments
+    (a Dask worker's chunks) would run out of descriptors. numpy views this
+    one through ``__array_interface__``; the memory is unmapped when the
+    last array over it is collected.
+    """
+
+    __slots__ = ("__array_interface__", "__weakref__")
+
+    def __init__(self, fd: int, nbytes: int) -> None:
+        mmap_, munmap, get_errno, failed = _libc_map()
+        addr = mmap_(None, nbytes, mmap.PROT_READ | mmap.PROT_WRITE,
+                     mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), fd, 0)
+        if addr is None or addr == failed:
+            err = get_errno()
+            raise OSError(err, os.strerror(err))
+        self.__array_interface__ = {"data": (addr, False), "shape": (nbytes,), "typestr": "|u1", "version": 3}
+        weakref.finalize(self, munmap, addr, nbytes).atexit = False
+
+
+def _is_mapping(obj: Any) -> bool:
+    """True if ``obj`` (an array, a memoryview, or what they view) is over a mapped segment."""
+    while True:
+        if isinstance(obj, (mmap.mmap, _Mapping)):
+            return True
+        if isinstance(obj, memoryview):
+            obj = obj.obj
+        elif getattr(obj, "base", None) is not None:
+            obj = obj.base
+        else:
+            return False
 
 
 def receive(header: bytes, fds: list[int], out: Any, max_size: int | None) -> Any:
@@ -363,6 +423,7 @@ def receive(header: bytes, fds: list[int], out: Any, max_size: int | None) -> An
         del arr
         if isinstance(mm, mmap.mmap):
             mm.close()      # the segment goes back to its sender now
+        del mm              # (a _Mapping's array: unmapped as it is collected, now)
 
 
 def _copy_into(out: Any, arr: Any, kind: int, tname: str, shape: tuple[int, ...]) -> Any:

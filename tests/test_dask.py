@@ -16,7 +16,6 @@ import asyncio
 import fcntl
 import gc
 import json
-import mmap
 import os
 import socket
 import struct
@@ -43,6 +42,7 @@ from distributed.utils import get_ip  # noqa: E402
 from distributed.utils_test import gen_test  # noqa: E402
 
 import fastnet.dask as fdask  # noqa: E402
+from fastnet import shm  # noqa: E402
 
 from rpcutil import count_fds  # noqa: E402
 from tlsutil import client_ctx, make_pki, server_ctx  # noqa: E402
@@ -818,17 +818,8 @@ def test_same_host_names_only_for_ip_literals_and_local_wildcards():
 
 
 def in_segment(arr):
-    """True if ``arr`` views a mapped shared-memory segment (an mmap), not a buffer of its own."""
-    o = arr
-    while True:
-        if isinstance(o, mmap.mmap):
-            return True
-        if isinstance(o, memoryview):
-            o = o.obj
-        elif isinstance(o, np.ndarray) and o.base is not None:
-            o = o.base
-        else:
-            return False
+    """True if ``arr`` views a mapped shared-memory segment, not a buffer of its own."""
+    return shm._is_mapping(arr)
 
 
 def segment_mappings():

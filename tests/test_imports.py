@@ -133,3 +133,17 @@ def test_no_import_cycle_inside_fastnet():
     graph = import_graph()
     found = cycles(graph)
     assert not found, "import cycles:\n" + "\n".join(_describe(c, graph) for c in found)
+
+
+def test_only_the_kernel_loader_imports_the_pure_twins():
+    """Above the kernels, code uses the active kernel set (``fastnet._kernels``), never the pure one by name.
+
+    Otherwise the pure twin loads beside the compiled kernels, and the code
+    above them runs on the twin whichever set is active.
+    """
+    graph = import_graph()
+    offenders = [f"{mod} -> {dep} (line {line})" for mod, deps in sorted(graph.items())
+                 if not (mod == "fastnet._pure" or mod.startswith("fastnet._pure.") or mod == "fastnet._kernels")
+                 for dep, line in sorted(deps.items())
+                 if dep == "fastnet._pure" or dep.startswith("fastnet._pure.")]
+    assert not offenders, "imports of fastnet._pure above the kernels:\n" + "\n".join(offenders)

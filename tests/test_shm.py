@@ -9,7 +9,6 @@ size beyond the limit, gets a clear error, the connection that received it is
 closed and no descriptor leaks; a TCP or stdlib peer gets ordinary frames.
 """
 import fcntl
-import mmap
 import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
@@ -63,11 +62,35 @@ def test_round_trip(arr):
         assert np.array_equal(got, arr)
         if arr.nbytes:
             assert got.flags.writeable
-            assert isinstance(got.base, mmap.mmap)   # over the mapping, not a copy
+            assert shm._is_mapping(got)   # over the mapping, not a copy
         a.send_array(arr, shm=True)
         out = np.empty_like(arr)
         assert b.recv_array(out=out) is out
         assert np.array_equal(out, arr)
+
+
+def _send_n(path, n):
+    with Client(path) as c:
+        arr = np.arange(shm.THRESHOLD // 8, dtype=np.float64)
+        for i in range(n):
+            c.send_array(arr + i, shm=True)
+        c.recv_bytes()
+
+
+def test_received_arrays_hold_no_descriptor(tmp_path):
+    # a process may keep any number of received arrays (a Dask worker's chunks)
+    with Listener(str(tmp_path / "s.sock")) as lst:
+        p = CTX.Process(target=_send_n, args=(lst.address, 40))
+        p.start()
+        with lst.accept() as c:
+            before = _fds()
+            kept = [c.recv_array() for _ in range(40)]
+            assert _fds() == before
+            c.send_bytes(b"done")
+        p.join(T)
+    assert all(shm._is_mapping(k) and k[0] == i for i, k in enumerate(kept))
+    kept[3][0] = -1.0       # writeable, and each its own mapping
+    assert kept[3][0] == -1.0 and kept[4][0] == 4.0
 
 
 def test_plain_buffers_without_numpy_types():
@@ -86,17 +109,17 @@ def test_connection_option_uses_the_threshold():
         big = np.arange(shm.THRESHOLD // 8 + 1, dtype=np.float64)
         a.send_array(small)
         got = b.recv_array()
-        assert not isinstance(got.base, mmap.mmap) and np.array_equal(got, small)   # ordinary frames
+        assert not shm._is_mapping(got) and np.array_equal(got, small)   # ordinary frames
         a.send_array(big)
         got = b.recv_array()
-        assert isinstance(got.base, mmap.mmap)
+        assert shm._is_mapping(got)
         assert np.array_equal(got, big)
         # too large for the socket's buffer: sent from a thread while this one receives
         t = threading.Thread(target=a.send_array, args=(big,), kwargs={"shm": False})
         t.start()
         got = b.recv_array()
         t.join(T)
-        assert not isinstance(got.base, mmap.mmap) and np.array_equal(got, big)
+        assert not shm._is_mapping(got) and np.array_equal(got, big)
 
 
 def test_pool_reuses_only_segments_the_receiver_dropped():

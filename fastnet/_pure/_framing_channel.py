@@ -10,13 +10,13 @@ framing.py, so framing.py can import it without a cycle.
 """
 from __future__ import annotations
 
-import array
 import os
 import select
 import socket
 import time
 from typing import TYPE_CHECKING, Any, SupportsIndex, SupportsInt
 
+from fastnet import _scm
 from fastnet._pure._convert import _longlong, _ssize, _wview
 from fastnet.errors import ProtocolError, TruncatedFrameError, BufferTooShort, TimeoutError as FastnetTimeout
 
@@ -36,11 +36,11 @@ _PEEK = int(socket.MSG_PEEK)
 _monotonic = time.monotonic
 
 
-# Room for Linux's SCM_MAX_FD (253) descriptors in one control message.
-_MAX_FDS = 253
-_CTRL_SPACE = socket.CMSG_SPACE(_MAX_FDS * 4)
-_CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
-_CTRUNC = int(socket.MSG_CTRUNC)
+_MAX_FDS = _scm.MAX_FDS
+_CTRL_SPACE = _scm.CTRL_SPACE
+_CLOEXEC = _scm.CLOEXEC
+_CTRUNC = _scm.CTRUNC
+_scm_fds = _scm.scm_fds
 _close_fd = os.close
 
 
@@ -54,14 +54,6 @@ def _would_block() -> tuple[type[BaseException], ...]:
         import ssl
         _ssl_want = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
     return _ssl_want
-
-
-def _scm_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
-    fds = array.array("i")
-    for level, kind, data in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-    return list(fds)
 
 
 class _ChannelIO:

@@ -273,7 +273,7 @@ class Handshake:
         takes one at a time); ``ack()`` ACKs the peer's last frame at once
         (None off TCP; see ``fastnet.handshake.quickack``). ``timeout``
         bounds the whole exchange; a receive's failure raises as
-        :func:`handshake_failure` says.
+        ``handshake_failure`` says.
 
         Replies wait while the peer's next frame is here already, and go in
         one write: fastnet to fastnet, that is two round trips. Only a frame

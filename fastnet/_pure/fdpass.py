@@ -19,17 +19,16 @@ from typing import TYPE_CHECKING, SupportsInt
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
+from fastnet import _scm
 from fastnet.errors import NoDescriptorError, ProtocolError, TimeoutError as FastnetTimeout
 
 #: Most descriptors one message may carry (Linux's SCM_MAX_FD).
-MAX_FDS = 253
-_INT = array.array("i").itemsize
-_SOL_SOCKET = socket.SOL_SOCKET
-_SCM_RIGHTS = socket.SCM_RIGHTS
+MAX_FDS = _scm.MAX_FDS
+_INT = _scm.INT_SIZE
 _NOSIGNAL = int(socket.MSG_NOSIGNAL)
 _DONTWAIT = int(socket.MSG_DONTWAIT)
-_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
-_CTRUNC = int(socket.MSG_CTRUNC)
+_CLOEXEC = _scm.CLOEXEC
+_CTRUNC = _scm.CTRUNC
 _CTRL = [socket.CMSG_SPACE(n * _INT) for n in range(MAX_FDS + 1)]
 
 
@@ -69,7 +68,7 @@ def _wait_fd(fd: int, events: int, deadline: float) -> bool:
 
 def _sendmsg_fds(s: socket.socket, fd: int, deadline: float, data: bytes | memoryview, fdl: array.array[int]) -> None:
     """sendmsg data with fdl as SCM_RIGHTS, then the rest of data plainly."""
-    anc = [(_SOL_SOCKET, _SCM_RIGHTS, fdl)]
+    anc = _scm.scm_rights(fdl)
     while True:
         try:
             # a message this small goes at once or not at all; wait only on EAGAIN
@@ -128,12 +127,7 @@ def _recvmsg_fds(s: socket.socket, fd: int, deadline: float, bufsize: int, maxfd
             # a deadline, or a descriptor made non-blocking behind our back
             if not _wait_fd(fd, select.POLLIN, deadline):
                 raise FastnetTimeout("timed out waiting for descriptors") from None
-    fds: list[int] = []
-    for level, kind, payload in anc:
-        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
-            a = array.array("i")
-            a.frombytes(payload[: len(payload) - len(payload) % _INT])
-            fds.extend(a)
+    fds = _scm.scm_fds(anc)
     if flags & _CTRUNC or len(fds) > maxfds:
         for f in fds:
             os.close(f)

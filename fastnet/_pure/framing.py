@@ -16,13 +16,13 @@ methods that encode or scan headers stay here, beside the codec.
 """
 from __future__ import annotations
 
-import array
 import socket
 import struct
 import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, SupportsIndex, SupportsInt
 
+from fastnet import _scm
 from fastnet._pure._convert import _LLONG_MAX, _longlong, _ssize, _view, _wview
 from fastnet._pure._framing_channel import (_ChannelIO, _DONTWAIT, _MAX_FDS, _NOSIGNAL, _PEEK, _POLLIN,
                                             _POLLOUT, _monotonic)
@@ -833,7 +833,7 @@ class Channel(_ChannelIO):
         """Send one frame whose first bytes carry ``fds`` as SCM_RIGHTS (AF_UNIX only)."""
         sock = self._fdcheck()
         self._flush_first()
-        fdl = array.array("i", [int(f) for f in fds])
+        fdl = [int(f) for f in fds]
         if not self._is_unix:
             raise ValueError("descriptors can only be passed over AF_UNIX connections")
         if not 1 <= len(fdl) <= _MAX_FDS:
@@ -841,9 +841,10 @@ class Channel(_ChannelIO):
         view = _view(buf)
         hdr = _header(len(view))
         parts: list[bytes | memoryview] = [hdr, view] if len(view) else [hdr]
+        anc = _scm.scm_rights(fdl)
         while True:
             try:
-                r = sock.sendmsg(parts, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fdl)], _NOSIGNAL)
+                r = sock.sendmsg(parts, anc, _NOSIGNAL)
                 break
             except BlockingIOError:
                 self._wait(_POLLOUT, -1.0)

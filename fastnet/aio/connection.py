@@ -20,7 +20,6 @@ multiprocessing.
 """
 from __future__ import annotations
 
-import array
 import asyncio
 import collections
 import os
@@ -30,9 +29,9 @@ from multiprocessing.reduction import ForkingPickler
 from pickle import PickleBuffer
 from typing import TYPE_CHECKING, Any, SupportsInt
 
+from fastnet import _scm
 from fastnet import zerocopy as _zc
 from fastnet._kernels import framing as _framing
-from fastnet._pure._framing_channel import _CLOEXEC, _CTRL_SPACE, _CTRUNC, _MAX_FDS, _scm_fds
 from fastnet.connection import _send_size
 from fastnet.defaults import MAX_MESSAGE_SIZE_CONNECTION
 from fastnet.errors import BufferTooShort, ConnectionLost, MessageTooLarge, ProtocolError
@@ -72,10 +71,6 @@ def _byte_view(obj: Any) -> memoryview:
     if v.ndim == 1 and v.format == "B" and v.c_contiguous:
         return v
     return PickleBuffer(obj).raw()
-
-
-def _scm_rights(fds: list[int]) -> list[Any]:
-    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
 
 
 def _frame_parts(payload: memoryview, parts: list[Any]) -> bool:
@@ -219,14 +214,14 @@ class AsyncConnection:
 
     def _recv_fds_into(self, region: memoryview) -> int:
         """recv_into that queues the SCM_RIGHTS descriptors arriving with the bytes."""
-        n, anc, flags, _ = self._sock.recvmsg_into([region], _CTRL_SPACE, _CLOEXEC)  # type: ignore[union-attr]
-        fds = _scm_fds(anc) if anc else []
+        n, anc, flags, _ = self._sock.recvmsg_into([region], _scm.CTRL_SPACE, _scm.CLOEXEC)  # type: ignore[union-attr]
+        fds = _scm.scm_fds(anc) if anc else []
         q = self._fdq
         assert q is not None
-        if flags & _CTRUNC or len(q) + len(fds) > self._max_fds:
+        if flags & _scm.CTRUNC or len(q) + len(fds) > self._max_fds:
             for f in fds:
                 os.close(f)
-            if flags & _CTRUNC:
+            if flags & _scm.CTRUNC:
                 raise ProtocolError(f"control message truncated: the {len(fds)} descriptors that arrived were closed")
             raise ProtocolError(f"{len(q) + len(fds)} received descriptors would be queued, "
                                 f"at most {self._max_fds} may be; closed the {len(fds)} that arrived")
@@ -548,7 +543,7 @@ class AsyncConnection:
         if not self._wq:
             try:
                 if fds:
-                    sent = self._sock.sendmsg(parts, _scm_rights(fds))  # type: ignore[union-attr]
+                    sent = self._sock.sendmsg(parts, _scm.scm_rights(fds))  # type: ignore[union-attr]
                 elif len(parts) == 1:
                     sent = self._sock.send(parts[0])  # type: ignore[union-attr]
                 else:
@@ -634,7 +629,7 @@ class AsyncConnection:
         due, fds = self._wfds[0]
         anc: list[Any] = []
         if due == pos:
-            anc = _scm_rights(fds)
+            anc = _scm.scm_rights(fds)
             due = self._wfds[1][0] if len(self._wfds) > 1 else -1
         batch = []
         for i in range(min(len(wq), _IOV_MAX)):
@@ -746,8 +741,8 @@ class AsyncConnection:
         if fdl is not None:
             if not self._fd_passing or self._sock is None or self._sock.family != socket.AF_UNIX:
                 raise ValueError("descriptors can only be passed over plain AF_UNIX connections")
-            if len(fdl) > _MAX_FDS or not parts:
-                raise ValueError(f"send between 1 and {_MAX_FDS} descriptors, with at least one message")
+            if len(fdl) > _scm.MAX_FDS or not parts:
+                raise ValueError(f"send between 1 and {_scm.MAX_FDS} descriptors, with at least one message")
         mark = self._queued
         for i in range(0, len(parts), _IOV_MAX):
             chunk = parts[i:i + _IOV_MAX]
