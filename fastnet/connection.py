@@ -44,6 +44,7 @@ from fastnet import auth as _auth
 from fastnet import shm as _shm
 from fastnet import zerocopy as _zc
 from fastnet._kernels import framing as _framing
+from fastnet.handshake import _TCP, _family
 from fastnet.defaults import HANDSHAKE_TIMEOUT, MAX_MESSAGE_SIZE_CONNECTION
 from fastnet.address import arbitrary_address, parse_address, format_address, bind as _bind
 from fastnet.errors import (MessageTooLarge, ProtocolError, TimeoutError, BufferTooShort,
@@ -75,7 +76,7 @@ _loads = ForkingPickler.loads
 
 
 def _tune(sock: socket.socket, nodelay: bool = True, keepalive: float | None = None) -> None:
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
+    if _family(sock) in _TCP:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if nodelay else 0)
         if keepalive is not None:
             set_keepalive(sock, keepalive)

@@ -38,6 +38,23 @@ _MAX_DIGEST_LEN = max(len(d) for d in ALLOWED_DIGESTS)
 _LEGACY_LENGTHS = (LEGACY_MESSAGE_LENGTH, MD5_DIGEST_LENGTH)
 
 
+try:
+    from _hashlib import UnsupportedDigestmodError as _Unsupported, hmac_digest as _openssl_hmac
+except ImportError:     # a CPython without OpenSSL's hashes: hmac.digest alone
+    _openssl_hmac = None  # type: ignore[assignment]
+
+
+def _hmac(key: bytes, msg: bytes, name: str) -> bytes:
+    """hmac.digest(key, msg, name), calling OpenSSL's one-shot HMAC first as it does, without its Python frame."""
+    if _openssl_hmac is not None:
+        try:
+            mac: bytes = _openssl_hmac(key, msg, name)
+            return mac
+        except _Unsupported:
+            pass
+    return hmac.digest(key, msg, name)
+
+
 def make_challenge(digest_name: str | None = "sha256") -> tuple[bytes, bytes]:
     """Return (message, nonce): the challenge frame to send and the part the MAC covers.
 
@@ -83,10 +100,10 @@ def create_response(authkey: bytes, nonce: bytes, strict: bool = False) -> bytes
     if not name:
         if strict:
             raise AuthenticationError("peer sent a legacy HMAC-MD5 challenge; strict mode refuses MD5")
-        return hmac.digest(authkey, nonce, "md5")
+        return _hmac(authkey, nonce, "md5")
     if strict and name == "md5":
         raise AuthenticationError("peer asked for HMAC-MD5; strict mode refuses MD5")
-    return b"{%s}%s" % (name.encode("ascii"), hmac.digest(authkey, nonce, name))
+    return b"{%s}%s" % (name.encode("ascii"), _hmac(authkey, nonce, name))
 
 
 def verify_response(authkey: bytes, nonce: bytes, response: bytes, strict: bool = False) -> None:
@@ -101,7 +118,7 @@ def verify_response(authkey: bytes, nonce: bytes, response: bytes, strict: bool 
     if strict and name == "md5":
         raise AuthenticationError("peer answered with HMAC-MD5; strict mode refuses MD5")
     try:
-        expected = hmac.digest(authkey, nonce, name)
+        expected = _hmac(authkey, nonce, name)
     except ValueError:
         raise AuthenticationError(f"digest {name!r} unsupported") from None
     if len(expected) != len(mac):
