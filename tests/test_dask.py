@@ -1151,8 +1151,8 @@ def test_bench_dask_cases_measure_both_rows():
     for key in ("tcp", "fastnet", "fastnet-host", "fastnet-shm"):
         info = report["results"]["dask-cluster"]["tcp"][key]["info"]
         assert info["transfers"] > 0 and info["moved_mib"] > 0, (key, info)
-    targets = {t["target"]: t for t in report["targets"] if t["case"].startswith("dask")}
-    assert len(targets) == 5 and all(t["value"] is not None for t in targets.values())
+    targets = {(t["case"], t["target"]): t for t in report["targets"] if t["case"].startswith("dask")}
+    assert len(targets) == 7 and all(t["value"] is not None for t in targets.values())
 
 
 # -- more than one host: network namespaces ---------------------------------------------------
