@@ -34,5 +34,7 @@ def scm_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
 
 
 def scm_rights(fds: Iterable[SupportsInt]) -> list[tuple[int, int, Any]]:
-    """sendmsg's ancillary data passing ``fds``."""
-    return [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", [int(f) for f in fds]))]
+    """sendmsg's ancillary data passing ``fds`` (an ``array('i')`` is used as it is)."""
+    if not (isinstance(fds, array.array) and fds.typecode == "i"):
+        fds = array.array("i", [int(f) for f in fds])
+    return [(_SOL_SOCKET, _SCM_RIGHTS, fds)]

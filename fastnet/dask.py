@@ -189,7 +189,7 @@ def _prelude(frames: list[Any], segments: bool = False) -> tuple[bytes, int, lis
     A run (start, end) is a frame and the shards joined to it; with
     ``segments``, each run of at least SHARED_MEMORY_THRESHOLD bytes is one.
     """
-    words = [len(frames)]
+    words: list[int] = []
     total = 0
     prev_obj: Any = None
     for f in frames:
@@ -204,17 +204,22 @@ def _prelude(frames: list[Any], segments: bool = False) -> tuple[bytes, int, lis
         prev_obj = obj if n >= OWN_BUFFER_THRESHOLD else None
     runs: list[tuple[int, int]] = []
     if segments:
-        count = len(frames)
         i = 0
-        while i < count and len(runs) < _MAX_SEGMENTS:
-            j = i + 1
-            while j < count and words[j + 1] & _JOINED:
-                j += 1
-            if sum(w & _SIZE_MASK for w in words[i + 1:j + 1]) >= SHARED_MEMORY_THRESHOLD:
-                words[i + 1] |= _SEGMENT
+        while i < len(words) and len(runs) < _MAX_SEGMENTS:
+            j = _run_end(words, i)
+            if sum(w & _SIZE_MASK for w in words[i:j]) >= SHARED_MEMORY_THRESHOLD:
+                words[i] |= _SEGMENT
                 runs.append((i, j))
             i = j
-    return struct.pack(f"<{len(words)}Q", *words), total, runs
+    return struct.pack(f"<{len(words) + 1}Q", len(words), *words), total, runs
+
+
+def _run_end(words: list[int], i: int) -> int:
+    """Where the run of frames starting at ``words[i]`` ends: past the shards joined to it."""
+    j = i + 1
+    while j < len(words) and words[j] & _JOINED:
+        j += 1
+    return j
 
 
 def _pack(frames: list[Any], runs: list[tuple[int, int]]) -> list[Any]:
@@ -323,72 +328,59 @@ class FastnetComm(Comm):
             raise CommClosedError(f"in {self}: the comm is closed")
         self._reading = True
         fds: list[int] = []
-        try:
-            words = _parse_prelude(await conn.recv_bytes(8 * (MAX_FRAMES + 1)), self._max_size)
-            nseg = sum(1 for w in words if w & _SEGMENT)
-            if nseg:
-                if not self._segments_in:
-                    raise CommClosedError(f"a message with {nseg} shared-memory segments on a comm that takes none")
-                # they came with (or before) the prelude: the sender passed them on its first byte
-                fds = conn.take_fds(nseg)
-            frames: list[Any] = []
-            i, count = 0, len(words)
-            while i < count:
-                n = words[i] & _SIZE_MASK
-                if words[i] & _SEGMENT:
-                    j = i + 1
-                    while j < count and words[j] & _JOINED:
-                        j += 1
+        with _AbortOnError(self):
+            try:
+                words = _parse_prelude(await conn.recv_bytes(8 * (MAX_FRAMES + 1)), self._max_size)
+                nseg = sum(1 for w in words if w & _SEGMENT)
+                if nseg:
+                    if not self._segments_in:
+                        raise CommClosedError(f"a message with {nseg} shared-memory segments on a comm that takes none")
+                    # they came with (or before) the prelude: the sender passed them on its first byte
+                    fds = conn.take_fds(nseg)
+                frames: list[Any] = []
+                i, count = 0, len(words)
+                while i < count:
+                    n = words[i] & _SIZE_MASK
+                    if words[i] & _SEGMENT:
+                        j = _run_end(words, i)
+                        sizes = [w & _SIZE_MASK for w in words[i:j]]
+                        fd = fds.pop(0)
+                        try:
+                            view = memoryview(shm.map_segment(fd, sum(sizes)))
+                        except OSError as exc:
+                            raise CommClosedError(f"in {self}: {exc}") from None
+                        finally:
+                            os.close(fd)
+                        off = 0
+                        for n in sizes:
+                            frames.append(view[off:off + n])
+                            off += n
+                        i = j
+                        continue
+                    if n < OWN_BUFFER_THRESHOLD:
+                        f = await conn.recv_bytes(n)
+                        if len(f) != n:
+                            raise CommClosedError(f"frame of {len(f)} bytes, prelude said {n}")
+                        frames.append(f)
+                        i += 1
+                        continue
+                    # a run of shards of one buffer: one host array, each shard received in place
+                    j = _run_end(words, i)
                     sizes = [w & _SIZE_MASK for w in words[i:j]]
-                    fd = fds.pop(0)
-                    try:
-                        view = memoryview(shm.map_segment(fd, sum(sizes)))
-                    except OSError as exc:
-                        raise CommClosedError(f"in {self}: {exc}") from None
-                    finally:
-                        os.close(fd)
+                    buf = host_array(sum(sizes))
                     off = 0
                     for n in sizes:
-                        frames.append(view[off:off + n])
+                        view = buf[off:off + n]
+                        got = await conn.recv_bytes_into(view)
+                        if got != n:
+                            raise CommClosedError(f"frame of {got} bytes, prelude said {n}")
+                        frames.append(view)
                         off += n
                     i = j
-                    continue
-                if n < OWN_BUFFER_THRESHOLD:
-                    f = await conn.recv_bytes(n)
-                    if len(f) != n:
-                        raise CommClosedError(f"frame of {len(f)} bytes, prelude said {n}")
-                    frames.append(f)
-                    i += 1
-                    continue
-                # a run of shards of one buffer: one host array, each shard received in place
-                j = i + 1
-                while j < count and words[j] & _JOINED:
-                    j += 1
-                sizes = [w & _SIZE_MASK for w in words[i:j]]
-                buf = host_array(sum(sizes))
-                off = 0
-                for n in sizes:
-                    view = buf[off:off + n]
-                    got = await conn.recv_bytes_into(view)
-                    if got != n:
-                        raise CommClosedError(f"frame of {got} bytes, prelude said {n}")
-                    frames.append(view)
-                    off += n
-                i = j
-        except (EOFError, OSError) as exc:
-            _close_all(fds)
-            # a clean close, a reset, a bad frame, a frame over the limit
-            self.abort()
-            if isinstance(exc, CommClosedError):
-                raise
-            raise CommClosedError(f"in {self}: {type(exc).__name__}: {exc}") from exc
-        except BaseException:
-            # cancelled or failed half way through a message: the stream is out of step
-            _close_all(fds)
-            self.abort()
-            raise
-        finally:
-            self._reading = False
+            finally:
+                # a peer's descriptors not yet mapped when it failed
+                _close_all(fds)
+                self._reading = False
         try:
             return await from_frames(frames, deserialize=self.deserialize, deserializers=deserializers,
                                      allow_offload=self.allow_offload)
@@ -412,33 +404,28 @@ class FastnetComm(Comm):
         prelude, total, runs = _prelude(frames, self._segments_out)
         segs = await self._pack(frames, runs) if runs else []
         fds: list[int] = []
-        try:
-            if segs:
-                in_segments = {k for i, j in runs for k in range(i, j)}
-                frames = [f for k, f in enumerate(frames) if k not in in_segments]
+        # what already left is unknown if this fails: the comm cannot be used again
+        with _AbortOnError(self):
+            try:
+                if segs:
+                    in_segments = {k for i, j in runs for k in range(i, j)}
+                    frames = [f for k, f in enumerate(frames) if k not in in_segments]
+                    for seg in segs:
+                        fds.append(seg.handover())
+                # queued by reference as distributed's TCP comm does: the frames are
+                # this message's own, and a writer waiting for its reader to drain
+                # the socket would deadlock a task that writes then reads; the
+                # descriptors (or the connection's copies) leave with the prelude's first byte
+                conn.write_many([prelude, *frames], fds=fds)
+            finally:
+                _close_all(fds)
                 for seg in segs:
-                    fds.append(seg.handover())
-            # queued by reference as distributed's TCP comm does: the frames are
-            # this message's own, and a writer waiting for its reader to drain
-            # the socket would deadlock a task that writes then reads; the
-            # descriptors (or the connection's copies) leave with the prelude's first byte
-            conn.write_many([prelude, *frames], fds=fds)
-        except OSError as exc:
-            self.abort()
-            raise CommClosedError(f"in {self}: {type(exc).__name__}: {exc}") from exc
-        except BaseException:
-            # what already left is unknown: the comm cannot be used again
-            self.abort()
-            raise
-        finally:
-            _close_all(fds)
-            for seg in segs:
-                shm.pool.release(seg)
+                    shm.pool.release(seg)
         return total + len(prelude)
 
     async def _pack(self, frames: list[Any], runs: list[tuple[int, int]]) -> list[Any]:
         """The runs of frames copied into shared-memory segments (the comm aborts if that fails)."""
-        try:
+        with _AbortOnError(self, "shared memory: "):
             if not self.allow_offload or sum(nbytes(frames[k]) for i, j in runs
                                              for k in range(i, j)) <= OFFLOAD_THRESHOLD:
                 # a short copy costs less than a handoff to a thread
@@ -452,12 +439,6 @@ class FastnetComm(Comm):
                 # the copy finishes on its thread: its segments go back to the pool then
                 task.add_done_callback(_release_packed)
                 raise
-        except OSError as exc:
-            self.abort()
-            raise CommClosedError(f"in {self}: shared memory: {type(exc).__name__}: {exc}") from exc
-        except BaseException:
-            self.abort()
-            raise
 
     async def close(self) -> None:
         """Flush what is queued, then close (idempotent)."""
@@ -486,6 +467,31 @@ class FastnetComm(Comm):
         # with no read pending nobody else would notice the peer going; what
         # it sent before going stays readable until a read meets the end
         return conn.closed or (not self._reading and conn.peer_gone())
+
+
+class _AbortOnError:
+    """Abort ``comm`` on any error or cancellation inside the block.
+
+    Half a message read or written leaves the stream out of step, so the
+    comm cannot go on. An OSError or EOFError leaves as CommClosedError.
+    """
+
+    __slots__ = ("comm", "what")
+
+    def __init__(self, comm: FastnetComm, what: str = "") -> None:
+        self.comm = comm
+        self.what = what
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, typ: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            return
+        self.comm.abort()
+        if isinstance(exc, (EOFError, OSError)) and not isinstance(exc, CommClosedError):
+            # a clean close, a reset, a bad frame, a frame over the limit
+            raise CommClosedError(f"in {self.comm}: {self.what}{type(exc).__name__}: {exc}") from exc
 
 
 def _close_all(fds: list[int]) -> None:

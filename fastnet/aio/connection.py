@@ -238,14 +238,17 @@ class AsyncConnection:
         (closing the descriptors). Without this call the kernel drops any
         descriptor sent. Descriptors still queued are closed with the connection.
         """
-        if not self._fd_passing or self._sock is None or self._sock.family != socket.AF_UNIX:
-            raise ValueError("descriptors can only be passed over plain AF_UNIX connections")
+        self._check_fd_passing()
         self._check()
         if max_queued < 1:
             raise ValueError("max_queued must be at least 1")
         self._max_fds = max_queued
         if self._fdq is None:
             self._fdq = collections.deque()
+
+    def _check_fd_passing(self) -> None:
+        if not self._fd_passing or self._sock is None or self._sock.family != socket.AF_UNIX:
+            raise ValueError("descriptors can only be passed over plain AF_UNIX connections")
 
     @property
     def pending_fds(self) -> int:
@@ -739,8 +742,7 @@ class AsyncConnection:
             held = _frame_parts(_byte_view(b), parts) or held
         fdl = [int(f) for f in fds] or None
         if fdl is not None:
-            if not self._fd_passing or self._sock is None or self._sock.family != socket.AF_UNIX:
-                raise ValueError("descriptors can only be passed over plain AF_UNIX connections")
+            self._check_fd_passing()
             if len(fdl) > _scm.MAX_FDS or not parts:
                 raise ValueError(f"send between 1 and {_scm.MAX_FDS} descriptors, with at least one message")
         mark = self._queued
