@@ -32,9 +32,13 @@ shrinking (so a mapping can never fault with SIGBUS), at least as large as
 the array, and the array within ``max_message_size``; anything else raises
 ProtocolError or MessageTooLarge, closes the descriptor and that connection.
 A received array keeps no descriptor open, so a process may hold any number
-of them (before Python 3.13, whose ``mmap`` would keep a duplicate of each,
-the segment is mapped through libc with ctypes; without numpy or ctypes, one
-descriptor stays open per array until it is collected).
+of them: the segment is mapped through libc with ctypes (without numpy or
+ctypes, through ``mmap.mmap``, which before Python 3.13 keeps one descriptor
+open per array until it is collected). When the last array over a mapping
+of at least :data:`UNMAP_IN_BACKGROUND` bytes is collected, a thread of the
+module unmaps it, so the thread that dropped the array (a Dask worker's
+event loop) does not wait while the kernel tears down its page tables; the
+segment goes back to its sender a moment later.
 
 No copy at all: an array made by :func:`empty` lives in a segment from the
 start, and sending it (``shm=True``) passes that segment as it is. The two
@@ -49,6 +53,7 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import queue
 import stat
 import sys
 import threading
@@ -58,7 +63,7 @@ from typing import Any
 from fastnet import zerocopy as _zc
 from fastnet.errors import MessageTooLarge, ProtocolError
 
-__all__ = ["THRESHOLD", "POOL_BYTES", "available", "empty", "SegmentPool", "pool", "pack", "map_segment"]
+__all__ = ["THRESHOLD", "POOL_BYTES", "UNMAP_IN_BACKGROUND", "available", "empty", "SegmentPool", "pool", "pack", "map_segment"]
 
 #: With ``shm=True`` on a connection, arrays of at least this many bytes go
 #: through shared memory (below it, mapping a segment costs more than the
@@ -66,6 +71,11 @@ __all__ = ["THRESHOLD", "POOL_BYTES", "available", "empty", "SegmentPool", "pool
 THRESHOLD = 1 << 20
 #: Bytes of segments the sender's pool keeps mapped for reuse.
 POOL_BYTES = 1 << 30
+#: Received mappings of at least this many bytes are unmapped on a thread of
+#: this module once their last array is collected (unmapping 256 MiB takes
+#: about 7 ms of the caller's time otherwise; below a few MiB, less than the
+#: handoff).
+UNMAP_IN_BACKGROUND = 16 << 20
 
 # Linux names; elsewhere available() is False and nothing here runs
 _SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 0)
@@ -329,7 +339,7 @@ def map_segment(fd: int, nbytes: int) -> Any:
     if nbytes == 0:
         return bytearray()
     try:
-        if _MMAP_KW or _zc._np is None or _libc_map() is None:
+        if _zc._np is None or _libc_map() is None:
             return mmap.mmap(fd, nbytes, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
                              mmap.PROT_READ | mmap.PROT_WRITE, **_MMAP_KW)
         return _zc._np.asarray(_Mapping(fd, nbytes))
@@ -364,10 +374,11 @@ class _Mapping:
     for as long as it lives, so a process keeping many received segments
     (a Dask worker's chunks) would run out of descriptors. numpy views this
     one through ``__array_interface__``; the memory is unmapped when the
-    last array over it is collected.
+    last array over it is collected (on the unmapping thread if it is large,
+    unless ``unmap_inline()`` was called).
     """
 
-    __slots__ = ("__array_interface__", "__weakref__")
+    __slots__ = ("__array_interface__", "__weakref__", "_inline")
 
     def __init__(self, fd: int, nbytes: int) -> None:
         mmap_, munmap, get_errno, failed = _libc_map()
@@ -377,7 +388,79 @@ class _Mapping:
             err = get_errno()
             raise OSError(err, os.strerror(err))
         self.__array_interface__ = {"data": (addr, False), "shape": (nbytes,), "typestr": "|u1", "version": 3}
-        weakref.finalize(self, munmap, addr, nbytes).atexit = False
+        reaper = _reaper() if nbytes >= UNMAP_IN_BACKGROUND else None
+        self._inline = [reaper is None]
+        weakref.finalize(self, _unmap, addr, nbytes, self._inline, reaper).atexit = False
+
+    def unmap_inline(self) -> None:
+        """Unmap in the thread that drops the last array, not on the unmapping thread."""
+        global _live
+        if not self._inline[0]:
+            self._inline[0] = True
+            with _reaper_lock:
+                _live -= 1
+
+
+# The unmapping thread runs while mappings it is to unmap are alive (_live
+# counts them), and ends after _REAPER_IDLE seconds without any: a process
+# that stops receiving large segments keeps no thread (distributed's test
+# fixtures, among others, count threads left behind).
+_reaped: queue.SimpleQueue[tuple[int, int]] | None = None
+_live = 0
+_reaper_lock = threading.Lock()
+_REAPER_IDLE = 0.5
+
+
+def _unmap(addr: int, nbytes: int, inline: list[bool], reaper: queue.SimpleQueue[tuple[int, int]] | None) -> None:
+    # a finalizer: it may run in any thread, in the middle of anything, so
+    # it takes no lock; it only unmaps or puts on the queue (SimpleQueue.put
+    # is safe there). The thread cannot have ended while this mapping lived,
+    # unless the process forked since: then the queue is another one's.
+    if inline[0] or reaper is not _reaped:
+        _libc[1](addr, nbytes)
+    else:
+        reaper.put((addr, nbytes))
+
+
+def _reaper() -> queue.SimpleQueue[tuple[int, int]]:
+    """Count one more mapping for the unmapping thread; its queue, the thread started if need be."""
+    global _reaped, _live
+    with _reaper_lock:
+        _live += 1
+        if _reaped is None:
+            q: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
+            threading.Thread(target=_reap, args=(q,), name="fastnet-shm-unmap", daemon=True).start()
+            _reaped = q
+        return _reaped
+
+
+def _reap(q: queue.SimpleQueue[tuple[int, int]]) -> None:
+    global _reaped, _live
+    munmap = _libc[1]
+    while True:
+        try:
+            addr, nbytes = q.get(timeout=_REAPER_IDLE)
+        except queue.Empty:
+            with _reaper_lock:
+                if _live == 0:
+                    _reaped = None
+                    return
+            continue
+        munmap(addr, nbytes)     # ctypes releases the GIL for the call
+        with _reaper_lock:
+            _live -= 1
+
+
+def _reaper_after_fork() -> None:
+    # the thread did not come along: unmap here what was left for it; the
+    # mappings inherited alive unmap inline (their queue is not _reaped)
+    global _reaped, _live
+    q, _reaped, _live = _reaped, None, 0
+    while q is not None and not q.empty():
+        _libc[1](*q.get_nowait())
+
+
+os.register_at_fork(after_in_child=_reaper_after_fork)
 
 
 def _is_mapping(obj: Any) -> bool:
@@ -421,9 +504,12 @@ def receive(header: bytes, fds: list[int], out: Any, max_size: int | None) -> An
         return _copy_into(out, arr, kind, tname, shape)
     finally:
         del arr
+        # the segment goes back to its sender now, not a moment later
         if isinstance(mm, mmap.mmap):
-            mm.close()      # the segment goes back to its sender now
-        del mm              # (a _Mapping's array: unmapped as it is collected, now)
+            mm.close()
+        elif isinstance(getattr(mm, "base", None), _Mapping):
+            mm.base.unmap_inline()
+        del mm
 
 
 def _copy_into(out: Any, arr: Any, kind: int, tname: str, shape: tuple[int, ...]) -> Any:

@@ -227,6 +227,12 @@ def count_fds():
     return len(os.listdir("/proc/self/fd"))
 
 
+def segment_mappings():
+    """How many mappings of fastnet's memfd segments this process has."""
+    with open("/proc/self/maps") as f:
+        return sum("memfd:fastnet-shm" in line for line in f)
+
+
 def free_tcp_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

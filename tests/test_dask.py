@@ -44,7 +44,7 @@ from distributed.utils_test import gen_test  # noqa: E402
 import fastnet.dask as fdask  # noqa: E402
 from fastnet import shm  # noqa: E402
 
-from rpcutil import count_fds  # noqa: E402
+from rpcutil import count_fds, segment_mappings, wait_for  # noqa: E402
 from tlsutil import client_ctx, make_pki, server_ctx  # noqa: E402
 
 MiB = 1 << 20
@@ -822,12 +822,6 @@ def in_segment(arr):
     return shm._is_mapping(arr)
 
 
-def segment_mappings():
-    """How many mappings of fastnet's memfd segments this process has."""
-    with open("/proc/self/maps") as f:
-        return sum("memfd:fastnet-shm" in line for line in f)
-
-
 @gen_test()
 async def test_large_frames_cross_in_shared_memory_writeable_and_alive_as_long_as_their_arrays():
     a, b = await comm_pair("fastnet://127.0.0.1")
@@ -854,7 +848,8 @@ async def test_large_frames_cross_in_shared_memory_writeable_and_alive_as_long_a
     assert (got["x"] == 0.5).all() and (back == x).all()
     del got, back
     gc.collect()
-    assert segment_mappings() < held
+    # large mappings are unmapped on fastnet.shm's thread, a moment later
+    assert wait_for(lambda: segment_mappings() < held)
 
 
 @gen_test(config=NO_SEGMENTS)
@@ -992,7 +987,7 @@ async def test_sigkilled_sender_mid_stream_leaves_nothing_behind():
     # the received array outlives its sender
     assert (x == np.arange(4 << 20, dtype=np.float64)).all()
     del x
-    assert count_fds() == before and segment_mappings() == mapped
+    assert wait_for(lambda: segment_mappings() == mapped) and count_fds() == before
     assert memfd_fds() == memfds            # this process's own pool, if an earlier test filled it
 
 

@@ -22,6 +22,7 @@ np = pytest.importorskip("numpy")
 
 import fastnet  # noqa: E402
 from fastnet import Client, Listener, MessageTooLarge, Pipe, ProtocolError, shm, zerocopy  # noqa: E402
+from rpcutil import segment_mappings, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not shm.available(), reason="memfd_create with sealing is Linux-only")
 
@@ -146,6 +147,52 @@ def test_pool_reuses_only_segments_the_receiver_dropped():
         a.send_array(np.full(1 << 18, 4.0), shm=True)
         b.recv_array(out=out)
         assert (out == 4.0).all() and shm.pool.idle() == 1
+
+
+def _unmapping_thread():
+    return "fastnet-shm-unmap" in [t.name for t in threading.enumerate()]
+
+
+def test_large_mapping_is_unmapped_for_the_thread_that_drops_it():
+    big = np.arange(shm.UNMAP_IN_BACKGROUND // 8, dtype=np.float64)
+    a, b = Pipe()
+    with a, b:
+        a.send_array(big, shm=True)
+        got = b.recv_array()
+        assert shm._is_mapping(got) and np.array_equal(got, big)
+        assert shm.pool.idle() == 0 and _unmapping_thread()
+        del got
+        # unmapped on the module's own thread: the segment comes back a moment later
+        assert wait_for(lambda: shm.pool.idle() == 1)
+        # and with no large mapping left, the thread ends (no thread left behind)
+        assert wait_for(lambda: not _unmapping_thread())
+        # out= lets go of it before returning, however large
+        out = np.empty_like(big)
+        a.send_array(big, shm=True)
+        assert b.recv_array(out=out) is out and np.array_equal(out, big)
+        assert shm.pool.segments == 1 and shm.pool.idle() == 1
+
+
+def test_forked_child_unmaps_without_the_parents_thread():
+    big = np.arange(shm.UNMAP_IN_BACKGROUND // 8, dtype=np.float64)
+    a, b = Pipe()
+    with a, b:
+        a.send_array(big, shm=True)
+        del big
+        b.recv_array()                 # starts the unmapping thread here
+        assert wait_for(lambda: shm.pool.idle() == 1)
+        pid = os.fork()
+        if pid == 0:
+            # the thread did not come along: what the child drops is still unmapped
+            before = segment_mappings()
+            got = b.recv_array()
+            ok = got[-1] == got.size - 1 and segment_mappings() == before + 1
+            del got
+            os._exit(0 if ok and wait_for(lambda: segment_mappings() == before) else 1)
+        a.send_array(np.arange(shm.UNMAP_IN_BACKGROUND // 8, dtype=np.float64), shm=True)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert wait_for(lambda: shm.pool.idle() == 1)
 
 
 def _send_then_die(path, nelem):
