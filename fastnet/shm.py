@@ -416,7 +416,7 @@ def _unmap(addr: int, nbytes: int, inline: list[bool], reaper: queue.SimpleQueue
     # it takes no lock; it only unmaps or puts on the queue (SimpleQueue.put
     # is safe there). The thread cannot have ended while this mapping lived,
     # unless the process forked since: then the queue is another one's.
-    if inline[0] or reaper is not _reaped:
+    if inline[0] or reaper is None or reaper is not _reaped:
         _libc[1](addr, nbytes)
     else:
         reaper.put((addr, nbytes))
