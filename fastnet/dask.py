@@ -108,6 +108,7 @@ MAX_FRAMES = 1 << 20
 # _SEGMENT when the frame (with the _JOINED ones after it) is in the next
 # shared-memory segment the message carries instead of in the stream.
 _U64 = struct.Struct("<Q")
+_PRELUDE_ONE = struct.Struct("<QQ")
 _JOINED = 1 << 63
 _SEGMENT = 1 << 62
 _SIZE_MASK = _SEGMENT - 1
@@ -189,6 +190,11 @@ def _prelude(frames: list[Any], segments: bool = False) -> tuple[bytes, int, lis
     A run (start, end) is a frame and the shards joined to it; with
     ``segments``, each run of at least SHARED_MEMORY_THRESHOLD bytes is one.
     """
+    if len(frames) == 1:
+        # most messages are one small frame (the scheduler's and workers' control traffic)
+        n = nbytes(frames[0])
+        if not segments or n < SHARED_MEMORY_THRESHOLD:
+            return _PRELUDE_ONE.pack(1, n), n, []
     words: list[int] = []
     total = 0
     prev_obj: Any = None
@@ -239,6 +245,11 @@ def _parse_prelude(prelude: bytes, limit: int | None) -> list[int]:
     """The frame size words of a prelude, checked before anything is allocated for them."""
     if len(prelude) < 8 or len(prelude) % 8:
         raise CommClosedError(f"bad message prelude of {len(prelude)} bytes")
+    if len(prelude) == 16:
+        # one frame (the common case); anything odd about it takes the checks below
+        count, w = _PRELUDE_ONE.unpack(prelude)
+        if count == 1 and not w & _JOINED and (limit is None or w & _SIZE_MASK <= limit):
+            return [w]
     (count,) = _U64.unpack_from(prelude)
     if count != len(prelude) // 8 - 1:
         raise CommClosedError(f"message prelude says {count} frames and holds {len(prelude) // 8 - 1}")
@@ -327,59 +338,16 @@ class FastnetComm(Comm):
         if conn is None:
             raise CommClosedError(f"in {self}: the comm is closed")
         self._reading = True
-        fds: list[int] = []
         with _AbortOnError(self):
             try:
                 words = _parse_prelude(await conn.recv_bytes(8 * (MAX_FRAMES + 1)), self._max_size)
-                nseg = sum(1 for w in words if w & _SEGMENT)
-                if nseg:
-                    if not self._segments_in:
-                        raise CommClosedError(f"a message with {nseg} shared-memory segments on a comm that takes none")
-                    # they came with (or before) the prelude: the sender passed them on its first byte
-                    fds = conn.take_fds(nseg)
-                frames: list[Any] = []
-                i, count = 0, len(words)
-                while i < count:
-                    n = words[i] & _SIZE_MASK
-                    if words[i] & _SEGMENT:
-                        j = _run_end(words, i)
-                        sizes = [w & _SIZE_MASK for w in words[i:j]]
-                        fd = fds.pop(0)
-                        try:
-                            view = memoryview(shm.map_segment(fd, sum(sizes)))
-                        except OSError as exc:
-                            raise CommClosedError(f"in {self}: {exc}") from None
-                        finally:
-                            os.close(fd)
-                        off = 0
-                        for n in sizes:
-                            frames.append(view[off:off + n])
-                            off += n
-                        i = j
-                        continue
-                    if n < OWN_BUFFER_THRESHOLD:
-                        f = await conn.recv_bytes(n)
-                        if len(f) != n:
-                            raise CommClosedError(f"frame of {len(f)} bytes, prelude said {n}")
-                        frames.append(f)
-                        i += 1
-                        continue
-                    # a run of shards of one buffer: one host array, each shard received in place
-                    j = _run_end(words, i)
-                    sizes = [w & _SIZE_MASK for w in words[i:j]]
-                    buf = host_array(sum(sizes))
-                    off = 0
-                    for n in sizes:
-                        view = buf[off:off + n]
-                        got = await conn.recv_bytes_into(view)
-                        if got != n:
-                            raise CommClosedError(f"frame of {got} bytes, prelude said {n}")
-                        frames.append(view)
-                        off += n
-                    i = j
+                n = words[0] if len(words) == 1 else OWN_BUFFER_THRESHOLD
+                if n < OWN_BUFFER_THRESHOLD:
+                    # one small frame in the stream (flags would make n larger)
+                    frames = [_whole(await conn.recv_bytes(n), n)]
+                else:
+                    frames = await self._read_frames(conn, words)
             finally:
-                # a peer's descriptors not yet mapped when it failed
-                _close_all(fds)
                 self._reading = False
         try:
             return await from_frames(frames, deserialize=self.deserialize, deserializers=deserializers,
@@ -388,6 +356,58 @@ class FastnetComm(Comm):
             # frames garbled or truncated by the peer
             self.abort()
             raise CommClosedError(f"in {self}: aborted stream on truncated data") from None
+
+    async def _read_frames(self, conn: aio.AsyncConnection, words: list[int]) -> list[Any]:
+        """The frames of a message whose prelude gave ``words``: from the stream, or mapped from its segments."""
+        fds: list[int] = []
+        try:
+            nseg = sum(1 for w in words if w & _SEGMENT)
+            if nseg:
+                if not self._segments_in:
+                    raise CommClosedError(f"a message with {nseg} shared-memory segments on a comm that takes none")
+                # they came with (or before) the prelude: the sender passed them on its first byte
+                fds = conn.take_fds(nseg)
+            frames: list[Any] = []
+            i, count = 0, len(words)
+            while i < count:
+                n = words[i] & _SIZE_MASK
+                if words[i] & _SEGMENT:
+                    j = _run_end(words, i)
+                    sizes = [w & _SIZE_MASK for w in words[i:j]]
+                    fd = fds.pop(0)
+                    try:
+                        view = memoryview(shm.map_segment(fd, sum(sizes)))
+                    except OSError as exc:
+                        raise CommClosedError(f"in {self}: {exc}") from None
+                    finally:
+                        os.close(fd)
+                    off = 0
+                    for n in sizes:
+                        frames.append(view[off:off + n])
+                        off += n
+                    i = j
+                    continue
+                if n < OWN_BUFFER_THRESHOLD:
+                    frames.append(_whole(await conn.recv_bytes(n), n))
+                    i += 1
+                    continue
+                # a run of shards of one buffer: one host array, each shard received in place
+                j = _run_end(words, i)
+                sizes = [w & _SIZE_MASK for w in words[i:j]]
+                buf = host_array(sum(sizes))
+                off = 0
+                for n in sizes:
+                    view = buf[off:off + n]
+                    got = await conn.recv_bytes_into(view)
+                    if got != n:
+                        raise CommClosedError(f"frame of {got} bytes, prelude said {n}")
+                    frames.append(view)
+                    off += n
+                i = j
+            return frames
+        finally:
+            # a peer's descriptors not yet mapped when it failed
+            _close_all(fds)
 
     async def write(self, msg: Any, serializers: Any = None, on_error: str = "message") -> int:
         conn = self._conn
@@ -492,6 +512,13 @@ class _AbortOnError:
         if isinstance(exc, (EOFError, OSError)) and not isinstance(exc, CommClosedError):
             # a clean close, a reset, a bad frame, a frame over the limit
             raise CommClosedError(f"in {self.comm}: {self.what}{type(exc).__name__}: {exc}") from exc
+
+
+def _whole(frame: bytes, n: int) -> bytes:
+    """``frame``, if it is the ``n`` bytes the prelude said."""
+    if len(frame) != n:
+        raise CommClosedError(f"frame of {len(frame)} bytes, prelude said {n}")
+    return frame
 
 
 def _close_all(fds: list[int]) -> None:
