@@ -300,7 +300,7 @@ def _is_ip_literal(host: Any) -> bool:
 
 
 class EventLoop(_reactor.Reactor):
-    """fastnet's event loop: ``EventLoop(backend="auto"|"epoll"|"poll"|"select", max_workers=None)``.
+    """fastnet's event loop: ``EventLoop(backend="auto"|"epoll"|"poll"|"select", max_workers=None, spin=0.0)``.
 
     Readiness: ``add_reader(fd, cb, *args)``, ``add_writer``, ``remove_reader``,
     ``remove_writer``. Time: ``call_soon``, ``call_later``, ``call_at``,
@@ -309,10 +309,19 @@ class EventLoop(_reactor.Reactor):
     ``run_in_thread``. Signals: ``add_signal_handler``. Framed streams:
     ``create_server``, ``connect``, ``add_stream``. Cookbook handlers:
     ``add_handler``. Callback exceptions are logged to ``fastnet.loop``.
+
+    ``spin`` (microseconds, default 0: off) busy-polls before each wait that
+    would block: the loop polls its descriptors without sleeping (the GIL
+    released, in the compiled kernels) until one is ready or ``spin`` has
+    passed, then sleeps as usual. A request that arrives within it skips the
+    scheduler's wake-up; the price is a CPU busy for up to ``spin`` per wait,
+    idle or not. Timers still fire on time, and ``call_soon_threadsafe`` and
+    signals still wake the loop at once. It pays where the peers run on other
+    CPUs: a peer waiting for the same CPU waits out the spin.
     """
 
-    def __init__(self, backend: str = "auto", *, max_workers: int | None = None) -> None:
-        super().__init__(backend)
+    def __init__(self, backend: str = "auto", *, max_workers: int | None = None, spin: float = 0.0) -> None:
+        super().__init__(backend, spin)
         self._max_workers = max_workers
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()

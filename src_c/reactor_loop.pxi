@@ -4,7 +4,11 @@
 cdef class Reactor:
     """Readiness dispatch, timers and a ready queue on one thread.
 
-    ``Reactor(backend="auto")``; backend is "epoll", "poll" or "select".
+    ``Reactor(backend="auto", spin=0.0)``; backend is "epoll", "poll" or
+    "select". ``spin`` (microseconds, 0: off) busy-polls before each wait
+    that would block: the backend is polled with a zero timeout, the GIL
+    released, until something is ready or ``min(spin, timeout)`` has passed,
+    and only then does the reactor sleep for what is left of the timeout.
     Every method except ``call_soon_threadsafe`` and ``stop`` belongs to the
     thread that runs the reactor.
     """
@@ -23,14 +27,18 @@ cdef class Reactor:
         self._maxfd = -1
         self._closed = True   # until __init__ succeeds
 
-    def __init__(self, backend="auto"):
+    def __init__(self, backend="auto", double spin=0.0):
         if self._ready_init:
             raise RuntimeError("Reactor.__init__ called twice")
         if backend == "auto":
             backend = default_backend()
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: use 'auto', 'epoll', 'poll' or 'select'")
+        if not spin >= 0.0:
+            raise ValueError("spin must be >= 0 microseconds")
         self.backend = backend
+        self.spin = spin
+        self._spin_s = spin * 1e-6
         self._fds = []
         self._ready = collections.deque()
         self._heap = []

@@ -148,26 +148,80 @@ cdef int _ctl_select(Reactor self, _FdEntry e, int want) except -1:
     return 0
 
 
+cdef inline int _ms(double timeout) noexcept nogil:
+    """A wait in seconds (< 0: forever) as epoll's and poll's milliseconds, rounded up."""
+    if timeout < 0:
+        return -1
+    if timeout == 0:
+        return 0
+    if timeout > 86400.0:
+        return 86400000
+    return <int>ceil(timeout * 1000.0)
+
+
+cdef int _spin(Reactor self, double* timeout, fd_set* r, fd_set* w) noexcept:
+    """Busy-poll before a wait that would block (``spin``).
+
+    Polls the backend with a zero timeout, the GIL released, until something
+    is ready or min(spin, *timeout) has passed (*timeout < 0: forever, so the
+    spin's whole budget). Returns what the last poll returned: its events
+    are where the backend's blocking call would have left them (select's in
+    r and w). With nothing ready, *timeout becomes what is left of the wait,
+    so a timer never fires late for the spin nor early for the wait after it.
+    """
+    cdef double start = _now(), now = start, budget = self._spin_s, until
+    cdef int n, kind = self._kind, epfd = self._epfd, nevents = self._nevents
+    cdef int nfds = self._maxfd + 1
+    cdef epoll_event* events = self._events
+    cdef pollfd* pfds = self._pfds
+    cdef unsigned long npfds = <unsigned long>self._npfds
+    cdef fd_set* rset = &self._rset
+    cdef fd_set* wset = &self._wset
+    cdef timeval tv
+    if 0 <= timeout[0] < budget:
+        budget = timeout[0]
+    until = start + budget
+    with nogil:
+        while True:
+            if kind == _K_EPOLL:
+                n = _sys_epoll_wait(epfd, events, nevents, 0)
+            elif kind == _K_POLL:
+                n = poll(pfds, npfds, 0)
+            else:
+                r[0] = rset[0]
+                w[0] = wset[0]
+                tv.tv_sec = 0
+                tv.tv_usec = 0
+                n = select(nfds, r, w, NULL, &tv)
+            if n != 0:
+                break
+            now = _now()
+            if now >= until:
+                break
+    if n == 0 and timeout[0] > 0:
+        timeout[0] = start + timeout[0] - now
+        if timeout[0] < 0:
+            timeout[0] = 0.0
+    return n
+
+
 cdef int _poll(Reactor self, double timeout) except -1:
-    cdef int ms, n, i, fd, m
+    cdef int ms = _ms(timeout), n, i, fd, m
     cdef uint32_t ev
     cdef epoll_event* np
-    if timeout < 0:
-        ms = -1
-    elif timeout == 0:
-        ms = 0
-    elif timeout > 86400.0:
-        ms = 86400000
-    else:
-        ms = <int>ceil(timeout * 1000.0)
     if self._kind == _K_EPOLL:
         # A zero timeout (callbacks are ready) returns at once: keep the GIL
         # rather than pay for releasing it around a call that cannot block.
         if ms == 0:
             n = _sys_epoll_wait(self._epfd, self._events, self._nevents, 0)
         else:
-            with nogil:
-                n = _sys_epoll_wait(self._epfd, self._events, self._nevents, ms)
+            n = 0
+            if self._spin_s > 0.0:
+                n = _spin(self, &timeout, NULL, NULL)
+                ms = _ms(timeout)
+            if n == 0:
+                with nogil:
+                    n = _sys_epoll_wait(self._epfd, self._events, self._nevents, ms)
         if n < 0:
             if errno == EINTR:
                 PyErr_CheckSignals()
@@ -191,7 +245,7 @@ cdef int _poll(Reactor self, double timeout) except -1:
                 self._nevents *= 2
         return 0
     if self._kind == _K_POLL:
-        n = _poll_poll(self, ms)
+        n = _poll_poll(self, timeout, ms)
     else:
         n = _poll_select(self, timeout)
     for i in range(n):
@@ -199,14 +253,19 @@ cdef int _poll(Reactor self, double timeout) except -1:
     return 0
 
 
-cdef int _poll_poll(Reactor self, int ms) except -1:
+cdef int _poll_poll(Reactor self, double timeout, int ms) except -1:
     cdef int n, i, k = 0, m
     cdef short rev
     if ms == 0:
         n = poll(self._pfds, self._npfds, 0)
     else:
-        with nogil:
-            n = poll(self._pfds, self._npfds, ms)
+        n = 0
+        if self._spin_s > 0.0:
+            n = _spin(self, &timeout, NULL, NULL)
+            ms = _ms(timeout)
+        if n == 0:
+            with nogil:
+                n = poll(self._pfds, self._npfds, ms)
     if n < 0:
         if errno == EINTR:
             PyErr_CheckSignals()
@@ -233,7 +292,11 @@ cdef int _poll_select(Reactor self, double timeout) except -1:
     cdef fd_set r, w
     cdef timeval tv
     cdef timeval* tvp = NULL
-    cdef int n, fd, k = 0, m, nfds = self._maxfd + 1
+    cdef int n, nfds = self._maxfd + 1
+    if self._spin_s > 0.0 and timeout != 0:
+        n = _spin(self, &timeout, &r, &w)
+        if n != 0:
+            return _select_ready(self, n, nfds, &r, &w)
     r = self._rset
     w = self._wset
     if timeout >= 0:
@@ -252,18 +315,23 @@ cdef int _poll_select(Reactor self, double timeout) except -1:
     else:
         with nogil:
             n = select(nfds, &r, &w, NULL, tvp)
+    return _select_ready(self, n, nfds, &r, &w)
+
+
+cdef int _select_ready(Reactor self, int n, int nfds, fd_set* r, fd_set* w) except -1:
+    """Collect select()'s result (n, the sets it left) into _rfd/_rmask; returns how many."""
+    cdef int fd = 0, k = 0, m
     if n < 0:
         if errno == EINTR:
             PyErr_CheckSignals()
             return 0
         PyErr_SetFromErrno(OSError)
         return -1
-    fd = 0
     while k < n and fd < nfds:
         m = 0
-        if FD_ISSET(fd, &r):
+        if FD_ISSET(fd, r):
             m = _READ
-        if FD_ISSET(fd, &w):
+        if FD_ISSET(fd, w):
             m |= _WRITE
         if m:
             self._rfd[k] = fd

@@ -55,7 +55,11 @@ def _fd_of(obj: int | _socket.socket) -> int:
 class Reactor:
     """Readiness dispatch, timers and a ready queue on one thread.
 
-    ``Reactor(backend="auto")``; backend is "epoll", "poll" or "select".
+    ``Reactor(backend="auto", spin=0.0)``; backend is "epoll", "poll" or
+    "select". ``spin`` (microseconds, 0: off) busy-polls before each wait
+    that would block: the backend is polled with a zero timeout until
+    something is ready or ``min(spin, timeout)`` has passed, and only then
+    does the reactor sleep for what is left of the timeout.
     Every method except ``call_soon_threadsafe`` and ``stop`` belongs to the
     thread that runs the reactor.
     """
@@ -70,7 +74,7 @@ class Reactor:
     _wset: set[int]
     _wake_socks: tuple[_socket.socket, _socket.socket] | None
 
-    def __init__(self, backend: str = "auto") -> None:
+    def __init__(self, backend: str = "auto", spin: float = 0.0) -> None:
         if getattr(self, "_ready_init", False):
             raise RuntimeError("Reactor.__init__ called twice")
         self._closed = True
@@ -78,7 +82,12 @@ class Reactor:
             backend = default_backend()
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: use 'auto', 'epoll', 'poll' or 'select'")
+        spin = float(spin)
+        if not spin >= 0.0:
+            raise ValueError("spin must be >= 0 microseconds")
         self._backend = backend
+        self._spin_us = spin
+        self._spin_s = spin * 1e-6
         self._fds = {}
         self._ready = collections.deque()
         self._heap = []
@@ -288,6 +297,11 @@ class Reactor:
     def backend(self) -> str:
         """The readiness backend: "epoll", "poll" or "select"."""
         return self._backend
+
+    @property
+    def spin(self) -> float:
+        """Microseconds each wait that would block busy-polls first (0: none)."""
+        return self._spin_us
 
     @property
     def ctl_calls(self) -> int:
@@ -512,34 +526,61 @@ class Reactor:
 
     # -- polling ----------------------------------------------------------------
 
-    def _poll(self, timeout: float) -> None:
+    def _poll(self, timeout: float) -> bool:
+        """Wait up to timeout (< 0: forever), busy-polling first with ``spin``,
+        and dispatch what is ready; True if anything was."""
         if timeout > 86400.0:
             timeout = 86400.0
+        if self._spin_s > 0.0 and timeout != 0:
+            left = self._spin(timeout)
+            if left is None:
+                return True
+            timeout = left
         dispatch = self._dispatch
         if self._epoll is not None:
             IN = _select.EPOLLIN | _select.EPOLLERR | _select.EPOLLHUP
             OUT = _select.EPOLLOUT | _select.EPOLLERR | _select.EPOLLHUP
-            for fd, ev in self._epoll.poll(timeout if timeout >= 0 else -1, max(len(self._fds), 1)):
+            events = self._epoll.poll(timeout if timeout >= 0 else -1, max(len(self._fds), 1))
+            for fd, ev in events:
                 dispatch(fd, (_READ if ev & IN else 0) | (_WRITE if ev & OUT else 0))
-        elif self._pollobj is not None:
+            return bool(events)
+        if self._pollobj is not None:
             bad = _select.POLLERR | _select.POLLHUP | _select.POLLNVAL
             IN = _select.POLLIN | bad
             OUT = _select.POLLOUT | bad
             ms = None if timeout < 0 else int(timeout * 1000 + 0.999)
-            for fd, ev in self._pollobj.poll(ms):
+            pevents = self._pollobj.poll(ms)
+            for fd, ev in pevents:
                 dispatch(fd, (_READ if ev & IN else 0) | (_WRITE if ev & OUT else 0))
+            return bool(pevents)
+        r, w, _ = _select.select(self._rset, self._wset, [], None if timeout < 0 else timeout)
+        if w:
+            ws = set(w)
+            for fd in r:
+                dispatch(fd, _READ | (_WRITE if fd in ws else 0))
+                ws.discard(fd)
+            for fd in ws:
+                dispatch(fd, _WRITE)
         else:
-            r, w, _ = _select.select(self._rset, self._wset, [], None if timeout < 0 else timeout)
-            if w:
-                ws = set(w)
-                for fd in r:
-                    dispatch(fd, _READ | (_WRITE if fd in ws else 0))
-                    ws.discard(fd)
-                for fd in ws:
-                    dispatch(fd, _WRITE)
-            else:
-                for fd in r:
-                    dispatch(fd, _READ)
+            for fd in r:
+                dispatch(fd, _READ)
+        return bool(r or w)
+
+    def _spin(self, timeout: float) -> float | None:
+        """Poll with a zero timeout until something is ready (dispatched; None
+        returned) or min(spin, timeout) has passed (timeout < 0: forever, so
+        the spin's whole budget); then return what is left of the wait, so a
+        timer never fires late for the spin nor early for the wait after it."""
+        start = now = _time.monotonic()
+        until = start + (timeout if 0 <= timeout < self._spin_s else self._spin_s)
+        poll = self._poll
+        while True:
+            if poll(0.0):
+                return None
+            now = _time.monotonic()
+            if now >= until:
+                break
+        return max(start + timeout - now, 0.0) if timeout > 0 else timeout
 
     def _dispatch(self, fd: int, m: int) -> None:
         e = self._fds.get(fd)

@@ -131,6 +131,17 @@ def _samples(step: Any, spec: dict[str, Any], start: Any, minimum: Any, per: Any
             "info": {"iterations": n}}
 
 
+def _with_cpu_share(run: Callable[[], Any]) -> Any:
+    """``run()``'s samples, with ``info["client_cpu_share"]``: this process's
+    CPU for each second of the run (1.0 is a busy CPU)."""
+    import time
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    out = run()
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
+    out["info"]["client_cpu_share"] = round(cpu / wall, 3)
+    return out
+
+
 def _us_per_op(t: Any, n: Any) -> Any:
     return t / n * 1e6
 

@@ -6,8 +6,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .common import (Impl, _accept_one, _addr, _conn_module, _conn_options, _samples, _us_per_op, _zmq, _zmq_bind,
-                     _zmq_close)
+from .common import (Impl, _accept_one, _addr, _conn_module, _conn_options, _samples, _us_per_op, _with_cpu_share,
+                     _zmq, _zmq_bind, _zmq_close)
 
 
 def _echo_until_eof(conn: Any) -> None:
@@ -46,12 +46,8 @@ def _pingpong_conn_client(spec: dict[str, Any], address: Any) -> Any:
     mod = _conn_module(spec)
     conn = mod.Client(_addr(address), **_conn_options(spec, mod))
     step = _round_trips(conn.send_bytes, conn.recv_bytes, spec["size"])
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    out = _samples(step, spec, 64, 100, _us_per_op)
-    cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
+    out = _with_cpu_share(lambda: _samples(step, spec, 64, 100, _us_per_op))
     out["info"]["backend"] = getattr(mod, "backend", None)
-    # this process's CPU for each microsecond of the run: 1.0 is a busy CPU
-    out["info"]["client_cpu_share"] = round(cpu / wall, 3)
     conn.close()
     return out
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .common import (Impl, NotAvailable, _accept_one, _addr, _fastnet, _listen_address, _msgpack, _need,
-                     _per_second, _samples, _zmq, _zmq_bind, _zmq_close)
+                     _per_second, _samples, _with_cpu_share, _zmq, _zmq_bind, _zmq_close)
 from .pingpong import _pingpong_conn_client, _pingpong_conn_server
 
 
@@ -88,12 +88,29 @@ def rpc_sequential(call: Any, spec: dict[str, Any]) -> Any:
     return _samples(lambda k: _timed_calls(call, k), spec, 64, 100, _per_second)
 
 
-def _rpc_fastnet_client(spec: dict[str, Any], address: Any) -> Any:
-    proxy = rpc_proxy(spec, address)
-    out = rpc_sequential(proxy.add, spec)
-    out["info"].update(backend=_fastnet(spec).backend, codec=proxy.codec)
+def _rpc_fastnet_client(spec: dict[str, Any], address: Any, **kw: Any) -> Any:
+    """Sequential calls through an RPCProxy (``kw``: its options), with the proxy's CPU per call."""
+    import statistics
+    proxy = rpc_proxy(spec, address, **kw)
+    out = _with_cpu_share(lambda: rpc_sequential(proxy.add, spec))
+    info = out["info"]
+    info.update(backend=_fastnet(spec).backend, codec=proxy.codec)
+    info["client_cpu_us_per_call"] = round(info["client_cpu_share"] / statistics.median(out["samples"]) * 1e6, 2)
     rpc_stop(proxy)
     return out
+
+
+# The opt-in busy-polling: the server's loop and the proxy poll for up to
+# 50 µs before they sleep, burning CPU to skip the scheduler's wake-up.
+_SPIN_US = 50.0
+
+
+def _rpc_spin_server(spec: dict[str, Any], ready: Callable[[Any], None]) -> None:
+    rpc_server(spec, ready, spin=_SPIN_US)
+
+
+def _rpc_spin_client(spec: dict[str, Any], address: Any) -> Any:
+    return _rpc_fastnet_client(spec, address, spin=_SPIN_US)
 
 
 def rpc_window(call_async: Any, spec: dict[str, Any]) -> Any:
@@ -450,6 +467,7 @@ ROLES: dict[tuple[str, str], Any] = {
     ("rpc-seq", "fastnet"): (rpc_server, _rpc_fastnet_client),
     ("rpc-seq", "fastnet-json"): (rpc_server, _rpc_fastnet_client),
     ("rpc-seq", "fastnet-pickle"): (rpc_server, _rpc_fastnet_client),
+    ("rpc-seq", "fastnet-spin"): (_rpc_spin_server, _rpc_spin_client),
     ("rpc-pipe", "mp-rpc"): (_rpc_mp_server, _rpc_mp_client),
     ("rpc-pipe", "zmq-rpc"): (_rpc_zmq_server, _rpc_zmq_client),
     ("rpc-pipe", "fastnet"): (rpc_server, _rpc_fastnet_pipelined_client),
@@ -474,6 +492,7 @@ CASES: dict[str, dict[str, Any]] = {
             Impl("rpyc", "rpyc", anchor=True),
             Impl("pingpong", "fastnet bare pingpong 64 B", pure=False),
             Impl("fastnet", "fastnet RPC msgpack", pure=False),
+            Impl("fastnet-spin", "fastnet msgpack, spin 50 µs (proxy and server)", pure=False),
         ],
     },
     "rpc-pipe": {
@@ -498,6 +517,12 @@ TARGETS: list[tuple[Any, ...]] = [
     ("rpc-seq", None, "msgpack RPC >= 2.5x mp pickle RPC", ("ratio", "fastnet", "mp-rpc", ">=", 2.5)),
     ("rpc-seq", None, "msgpack RPC >= 35k calls/s", ("value", "fastnet", ">=", 35e3)),
     ("rpc-seq", None, "RPC within 1.3x bare pingpong (time ratio)", ("ratio", "pingpong", "fastnet", "<=", 1.3)),
+    # spinning pays only where the two processes run on different CPUs; on
+    # one CPU each end's spin keeps the other from running
+    ("rpc-seq", None, "msgpack RPC, spin 50 µs >= 2.5x mp pickle RPC (processes on different CPUs: --pin split)",
+     ("ratio", "fastnet-spin", "mp-rpc", ">=", 2.5)),
+    ("rpc-seq", None, "msgpack RPC, spin 50 µs >= 3x pyzmq+msgpack (processes on different CPUs: --pin split)",
+     ("ratio", "fastnet-spin", "zmq-rpc", ">=", 3.0)),
     ("rpc-pipe", None, "window of 64 >= 150k calls/s", ("value", "fastnet", ">=", 150e3)),
     ("rpc-pipe", None, "batches of 64 >= 150k calls/s", ("value", "fastnet-batch", ">=", 150e3)),
     ("rpc-pipe", None, "proxy.batch() of 64 >= 150k calls/s", ("value", "fastnet-pbatch", ">=", 150e3)),

@@ -516,6 +516,13 @@ class RPCServer:
     ``shutdown_timeout``, ``strict``, ``backend``, ``overflow``) are the
     :mod:`fastnet.server` limits. ``monitor=("127.0.0.1", 9100)`` serves
     ``/stats`` and ``/metrics`` over HTTP beside the server.
+
+    ``spin=`` microseconds (default 0: off) makes the server's event loops
+    busy-poll for requests before they sleep, as ``RPCProxy(spin=)`` does
+    for replies: a call that arrives within it skips the scheduler's
+    wake-up, at the price of a CPU burnt for up to ``spin`` per wait, while
+    idle too (each prefork worker's loop spins on its own CPU). It pays
+    where clients run on other CPUs than the server's loops.
     """
 
     def __init__(self, address: Any, authkey: bytes | None = None, codec: str | Iterable[str] = DEFAULT_CODEC,
@@ -527,7 +534,7 @@ class RPCServer:
                  handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
                  shutdown_timeout: float | None = _server.DEFAULT_SHUTDOWN_TIMEOUT,
                  overflow: str = "wait", strict: bool = False, family: str | int | None = None,
-                 backend: str = "auto", monitor: tuple[str, int] | None = None,
+                 backend: str = "auto", spin: float = 0.0, monitor: tuple[str, int] | None = None,
                  introspection: bool = True) -> None:
         names = (codec,) if isinstance(codec, str) else tuple(codec)
         if not names:
@@ -567,7 +574,7 @@ class RPCServer:
                   max_connections=max_connections, overflow=overflow,
                   max_message_size=max_message_size, idle_timeout=idle_timeout,
                   handshake_timeout=handshake_timeout, shutdown_timeout=shutdown_timeout,
-                  strict=strict, backend=backend, allow=allow)
+                  strict=strict, backend=backend, spin=spin, allow=allow)
         if workers > 1:
             kw["workers"] = workers
         if ssl_context is not None:

@@ -85,6 +85,13 @@ refuse ``ssl_context``.
 the listed networks (``ipaddress``); refused peers are closed at once and
 counted. ``verify_request`` is still called for the others.
 
+``backend="auto"`` picks the event loop's readiness backend (``"epoll"``,
+``"poll"`` or ``"select"``). ``spin=`` microseconds (default 0: off) makes
+every event loop of the server (the serving one, a prefork worker's, a fork
+child's) busy-poll before it sleeps: a request that arrives within that time
+skips the scheduler's wake-up, at the price of a CPU burnt for up to
+``spin`` per wait, while idle too. See :class:`fastnet.EventLoop`.
+
 ``handle_request()`` serves one request on the calling thread, as in
 socketserver, for a server that is not serving: it honours ``timeout`` and
 ``handle_timeout()``, and serves in the concurrency mode's way (a thread

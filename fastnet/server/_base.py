@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastnet.address import parse_address, bind as _bind
 from fastnet import defaults as _defaults
+from fastnet.connection import _spin_us
 from fastnet.loop import EventLoop
 from fastnet.server._allow import allowed, parse_allow
 from fastnet.server._fork import _ForkStrategy
@@ -104,7 +105,7 @@ class BaseServer:
                  idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
                  handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
                  shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT, strict: bool = False,
-                 digest: str | None = "sha256", backend: str = "auto",
+                 digest: str | None = "sha256", backend: str = "auto", spin: float = 0.0,
                  ssl_context: ssl.SSLContext | None = None) -> None:
         concurrency = concurrency or type(self).concurrency
         if concurrency not in CONCURRENCY:
@@ -158,6 +159,7 @@ class BaseServer:
         self.strict = strict
         self.digest = digest
         self.backend = backend
+        self.spin = _spin_us(spin)
         self._allow = self._parse_allow(allow)
         self._mode = mode(self)
         self._limit = self._mode.limit()
@@ -463,7 +465,7 @@ class BaseServer:
             self._serving_thread = threading.current_thread()
         try:
             self._start_forkserver()
-            loop = EventLoop(self.backend)
+            loop = EventLoop(self.backend, spin=self.spin)
             with self._lock:
                 self._loop = loop
                 stop = self._stop_requested

@@ -271,7 +271,7 @@ class _ForkStrategy(_Forking):
             signal.signal(signal.SIGTERM, lambda s, f: _shut(sock, socket.SHUT_RD))
             srv._handle_stream(sock, addr)
             return srv._counters
-        loop = EventLoop(srv.backend)
+        loop = EventLoop(srv.backend, spin=srv.spin)
 
         def failed(addr: Any, exc: BaseException) -> None:
             logger.info("handshake with %r failed: %s", addr, exc)

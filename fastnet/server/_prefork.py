@@ -150,7 +150,7 @@ class _PreforkStrategy(_Forking):
         """A prefork worker: sockets arrive on ``chan``; each finished one is reported."""
         srv = self.server
         srv.worker_started(slot)
-        loop = EventLoop(srv.backend)
+        loop = EventLoop(srv.backend, spin=srv.spin)
         chan.settimeout(_REPORT_TIMEOUT)
 
         def report(counters: Sequence[int] | None, kind: bytes = b"D") -> None:

@@ -62,7 +62,7 @@ def take_request(server: BaseServer) -> None:
 def handshake_now(server: BaseServer, sock: socket.socket, addr: Any) -> socket.socket | None:
     """Run one connection's handshakes to the end on a loop of their own (handle_request, a fork child)."""
     box = _OneHandshake()
-    loop = EventLoop(server.backend)
+    loop = EventLoop(server.backend, spin=server.spin)
     try:
         _Handshake(server, loop, sock, addr, owner=box)
         loop.run_until(lambda: box.done)

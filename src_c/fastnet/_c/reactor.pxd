@@ -151,6 +151,8 @@ cdef class Reactor:
     cdef object _region        # a _MemRegion (sockio.pxi), typed where it is used
     cdef readonly unsigned long long ctl_calls
     cdef readonly unsigned long long iterations
+    cdef readonly double spin      # busy-poll budget of a wait, microseconds as given
+    cdef double _spin_s            # ... in seconds; 0: never spin
 
     cdef _FdEntry _entry(self, int fd)
     cdef inline _FdEntry _lookup(self, int fd)
