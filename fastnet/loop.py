@@ -316,8 +316,8 @@ class EventLoop(_reactor.Reactor):
     passed, then sleeps as usual. A request that arrives within it skips the
     scheduler's wake-up; the price is a CPU busy for up to ``spin`` per wait,
     idle or not. Timers still fire on time, and ``call_soon_threadsafe`` and
-    signals still wake the loop at once. It pays where the peers run on other
-    CPUs: a peer waiting for the same CPU waits out the spin.
+    signals still wake the loop at once. Each turn yields the CPU to any
+    task waiting for it first, so a peer sharing this CPU is not held up.
     """
 
     def __init__(self, backend: str = "auto", *, max_workers: int | None = None, spin: float = 0.0) -> None:

@@ -60,7 +60,7 @@ cdef inline ssize_t _spin_recv(int fd, char* p, size_t n, int flags, double unti
         r = recv(fd, p, n, flags | MSG_DONTWAIT)
         if r >= 0 or (errno != EAGAIN and errno != EWOULDBLOCK):
             return r
-        if _now() >= until:
+        if not _spin_on(until):
             return -1
 
 
@@ -74,7 +74,7 @@ cdef inline ssize_t _spin_recvmsg(int fd, msghdr* m, int flags, double until) no
         r = recvmsg(fd, m, flags | MSG_DONTWAIT)
         if r >= 0 or (errno != EAGAIN and errno != EWOULDBLOCK):
             return r
-        if _now() >= until:
+        if not _spin_on(until):
             return -1
 
 

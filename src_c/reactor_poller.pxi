@@ -195,6 +195,7 @@ cdef int _spin(Reactor self, double* timeout, fd_set* r, fd_set* w) noexcept:
                 n = select(nfds, r, w, NULL, &tv)
             if n != 0:
                 break
+            sched_yield()       # as _spin_on: a peer sharing this CPU answers first
             now = _now()
             if now >= until:
                 break

@@ -14,6 +14,17 @@ cdef inline double _now() noexcept nogil:
     return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
+cdef inline bint _spin_on(double until) noexcept nogil:
+    """One more turn of a busy-poll, if time is left before ``until``.
+
+    Each turn first lets a runnable task on this CPU run: when both ends of
+    a connection share one CPU, that task is the peer being waited for, and
+    a spin that kept the CPU would only delay its answer.
+    """
+    sched_yield()
+    return _now() < until
+
+
 cdef inline int _wait_fd(int fd, short events, double deadline) except -1:
     """Wait until fd is ready; deadline < 0 waits forever. Return 0 on timeout."""
     cdef pollfd p

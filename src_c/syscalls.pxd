@@ -33,6 +33,9 @@ cdef extern from "<poll.h>" nogil:
     short POLLIN
     short POLLOUT
 
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+
 cdef extern from "<time.h>" nogil:
     struct timespec:
         long tv_sec

@@ -577,6 +577,7 @@ class Reactor:
         while True:
             if poll(0.0):
                 return None
+            os.sched_yield()    # as the framing kernel's spin: a peer sharing this CPU answers first
             now = _time.monotonic()
             if now >= until:
                 break

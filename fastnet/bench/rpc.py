@@ -517,12 +517,8 @@ TARGETS: list[tuple[Any, ...]] = [
     ("rpc-seq", None, "msgpack RPC >= 2.5x mp pickle RPC", ("ratio", "fastnet", "mp-rpc", ">=", 2.5)),
     ("rpc-seq", None, "msgpack RPC >= 35k calls/s", ("value", "fastnet", ">=", 35e3)),
     ("rpc-seq", None, "RPC within 1.3x bare pingpong (time ratio)", ("ratio", "pingpong", "fastnet", "<=", 1.3)),
-    # spinning pays only where the two processes run on different CPUs; on
-    # one CPU each end's spin keeps the other from running
-    ("rpc-seq", None, "msgpack RPC, spin 50 µs >= 2.5x mp pickle RPC (processes on different CPUs: --pin split)",
-     ("ratio", "fastnet-spin", "mp-rpc", ">=", 2.5)),
-    ("rpc-seq", None, "msgpack RPC, spin 50 µs >= 3x pyzmq+msgpack (processes on different CPUs: --pin split)",
-     ("ratio", "fastnet-spin", "zmq-rpc", ">=", 3.0)),
+    ("rpc-seq", None, "msgpack RPC, spin 50 µs >= 2.5x mp pickle RPC", ("ratio", "fastnet-spin", "mp-rpc", ">=", 2.5)),
+    ("rpc-seq", None, "msgpack RPC, spin 50 µs >= 3x pyzmq+msgpack", ("ratio", "fastnet-spin", "zmq-rpc", ">=", 3.0)),
     ("rpc-pipe", None, "window of 64 >= 150k calls/s", ("value", "fastnet", ">=", 150e3)),
     ("rpc-pipe", None, "batches of 64 >= 150k calls/s", ("value", "fastnet-batch", ">=", 150e3)),
     ("rpc-pipe", None, "proxy.batch() of 64 >= 150k calls/s", ("value", "fastnet-pbatch", ">=", 150e3)),

@@ -521,8 +521,8 @@ class RPCServer:
     busy-poll for requests before they sleep, as ``RPCProxy(spin=)`` does
     for replies: a call that arrives within it skips the scheduler's
     wake-up, at the price of a CPU burnt for up to ``spin`` per wait, while
-    idle too (each prefork worker's loop spins on its own CPU). It pays
-    where clients run on other CPUs than the server's loops.
+    idle too (each prefork worker's loop spins on its own CPU). A client
+    sharing the loop's CPU is not held up: each turn of the spin yields to it.
     """
 
     def __init__(self, address: Any, authkey: bytes | None = None, codec: str | Iterable[str] = DEFAULT_CODEC,
