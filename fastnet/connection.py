@@ -75,11 +75,16 @@ _dumps = ForkingPickler.dumps
 _loads = ForkingPickler.loads
 
 
-def _tune(sock: socket.socket, nodelay: bool = True, keepalive: float | None = None) -> None:
-    if _family(sock) in _TCP:
+def _tune(sock: socket.socket, nodelay: bool = True, keepalive: float | None = None, unix_sndbuf: int = 0) -> None:
+    fam = _family(sock)
+    if fam in _TCP:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if nodelay else 0)
         if keepalive is not None:
             set_keepalive(sock, keepalive)
+    elif unix_sndbuf and fam == socket.AF_UNIX:
+        # an AF_UNIX sender may queue only its send buffer in the peer's
+        # socket (208 KiB by default): each refill is a wake-up of both ends
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, unix_sndbuf)
 
 
 def _keepalive_seconds(keepalive: float | None) -> float | None:

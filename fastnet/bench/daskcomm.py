@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .bulk import _bulk_socket_client, _bulk_socket_server
 from .common import Impl, NotAvailable, _numpy, _samples, _us_per_op
 
 _SMALL = {"op": "ping", "key": "x-1234", "n": 12345, "who": "worker-a", "nbytes": 1.5}
@@ -191,6 +192,8 @@ def _cluster_client(spec: dict[str, Any], address: Any) -> Any:
 ROLES: dict[tuple[str, str], Any] = {
     **{(case, impl): (_comm_server, _comm_client) for case in ("dask-rtt", "dask-array")
        for impl in ("tcp", "fastnet", "fastnet-host", "fastnet-shm")},
+    # the plain socket's limit for the same bytes: a preallocated buffer, no Dask
+    ("dask-array", "socket"): (_bulk_socket_server, _bulk_socket_client),
     **{("dask-cluster", impl): (_cluster_server, _cluster_client)
        for impl in ("tcp", "fastnet", "fastnet-host", "fastnet-shm")},
 }
@@ -212,7 +215,8 @@ CASES: dict[str, dict[str, Any]] = {
     },
     "dask-array": {
         "title": "dask-array: float64 array between Dask comms across processes",
-        "unit": "GB/s", "json_unit": "GB/s", "better": "higher", "impls": _impls(shm=True), "families": ("tcp",),
+        "unit": "GB/s", "json_unit": "GB/s", "better": "higher", "families": ("tcp",),
+        "impls": [*_impls(shm=True), Impl("socket", "plain socket sendall/recv_into, no Dask (the limit)")],
     },
     "dask-cluster": {
         "title": "dask-cluster: LocalCluster (2 worker processes) job moving arrays, wall time",
@@ -228,5 +232,6 @@ TARGETS: list[tuple[Any, ...]] = [
     ("dask-cluster", None, "fastnet:// same host <= 0.8x tcp:// wall time",
      ("ratio", "fastnet-shm", "tcp", "<=", 0.8)),
     ("dask-array", None, "same host through the socket", ("report", "fastnet-host", "tcp")),
+    ("dask-array", None, "tcp:// against the plain TCP socket", ("report", "tcp", "socket")),
     ("dask-cluster", None, "same host through the socket", ("report", "fastnet-host", "tcp")),
 ]
