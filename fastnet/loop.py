@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastnet._kernels import reactor as _reactor
 from fastnet.address import parse_address, bind as _bind
+from fastnet.connection import _LOOP_UNIX_SNDBUF, _tune as _tune_socket
 from fastnet.defaults import HANDSHAKE_TIMEOUT as DEFAULT_HANDSHAKE_TIMEOUT
 from fastnet.defaults import MAX_MESSAGE_SIZE_CONNECTION as DEFAULT_MAX_MESSAGE_SIZE
 from fastnet.errors import TimeoutError
@@ -71,11 +72,10 @@ _ACCEPT_BATCH = 64
 
 
 def _tune(sock: socket.socket) -> None:
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
+    try:
+        _tune_socket(sock, True, None, _LOOP_UNIX_SNDBUF)
+    except OSError:
+        pass
 
 
 def _ignore_signal(signum: int, frame: FrameType | None) -> None:

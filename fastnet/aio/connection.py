@@ -57,10 +57,6 @@ _READ_BURST = 8 << 20
 _CORK_MAX = 65536
 # With no receive waiting, a TLS connection stops reading above this much.
 _TLS_READ_LIMIT = 4 << 20
-# The send buffer of an AF_UNIX connection (the kernel caps it at net.core.wmem_max):
-# at the default 208 KiB, a 256 MiB message costs both event loops 1,300 wake-ups.
-_UNIX_SNDBUF = 1 << 20
-
 #: Received descriptors a connection queues (see AsyncConnection.accept_fds) unless told otherwise.
 DEFAULT_MAX_QUEUED_FDS = 1024
 

@@ -9,8 +9,8 @@ from typing import Any
 
 from fastnet import auth as _auth
 from fastnet.address import parse_address
-from fastnet.aio.connection import _UNIX_SNDBUF, AsyncConnection, _TLSConnection, _TLSProtocol
-from fastnet.connection import _keepalive_seconds, _tune
+from fastnet.aio.connection import AsyncConnection, _TLSConnection, _TLSProtocol
+from fastnet.connection import _LOOP_UNIX_SNDBUF, _keepalive_seconds, _tune
 from fastnet.defaults import MAX_MESSAGE_SIZE_CONNECTION
 from fastnet.errors import AuthenticationError, ConnectionLost, MessageTooLarge, ProtocolError, TimeoutError
 from fastnet.handshake import DEFAULT_DIGEST, MAX_MESSAGE, Handshake
@@ -115,7 +115,7 @@ async def _connect(address: Any, authkey: bytes | None, ssl_context: ssl.SSLCont
                          "use an ssl_context with check_hostname=False")
     sock = await _open_socket(fam, addr)
     try:
-        _tune(sock, nodelay, keepalive, _UNIX_SNDBUF)
+        _tune(sock, nodelay, keepalive, _LOOP_UNIX_SNDBUF)
     except BaseException:
         sock.close()
         raise

@@ -11,9 +11,9 @@ from typing import Any
 
 from fastnet import server as _server
 from fastnet.address import bind, parse_address
-from fastnet.aio.connection import _UNIX_SNDBUF, AsyncConnection
+from fastnet.aio.connection import AsyncConnection
 from fastnet.aio.opening import _start_tls, authenticate
-from fastnet.connection import _tune
+from fastnet.connection import _LOOP_UNIX_SNDBUF, _tune
 from fastnet.defaults import HANDSHAKE_TIMEOUT, MAX_CONNECTIONS_SERVER, MAX_MESSAGE_SIZE_CONNECTION
 from fastnet.errors import ConnectionLost
 from fastnet.handshake import DEFAULT_DIGEST
@@ -111,7 +111,7 @@ class Server:
 
     async def _open(self, s: socket.socket) -> AsyncConnection:
         s.setblocking(False)
-        _tune(s, True, self._keepalive, _UNIX_SNDBUF)
+        _tune(s, True, self._keepalive, _LOOP_UNIX_SNDBUF)
         conn: AsyncConnection
         if self._ssl is not None:
             conn = await _start_tls(s, self._ssl, True, None, self._hs_timeout, max_message_size=self._max_size)
