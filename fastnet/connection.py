@@ -87,10 +87,15 @@ def _tune(sock: socket.socket, nodelay: bool = True, keepalive: float | None = N
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if nodelay else 0)
         if keepalive is not None:
             set_keepalive(sock, keepalive)
-    elif unix_sndbuf and fam == socket.AF_UNIX:
-        # an AF_UNIX sender may queue only its send buffer in the peer's
-        # socket (208 KiB by default): each refill is a wake-up of both ends
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, unix_sndbuf)
+    elif unix_sndbuf:
+        _unix_sndbuf(sock, unix_sndbuf)
+
+
+def _unix_sndbuf(sock: socket.socket, nbytes: int) -> None:
+    # an AF_UNIX sender may queue only its send buffer in the peer's socket
+    # (208 KiB by default): each refill is a wake-up of both ends
+    if _family(sock) == socket.AF_UNIX:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, nbytes)
 
 
 def _keepalive_seconds(keepalive: float | None) -> float | None:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from fastnet._kernels import framing, rpcwire
-from fastnet.connection import Client
+from fastnet.connection import _LOOP_UNIX_SNDBUF, Client, _unix_sndbuf
 from fastnet.errors import AuthenticationError, ConnectionLost, ProtocolError, TimeoutError
 from fastnet.rpc._demux import ReplyDemux
 from fastnet.rpc._wire import _MAX_HELLO, HELLO_CLOSED, check_hello_reply, hello_frame
@@ -151,6 +151,10 @@ class Connector:
                       ssl_context=self.ssl_context, keepalive=self.keepalive, readahead=True,
                       spin=self.spin)
         try:
+            # the server's event loop reads what this socket queues: a small
+            # buffer wakes it for every 208 KiB of a large request
+            if conn._sock is not None:
+                _unix_sndbuf(conn._sock, _LOOP_UNIX_SNDBUF)
             conn.send_bytes(hello_frame(self.codec.name))
             left = max(0.001, deadline - time.monotonic())
             try:
